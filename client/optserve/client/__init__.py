@@ -1,0 +1,39 @@
+"""optserve client: push gradients to and pull parameters from an optserve server.
+
+Light on purpose: numpy, grpcio, protobuf and ml_dtypes only. jax or torch are imported only when
+the caller hands us their arrays.
+"""
+from optserve.client import optim
+from optserve.client.client import Client, Model
+from optserve.client.errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OptserveError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Model",
+    "optim",
+    "OptserveError",
+    "NotFoundError",
+    "AlreadyExistsError",
+    "InvalidArgumentError",
+    "FailedPreconditionError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "PermissionDeniedError",
+    "UnavailableError",
+    "DeadlineExceededError",
+    "CancelledError",
+]

@@ -1,0 +1,358 @@
+"""Tensors on the wire: dtype names, payload-last framing, chunk planning and assembly.
+
+Every bulky message of the contract (CreateModelRequest, PushRequest, PullResponse, ...) is a small
+header followed by one `bytes payload = 1000` field, always last. Protobuf's Python runtime copies
+a `bytes` field on every access, so the fast path never lets protobuf see the payload:
+
+- `frame(header, parts)` serializes the header with protobuf and appends the payload field by hand
+  (one copy: the join that grpcio needs to get a single `bytes`).
+- `split_payload(data)` walks the top-level fields, returns the header bytes for protobuf to parse
+  and the payload as a zero-copy memoryview into the received message.
+
+Other languages use the generated messages unchanged; the bytes are identical.
+
+`plan_chunks` splits a list of leaves into chunks (large leaves by byte offset, small ones packed
+together) and `TensorAssembler` puts received slices into preallocated 64-byte-aligned buffers,
+validating every offset so a malformed stream is rejected before anything is used.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+DEFAULT_CHUNK_BYTES = 4 << 20  # measured best on loopback with grpcio (design.md, wire format)
+PAYLOAD_FIELD = 1000
+ALIGNMENT = 64  # jax.device_put aliases host memory (zero copy on CPU) only when 64-byte aligned
+
+# The dtypes a tensor may have on the wire, by numpy name.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(t)
+    for name, t in {
+        "float16": np.float16,
+        "bfloat16": ml_dtypes.bfloat16,
+        "float32": np.float32,
+        "float64": np.float64,
+        "int8": np.int8,
+        "int16": np.int16,
+        "int32": np.int32,
+        "int64": np.int64,
+        "uint8": np.uint8,
+        "uint16": np.uint16,
+        "uint32": np.uint32,
+        "uint64": np.uint64,
+        "bool": np.bool_,
+    }.items()
+}
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+class WireError(ValueError):
+    """A malformed tensor stream; the message names the leaf or field at fault."""
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a numpy dtype; raises WireError for dtypes that cannot travel."""
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise WireError(f"dtype {name!r} cannot be sent; supported: {', '.join(DTYPES)}")
+    return name
+
+
+def wire_dtype(name: str, *, path: str = "") -> np.dtype:
+    """The numpy dtype for a wire name; raises WireError naming the leaf for unknown names."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        where = f"leaf {path!r}: " if path else ""
+        raise WireError(f"{where}unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
+
+
+def leaf_nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+_PAYLOAD_TAG = _varint((PAYLOAD_FIELD << 3) | 2)
+
+
+def frame(header: bytes, parts: Sequence[memoryview | bytes]) -> bytes:
+    """Serialized message = `header` (a serialized message without payload) + payload field."""
+    size = sum(len(p) for p in parts)
+    if size == 0:
+        return header
+    return b"".join((header, _PAYLOAD_TAG, _varint(size), *parts))
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise WireError("malformed message: truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def split_payload(data: bytes) -> tuple[bytes, memoryview]:
+    """Splits a serialized chunk message into (header bytes, payload view) without copying the payload.
+
+    Walks only the top-level fields (a handful per chunk). Accepts the payload anywhere, as protobuf
+    requires of parsers; our writers always put it last, so the header is then a prefix.
+    """
+    view = memoryview(data)
+    pos, start, end = 0, -1, -1
+    n = len(view)
+    while pos < n:
+        tag_pos = pos
+        key, pos = _read_varint(view, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(view, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(view, pos)
+            if field == PAYLOAD_FIELD:
+                if start >= 0:
+                    raise WireError("malformed message: payload field repeated")
+                start, end = tag_pos, pos + length
+                payload_start = pos
+            pos += length
+        else:
+            raise WireError(f"malformed message: unsupported wire type {wire}")
+        if pos > n:
+            raise WireError("malformed message: field runs past the end")
+    if start < 0:
+        return data, memoryview(b"")
+    header = data[:start] if end == n else bytes(view[:start]) + bytes(view[end:])
+    return header, view[payload_start:end]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending: plan chunks over a list of leaves
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One byte range of one leaf (mirrors the proto's TensorSlice)."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+
+def as_bytes(array: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous little-endian array (works for ml_dtypes too)."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def plan_chunks(
+    leaves: Sequence[tuple[str, np.ndarray]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[tuple[list[Slice], list[memoryview]]]:
+    """Yields (slices, payload parts) per chunk: big leaves split by offset, small ones packed.
+
+    Every leaf appears at least once (a zero-size leaf as one empty slice), so the receiver can tell
+    a present empty leaf from a missing one.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    slices: list[Slice] = []
+    parts: list[memoryview] = []
+    used = 0
+    for path, array in leaves:
+        name = dtype_name(array.dtype)
+        shape = tuple(int(d) for d in array.shape)
+        data = as_bytes(array)
+        offset = 0
+        while True:
+            take = min(len(data) - offset, chunk_bytes - used)
+            if take == 0 and len(data) > 0:  # chunk full
+                yield slices, parts
+                slices, parts, used = [], [], 0
+                continue
+            slices.append(Slice(path, name, shape, offset, take))
+            if take:
+                parts.append(data[offset : offset + take])
+            offset += take
+            used += take
+            if offset >= len(data):
+                break
+    if slices:
+        yield slices, parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving: assemble slices into aligned buffers
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """A fresh uint8 buffer whose data pointer is ALIGNMENT-aligned."""
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + nbytes]
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What a leaf must look like: parameter dtype name and shape."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class _Leaf:
+    __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals")
+
+    def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int):
+        self.dtype_name = dtype_name
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = nbytes
+        self.buffer = aligned_empty(nbytes)
+        self.received = 0
+        self.intervals: list[tuple[int, int]] = []  # sorted, disjoint, merged when adjacent
+
+    def claim(self, start: int, end: int, path: str) -> None:
+        """Records [start, end) as received; raises WireError on overlap."""
+        iv = self.intervals
+        if iv and iv[-1][1] == start:  # the common in-order case
+            iv[-1] = (iv[-1][0], end)
+        else:
+            i = bisect.bisect_left(iv, (start, end))
+            if (i > 0 and iv[i - 1][1] > start) or (i < len(iv) and iv[i][0] < end):
+                raise WireError(f"leaf {path!r}: byte range [{start}, {end}) overlaps data already received")
+            iv.insert(i, (start, end))
+        self.received += end - start
+
+
+class TensorAssembler:
+    """Collects the slices of one stream into one aligned buffer per leaf, validating everything.
+
+    expected: the schema the stream must match (None: any leaves, e.g. a new model's parameters).
+    cast_floats: accept float16/bfloat16/float32 on the wire for a floating-point leaf of another
+        float dtype (the caller converts); otherwise the wire dtype must equal the leaf's dtype.
+    max_bytes: upper bound on the total bytes declared by the stream (guards huge shapes).
+    what: names the model in messages, e.g. "model 'mlp'".
+    """
+
+    def __init__(
+        self,
+        expected: Mapping[str, LeafSpec] | None,
+        *,
+        what: str,
+        cast_floats: bool = False,
+        max_bytes: int | None = None,
+    ):
+        self._expected = expected
+        self._what = what
+        self._cast = cast_floats
+        self._max_bytes = max_bytes
+        self._declared = 0
+        self._leaves: dict[str, _Leaf] = {}
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(leaf.received for leaf in self._leaves.values())
+
+    def _err(self, msg: str) -> WireError:
+        return WireError(f"{self._what}: {msg}")
+
+    def _open(self, path: str, dtype_name: str, shape: tuple[int, ...]) -> _Leaf:
+        if not isinstance(path, str) or not path:
+            raise self._err("a slice has an empty leaf path")
+        try:
+            dtype = wire_dtype(dtype_name, path=path)
+        except WireError as e:
+            raise self._err(str(e)) from None
+        if any(d < 0 for d in shape):
+            raise self._err(f"leaf {path!r}: negative dimension in shape {list(shape)}")
+        if self._expected is not None:
+            spec = self._expected.get(path)
+            if spec is None:
+                raise self._err(f"unexpected leaf {path!r} (not in the model's schema)")
+            if shape != spec.shape:
+                raise self._err(f"leaf {path!r}: shape {list(shape)} does not match the model's {list(spec.shape)}")
+            if dtype_name != spec.dtype and not (
+                self._cast and dtype_name in FLOAT_DTYPES and spec.dtype in FLOAT_DTYPES
+            ):
+                raise self._err(f"leaf {path!r}: dtype {dtype_name} does not match the model's {spec.dtype}")
+        nbytes = leaf_nbytes(dtype, shape)
+        self._declared += nbytes
+        if self._max_bytes is not None and self._declared > self._max_bytes:
+            raise self._err(
+                f"leaf {path!r}: declared tensors total {self._declared} bytes, over the limit of {self._max_bytes}"
+            )
+        leaf = _Leaf(dtype_name, dtype, shape, nbytes)
+        self._leaves[path] = leaf
+        return leaf
+
+    def add(self, slices: Sequence, payload: memoryview) -> int:
+        """Copies one chunk's slices out of its payload; returns the bytes taken."""
+        pos = 0
+        total = len(payload)
+        for s in slices:
+            path, shape = s.path, tuple(s.shape)
+            leaf = self._leaves.get(path)
+            if leaf is None:
+                leaf = self._open(path, s.dtype, shape)
+            elif s.dtype != leaf.dtype_name or shape != leaf.shape:
+                raise self._err(f"leaf {path!r}: slices disagree on dtype or shape")
+            start, length = int(s.offset), int(s.length)
+            end = start + length
+            if end > leaf.nbytes:
+                raise self._err(f"leaf {path!r}: byte range [{start}, {end}) is outside its {leaf.nbytes} bytes")
+            if pos + length > total:
+                raise self._err(f"leaf {path!r}: slice runs past the end of the chunk payload")
+            if length:
+                leaf.claim(start, end, path)
+                leaf.buffer[start:end] = np.frombuffer(payload, dtype=np.uint8, count=length, offset=pos)
+            pos += length
+        if pos != total:
+            raise self._err(f"chunk payload has {total - pos} bytes not described by any slice")
+        return total
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Checks completeness and returns {path: array in its wire dtype}, in schema order if known."""
+        for path, leaf in self._leaves.items():
+            if leaf.received != leaf.nbytes:
+                raise self._err(f"leaf {path!r}: received {leaf.received} of {leaf.nbytes} bytes")
+        if self._expected is not None:
+            missing = [p for p in self._expected if p not in self._leaves]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise self._err(f"missing leaf {missing[0]!r}{more}")
+            order = list(self._expected)
+        else:
+            order = list(self._leaves)
+        return {p: self._leaves[p].buffer.view(self._leaves[p].dtype).reshape(self._leaves[p].shape) for p in order}

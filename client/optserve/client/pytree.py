@@ -1,0 +1,205 @@
+"""Pytrees <-> flat lists of (leaf path, numpy array), without importing jax or torch.
+
+A leaf path is the "/"-joined list of keys from the root (`encoder/layers/0/kernel`); keys that
+contain "/" or "%" are percent-escaped. `flatten` records a `Structure` so that `unflatten` rebuilds
+the caller's containers (dicts, lists, tuples, namedtuples, None) and leaf types (numpy arrays and
+scalars, Python numbers, jax arrays, torch tensors). jax and torch are imported only when the caller
+handed us one of their arrays (or a pytree type only jax knows). A structure that was never seen
+comes back as nested dicts (`nested_dicts`).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def escape_key(key: Any) -> str:
+    text = str(key)
+    return text.replace("%", "%25").replace("/", "%2F")
+
+
+def unescape_key(text: str) -> str:
+    return text.replace("%2F", "/").replace("%25", "%")
+
+
+def join_path(prefix: str, key: Any) -> str:
+    return f"{prefix}/{escape_key(key)}" if prefix else escape_key(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaves
+
+
+def _module_of(x: Any) -> str:
+    return type(x).__module__.split(".", 1)[0]
+
+
+def leaf_kind(x: Any) -> str | None:
+    """'numpy', 'npscalar', 'python', 'jax', 'torch', or None if x is not a leaf."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if isinstance(x, np.generic):
+        return "npscalar"
+    if isinstance(x, (bool, int, float)):
+        return "python"
+    mod = _module_of(x)
+    if mod in ("jax", "jaxlib") and hasattr(x, "shape") and hasattr(x, "dtype"):
+        return "jax"
+    if mod == "torch" and hasattr(x, "detach"):
+        return "torch"
+    return None
+
+
+def to_numpy(x: Any, kind: str) -> np.ndarray:
+    """The leaf as a numpy array (no copy where the source allows it)."""
+    if kind == "torch":
+        import torch  # only reached when the caller passed a torch tensor
+
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+            import ml_dtypes
+
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    if kind == "python":
+        return np.asarray(x, dtype=np.float32 if isinstance(x, float) else None)
+    return np.asarray(x)
+
+
+def from_numpy(a: np.ndarray, kind: str) -> Any:
+    """Converts a pulled numpy array back into the leaf type the caller used."""
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+    if kind == "torch":
+        import torch
+
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a))
+    if kind == "npscalar":
+        return a[()]
+    if kind == "python":
+        return a.item()
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+
+
+@dataclass(frozen=True)
+class Structure:
+    """How to rebuild a pytree from its leaves, in flatten order."""
+
+    node: Any
+    paths: tuple[str, ...]
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.paths)
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def flatten(tree: Any) -> tuple[list[tuple[str, np.ndarray]], Structure]:
+    """Returns ([(path, numpy array)], structure). Dict keys are visited in sorted order, as jax does."""
+    leaves: list[tuple[str, np.ndarray]] = []
+
+    def visit(x: Any, prefix: str) -> Any:
+        kind = leaf_kind(x)
+        if kind is not None:
+            leaves.append((prefix, to_numpy(x, kind)))
+            return ("leaf", kind)
+        if x is None:
+            return ("none",)
+        if isinstance(x, Mapping):
+            keys = sorted(x.keys(), key=lambda k: (str(type(k)), k))
+            return ("dict", type(x), tuple(keys), tuple(visit(x[k], join_path(prefix, k)) for k in keys))
+        if _is_namedtuple(x):
+            fields = type(x)._fields
+            return ("namedtuple", type(x), tuple(visit(getattr(x, f), join_path(prefix, f)) for f in fields))
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__, tuple(visit(v, join_path(prefix, i)) for i, v in enumerate(x)))
+        if "jax" in sys.modules:  # a registered pytree node that only jax knows
+            import jax
+
+            children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+            if not (len(children) == 1 and children[0][1] is x):
+                return (
+                    "jax",
+                    treedef,
+                    tuple(visit(c, join_path(prefix, _jax_key(p[-1]))) for p, c in children),
+                )
+        raise TypeError(f"cannot send a leaf of type {type(x).__name__} at {prefix or '<root>'!r}")
+
+    node = visit(tree, "")
+    if leaves and leaves[0][0] == "" and node[0] == "leaf":
+        raise TypeError("a bare array is not a pytree of parameters: wrap it, e.g. {'w': array}")
+    paths = [p for p, _ in leaves]
+    if len(set(paths)) != len(paths):
+        raise TypeError("two leaves map to the same path; use distinct keys")
+    return leaves, Structure(node, tuple(paths))
+
+
+def _jax_key(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def unflatten(structure: Structure, leaves: Sequence[np.ndarray]) -> Any:
+    """Rebuilds the pytree recorded in `structure` from leaves given in its path order."""
+    it = iter(leaves)
+
+    def build(node: Any) -> Any:
+        tag = node[0]
+        if tag == "leaf":
+            return from_numpy(next(it), node[1])
+        if tag == "none":
+            return None
+        if tag == "dict":
+            _, cls, keys, children = node
+            values = [build(c) for c in children]
+            d = dict(zip(keys, values))
+            return d if cls is dict else _rebuild_mapping(cls, d)
+        if tag == "namedtuple":
+            _, cls, children = node
+            return cls(*[build(c) for c in children])
+        if tag == "list":
+            return [build(c) for c in node[1]]
+        if tag == "tuple":
+            return tuple(build(c) for c in node[1])
+        if tag == "jax":
+            _, treedef, children = node
+            return treedef.unflatten([build(c) for c in children])
+        raise AssertionError(f"unknown node {tag}")
+
+    return build(structure.node)
+
+
+def _rebuild_mapping(cls: type, d: dict) -> Any:
+    try:
+        return cls(d)
+    except TypeError:
+        return d
+
+
+def nested_dicts(items: Sequence[tuple[str, np.ndarray]]) -> dict:
+    """Nested dicts from (path, array) pairs: the shape a client that never saw the tree gets."""
+    root: dict = {}
+    for path, value in items:
+        keys = [unescape_key(k) for k in path.split("/")]
+        node = root
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return root

@@ -1,0 +1,33 @@
+"""gRPC settings shared by the client and the server, so both sides agree on caps and keepalive."""
+from __future__ import annotations
+
+SERVICE = "optserve.v1.Optserve"
+
+# Every bulky message is a stream of chunks (4 MiB by default), so a per-message cap well above the
+# chunk size but far below protobuf's 2 GiB limit is safe; model size is bounded only by memory.
+MAX_MESSAGE_BYTES = 64 << 20
+
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *KEEPALIVE,
+]
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    *KEEPALIVE,
+]
+
+
+def method(name: str) -> str:
+    return f"/{SERVICE}/{name}"

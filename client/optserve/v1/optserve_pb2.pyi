@@ -1,0 +1,403 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LeafSpec(_message.Message):
+    __slots__ = ("path", "dtype", "shape")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TensorSlice(_message.Message):
+    __slots__ = ("path", "dtype", "shape", "offset", "length")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    length: int
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ModelSettings(_message.Message):
+    __slots__ = ("mode", "workers", "quorum", "max_staleness", "sync_timeout_seconds", "staleness_scaling", "ema_decay", "ema_debias")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_SCALING_FIELD_NUMBER: _ClassVar[int]
+    EMA_DECAY_FIELD_NUMBER: _ClassVar[int]
+    EMA_DEBIAS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    workers: int
+    quorum: int
+    max_staleness: int
+    sync_timeout_seconds: float
+    staleness_scaling: str
+    ema_decay: float
+    ema_debias: bool
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., quorum: _Optional[int] = ..., max_staleness: _Optional[int] = ..., sync_timeout_seconds: _Optional[float] = ..., staleness_scaling: _Optional[str] = ..., ema_decay: _Optional[float] = ..., ema_debias: _Optional[bool] = ...) -> None: ...
+
+class Hyperparam(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class WorkerState(_message.Message):
+    __slots__ = ("worker_id", "last_seq", "last_base_step")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    last_seq: int
+    last_base_step: int
+    def __init__(self, worker_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., last_base_step: _Optional[int] = ...) -> None: ...
+
+class ModelCounters(_message.Message):
+    __slots__ = ("pushes_applied", "stale_rejected", "duplicates", "sync_timeouts", "pulls", "bytes_in", "bytes_out")
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    STALE_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    pushes_applied: int
+    stale_rejected: int
+    duplicates: int
+    sync_timeouts: int
+    pulls: int
+    bytes_in: int
+    bytes_out: int
+    def __init__(self, pushes_applied: _Optional[int] = ..., stale_rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., sync_timeouts: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
+    optimizer_json: str
+    settings: ModelSettings
+    hyperparams: _containers.RepeatedCompositeFieldContainer[Hyperparam]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
+    pending_contributions: int
+    counters: ModelCounters
+    param_bytes: int
+    state_bytes: int
+    last_checkpoint_step: int
+    last_checkpoint_error: str
+    incarnation: str
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class CreateModelHeader(_message.Message):
+    __slots__ = ("name", "optimizer_json", "settings", "schema")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    optimizer_json: str
+    settings: ModelSettings
+    schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
+    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("header", "slices", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: CreateModelHeader
+    slices: _containers.RepeatedCompositeFieldContainer[TensorSlice]
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[CreateModelHeader, _Mapping]] = ..., slices: _Optional[_Iterable[_Union[TensorSlice, _Mapping]]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "step", "mode", "leaves", "param_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    mode: str
+    leaves: int
+    param_bytes: int
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., mode: _Optional[str] = ..., leaves: _Optional[int] = ..., param_bytes: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model", "delete_checkpoints")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DELETE_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    delete_checkpoints: bool
+    def __init__(self, model: _Optional[str] = ..., delete_checkpoints: _Optional[bool] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetHyperparamsRequest(_message.Message):
+    __slots__ = ("model", "values")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    values: _containers.RepeatedCompositeFieldContainer[Hyperparam]
+    def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    base_step: int
+    worker_id: str
+    seq: int
+    weight: float
+    pull: PullRequest
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "slices", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    slices: _containers.RepeatedCompositeFieldContainer[TensorSlice]
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., slices: _Optional[_Iterable[_Union[TensorSlice, _Mapping]]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("model", "step", "applied", "duplicate", "incarnation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    applied: bool
+    duplicate: bool
+    incarnation: str
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IF_NEWER_THAN_FIELD_NUMBER: _ClassVar[int]
+    EMA_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    min_step: int
+    timeout_seconds: float
+    if_newer_than: int
+    ema: bool
+    wire_dtype: str
+    chunk_bytes: int
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("model", "step", "not_modified", "schema", "incarnation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    not_modified: bool
+    schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
+    incarnation: str
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("header", "push", "slices", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    push: PushResponse
+    slices: _containers.RepeatedCompositeFieldContainer[TensorSlice]
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ..., slices: _Optional[_Iterable[_Union[TensorSlice, _Mapping]]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("model", "step", "name", "bytes", "created_unix")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    name: str
+    bytes: int
+    created_unix: float
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., bytes: _Optional[int] = ..., created_unix: _Optional[float] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("model", "step")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("offset", "total_bytes", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    total_bytes: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("name", "total_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    total_bytes: int
+    def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ListRulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HyperparamInfo(_message.Message):
+    __slots__ = ("name", "default_json", "required", "doc")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    default_json: str
+    required: bool
+    doc: str
+    def __init__(self, name: _Optional[str] = ..., default_json: _Optional[str] = ..., required: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class RuleInfo(_message.Message):
+    __slots__ = ("name", "kind", "library", "doc", "hyperparams")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIBRARY_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    library: str
+    doc: str
+    hyperparams: _containers.RepeatedCompositeFieldContainer[HyperparamInfo]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., library: _Optional[str] = ..., doc: _Optional[str] = ..., hyperparams: _Optional[_Iterable[_Union[HyperparamInfo, _Mapping]]] = ...) -> None: ...
+
+class ListRulesResponse(_message.Message):
+    __slots__ = ("rules",)
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[RuleInfo]
+    def __init__(self, rules: _Optional[_Iterable[_Union[RuleInfo, _Mapping]]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("version", "incarnation", "device", "models", "started_unix")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    incarnation: str
+    device: str
+    models: int
+    started_unix: float
+    def __init__(self, version: _Optional[str] = ..., incarnation: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[int] = ..., started_unix: _Optional[float] = ...) -> None: ...
