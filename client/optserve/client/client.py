@@ -60,21 +60,16 @@ def _slice_msgs(slices: Sequence[codec.Slice]) -> list[pb.TensorSlice]:
     return [pb.TensorSlice(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length) for s in slices]
 
 
-def chunk_messages(
-    message_type: type, header_field: str, header: Any, leaves: Sequence[tuple[str, np.ndarray]], chunk_bytes: int
-) -> Iterator[bytes]:
-    """Frames a header plus leaves as a stream of `message_type` messages (header in the first)."""
-    first = True
+def chunk_messages(first: Any, leaves: Sequence[tuple[str, np.ndarray]], chunk_bytes: int) -> Iterator[bytes]:
+    """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
+    becomes the first message, holding the first chunk too, so a small tensor set is one message."""
+    msg = first
     for slices, parts in codec.plan_chunks(leaves, chunk_bytes):
-        msg = message_type(slices=_slice_msgs(slices))
-        if first:
-            getattr(msg, header_field).CopyFrom(header)
-            first = False
+        msg.slices.extend(_slice_msgs(slices))
         yield codec.frame(msg.SerializeToString(), parts)
-    if first:
-        msg = message_type()
-        getattr(msg, header_field).CopyFrom(header)
-        yield msg.SerializeToString()
+        msg = type(first)()
+    if msg is first:
+        yield first.SerializeToString()
 
 
 def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:
@@ -245,7 +240,7 @@ class Client:
         header = pb.CreateModelHeader(
             name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=schema_of(leaves)
         )
-        msgs = chunk_messages(pb.CreateModelRequest, "header", header, leaves, self.chunk_bytes)
+        msgs = chunk_messages(pb.CreateModelRequest(header=header), leaves, self.chunk_bytes)
         info = self.call(self._create, msgs)
         return Model(self, name, structure, info)
 
@@ -331,7 +326,7 @@ class Model:
         return _to_wire(leaves, wire_dtype)
 
     def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
-        msgs = chunk_messages(pb.PushRequest, "header", header, leaves, self.client.chunk_bytes)
+        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
         return self.client.call(self.client._push, msgs, timeout=timeout)
 
     def push(
@@ -387,7 +382,7 @@ class Model:
     def push_pull_raw(
         self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None
     ) -> tuple[pb.PushResponse, Any]:
-        msgs = chunk_messages(pb.PushRequest, "header", header, leaves, self.client.chunk_bytes)
+        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
         replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
         box: list[pb.PushResponse] = []
         step, params = self.read_pull_stream(replies, like, push_reply=box)

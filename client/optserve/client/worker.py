@@ -1,0 +1,101 @@
+"""`Worker`: the push/pull loop of one training worker, safe to retry.
+
+Each push carries (worker_id, seq); the server applies a given pair at most once and answers a
+repeat with the original reply. So when a call fails with UNAVAILABLE or DEADLINE_EXCEEDED (the
+reply was lost, the server is restarting), the worker resends the *same* seq after an exponential
+backoff with full jitter, and can never apply a gradient twice.
+
+The worker also tracks `base_step`, the step of the parameters it last pulled, which the server
+uses for staleness checks (async) and for assigning the gradient to a round (sync).
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from optserve.client.errors import OptserveError
+
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Worker:
+    """push / pull / push_pull for one worker of a model.
+
+    retry_for: give up retrying after this many seconds (then the last error is raised).
+    backoff / max_backoff: first and largest retry delay in seconds (doubling, full jitter).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        worker_id: str,
+        *,
+        retry_for: float = 120.0,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        first_seq: int = 1,
+    ):
+        if not worker_id:
+            raise ValueError("worker_id must be a non-empty string")
+        self.model = model
+        self.worker_id = worker_id
+        self.retry_for = retry_for
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.seq = first_seq - 1
+        self.base_step: int | None = None
+        self.incarnation: str | None = None
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_for
+        delay = self.backoff
+        while True:
+            try:
+                return call()
+            except OptserveError as e:
+                if e.code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+            self.retries += 1
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, self.max_backoff)
+
+    def _note(self, incarnation: str, step: int) -> None:
+        self.incarnation = incarnation or self.incarnation
+        self.base_step = step
+
+    def pull(self, **kwargs: Any) -> Any:
+        """Pulls the parameters and remembers their step as the base of the next push."""
+        params = self._retrying(lambda: self.model.pull(**kwargs))
+        self.base_step = self.model.last_step
+        return params
+
+    def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
+        """Pushes a gradient computed against the last pulled parameters; returns the server's step."""
+        self.seq += 1
+        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
+        leaves = self.model._grad_leaves(grads, wire_dtype)
+        reply = self._retrying(lambda: self.model.push_raw(header, leaves))
+        self.incarnation = reply.incarnation or self.incarnation
+        return reply.step
+
+    def push_pull(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None,
+                  like: Any = None) -> Any:  # fmt: skip
+        """Pushes a gradient and returns the parameters after its step, in one round trip."""
+        from optserve.v1 import optserve_pb2 as pb
+
+        self.seq += 1
+        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
+        header.pull.CopyFrom(pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or ""))
+        leaves = self.model._grad_leaves(grads, wire_dtype)
+        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like))
+        self._note(reply.incarnation, self.model.last_step)
+        return params

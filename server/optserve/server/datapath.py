@@ -1,0 +1,114 @@
+"""The server's hot path: reading chunk streams into buffers and streaming parameters out.
+
+Requests arrive as raw bytes (the service registers identity deserializers); `split_payload` hands
+protobuf only the small header and the payload stays a view into grpcio's buffer until it is
+copied, once, into the leaf's aligned buffer.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from optserve.client import codec
+from optserve.client.client import chunk_messages
+from optserve.server.errors import InvalidArgument
+from optserve.v1 import optserve_pb2 as pb
+
+
+def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
+    """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
+    try:
+        head, payload = codec.split_payload(raw)
+        return message_type.FromString(head), payload
+    except codec.WireError as e:
+        raise InvalidArgument(f"{message_type.__name__}: {e}") from None
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidArgument(f"{message_type.__name__}: malformed message ({e})") from None
+
+
+def first_message(requests: Iterator[bytes], message_type: type, header_field: str) -> tuple[object, memoryview]:
+    """The first chunk of a stream, which must carry the header."""
+    raw = next(requests, None)
+    if raw is None:
+        raise InvalidArgument(f"{message_type.__name__}: empty stream (the first message must carry a header)")
+    msg, payload = parse_chunk(raw, message_type)
+    if not msg.HasField(header_field):
+        raise InvalidArgument(f"{message_type.__name__}: the first message must carry a header")
+    return msg, payload
+
+
+def receive_tensors(
+    first: object, first_payload: memoryview, rest: Iterable[bytes], message_type: type, assembler: codec.TensorAssembler,
+    header_field: str = "header",
+) -> dict[str, np.ndarray]:
+    """Feeds every chunk of a stream into `assembler` and returns the complete arrays."""
+    try:
+        assembler.add(first.slices, first_payload)
+        for raw in rest:
+            msg, payload = parse_chunk(raw, message_type)
+            if msg.HasField(header_field):
+                raise InvalidArgument(f"{message_type.__name__}: a header may only appear in the first message")
+            assembler.add(msg.slices, payload)
+        return assembler.finish()
+    except codec.WireError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def schema_from_proto(model: str, leaves: Iterable[pb.LeafSpec], *, max_leaves: int | None = None) -> list[codec.LeafSpec]:
+    """Validates a schema sent by a client: unique non-empty paths, known dtypes, sane shapes."""
+    schema: list[codec.LeafSpec] = []
+    seen: set[str] = set()
+    for leaf in leaves:
+        where = f"model {model!r}: leaf {leaf.path!r}"
+        if not leaf.path:
+            raise InvalidArgument(f"model {model!r}: a leaf has an empty path")
+        if len(leaf.path) > 4096 or any(ord(c) < 32 for c in leaf.path):
+            raise InvalidArgument(f"{where}: path too long or contains control characters")
+        if leaf.path in seen:
+            raise InvalidArgument(f"{where}: appears twice in the schema")
+        seen.add(leaf.path)
+        if leaf.dtype not in codec.DTYPES:
+            raise InvalidArgument(f"{where}: unsupported dtype {leaf.dtype!r}; supported: {', '.join(codec.DTYPES)}")
+        if any(d < 0 for d in leaf.shape):
+            raise InvalidArgument(f"{where}: negative dimension in shape {list(leaf.shape)}")
+        schema.append(codec.LeafSpec(leaf.path, leaf.dtype, tuple(int(d) for d in leaf.shape)))
+        if max_leaves is not None and len(schema) > max_leaves:
+            raise InvalidArgument(f"model {model!r}: more than {max_leaves} leaves")
+    if not schema:
+        raise InvalidArgument(f"model {model!r}: the parameters have no leaves")
+    return schema
+
+
+def schema_bytes(schema: Iterable[codec.LeafSpec]) -> int:
+    return sum(codec.leaf_nbytes(codec.DTYPES[l.dtype], l.shape) for l in schema)
+
+
+def schema_to_proto(schema: Iterable[codec.LeafSpec]) -> list[pb.LeafSpec]:
+    return [pb.LeafSpec(path=l.path, dtype=l.dtype, shape=l.shape) for l in schema]
+
+
+def host_leaves(
+    schema: list[codec.LeafSpec], arrays: Mapping[str, object], wire_dtype: str, model: str
+) -> list[tuple[str, np.ndarray]]:
+    """Device arrays as host arrays in the requested wire dtype (zero copy on CPU when unchanged)."""
+    if wire_dtype and wire_dtype not in ("float16", "bfloat16", "float32"):
+        raise InvalidArgument(f"model {model!r}: wire_dtype must be float16, bfloat16 or float32, got {wire_dtype!r}")
+    target = codec.DTYPES.get(wire_dtype) if wire_dtype else None
+    out = []
+    for leaf in schema:
+        a = np.asarray(arrays[leaf.path])
+        if target is not None and leaf.dtype in codec.FLOAT_DTYPES and a.dtype != target:
+            a = a.astype(target)
+        out.append((leaf.path, a))
+    return out
+
+
+def pull_messages(
+    header: pb.PullHeader, leaves: list[tuple[str, np.ndarray]], chunk_bytes: int, push: pb.PushResponse | None = None
+) -> Iterator[bytes]:
+    """The PullResponse stream: header (and push reply) in the first message, with the first chunk."""
+    first = pb.PullResponse(header=header)
+    if push is not None:
+        first.push.CopyFrom(push)
+    return chunk_messages(first, leaves, chunk_bytes)

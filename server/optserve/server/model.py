@@ -1,0 +1,275 @@
+"""One model on the server: parameters and optimizer state on the device, and the compiled step.
+
+Concurrency (design.md, update path):
+- one update at a time per model (`_lock`);
+- a pull takes a consistent (parameters, step) snapshot under the lock and *pins* that version;
+  an update only donates the parameter buffers when no pull pins them, so a pull streams without
+  holding the lock and never sees a half-applied update, and memory is not doubled otherwise;
+- optimizer-state buffers are always donated: nothing else reads them outside the lock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
+from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.server.settings import ModelSettings
+from optserve.server.spec import CompiledOptimizer
+
+
+@dataclasses.dataclass
+class Counters:
+    pushes_applied: int = 0
+    stale_rejected: int = 0
+    duplicates: int = 0
+    sync_timeouts: int = 0
+    pulls: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    """Last push of one worker: enough to answer a retry of it (bounded memory per worker)."""
+
+    last_seq: int = 0
+    last_base_step: int = -1
+    last_reply: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A consistent view for a pull: the arrays of one step, pinned against donation."""
+
+    step: int
+    arrays: Mapping[str, jax.Array]
+
+
+def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
+    # optax.apply_updates with an update scale (staleness scaling); x * 1.0 is exact, so an
+    # unscaled step equals optax bit for bit.
+    return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
+
+
+def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool):
+    """The jitted update: (params, opt_state, grads, scale) -> (params, opt_state).
+
+    grads may arrive in a narrower wire dtype; the cast to the parameter dtype happens here, fused
+    into the update. Non-float leaves are carried unchanged (they are not trainable).
+    """
+
+    def step(params: dict, opt_state: Any, grads: dict, scale: jax.Array):
+        train = {k: params[k] for k in trainable}
+        g = {k: grads[k].astype(train[k].dtype) for k in trainable}
+        updates, opt_state = compiled.update(g, opt_state, train)
+        return _apply_updates(params, updates, scale), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate_params else (1,))
+
+
+def _finite_flags(grads: dict) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads.values()])
+
+
+_finite_flags_jit = jax.jit(_finite_flags)
+
+
+class Model:
+    """Parameters, optimizer state, step and bookkeeping of one named model."""
+
+    def __init__(
+        self,
+        name: str,
+        schema: list[LeafSpec],
+        params: Mapping[str, np.ndarray],
+        compiled: CompiledOptimizer,
+        settings: ModelSettings,
+        device: jax.Device,
+    ):
+        self.name = name
+        self.schema = schema
+        self.schema_map = {leaf.path: leaf for leaf in schema}
+        self.trainable = tuple(l.path for l in schema if l.dtype in FLOAT_DTYPES)
+        self.compiled = compiled
+        self.settings = settings
+        self.device = device
+        self.param_bytes = sum(np.asarray(a).nbytes for a in params.values())
+        self.params: dict[str, jax.Array] = {p: jax.device_put(params[p], device) for p in self.schema_map}
+        with jax.default_device(device):
+            self.opt_state = compiled.init({k: self.params[k] for k in self.trainable})
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.opt_state) if hasattr(x, "nbytes"))
+        self.step = 0
+        self.counters = Counters()
+        self.workers: dict[str, WorkerRecord] = {}
+        self.created_unix = time.time()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pins: dict[int, int] = {}
+        self._steps = {donate: make_step(compiled, self.trainable, donate) for donate in (True, False)}
+        self.deleted = False
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def check_finite(self, grads: Mapping[str, jax.Array]) -> None:
+        """Rejects non-finite gradients (the default policy), naming the first bad leaf."""
+        floats = {k: grads[k] for k in self.trainable}
+        if not floats:
+            return
+        flags = np.asarray(_finite_flags_jit(floats))
+        if not flags.all():
+            bad = [k for k, ok in zip(floats, flags) if not ok]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise InvalidArgument(f"model {self.name!r}: leaf {bad[0]!r}: gradient has NaN or Inf{more}")
+
+    def to_device(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.device_put(arrays[k], self.device) for k in self.schema_map}
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> AsyncPush:
+        """A receiver for one push stream: its assembler collects the chunks, commit() applies it."""
+        return AsyncPush(self, base_step, worker_id, seq)
+
+    def pending_contributions(self) -> int:
+        return 0
+
+    def _apply_locked(self, grads: Mapping[str, jax.Array], scale: float) -> int:
+        """Applies one update; the caller holds the lock and has validated everything."""
+        donate = self._pins.get(self.step, 0) == 0
+        params, self.opt_state = self._steps[donate](self.params, self.opt_state, dict(grads), jnp.float32(scale))
+        self.params = params
+        self.step += 1
+        self.counters.pushes_applied += 1
+        self._changed.notify_all()
+        return self.step
+
+    def push_async(
+        self, grads: Mapping[str, np.ndarray], *, base_step: int | None, worker_id: str, seq: int, make_reply
+    ) -> tuple[Any, bool]:
+        """Applies a gradient now (async mode). Returns (reply, duplicate).
+
+        `make_reply(step)` builds the reply; it is remembered per worker so that a retry of the same
+        (worker_id, seq) gets the same answer and is never applied twice.
+        """
+        device_grads = self.to_device(grads)  # outside the lock: overlaps with other updates
+        self.check_finite(device_grads)
+        with self._lock:
+            dup = self._duplicate_locked(worker_id, seq)
+            if dup is not None:
+                return dup, True
+            staleness = self._staleness_locked(base_step)
+            limit = self.settings.max_staleness
+            if limit is not None and staleness > limit:
+                self.counters.stale_rejected += 1
+                raise FailedPrecondition(
+                    f"model {self.name!r}: push computed against step {base_step} is {staleness} steps behind the "
+                    f"current step {self.step} (max_staleness={limit}); pull and recompute"
+                )
+            scale = 1.0 / (1.0 + staleness) if self.settings.staleness_scaling == "inverse" else 1.0
+            step = self._apply_locked(device_grads, scale)
+            reply = make_reply(step)
+            self._record_worker_locked(worker_id, seq, base_step, reply)
+            return reply, False
+
+    def _staleness_locked(self, base_step: int | None) -> int:
+        if base_step is None:
+            return 0
+        if base_step > self.step:
+            raise InvalidArgument(f"model {self.name!r}: base_step {base_step} is ahead of the current step {self.step}")
+        if base_step < 0:
+            raise InvalidArgument(f"model {self.name!r}: base_step {base_step} is negative")
+        return self.step - base_step
+
+    def _duplicate_locked(self, worker_id: str, seq: int) -> Any:
+        """The remembered reply if (worker_id, seq) was already applied; rejects older seqs."""
+        if not worker_id:
+            return None
+        record = self.workers.get(worker_id)
+        if record is None or seq > record.last_seq:
+            return None
+        self.counters.duplicates += 1
+        if seq == record.last_seq:
+            return record.last_reply
+        raise FailedPrecondition(
+            f"model {self.name!r}: worker {worker_id!r} seq {seq} is older than its last applied seq "
+            f"{record.last_seq}; it was applied before and its reply is no longer kept"
+        )
+
+    def _record_worker_locked(self, worker_id: str, seq: int, base_step: int | None, reply: Any) -> None:
+        if worker_id:
+            self.workers[worker_id] = WorkerRecord(seq, self.step - 1 if base_step is None else base_step, reply)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def wait_for_step(self, min_step: int, timeout: float | None) -> bool:
+        """Blocks until step >= min_step (or timeout, or deletion); True if reached."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self.step >= min_step or self.deleted, timeout) and not self.deleted
+
+    @contextmanager
+    def snapshot(self, *, ema: bool = False) -> Iterator[Snapshot]:
+        """A pinned, consistent (step, parameters or EMA): updates meanwhile do not donate these buffers."""
+        if ema and self.settings.ema_decay is None:
+            raise FailedPrecondition(f"model {self.name!r} keeps no parameter EMA (create it with ema=<decay>)")
+        with self._lock:
+            step, arrays = self.step, (self.ema_params() if ema else self.params)
+            self._pins[step] = self._pins.get(step, 0) + 1
+            self.counters.pulls += 1
+        try:
+            yield Snapshot(step, arrays)
+        finally:
+            with self._lock:
+                left = self._pins[step] - 1
+                if left:
+                    self._pins[step] = left
+                else:
+                    del self._pins[step]
+
+    def ema_params(self) -> Mapping[str, jax.Array]:
+        raise FailedPrecondition(f"model {self.name!r}: parameter EMA is not available yet")
+
+    # -- hyperparameters ------------------------------------------------------------------------
+
+    def hyperparams(self) -> dict[str, float]:
+        with self._lock:
+            return self.compiled.hyperparams(self.opt_state)
+
+    def set_hyperparams(self, values: Mapping[str, float]) -> dict[str, float]:
+        with self._lock:
+            self.opt_state = self.compiled.set_hyperparams(self.opt_state, dict(values))
+            return self.compiled.hyperparams(self.opt_state)
+
+    def wake_waiters(self) -> None:
+        with self._lock:
+            self._changed.notify_all()
+
+    def mark_deleted(self) -> None:
+        with self._lock:
+            self.deleted = True
+            self._changed.notify_all()
+
+
+class AsyncPush:
+    """One push in async mode: assembled in its own buffers, applied at commit (all or nothing)."""
+
+    def __init__(self, model: Model, base_step: int | None, worker_id: str, seq: int):
+        self.model = model
+        self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
+        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True)
+
+    def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
+        return self.model.push_async(
+            grads, base_step=self.base_step, worker_id=self.worker_id, seq=self.seq, make_reply=make_reply
+        )
+
+    def abort(self) -> None:
+        """Nothing to undo: the push's buffers were private."""

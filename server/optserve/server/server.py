@@ -1,0 +1,140 @@
+"""`Server`: an optserve server running inside the current process.
+
+    from optserve.server import Server
+
+    with Server(port=0) as server:          # 127.0.0.1, a free port
+        client = server.client()
+        ...
+
+`optserve serve` runs the same object until SIGINT/SIGTERM. The standard gRPC health service
+reports NOT_SERVING until the server is ready (checkpoints restored) and again while it shuts down;
+server reflection lists the optserve service.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Any
+
+import grpc
+import jax
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from optserve.client import Client, codec
+from optserve.client.transport import SERVER_OPTIONS, SERVICE
+from optserve.server.service import OptserveService
+from optserve.server.store import ModelStore
+
+log = logging.getLogger("optserve.server")
+
+
+def resolve_device(name: str | None) -> jax.Device:
+    """'cpu', 'gpu', 'gpu:1', 'cuda:0', 'tpu' ... or None for JAX's default device (a GPU if any)."""
+    if not name:
+        return jax.devices()[0]
+    platform, _, index = name.partition(":")
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: no {platform} devices ({e})") from None
+    i = int(index) if index else 0
+    if not 0 <= i < len(devices):
+        raise ValueError(f"--device {name}: only {len(devices)} {platform} device(s)")
+    return devices[i]
+
+
+class Server:
+    """An optserve gRPC server in this process; started on construction.
+
+    host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
+    are checkpointed and restored from (None: no checkpoints). device: JAX device for the models.
+    max_workers: threads serving RPCs (each stream holds one while it runs).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        checkpoint_dir: str | None = None,
+        device: str | None = None,
+        max_workers: int = 64,
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        max_models: int | None = None,
+        max_model_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+        interceptors: list[Any] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+    ):
+        self.host = host
+        self.store = ModelStore(resolve_device(device), max_models=max_models, max_model_bytes=max_model_bytes,
+                                max_total_bytes=max_total_bytes)  # fmt: skip
+        checkpoints = None
+        if checkpoint_dir is not None:
+            from optserve.server.checkpoints import CheckpointManager
+
+            checkpoints = CheckpointManager(checkpoint_dir, **(checkpoint_options or {}))
+        self.checkpoints = checkpoints
+        self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints)
+        self.health = health.HealthServicer()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="optserve-rpc"),
+            options=SERVER_OPTIONS,
+            interceptors=interceptors or (),
+        )
+        self._grpc.add_generic_rpc_handlers((self.service.handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{host}:{port}"
+        if server_credentials is not None:
+            self.port = self._grpc.add_secure_port(address, server_credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        self._grpc.start()
+        self._stopped = False
+        if checkpoints is not None:
+            checkpoints.start(self.store)  # restores every model before we report SERVING
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("optserve listening on %s:%d (device %s, incarnation %s)", host, self.port, self.store.device,
+                 self.service.incarnation)  # fmt: skip
+
+    def _set_health(self, status: int) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE, status)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def client(self, **kwargs: Any) -> Client:
+        """A Client connected to this server."""
+        return Client(self.address, **kwargs)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stops accepting pushes, finishes the calls in flight (up to `grace` s), checkpoints, stops."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.accepting.clear()
+        for model in self.store.models():  # release pulls waiting for a step
+            model.wake_waiters()
+        self._grpc.stop(grace).wait(grace + 5)
+        if self.checkpoints is not None:
+            self.checkpoints.shutdown(self.store)
+        log.info("optserve stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._grpc.wait_for_termination(timeout)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,347 @@
+"""The gRPC service: a thin layer that validates requests and calls the model store.
+
+Bulky RPCs are registered with identity (de)serializers so that chunk payloads are framed and
+sliced by `codec` without protobuf copies; the others use the generated messages. Every handler
+turns ServiceError into its gRPC status with the error's message, and never changes state before a
+request has been validated completely.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from optserve.client import codec
+from optserve.client.transport import SERVICE
+from optserve.server import datapath
+from optserve.server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    Unavailable,
+)
+from optserve.server.security import ALLOWED_MODELS
+from optserve.server.model import Model
+from optserve.server.settings import ModelSettings
+from optserve.server.spec import SpecError, list_rules
+from optserve.server.store import ModelStore, compile_for
+from optserve.v1 import optserve_pb2 as pb
+
+log = logging.getLogger("optserve.service")
+VERSION = "0.1.0"
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+def _fail(context: grpc.ServicerContext, e: Exception, rpc: str) -> None:
+    if isinstance(e, ServiceError):
+        log.info("rejected %s: %s: %s", rpc, e.code.name, e.message)
+        context.abort(e.code, e.message)
+    if isinstance(e, (SpecError, codec.WireError)):
+        log.info("rejected %s: INVALID_ARGUMENT: %s", rpc, e)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    log.exception("internal error in %s", rpc)
+    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(e).__name__}: {e}")
+
+
+def _handler(fn: Callable) -> Callable:
+    """Maps exceptions of a unary-response handler to statuses."""
+
+    @functools.wraps(fn)
+    def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            if isinstance(e, grpc.RpcError) or context.is_active() is False and not isinstance(e, ServiceError):
+                raise
+            _fail(context, e, fn.__name__)
+
+    return wrapper
+
+
+def _stream_handler(fn: Callable) -> Callable:
+    """The same for handlers that return a response iterator."""
+
+    @functools.wraps(fn)
+    def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Iterator:
+        try:
+            yield from fn(self, request, context)
+        except GeneratorExit:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, grpc.RpcError):
+                raise
+            _fail(context, e, fn.__name__)
+
+    return wrapper
+
+
+def authorize(context: grpc.ServicerContext, model: str) -> str:
+    """Returns `model`; PERMISSION_DENIED when the caller's token is limited to other models."""
+    allowed = getattr(context, ALLOWED_MODELS, None)
+    if allowed is not None and model not in allowed:
+        raise PermissionDenied(f"model {model!r}: this token may not access it")
+    return model
+
+
+class OptserveService:
+    """Implements optserve.v1.Optserve over a ModelStore."""
+
+    def __init__(self, store: ModelStore, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, checkpoints: Any = None):
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self.checkpoints = checkpoints  # CheckpointManager or None
+        self.incarnation = uuid.uuid4().hex
+        self.started_unix = time.time()
+        self.accepting = threading.Event()
+        self.accepting.set()
+
+    def _check_accepting(self) -> None:
+        if not self.accepting.is_set():
+            raise Unavailable("server is shutting down; retry against its replacement")
+
+    # -- registration -----------------------------------------------------------------------------
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        raw, P = _identity, pb
+        h = grpc
+        table = {
+            "CreateModel": h.stream_unary_rpc_method_handler(self.CreateModel, raw, P.ModelInfo.SerializeToString),
+            "GetModel": h.unary_unary_rpc_method_handler(self.GetModel, P.GetModelRequest.FromString, P.ModelInfo.SerializeToString),
+            "ListModels": h.unary_unary_rpc_method_handler(self.ListModels, P.ListModelsRequest.FromString, P.ListModelsResponse.SerializeToString),
+            "DeleteModel": h.unary_unary_rpc_method_handler(self.DeleteModel, P.DeleteModelRequest.FromString, P.DeleteModelResponse.SerializeToString),
+            "SetHyperparams": h.unary_unary_rpc_method_handler(self.SetHyperparams, P.SetHyperparamsRequest.FromString, P.ModelInfo.SerializeToString),
+            "Push": h.stream_unary_rpc_method_handler(self.Push, raw, P.PushResponse.SerializeToString),
+            "Pull": h.unary_stream_rpc_method_handler(self.Pull, P.PullRequest.FromString, raw),
+            "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
+            "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, P.SaveCheckpointRequest.FromString, P.CheckpointInfo.SerializeToString),
+            "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, P.ListCheckpointsRequest.FromString, P.ListCheckpointsResponse.SerializeToString),
+            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, P.RestoreCheckpointRequest.FromString, P.ModelInfo.SerializeToString),
+            "Download": h.unary_stream_rpc_method_handler(self.Download, P.DownloadRequest.FromString, raw),
+            "Upload": h.stream_unary_rpc_method_handler(self.Upload, raw, P.ModelInfo.SerializeToString),
+            "ListRules": h.unary_unary_rpc_method_handler(self.ListRules, P.ListRulesRequest.FromString, P.ListRulesResponse.SerializeToString),
+            "GetServerInfo": h.unary_unary_rpc_method_handler(self.GetServerInfo, P.GetServerInfoRequest.FromString, P.ServerInfo.SerializeToString),
+        }  # fmt: skip
+        return grpc.method_handlers_generic_handler(SERVICE, table)
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def model_info(self, model: Model) -> pb.ModelInfo:
+        c = model.counters
+        info = pb.ModelInfo(
+            name=model.name,
+            step=model.step,
+            schema=datapath.schema_to_proto(model.schema),
+            optimizer_json=json.dumps(model.compiled.spec),
+            settings=model.settings.to_proto(),
+            hyperparams=[pb.Hyperparam(name=k, value=v) for k, v in model.hyperparams().items()],
+            workers=[
+                pb.WorkerState(worker_id=w, last_seq=r.last_seq, last_base_step=r.last_base_step)
+                for w, r in sorted(model.workers.items())
+            ],
+            pending_contributions=model.pending_contributions(),
+            counters=pb.ModelCounters(**vars(c)),
+            param_bytes=model.param_bytes,
+            state_bytes=model.state_bytes,
+            incarnation=self.incarnation,
+        )
+        if self.checkpoints is not None:
+            self.checkpoints.describe(model.name, info)
+        return info
+
+    @_handler
+    def CreateModel(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ModelInfo:
+        self._check_accepting()
+        first, payload = datapath.first_message(requests, pb.CreateModelRequest, "header")
+        h = first.header
+        name = authorize(context, h.name)
+        settings = ModelSettings.from_proto(h.settings, name)
+        try:
+            spec = json.loads(h.optimizer_json) if h.optimizer_json else "sgd"
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
+        schema = datapath.schema_from_proto(name, h.schema)
+        declared = datapath.schema_bytes(schema)
+        self.store.reserve(name, declared)
+        try:
+            compiled = compile_for(name, spec, schema)  # reject a bad spec before receiving any bytes
+            assembler = codec.TensorAssembler(
+                {l.path: l for l in schema}, what=f"model {name!r}", max_bytes=declared
+            )
+            params = datapath.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)
+            model = Model(name, schema, params, compiled, settings, self.store.device)
+            self.store.add(model)
+        finally:
+            self.store.release(name)
+        log.info("created model %r: %d leaves, %d bytes, optimizer %s, mode %s", name, len(schema), declared,
+                 json.dumps(compiled.spec), settings.mode)  # fmt: skip
+        return self.model_info(model)
+
+    @_handler
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        return self.model_info(self.store.get(authorize(context, request.model)))
+
+    @_handler
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelSummary(name=m.name, step=m.step, mode=m.settings.mode, leaves=len(m.schema), param_bytes=m.param_bytes)
+                for m in self.store.models()
+                if getattr(context, ALLOWED_MODELS, None) is None or m.name in getattr(context, ALLOWED_MODELS)
+            ]
+        )
+
+    @_handler
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
+        self.store.delete(authorize(context, request.model))
+        if request.delete_checkpoints and self.checkpoints is not None:
+            self.checkpoints.delete_all(request.model)
+        log.info("deleted model %r", request.model)
+        return pb.DeleteModelResponse()
+
+    @_handler
+    def SetHyperparams(self, request: pb.SetHyperparamsRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        model = self.store.get(authorize(context, request.model))
+        values = {v.name: v.value for v in request.values}
+        try:
+            model.set_hyperparams(values)
+        except SpecError as e:
+            raise InvalidArgument(f"model {model.name!r}: {e}") from None
+        return self.model_info(model)
+
+    # -- data path --------------------------------------------------------------------------------
+
+    def _receive_push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> tuple[Model, pb.PushHeader, pb.PushResponse]:
+        """Reads a whole push stream, validates it and applies it (or hands it to the sync round)."""
+        self._check_accepting()
+        first, payload = datapath.first_message(requests, pb.PushRequest, "header")
+        h = first.header
+        model = self.store.get(authorize(context, h.model))
+        base_step = h.base_step if h.HasField("base_step") else None
+        if h.worker_id and h.seq < 1:
+            raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
+        receiver = model.open_push(base_step=base_step, worker_id=h.worker_id, seq=h.seq, weight=h.weight)
+        try:
+            grads = datapath.receive_tensors(first, payload, requests, pb.PushRequest, receiver.assembler)
+        except BaseException:
+            receiver.abort()
+            raise
+        model.counters.bytes_in += receiver.assembler.received_bytes
+
+        def reply(step: int, applied: bool = True) -> pb.PushResponse:
+            return pb.PushResponse(model=model.name, step=step, applied=applied, incarnation=self.incarnation)
+
+        response, duplicate = receiver.commit(grads, reply)
+        if duplicate:  # a retry: the original reply, marked as such
+            original, response = response, pb.PushResponse()
+            response.CopyFrom(original)
+            response.duplicate = True
+        return model, h, response
+
+    @_handler
+    def Push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        return self._receive_push(requests, context)[2]
+
+    def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
+                     push: pb.PushResponse | None = None) -> Iterator[bytes]:  # fmt: skip
+        if req.HasField("min_step") and model.step < req.min_step:
+            timeout = req.timeout_seconds or context.time_remaining()
+            if not model.wait_for_step(req.min_step, timeout):
+                raise DeadlineExceeded(
+                    f"model {model.name!r}: step {req.min_step} not reached within {timeout:.3g}s (current step {model.step})"
+                )
+        chunk_bytes = int(req.chunk_bytes) or self.chunk_bytes
+        header = pb.PullHeader(model=model.name, schema=datapath.schema_to_proto(model.schema),
+                               incarnation=self.incarnation)  # fmt: skip
+        if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
+            header.step, header.not_modified = model.step, True
+            yield from datapath.pull_messages(header, [], chunk_bytes, push)
+            return
+        with model.snapshot(ema=req.ema) as snap:
+            header.step = snap.step
+            leaves = datapath.host_leaves(model.schema, snap.arrays, req.wire_dtype, model.name)
+            for raw in datapath.pull_messages(header, leaves, chunk_bytes, push):
+                model.counters.bytes_out += len(raw)
+                yield raw
+
+    @_stream_handler
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._pull_stream(self.store.get(authorize(context, request.model)), request, context)
+
+    @_stream_handler
+    def PushPull(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        model, header, response = self._receive_push(requests, context)
+        pull = pb.PullRequest()
+        pull.CopyFrom(header.pull)
+        if not response.applied:  # sync: return once the step this gradient joined is applied
+            pull.min_step = response.step
+        yield from self._pull_stream(model, pull, context, push=response)
+
+    # -- checkpoints (see checkpoints.py) ---------------------------------------------------------
+
+    def _manager(self, model: str, context: grpc.ServicerContext) -> Any:
+        self.store.get(authorize(context, model))
+        if self.checkpoints is None:
+            raise FailedPrecondition(f"model {model!r}: this server has no checkpoint directory (--checkpoint-dir)")
+        return self.checkpoints
+
+    @_handler
+    def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:
+        return self._manager(request.model, context).save_now(self.store.get(request.model))
+
+    @_handler
+    def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
+        return pb.ListCheckpointsResponse(checkpoints=self._manager(request.model, context).list(request.model))
+
+    @_handler
+    def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        model = self._manager(request.model, context).restore(self.store, request.model, request.step)
+        return self.model_info(model)
+
+    @_stream_handler
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        from optserve.server import transfer
+
+        yield from transfer.download(self.store.get(authorize(context, request.model)), self.chunk_bytes)
+
+    @_handler
+    def Upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ModelInfo:
+        from optserve.server import transfer
+
+        self._check_accepting()
+        return self.model_info(transfer.upload(self.store, requests, authorize=lambda name: authorize(context, name)))
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    @_handler
+    def ListRules(self, request: pb.ListRulesRequest, context: grpc.ServicerContext) -> pb.ListRulesResponse:
+        rules = []
+        for r in list_rules():
+            rules.append(
+                pb.RuleInfo(
+                    name=r["name"], kind=r.get("kind", ""), library=r.get("library", ""), doc=r.get("doc", ""),
+                    hyperparams=[
+                        pb.HyperparamInfo(name=h["name"], default_json=json.dumps(h.get("default")),
+                                          required=bool(h.get("required")), doc=h.get("doc", ""))
+                        for h in r.get("hyperparams", [])
+                    ],
+                )  # fmt: skip
+            )
+        return pb.ListRulesResponse(rules=rules)
+
+    @_handler
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        d = self.store.device
+        return pb.ServerInfo(version=VERSION, incarnation=self.incarnation, device=f"{d.platform}:{d}",
+                             models=len(self.store.names()), started_unix=self.started_unix)  # fmt: skip

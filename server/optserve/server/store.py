@@ -1,0 +1,114 @@
+"""The model store: the server's named models (multi-tenant), created and deleted atomically."""
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from optserve.client.codec import LeafSpec
+from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server.model import Model
+from optserve.server.settings import ModelSettings
+from optserve.server.spec import SpecError, compile_spec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """Model names are also directory names for checkpoints: keep them plain."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"model name {name!r}: use 1-128 characters of letters, digits, '.', '_' and '-', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def compile_for(name: str, spec, schema: list[LeafSpec]):
+    """Compiles a spec for a schema; SpecError becomes INVALID_ARGUMENT naming the model and field."""
+    trainable = [l.path for l in schema if l.dtype in ("float16", "bfloat16", "float32", "float64")]
+    try:
+        return compile_spec(spec, trainable)
+    except SpecError as e:
+        raise InvalidArgument(f"model {name!r}: optimizer {e}") from None
+
+
+class ModelStore:
+    """Name -> Model. Limits (max models, bytes) are checked before anything is allocated."""
+
+    def __init__(self, device: jax.Device, *, max_models: int | None = None, max_model_bytes: int | None = None,
+                 max_total_bytes: int | None = None):  # fmt: skip
+        self.device = device
+        self.max_models = max_models
+        self.max_model_bytes = max_model_bytes
+        self.max_total_bytes = max_total_bytes
+        self._models: dict[str, Model] = {}
+        self._reserved: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Model:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name!r} not found")
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def models(self) -> list[Model]:
+        return [self._models[n] for n in self.names()]
+
+    def total_bytes(self) -> int:
+        return sum(m.param_bytes + m.state_bytes for m in self._models.values())
+
+    def check_can_create(self, name: str, declared_bytes: int) -> None:
+        """Raises before any bytes are received if the model could not be created."""
+        check_model_name(name)
+        if name in self._models or name in self._reserved:
+            raise AlreadyExists(f"model {name!r} already exists")
+        if self.max_models is not None and len(self._models) + len(self._reserved) >= self.max_models:
+            raise ResourceExhausted(f"model {name!r}: the server already holds its limit of {self.max_models} models")
+        if self.max_model_bytes is not None and declared_bytes > self.max_model_bytes:
+            raise ResourceExhausted(
+                f"model {name!r}: {declared_bytes} bytes of parameters exceed the per-model limit of {self.max_model_bytes}"
+            )
+        if self.max_total_bytes is not None and self.total_bytes() + declared_bytes > self.max_total_bytes:
+            raise ResourceExhausted(
+                f"model {name!r}: {declared_bytes} more bytes would exceed the server's limit of {self.max_total_bytes}"
+            )
+
+    def reserve(self, name: str, declared_bytes: int) -> None:
+        """Claims a name while its parameters stream in, so two creates cannot both succeed."""
+        with self._lock:
+            self.check_can_create(name, declared_bytes)
+            self._reserved.add(name)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._reserved.discard(name)
+
+    def create(self, name: str, schema: list[LeafSpec], params: Mapping[str, np.ndarray], spec,
+               settings: ModelSettings) -> Model:  # fmt: skip
+        """Builds and registers a model; the name must have been reserved."""
+        compiled = compile_for(name, spec, schema)
+        model = Model(name, schema, params, compiled, settings, self.device)
+        self.add(model)
+        return model
+
+    def add(self, model: Model) -> None:
+        with self._lock:
+            self._reserved.discard(model.name)
+            if model.name in self._models:
+                raise AlreadyExists(f"model {model.name!r} already exists")
+            self._models[model.name] = model
+
+    def delete(self, name: str) -> Model:
+        with self._lock:
+            model = self._models.pop(name, None)
+        if model is None:
+            raise NotFound(f"model {name!r} not found")
+        model.mark_deleted()
+        return model
