@@ -1,0 +1,14 @@
+"""The optimizer spec compiler: JSON specs -> jit-compiled optax update rules.
+
+>>> compiled = compile_spec({"adam": {"learning_rate": 1e-3}}, ["w"])
+>>> state = compiled.init(params)
+>>> updates, state = compiled.update(grads, state, params)
+
+See ``docs/optimizers.md`` (generated from the registry) for every rule.
+"""
+
+from optserve.server.spec.compiler import CompiledOptimizer, OptimizerState, compile_spec
+from optserve.server.spec.errors import SpecError
+from optserve.server.spec.registry import list_rules
+
+__all__ = ["compile_spec", "SpecError", "CompiledOptimizer", "OptimizerState", "list_rules"]
