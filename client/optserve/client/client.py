@@ -220,7 +220,7 @@ class Client:
         self,
         name: str,
         params: Any,
-        optimizer: Any = "sgd",
+        optimizer: Any,
         *,
         mode: str = "async",
         workers: int | None = None,

@@ -122,7 +122,8 @@ def flatten(tree: Any) -> tuple[list[tuple[str, np.ndarray]], Structure]:
             return ("none",)
         if isinstance(x, Mapping):
             keys = sorted(x.keys(), key=lambda k: (str(type(k)), k))
-            return ("dict", type(x), tuple(keys), tuple(visit(x[k], join_path(prefix, k)) for k in keys))
+            children = tuple(visit(x[k], join_path(prefix, k)) for k in keys)
+            return ("dict", type(x), tuple(keys), children, tuple(x.keys()))  # last: the caller's order
         if _is_namedtuple(x):
             fields = type(x)._fields
             return ("namedtuple", type(x), tuple(visit(getattr(x, f), join_path(prefix, f)) for f in fields))
@@ -167,9 +168,9 @@ def unflatten(structure: Structure, leaves: Sequence[np.ndarray]) -> Any:
         if tag == "none":
             return None
         if tag == "dict":
-            _, cls, keys, children = node
-            values = [build(c) for c in children]
-            d = dict(zip(keys, values))
+            _, cls, keys, children, order = node
+            by_key = dict(zip(keys, [build(c) for c in children]))
+            d = {k: by_key[k] for k in order}
             return d if cls is dict else _rebuild_mapping(cls, d)
         if tag == "namedtuple":
             _, cls, children = node

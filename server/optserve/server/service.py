@@ -167,8 +167,10 @@ class OptserveService:
         h = first.header
         name = authorize(context, h.name)
         settings = ModelSettings.from_proto(h.settings, name)
+        if not h.optimizer_json:
+            raise InvalidArgument(f"model {name!r}: optimizer_json: an optimizer spec is required")
         try:
-            spec = json.loads(h.optimizer_json) if h.optimizer_json else "sgd"
+            spec = json.loads(h.optimizer_json)
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
         schema = datapath.schema_from_proto(name, h.schema)

@@ -1,0 +1,156 @@
+"""End to end against a live server: results equal in-process optax, pytrees round-trip, big tensors
+stream, many threads push concurrently."""
+from __future__ import annotations
+
+import collections
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+from optserve.client import optim
+
+K = 12
+
+
+def _params(rng: np.random.Generator) -> dict:
+    return {
+        "dense": {"kernel": rng.standard_normal((5, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)},
+        "scale": np.float32(1.5) * np.ones((), np.float32),
+        "conv": rng.standard_normal((2, 1, 2, 3)).astype(np.float32),
+    }
+
+
+CASES = {
+    "sgd_momentum": (optim.sgd(0.05, momentum=0.9), optax.sgd(0.05, momentum=0.9)),
+    "sgd_nesterov": (optim.sgd(0.05, momentum=0.9, nesterov=True), optax.sgd(0.05, momentum=0.9, nesterov=True)),
+    "adam": (optim.adam(1e-2), optax.adam(1e-2)),
+    "chain_clip_schedule": (
+        optim.chain(
+            optim.clip_by_global_norm(0.5),
+            optim.adamw(optim.exponential_decay(1e-2, 3, 0.5), weight_decay=0.01),
+        ),
+        optax.chain(
+            optax.clip_by_global_norm(0.5),
+            optax.adamw(optax.exponential_decay(1e-2, 3, 0.5), weight_decay=0.01),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pushes_match_inprocess_optax(client, model_name, case):
+    spec, tx = CASES[case]
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    model = client.create_model(model_name, params, optimizer=spec)
+    grads = [jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params) for _ in range(K)]
+
+    expected = jax.tree.map(jnp.asarray, params)
+    state = tx.init(expected)
+    for i, g in enumerate(grads):
+        assert model.push(g) == i + 1
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, expected)
+        expected = optax.apply_updates(expected, updates)
+
+    got = model.pull()
+    assert model.info()["step"] == K
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7), got, expected)
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+def _tree_equal(a, b):
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _tree_equal(x, y)
+    elif a is None:
+        assert b is None
+    else:
+        assert np.asarray(a).dtype == np.asarray(b).dtype and np.shape(a) == np.shape(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pytree_round_trip(client, model_name):
+    rng = np.random.default_rng(1)
+    tree = {
+        "layers": [
+            {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": np.zeros(4, ml_dtypes.bfloat16)},
+            (rng.standard_normal(2).astype(np.float16), np.arange(6, dtype=np.int32).reshape(2, 3)),
+        ],
+        "point": Point(x=np.float32(2.5), y=np.array(7, np.int32)),
+        "empty": np.zeros((0, 3), np.float32),
+        "nothing": None,
+        "bf16_scalar": np.array(1.25, ml_dtypes.bfloat16),
+        "odd/key%": np.ones(2, np.float32),
+    }
+    model = client.create_model(model_name, tree, optimizer=optim.sgd(0.1))
+    _tree_equal(model.pull(), tree)
+    _tree_equal(client.model(model_name).pull(like=tree), tree)
+    # A client that never saw the structure gets nested dicts keyed by the path components.
+    plain = client.model(model_name).pull()
+    assert set(plain) == {"layers", "point", "empty", "bf16_scalar", "odd/key%"}
+    np.testing.assert_array_equal(plain["layers"]["1"]["1"], tree["layers"][1][1])
+    assert plain["point"]["x"].dtype == np.float32
+
+
+def test_gradient_larger_than_message_cap(client, model_name):
+    from optserve.client.transport import MAX_MESSAGE_BYTES
+
+    n = 50_000_000  # 200 MB of float32 against a 64 MiB per-message cap
+    assert 4 * n > 2.5 * MAX_MESSAGE_BYTES
+    params = {"w": np.zeros(n, np.float32)}
+    model = client.create_model(model_name, params, optimizer=optim.sgd(1.0))
+    grad = {"w": np.full(n, 0.5, np.float32)}
+    grad["w"][-1] = 2.0
+    assert model.push(grad) == 1
+    out = model.pull()["w"]
+    assert out.shape == (n,) and out[0] == -0.5 and out[-1] == -2.0 and np.all(out[:-1] == -0.5)
+
+
+def test_concurrent_threads_sum_of_sgd_gradients(client, model_name):
+    lr, threads, per_thread = 0.1, 8, 10
+    rng = np.random.default_rng(2)
+    p0 = {"w": rng.standard_normal(64).astype(np.float32), "b": np.zeros((), np.float32)}
+    model = client.create_model(model_name, p0, optimizer=optim.sgd(lr))
+    grads = [[{"w": rng.standard_normal(64).astype(np.float32), "b": np.float32(rng.standard_normal())}
+              for _ in range(per_thread)] for _ in range(threads)]  # fmt: skip
+    errors = []
+
+    def run(i):
+        try:
+            for g in grads[i]:
+                client.model(model_name).push(g)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in ts)
+    assert model.info()["step"] == threads * per_thread
+    total_w = np.sum([g["w"] for gs in grads for g in gs], axis=0, dtype=np.float64)
+    total_b = np.sum([g["b"] for gs in grads for g in gs], dtype=np.float64)
+    out = model.pull()
+    np.testing.assert_allclose(out["w"], p0["w"] - lr * total_w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["b"], -lr * total_b, rtol=1e-5, atol=1e-5)
+
+
+def test_push_pull_returns_updated_parameters(client, model_name):
+    model = client.create_model(model_name, {"w": np.ones(3, np.float32)}, optimizer=optim.sgd(0.5))
+    out = model.push_pull({"w": np.ones(3, np.float32)})
+    np.testing.assert_array_equal(out["w"], np.full(3, 0.5, np.float32))
+    assert model.last_step == 1
