@@ -11,3 +11,6 @@ register(Rule(
 
 from optserve.server.spec import schedules  # noqa: E402,F401
 from optserve.server.spec import rules_optax  # noqa: E402,F401
+from optserve.server.spec import presets_flux  # noqa: E402,F401
+from optserve.server.spec import presets_axon  # noqa: E402,F401
+from optserve.server.spec import presets_objax  # noqa: E402,F401

@@ -186,6 +186,8 @@ class _Parser:
       raise SpecError(field, f"expected an object of hyperparameters, got {show(args)}")
     args = dict(args)
     tunable = args.pop("tunable", None)
+    if tunable is None and rule.tunable:
+      tunable = list(rule.tunable)
     mask_globs = args.pop("mask", None)
 
     values, given = {}, {}
@@ -269,7 +271,9 @@ def _unknown_hp(rule: Rule, key: str) -> str:
   takes = ", ".join(names + extra)
   display = rule.display_name or rule.name
   if rule.kind == "preset":
-    return f'{display} has no hyperparameter "{key}"{suggest(key, names)} (it takes: {takes})'
+    note = dict(rule.absent).get(key)
+    note = f"; {note}" if note else ""
+    return f'{display} has no hyperparameter "{key}"{note}{suggest(key, names)} (it takes: {takes})'
   return f'unknown hyperparameter "{key}"{suggest(key, names + extra)} ({display} takes: {takes})'
 
 

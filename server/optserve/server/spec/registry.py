@@ -43,6 +43,10 @@ class Rule:
     schedules: hyperparameters the builder itself accepts as optax schedules
       (callables), e.g. optax's learning_rate. A schedule elsewhere makes the
       rule run under inject_hyperparams semantics (values held in the state).
+    tunable: hyperparameters that are tunable unless the spec says otherwise
+      (``polaris:scale_by_state``).
+    absent: (name, explanation) for canonical hyperparameters a preset's
+      library does not have, used in the error message.
     check: optional ``(args, field) -> None`` raising SpecError for
       constraints between arguments (``args`` holds only the given ones).
   """
@@ -61,6 +65,8 @@ class Rule:
   aliases: tuple[str, ...] = ()
   check: Optional[Callable[[dict, str], None]] = None
   schedules: tuple[str, ...] = ()
+  tunable: tuple[str, ...] = ()
+  absent: tuple[tuple[str, str], ...] = ()
 
   def hp(self, name: str) -> Optional[HP]:
     for h in self.hyperparams:
