@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
+from optserve.server.aggregation import SyncAggregator, SyncPush
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer
@@ -116,6 +117,9 @@ class Model:
         self._pins: dict[int, int] = {}
         self._steps = {donate: make_step(compiled, self.trainable, donate) for donate in (True, False)}
         self.deleted = False
+        self.closing = False  # the server is shutting down: waits end
+        # sync mode: the rounds of contributions (aggregation.py); None in async mode
+        self.aggregator = SyncAggregator(self) if settings.mode == "sync" else None
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -135,12 +139,29 @@ class Model:
 
     # -- updates --------------------------------------------------------------------------------
 
-    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> AsyncPush:
-        """A receiver for one push stream: its assembler collects the chunks, commit() applies it."""
+    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> AsyncPush | SyncPush:
+        """A receiver for one push stream: its assembler collects the chunks, commit() applies it
+        (async) or adds it to the current sync round (sync, see aggregation.py)."""
+        if self.aggregator is not None:
+            return self.aggregator.open_push(base_step=base_step, worker_id=worker_id, seq=seq, weight=weight)
         return AsyncPush(self, base_step, worker_id, seq)
 
     def pending_contributions(self) -> int:
-        return 0
+        """sync: contributions received for the current step and not applied yet (async: 0)."""
+        if self.aggregator is None:
+            return 0
+        with self._lock:
+            return self.aggregator.pending_locked()
+
+    def worker_states(self) -> list[tuple[str, int, int]]:
+        """(worker_id, last seq, base_step of that push) per worker, including sync contributions
+        still pending in the current round."""
+        with self._lock:
+            states = {w: (r.last_seq, r.last_base_step) for w, r in self.workers.items()}
+            if self.aggregator is not None:
+                for w, c in self.aggregator.pending_workers_locked().items():
+                    states[w] = (c.seq, c.base_step)
+        return [(w, seq, base) for w, (seq, base) in sorted(states.items())]
 
     def _apply_locked(self, grads: Mapping[str, jax.Array], scale: float) -> int:
         """Applies one update; the caller holds the lock and has validated everything."""
@@ -210,10 +231,22 @@ class Model:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def wait_for_step(self, min_step: int, timeout: float | None) -> bool:
-        """Blocks until step >= min_step (or timeout, or deletion); True if reached."""
+    def wait_for_step(self, min_step: int, timeout: float | None, give_up=None) -> bool:
+        """Blocks until step >= min_step; True if reached. Also ends on timeout, deletion, server
+        shutdown, or when `give_up()` turns true (checked whenever `notify_waiters` is called, e.g. by
+        the call's cancellation callback), so no thread waits for a step that nobody awaits."""
+
+        def done() -> bool:
+            return self.step >= min_step or self.deleted or self.closing or (give_up is not None and give_up())
+
         with self._lock:
-            return self._changed.wait_for(lambda: self.step >= min_step or self.deleted, timeout) and not self.deleted
+            self._changed.wait_for(done, timeout)
+            return self.step >= min_step and not self.deleted
+
+    def notify_waiters(self) -> None:
+        """Wakes the waits so that they re-check their conditions (e.g. a waiting call was cancelled)."""
+        with self._lock:
+            self._changed.notify_all()
 
     @contextmanager
     def snapshot(self, *, ema: bool = False) -> Iterator[Snapshot]:
@@ -249,12 +282,18 @@ class Model:
             return self.compiled.hyperparams(self.opt_state)
 
     def wake_waiters(self) -> None:
+        """The server is shutting down: ends the waits for a step and stops the sync timeout timer."""
         with self._lock:
+            self.closing = True
+            if self.aggregator is not None:
+                self.aggregator.close_locked()
             self._changed.notify_all()
 
     def mark_deleted(self) -> None:
         with self._lock:
             self.deleted = True
+            if self.aggregator is not None:
+                self.aggregator.close_locked()
             self._changed.notify_all()
 
 
