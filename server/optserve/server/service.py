@@ -147,8 +147,8 @@ class OptserveService:
             settings=model.settings.to_proto(),
             hyperparams=[pb.Hyperparam(name=k, value=v) for k, v in model.hyperparams().items()],
             workers=[
-                pb.WorkerState(worker_id=w, last_seq=r.last_seq, last_base_step=r.last_base_step)
-                for w, r in sorted(model.workers.items())
+                pb.WorkerState(worker_id=w, last_seq=seq, last_base_step=base)
+                for w, seq, base in model.worker_states()
             ],
             pending_contributions=model.pending_contributions(),
             counters=pb.ModelCounters(**vars(c)),
