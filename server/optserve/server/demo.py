@@ -20,7 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train an MLP on digits with N worker processes through a local server")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=300, help="pushes per worker")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: each step averages one gradient of every worker (default); async: each push is a step")
+    p.add_argument("--quorum", type=int, default=None, help="sync: gradients that complete a step (default: all workers)")
+    p.add_argument("--sync-timeout", type=float, default=30.0,
+                   help="sync: apply what has arrived after this many seconds, so a dead worker cannot stall the rest")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -52,9 +56,13 @@ def run(args: argparse.Namespace) -> int:
         np.savez(path, **data)
         client = server.client(timeout=60.0)
         params = demo_worker.init_params(np.random.default_rng(0), 64, args.hidden, 10)
-        sync = {"mode": "sync", "workers": args.workers} if args.mode == "sync" else {}
+        sync = (
+            {"mode": "sync", "workers": args.workers, "quorum": args.quorum, "sync_timeout": args.sync_timeout}
+            if args.mode == "sync" else {}
+        )  # fmt: skip
         model = client.create_model("digits-mlp", params, optimizer=optim.adam(args.learning_rate), **sync)
-        print(f"server on {server.address}; model 'digits-mlp' with adam({args.learning_rate})", flush=True)
+        print(f"server on {server.address}; model 'digits-mlp' with adam({args.learning_rate}), {args.mode} mode",
+              flush=True)  # fmt: skip
         start = time.monotonic()
         procs = [
             subprocess.Popen(
@@ -94,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
             f"{moved / 1e6:.1f} MB moved",
             flush=True,
         )
+        c = info["counters"]
+        print(f"  stale pushes rejected {c['stale_rejected']}, retries answered as duplicates {c['duplicates']}"
+              + (f", steps applied by sync timeout {c['sync_timeouts']}" if args.mode == "sync" else ""),
+              flush=True)  # fmt: skip
         if failed:
             print(f"workers {failed} failed", file=sys.stderr)
             return 1

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from optserve.client import Client
+from optserve.client.errors import FailedPreconditionError
 
 
 def init_params(rng: np.random.Generator, n_in: int, n_hidden: int, n_out: int) -> dict:
@@ -69,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             idx = rng.integers(0, len(x), args.batch)
             grads, _loss = gradients(params, x[idx], y[idx])
-            params = worker.push_pull(grads, weight=len(idx))
+            try:
+                params = worker.push_pull(grads, weight=len(idx))
+            except FailedPreconditionError:  # stale: the step went on without us; catch up and go on
+                params = worker.pull()
     return 0
 
 
