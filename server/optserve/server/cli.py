@@ -37,7 +37,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
+    p.add_argument("--metrics-host", default=None, help="address for the metrics endpoint (default: --host)")
     p.add_argument("--shutdown-grace", type=float, default=20.0, help="seconds to finish calls in flight on SIGTERM")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -65,12 +66,12 @@ def serve(args: argparse.Namespace) -> int:
         max_total_bytes=args.max_total_bytes,
         checkpoint_options={"every_steps": args.checkpoint_every_steps, "every_seconds": args.checkpoint_every_seconds,
                             "keep": args.keep},  # fmt: skip
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         **security.server_options(args),
     )
     if args.metrics_port is not None:
-        from optserve.server import metrics
-
-        metrics.start(args.metrics_port, args.host, server)
+        print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
     print(f"optserve listening on {args.host}:{server.port}", flush=True)
     while not stop.wait(0.5):
         pass

@@ -12,6 +12,7 @@ import numpy as np
 
 from optserve.client import codec
 from optserve.client.client import chunk_messages
+from optserve.client.transport import MAX_MESSAGE_BYTES
 from optserve.server.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb
 
@@ -55,16 +56,36 @@ def receive_tensors(
         raise InvalidArgument(str(e)) from None
 
 
-def schema_from_proto(model: str, leaves: Iterable[pb.LeafSpec], *, max_leaves: int | None = None) -> list[codec.LeafSpec]:
+# Sanity caps on a schema. A model with more leaves than this would take minutes to jit-compile;
+# such a request is far more likely hostile than real (large transformers have a few thousand).
+MAX_LEAVES = 100_000
+MAX_PATH_CHARS = 4096
+MAX_RANK = 64  # XLA's limit on array rank
+
+
+def _bad_path(path: str) -> bool:
+    """Control, format (bidi overrides), surrogate, private-use, unassigned and separator characters
+    other than ' ' are refused (str.isprintable): leaf paths end up in logs, checkpoint manifests and
+    other languages' clients."""
+    return len(path) > MAX_PATH_CHARS or not path.isprintable()
+
+
+def schema_from_proto(model: str, leaves: Iterable[pb.LeafSpec], *, max_leaves: int | None = MAX_LEAVES) -> list[codec.LeafSpec]:
     """Validates a schema sent by a client: unique non-empty paths, known dtypes, sane shapes."""
+    if max_leaves is not None and len(leaves) > max_leaves:
+        raise InvalidArgument(f"model {model!r}: {len(leaves)} leaves, more than the {max_leaves} a model may have")
     schema: list[codec.LeafSpec] = []
     seen: set[str] = set()
     for leaf in leaves:
         where = f"model {model!r}: leaf {leaf.path!r}"
         if not leaf.path:
             raise InvalidArgument(f"model {model!r}: a leaf has an empty path")
-        if len(leaf.path) > 4096 or any(ord(c) < 32 for c in leaf.path):
-            raise InvalidArgument(f"{where}: path too long or contains control characters")
+        if _bad_path(leaf.path):
+            raise InvalidArgument(
+                f"{where}: path longer than {MAX_PATH_CHARS} characters or containing control or format characters"
+            )
+        if len(leaf.shape) > MAX_RANK:
+            raise InvalidArgument(f"{where}: {len(leaf.shape)} dimensions, more than {MAX_RANK}")
         if leaf.path in seen:
             raise InvalidArgument(f"{where}: appears twice in the schema")
         seen.add(leaf.path)
@@ -82,6 +103,16 @@ def schema_from_proto(model: str, leaves: Iterable[pb.LeafSpec], *, max_leaves: 
 
 def schema_bytes(schema: Iterable[codec.LeafSpec]) -> int:
     return sum(codec.leaf_nbytes(codec.DTYPES[l.dtype], l.shape) for l in schema)
+
+
+MIN_PULL_CHUNK_BYTES = 1024
+
+
+def pull_chunk_bytes(requested: int, default: int) -> int:
+    """The payload size per pull message: the client's choice (0: the server's), clamped so that a
+    reply message stays under the message cap and a tiny value cannot turn one pull into millions
+    of messages."""
+    return min(max(int(requested) or default, MIN_PULL_CHUNK_BYTES), MAX_MESSAGE_BYTES // 2)
 
 
 def schema_to_proto(schema: Iterable[codec.LeafSpec]) -> list[pb.LeafSpec]:

@@ -15,7 +15,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("event", "model", "rpc", "code"):
+        for key in ("event", "model", "rpc", "code", "status"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

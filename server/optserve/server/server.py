@@ -51,6 +51,8 @@ class Server:
     host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
     are checkpointed and restored from (None: no checkpoints). device: JAX device for the models.
     max_workers: threads serving RPCs (each stream holds one while it runs).
+    metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
+    None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class Server:
         server_credentials: grpc.ServerCredentials | None = None,
         interceptors: list[Any] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ):
         self.host = host
         self.store = ModelStore(resolve_device(device), max_models=max_models, max_model_bytes=max_model_bytes,
@@ -79,6 +83,7 @@ class Server:
             checkpoints = CheckpointManager(checkpoint_dir, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
         self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints)
+        self.metrics = self.service.metrics  # its own registry: several servers may share a process
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(
@@ -100,13 +105,17 @@ class Server:
         self._stopped = False
         if checkpoints is not None:
             checkpoints.start(self.store)  # restores every model before we report SERVING
+        if metrics_port is not None:
+            self.metrics.start_http(metrics_port, metrics_host or host)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("optserve listening on %s:%d (device %s, incarnation %s)", host, self.port, self.store.device,
-                 self.service.incarnation)  # fmt: skip
+                 self.service.incarnation, extra={"event": "serving"})  # fmt: skip
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)
         self.health.set(SERVICE, status)
+        log.info("health %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                 extra={"event": "health", "status": health_pb2.HealthCheckResponse.ServingStatus.Name(status)})  # fmt: skip
 
     @property
     def address(self) -> str:
@@ -121,6 +130,7 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        log.info("optserve stopping: finishing calls in flight (up to %gs)", grace, extra={"event": "stopping"})
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.accepting.clear()
         for model in self.store.models():  # release pulls waiting for a step
@@ -128,7 +138,8 @@ class Server:
         self._grpc.stop(grace).wait(grace + 5)
         if self.checkpoints is not None:
             self.checkpoints.shutdown(self.store)
-        log.info("optserve stopped")
+        self.metrics.stop_http()
+        log.info("optserve stopped", extra={"event": "stopped"})
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._grpc.wait_for_termination(timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -25,19 +26,22 @@ from optserve.server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ServiceError,
     Unavailable,
 )
+from optserve.server.metrics import MODEL_ATTR, ServerMetrics
 from optserve.server.security import ALLOWED_MODELS
 from optserve.server.model import Model
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import SpecError, list_rules
-from optserve.server.store import ModelStore, compile_for
+from optserve.server.store import ModelStore, compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.service")
 VERSION = "0.1.0"
+WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
 
 
 def _identity(x: bytes) -> bytes:
@@ -45,13 +49,14 @@ def _identity(x: bytes) -> bytes:
 
 
 def _fail(context: grpc.ServicerContext, e: Exception, rpc: str) -> None:
+    fields = {"event": "rejected", "rpc": rpc, "model": getattr(context, MODEL_ATTR, "")}
     if isinstance(e, ServiceError):
-        log.info("rejected %s: %s: %s", rpc, e.code.name, e.message)
+        log.info("rejected %s: %s: %s", rpc, e.code.name, e.message, extra={**fields, "code": e.code.name})
         context.abort(e.code, e.message)
     if isinstance(e, (SpecError, codec.WireError)):
-        log.info("rejected %s: INVALID_ARGUMENT: %s", rpc, e)
+        log.info("rejected %s: INVALID_ARGUMENT: %s", rpc, e, extra={**fields, "code": "INVALID_ARGUMENT"})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    log.exception("internal error in %s", rpc)
+    log.exception("internal error in %s", rpc, extra={**fields, "event": "internal_error", "code": "INTERNAL"})
     context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(e).__name__}: {e}")
 
 
@@ -63,6 +68,7 @@ def _handler(fn: Callable) -> Callable:
         try:
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            self.metrics.failed(fn.__name__, context, e)
             if isinstance(e, grpc.RpcError) or context.is_active() is False and not isinstance(e, ServiceError):
                 raise
             _fail(context, e, fn.__name__)
@@ -80,6 +86,7 @@ def _stream_handler(fn: Callable) -> Callable:
         except GeneratorExit:
             raise
         except Exception as e:  # noqa: BLE001
+            self.metrics.failed(fn.__name__, context, e)
             if isinstance(e, grpc.RpcError):
                 raise
             _fail(context, e, fn.__name__)
@@ -89,6 +96,7 @@ def _stream_handler(fn: Callable) -> Callable:
 
 def authorize(context: grpc.ServicerContext, model: str) -> str:
     """Returns `model`; PERMISSION_DENIED when the caller's token is limited to other models."""
+    setattr(context, MODEL_ATTR, model)
     allowed = getattr(context, ALLOWED_MODELS, None)
     if allowed is not None and model not in allowed:
         raise PermissionDenied(f"model {model!r}: this token may not access it")
@@ -98,8 +106,10 @@ def authorize(context: grpc.ServicerContext, model: str) -> str:
 class OptserveService:
     """Implements optserve.v1.Optserve over a ModelStore."""
 
-    def __init__(self, store: ModelStore, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, checkpoints: Any = None):
+    def __init__(self, store: ModelStore, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, checkpoints: Any = None,
+                 metrics: ServerMetrics | None = None):  # fmt: skip
         self.store = store
+        self.metrics = metrics or ServerMetrics(store)
         self.chunk_bytes = chunk_bytes
         self.checkpoints = checkpoints  # CheckpointManager or None
         self.incarnation = uuid.uuid4().hex
@@ -171,13 +181,14 @@ class OptserveService:
             raise InvalidArgument(f"model {name!r}: optimizer_json: an optimizer spec is required")
         try:
             spec = json.loads(h.optimizer_json)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: hostile nesting depth
             raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
         schema = datapath.schema_from_proto(name, h.schema)
         declared = datapath.schema_bytes(schema)
-        self.store.reserve(name, declared)
+        self.store.check_can_create(name, declared)  # cheap checks first: limits before compiling
+        compiled = compile_for(name, spec, schema)  # reject a bad spec before receiving any bytes
+        self.store.reserve(name, declared + state_bytes_for(compiled, schema))
         try:
-            compiled = compile_for(name, spec, schema)  # reject a bad spec before receiving any bytes
             assembler = codec.TensorAssembler(
                 {l.path: l for l in schema}, what=f"model {name!r}", max_bytes=declared
             )
@@ -244,7 +255,13 @@ class OptserveService:
         def reply(step: int, applied: bool = True) -> pb.PushResponse:
             return pb.PushResponse(model=model.name, step=step, applied=applied, incarnation=self.incarnation)
 
+        started = time.perf_counter()
+        step_before = model.step
         response, duplicate = receiver.commit(grads, reply)
+        setattr(context, "optserve_pushed", True)  # a later failure of PushPull is its pull's
+        outcome = "duplicate" if duplicate else "applied" if response.applied else "accepted"
+        staleness = None if base_step is None else max(step_before - base_step, 0)
+        self.metrics.pushed(model.name, outcome, receiver.assembler.received_bytes, time.perf_counter() - started, staleness)
         if duplicate:  # a retry: the original reply, marked as such
             original, response = response, pb.PushResponse()
             response.CopyFrom(original)
@@ -258,24 +275,47 @@ class OptserveService:
     def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
                      push: pb.PushResponse | None = None) -> Iterator[bytes]:  # fmt: skip
         if req.HasField("min_step") and model.step < req.min_step:
-            timeout = req.timeout_seconds or context.time_remaining()
-            if not model.wait_for_step(req.min_step, timeout):
-                raise DeadlineExceeded(
-                    f"model {model.name!r}: step {req.min_step} not reached within {timeout:.3g}s (current step {model.step})"
-                )
-        chunk_bytes = int(req.chunk_bytes) or self.chunk_bytes
+            self._wait_for_step(model, req, context)
+        chunk_bytes = datapath.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes)
         header = pb.PullHeader(model=model.name, schema=datapath.schema_to_proto(model.schema),
                                incarnation=self.incarnation)  # fmt: skip
         if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
             header.step, header.not_modified = model.step, True
             yield from datapath.pull_messages(header, [], chunk_bytes, push)
+            self.metrics.pulled(model.name, "not_modified", 0)
             return
         with model.snapshot(ema=req.ema) as snap:
             header.step = snap.step
             leaves = datapath.host_leaves(model.schema, snap.arrays, req.wire_dtype, model.name)
+            sent = 0
             for raw in datapath.pull_messages(header, leaves, chunk_bytes, push):
                 model.counters.bytes_out += len(raw)
+                sent += len(raw)
                 yield raw
+        self.metrics.pulled(model.name, "ok", sent)
+
+    def _wait_for_step(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext) -> None:
+        """Waits for req.min_step, bounded by timeout_seconds (0: the call's deadline).
+
+        Waits in short slices so that a waiter whose client went away, whose model was deleted or
+        whose server is shutting down lets go of its thread at once instead of at the deadline.
+        """
+        if not math.isfinite(req.timeout_seconds) or req.timeout_seconds < 0:
+            raise InvalidArgument(f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}")
+        limit = req.timeout_seconds or context.time_remaining()  # None: no deadline
+        started = time.monotonic()
+        while not model.wait_for_step(req.min_step, WAIT_SLICE_SECONDS if limit is None else
+                                      min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0))):  # fmt: skip
+            if model.deleted:
+                raise NotFound(f"model {model.name!r} was deleted while waiting for step {req.min_step}")
+            self._check_accepting()
+            if not context.is_active():
+                raise Unavailable(f"model {model.name!r}: the client went away while waiting for step {req.min_step}")
+            if limit is not None and time.monotonic() - started >= limit:
+                raise DeadlineExceeded(
+                    f"model {model.name!r}: step {req.min_step} not reached within {limit:.3g}s (current step {model.step})"
+                )
+        self.metrics.waited(model.name, time.monotonic() - started)
 
     @_stream_handler
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -300,7 +340,15 @@ class OptserveService:
 
     @_handler
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:
-        return self._manager(request.model, context).save_now(self.store.get(request.model))
+        manager = self._manager(request.model, context)
+        started = time.perf_counter()
+        try:
+            info = manager.save_now(self.store.get(request.model))
+        except Exception:
+            self.metrics.checkpoint(request.model, time.perf_counter() - started, None, ok=False)
+            raise
+        self.metrics.checkpoint(request.model, time.perf_counter() - started, info.bytes, ok=True)
+        return info
 
     @_handler
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:

@@ -1,6 +1,7 @@
 """The model store: the server's named models (multi-tenant), created and deleted atomically."""
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from optserve.client.codec import LeafSpec
+from optserve.client.codec import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.model import Model
 from optserve.server.settings import ModelSettings
@@ -25,6 +26,18 @@ def check_model_name(name: str) -> str:
             "not starting with '.' or '-'"
         )
     return name
+
+
+def state_bytes_for(compiled, schema: list[LeafSpec]) -> int:
+    """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
+    (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
+    trainable = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in schema if l.dtype in FLOAT_DTYPES}
+    shapes = jax.eval_shape(compiled.init, trainable)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def compile_for(name: str, spec, schema: list[LeafSpec]):
@@ -46,7 +59,7 @@ class ModelStore:
         self.max_model_bytes = max_model_bytes
         self.max_total_bytes = max_total_bytes
         self._models: dict[str, Model] = {}
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, int] = {}  # name -> bytes claimed while its parameters stream in
         self._lock = threading.Lock()
 
     def get(self, name: str) -> Model:
@@ -62,7 +75,16 @@ class ModelStore:
         return [self._models[n] for n in self.names()]
 
     def total_bytes(self) -> int:
-        return sum(m.param_bytes + m.state_bytes for m in self._models.values())
+        """Parameters and optimizer state of every model, plus what creates in flight have claimed."""
+        return sum(m.param_bytes + m.state_bytes for m in list(self._models.values())) + sum(self._reserved.values())
+
+    def capacity_bytes(self) -> int:
+        """What the device can hold at most: its memory limit where it reports one, else host memory."""
+        try:
+            limit = (self.device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # noqa: BLE001 - backends without memory_stats
+            limit = None
+        return int(limit) if limit else host_memory_bytes()
 
     def check_can_create(self, name: str, declared_bytes: int) -> None:
         """Raises before any bytes are received if the model could not be created."""
@@ -73,7 +95,13 @@ class ModelStore:
             raise ResourceExhausted(f"model {name!r}: the server already holds its limit of {self.max_models} models")
         if self.max_model_bytes is not None and declared_bytes > self.max_model_bytes:
             raise ResourceExhausted(
-                f"model {name!r}: {declared_bytes} bytes of parameters exceed the per-model limit of {self.max_model_bytes}"
+                f"model {name!r}: {declared_bytes} bytes of parameters and optimizer state exceed the per-model "
+                f"limit of {self.max_model_bytes}"
+            )
+        if declared_bytes > self.capacity_bytes():  # without a configured limit: never try the impossible
+            raise ResourceExhausted(
+                f"model {name!r}: {declared_bytes} bytes declared, more than the {self.capacity_bytes()} bytes of "
+                f"memory of device {self.device}"
             )
         if self.max_total_bytes is not None and self.total_bytes() + declared_bytes > self.max_total_bytes:
             raise ResourceExhausted(
@@ -84,11 +112,11 @@ class ModelStore:
         """Claims a name while its parameters stream in, so two creates cannot both succeed."""
         with self._lock:
             self.check_can_create(name, declared_bytes)
-            self._reserved.add(name)
+            self._reserved[name] = declared_bytes
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._reserved.discard(name)
+            self._reserved.pop(name, None)
 
     def create(self, name: str, schema: list[LeafSpec], params: Mapping[str, np.ndarray], spec,
                settings: ModelSettings) -> Model:  # fmt: skip
@@ -100,7 +128,7 @@ class ModelStore:
 
     def add(self, model: Model) -> None:
         with self._lock:
-            self._reserved.discard(model.name)
+            self._reserved.pop(model.name, None)
             if model.name in self._models:
                 raise AlreadyExists(f"model {model.name!r} already exists")
             self._models[model.name] = model

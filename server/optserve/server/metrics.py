@@ -1,0 +1,186 @@
+"""Prometheus metrics for one server (`--metrics-port`, or `Server(metrics_port=...)`).
+
+Each `Server` owns a `ServerMetrics` with its own `CollectorRegistry`, so several servers in one
+process (tests, notebooks) never share or clash over series. The service calls a handful of hooks
+once per request (never per element); gauges that describe the current state (models, steps, bytes
+held, device memory) are read from the model store when Prometheus scrapes, so they cost nothing
+in between.
+
+Series (all prefixed `optserve_`):
+    pushes_total{model,outcome}          outcome: applied, accepted (sync: joined a round),
+                                         duplicate (a retry), or the rejecting status (stale pushes
+                                         are failed_precondition)
+    pulls_total{model,outcome}           outcome: ok, not_modified, or the rejecting status
+    requests_rejected_total{rpc,code}    every rejected call of any RPC
+    received_bytes_total{model}          gradient payload bytes taken from pushes
+    sent_bytes_total{model}              bytes of pull replies
+    apply_seconds{model}                 push fully received -> applied (includes waiting for the
+                                         model's lock; JAX dispatches asynchronously, so this is the
+                                         time to enqueue the update, not to finish it on the device)
+    push_staleness_steps{model}          current step minus the push's base_step, when it declared one
+    sync_wait_seconds{model}             time a pull (or push-pull) waited for min_step
+    checkpoint_seconds{model}, checkpoint_bytes{model}, checkpoint_failures_total{model}
+    models, model_step{model}, model_bytes{model,kind=params|state}
+    device_memory_bytes{device,kind}     from jax's memory_stats() where the device reports them (GPU,
+                                         TPU); on CPU the models' bytes above are the figure
+    plus the standard process_* series (resident memory, CPU, open files).
+
+Labels are only ever the names of models that exist (requests naming unknown models are counted
+under model=""), so hostile clients cannot grow the label set.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from optserve.server.errors import ServiceError
+
+log = logging.getLogger("optserve.metrics")
+
+# The service records the model a request names on its context (see service.authorize).
+MODEL_ATTR = "optserve_model"
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+PUSH_RPCS = frozenset({"Push", "PushPull"})
+PULL_RPCS = frozenset({"Pull", "PushPull"})
+
+
+def status_name(error: BaseException) -> str:
+    """The gRPC status an exception becomes (lower case), as the service maps it."""
+    if isinstance(error, ServiceError):
+        return error.code.name.lower()
+    if isinstance(error, grpc.RpcError):  # the client went away mid-stream
+        return "cancelled"
+    from optserve.client import codec
+    from optserve.server.spec import SpecError
+
+    if isinstance(error, (SpecError, codec.WireError)):
+        return "invalid_argument"
+    return "internal"
+
+
+class _StateCollector(Collector):
+    """Gauges read from the store at scrape time."""
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        models = self.store.models()
+        yield GaugeMetricFamily("optserve_models", "Models held by the server", value=len(models))
+        step = GaugeMetricFamily("optserve_model_step", "Updates applied to the model", labels=["model"])
+        size = GaugeMetricFamily("optserve_model_bytes", "Bytes held for the model", labels=["model", "kind"])
+        for m in models:
+            step.add_metric([m.name], m.step)
+            size.add_metric([m.name, "params"], m.param_bytes)
+            size.add_metric([m.name, "state"], m.state_bytes)
+        yield step
+        yield size
+        memory = GaugeMetricFamily(
+            "optserve_device_memory_bytes", "Accelerator memory as the device reports it", labels=["device", "kind"]
+        )
+        device = self.store.device
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - some backends do not implement it
+            stats = {}
+        for key, kind in (("bytes_in_use", "in_use"), ("peak_bytes_in_use", "peak"), ("bytes_limit", "limit")):
+            if key in stats:
+                memory.add_metric([str(device), kind], stats[key])
+        yield memory
+
+
+class ServerMetrics:
+    """The metrics of one server, in their own registry."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pushes = Counter("optserve_pushes", "Pushes by model and outcome", ["model", "outcome"], registry=r)
+        self.pulls = Counter("optserve_pulls", "Pulls by model and outcome", ["model", "outcome"], registry=r)
+        self.rejected = Counter("optserve_requests_rejected", "Rejected calls by RPC and status", ["rpc", "code"], registry=r)
+        self.bytes_in = Counter("optserve_received_bytes", "Gradient payload bytes received", ["model"], registry=r)
+        self.bytes_out = Counter("optserve_sent_bytes", "Parameter bytes sent by pulls", ["model"], registry=r)
+        self.apply_seconds = Histogram("optserve_apply_seconds", "Push received -> update applied (dispatched)",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.staleness = Histogram("optserve_push_staleness_steps", "Steps a push's base_step is behind",
+                                   ["model"], buckets=STALENESS_BUCKETS, registry=r)  # fmt: skip
+        self.sync_wait = Histogram("optserve_sync_wait_seconds", "Time a pull waited for min_step",
+                                   ["model"], buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
+        self.checkpoint_seconds = Histogram("optserve_checkpoint_seconds", "Checkpoint duration",
+                                            ["model"], buckets=CHECKPOINT_BUCKETS, registry=r)  # fmt: skip
+        self.checkpoint_bytes = Histogram("optserve_checkpoint_bytes", "Checkpoint size", ["model"],
+                                          buckets=tuple(float(1 << k) for k in range(10, 41, 2)), registry=r)  # fmt: skip
+        self.checkpoint_failures = Counter("optserve_checkpoint_failures", "Checkpoints that failed", ["model"], registry=r)
+        r.register(_StateCollector(store))
+        ProcessCollector(registry=r)
+        self._http: Any = None
+        self.port: int | None = None
+
+    def _model_label(self, model: str | None) -> str:
+        # Only existing models become labels: a stream of requests for random names must not grow
+        # the number of series without bound.
+        return model if model and model in self.store.names() else ""
+
+    # -- hooks called by the service, once per request -----------------------------------------
+
+    def pushed(self, model: str, outcome: str, nbytes: int, seconds: float, staleness: int | None) -> None:
+        """A push that got through: applied, accepted into a sync round, or a duplicate."""
+        self.pushes.labels(model, outcome).inc()
+        self.bytes_in.labels(model).inc(nbytes)
+        if outcome != "duplicate":
+            self.apply_seconds.labels(model).observe(seconds)
+            if staleness is not None:
+                self.staleness.labels(model).observe(staleness)
+
+    def pulled(self, model: str, outcome: str, nbytes: int) -> None:
+        self.pulls.labels(model, outcome).inc()
+        if nbytes:
+            self.bytes_out.labels(model).inc(nbytes)
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.sync_wait.labels(model).observe(seconds)
+
+    def failed(self, rpc: str, context: grpc.ServicerContext, error: BaseException) -> None:
+        """A call that ends with an error status (or was cancelled by its client)."""
+        code = status_name(error)
+        self.rejected.labels(rpc, code).inc()
+        model = self._model_label(getattr(context, MODEL_ATTR, None))
+        if rpc in PUSH_RPCS and not getattr(context, "optserve_pushed", False):
+            self.pushes.labels(model, code).inc()
+        elif rpc in PULL_RPCS:
+            self.pulls.labels(model, code).inc()
+
+    def checkpoint(self, model: str, seconds: float, nbytes: int | None, ok: bool) -> None:
+        """One checkpoint attempt (the checkpoint manager or the SaveCheckpoint RPC reports it)."""
+        if ok:
+            self.checkpoint_seconds.labels(model).observe(seconds)
+            if nbytes is not None:
+                self.checkpoint_bytes.labels(model).observe(nbytes)
+        else:
+            self.checkpoint_failures.labels(model).inc()
+
+    # -- exposition ------------------------------------------------------------------------------
+
+    def start_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serves /metrics over HTTP on host:port (0: a free port); returns the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._http.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, self.port, extra={"event": "metrics_started"})
+        return self.port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
