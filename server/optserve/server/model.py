@@ -181,8 +181,7 @@ class Model:
         `make_reply(step)` builds the reply; it is remembered per worker so that a retry of the same
         (worker_id, seq) gets the same answer and is never applied twice.
         """
-        device_grads = self.to_device(grads)  # outside the lock: overlaps with other updates
-        self.check_finite(device_grads)
+        device_grads = self.to_device(grads)  # outside the lock (the assembler checked finiteness)
         with self._lock:
             dup = self._duplicate_locked(worker_id, seq)
             if dup is not None:
@@ -281,6 +280,23 @@ class Model:
             self.opt_state = self.compiled.set_hyperparams(self.opt_state, dict(values))
             return self.compiled.hyperparams(self.opt_state)
 
+    # -- checkpoints (state_io.py, checkpoints.py) ------------------------------------------------
+
+    def checkpoint_snapshot(self) -> Any:
+        """A consistent copy of the whole state (params, optimizer state, EMA, step, worker records),
+        taken under the lock as device copies; `.to_host()` on it, outside the lock, gives numpy."""
+        from optserve.server import state_io
+
+        with self._lock:
+            return state_io.capture(self)
+
+    def install_checkpoint(self, prepared: Any) -> None:
+        """Replaces the whole state by one validated and put on the device by `state_io.prepare`."""
+        from optserve.server import state_io
+
+        with self._lock:
+            state_io.install(self, prepared)
+
     def wake_waiters(self) -> None:
         """The server is shutting down: ends the waits for a step and stops the sync timeout timer."""
         with self._lock:
@@ -303,7 +319,7 @@ class AsyncPush:
     def __init__(self, model: Model, base_step: int | None, worker_id: str, seq: int):
         self.model = model
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True)
+        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True)
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         return self.model.push_async(

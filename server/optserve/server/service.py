@@ -36,7 +36,7 @@ from optserve.server.security import ALLOWED_MODELS
 from optserve.server.model import Model
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import SpecError, list_rules
-from optserve.server.store import ModelStore, compile_for, state_bytes_for
+from optserve.server.store import ModelStore, check_model_name, compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.service")
@@ -266,6 +266,7 @@ class OptserveService:
             original, response = response, pb.PushResponse()
             response.CopyFrom(original)
             response.duplicate = True
+            response.incarnation = self.incarnation  # the original may come from a checkpoint of an earlier start
         return model, h, response
 
     @_handler
@@ -333,6 +334,7 @@ class OptserveService:
     # -- checkpoints (see checkpoints.py) ---------------------------------------------------------
 
     def _manager(self, model: str, context: grpc.ServicerContext) -> Any:
+        check_model_name(model)  # names become paths: INVALID_ARGUMENT before anything else
         self.store.get(authorize(context, model))
         if self.checkpoints is None:
             raise FailedPrecondition(f"model {model!r}: this server has no checkpoint directory (--checkpoint-dir)")

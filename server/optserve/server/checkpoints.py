@@ -1,0 +1,457 @@
+"""Checkpoints on disk: atomic, written in the background, verified on restore (design.md, Checkpoints).
+
+Layout: `<checkpoint_dir>/<model>/step_<N>/` holding `params.safetensors`, `opt_state.safetensors`,
+`ema.safetensors` (when the model keeps an EMA) and `manifest.json` (state_io.HostState.manifest()
+plus the sha256 and size of every file). Key layout: README.md, "Checkpoint format".
+
+Commit protocol: write into `step_N.tmp-<random>/` beside the final name (same filesystem), fsync
+every file and the manifest, fsync the directory, rename it to `step_N` (never replacing an existing
+one), fsync the model directory, and only then prune to `keep`. A crash at any point leaves either
+the complete new checkpoint or none; leftover `*.tmp-*` directories are removed at start.
+
+A save snapshots the model under its lock (device copies only, state_io.capture) and writes
+outside it, so training continues. One save per model at a time (`_Track.save_lock`). Periodic
+saves (every N steps / S seconds) are started by one polling thread, off the update path. Failures
+are logged and reported by `info()` (`last_checkpoint_error`), never swallowed.
+
+Model names and steps from clients are validated (store.check_model_name, 0 <= step <= 2**53) and
+every path is checked to stay inside the model's directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from optserve.server import state_io
+from optserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from optserve.server.state_io import HostState, StateError
+from optserve.server.store import ModelStore, check_model_name
+from optserve.v1 import optserve_pb2 as pb
+
+log = logging.getLogger("optserve.checkpoints")
+
+MANIFEST = "manifest.json"
+FILES = {"params": "params.safetensors", "opt": "opt_state.safetensors", "ema": "ema.safetensors"}
+STEP_DIR = re.compile(r"^step_(0|[1-9][0-9]{0,15})$")
+TMP_MARK = ".tmp-"
+CORRUPT_MARK = ".corrupt-"
+DELETED_PREFIX = ".deleted-"  # not a valid model name, so never mistaken for one
+
+
+class CheckpointFailed(ServiceError):
+    """Writing a checkpoint failed (disk full, permissions ...): INTERNAL, with the cause."""
+
+
+def check_step(step: int, model: str) -> int:
+    if not isinstance(step, int) or not 0 <= step <= state_io.MAX_STEP:
+        raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53]")
+    return step
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """Removes a directory tree; renamed to a temporary name first so that a crash midway leaves
+    a `*.tmp-*` directory (removed at the next start), never a partial `step_N`."""
+    doomed = f"{path}{TMP_MARK}del{secrets.token_hex(4)}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+# ---------------------------------------------------------------------------------------------
+# One checkpoint directory
+
+
+def write_checkpoint(model_dir: str, state: HostState) -> pb.CheckpointInfo:
+    """Writes and commits `state` as `model_dir/step_<step>` with the atomic protocol."""
+    final = os.path.join(model_dir, f"step_{state.step}")
+    if os.path.lexists(final):
+        raise FileExistsError(f"{final} already exists")
+    tmp = f"{final}{TMP_MARK}{secrets.token_hex(6)}"
+    os.mkdir(tmp)
+    try:
+        import safetensors.numpy
+
+        manifest = state.manifest()
+        manifest["created_unix"] = time.time()
+        manifest["files"] = {}
+        for group, tensors in state.tensor_groups().items():
+            path = os.path.join(tmp, FILES[group])
+            safetensors.numpy.save_file(state_io.to_specs(tensors), path)
+            _fsync_file(path)
+            digest, size = state_io.sha256_file(path)
+            manifest["files"][FILES[group]] = {"sha256": digest, "bytes": size}
+        path = os.path.join(tmp, MANIFEST)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.lexists(final):  # one save per model at a time, so nothing races us here
+            raise FileExistsError(f"{final} already exists")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(model_dir)
+    total = sum(f["bytes"] for f in manifest["files"].values()) + os.path.getsize(os.path.join(final, MANIFEST))
+    return pb.CheckpointInfo(model=state.name, step=state.step, name=os.path.basename(final), bytes=total,
+                             created_unix=manifest["created_unix"])  # fmt: skip
+
+
+def read_manifest(step_dir: str) -> dict:
+    path = os.path.join(step_dir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise StateError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StateError(f"{path}: not valid JSON, truncated or corrupt ({e})") from None
+
+
+def read_checkpoint(step_dir: str, expect_model: str) -> HostState:
+    """Loads a committed checkpoint, verifying every file's size and sha256 first."""
+    manifest = read_manifest(step_dir)
+    mpath = os.path.join(step_dir, MANIFEST)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or FILES["params"] not in files or FILES["opt"] not in files:
+        raise StateError(f"{mpath}: lists no params/opt_state files")
+    groups = {}
+    for group, fname in FILES.items():
+        entry = files.get(fname)
+        if entry is None:
+            continue
+        path = os.path.join(step_dir, fname)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise StateError(f"{path}: missing (listed in the manifest)") from None
+        if len(data) != entry.get("bytes"):
+            raise StateError(f"{path}: {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated?)")
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.get("sha256"):
+            raise StateError(f"{path}: sha256 mismatch (file {digest[:16]}..., manifest {str(entry.get('sha256'))[:16]}...)")
+        groups[group] = state_io.parse_safetensors(data, path)[0]
+    state = state_io.from_manifest(manifest, groups, mpath)
+    m = STEP_DIR.match(os.path.basename(step_dir))
+    if state.name != expect_model or m is None or int(m.group(1)) != state.step:
+        raise StateError(f"{mpath}: describes model {state.name!r} step {state.step}, not this directory")
+    return state
+
+
+def committed(model_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the committed checkpoints in a model directory, newest first."""
+    try:
+        names = os.listdir(model_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), os.path.join(model_dir, n)) for n in names if (m := STEP_DIR.match(n))]
+    return sorted(found, reverse=True)
+
+
+def info_of(model: str, step: int, step_dir: str) -> pb.CheckpointInfo:
+    """CheckpointInfo from a manifest (not verified: listing stays cheap)."""
+    try:
+        manifest = read_manifest(step_dir)
+        size = sum(int(f.get("bytes", 0)) for f in manifest.get("files", {}).values())
+        size += os.path.getsize(os.path.join(step_dir, MANIFEST))
+        created = float(manifest.get("created_unix", 0.0))
+    except (StateError, OSError, AttributeError, TypeError, ValueError):
+        size, created = 0, 0.0
+    return pb.CheckpointInfo(model=model, step=step, name=os.path.basename(step_dir), bytes=size, created_unix=created)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
+
+
+@dataclasses.dataclass
+class _Track:
+    """Per-model checkpoint bookkeeping."""
+
+    save_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    committed_step: int = 0  # newest committed (0: none), for info()
+    error: str = ""
+    # What the newest checkpoint written or restored holds (the model, its step and
+    # hyperparameters): saving the same state again is a no-op instead of a name clash.
+    held: tuple[Any, int, dict] | None = None
+    attempted_step: int = -1
+    attempted_unix: float = 0.0
+
+
+class CheckpointManager:
+    """Saves, lists, restores and prunes the checkpoints of every model of a store.
+
+    every_steps / every_seconds: periodic checkpoints (0: off); keep: committed checkpoints kept per
+    model (older ones are pruned after each commit).
+    """
+
+    def __init__(self, checkpoint_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0, keep: int = 3,
+                 poll_seconds: float = 0.05):  # fmt: skip
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if every_steps < 0 or every_seconds < 0:
+            raise ValueError("every_steps and every_seconds must be >= 0")
+        self.root = os.path.realpath(checkpoint_dir)
+        self.every_steps = int(every_steps)
+        self.every_seconds = float(every_seconds)
+        self.keep = int(keep)
+        self.poll_seconds = poll_seconds
+        self._tracks: dict[str, _Track] = {}
+        self._tracks_lock = threading.Lock()
+        self._store: ModelStore | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="optserve-checkpoint")
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> str:
+        """The model's checkpoint directory; names that could escape it are INVALID_ARGUMENT."""
+        check_model_name(name)
+        path = os.path.realpath(os.path.join(self.root, name))
+        if os.path.dirname(path) != self.root:
+            raise InvalidArgument(f"model name {name!r}: resolves outside the checkpoint directory")
+        return path
+
+    def _track(self, name: str) -> _Track:
+        with self._tracks_lock:
+            return self._tracks.setdefault(name, _Track())
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, store: ModelStore) -> None:
+        """Restores every model found (newest checkpoint that verifies), then starts periodic saves."""
+        self._store = store
+        os.makedirs(self.root, exist_ok=True)
+        for entry in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, entry)
+            if entry.startswith(DELETED_PREFIX) or TMP_MARK in entry and entry.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            if not os.path.isdir(path):
+                continue
+            try:
+                self.model_dir(entry)
+            except InvalidArgument:
+                log.warning("checkpoint directory %s: %r is not a model name; ignored", self.root, entry)
+                continue
+            self._remove_leftovers(path)
+            try:
+                self._restore_at_start(store, entry)
+            except Exception as e:  # noqa: BLE001 - one model's problem must not keep the others down
+                log.error("model %r: could not be restored from %s: %s", entry, path, e)
+        if self.every_steps or self.every_seconds:
+            self._poller = threading.Thread(target=self._poll, name="optserve-checkpoint-poller", daemon=True)
+            self._poller.start()
+
+    def _remove_leftovers(self, model_dir: str) -> None:
+        for n in os.listdir(model_dir):
+            if TMP_MARK in n:
+                log.info("removing incomplete checkpoint %s", os.path.join(model_dir, n))
+                shutil.rmtree(os.path.join(model_dir, n), ignore_errors=True)
+
+    def _restore_at_start(self, store: ModelStore, name: str) -> None:
+        try:
+            step_dir, state = self._newest_verified(name)
+        except NotFound:
+            log.error("model %r: no checkpoint in %s verifies; not restored", name, self.model_dir(name))
+            return
+        model = state_io.create_model(store, name, state)
+        track = self._track(name)
+        track.committed_step = state.step
+        track.held = (weakref.ref(model), state.step, state.hyperparams)
+        track.attempted_step = state.step
+        log.info("model %r: restored from %s (step %d)", name, step_dir, state.step)
+
+    def _newest_verified(self, name: str) -> tuple[str, HostState]:
+        """The newest checkpoint that verifies; corrupt ones are logged and moved aside."""
+        for step, step_dir in committed(self.model_dir(name)):
+            try:
+                return step_dir, read_checkpoint(step_dir, name)
+            except StateError as e:
+                aside = f"{step_dir}{CORRUPT_MARK}{secrets.token_hex(4)}"
+                log.warning("model %r: skipping checkpoint %s: %s; moved aside to %s", name, step_dir, e, os.path.basename(aside))
+                try:
+                    os.rename(step_dir, aside)
+                except OSError as err:
+                    log.warning("model %r: could not move %s aside: %s", name, step_dir, err)
+        raise NotFound(f"model {name!r}: no checkpoint that verifies in {self.model_dir(name)}")
+
+    def shutdown(self, store: ModelStore) -> None:
+        """Stops periodic saves, lets saves in flight finish, then checkpoints every model."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=30)
+        self._writers.shutdown(wait=True)
+        for model in store.models():
+            try:
+                info = self.save_now(model)
+                log.info("model %r: final checkpoint %s (step %d)", model.name, info.name, info.step)
+            except Exception as e:  # noqa: BLE001 - reported, and the other models still get theirs
+                log.error("model %r: final checkpoint failed: %s", model.name, e)
+
+    # -- saving -----------------------------------------------------------------------------------
+
+    def save_now(self, model: Any) -> pb.CheckpointInfo:
+        """Checkpoints the model's current state; returns once committed (waits for a save in flight)."""
+        track = self._track(model.name)
+        with track.save_lock:
+            return self._save_locked(model, track)
+
+    def _save_locked(self, model: Any, track: _Track) -> pb.CheckpointInfo:
+        model_dir = self.model_dir(model.name)
+        snapshot = model.checkpoint_snapshot()
+        track.attempted_step, track.attempted_unix = snapshot.step, time.time()
+        began = time.perf_counter()
+        try:
+            state = snapshot.to_host()
+            del snapshot
+            held = track.held
+            step_dir = os.path.join(model_dir, f"step_{state.step}")
+            if held is not None and held[0]() is model and held[1] == state.step and held[2] == state.hyperparams \
+                    and os.path.isdir(step_dir):  # fmt: skip
+                return info_of(model.name, state.step, step_dir)  # nothing changed since it was written
+            if os.path.lexists(step_dir):
+                raise FailedPrecondition(
+                    f"model {model.name!r}: checkpoint {step_dir} already exists and holds another state of step "
+                    f"{state.step} (the model was restored to an older step, or its hyperparameters changed); "
+                    "checkpoints are never replaced: the next one can be taken after the next update"
+                )
+            if not os.path.isdir(model_dir):
+                os.makedirs(model_dir, exist_ok=True)
+                _fsync_dir(self.root)
+            info = write_checkpoint(model_dir, state)
+        except Exception as e:
+            track.error = f"step {track.attempted_step}: {e}"
+            log.error("model %r: checkpoint at step %d failed: %s", model.name, track.attempted_step, e)
+            if isinstance(e, ServiceError):
+                raise
+            raise CheckpointFailed(f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}") from e
+        track.error = ""
+        track.committed_step = max(track.committed_step, state.step)
+        track.held = (weakref.ref(model), state.step, state.hyperparams)
+        log.info("model %r: checkpoint %s committed (%d bytes, %.2fs)", model.name, info.name, info.bytes,
+                 time.perf_counter() - began)  # fmt: skip
+        self._prune(model.name, model_dir)
+        return info
+
+    def _prune(self, name: str, model_dir: str) -> None:
+        for step, path in committed(model_dir)[self.keep :]:
+            try:
+                _remove_tree(path)
+            except OSError as e:
+                log.warning("model %r: could not prune %s: %s", name, path, e)
+
+    def _due(self, model: Any, track: _Track) -> bool:
+        step = model.step
+        if step == track.attempted_step:
+            return False
+        if self.every_steps and step - track.attempted_step >= self.every_steps:
+            return True
+        return bool(self.every_seconds) and time.time() - track.attempted_unix >= self.every_seconds
+
+    def _poll(self) -> None:
+        """Starts periodic saves; a model with a save in flight is skipped until it is done."""
+        while not self._stop.wait(self.poll_seconds):
+            store = self._store
+            for model in store.models() if store is not None else ():
+                track = self._track(model.name)
+                if not self._due(model, track) or not track.save_lock.acquire(blocking=False):
+                    continue
+                try:
+                    self._writers.submit(self._periodic, model, track)
+                except RuntimeError:  # shutting down
+                    track.save_lock.release()
+                    return
+
+    def _periodic(self, model: Any, track: _Track) -> None:
+        try:
+            if not model.deleted:
+                self._save_locked(model, track)
+        except Exception:  # noqa: BLE001 - already logged and recorded in track.error
+            pass
+        finally:
+            track.save_lock.release()
+
+    # -- queries, restore, delete ------------------------------------------------------------------
+
+    def list(self, name: str) -> list[pb.CheckpointInfo]:
+        """Committed checkpoints of a model, newest first."""
+        return [info_of(name, step, path) for step, path in committed(self.model_dir(name))]
+
+    def describe(self, name: str, info: pb.ModelInfo) -> None:
+        """Fills ModelInfo's checkpoint fields."""
+        track = self._track(name)
+        info.last_checkpoint_step = track.committed_step
+        info.last_checkpoint_error = track.error
+
+    def restore(self, store: ModelStore, name: str, step: int) -> Any:
+        """Replaces the model's state by checkpoint `step` (0: the newest that verifies)."""
+        model_dir = self.model_dir(name)
+        check_step(step, name)
+        model = store.get(name)
+        track = self._track(name)
+        with track.save_lock:  # not while one of its saves is in flight
+            if step == 0:
+                step_dir, state = self._newest_verified(name)
+            else:
+                step_dir = os.path.join(model_dir, f"step_{step}")
+                if not os.path.isdir(step_dir):
+                    have = ", ".join(str(s) for s, _ in committed(model_dir)) or "none"
+                    raise NotFound(f"model {name!r}: no checkpoint at step {step} (committed steps: {have})")
+                try:
+                    state = read_checkpoint(step_dir, name)
+                except StateError as e:
+                    raise FailedPrecondition(f"model {name!r}: checkpoint step_{step} does not verify: {e}") from None
+            try:
+                prepared = state_io.prepare(model, state)
+            except StateError as e:
+                raise FailedPrecondition(str(e)) from None
+            model.install_checkpoint(prepared)
+            track.held = (weakref.ref(model), state.step, state.hyperparams)
+            track.attempted_step = state.step
+        log.info("model %r: restored from %s (step %d)", name, step_dir, state.step)
+        return model
+
+    def delete_all(self, name: str) -> None:
+        """Removes every checkpoint of a model (after a save in flight, if any)."""
+        model_dir = self.model_dir(name)
+        track = self._track(name)
+        with track.save_lock:
+            if os.path.isdir(model_dir):
+                doomed = os.path.join(self.root, f"{DELETED_PREFIX}{name}-{secrets.token_hex(4)}")
+                os.rename(model_dir, doomed)
+                _fsync_dir(self.root)
+                shutil.rmtree(doomed, ignore_errors=True)
+        with self._tracks_lock:
+            self._tracks.pop(name, None)
+        log.info("model %r: checkpoints deleted", name)
