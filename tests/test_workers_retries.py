@@ -1,0 +1,116 @@
+"""The client's Worker helper: retries UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff
+and jitter, reusing the same seq, so a retried gradient is never applied twice."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from optserve.client import Client, optim
+from optserve.client import worker as worker_module
+from optserve.client.client import Model
+from optserve.client.errors import FailedPreconditionError, UnavailableError
+
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+
+
+def _wait_until(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deadline_exceeded_at_the_sync_barrier_is_retried_with_the_same_seq(server, client, model_name):
+    """Worker a's PushPull waits for a step that needs b; its 0.5 s deadline expires after the server
+    took the gradient, it retries the same seq (answered as a duplicate) until b arrives."""
+    params = {"w": np.zeros(3, np.float32)}
+    model = client.create_model(model_name, params, optimizer=optim.sgd(1.0), mode="sync", workers=2)
+    ga, gb = {"w": np.array([1, 2, 3], np.float32)}, {"w": np.array([3, 2, 1], np.float32)}
+    with server.client(timeout=0.5) as impatient:
+        a = impatient.model(model_name).worker("a", retry_for=60, backoff=0.02, max_backoff=0.1)
+        a.pull()
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(params=a.push_pull(ga)))
+        t.start()
+        _wait_until(lambda: a.retries >= 2, "worker a to retry twice")
+        assert t.is_alive() and a.seq == 1
+        info = model.info()
+        assert info["pending_contributions"] == 1 and info["counters"]["duplicates"] >= 1
+        model.push(gb, base_step=0)
+        t.join(30)
+    assert not t.is_alive()
+    info = model.info()
+    assert info["step"] == 1 and info["counters"]["pushes_applied"] == 1
+    assert info["workers"]["a"]["last_seq"] == 1
+    np.testing.assert_array_equal(out["params"]["w"], -(ga["w"] + gb["w"]) / 2)
+
+
+def test_unavailable_is_retried_until_the_server_is_up(model_name):
+    """The worker pushes to a port where no server listens yet; a server starts there later."""
+    from optserve.server import Server
+
+    port = _free_port()
+    params = {"w": np.zeros(3, np.float32)}
+    g = {"w": np.ones(3, np.float32)}
+    with Client(f"127.0.0.1:{port}", timeout=10, options=FAST_RECONNECT) as client:
+        worker = Model(client, model_name, None, None).worker("w", retry_for=60, backoff=0.05, max_backoff=0.2)
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(step=worker.push(g)))
+        t.start()
+        _wait_until(lambda: worker.retries >= 2, "the worker to retry twice")
+        with Server(port=port) as srv:
+            with srv.client(timeout=10) as c:
+                model = c.create_model(model_name, params, optimizer=optim.sgd(1.0))
+                t.join(60)
+                assert not t.is_alive() and out["step"] == 1
+                info = model.info()
+            srv.stop(grace=1.0)
+    assert worker.seq == 1 and info["workers"]["w"]["last_seq"] == 1 and info["step"] == 1
+
+
+def test_backoff_doubles_up_to_the_cap_with_full_jitter_then_gives_up(monkeypatch):
+    caps: list[float] = []
+    waits: list[float] = []
+    real_uniform = worker_module.random.uniform
+
+    def recording_uniform(low: float, high: float) -> float:
+        caps.append(high)
+        waits.append(real_uniform(low, high))
+        return waits[-1]
+
+    monkeypatch.setattr(worker_module.random, "uniform", recording_uniform)
+    with Client(f"127.0.0.1:{_free_port()}", timeout=2) as client:  # nothing listens there
+        worker = Model(client, "m", None, None).worker("w", retry_for=1.0, backoff=0.01, max_backoff=0.08)
+        start = time.monotonic()
+        with pytest.raises(UnavailableError):
+            worker.push({"w": np.ones(2, np.float32)})
+        elapsed = time.monotonic() - start
+    assert len(caps) >= 5 and worker.retries == len(caps)
+    expected = [min(0.01 * 2**i, 0.08) for i in range(len(caps))]
+    assert caps == pytest.approx(expected)
+    assert all(0 <= w <= c for w, c in zip(waits, caps))
+    assert len(set(waits)) > 1  # jittered
+    assert elapsed < 30  # it gives up (bounded by retry_for plus the calls in flight)
+    assert worker.seq == 1  # one push, one seq, however many tries
+
+
+def test_non_retryable_errors_are_raised_at_once(client, model_name):
+    model = client.create_model(model_name, {"w": np.zeros(2, np.float32)}, optimizer=optim.sgd(1.0), max_staleness=0)
+    w = model.worker("w")
+    w.pull()
+    model.push({"w": np.ones(2, np.float32)})
+    with pytest.raises(FailedPreconditionError, match="current step 1"):
+        w.push({"w": np.ones(2, np.float32)})  # stale: recompute, don't retry
+    assert w.retries == 0
