@@ -72,6 +72,18 @@ def wire_dtype(name: str, *, path: str = "") -> np.dtype:
         raise WireError(f"{where}unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
 
 
+# bfloat16 has no fast numpy isfinite: test its exponent bits (all ones = Inf or NaN) instead.
+_BF16_EXPONENT = np.uint16(0x7F80)
+
+
+def all_finite(raw: np.ndarray, dtype_name: str) -> bool:
+    """Whether the floats in the uint8 buffer `raw` (whole elements) are all finite."""
+    if dtype_name == "bfloat16":
+        bits = raw.view(np.uint16)
+        return not np.any(np.bitwise_and(bits, _BF16_EXPONENT) == _BF16_EXPONENT)
+    return bool(np.isfinite(raw.view(DTYPES[dtype_name])).all())
+
+
 def leaf_nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
     return math.prod(shape) * dtype.itemsize
 
@@ -232,9 +244,11 @@ class LeafSpec:
 
 
 class _Leaf:
-    __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals")
+    __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "check", "check_at_end")
 
-    def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int):
+    def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, check: bool):
+        self.check = check  # reject NaN/Inf, chunk by chunk while the bytes are still in cache
+        self.check_at_end = False  # a slice split an element: check the whole leaf at finish()
         self.dtype_name = dtype_name
         self.dtype = dtype
         self.shape = shape
@@ -243,17 +257,18 @@ class _Leaf:
         self.received = 0
         self.intervals: list[tuple[int, int]] = []  # sorted, disjoint, merged when adjacent
 
-    def claim(self, start: int, end: int, path: str) -> None:
-        """Records [start, end) as received; raises WireError on overlap."""
+    def claim(self, start: int, end: int) -> bool:
+        """Records [start, end) as received; False if it overlaps data already received."""
         iv = self.intervals
         if iv and iv[-1][1] == start:  # the common in-order case
             iv[-1] = (iv[-1][0], end)
         else:
             i = bisect.bisect_left(iv, (start, end))
             if (i > 0 and iv[i - 1][1] > start) or (i < len(iv) and iv[i][0] < end):
-                raise WireError(f"leaf {path!r}: byte range [{start}, {end}) overlaps data already received")
+                return False
             iv.insert(i, (start, end))
         self.received += end - start
+        return True
 
 
 class TensorAssembler:
@@ -262,6 +277,8 @@ class TensorAssembler:
     expected: the schema the stream must match (None: any leaves, e.g. a new model's parameters).
     cast_floats: accept float16/bfloat16/float32 on the wire for a floating-point leaf of another
         float dtype (the caller converts); otherwise the wire dtype must equal the leaf's dtype.
+    finite: reject NaN and Inf in floating-point leaves (gradients), naming the leaf. The check runs
+        on each slice right after it is copied, overlapping the network rather than the update.
     max_bytes: upper bound on the total bytes declared by the stream (guards huge shapes).
     what: names the model in messages, e.g. "model 'mlp'".
     """
@@ -273,7 +290,9 @@ class TensorAssembler:
         what: str,
         cast_floats: bool = False,
         max_bytes: int | None = None,
+        finite: bool = False,
     ):
+        self._finite = finite
         self._expected = expected
         self._what = what
         self._cast = cast_floats
@@ -313,7 +332,7 @@ class TensorAssembler:
             raise self._err(
                 f"leaf {path!r}: declared tensors total {self._declared} bytes, over the limit of {self._max_bytes}"
             )
-        leaf = _Leaf(dtype_name, dtype, shape, nbytes)
+        leaf = _Leaf(dtype_name, dtype, shape, nbytes, self._finite and dtype_name in FLOAT_DTYPES)
         self._leaves[path] = leaf
         return leaf
 
@@ -335,18 +354,30 @@ class TensorAssembler:
             if pos + length > total:
                 raise self._err(f"leaf {path!r}: slice runs past the end of the chunk payload")
             if length:
-                leaf.claim(start, end, path)
+                if not leaf.claim(start, end):
+                    raise self._err(f"leaf {path!r}: byte range [{start}, {end}) overlaps data already received")
                 leaf.buffer[start:end] = np.frombuffer(payload, dtype=np.uint8, count=length, offset=pos)
+                if leaf.check:
+                    size = leaf.dtype.itemsize
+                    if start % size or length % size:
+                        leaf.check_at_end = True
+                    elif not all_finite(leaf.buffer[start:end], leaf.dtype_name):
+                        raise self._nonfinite(path)
             pos += length
         if pos != total:
             raise self._err(f"chunk payload has {total - pos} bytes not described by any slice")
         return total
+
+    def _nonfinite(self, path: str) -> WireError:
+        return self._err(f"leaf {path!r}: gradient has NaN or Inf")
 
     def finish(self) -> dict[str, np.ndarray]:
         """Checks completeness and returns {path: array in its wire dtype}, in schema order if known."""
         for path, leaf in self._leaves.items():
             if leaf.received != leaf.nbytes:
                 raise self._err(f"leaf {path!r}: received {leaf.received} of {leaf.nbytes} bytes")
+            if leaf.check_at_end and not all_finite(leaf.buffer, leaf.dtype_name):
+                raise self._nonfinite(path)
         if self._expected is not None:
             missing = [p for p in self._expected if p not in self._leaves]
             if missing:

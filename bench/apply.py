@@ -1,0 +1,115 @@
+"""The server's compiled step against in-process jitted optax with donation, same rule and size.
+
+    python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
+
+Times `Model.apply` (the server's update path once the gradient is on the device: finite check,
+jitted step with donated buffers) against `jax.jit(optax update + apply_updates, donate)`. Both
+block until the new parameters are ready.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common import machine, table
+from optserve.client import optim
+from optserve.server.model import Model
+from optserve.server.settings import ModelSettings
+from optserve.server.store import compile_for
+from optserve.client.codec import LeafSpec
+
+RULES = {
+    "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),
+    "adam": (optim.adam(1e-3), optax.adam(1e-3)),
+    "chain": (
+        optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=1e-4)),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4)),
+    ),
+}
+
+
+def leaves_for(n: int) -> dict[str, np.ndarray]:
+    """A few leaves like a real model: one big matrix, a few smaller ones."""
+    big = n * 7 // 8
+    rest = n - big
+    return {"a/kernel": np.zeros(big, np.float32), "b/kernel": np.zeros(rest - 1024, np.float32),
+            "b/bias": np.zeros(1024, np.float32)}  # fmt: skip
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
+    schema = [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
+    model = Model("bench", schema, params, compile_for("bench", spec, schema), ModelSettings(), jax.devices()[0])
+    g = model.to_device(grads)
+
+    def step():
+        model.check_finite(g)
+        with model._lock:
+            model._apply_locked(g, 1.0)
+        jax.block_until_ready(model.params)
+
+    return best_of(step, repeats)
+
+
+def time_optax(tx, params: dict, grads: dict, repeats: int) -> float:
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    state = tx.init(p)
+    g = {k: jnp.asarray(v) for k, v in grads.items()}
+
+    @jax.jit
+    def _step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(_step, donate_argnums=(0, 1))
+    box = [p, state]
+
+    def run():
+        box[0], box[1] = step(box[0], box[1], g)
+        jax.block_until_ready(box[0])
+
+    return best_of(run, repeats)
+
+
+def measure(n: int, rules: list[str], repeats: int = 10) -> list[dict]:
+    rows = []
+    params = leaves_for(n)
+    grads = {k: np.full(v.shape, 1e-3, np.float32) for k, v in params.items()}
+    for name in rules:
+        spec, tx = RULES[name]
+        ours = time_server(spec, {k: v.copy() for k, v in params.items()}, grads, repeats)
+        ref = time_optax(tx, params, grads, repeats)
+        rows.append({"rule": name, "params": f"{n / 1e6:g}M", "server step ms": f"{ours * 1e3:.2f}",
+                     "optax step ms": f"{ref * 1e3:.2f}", "ratio": f"{ours / ref:.2f}x"})  # fmt: skip
+    return rows
+
+
+COLUMNS = ["rule", "params", "server step ms", "optax step ms", "ratio"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=10e6)
+    ap.add_argument("--rules", default="sgd,adam,chain")
+    args = ap.parse_args()
+    print(f"# apply: {machine()}, device {jax.devices()[0]}")
+    print(table(measure(int(args.params), args.rules.split(",")), COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

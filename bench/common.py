@@ -1,0 +1,88 @@
+"""Shared helpers for the benchmarks: server subprocesses, timing, tables, machine description."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def start_process(args: list[str], pattern: str = r"listening on (\S+):(\d+)", timeout: float = 120.0,
+                  env: dict | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """Starts a server process and waits (bounded) for its 'listening on HOST:PORT' line."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited with {proc.returncode}")
+        m = re.search(pattern, line or "")
+        if m:
+            return proc, f"{m.group(1)}:{m.group(2)}"
+    proc.kill()
+    raise TimeoutError(f"{args} did not start in {timeout}s")
+
+
+def optserve_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    return start_process([sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0",
+                          "--checkpoint-dir", "", "--log-level", "WARNING", *extra])  # fmt: skip
+
+
+def raw_server() -> tuple[subprocess.Popen, str]:
+    return start_process([sys.executable, os.path.join(ROOT, "bench", "raw_grpc.py")])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def repeats_for(nbytes: int) -> int:
+    return 3 if nbytes >= 200e6 else 7 if nbytes >= 20e6 else 30
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import grpc
+
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, grpcio {grpc.__version__}"
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def gbps(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f}"

@@ -1,0 +1,99 @@
+"""Push and pull throughput of optserve beside raw grpcio byte streaming, measured in the same run.
+
+    python bench/transport.py [--sizes 1e6,40e6,400e6] [--chunk-bytes 4194304]
+
+Both servers run in their own processes on 127.0.0.1 with the same message caps, keepalive and
+chunk size. optserve's push includes validation, assembly, the device transfer and an SGD step;
+the raw baseline streams the same bytes into a handler that only counts them. Pull is the same
+the other way round.
+"""
+from __future__ import annotations
+
+import argparse
+import struct
+
+import grpc
+import numpy as np
+
+from common import gbps, machine, median_seconds, optserve_server, raw_server, repeats_for, stop, table
+from optserve.client import Client, optim
+from optserve.client.transport import CHANNEL_OPTIONS
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+def raw_push_fn(channel: grpc.Channel, data: np.ndarray, chunk: int):
+    sink = channel.stream_unary("/raw/Sink", _identity, _identity)
+    view = memoryview(data.reshape(-1).view(np.uint8))
+
+    def run():
+        def chunks():
+            for i in range(0, len(view), chunk):
+                yield bytes(view[i : i + chunk])
+
+        n = struct.unpack("<Q", sink(chunks()))[0]
+        assert n == len(view)
+
+    return run
+
+
+def raw_pull_fn(channel: grpc.Channel, nbytes: int, chunk: int):
+    source = channel.unary_stream("/raw/Source", _identity, _identity)
+
+    def run():
+        got = sum(len(b) for b in source(struct.pack("<QQ", nbytes, chunk)))
+        assert got == nbytes
+
+    return run
+
+
+def measure(sizes: list[int], chunk: int) -> list[dict]:
+    rows = []
+    raw_proc, raw_addr = raw_server()
+    srv_proc, srv_addr = optserve_server("--chunk-bytes", str(chunk))
+    try:
+        channel = grpc.insecure_channel(raw_addr, options=CHANNEL_OPTIONS)
+        client = Client(srv_addr, chunk_bytes=chunk, timeout=600)
+        for i, nbytes in enumerate(sizes):
+            n = nbytes // 4
+            params = {"w": np.zeros(n, np.float32)}
+            grads = {"w": np.full(n, 1e-3, np.float32)}
+            model = client.create_model(f"transport-{i}", params, optim.sgd(1e-3))
+            reps = repeats_for(nbytes)
+            push = median_seconds(lambda: model.push(grads), reps)
+            pull = median_seconds(lambda: model.pull(), reps)
+            raw_push = median_seconds(raw_push_fn(channel, grads["w"], chunk), reps)
+            raw_pull = median_seconds(raw_pull_fn(channel, 4 * n, chunk), reps)
+            client.delete_model(f"transport-{i}")
+            rows.append({
+                "size": f"{nbytes / 1e6:g} MB",
+                "push GB/s": gbps(4 * n, push), "raw push GB/s": gbps(4 * n, raw_push),
+                "push ratio": f"{raw_push / push:.2f}x",
+                "pull GB/s": gbps(4 * n, pull), "raw pull GB/s": gbps(4 * n, raw_pull),
+                "pull ratio": f"{raw_pull / pull:.2f}x",
+            })  # fmt: skip
+        client.close()
+        channel.close()
+    finally:
+        stop(srv_proc)
+        stop(raw_proc)
+    return rows
+
+
+COLUMNS = ["size", "push GB/s", "raw push GB/s", "push ratio", "pull GB/s", "raw pull GB/s", "pull ratio"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1e6,40e6,400e6", help="gradient sizes in bytes (float32)")
+    ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    print(f"# transport: {machine()}, chunk {args.chunk_bytes} bytes")
+    print(table(measure(sizes, args.chunk_bytes), COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
