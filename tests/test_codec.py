@@ -33,13 +33,13 @@ def test_chunking_round_trips_any_chunk_size(chunk):
         full = pb.PushRequest.FromString(raw)
         assert full.payload == bytes(payload)
         assert sum(s.length for s in full.slices) == len(payload)
-        assert all(len(raw) - len(payload) < 600 for _ in [0])
+        assert len(raw) - len(payload) < 600  # the header stays small
     out = _assemble(msgs, finite=True)
     assert list(out) == [p for p, _ in LEAVES]
     for path, a in LEAVES:
         assert out[path].dtype == a.dtype and out[path].shape == a.shape
         np.testing.assert_array_equal(out[path], a)
-        assert out[path].ctypes.data % codec.ALIGNMENT == 0
+        assert a.size == 0 or out[path].ctypes.data % codec.ALIGNMENT == 0
 
 
 def test_payload_anywhere_and_absent():
