@@ -400,6 +400,7 @@ class Model:
                 if push_reply is not None and msg.HasField("push"):
                     push_reply.append(msg.push)
                 step = msg.header.step
+                self.last_incarnation = msg.header.incarnation
                 if msg.header.not_modified:
                     return step, None
                 schema = {l.path: codec.LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}

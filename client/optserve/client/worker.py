@@ -7,6 +7,11 @@ backoff with full jitter, and can never apply a gradient twice.
 
 The worker also tracks `base_step`, the step of the parameters it last pulled, which the server
 uses for staleness checks (async) and for assigning the gradient to a round (sync).
+
+Server restarts: every server start has a new incarnation id (in push replies and pull headers).
+When a call fails and the server that answers afterwards is a new incarnation, the worker first
+learns the restored step (a header-only pull) and only then resends, its gradient's base_step
+capped at that step: the state was restored from a checkpoint, possibly older than what it pulled.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from optserve.client.errors import OptserveError
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Failures after which the worker checks whether the server restarted (a push against a step the
+# restored state has not reached yet is INVALID_ARGUMENT, a sync push against it FAILED_PRECONDITION).
+RESTART_SYMPTOMS = (*RETRYABLE, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class Worker:
@@ -51,22 +59,43 @@ class Worker:
         self.base_step: int | None = None
         self.incarnation: str | None = None
         self.retries = 0
+        self.restarts_seen = 0
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def _retrying(self, call: Callable[[], T], header: Any = None) -> T:
         deadline = time.monotonic() + self.retry_for
         delay = self.backoff
         while True:
             try:
                 return call()
             except OptserveError as e:
+                if e.code in RESTART_SYMPTOMS and self._resync_after_restart(header):
+                    continue
                 if e.code not in RETRYABLE or time.monotonic() + delay > deadline:
                     raise
             self.retries += 1
             time.sleep(random.uniform(0, delay))
             delay = min(delay * 2, self.max_backoff)
+
+    def _resync_after_restart(self, header: Any) -> bool:
+        """If the server is a new incarnation: learns its (restored) step before anything is pushed
+        again and caps the pending push's base_step at it. True if it did."""
+        if self.incarnation is None:
+            return False
+        try:
+            now = self.model.client.server_info()["incarnation"]
+            if not now or now == self.incarnation:
+                return False
+            self.model.pull(if_newer_than=2**62)  # header only: the restored step, no tensors
+        except OptserveError:
+            return False  # still away: the caller backs off and retries
+        self.incarnation, self.base_step = now, self.model.last_step
+        self.restarts_seen += 1
+        if header is not None and header.HasField("base_step") and header.base_step > self.base_step:
+            header.base_step = self.base_step
+        return True
 
     def _note(self, incarnation: str, step: int) -> None:
         self.incarnation = incarnation or self.incarnation
@@ -76,6 +105,7 @@ class Worker:
         """Pulls the parameters and remembers their step as the base of the next push."""
         params = self._retrying(lambda: self.model.pull(**kwargs))
         self.base_step = self.model.last_step
+        self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
         return params
 
     def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
@@ -83,7 +113,7 @@ class Worker:
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         leaves = self.model._grad_leaves(grads, wire_dtype)
-        reply = self._retrying(lambda: self.model.push_raw(header, leaves))
+        reply = self._retrying(lambda: self.model.push_raw(header, leaves), header)
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
 
@@ -96,6 +126,6 @@ class Worker:
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         header.pull.CopyFrom(pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or ""))
         leaves = self.model._grad_leaves(grads, wire_dtype)
-        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like))
+        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like), header)
         self._note(reply.incarnation, self.model.last_step)
         return params
