@@ -1,0 +1,137 @@
+"""Prometheus metrics move with pushes, pulls, rejections, waits and checkpoints; each server has its
+own registry; logs: one structured line per rejected request and none per push."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from optserve.client import FailedPreconditionError, InvalidArgumentError, NotFoundError, optim
+from optserve.server import Server, logs
+
+W = {"w": np.zeros(8, np.float32)}
+G = {"w": np.ones(8, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def msrv(tmp_path_factory):
+    srv = Server(port=0, metrics_port=0, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")))
+    yield srv
+    srv.stop(grace=1.0)
+
+
+def scrape(srv: Server) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the server's HTTP endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics.port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counters_move_after_pushes_and_pulls(msrv):
+    with msrv.client(timeout=30) as c:
+        m = c.create_model("metered", W, optim.sgd(0.1), max_staleness=1)
+        before = scrape(msrv)
+        assert value(before, "optserve_models") == 1
+        m.push(G)
+        m.push(G, base_step=1)
+        m.push(G, base_step=1)  # one step behind: staleness 1
+        m.pull()
+        with pytest.raises(InvalidArgumentError):
+            m.push({"w": np.ones(3, np.float32)})
+        with pytest.raises(FailedPreconditionError):
+            m.push(G, base_step=0)  # three behind, max_staleness 1
+        with pytest.raises(NotFoundError):
+            c.model("no-such-model")
+        after = scrape(msrv)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("optserve_pushes_total", model="metered", outcome="applied") == 3
+    assert delta("optserve_pushes_total", model="metered", outcome="invalid_argument") == 1
+    assert delta("optserve_pushes_total", model="metered", outcome="failed_precondition") == 1
+    assert delta("optserve_pulls_total", model="metered", outcome="ok") == 1
+    assert delta("optserve_received_bytes_total", model="metered") == 3 * 32
+    assert delta("optserve_sent_bytes_total", model="metered") > 32
+    assert delta("optserve_apply_seconds_count", model="metered") == 3
+    assert delta("optserve_push_staleness_steps_count", model="metered") == 2  # the two with a base_step
+    assert delta("optserve_push_staleness_steps_sum", model="metered") == 1
+    assert delta("optserve_requests_rejected_total", rpc="Push", code="invalid_argument") == 1
+    assert delta("optserve_requests_rejected_total", rpc="GetModel", code="not_found") == 1
+    assert value(after, "optserve_model_step", model="metered") == 3
+    assert value(after, "optserve_model_bytes", model="metered", kind="params") == 32
+    assert value(after, "process_resident_memory_bytes") > 0
+    # Requests naming models that do not exist never become labels.
+    assert not [k for k in after if ("model", "no-such-model") in k[1]]
+
+
+def test_sync_wait_and_checkpoint_series(msrv):
+    with msrv.client(timeout=30) as c:
+        m = c.create_model("waiter", W, optim.sgd(0.1))
+        before = scrape(msrv)
+        t = threading.Thread(target=lambda: m.pull(min_step=1, timeout=30))
+        t.start()
+        m.push(G)
+        t.join(30)
+        assert m.save() == 1
+        after = scrape(msrv)
+    assert value(after, "optserve_sync_wait_seconds_count", model="waiter") - value(
+        before, "optserve_sync_wait_seconds_count", model="waiter"
+    ) == 1
+    assert value(after, "optserve_checkpoint_seconds_count", model="waiter") == 1
+    assert value(after, "optserve_checkpoint_bytes_sum", model="waiter") > 32
+
+
+def test_each_server_has_its_own_registry(msrv):
+    with Server(port=0) as other:  # no metrics port: the registry still exists and counts
+        with other.client(timeout=30) as c:
+            c.create_model("elsewhere", W, optim.sgd(0.1)).push(G)
+        assert other.metrics.registry.get_sample_value(
+            "optserve_pushes_total", {"model": "elsewhere", "outcome": "applied"}
+        ) == 1
+        assert other.metrics.port is None
+    assert value(scrape(msrv), "optserve_pushes_total", model="elsewhere", outcome="applied") == 0
+
+
+def test_logs_one_json_line_per_rejection_none_per_push(msrv, capsys):
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(level=logging.INFO)
+    root = logging.getLogger("optserve")
+    old_level = root.level
+    root.addHandler(keep)
+    root.setLevel(logging.INFO)
+    try:
+        with msrv.client(timeout=30) as c:
+            m = c.create_model("quiet", W, optim.sgd(0.1))
+            records.clear()
+            for _ in range(5):
+                m.push(G)
+                m.pull()
+            assert [r.getMessage() for r in records] == []  # nothing per push or pull at INFO
+            with pytest.raises(InvalidArgumentError):
+                m.push({"w": np.ones((2, 2), np.float32)})
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(old_level)
+    assert len(records) == 1
+    line = json.loads(logs.JsonFormatter().format(records[0]))
+    assert line["event"] == "rejected" and line["rpc"] == "Push" and line["model"] == "quiet"
+    assert line["code"] == "INVALID_ARGUMENT" and "'w'" in line["message"] and line["level"] == "info"
