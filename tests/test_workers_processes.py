@@ -1,0 +1,181 @@
+"""Sync mode with real worker processes: a straggler's late push is stale and it catches up; a worker
+SIGKILLed in the middle of a push leaves nothing counted and the others go on.
+
+This file is also the worker program: `python tests/test_workers_processes.py ROLE TARGET MODEL ...`
+(it imports only the light client).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from optserve.client import Client
+from optserve.client.errors import FailedPreconditionError
+
+SHAPE = (64, 32)
+LR = 0.5
+
+
+def _grad(params: dict, worker: int) -> dict:
+    return {"w": (params["w"] * np.float32(0.1) + np.float32(worker + 1)).astype(np.float32)}
+
+
+# -- the worker program ---------------------------------------------------------------------------
+
+
+def _fast(target: str, model: str, index: int, steps: int) -> dict:
+    """Trains `steps` rounds: push_pull, catching up by a pull when a push turns out stale."""
+    accepted = stale = 0
+    with Client(target, timeout=60) as client:
+        worker = client.model(model).worker(f"fast-{index}")
+        params = worker.pull()
+        for _ in range(steps):
+            try:
+                params = worker.push_pull(_grad(params, index))
+                accepted += 1
+            except FailedPreconditionError:
+                stale += 1
+                params = worker.pull()
+    return {"accepted": accepted, "stale": stale}
+
+
+def _straggler(target: str, model: str, wait_for_step: int) -> dict:
+    """Pulls step 0, sleeps until the others reached `wait_for_step`, pushes (stale), catches up, pushes."""
+    with Client(target, timeout=60) as client:
+        handle = client.model(model)
+        worker = handle.worker("straggler")
+        params = worker.pull()
+        assert worker.base_step == 0
+        handle.pull(min_step=wait_for_step, timeout=60)  # "sleeping": the others train meanwhile
+        try:
+            worker.push(_grad(params, 9))
+            late = {"rejected": False}
+        except FailedPreconditionError as e:
+            late = {"rejected": True, "message": e.message}
+        for attempt in range(1, 51):  # the others may complete the step between our pull and push
+            params = worker.pull()
+            caught_up_from = worker.base_step
+            try:
+                joined = worker.push(_grad(params, 9))
+                break
+            except FailedPreconditionError:
+                continue
+        handle.pull(min_step=joined, timeout=60)
+        return {"late": late, "caught_up_from": caught_up_from, "joined": joined, "seq": worker.seq,
+                "attempts": attempt}  # fmt: skip
+
+
+def _dies_mid_push(target: str, model: str) -> None:
+    """Streams half of a push, says so, and waits to be SIGKILLed."""
+    from optserve.client.client import chunk_messages
+    from optserve.v1 import optserve_pb2 as pb
+
+    def messages():
+        header = pb.PushHeader(model=model, base_step=0, worker_id="victim", seq=1)
+        leaves = [("w", np.full(SHAPE, 1000.0, np.float32))]
+        chunks = chunk_messages(pb.PushRequest(header=header), leaves, 1024)
+        for _ in range(4):
+            yield next(chunks)
+        print("MIDPUSH", flush=True)
+        time.sleep(600)
+
+    with Client(target, timeout=600) as client:
+        client.call(client._push, messages())
+
+
+def main(argv: list[str]) -> None:
+    role, target, model, *rest = argv
+    if role == "fast":
+        print(json.dumps(_fast(target, model, int(rest[0]), int(rest[1]))), flush=True)
+    elif role == "straggler":
+        print(json.dumps(_straggler(target, model, int(rest[0]))), flush=True)
+    elif role == "dies":
+        _dies_mid_push(target, model)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+HERE = os.path.abspath(__file__)
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, HERE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
+    from optserve.client import optim
+
+    model = client.create_model(model_name, {"w": np.zeros(SHAPE, np.float32)}, optimizer=optim.sgd(0.01),
+                                mode="sync", workers=4, quorum=3, sync_timeout=3.0)  # fmt: skip
+    straggler = _spawn("straggler", server.address, model_name, "3")
+    fast = [_spawn("fast", server.address, model_name, str(i), "8") for i in range(3)]
+    try:
+        s = _result(straggler)
+        results = [_result(p) for p in fast]
+    finally:
+        for p in (straggler, *fast):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    # the late push was refused as stale, naming the current step, after training went on without it
+    assert s["late"]["rejected"], s
+    assert model_name in s["late"]["message"] and "the current step is" in s["late"]["message"]
+    assert s["caught_up_from"] >= 3
+    # it caught up and its next gradient joined a later step, which was applied
+    assert s["joined"] == s["caught_up_from"] + 1 and s["seq"] == 1 + s["attempts"]
+    info = model.info()
+    assert info["step"] >= s["joined"] and info["counters"]["stale_rejected"] >= 1
+    assert info["workers"]["straggler"] == {"last_seq": s["seq"], "last_base_step": s["caught_up_from"]}
+    assert sum(r["accepted"] for r in results) >= 3 * 3  # the three others trained through the straggler's sleep
+    assert info["pending_contributions"] == 0
+
+
+def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, client, model_name):
+    from optserve.client import optim
+
+    start = np.zeros(SHAPE, np.float32)
+    model = client.create_model(model_name, {"w": start}, optimizer=optim.sgd(LR), mode="sync", workers=3,
+                                sync_timeout=1.0)  # fmt: skip
+    g0, g1 = _grad({"w": start}, 0), _grad({"w": start}, 1)
+    model.push(g0, base_step=0)
+    victim = _spawn("dies", server.address, model_name)
+    try:
+        ready, _, _ = select.select([victim.stdout], [], [], 60)
+        line = victim.stdout.readline() if ready else ""
+        assert line.strip() == "MIDPUSH", victim.stderr.read() if victim.poll() is not None else line
+        time.sleep(0.3)  # let its chunks reach the server
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert model.info()["pending_contributions"] == 1  # only the complete push
+    model.push(g1, base_step=0)
+    got = model.pull(min_step=1, timeout=60)["w"]  # quorum 3 never comes: the timeout applies the two
+    info = model.info()
+    assert info["step"] == 1 and info["counters"]["sync_timeouts"] == 1
+    assert "victim" not in info["workers"]
+    np.testing.assert_allclose(got, start - LR * (g0["w"] + g1["w"]) / 2, rtol=1e-6)
