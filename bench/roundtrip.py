@@ -1,0 +1,77 @@
+"""push_pull round trips: a 10M-parameter model against raw push + raw pull + an in-process step,
+and a 1K-parameter model's p50 latency against a raw grpcio unary echo of the same bytes.
+
+    python bench/roundtrip.py
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import grpc
+import numpy as np
+
+from apply import time_optax
+from common import machine, median_seconds, optserve_server, raw_server, stop, table
+from optserve.client import Client, optim
+from optserve.client.transport import CHANNEL_OPTIONS
+from transport import raw_pull_fn, raw_push_fn
+
+import optax
+
+
+def p50(fn, n: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20) -> list[dict]:
+    raw_proc, raw_addr = raw_server()
+    srv_proc, srv_addr = optserve_server()
+    rows = []
+    try:
+        channel = grpc.insecure_channel(raw_addr, options=CHANNEL_OPTIONS)
+        client = Client(srv_addr, timeout=600)
+        params = {"w": np.zeros(n_large, np.float32)}
+        grads = {"w": np.full(n_large, 1e-3, np.float32)}
+        model = client.create_model("roundtrip", params, optim.adam(1e-3))
+        ours = median_seconds(lambda: model.push_pull(grads), 7)
+        raw_push = median_seconds(raw_push_fn(channel, grads["w"], chunk), 7)
+        raw_pull = median_seconds(raw_pull_fn(channel, 4 * n_large, chunk), 7)
+        step = time_optax(optax.adam(1e-3), params, grads, 7)
+        base = raw_push + raw_pull + step
+        rows.append({"measure": f"push_pull {n_large / 1e6:g}M float32 (adam)", "optserve": f"{ours * 1e3:.1f} ms",
+                     "baseline": f"{base * 1e3:.1f} ms (raw push {raw_push * 1e3:.0f} + raw pull "
+                                 f"{raw_pull * 1e3:.0f} + optax step {step * 1e3:.0f})",
+                     "ratio": f"{ours / base:.2f}x", "target": "<= 1.3x"})  # fmt: skip
+        client.delete_model("roundtrip")
+
+        small = {"w": np.zeros(n_small, np.float32)}
+        g_small = {"w": np.full(n_small, 1e-3, np.float32)}
+        m2 = client.create_model("small", small, optim.adam(1e-3))
+        echo = channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x)
+        payload = g_small["w"].tobytes()
+        ours_small = p50(lambda: m2.push_pull(g_small), 300)
+        raw_echo = p50(lambda: echo(payload), 300)
+        rows.append({"measure": f"push_pull p50, {n_small} float32 params (adam)", "optserve": f"{ours_small * 1e3:.2f} ms",
+                     "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
+                     "ratio": f"{ours_small / raw_echo:.2f}x", "target": "<= 1.5x"})  # fmt: skip
+        client.close()
+        channel.close()
+    finally:
+        stop(srv_proc)
+        stop(raw_proc)
+    return rows
+
+
+COLUMNS = ["measure", "optserve", "baseline", "ratio", "target"]
+
+if __name__ == "__main__":
+    print(f"# roundtrip: {machine()}")
+    print(table(measure(), COLUMNS))

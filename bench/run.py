@@ -1,0 +1,82 @@
+"""Runs every benchmark and prints one table of optserve against its same-run baselines, then the
+detail tables. Figures go into BENCHMARKS.md with this command.
+
+    python bench/run.py [--quick]
+
+--quick uses smaller sizes (for a smoke run); the reported figures use the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import apply
+import h2d
+import memory
+import roundtrip
+import transport
+import wire
+from common import machine, table
+
+
+def _ratio(text: str) -> float:
+    return float(re.match(r"([0-9.]+)x", text).group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    q = args.quick
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    details: list[tuple[str, str]] = []
+    summary: list[dict] = []
+
+    rows = transport.measure([int(1e6), int(40e6)] if q else [int(1e6), int(40e6), int(400e6)], 4 << 20)
+    details.append(("transport (push and pull vs raw grpcio streaming, 4 MiB chunks)", table(rows, transport.COLUMNS)))
+    for r in rows:
+        if r["size"] in ("40 MB", "400 MB"):
+            for what in ("push", "pull"):
+                ratio = _ratio(r[f"{what} ratio"])
+                summary.append({"measure": f"{what} {r['size']} float32", "optserve": f"{r[f'{what} GB/s']} GB/s",
+                                "baseline": f"raw grpcio {r[f'raw {what} GB/s']} GB/s", "ratio": f"{ratio:.2f}x",
+                                "target": ">= 0.9x", "met": "yes" if ratio >= 0.9 else "no"})  # fmt: skip
+
+    rows = apply.measure(int(2e6) if q else int(10e6), ["sgd", "adam", "chain"])
+    details.append(("apply (server step vs in-process jitted optax with donation)", table(rows, apply.COLUMNS)))
+    for r in rows:
+        ratio = _ratio(r["ratio"])
+        summary.append({"measure": f"apply {r['rule']} {r['params']}", "optserve": f"{r['server step ms']} ms",
+                        "baseline": f"optax {r['optax step ms']} ms", "ratio": r["ratio"], "target": "<= 1.1x",
+                        "met": "yes" if ratio <= 1.1 else "no"})  # fmt: skip
+
+    rows = roundtrip.measure(int(2e6) if q else int(10e6))
+    details.append(("round trips", table(rows, roundtrip.COLUMNS)))
+    for r, limit in zip(rows, (1.3, 1.5)):
+        summary.append({**r, "met": "yes" if _ratio(r["ratio"]) <= limit else "no"})
+
+    rows = wire.measure(int(2e6) if q else int(10e6))
+    details.append(("wire dtypes (push)", table(rows, wire.COLUMNS)))
+    bf16 = next(r for r in rows if r["wire dtype"] == "bfloat16")
+    summary.append({"measure": "push, bfloat16 on the wire", "optserve": f"{bf16['effective GB/s (as float32)']} GB/s effective",
+                    "baseline": f"float32 {rows[0]['effective GB/s (as float32)']} GB/s", "ratio": bf16["vs float32"],
+                    "target": ">= 1.8x", "met": "yes" if _ratio(bf16["vs float32"]) >= 1.8 else "no"})  # fmt: skip
+
+    rows = memory.measure(int(20e6) if q else int(100e6))
+    details.append(("server memory while receiving a gradient", table(rows, memory.COLUMNS)))
+    r = rows[0]
+    summary.append({"measure": f"peak server RSS, {r['gradient']} gradient (adam)", "optserve": r["peak RSS during push"],
+                    "baseline": f"budget {r['budget (state + 1.2 G)']} + runtime {r['RSS before push']} before",
+                    "ratio": f"+{r['peak - before']}", "target": "<= state + 1.2 G", "met": r["within"]})  # fmt: skip
+
+    details.append(("host to device, 40 MB", table(h2d.measure(40), h2d.COLUMNS)))
+
+    print(f"# optserve benchmarks, {started}: {machine()}\n")
+    print(table(summary, ["measure", "optserve", "baseline", "ratio", "target", "met"]))
+    for title, text in details:
+        print(f"\n## {title}\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

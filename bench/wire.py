@@ -1,0 +1,40 @@
+"""bf16 and fp16 on the wire: effective gradient throughput (float32 bytes represented per second)
+against float32 on the wire, same model, same run.
+
+    python bench/wire.py [--params 10e6]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from common import machine, median_seconds, optserve_server, stop, table
+from optserve.client import Client, optim
+
+
+def measure(n: int = 10_000_000) -> list[dict]:
+    proc, addr = optserve_server()
+    rows = []
+    try:
+        client = Client(addr, timeout=600)
+        model = client.create_model("wire", {"w": np.zeros(n, np.float32)}, optim.sgd(1e-3))
+        grads = {"w": np.full(n, 1e-3, np.float32)}
+        times = {w: median_seconds(lambda w=w: model.push(grads, wire_dtype=w), 7) for w in (None, "bfloat16", "float16")}
+        for w, t in times.items():
+            rows.append({"wire dtype": w or "float32", "push ms": f"{t * 1e3:.1f}",
+                         "effective GB/s (as float32)": f"{4 * n / t / 1e9:.2f}",
+                         "vs float32": f"{times[None] / t:.2f}x", "target": "" if w is None else ">= 1.8x"})  # fmt: skip
+        client.close()
+    finally:
+        stop(proc)
+    return rows
+
+
+COLUMNS = ["wire dtype", "push ms", "effective GB/s (as float32)", "vs float32", "target"]
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=10e6)
+    print(f"# wire: {machine()}")
+    print(table(measure(int(ap.parse_args().params)), COLUMNS))
