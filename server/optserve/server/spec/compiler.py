@@ -110,8 +110,9 @@ Node = Union[RuleNode, ComboNode, PartitionNode]
 class _Parser:
   """Validates a spec against the registry and the model's leaf paths."""
 
-  def __init__(self):
+  def __init__(self, all_leaves: Sequence[str]):
     self.slots: list[Slot] = []
+    self.all_leaves = list(all_leaves)
 
   def node(self, spec: Any, field: str, leaves: Sequence[str], unsigned: bool = False) -> Node:
     if isinstance(spec, str):
@@ -210,7 +211,9 @@ class _Parser:
                         '(use {"partition": [...]} to send leaf groups to different rules)')
       globs = Globs().check(mask_globs, join(field, "mask"))
       chosen = masks.select(globs, leaves, join(field, "mask"))
-      mask = {leaf: leaf in chosen for leaf in leaves}
+      # Over every leaf of the model: inside a partition group optax still
+      # hands the transform the whole tree (other groups' leaves masked out).
+      mask = {leaf: leaf in chosen for leaf in self.all_leaves}
       given["mask"] = globs
 
     tunable_names = self.tunable(rule, tunable, values, field)
@@ -396,7 +399,7 @@ def compile_spec(spec: Any, leaf_paths: Sequence[str]) -> CompiledOptimizer:
     SpecError: naming the field at fault.
   """
   leaves = list(leaf_paths)
-  parser = _Parser()
+  parser = _Parser(leaves)
   root = parser.node(spec, "", leaves)
   _assign_keys(parser.slots)
   return CompiledOptimizer(root.to_json(), root, parser.slots, leaves)
