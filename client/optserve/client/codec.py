@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -244,11 +244,13 @@ class LeafSpec:
 
 
 class _Leaf:
-    __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "check", "check_at_end")
+    __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "check",
+                 "check_at_end", "done")  # fmt: skip
 
     def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, check: bool):
         self.check = check  # reject NaN/Inf, chunk by chunk while the bytes are still in cache
-        self.check_at_end = False  # a slice split an element: check the whole leaf at finish()
+        self.check_at_end = False  # a slice split an element: check the whole leaf once complete
+        self.done = False
         self.dtype_name = dtype_name
         self.dtype = dtype
         self.shape = shape
@@ -256,6 +258,9 @@ class _Leaf:
         self.buffer = aligned_empty(nbytes)
         self.received = 0
         self.intervals: list[tuple[int, int]] = []  # sorted, disjoint, merged when adjacent
+
+    def array(self) -> np.ndarray:
+        return self.buffer.view(self.dtype).reshape(self.shape)
 
     def claim(self, start: int, end: int) -> bool:
         """Records [start, end) as received; False if it overlaps data already received."""
@@ -279,6 +284,8 @@ class TensorAssembler:
         float dtype (the caller converts); otherwise the wire dtype must equal the leaf's dtype.
     finite: reject NaN and Inf in floating-point leaves (gradients), naming the leaf. The check runs
         on each slice right after it is copied, overlapping the network rather than the update.
+    on_complete: called as on_complete(path, array) the moment a leaf's last byte arrives, so the
+        receiver can start moving it to the device while later chunks are still in flight.
     max_bytes: upper bound on the total bytes declared by the stream (guards huge shapes).
     what: names the model in messages, e.g. "model 'mlp'".
     """
@@ -291,8 +298,10 @@ class TensorAssembler:
         cast_floats: bool = False,
         max_bytes: int | None = None,
         finite: bool = False,
+        on_complete: Callable[[str, np.ndarray], None] | None = None,
     ):
         self._finite = finite
+        self._on_complete = on_complete
         self._expected = expected
         self._what = what
         self._cast = cast_floats
@@ -363,10 +372,19 @@ class TensorAssembler:
                         leaf.check_at_end = True
                     elif not all_finite(leaf.buffer[start:end], leaf.dtype_name):
                         raise self._nonfinite(path)
+            if leaf.received == leaf.nbytes and not leaf.done:
+                self._complete(path, leaf)
             pos += length
         if pos != total:
             raise self._err(f"chunk payload has {total - pos} bytes not described by any slice")
         return total
+
+    def _complete(self, path: str, leaf: _Leaf) -> None:
+        if leaf.check_at_end and not all_finite(leaf.buffer, leaf.dtype_name):
+            raise self._nonfinite(path)
+        leaf.done = True
+        if self._on_complete is not None:
+            self._on_complete(path, leaf.array())
 
     def _nonfinite(self, path: str) -> WireError:
         return self._err(f"leaf {path!r}: gradient has NaN or Inf")
@@ -376,8 +394,8 @@ class TensorAssembler:
         for path, leaf in self._leaves.items():
             if leaf.received != leaf.nbytes:
                 raise self._err(f"leaf {path!r}: received {leaf.received} of {leaf.nbytes} bytes")
-            if leaf.check_at_end and not all_finite(leaf.buffer, leaf.dtype_name):
-                raise self._nonfinite(path)
+            if not leaf.done:  # a zero-size leaf: complete without any bytes
+                self._complete(path, leaf)
         if self._expected is not None:
             missing = [p for p in self._expected if p not in self._leaves]
             if missing:
@@ -386,4 +404,4 @@ class TensorAssembler:
             order = list(self._expected)
         else:
             order = list(self._leaves)
-        return {p: self._leaves[p].buffer.view(self._leaves[p].dtype).reshape(self._leaves[p].shape) for p in order}
+        return {p: self._leaves[p].array() for p in order}

@@ -174,14 +174,15 @@ class Model:
         return self.step
 
     def push_async(
-        self, grads: Mapping[str, np.ndarray], *, base_step: int | None, worker_id: str, seq: int, make_reply
+        self, grads: Mapping[str, jax.Array], *, base_step: int | None, worker_id: str, seq: int, make_reply
     ) -> tuple[Any, bool]:
         """Applies a gradient now (async mode). Returns (reply, duplicate).
 
         `make_reply(step)` builds the reply; it is remembered per worker so that a retry of the same
         (worker_id, seq) gets the same answer and is never applied twice.
         """
-        device_grads = self.to_device(grads)  # outside the lock (the assembler checked finiteness)
+        # Already on the device (AsyncPush moved each leaf as it completed) and checked for NaN/Inf.
+        device_grads = {k: grads[k] for k in self.schema_map}
         with self._lock:
             dup = self._duplicate_locked(worker_id, seq)
             if dup is not None:
@@ -319,11 +320,18 @@ class AsyncPush:
     def __init__(self, model: Model, base_step: int | None, worker_id: str, seq: int):
         self.model = model
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True)
+        self.on_device: dict[str, jax.Array] = {}
+        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
+                                         finite=True, on_complete=self._to_device)  # fmt: skip
+
+    def _to_device(self, path: str, array: np.ndarray) -> None:
+        # Pipelining: each leaf starts its host-to-device copy (asynchronous on accelerators; zero
+        # copy of the aligned buffer on CPU) as soon as it is complete, while later chunks arrive.
+        self.on_device[path] = jax.device_put(array, self.model.device)
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         return self.model.push_async(
-            grads, base_step=self.base_step, worker_id=self.worker_id, seq=self.seq, make_reply=make_reply
+            self.on_device, base_step=self.base_step, worker_id=self.worker_id, seq=self.seq, make_reply=make_reply
         )
 
     def abort(self) -> None:
