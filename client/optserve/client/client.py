@@ -229,7 +229,7 @@ class Client:
         sync_timeout: float | None = None,
         staleness_scaling: str | None = None,
         ema: float | None = None,
-        ema_debias: bool = True,
+        ema_debias: bool = False,
     ) -> Model:
         """Creates a model from initial parameters (any pytree) and an optimizer spec."""
         leaves, structure = pytree.flatten(params)

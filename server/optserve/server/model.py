@@ -24,7 +24,7 @@ from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.server.settings import ModelSettings
-from optserve.server.spec import CompiledOptimizer
+from optserve.server.spec import CompiledOptimizer, ema
 
 
 @dataclasses.dataclass
@@ -61,27 +61,26 @@ def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
     return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
 
 
-def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool):
-    """The jitted update: (params, opt_state, grads, scale) -> (params, opt_state).
+def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings):
+    """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state).
 
     grads may arrive in a narrower wire dtype; the cast to the parameter dtype happens here, fused
-    into the update. Non-float leaves are carried unchanged (they are not trainable).
+    into the update. Non-float leaves are carried unchanged (they are not trainable). The parameter
+    EMA (objax semantics, `spec.ema`), when the model keeps one, is updated in the same computation.
+    The optimizer state is always donated; parameters and EMA only when no pull pins them.
     """
+    decay = settings.ema_decay
 
-    def step(params: dict, opt_state: Any, grads: dict, scale: jax.Array):
+    def step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
         train = {k: params[k] for k in trainable}
         g = {k: grads[k].astype(train[k].dtype) for k in trainable}
         updates, opt_state = compiled.update(g, opt_state, train)
-        return _apply_updates(params, updates, scale), opt_state
+        params = _apply_updates(params, updates, scale)
+        if ema_state is not None:
+            ema_state = ema.ema_update(ema_state, {k: params[k] for k in trainable}, decay)
+        return params, opt_state, ema_state
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate_params else (1,))
-
-
-def _finite_flags(grads: dict) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads.values()])
-
-
-_finite_flags_jit = jax.jit(_finite_flags)
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate_params else (1,))
 
 
 class Model:
@@ -115,7 +114,11 @@ class Model:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pins: dict[int, int] = {}
-        self._steps = {donate: make_step(compiled, self.trainable, donate) for donate in (True, False)}
+        self.ema_state = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
+        if settings.ema_decay is not None:
+            with jax.default_device(device):
+                self.ema_state = ema.ema_init({k: self.params[k] for k in self.trainable})
+        self._steps = {donate: make_step(compiled, self.trainable, donate, settings) for donate in (True, False)}
         self.deleted = False
         self.closing = False  # the server is shutting down: waits end
         # sync mode: the rounds of contributions (aggregation.py); None in async mode
@@ -166,8 +169,9 @@ class Model:
     def _apply_locked(self, grads: Mapping[str, jax.Array], scale: float) -> int:
         """Applies one update; the caller holds the lock and has validated everything."""
         donate = self._pins.get(self.step, 0) == 0
-        params, self.opt_state = self._steps[donate](self.params, self.opt_state, dict(grads), jnp.float32(scale))
-        self.params = params
+        self.params, self.opt_state, self.ema_state = self._steps[donate](
+            self.params, self.opt_state, self.ema_state, dict(grads), jnp.float32(scale)
+        )
         self.step += 1
         self.counters.pushes_applied += 1
         self._changed.notify_all()
@@ -268,7 +272,9 @@ class Model:
                     del self._pins[step]
 
     def ema_params(self) -> Mapping[str, jax.Array]:
-        raise FailedPrecondition(f"model {self.name!r}: parameter EMA is not available yet")
+        """The parameter EMA (debiased as the model's settings say); non-float leaves as they are."""
+        value = ema.ema_value(self.ema_state, self.settings.ema_debias)
+        return {k: value.get(k, v) for k, v in self.params.items()}
 
     # -- hyperparameters ------------------------------------------------------------------------
 
