@@ -11,7 +11,8 @@ Tensor keys (README, "Checkpoint format"):
 - `opt/<state path>`: optimizer-state leaves, the state path being the `/`-joined keys of the leaf
   in the optimizer-state pytree, e.g. `opt/count`, `opt/inner_state/0/mu/encoder/layers/0/kernel`,
   `opt/hyperparams/learning_rate`;
-- `ema/<leaf path>`: the parameter EMA, when the model keeps one.
+- `ema/<state path>`: leaves of the parameter-EMA state (the model attribute `EMA_ATTR`), when the
+  model keeps one, keyed like the optimizer state, e.g. `ema/count`, `ema/ema/<leaf path>`.
 
 Checkpoint directories store each group in its own file without the group prefix
 (`params.safetensors`, `opt_state.safetensors`, `ema.safetensors`); a downloaded model is one file
@@ -40,6 +41,7 @@ FORMAT = "optserve-state"
 FORMAT_VERSION = 1
 MAX_STEP = 2**53  # steps must stay exact in JSON (and in JavaScript readers of the manifest)
 GROUPS = ("params", "opt", "ema")
+EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
 
 # safetensors dtype names <-> numpy names (codec.DTYPES)
 _ST_DTYPES = {
@@ -64,7 +66,7 @@ class HostState:
     settings: ModelSettings
     params: dict[str, np.ndarray]
     opt: dict[str, np.ndarray]  # state path -> leaf, in the optimizer state's leaf order
-    ema: dict[str, np.ndarray] | None
+    ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
     hyperparams: dict[str, float]
     workers: dict[str, dict]  # worker_id -> WorkerRecord fields (JSON-able, replies encoded)
 
@@ -81,7 +83,7 @@ class HostState:
             "hyperparams": self.hyperparams,
             "workers": self.workers,
             "opt_keys": list(self.opt),
-            "ema": self.ema is not None,
+            "ema_keys": None if self.ema is None else list(self.ema),
         }
 
     def tensor_groups(self) -> dict[str, dict[str, np.ndarray]]:
@@ -145,7 +147,9 @@ class DeviceSnapshot:
         m = self.model
         opt_leaves = jax.tree.leaves(self.opt_state)
         opt = dict(zip(state_paths(self.opt_state, f"model {m.name!r}"), (np.asarray(x) for x in opt_leaves)))
-        ema = None if self.ema is None else {k: np.asarray(v) for k, v in self.ema.items()}
+        ema = None
+        if self.ema is not None:
+            ema = dict(zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema))))
         return HostState(
             name=m.name, step=self.step, schema=list(m.schema), spec=m.compiled.spec, settings=m.settings,
             params={k: np.asarray(v) for k, v in self.params.items()}, opt=opt, ema=ema,
@@ -161,7 +165,7 @@ def capture(model: Any) -> DeviceSnapshot:
     after the copies by the runtime. Host views of the live buffers would be unsafe: on CPU
     `np.asarray` aliases them and a donated update overwrites them.
     """
-    ema = getattr(model, "ema", None)
+    ema = getattr(model, EMA_ATTR, None)
     params, opt_state, ema = jax.device_put((model.params, model.opt_state, ema), may_alias=False)
     workers = {
         w: {f.name: _encode_record_value(getattr(r, f.name)) for f in dataclasses.fields(r)}
@@ -185,23 +189,13 @@ def prepare(model: Any, state: HostState) -> dict:
     """Validates `state` against `model` and puts it on the device; touches nothing of the model."""
     check_compatible(model, state)
     what = f"model {model.name!r}"
-    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, codec.DTYPES[l.dtype]) for l in model.schema}
-    template = jax.eval_shape(model.compiled.init, {k: shapes[k] for k in model.trainable})
-    paths = state_paths(template, what)
-    missing = [p for p in paths if p not in state.opt]
-    extra = [p for p in state.opt if p not in set(paths)]
-    if missing or extra:
-        raise StateError(f"{what}: optimizer state: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
-    for p, t in zip(paths, jax.tree.leaves(template)):
-        a = state.opt[p]
-        if a.dtype != t.dtype or tuple(a.shape) != tuple(t.shape):
-            raise StateError(f"{what}: optimizer state leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}")
+    opt_state = _tree_from(what, "optimizer state", opt_state_templates(model), state.opt, model.device)
     _check_leaves(what, "params", model.schema, state.params)
-    ema_attr = getattr(model, "ema", None)
-    if state.ema is not None and ema_attr is None:
-        raise StateError(f"{what}: the state holds a parameter EMA but the model keeps none")
-    if state.ema is not None:
-        _check_leaves(what, "ema", model.schema, state.ema)
+    ema_template = getattr(model, EMA_ATTR, None)
+    if (state.ema is None) != (ema_template is None):
+        has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
+        raise StateError(f"{what}: the state {has}")
+    ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     from optserve.server.model import WorkerRecord
 
     try:
@@ -209,12 +203,11 @@ def prepare(model: Any, state: HostState) -> dict:
     except (TypeError, ValueError) as e:
         raise StateError(f"{what}: worker records: {e}") from None
     dev = model.device
-    opt_state = jax.tree.unflatten(jax.tree.structure(template), [jax.device_put(own(state.opt[p]), dev) for p in paths])
     return {
         "step": state.step,
         "params": {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map},
         "opt_state": opt_state,
-        "ema": None if state.ema is None else {k: jax.device_put(own(state.ema[k]), dev) for k in model.schema_map},
+        "ema": ema,
         "workers": workers,
     }
 
@@ -226,7 +219,7 @@ def install(model: Any, prepared: dict) -> None:
     model.params = prepared["params"]
     model.opt_state = prepared["opt_state"]
     if prepared["ema"] is not None:
-        model.ema = prepared["ema"]
+        setattr(model, EMA_ATTR, prepared["ema"])
     model.step = prepared["step"]
     model.workers = prepared["workers"]
     model.counters = Counters()  # counters count since creation or restore
@@ -265,6 +258,33 @@ def own(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def opt_state_templates(model: Any) -> tuple[Any, Any]:
+    """Shapes of the model's optimizer state after init and after one update (no allocation).
+
+    Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
+    moments of a bfloat16 parameter become float32)."""
+    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, codec.DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
+    init = jax.eval_shape(model.compiled.init, shapes)
+    after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
+    return init, after
+
+
+def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray], device: Any) -> Any:
+    """A device pytree shaped like `templates[0]` from arrays keyed by state path; every leaf must be
+    present with the shape of the templates and the dtype of one of them, and nothing else."""
+    paths = state_paths(templates[0], what)
+    missing = [p for p in paths if p not in arrays]
+    extra = [p for p in arrays if p not in set(paths)]
+    if missing or extra:
+        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
+    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == jax.tree.structure(templates[0])]
+    for i, p in enumerate(paths):
+        a, t = arrays[p], alternatives[0][i]
+        if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
+            raise StateError(f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}")
+    return jax.tree.unflatten(jax.tree.structure(templates[0]), [jax.device_put(own(arrays[p]), device) for p in paths])
+
+
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
     if set(arrays) != {l.path for l in schema}:
         missing = [l.path for l in schema if l.path not in arrays]
@@ -296,9 +316,13 @@ def from_manifest(manifest: Mapping, groups: Mapping[str, Mapping[str, np.ndarra
         order = manifest.get("opt_keys", list(opt))
         if set(order) != set(opt):
             raise StateError(f"{where}: opt_keys do not match the optimizer-state tensors")
-        ema = groups.get("ema") if manifest.get("ema") else None
-        if manifest.get("ema") and ema is None:
-            raise StateError(f"{where}: the manifest announces an EMA but there is no ema tensor")
+        ema_keys = manifest.get("ema_keys")
+        ema = None
+        if ema_keys is not None:
+            found = groups.get("ema", {})
+            if set(ema_keys) != set(found):
+                raise StateError(f"{where}: ema_keys do not match the EMA tensors")
+            ema = {k: found[k] for k in ema_keys}
         return HostState(
             name=manifest["model"], step=step, schema=schema, spec=manifest["spec"], settings=settings,
             params=dict(groups.get("params", {})), opt={k: opt[k] for k in order}, ema=ema,
