@@ -28,7 +28,9 @@ def _params() -> dict:
 def _grad(params: dict, worker: int, step: int) -> dict:
     """A deterministic gradient that depends on the parameters, the worker and the step."""
     return {
-        "w": (params["w"] * np.float32(0.3 + 0.2 * worker) + np.float32(0.01 * (step + 1) * (worker - 1.5))).astype(np.float32),
+        "w": (params["w"] * np.float32(0.3 + 0.2 * worker) + np.float32(0.01 * (step + 1) * (worker - 1.5))).astype(
+            np.float32
+        ),
         "b": (params["b"] - np.float32(worker + step)).astype(np.float32),
     }
 

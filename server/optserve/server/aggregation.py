@@ -15,9 +15,10 @@ Memory and "a partial push is never counted" -- the choice made here:
   total weight: never N copies of the gradient.
 - A push in flight stages its own chunks as they arrive, in its wire dtype (so a bfloat16 push
   stages half of a float32 copy), in the aligned buffers of its `TensorAssembler`, exactly as an
-  async push does. Only when the stream has ended, every leaf is complete and valid, and the values
-  are finite, does `commit` fold it into the round's sum, under the model lock, with one fused
-  jitted `sum + weight * grad` that donates (overwrites) the sum.
+  async push does: each chunk is checked for NaN/Inf as it lands, and each leaf starts its device
+  transfer as soon as it is complete. Only when the stream has ended and every leaf is complete and
+  valid does `commit` fold it into the round's sum, under the model lock, with one fused jitted
+  `sum + weight * grad` that donates (overwrites) the sum.
 - So a stream that dies (client SIGKILLed, cancelled, malformed) leaves nothing behind: its staging
   buffers are dropped and the round's sum was never touched. Folding each chunk straight into the
   shared sum would save the staging buffer, but a dead stream's partial data could then only be
@@ -65,7 +66,11 @@ def _accumulation_dtype(dtype: Any) -> Any:
 
 @jax.jit
 def _first(grads: dict, weight: jax.Array) -> dict:
-    return {k: weight.astype(_accumulation_dtype(g.dtype)) * g.astype(_accumulation_dtype(g.dtype)) for k, g in grads.items()}
+    out = {}
+    for k, g in grads.items():
+        acc = _accumulation_dtype(g.dtype)
+        out[k] = weight.astype(acc) * g.astype(acc)
+    return out
 
 
 def _fold(sums: dict, grads: dict, weight: jax.Array) -> dict:
@@ -168,8 +173,8 @@ class SyncAggregator:
         completes the round).
         """
         model = self.model
-        device_grads = {k: jax.device_put(grads[k], model.device) for k in model.trainable}  # outside the lock
-        model.check_finite(device_grads)  # INVALID_ARGUMENT naming the leaf; nothing counted
+        # on the device already (moved leaf by leaf as each completed) and checked finite by the assembler
+        device_grads = {k: push.on_device[k] for k in model.trainable}
         weight = jnp.float32(push.weight)
         with model._lock:
             rnd = self._current_round_locked()
@@ -180,7 +185,9 @@ class SyncAggregator:
             if base_step < rnd.step:
                 raise self._stale_locked(base_step)
             if base_step > rnd.step:
-                raise InvalidArgument(f"model {model.name!r}: base_step {base_step} is ahead of the current step {rnd.step}")
+                raise InvalidArgument(
+                    f"model {model.name!r}: base_step {base_step} is ahead of the current step {rnd.step}"
+                )
             if push.worker_id and push.worker_id in rnd.contributors:
                 raise FailedPrecondition(
                     f"model {model.name!r}: worker {push.worker_id!r} already contributed seq "
@@ -266,7 +273,8 @@ class SyncAggregator:
                     try:
                         self._apply_locked(rnd, timed_out=True)
                     except Exception:  # noqa: BLE001 - never kill the timer silently; drop the round
-                        log.exception("model %r: applying sync step %d by timeout failed", self.model.name, rnd.step + 1)
+                        log.exception("model %r: applying sync step %d by timeout failed", self.model.name,
+                                      rnd.step + 1)  # fmt: skip
                         self._round = Round(step=self.model.step)
                     continue
                 self._timer_wakeup.wait(rnd.deadline - now)
@@ -282,6 +290,14 @@ class SyncAggregator:
     def pending_workers_locked(self) -> dict[str, Contribution]:
         return dict(self._current_round_locked().contributors)
 
+    def reset_locked(self) -> None:
+        """Drops the pending round (the model's state was replaced, e.g. by a checkpoint restore)."""
+        if self._round.count:
+            log.warning("model %r: dropping %d pending sync contributions: the model's state was replaced",
+                        self.model.name, self._round.count)  # fmt: skip
+        self._round = Round(step=self.model.step)
+        self._timer_wakeup.notify_all()
+
     def close_locked(self) -> None:
         """Stops the timer thread (model deleted, server shutting down); pending contributions are dropped."""
         self._closed = True
@@ -295,11 +311,21 @@ class SyncPush:
         self.aggregator = aggregator
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
         model = aggregator.model
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True)
+        self.on_device: dict[str, jax.Array] = {}
+        self._trainable = frozenset(model.trainable)
+        # finite=True: NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted
+        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
+                                         finite=True, on_complete=self._to_device)  # fmt: skip
+
+    def _to_device(self, path: str, array: np.ndarray) -> None:
+        # each complete leaf starts its device transfer while later chunks arrive (as AsyncPush does);
+        # non-float leaves take no part in the update
+        if path in self._trainable:
+            self.on_device[path] = jax.device_put(array, self.aggregator.model.device)
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         return self.aggregator.commit(self, grads, make_reply)
 
     def abort(self) -> None:
         """Nothing to undo: the round's sum is only touched at commit; the staging buffers are dropped."""
-        self.assembler = None
+        self.on_device = {}

@@ -303,6 +303,8 @@ class Model:
 
         with self._lock:
             state_io.install(self, prepared)
+            if self.aggregator is not None:  # pending sync contributions were computed against the old state
+                self.aggregator.reset_locked()
 
     def wake_waiters(self) -> None:
         """The server is shutting down: ends the waits for a step and stops the sync timeout timer."""
