@@ -238,3 +238,10 @@ def test_tunable_errors(spec, message):
   with pytest.raises(SpecError) as info:
     compile_spec(spec, PATHS)
   assert str(info.value).startswith(message), str(info.value)
+
+
+def test_hyperparameter_alias_is_canonicalized():
+  c = compile_spec({"scale_by_schedule": {"schedule": {"constant_schedule": {"value": 0.5}}}}, PATHS)
+  assert c.spec == {"scale_by_schedule": {"step_size_fn": {"constant_schedule": {"value": 0.5}}}}
+  with pytest.raises(SpecError, match="scale_by_schedule.schedule: \"schedule\" and \"step_size_fn\" name the same"):
+    compile_spec({"scale_by_schedule": {"step_size_fn": 1.0, "schedule": 1.0}}, PATHS)

@@ -196,8 +196,10 @@ class _Parser:
       hp = rule.hp(key) if isinstance(key, str) else None
       if hp is None:
         raise SpecError(join(field, str(key)), _unknown_hp(rule, str(key)))
-      values[key] = hp.type.check(value, join(field, key))
-      given[key] = _to_json(values[key])
+      if hp.name in values:
+        raise SpecError(join(field, key), f'"{key}" and "{hp.name}" name the same hyperparameter')
+      values[hp.name] = hp.type.check(value, join(field, key))
+      given[hp.name] = _to_json(values[hp.name])
     for hp in rule.hyperparams:
       if hp.required and hp.name not in values:
         raise SpecError(join(field, hp.name), "required hyperparameter is missing")
@@ -252,6 +254,7 @@ class _Parser:
       hp = rule.hp(name) if isinstance(name, str) else None
       if hp is None:
         raise SpecError(ifield, _unknown_hp(rule, str(name)))
+      name = hp.name
       if not hp.traced:
         raise SpecError(ifield, f'"{name}" cannot be tunable (it is fixed when the optimizer is built)')
       value = values.get(name, hp.default)

@@ -93,7 +93,8 @@ def render_rule(rule: Rule) -> str:
   if rule.hyperparams:
     lines += ["| hyperparameter | type | default | meaning |", "|---|---|---|---|"]
     for hp in rule.hyperparams:
-      lines.append(f"| `{hp.name}` | {_cell(hp.type.describe())} | {_default(hp)} | {_cell(hp.doc)} |")
+      also = f" (also `{'`, `'.join(hp.aliases)}`)" if hp.aliases else ""
+      lines.append(f"| `{hp.name}`{also} | {_cell(hp.type.describe())} | {_default(hp)} | {_cell(hp.doc)} |")
     lines.append("")
   return "\n".join(lines)
 

@@ -211,6 +211,7 @@ class HP:
   type: Any
   default: Any = REQUIRED
   doc: str = ""
+  aliases: tuple = ()  # other accepted spellings, canonicalized to `name`
 
   @property
   def required(self) -> bool:

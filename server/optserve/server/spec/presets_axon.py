@@ -190,7 +190,8 @@ _both("scale_by_rms", optax.scale_by_rms, [HP("decay", UNIT_OPEN, 0.9, "EMA deca
 _both("scale_by_rss", optax.scale_by_rss, [EPS.replace(default=1e-7), RSS_INIT], "Adagrad preconditioner.",
       "G = G + g²; u = g/√(G + eps)", "optax.scale_by_rss(initial_accumulator_value=0.1, eps=1e-7)", schedules=())
 _both("scale_by_schedule", optax.scale_by_schedule,
-      [HP("step_size_fn", Custom(schedules.schedule_or_number, "schedule (or number)"), REQUIRED, "the schedule")],
+      [HP("step_size_fn", Custom(schedules.schedule_or_number, "schedule (or number)"), REQUIRED, "the schedule (Polaris schedule_fn)",
+         aliases=("schedule",))],
       "Scales by a schedule of the count (c = 0, 1, ...).", "u = s(c)·g", "optax.scale_by_schedule(s)",
       schedules=())
 _both("scale_by_stddev", optax.scale_by_stddev, [HP("decay", UNIT_OPEN, 0.9, "EMA decay"), EPS, INITIAL_SCALE],

@@ -70,7 +70,7 @@ class Rule:
 
   def hp(self, name: str) -> Optional[HP]:
     for h in self.hyperparams:
-      if h.name == name:
+      if h.name == name or name in h.aliases:
         return h
     return None
 

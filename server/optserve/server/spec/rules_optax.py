@@ -159,7 +159,7 @@ _tx("scale_by_learning_rate", optax.scale_by_learning_rate,
     "optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)")
 _tx("scale_by_schedule", optax.scale_by_schedule,
     [HP("step_size_fn", Custom(schedules.schedule_or_number, "schedule (or number)"), REQUIRED,
-        "the schedule s(c), c = 0, 1, ...")],
+        "the schedule s(c), c = 0, 1, ...", aliases=("schedule",))],
     "Scales by a schedule of the count.", "u = s(c)·g", "optax.scale_by_schedule(step_size_fn)")
 _tx("scale_by_adam", optax.scale_by_adam, [B1, B2, EPS, EPS_ROOT, MU_DTYPE, NESTEROV],
     "Adam's preconditioner (no LR).", "u = m̂/(√(v̂ + eps_root) + eps)",
