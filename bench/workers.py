@@ -3,9 +3,10 @@
 Each worker pulls, then runs `--pushes` PushPull round trips (a fixed gradient of `--floats` float32,
 no compute, so the server's path is what is measured); all workers start together. Reported per
 mode and worker count: steps/s, pushes/s, aggregate gradient bytes/s pushed, and sync's throughput
-relative to async at the same worker count.
+relative to async at the same worker count (pushes/s ratio: a sync step takes one push of every
+worker). Median of `--repeat` runs.
 
-    python bench/workers.py [--floats 1000000] [--pushes 40] [--counts 1,2,4,8]
+    python bench/workers.py [--floats 1000000] [--pushes 40] [--counts 1,2,4,8] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -98,20 +99,27 @@ def main() -> None:
     ap.add_argument("--floats", type=int, default=1_000_000)
     ap.add_argument("--pushes", type=int, default=40, help="PushPull round trips per worker")
     ap.add_argument("--counts", default="1,2,4,8")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is reported")
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     proc, target = optserve_server()
     rows = []
     try:
         for n in counts:
-            by_mode = {mode: run_one(target, mode, n, args.floats, args.pushes) for mode in ("async", "sync")}
-            by_mode["sync"]["sync / async"] = f"{by_mode['sync']['_pushes_per_s'] / by_mode['async']['_pushes_per_s']:.2f}x"
+            by_mode = {}
+            for mode in ("async", "sync"):
+                runs = sorted((run_one(target, mode, n, args.floats, args.pushes) for _ in range(args.repeat)),
+                              key=lambda r: r["_pushes_per_s"])  # fmt: skip
+                by_mode[mode] = runs[len(runs) // 2]
+            ratio = by_mode["sync"]["_pushes_per_s"] / by_mode["async"]["_pushes_per_s"]
+            by_mode["sync"]["sync / async"] = f"{ratio:.2f}x"
             rows += [by_mode["async"], by_mode["sync"]]
             print(f"  {n} workers done", file=sys.stderr, flush=True)
     finally:
         stop(proc)
-    print(f"machine: {machine()}")
-    print(f"command: python bench/workers.py --floats {args.floats} --pushes {args.pushes} --counts {args.counts}")
+    print(f"machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"command: python bench/workers.py --floats {args.floats} --pushes {args.pushes} --counts {args.counts} "
+          f"--repeat {args.repeat}")  # fmt: skip
     print(table(rows, COLUMNS))
 
 
