@@ -101,10 +101,13 @@ class Server:
             self.port = self._grpc.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
+        if checkpoints is not None:
+            self.service.ready.clear()  # calls are UNAVAILABLE until every model is restored
         self._grpc.start()
         self._stopped = False
         if checkpoints is not None:
             checkpoints.start(self.store)  # restores every model before we report SERVING
+            self.service.ready.set()
         if metrics_port is not None:
             self.metrics.start_http(metrics_port, metrics_host or host)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -66,6 +66,7 @@ def _handler(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            self._check_ready()
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             self.metrics.failed(fn.__name__, context, e)
@@ -82,6 +83,7 @@ def _stream_handler(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Iterator:
         try:
+            self._check_ready()
             yield from fn(self, request, context)
         except GeneratorExit:
             raise
@@ -116,6 +118,14 @@ class OptserveService:
         self.started_unix = time.time()
         self.accepting = threading.Event()
         self.accepting.set()
+        # Cleared by Server while it restores checkpoints: until then a model may still be missing,
+        # so every call is UNAVAILABLE (clients retry), never a misleading NOT_FOUND.
+        self.ready = threading.Event()
+        self.ready.set()
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise Unavailable("server is starting: restoring checkpoints; retry shortly")
 
     def _check_accepting(self) -> None:
         if not self.accepting.is_set():
