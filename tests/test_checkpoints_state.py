@@ -88,8 +88,8 @@ def client(server):
 def test_save_restore_is_bitwise_and_continues_like_a_twin(client, ckpt_dir, tmp_path, model_name):
     rng = np.random.default_rng(1)
     params = _params(rng)
-    a = client.create_model(model_name, params, optimizer=SPEC)
-    twin = client.create_model(model_name + "-twin", params, optimizer=SPEC)
+    a = client.create_model(model_name, params, optimizer=SPEC, ema=0.9)
+    twin = client.create_model(model_name + "-twin", params, optimizer=SPEC, ema=0.9)
     first = [_grads(rng, params) for _ in range(3)]
     more = [_grads(rng, params) for _ in range(4)]
     wa, wt = a.worker("w0"), twin.worker("w0")
@@ -110,6 +110,7 @@ def test_save_restore_is_bitwise_and_continues_like_a_twin(client, ckpt_dir, tmp
         on_disk = parse_safetensors(f.read(), "params")[0]
     _assert_bitwise({f"params/{k}": v for k, v in on_disk.items()}, {k: v for k, v in saved.items() if k.startswith("params/")})
     assert any(k.startswith("opt/") and k.endswith("count") for k in saved)  # step counts are state too
+    assert "ema/count" in saved and any(k.startswith("ema/ema/") for k in saved)  # and the parameter EMA
 
     for g in more:  # diverge, then come back
         a.push(g)
@@ -140,7 +141,7 @@ def test_restart_restores_every_model_and_keeps_deduplicating(tmp_path):
     before = {}
     with Server(port=0, checkpoint_dir=str(tmp_path / "ck")) as srv, srv.client(timeout=60.0) as c:
         for name in ("alpha", "beta"):
-            m = c.create_model(name, params, optimizer=ADAM)
+            m = c.create_model(name, params, optimizer=ADAM, ema=0.5 if name == "beta" else None)
             w = m.worker("w")
             w.pull()
             for _ in range(2 if name == "alpha" else 3):
