@@ -60,6 +60,26 @@ def _fail(context: grpc.ServicerContext, e: Exception, rpc: str) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(e).__name__}: {e}")
 
 
+class _Malformed:
+    """What `_parse` hands the handler instead of a request protobuf could not parse."""
+
+    def __init__(self, message_type: type, error: Exception):
+        self.message = f"{message_type.__name__}: malformed message ({error})"
+
+
+def _parse(message_type: type) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: grpc would answer INTERNAL for a deserializer's
+    exception, but a malformed request is the client's fault (INVALID_ARGUMENT, see the wrappers)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Malformed(message_type, e)
+
+    return parse
+
+
 def _handler(fn: Callable) -> Callable:
     """Maps exceptions of a unary-response handler to statuses."""
 
@@ -67,6 +87,8 @@ def _handler(fn: Callable) -> Callable:
     def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             self._check_ready()
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.message)
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             self.metrics.failed(fn.__name__, context, e)
@@ -84,6 +106,8 @@ def _stream_handler(fn: Callable) -> Callable:
     def wrapper(self: OptserveService, request: Any, context: grpc.ServicerContext) -> Iterator:
         try:
             self._check_ready()
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.message)
             yield from fn(self, request, context)
         except GeneratorExit:
             raise
@@ -138,20 +162,20 @@ class OptserveService:
         h = grpc
         table = {
             "CreateModel": h.stream_unary_rpc_method_handler(self.CreateModel, raw, P.ModelInfo.SerializeToString),
-            "GetModel": h.unary_unary_rpc_method_handler(self.GetModel, P.GetModelRequest.FromString, P.ModelInfo.SerializeToString),
-            "ListModels": h.unary_unary_rpc_method_handler(self.ListModels, P.ListModelsRequest.FromString, P.ListModelsResponse.SerializeToString),
-            "DeleteModel": h.unary_unary_rpc_method_handler(self.DeleteModel, P.DeleteModelRequest.FromString, P.DeleteModelResponse.SerializeToString),
-            "SetHyperparams": h.unary_unary_rpc_method_handler(self.SetHyperparams, P.SetHyperparamsRequest.FromString, P.ModelInfo.SerializeToString),
+            "GetModel": h.unary_unary_rpc_method_handler(self.GetModel, _parse(P.GetModelRequest), P.ModelInfo.SerializeToString),
+            "ListModels": h.unary_unary_rpc_method_handler(self.ListModels, _parse(P.ListModelsRequest), P.ListModelsResponse.SerializeToString),
+            "DeleteModel": h.unary_unary_rpc_method_handler(self.DeleteModel, _parse(P.DeleteModelRequest), P.DeleteModelResponse.SerializeToString),
+            "SetHyperparams": h.unary_unary_rpc_method_handler(self.SetHyperparams, _parse(P.SetHyperparamsRequest), P.ModelInfo.SerializeToString),
             "Push": h.stream_unary_rpc_method_handler(self.Push, raw, P.PushResponse.SerializeToString),
-            "Pull": h.unary_stream_rpc_method_handler(self.Pull, P.PullRequest.FromString, raw),
+            "Pull": h.unary_stream_rpc_method_handler(self.Pull, _parse(P.PullRequest), raw),
             "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
-            "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, P.SaveCheckpointRequest.FromString, P.CheckpointInfo.SerializeToString),
-            "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, P.ListCheckpointsRequest.FromString, P.ListCheckpointsResponse.SerializeToString),
-            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, P.RestoreCheckpointRequest.FromString, P.ModelInfo.SerializeToString),
-            "Download": h.unary_stream_rpc_method_handler(self.Download, P.DownloadRequest.FromString, raw),
+            "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString),
+            "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString),
+            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString),
+            "Download": h.unary_stream_rpc_method_handler(self.Download, _parse(P.DownloadRequest), raw),
             "Upload": h.stream_unary_rpc_method_handler(self.Upload, raw, P.ModelInfo.SerializeToString),
-            "ListRules": h.unary_unary_rpc_method_handler(self.ListRules, P.ListRulesRequest.FromString, P.ListRulesResponse.SerializeToString),
-            "GetServerInfo": h.unary_unary_rpc_method_handler(self.GetServerInfo, P.GetServerInfoRequest.FromString, P.ServerInfo.SerializeToString),
+            "ListRules": h.unary_unary_rpc_method_handler(self.ListRules, _parse(P.ListRulesRequest), P.ListRulesResponse.SerializeToString),
+            "GetServerInfo": h.unary_unary_rpc_method_handler(self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString),
         }  # fmt: skip
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
