@@ -1,4 +1,4 @@
-"""`optserve ls | info | save | restore | delete | rules` against a live `optserve serve` subprocess
+"""`optserve health | ls | info | save | restore | delete | rules` against a live `optserve serve` subprocess
 that requires a token and TLS (and serves metrics on --metrics-port 0)."""
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ def test_admin_commands_against_a_live_server(live):
         m = c.create_model("admin-m", {"w": np.zeros(4, np.float32)}, optim.sgd(0.5))
         m.push({"w": np.ones(4, np.float32)})
         m.push({"w": np.ones(4, np.float32)})
+
+        r = optserve(live, "health", auth=False)  # what the container HEALTHCHECK runs; needs no token
+        assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
 
         r = optserve(live, "ls")
         assert r.returncode == 0, r.stderr

@@ -2,7 +2,7 @@
 
     optserve serve [--host 127.0.0.1] [--port 8470] [--checkpoint-dir DIR] [--device gpu:0] ...
     optserve demo [--workers 4] [--steps 300] [--mode sync|async]
-    optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules
+    optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
         [--target HOST:PORT] [--token-file F] [--tls-ca F]
 """
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
         return p
 
     target(sub.add_parser("ls", help="list models"))
+    p = target(sub.add_parser("health", help="exit 0 if the server reports SERVING (for container health checks)"))
+    p.add_argument("--service", default="", help="service name to check ('' : the whole server)")
     target(sub.add_parser("info", help="describe a model")).add_argument("model")
     target(sub.add_parser("save", help="checkpoint a model now")).add_argument("model")
     p = target(sub.add_parser("restore", help="restore a model from a checkpoint"))
@@ -124,9 +126,31 @@ def _print_rules(rules: list[dict], as_json: bool) -> None:
         print(f"{r['name']:<34} {r['kind']:<10} {r['library']:<8} {hp}")
 
 
+def health(args: argparse.Namespace) -> int:
+    """Asks the standard gRPC health service (open without a token); prints the status."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from optserve.client.client import _credentials
+
+    tls = {k: v for k, v in {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}.items() if v}
+    channel = grpc.secure_channel(args.target, _credentials(tls)) if tls else grpc.insecure_channel(args.target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=5)
+        except grpc.RpcError as e:
+            print(f"optserve health: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def admin(args: argparse.Namespace) -> int:
     from optserve.client import OptserveError
 
+    if args.command == "health":
+        return health(args)
     if args.command == "rules" and args.local:
         from optserve.server.spec import list_rules
 
