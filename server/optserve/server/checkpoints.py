@@ -231,6 +231,7 @@ class CheckpointManager:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="optserve-checkpoint")
+        self.metrics: Any = None  # the server's ServerMetrics: every save's duration, size or failure
 
     # -- paths ------------------------------------------------------------------------------------
 
@@ -352,11 +353,15 @@ class CheckpointManager:
             info = write_checkpoint(model_dir, state)
         except Exception as e:
             track.error = f"step {track.attempted_step}: {e}"
+            if self.metrics is not None:
+                self.metrics.checkpoint(model.name, time.perf_counter() - began, None, ok=False)
             log.error("model %r: checkpoint at step %d failed: %s", model.name, track.attempted_step, e)
             if isinstance(e, ServiceError):
                 raise
             raise CheckpointFailed(f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}") from e
         track.error = ""
+        if self.metrics is not None:
+            self.metrics.checkpoint(model.name, time.perf_counter() - began, info.bytes, ok=True)
         track.committed_step = max(track.committed_step, state.step)
         track.held = (weakref.ref(model), state.step, state.hyperparams)
         log.info("model %r: checkpoint %s committed (%d bytes, %.2fs)", model.name, info.name, info.bytes,

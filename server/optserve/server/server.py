@@ -84,6 +84,8 @@ class Server:
         self.checkpoints = checkpoints
         self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints)
         self.metrics = self.service.metrics  # its own registry: several servers may share a process
+        if checkpoints is not None:
+            checkpoints.metrics = self.metrics  # periodic, explicit and final saves alike
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(

@@ -376,15 +376,7 @@ class OptserveService:
 
     @_handler
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:
-        manager = self._manager(request.model, context)
-        started = time.perf_counter()
-        try:
-            info = manager.save_now(self.store.get(request.model))
-        except Exception:
-            self.metrics.checkpoint(request.model, time.perf_counter() - started, None, ok=False)
-            raise
-        self.metrics.checkpoint(request.model, time.perf_counter() - started, info.bytes, ok=True)
-        return info
+        return self._manager(request.model, context).save_now(self.store.get(request.model))
 
     @_handler
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
