@@ -2,9 +2,10 @@
 
     python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
 
-Times `Model.apply` (the server's update path once the gradient is on the device: finite check,
-jitted step with donated buffers) against `jax.jit(optax update + apply_updates, donate)`. Both
-block until the new parameters are ready.
+Times the server's update once the gradient is on the device (`Model._apply_locked`: the jitted
+step with donated buffers, EMA and scale included; NaN/Inf were already rejected chunk by chunk on
+receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
+parameters are ready.
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
     g = model.to_device(grads)
 
     def step():
-        model.check_finite(g)
         with model._lock:
             model._apply_locked(g, 1.0)
         jax.block_until_ready(model.params)

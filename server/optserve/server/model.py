@@ -124,18 +124,7 @@ class Model:
         # sync mode: the rounds of contributions (aggregation.py); None in async mode
         self.aggregator = SyncAggregator(self) if settings.mode == "sync" else None
 
-    # -- validation -----------------------------------------------------------------------------
-
-    def check_finite(self, grads: Mapping[str, jax.Array]) -> None:
-        """Rejects non-finite gradients (the default policy), naming the first bad leaf."""
-        floats = {k: grads[k] for k in self.trainable}
-        if not floats:
-            return
-        flags = np.asarray(_finite_flags_jit(floats))
-        if not flags.all():
-            bad = [k for k, ok in zip(floats, flags) if not ok]
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise InvalidArgument(f"model {self.name!r}: leaf {bad[0]!r}: gradient has NaN or Inf{more}")
+    # -- device -----------------------------------------------------------------------------------
 
     def to_device(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.device_put(arrays[k], self.device) for k in self.schema_map}
