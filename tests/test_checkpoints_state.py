@@ -352,3 +352,26 @@ def test_failed_save_is_reported(tmp_path):
         os.remove(tmp_path / "f")
         assert m.save() == 0
         assert m.info()["last_checkpoint_error"] is None
+
+
+def test_deleted_model_stays_deleted_and_its_checkpoints_are_archived(tmp_path):
+    rng = np.random.default_rng(7)
+    params = _params(rng, bf16=False)
+    root = tmp_path / "ck"
+    with Server(port=0, checkpoint_dir=str(root)) as srv, srv.client(timeout=60.0) as c:
+        old = c.create_model("gone", params, optimizer=ADAM)
+        old.push(_grads(rng, params))
+        old.push(_grads(rng, params))
+        assert old.save() == 2
+        c.delete_model("gone")  # keeps (archives) its checkpoints
+        fresh = c.create_model("gone", {"other": np.zeros(3, np.float32)}, optimizer=ADAM)
+        assert fresh.save() == 0  # a new model of the same name starts its own history
+        c.create_model("purged", params, optimizer=ADAM).save()
+        c.delete_model("purged", delete_checkpoints=True)
+    archived = os.listdir(root / ".archive")
+    assert len(archived) == 1 and archived[0].startswith("gone-")
+    assert os.listdir(root / ".archive" / archived[0]) == ["step_2"]
+    assert not (root / "purged").exists()
+    with Server(port=0, checkpoint_dir=str(root)) as srv, srv.client(timeout=60.0) as c:
+        assert [m["name"] for m in c.list_models()] == ["gone"]
+        assert c.model("gone").info()["schema"][0]["path"] == "other"  # the new model, not the deleted one

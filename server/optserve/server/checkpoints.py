@@ -46,6 +46,7 @@ STEP_DIR = re.compile(r"^step_(0|[1-9][0-9]{0,15})$")
 TMP_MARK = ".tmp-"
 CORRUPT_MARK = ".corrupt-"
 DELETED_PREFIX = ".deleted-"  # not a valid model name, so never mistaken for one
+ARCHIVE_DIR = ".archive"  # checkpoints of deleted models (DeleteModel without delete_checkpoints)
 
 
 class CheckpointFailed(ServiceError):
@@ -258,7 +259,7 @@ class CheckpointManager:
             if entry.startswith(DELETED_PREFIX) or TMP_MARK in entry and entry.startswith("."):
                 shutil.rmtree(path, ignore_errors=True)
                 continue
-            if not os.path.isdir(path):
+            if not os.path.isdir(path) or entry == ARCHIVE_DIR:
                 continue
             try:
                 self.model_dir(entry)
@@ -446,6 +447,25 @@ class CheckpointManager:
             track.attempted_step = state.step
         log.info("model %r: restored from %s (step %d)", name, step_dir, state.step)
         return model
+
+    def archive(self, name: str) -> str | None:
+        """Moves a deleted model's checkpoints to `.archive/<name>-<time>-<hex>/`: kept for manual
+        recovery, but neither restored at the next start nor mixed with a new model of that name."""
+        model_dir = self.model_dir(name)
+        track = self._track(name)
+        with track.save_lock:
+            if not os.path.isdir(model_dir):
+                return None
+            archive_root = os.path.join(self.root, ARCHIVE_DIR)
+            os.makedirs(archive_root, exist_ok=True)
+            target = os.path.join(archive_root, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}")
+            os.rename(model_dir, target)
+            _fsync_dir(self.root)
+            _fsync_dir(archive_root)
+        with self._tracks_lock:
+            self._tracks.pop(name, None)
+        log.info("model %r: checkpoints archived to %s", name, target)
+        return target
 
     def delete_all(self, name: str) -> None:
         """Removes every checkpoint of a model (after a save in flight, if any)."""

@@ -252,8 +252,11 @@ class OptserveService:
     @_handler
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
         self.store.delete(authorize(context, request.model))
-        if request.delete_checkpoints and self.checkpoints is not None:
-            self.checkpoints.delete_all(request.model)
+        if self.checkpoints is not None:  # never restored again: removed, or archived for recovery
+            if request.delete_checkpoints:
+                self.checkpoints.delete_all(request.model)
+            else:
+                self.checkpoints.archive(request.model)
         log.info("deleted model %r", request.model)
         return pb.DeleteModelResponse()
 
