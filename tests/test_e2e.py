@@ -154,3 +154,12 @@ def test_push_pull_returns_updated_parameters(client, model_name):
     out = model.push_pull({"w": np.ones(3, np.float32)})
     np.testing.assert_array_equal(out["w"], np.full(3, 0.5, np.float32))
     assert model.last_step == 1
+
+
+@pytest.mark.parametrize("spec", ["flux:AdaMax", "flux:AMSGrad", {"objax:Adam": {"learning_rate": 0.01}}])
+def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_name, spec):
+    """These inits put one zeros array in two places; the server must still donate the state."""
+    model = client.create_model(model_name, {"w": np.ones(3, np.float32), "s": np.ones((), np.float32)}, optimizer=spec)
+    for i in range(3):
+        assert model.push({"w": np.full(3, 0.1, np.float32), "s": np.float32(0.1)}) == i + 1
+    assert np.all(model.pull()["w"] < 1.0)

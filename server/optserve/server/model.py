@@ -83,6 +83,26 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
     return jax.jit(step, donate_argnums=(0, 1, 2) if donate_params else (1,))
 
 
+def own_buffers(tree: Any) -> Any:
+    """The tree with every array leaf in a buffer of its own.
+
+    An optimizer's init may put one array in two places (e.g. two accumulators starting from the
+    same zeros); donating that state would donate the buffer twice, which XLA refuses. Copies are
+    made only for the repeats, so a well-behaved state costs nothing.
+    """
+    seen: set[int] = set()
+
+    def own(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, tree)
+
+
 class Model:
     """Parameters, optimizer state, step and bookkeeping of one named model."""
 
@@ -105,7 +125,7 @@ class Model:
         self.param_bytes = sum(np.asarray(a).nbytes for a in params.values())
         self.params: dict[str, jax.Array] = {p: jax.device_put(params[p], device) for p in self.schema_map}
         with jax.default_device(device):
-            self.opt_state = compiled.init({k: self.params[k] for k in self.trainable})
+            self.opt_state = own_buffers(compiled.init({k: self.params[k] for k in self.trainable}))
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.opt_state) if hasattr(x, "nbytes"))
         self.step = 0
         self.counters = Counters()
