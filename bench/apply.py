@@ -10,20 +10,18 @@ parameters are ready.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import machine, table
+from common import machine, median_seconds, table
 from optserve.client import optim
+from optserve.client.codec import LeafSpec
 from optserve.server.model import Model
 from optserve.server.settings import ModelSettings
 from optserve.server.store import compile_for
-from optserve.client.codec import LeafSpec
 
 RULES = {
     "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),
@@ -43,16 +41,6 @@ def leaves_for(n: int) -> dict[str, np.ndarray]:
             "b/bias": np.zeros(1024, np.float32)}  # fmt: skip
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
     schema = [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
     model = Model("bench", schema, params, compile_for("bench", spec, schema), ModelSettings(), jax.devices()[0])
@@ -63,7 +51,7 @@ def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
             model._apply_locked(g, 1.0)
         jax.block_until_ready(model.params)
 
-    return best_of(step, repeats)
+    return median_seconds(step, repeats)
 
 
 def time_optax(tx, params: dict, grads: dict, repeats: int) -> float:
@@ -83,7 +71,7 @@ def time_optax(tx, params: dict, grads: dict, repeats: int) -> float:
         box[0], box[1] = step(box[0], box[1], g)
         jax.block_until_ready(box[0])
 
-    return best_of(run, repeats)
+    return median_seconds(run, repeats)
 
 
 def measure(n: int, rules: list[str], repeats: int = 10) -> list[dict]:

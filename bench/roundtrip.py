@@ -5,30 +5,15 @@ and a 1K-parameter model's p50 latency against a raw grpcio unary echo of the sa
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import grpc
 import numpy as np
+import optax
 
 from apply import time_optax
 from common import machine, median_seconds, optserve_server, raw_server, stop, table
 from optserve.client import Client, optim
 from optserve.client.transport import CHANNEL_OPTIONS
 from transport import raw_pull_fn, raw_push_fn
-
-import optax
-
-
-def p50(fn, n: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20) -> list[dict]:
@@ -57,8 +42,8 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         m2 = client.create_model("small", small, optim.adam(1e-3))
         echo = channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x)
         payload = g_small["w"].tobytes()
-        ours_small = p50(lambda: m2.push_pull(g_small), 300)
-        raw_echo = p50(lambda: echo(payload), 300)
+        ours_small = median_seconds(lambda: m2.push_pull(g_small), 300, warmup=20)
+        raw_echo = median_seconds(lambda: echo(payload), 300, warmup=20)
         rows.append({"measure": f"push_pull p50, {n_small} float32 params (adam)", "optserve": f"{ours_small * 1e3:.2f} ms",
                      "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
                      "ratio": f"{ours_small / raw_echo:.2f}x", "target": "<= 1.5x"})  # fmt: skip

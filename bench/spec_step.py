@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apply import best_of, leaves_for
-from common import machine, table
+from apply import leaves_for
+from common import machine, median_seconds, table
 from optserve.client import optim
 from optserve.server.spec import compile_spec
 
@@ -47,7 +47,7 @@ def time_tx(tx, params: dict, grads: dict, repeats: int) -> float:
         box[0], box[1] = step(box[0], box[1], grads)
         jax.block_until_ready(box[0])
 
-    return best_of(run, repeats)
+    return median_seconds(run, repeats)
 
 
 def measure(n: int, repeats: int = 10) -> list[dict]:

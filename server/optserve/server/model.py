@@ -317,15 +317,14 @@ class Model:
 
     def wake_waiters(self) -> None:
         """The server is shutting down: ends the waits for a step and stops the sync timeout timer."""
-        with self._lock:
-            self.closing = True
-            if self.aggregator is not None:
-                self.aggregator.close_locked()
-            self._changed.notify_all()
+        self._end("closing")
 
     def mark_deleted(self) -> None:
+        self._end("deleted")
+
+    def _end(self, flag: str) -> None:
         with self._lock:
-            self.deleted = True
+            setattr(self, flag, True)
             if self.aggregator is not None:
                 self.aggregator.close_locked()
             self._changed.notify_all()

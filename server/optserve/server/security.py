@@ -77,6 +77,19 @@ class TokenAuth(grpc.ServerInterceptor):
         return _scoped(handler, token.models)
 
 
+# grpc builds a handler with a different function for each (request streaming, response streaming).
+_HANDLER_FACTORIES = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+def _factory(handler: grpc.RpcMethodHandler) -> tuple[Callable, str]:
+    return _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
+
+
 def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     def abort(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
@@ -84,14 +97,7 @@ def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message:
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(abort)
     # Keep the method's arity so grpc treats the call correctly, and skip deserializing bytes.
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(abort)
+    return _factory(handler)[0](abort)
 
 
 ALLOWED_MODELS = "optserve.allowed_models"
@@ -99,24 +105,13 @@ ALLOWED_MODELS = "optserve.allowed_models"
 
 def _scoped(handler: grpc.RpcMethodHandler, models: frozenset[str]) -> grpc.RpcMethodHandler:
     """Wraps a handler so the service can check the model a request names against `models`."""
-    kind = (handler.request_streaming, handler.response_streaming)
-    inner = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[kind]
+    make, attribute = _factory(handler)
+    inner = getattr(handler, attribute)
 
     def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
         setattr(context, ALLOWED_MODELS, models)
         return inner(request, context)
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
     return make(behaviour, handler.request_deserializer, handler.response_serializer)
 
 
