@@ -14,9 +14,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# --pin (or OPTSERVE_BENCH_PIN=1): server processes on CPU 0, this (client) process on CPU 1, so
+# the two sides do not steal each other's core; on a 2-core machine the unpinned scheduler otherwise
+# mixes their busy threads and figures swing by 2x between runs.
+PIN = os.environ.get("OPTSERVE_BENCH_PIN") == "1"
+
+
+def pin_client() -> None:
+    """Pins this process (and the threads it starts later) to CPU 1 when pinning is on."""
+    if PIN and len(os.sched_getaffinity(0)) >= 2:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})
+
+
+pin_client()  # scripts run on their own honour OPTSERVE_BENCH_PIN=1
+
+
 def start_process(args: list[str], pattern: str = r"listening on (\S+):(\d+)", timeout: float = 120.0,
                   env: dict | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
     """Starts a server process and waits (bounded) for its 'listening on HOST:PORT' line."""
+    if PIN and len(os.sched_getaffinity(0) | {0}) >= 2:
+        args = ["taskset", "-c", "0", *args]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, **(env or {})})  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -65,6 +82,7 @@ def repeats_for(nbytes: int) -> int:
 
 
 def machine() -> str:
+    """One line describing the machine (and whether processes are pinned)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,7 +91,8 @@ def machine() -> str:
         pass
     import grpc
 
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, grpcio {grpc.__version__}"
+    pinned = ", server pinned to CPU 0 and client to CPU 1" if PIN else ", unpinned"
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, grpcio {grpc.__version__}{pinned}"
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Runs every benchmark and prints one table of optserve against its same-run baselines, then the
 detail tables. Figures go into BENCHMARKS.md with this command.
 
-    python bench/run.py [--quick]
+    python bench/run.py [--quick] [--pin]
 
 --quick uses smaller sizes (for a smoke run); the reported figures use the defaults.
 """
@@ -17,6 +17,7 @@ import memory
 import roundtrip
 import transport
 import wire
+import common
 from common import machine, table
 
 
@@ -27,7 +28,11 @@ def _ratio(text: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pin", action="store_true", help="server on CPU 0, client on CPU 1 (see common.PIN)")
     args = ap.parse_args()
+    if args.pin:
+        common.PIN = True
+    common.pin_client()
     q = args.quick
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     details: list[tuple[str, str]] = []

@@ -10,7 +10,7 @@ comes back as nested dicts (`nested_dicts`).
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,39 +109,41 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
+def _visit(x: Any, prefix: str, leaves: list[tuple[str, np.ndarray]]) -> Any:
+    """Appends x's leaves to `leaves`; returns its structure node.
+
+    A plain recursive function on purpose: a recursive closure is a reference cycle, which would
+    keep every array it saw alive until the cyclic garbage collector happens to run.
+    """
+    kind = leaf_kind(x)
+    if kind is not None:
+        leaves.append((prefix, to_numpy(x, kind)))
+        return ("leaf", kind)
+    if x is None:
+        return ("none",)
+    if isinstance(x, Mapping):
+        keys = sorted(x.keys(), key=lambda k: (str(type(k)), k))
+        children = tuple(_visit(x[k], join_path(prefix, k), leaves) for k in keys)
+        return ("dict", type(x), tuple(keys), children, tuple(x.keys()))  # last: the caller's order
+    if _is_namedtuple(x):
+        fields = type(x)._fields
+        return ("namedtuple", type(x), tuple(_visit(getattr(x, f), join_path(prefix, f), leaves) for f in fields))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_visit(v, join_path(prefix, i), leaves) for i, v in enumerate(x)))
+    if "jax" in sys.modules:  # a registered pytree node that only jax knows
+        import jax
+
+        children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+        if not (len(children) == 1 and children[0][1] is x):
+            return ("jax", treedef,
+                    tuple(_visit(c, join_path(prefix, _jax_key(p[-1])), leaves) for p, c in children))  # fmt: skip
+    raise TypeError(f"cannot send a leaf of type {type(x).__name__} at {prefix or '<root>'!r}")
+
+
 def flatten(tree: Any) -> tuple[list[tuple[str, np.ndarray]], Structure]:
     """Returns ([(path, numpy array)], structure). Dict keys are visited in sorted order, as jax does."""
     leaves: list[tuple[str, np.ndarray]] = []
-
-    def visit(x: Any, prefix: str) -> Any:
-        kind = leaf_kind(x)
-        if kind is not None:
-            leaves.append((prefix, to_numpy(x, kind)))
-            return ("leaf", kind)
-        if x is None:
-            return ("none",)
-        if isinstance(x, Mapping):
-            keys = sorted(x.keys(), key=lambda k: (str(type(k)), k))
-            children = tuple(visit(x[k], join_path(prefix, k)) for k in keys)
-            return ("dict", type(x), tuple(keys), children, tuple(x.keys()))  # last: the caller's order
-        if _is_namedtuple(x):
-            fields = type(x)._fields
-            return ("namedtuple", type(x), tuple(visit(getattr(x, f), join_path(prefix, f)) for f in fields))
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, tuple(visit(v, join_path(prefix, i)) for i, v in enumerate(x)))
-        if "jax" in sys.modules:  # a registered pytree node that only jax knows
-            import jax
-
-            children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-            if not (len(children) == 1 and children[0][1] is x):
-                return (
-                    "jax",
-                    treedef,
-                    tuple(visit(c, join_path(prefix, _jax_key(p[-1]))) for p, c in children),
-                )
-        raise TypeError(f"cannot send a leaf of type {type(x).__name__} at {prefix or '<root>'!r}")
-
-    node = visit(tree, "")
+    node = _visit(tree, "", leaves)
     if leaves and leaves[0][0] == "" and node[0] == "leaf":
         raise TypeError("a bare array is not a pytree of parameters: wrap it, e.g. {'w': array}")
     paths = [p for p, _ in leaves]
@@ -157,34 +159,34 @@ def _jax_key(entry: Any) -> str:
     return str(entry)
 
 
+def _build(node: Any, it: Iterator[np.ndarray]) -> Any:
+    """Rebuilds one node, taking leaves from `it` (a plain recursive function: see `_visit`)."""
+    tag = node[0]
+    if tag == "leaf":
+        return from_numpy(next(it), node[1])
+    if tag == "none":
+        return None
+    if tag == "dict":
+        _, cls, keys, children, order = node
+        by_key = dict(zip(keys, [_build(c, it) for c in children]))
+        d = {k: by_key[k] for k in order}
+        return d if cls is dict else _rebuild_mapping(cls, d)
+    if tag == "namedtuple":
+        _, cls, children = node
+        return cls(*[_build(c, it) for c in children])
+    if tag == "list":
+        return [_build(c, it) for c in node[1]]
+    if tag == "tuple":
+        return tuple(_build(c, it) for c in node[1])
+    if tag == "jax":
+        _, treedef, children = node
+        return treedef.unflatten([_build(c, it) for c in children])
+    raise AssertionError(f"unknown node {tag}")
+
+
 def unflatten(structure: Structure, leaves: Sequence[np.ndarray]) -> Any:
     """Rebuilds the pytree recorded in `structure` from leaves given in its path order."""
-    it = iter(leaves)
-
-    def build(node: Any) -> Any:
-        tag = node[0]
-        if tag == "leaf":
-            return from_numpy(next(it), node[1])
-        if tag == "none":
-            return None
-        if tag == "dict":
-            _, cls, keys, children, order = node
-            by_key = dict(zip(keys, [build(c) for c in children]))
-            d = {k: by_key[k] for k in order}
-            return d if cls is dict else _rebuild_mapping(cls, d)
-        if tag == "namedtuple":
-            _, cls, children = node
-            return cls(*[build(c) for c in children])
-        if tag == "list":
-            return [build(c) for c in node[1]]
-        if tag == "tuple":
-            return tuple(build(c) for c in node[1])
-        if tag == "jax":
-            _, treedef, children = node
-            return treedef.unflatten([build(c) for c in children])
-        raise AssertionError(f"unknown node {tag}")
-
-    return build(structure.node)
+    return _build(structure.node, iter(leaves))
 
 
 def _rebuild_mapping(cls: type, d: dict) -> Any:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optserve.client.codec import TensorAssembler
+from optserve.server.datapath import device_putter
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -312,16 +313,10 @@ class SyncPush:
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
         model = aggregator.model
         self.on_device: dict[str, jax.Array] = {}
-        self._trainable = frozenset(model.trainable)
-        # finite=True: NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
-                                         finite=True, on_complete=self._to_device)  # fmt: skip
-
-    def _to_device(self, path: str, array: np.ndarray) -> None:
-        # each complete leaf starts its device transfer while later chunks arrive (as AsyncPush does);
-        # non-float leaves take no part in the update
-        if path in self._trainable:
-            self.on_device[path] = jax.device_put(array, self.aggregator.model.device)
+        # finite=True: NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted;
+        # each complete trainable leaf starts its device transfer while later chunks arrive
+        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True,
+                                         on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)))  # fmt: skip
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         return self.aggregator.commit(self, grads, make_reply)

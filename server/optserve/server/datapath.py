@@ -6,8 +6,9 @@ copied, once, into the leaf's aligned buffer.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from optserve.client import codec
@@ -143,3 +144,18 @@ def pull_messages(
     if push is not None:
         first.push.CopyFrom(push)
     return chunk_messages(first, leaves, chunk_bytes)
+
+
+def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = None) -> Callable[[str, np.ndarray], None]:
+    """An on_complete callback for TensorAssembler that starts each finished leaf's host-to-device
+    copy (asynchronous on accelerators; zero copy of the aligned buffer on CPU) while later chunks
+    are still arriving. It closes over the target dict only, not over its receiver: a bound method
+    would make receiver -> assembler -> callback -> receiver a reference cycle, keeping whole
+    gradients alive until the cyclic garbage collector runs. `only`: the leaves to move (others,
+    e.g. non-float leaves that take no part in the update, are left on the host)."""
+
+    def put(path: str, array: np.ndarray) -> None:
+        if only is None or path in only:
+            into[path] = jax.device_put(array, device)
+
+    return put

@@ -22,6 +22,7 @@ import numpy as np
 
 from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
+from optserve.server.datapath import device_putter
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
@@ -338,12 +339,7 @@ class AsyncPush:
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
         self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
-                                         finite=True, on_complete=self._to_device)  # fmt: skip
-
-    def _to_device(self, path: str, array: np.ndarray) -> None:
-        # Pipelining: each leaf starts its host-to-device copy (asynchronous on accelerators; zero
-        # copy of the aligned buffer on CPU) as soon as it is complete, while later chunks arrive.
-        self.on_device[path] = jax.device_put(array, self.model.device)
+                                         finite=True, on_complete=device_putter(self.on_device, model.device))  # fmt: skip
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         return self.model.push_async(
