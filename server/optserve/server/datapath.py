@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import queue
+import threading
+
 import jax
+from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_buffers
 import numpy as np
 
 from optserve.client import codec
@@ -159,3 +163,52 @@ def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = 
             into[path] = jax.device_put(array, device)
 
     return put
+
+
+def release_host_buffers() -> None:
+    """Lets jax drop the host buffers of device arrays that are already gone.
+
+    jaxlib defers the Python reference drops of freed buffers that alias host memory (a received
+    gradient put on the CPU device without a copy; a model's initial parameters) and performs them
+    at its next API call. Without this, an idle server would keep the last push's whole gradient
+    (and, after creation, the initial parameters) alive: measured +0.87 GB on a 0.4 GB model.
+    """
+    collect = getattr(_jax_lib, "collect_garbage", None)
+    if collect is not None:
+        collect()
+    else:  # any jax entry point collects too; the private hook above is just the cheapest one
+        jax.device_put(0)
+
+
+class _HostBufferReaper:
+    """One daemon thread that waits for dispatched updates, then calls release_host_buffers.
+
+    Updates are dispatched asynchronously, and their inputs can only be dropped once they have run;
+    waiting for that in the push path would add the step time to every reply, so it happens here.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def after(self, outputs: object) -> None:
+        """Releases host buffers once `outputs` (a pytree of arrays just dispatched) are ready."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="optserve-host-buffer-reaper", daemon=True)
+                self._thread.start()
+        self._queue.put(outputs)
+
+    def _run(self) -> None:
+        while True:
+            outputs = self._queue.get()
+            try:
+                jax.block_until_ready(outputs)
+            except Exception:  # noqa: BLE001 - donated to a later step meanwhile: that one ran after it
+                pass
+            del outputs
+            release_host_buffers()
+
+
+host_buffer_reaper = _HostBufferReaper()

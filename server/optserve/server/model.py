@@ -22,7 +22,7 @@ import numpy as np
 
 from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
-from optserve.server.datapath import device_putter
+from optserve.server.datapath import device_putter, host_buffer_reaper
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
@@ -182,6 +182,7 @@ class Model:
         self.params, self.opt_state, self.ema_state = self._steps[donate](
             self.params, self.opt_state, self.ema_state, dict(grads), jnp.float32(scale)
         )
+        host_buffer_reaper.after(self.params)  # then the gradient's host buffers can go
         self.step += 1
         self.counters.pushes_applied += 1
         self._changed.notify_all()
