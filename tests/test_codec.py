@@ -14,6 +14,7 @@ LEAVES = [
     ("b/c", np.ones((3, 2), ml_dtypes.bfloat16)),
     ("empty", np.zeros((0, 4), np.float16)),
     ("i", np.arange(5, dtype=np.int64)),
+    ("big", np.arange(3 * codec.ALIGN_MIN_BYTES // 4, dtype=np.float32)),
 ]
 
 
@@ -39,7 +40,8 @@ def test_chunking_round_trips_any_chunk_size(chunk):
     for path, a in LEAVES:
         assert out[path].dtype == a.dtype and out[path].shape == a.shape
         np.testing.assert_array_equal(out[path], a)
-        assert a.size == 0 or out[path].ctypes.data % codec.ALIGNMENT == 0
+        if a.nbytes >= codec.ALIGN_MIN_BYTES:  # what jax.device_put can alias without a copy
+            assert out[path].ctypes.data % codec.ALIGNMENT == 0
 
 
 def test_payload_anywhere_and_absent():

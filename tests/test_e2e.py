@@ -163,3 +163,28 @@ def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_na
     for i in range(3):
         assert model.push({"w": np.full(3, 0.1, np.float32), "s": np.float32(0.1)}) == i + 1
     assert np.all(model.pull()["w"] < 1.0)
+
+
+def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_name):
+    """PushOne / PullOne / PushPullOne: one message each way, same semantics; the client uses them
+    when the tensors fit in one chunk. A reply that cannot fit in one message is refused."""
+    from optserve.client.client import chunk_messages
+    from optserve.v1 import optserve_pb2 as pb
+
+    small = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))
+    assert small._params_fit_one_chunk
+    (msg,) = chunk_messages(pb.PushRequest(header=pb.PushHeader(model=model_name)), [("w", np.ones(4, np.float32))], 1 << 20)
+    assert client.call(client._push_one, msg).step == 1
+    reply = small.read_pull_stream([client.call(client._pull_one, pb.PullRequest(model=model_name))], None)
+    assert reply[0] == 1 and reply[1]["w"].tolist() == [-1.0] * 4
+    assert small.push_pull({"w": np.ones(4, np.float32)})["w"].tolist() == [-2.0] * 4
+
+    from optserve.client import ResourceExhaustedError
+    from optserve.server.datapath import SINGLE_MESSAGE_PAYLOAD
+
+    big = client.create_model(f"{model_name}-big", {"w": np.zeros(SINGLE_MESSAGE_PAYLOAD // 4 + 1, np.float32)},
+                              optimizer=optim.sgd(1.0))  # fmt: skip
+    assert not big._params_fit_one_chunk  # so the client streams instead
+    with pytest.raises(ResourceExhaustedError, match="do not fit in one message"):
+        client.call(client._pull_one, pb.PullRequest(model=f"{model_name}-big"))
+    assert big.pull()["w"].shape == (SINGLE_MESSAGE_PAYLOAD // 4 + 1,)

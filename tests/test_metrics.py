@@ -69,7 +69,7 @@ def test_counters_move_after_pushes_and_pulls(msrv):
     assert delta("optserve_apply_seconds_count", model="metered") == 3
     assert delta("optserve_push_staleness_steps_count", model="metered") == 2  # the two with a base_step
     assert delta("optserve_push_staleness_steps_sum", model="metered") == 1
-    assert delta("optserve_requests_rejected_total", rpc="Push", code="invalid_argument") == 1
+    assert delta("optserve_requests_rejected_total", rpc="PushOne", code="invalid_argument") == 1  # small: the unary twin
     assert delta("optserve_requests_rejected_total", rpc="GetModel", code="not_found") == 1
     assert value(after, "optserve_model_step", model="metered") == 3
     assert value(after, "optserve_model_bytes", model="metered", kind="params") == 32
@@ -133,5 +133,5 @@ def test_logs_one_json_line_per_rejection_none_per_push(msrv, capsys):
         root.setLevel(old_level)
     assert len(records) == 1
     line = json.loads(logs.JsonFormatter().format(records[0]))
-    assert line["event"] == "rejected" and line["rpc"] == "Push" and line["model"] == "quiet"
+    assert line["event"] == "rejected" and line["rpc"] == "PushOne" and line["model"] == "quiet"
     assert line["code"] == "INVALID_ARGUMENT" and "'w'" in line["message"] and line["level"] == "info"

@@ -12,6 +12,7 @@ payloads are never copied by protobuf; everything else uses the generated messag
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -174,6 +175,10 @@ class Client:
         ch = self._channel
         self._create = ch.stream_unary(method("CreateModel"), _identity, pb.ModelInfo.FromString)
         self._push = ch.stream_unary(method("Push"), _identity, pb.PushResponse.FromString)
+        # Unary twins: one message each way, for tensors that fit in one chunk (small models).
+        self._push_one = ch.unary_unary(method("PushOne"), _identity, pb.PushResponse.FromString)
+        self._pull_one = ch.unary_unary(method("PullOne"), pb.PullRequest.SerializeToString, _identity)
+        self._push_pull_one = ch.unary_unary(method("PushPullOne"), _identity, _identity)
         self._pull = ch.unary_stream(method("Pull"), pb.PullRequest.SerializeToString, _identity)
         self._push_pull = ch.stream_stream(method("PushPull"), _identity, _identity)
         self._upload = ch.stream_unary(method("Upload"), _identity, pb.ModelInfo.FromString)
@@ -305,6 +310,8 @@ class Model:
         self.name = name
         self._structure = structure
         self._schema = {l.path: l for l in info.schema} if info is not None else None
+        # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
+        self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
 
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self.client.target})"
@@ -325,8 +332,20 @@ class Model:
             self._structure = structure
         return _to_wire(leaves, wire_dtype)
 
-    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
+    def _push_messages(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]) -> tuple[bytes | None, Iterator[bytes]]:
+        """(the only message, or None) and the message stream: a gradient that frames into one
+        message goes through a unary twin; a bigger one starts streaming after one lookahead."""
         msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
+        first = next(msgs)
+        second = next(msgs, None)
+        if second is None:
+            return first, iter((first,))
+        return None, itertools.chain((first, second), msgs)
+
+    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
+        only, msgs = self._push_messages(header, leaves)
+        if only is not None:
+            return self.client.call(self.client._push_one, only, timeout=timeout)
         return self.client.call(self.client._push, msgs, timeout=timeout)
 
     def push(
@@ -365,7 +384,11 @@ class Model:
         req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype,
                                  if_newer_than=if_newer_than)  # fmt: skip
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
-        step, params = self.read_pull_stream(self.client.stream(self.client._pull, req, timeout=deadline), like)
+        if self._params_fit_one_chunk:
+            replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
+        else:
+            replies = self.client.stream(self.client._pull, req, timeout=deadline)
+        step, params = self.read_pull_stream(replies, like)
         self.last_step = step
         return params
 
@@ -382,8 +405,11 @@ class Model:
     def push_pull_raw(
         self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None
     ) -> tuple[pb.PushResponse, Any]:
-        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
-        replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
+        only, msgs = self._push_messages(header, leaves)
+        if only is not None and self._params_fit_one_chunk:
+            replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
+        else:
+            replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
         box: list[pb.PushResponse] = []
         step, params = self.read_pull_stream(replies, like, push_reply=box)
         self.last_step = step

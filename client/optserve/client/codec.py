@@ -227,10 +227,15 @@ def plan_chunks(
 # Receiving: assemble slices into aligned buffers
 
 
+ALIGN_MIN_BYTES = 1 << 16  # smaller buffers are copied by any transfer anyway: skip the alignment work
+
+
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """A fresh uint8 buffer whose data pointer is ALIGNMENT-aligned."""
+    """A fresh uint8 buffer whose data pointer is ALIGNMENT-aligned (from ALIGN_MIN_BYTES on)."""
+    if nbytes < ALIGN_MIN_BYTES:
+        return np.empty(nbytes, dtype=np.uint8)
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGNMENT
+    start = (-raw.__array_interface__["data"][0]) % ALIGNMENT
     return raw[start : start + nbytes]
 
 

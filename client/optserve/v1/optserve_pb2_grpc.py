@@ -74,6 +74,21 @@ class OptserveStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.PushOne = channel.unary_unary(
+                '/optserve.v1.Optserve/PushOne',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.PullOne = channel.unary_unary(
+                '/optserve.v1.Optserve/PullOne',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.PullRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
+                _registered_method=True)
+        self.PushPullOne = channel.unary_unary(
+                '/optserve.v1.Optserve/PushPullOne',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
+                _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/optserve.v1.Optserve/SaveCheckpoint',
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.SaveCheckpointRequest.SerializeToString,
@@ -171,6 +186,30 @@ class OptserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushOne(self, request, context):
+        """Unary twins of Push, Pull and PushPull for small models: the same semantics and errors, but
+        the request is one PushRequest (header, slices and payload together) and the reply one
+        message carrying every tensor. A unary call costs about a third of a bidirectional stream in
+        grpcio, which dominates the round trip of a model of a few thousand parameters. A reply that
+        would not fit in one message (the server's message cap, 64 MiB) is refused with
+        RESOURCE_EXHAUSTED: use the streaming RPCs for large models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullOne(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullOne(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveCheckpoint(self, request, context):
         """Takes a checkpoint now; returns once it is committed to disk.
         """
@@ -260,6 +299,21 @@ def add_OptserveServicer_to_server(servicer, server):
             ),
             'PushPull': grpc.stream_stream_rpc_method_handler(
                     servicer.PushPull,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.SerializeToString,
+            ),
+            'PushOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushOne,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.PushResponse.SerializeToString,
+            ),
+            'PullOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullOne,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.PullRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.SerializeToString,
+            ),
+            'PushPullOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullOne,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.PushRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.PullResponse.SerializeToString,
             ),
@@ -513,6 +567,87 @@ class Optserve:
             request_iterator,
             target,
             '/optserve.v1.Optserve/PushPull',
+            optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optserve/PushOne',
+            optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optserve/PullOne',
+            optserve_dot_v1_dot_optserve__pb2.PullRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optserve/PushPullOne',
             optserve_dot_v1_dot_optserve__pb2.PushRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.PullResponse.FromString,
             options,

@@ -22,6 +22,12 @@ from optserve.server.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb
 
 
+# Leaves from this size on start their device transfer as soon as they are complete (pipelining).
+EARLY_DEVICE_PUT_BYTES = 1 << 20
+
+# The unary twins carry every tensor in one message; leave room for the header and slice list.
+SINGLE_MESSAGE_PAYLOAD = MAX_MESSAGE_BYTES - (1 << 20)
+
 def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
     """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
     try:
@@ -160,7 +166,9 @@ def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = 
 
     def put(path: str, array: np.ndarray) -> None:
         if only is None or path in only:
-            into[path] = jax.device_put(array, device)
+            # Small leaves go to the jitted step as numpy arrays: its C++ dispatch transfers them in
+            # microseconds, where jax.device_put's Python path costs more than a small model's update.
+            into[path] = jax.device_put(array, device) if array.nbytes >= EARLY_DEVICE_PUT_BYTES else array
 
     return put
 

@@ -23,6 +23,7 @@ from optserve.client import codec
 from optserve.client.transport import SERVICE
 from optserve.server import datapath
 from optserve.server.errors import (
+    ResourceExhausted,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -120,6 +121,12 @@ def _stream_handler(fn: Callable) -> Callable:
     return wrapper
 
 
+def _only(messages: Iterator[bytes]) -> bytes:
+    """The one message of a reply stream built for a unary twin."""
+    (message,) = list(messages)
+    return message
+
+
 def authorize(context: grpc.ServicerContext, model: str) -> str:
     """Returns `model`; PERMISSION_DENIED when the caller's token is limited to other models."""
     setattr(context, MODEL_ATTR, model)
@@ -169,6 +176,9 @@ class OptserveService:
             "Push": h.stream_unary_rpc_method_handler(self.Push, raw, P.PushResponse.SerializeToString),
             "Pull": h.unary_stream_rpc_method_handler(self.Pull, _parse(P.PullRequest), raw),
             "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
+            "PushOne": h.unary_unary_rpc_method_handler(self.PushOne, raw, P.PushResponse.SerializeToString),
+            "PullOne": h.unary_unary_rpc_method_handler(self.PullOne, P.PullRequest.FromString, raw),
+            "PushPullOne": h.unary_unary_rpc_method_handler(self.PushPullOne, raw, raw),
             "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString),
             "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString),
             "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString),
@@ -311,10 +321,18 @@ class OptserveService:
         return self._receive_push(requests, context)[2]
 
     def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
-                     push: pb.PushResponse | None = None) -> Iterator[bytes]:  # fmt: skip
+                     push: pb.PushResponse | None = None, single: bool = False) -> Iterator[bytes]:  # fmt: skip
+        """The PullResponse messages; `single`: exactly one message (the unary twins), or refused."""
         if req.HasField("min_step") and model.step < req.min_step:
             self._wait_for_step(model, req, context)
         chunk_bytes = datapath.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes)
+        if single:
+            chunk_bytes = datapath.SINGLE_MESSAGE_PAYLOAD
+            if model.param_bytes > chunk_bytes:
+                raise ResourceExhausted(
+                    f"model {model.name!r}: {model.param_bytes} bytes of parameters do not fit in one message "
+                    f"(at most {chunk_bytes}); use the streaming Pull or PushPull"
+                )
         header = pb.PullHeader(model=model.name, schema=datapath.schema_to_proto(model.schema),
                                incarnation=self.incarnation)  # fmt: skip
         if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
@@ -359,14 +377,32 @@ class OptserveService:
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from self._pull_stream(self.store.get(authorize(context, request.model)), request, context)
 
-    @_stream_handler
-    def PushPull(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _push_pull(self, requests: Iterator[bytes], context: grpc.ServicerContext, single: bool) -> Iterator[bytes]:
         model, header, response = self._receive_push(requests, context)
         pull = pb.PullRequest()
         pull.CopyFrom(header.pull)
         if not response.applied:  # sync: return once the step this gradient joined is applied
             pull.min_step = response.step
-        yield from self._pull_stream(model, pull, context, push=response)
+        yield from self._pull_stream(model, pull, context, push=response, single=single)
+
+    @_stream_handler
+    def PushPull(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._push_pull(requests, context, single=False)
+
+    # -- unary twins for small models: one message each way (grpcio streams cost ~3x a unary call) --
+
+    @_handler
+    def PushOne(self, request: bytes, context: grpc.ServicerContext) -> pb.PushResponse:
+        return self._receive_push(iter((request,)), context)[2]
+
+    @_handler
+    def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
+        model = self.store.get(authorize(context, request.model))
+        return _only(self._pull_stream(model, request, context, single=True))
+
+    @_handler
+    def PushPullOne(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return _only(self._push_pull(iter((request,)), context, single=True))
 
     # -- checkpoints (see checkpoints.py) ---------------------------------------------------------
 
