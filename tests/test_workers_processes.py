@@ -53,6 +53,7 @@ def _straggler(target: str, model: str, wait_for_step: int) -> dict:
         worker = handle.worker("straggler")
         params = worker.pull()
         assert worker.base_step == 0
+        print("PULLED", flush=True)  # the test starts the others only now, so step 0 is ours for sure
         handle.pull(min_step=wait_for_step, timeout=60)  # "sleeping": the others train meanwhile
         try:
             worker.push(_grad(params, 9))
@@ -130,8 +131,12 @@ def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
     model = client.create_model(model_name, {"w": np.zeros(SHAPE, np.float32)}, optimizer=optim.sgd(0.01),
                                 mode="sync", workers=4, quorum=3, sync_timeout=3.0)  # fmt: skip
     straggler = _spawn("straggler", server.address, model_name, "3")
-    fast = [_spawn("fast", server.address, model_name, str(i), "8") for i in range(3)]
+    fast: list[subprocess.Popen] = []
     try:
+        ready, _, _ = select.select([straggler.stdout], [], [], 60)
+        line = straggler.stdout.readline() if ready else ""
+        assert line.strip() == "PULLED", straggler.stderr.read() if straggler.poll() is not None else line
+        fast = [_spawn("fast", server.address, model_name, str(i), "8") for i in range(3)]
         s = _result(straggler)
         results = [_result(p) for p in fast]
     finally:
