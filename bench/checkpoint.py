@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from optserve.server import Server
-    from optserve.server import checkpoints
+    from optserve.server import checkpoint_files
 
     per = args.params // args.leaves
     rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = os.path.join(root, "direct")
         os.makedirs(model_dir, exist_ok=True)
         t = time.perf_counter()
-        info = checkpoints.write_checkpoint(model_dir, state)
+        info = checkpoint_files.write_checkpoint(model_dir, state)
         write = time.perf_counter() - t
         del state
         print(f"write alone: host view {to_host * 1e3:.0f} ms, write+fsync+sha256+commit {write:.2f} s for "

@@ -11,7 +11,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from apply import leaves_for

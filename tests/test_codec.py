@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from optserve.client import codec
-from optserve.client.client import chunk_messages
+from optserve.client.messages import chunk_messages
 from optserve.v1 import optserve_pb2 as pb
 
 LEAVES = [

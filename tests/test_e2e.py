@@ -168,7 +168,7 @@ def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_na
 def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_name):
     """PushOne / PullOne / PushPullOne: one message each way, same semantics; the client uses them
     when the tensors fit in one chunk. A reply that cannot fit in one message is refused."""
-    from optserve.client.client import chunk_messages
+    from optserve.client.messages import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
 
     small = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, codec, optim
-from optserve.client.client import chunk_messages
+from optserve.client.messages import chunk_messages
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, OptserveError, PermissionDeniedError, UnauthenticatedError, optim
-from optserve.client.client import Model
+from optserve.client.model import Model
 from optserve.server import Server, security
 
 W = {"w": np.arange(4, dtype=np.float32)}

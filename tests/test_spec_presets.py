@@ -11,7 +11,7 @@ import pytest
 
 from optserve.server.spec import SpecError, compile_spec
 from optserve.server.spec import registry
-from tests.test_spec_compiler import PATHS, SHAPES, assert_close, grad_stream, make_params, run_compiled, run_optax
+from tests.test_spec_compiler import PATHS, assert_close, grad_stream, make_params, run_compiled, run_optax
 
 # ---------------------------------------------------------------- canonical rules vs optax
 

@@ -11,7 +11,7 @@ import pytest
 
 from optserve.client import Client, optim
 from optserve.client import worker as worker_module
-from optserve.client.client import Model
+from optserve.client.model import Model
 from optserve.client.errors import FailedPreconditionError, UnavailableError
 
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),

@@ -4,7 +4,8 @@ Light on purpose: numpy, grpcio, protobuf and ml_dtypes only. jax or torch are i
 the caller hands us their arrays.
 """
 from optserve.client import optim
-from optserve.client.client import Client, Model
+from optserve.client.client import Client
+from optserve.client.model import Model
 from optserve.client.errors import (
     AlreadyExistsError,
     CancelledError,

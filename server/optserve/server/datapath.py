@@ -16,7 +16,7 @@ from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_b
 import numpy as np
 
 from optserve.client import codec
-from optserve.client.client import chunk_messages
+from optserve.client.messages import chunk_messages
 from optserve.client.transport import MAX_MESSAGE_BYTES
 from optserve.server.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb

@@ -11,7 +11,7 @@ inside each (traced) update, so changing one never recompiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import optax
 
 from optserve.server.spec import masks, registry
 from optserve.server.spec.errors import SpecError, join, show, suggest
-from optserve.server.spec.hyperparams import HP, Globs, Number, is_number
+from optserve.server.spec.hyperparams import HP, Globs, is_number
 from optserve.server.spec.registry import Rule
 from optserve.server.spec.schedules import Schedule, ScheduleValue
 

@@ -1,0 +1,230 @@
+"""`Model`: a handle on one model of a server (push, pull, push_pull, info, checkpoints).
+
+Bulky calls stream chunks framed by `codec`; tensors that fit in one chunk use the unary twins
+(PushOne, PullOne, PushPullOne), which cost a third of a stream in grpcio.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from optserve.client import codec, pytree
+from optserve.client.errors import InvalidArgumentError, OptserveError
+from optserve.client.messages import chunk_messages, info_to_dict, to_wire
+from optserve.v1 import optserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from optserve.client.client import Client
+
+
+class Model:
+    """A handle on one model. Cheap to create; holds no server resources."""
+
+    def __init__(self, client: Client, name: str, structure: pytree.Structure | None, info: pb.ModelInfo | None):
+        self.client = client
+        self.name = name
+        self._structure = structure
+        self._schema = {l.path: l for l in info.schema} if info is not None else None
+        # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
+        self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r} at {self.client.target})"
+
+    # -- data path --------------------------------------------------------------------------------
+
+    def _push_header(
+        self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
+    ) -> pb.PushHeader:
+        h = pb.PushHeader(model=self.name, worker_id=worker_id, seq=seq, weight=weight or 0.0)
+        if base_step is not None:
+            h.base_step = base_step
+        return h
+
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]:
+        leaves, structure = pytree.flatten(grads)
+        if self._structure is None:
+            self._structure = structure
+        return to_wire(leaves, wire_dtype)
+
+    def _push_messages(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]) -> tuple[bytes | None, Iterator[bytes]]:
+        """(the only message, or None) and the message stream: a gradient that frames into one
+        message goes through a unary twin; a bigger one starts streaming after one lookahead."""
+        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
+        first = next(msgs)
+        second = next(msgs, None)
+        if second is None:
+            return first, iter((first,))
+        return None, itertools.chain((first, second), msgs)
+
+    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
+        only, msgs = self._push_messages(header, leaves)
+        if only is not None:
+            return self.client.call(self.client._push_one, only, timeout=timeout)
+        return self.client.call(self.client._push, msgs, timeout=timeout)
+
+    def push(
+        self, grads: Any, *, base_step: int | None = None, weight: float | None = None, wire_dtype: str | None = None
+    ) -> int:
+        """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins."""
+        resp = self.push_raw(self._push_header(base_step, weight), self._grad_leaves(grads, wire_dtype))
+        return resp.step
+
+    def _pull_request(
+        self, *, min_step: int | None, timeout: float | None, ema: bool, wire_dtype: str | None,
+        if_newer_than: int | None,
+    ) -> pb.PullRequest:  # fmt: skip
+        req = pb.PullRequest(model=self.name, timeout_seconds=timeout or 0.0, ema=ema, wire_dtype=wire_dtype or "")
+        if min_step is not None:
+            req.min_step = min_step
+        if if_newer_than is not None:
+            req.if_newer_than = if_newer_than
+        return req
+
+    def pull(
+        self,
+        *,
+        like: Any = None,
+        min_step: int | None = None,
+        timeout: float | None = None,
+        ema: bool = False,
+        wire_dtype: str | None = None,
+        if_newer_than: int | None = None,
+    ) -> Any:
+        """Fetches the parameters as a pytree (the structure of `like`, of the create/push, or nested dicts).
+
+        min_step: wait (up to `timeout` seconds) until the model reaches that step.
+        if_newer_than: return None when the model's step is not greater than this.
+        """
+        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype,
+                                 if_newer_than=if_newer_than)  # fmt: skip
+        deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
+        if self._params_fit_one_chunk:
+            replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
+        else:
+            replies = self.client.stream(self.client._pull, req, timeout=deadline)
+        step, params = self.read_pull_stream(replies, like)
+        self.last_step = step
+        return params
+
+    def push_pull(
+        self, grads: Any, *, base_step: int | None = None, weight: float | None = None,
+        wire_dtype: str | None = None, like: Any = None,
+    ) -> Any:  # fmt: skip
+        """Pushes a gradient and returns the updated parameters in one round trip."""
+        header = self._push_header(base_step, weight)
+        header.pull.CopyFrom(self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype,
+                                                if_newer_than=None))  # fmt: skip
+        return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like)[1]
+
+    def push_pull_raw(
+        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None
+    ) -> tuple[pb.PushResponse, Any]:
+        only, msgs = self._push_messages(header, leaves)
+        if only is not None and self._params_fit_one_chunk:
+            replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
+        else:
+            replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
+        box: list[pb.PushResponse] = []
+        step, params = self.read_pull_stream(replies, like, push_reply=box)
+        self.last_step = step
+        return box[0], params
+
+    def read_pull_stream(self, replies: Iterable[bytes], like: Any, push_reply: list | None = None) -> tuple[int, Any]:
+        """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
+        assembler = None
+        step, schema = -1, None
+        for raw in replies:
+            head, payload = codec.split_payload(raw)
+            msg = pb.PullResponse.FromString(head)
+            if msg.HasField("header"):
+                if push_reply is not None and msg.HasField("push"):
+                    push_reply.append(msg.push)
+                step = msg.header.step
+                self.last_incarnation = msg.header.incarnation
+                if msg.header.not_modified:
+                    return step, None
+                schema = {l.path: codec.LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
+                assembler = codec.TensorAssembler(schema, what=f"model {self.name!r}", cast_floats=True)
+            if assembler is None:
+                raise InvalidArgumentError(f"model {self.name!r}: pull stream did not start with a header")
+            if msg.slices:
+                assembler.add(msg.slices, payload)
+        if assembler is None:
+            raise OptserveError(f"model {self.name!r}: empty pull stream")
+        arrays = assembler.finish()
+        for path, a in arrays.items():  # undo a narrower wire dtype
+            if a.dtype.name != schema[path].dtype:
+                arrays[path] = a.astype(codec.wire_dtype(schema[path].dtype))
+        return step, self._rebuild(arrays, like)
+
+    def _rebuild(self, arrays: dict[str, np.ndarray], like: Any) -> Any:
+        structure = pytree.flatten(like)[1] if like is not None else self._structure
+        if structure is None:
+            return pytree.nested_dicts(list(arrays.items()))
+        missing = [p for p in structure.paths if p not in arrays]
+        if missing or len(structure.paths) != len(arrays):
+            raise InvalidArgumentError(
+                f"model {self.name!r}: the structure given has {len(structure.paths)} leaves, the model "
+                f"{len(arrays)}" + (f"; no leaf {missing[0]!r} on the server" if missing else "")
+            )
+        return pytree.unflatten(structure, [arrays[p] for p in structure.paths])
+
+    # -- management -------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """Step, schema, spec, settings, hyperparameters, per-worker state and counters."""
+        return info_to_dict(self.client.call(self.client._stub.GetModel, pb.GetModelRequest(model=self.name)))
+
+    @property
+    def step(self) -> int:
+        return self.info()["step"]
+
+    def set_hyperparams(self, **values: float) -> dict:
+        """Changes tunable hyperparameters (e.g. learning_rate=1e-4) without resetting state."""
+        req = pb.SetHyperparamsRequest(
+            model=self.name, values=[pb.Hyperparam(name=k, value=float(v)) for k, v in values.items()]
+        )
+        return info_to_dict(self.client.call(self.client._stub.SetHyperparams, req))["hyperparams"]
+
+    def worker(self, worker_id: str, **kwargs: Any) -> Any:
+        """A Worker: push/pull/push_pull that track base_step and a retry-safe sequence number."""
+        from optserve.client.worker import Worker
+
+        return Worker(self, worker_id, **kwargs)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> int:
+        """Takes a checkpoint now; returns its step once it is committed to disk."""
+        return self.client.call(self.client._stub.SaveCheckpoint, pb.SaveCheckpointRequest(model=self.name)).step
+
+    def checkpoints(self) -> list[dict]:
+        resp = self.client.call(self.client._stub.ListCheckpoints, pb.ListCheckpointsRequest(model=self.name))
+        return [{"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints]
+
+    def restore(self, step: int = 0) -> int:
+        """Restores a committed checkpoint (0: the newest that verifies); returns the model's step."""
+        req = pb.RestoreCheckpointRequest(model=self.name, step=step)
+        return self.client.call(self.client._stub.RestoreCheckpoint, req).step
+
+    def download(self, path: str | os.PathLike) -> int:
+        """Writes the model's complete state into one safetensors file; returns its size in bytes."""
+        tmp = f"{os.fspath(path)}.part"
+        size = 0
+        with open(tmp, "wb") as f:
+            for raw in self.client.stream(self.client._download, pb.DownloadRequest(model=self.name)):
+                head, data = codec.split_payload(raw)
+                msg = pb.FileChunk.FromString(head)
+                if msg.offset != size:
+                    raise InvalidArgumentError(f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}")
+                f.write(data)
+                size += len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return size
