@@ -2,7 +2,7 @@
 
     python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
 
-Times the server's update once the gradient is on the device (`Model._apply_locked`: the jitted
+Times, alternately (see common.paired_medians), the server's update once the gradient is on the device (`Model._apply_locked`: the jitted
 step with donated buffers, EMA and scale included; NaN/Inf were already rejected chunk by chunk on
 receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
 parameters are ready.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import machine, median_seconds, table
+from common import machine, paired_medians, table
 from optserve.client import optim
 from optserve.client.codec import LeafSpec
 from optserve.server.model import Model
@@ -41,7 +41,8 @@ def leaves_for(n: int) -> dict[str, np.ndarray]:
             "b/bias": np.zeros(1024, np.float32)}  # fmt: skip
 
 
-def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
+def server_step(spec, params: dict, grads: dict):
+    """One server update (Model._apply_locked) on a gradient already on the device, waited for."""
     schema = [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
     model = Model("bench", schema, params, compile_for("bench", spec, schema), ModelSettings(), jax.devices()[0])
     g = model.to_device(grads)
@@ -51,37 +52,36 @@ def time_server(spec, params: dict, grads: dict, repeats: int) -> float:
             model._apply_locked(g, 1.0)
         jax.block_until_ready(model.params)
 
-    return median_seconds(step, repeats)
+    return step
 
 
-def time_optax(tx, params: dict, grads: dict, repeats: int) -> float:
+def optax_step(tx, params: dict, grads: dict):
+    """The same update in process: jitted optax with donated parameters and state, waited for."""
     p = {k: jnp.asarray(v) for k, v in params.items()}
-    state = tx.init(p)
     g = {k: jnp.asarray(v) for k, v in grads.items()}
 
-    @jax.jit
     def _step(p, s, g):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     step = jax.jit(_step, donate_argnums=(0, 1))
-    box = [p, state]
+    box = [p, tx.init(p)]
 
     def run():
         box[0], box[1] = step(box[0], box[1], g)
         jax.block_until_ready(box[0])
 
-    return median_seconds(run, repeats)
+    return run
 
 
-def measure(n: int, rules: list[str], repeats: int = 10) -> list[dict]:
+def measure(n: int, rules: list[str], repeats: int = 30) -> list[dict]:
     rows = []
     params = leaves_for(n)
     grads = {k: np.full(v.shape, 1e-3, np.float32) for k, v in params.items()}
     for name in rules:
         spec, tx = RULES[name]
-        ours = time_server(spec, {k: v.copy() for k, v in params.items()}, grads, repeats)
-        ref = time_optax(tx, params, grads, repeats)
+        ours, ref = paired_medians(server_step(spec, {k: v.copy() for k, v in params.items()}, grads),
+                                   optax_step(tx, params, grads), repeats)  # fmt: skip
         rows.append({"rule": name, "params": f"{n / 1e6:g}M", "server step ms": f"{ours * 1e3:.2f}",
                      "optax step ms": f"{ref * 1e3:.2f}", "ratio": f"{ours / ref:.2f}x"})  # fmt: skip
     return rows

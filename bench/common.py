@@ -77,6 +77,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def paired_medians(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int,
+                   warmup: int = 1) -> tuple[float, float]:  # fmt: skip
+    """Median seconds of two alternatives timed alternately (a, b, a, b, ...), so that a slow phase of
+    a shared machine hits both sides alike instead of whichever happened to run then."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    a, b = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn_a()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn_b()
+        b.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
 def repeats_for(nbytes: int) -> int:
     return 3 if nbytes >= 200e6 else 7 if nbytes >= 20e6 else 30
 

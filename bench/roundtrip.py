@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import optax
 
-from apply import time_optax
-from common import machine, median_seconds, optserve_server, raw_server, stop, table
+from apply import optax_step
+from common import machine, median_seconds, optserve_server, paired_medians, raw_server, stop, table
 from optserve.client import Client, optim
 from optserve.client.transport import CHANNEL_OPTIONS
 from transport import raw_pull_fn, raw_push_fn
@@ -29,7 +29,7 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         ours = median_seconds(lambda: model.push_pull(grads), 7)
         raw_push = median_seconds(raw_push_fn(channel, grads["w"], chunk), 7)
         raw_pull = median_seconds(raw_pull_fn(channel, 4 * n_large, chunk), 7)
-        step = time_optax(optax.adam(1e-3), params, grads, 7)
+        step = median_seconds(optax_step(optax.adam(1e-3), params, grads), 7)
         base = raw_push + raw_pull + step
         rows.append({"measure": f"push_pull {n_large / 1e6:g}M float32 (adam)", "optserve": f"{ours * 1e3:.1f} ms",
                      "baseline": f"{base * 1e3:.1f} ms (raw push {raw_push * 1e3:.0f} + raw pull "
@@ -42,8 +42,7 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         m2 = client.create_model("small", small, optim.adam(1e-3))
         echo = channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x)
         payload = g_small["w"].tobytes()
-        ours_small = median_seconds(lambda: m2.push_pull(g_small), 300, warmup=20)
-        raw_echo = median_seconds(lambda: echo(payload), 300, warmup=20)
+        ours_small, raw_echo = paired_medians(lambda: m2.push_pull(g_small), lambda: echo(payload), 500, warmup=20)
         rows.append({"measure": f"push_pull p50, {n_small} float32 params (adam)", "optserve": f"{ours_small * 1e3:.2f} ms",
                      "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
                      "ratio": f"{ours_small / raw_echo:.2f}x", "target": "<= 1.5x"})  # fmt: skip

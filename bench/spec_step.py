@@ -2,7 +2,8 @@
 
     python bench/spec_step.py [--params 10e6]
 
-Both are jitted with donated parameters and state and timed until the new parameters are ready;
+Both are jitted with donated parameters and state, timed alternately until the new parameters are
+ready;
 the spec compiler must add nothing per leaf or per element (issue: 'at most 1.1x in-process optax').
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apply import leaves_for
-from common import machine, median_seconds, table
+from apply import leaves_for, optax_step
+from common import machine, paired_medians, table
 from optserve.client import optim
 from optserve.server.spec import compile_spec
 
@@ -33,30 +34,13 @@ CASES = {
 }
 
 
-def time_tx(tx, params: dict, grads: dict, repeats: int) -> float:
-    def _step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    step = jax.jit(_step, donate_argnums=(0, 1))
-    box = [{k: jnp.array(v) for k, v in params.items()}, None]
-    box[1] = tx.init(box[0])
-
-    def run():
-        box[0], box[1] = step(box[0], box[1], grads)
-        jax.block_until_ready(box[0])
-
-    return median_seconds(run, repeats)
-
-
-def measure(n: int, repeats: int = 10) -> list[dict]:
+def measure(n: int, repeats: int = 30) -> list[dict]:
     params = leaves_for(n)
     grads = {k: jnp.full(v.shape, 1e-3, jnp.float32) for k, v in params.items()}
     rows = []
     for name, (spec, make) in CASES.items():
         compiled = compile_spec(spec, list(params))
-        ours = time_tx(compiled, params, grads, repeats)
-        ref = time_tx(make(), params, grads, repeats)
+        ours, ref = paired_medians(optax_step(compiled, params, grads), optax_step(make(), params, grads), repeats)
         rows.append({"spec": name, "params": f"{n / 1e6:g}M", "compiled ms": f"{ours * 1e3:.2f}",
                      "optax ms": f"{ref * 1e3:.2f}", "ratio": f"{ours / ref:.2f}x"})  # fmt: skip
     return rows

@@ -15,7 +15,7 @@ import struct
 import grpc
 import numpy as np
 
-from common import gbps, machine, median_seconds, optserve_server, raw_server, repeats_for, stop, table
+from common import gbps, machine, optserve_server, paired_medians, raw_server, repeats_for, stop, table
 from optserve.client import Client, optim
 from optserve.client.transport import CHANNEL_OPTIONS
 
@@ -62,10 +62,8 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             grads = {"w": np.full(n, 1e-3, np.float32)}
             model = client.create_model(f"transport-{i}", params, optim.sgd(1e-3))
             reps = repeats_for(nbytes)
-            push = median_seconds(lambda: model.push(grads), reps)
-            pull = median_seconds(lambda: model.pull(), reps)
-            raw_push = median_seconds(raw_push_fn(channel, grads["w"], chunk), reps)
-            raw_pull = median_seconds(raw_pull_fn(channel, 4 * n, chunk), reps)
+            push, raw_push = paired_medians(lambda: model.push(grads), raw_push_fn(channel, grads["w"], chunk), reps)
+            pull, raw_pull = paired_medians(lambda: model.pull(), raw_pull_fn(channel, 4 * n, chunk), reps)
             client.delete_model(f"transport-{i}")
             rows.append({
                 "size": f"{nbytes / 1e6:g} MB",

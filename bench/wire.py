@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 
-from common import machine, median_seconds, optserve_server, stop, table
+from common import machine, optserve_server, paired_medians, stop, table
 from optserve.client import Client, optim
 
 
@@ -20,7 +20,9 @@ def measure(n: int = 10_000_000) -> list[dict]:
         client = Client(addr, timeout=600)
         model = client.create_model("wire", {"w": np.zeros(n, np.float32)}, optim.sgd(1e-3))
         grads = {"w": np.full(n, 1e-3, np.float32)}
-        times = {w: median_seconds(lambda w=w: model.push(grads, wire_dtype=w), 7) for w in (None, "bfloat16", "float16")}
+        f32, bf16 = paired_medians(lambda: model.push(grads), lambda: model.push(grads, wire_dtype="bfloat16"), 9)
+        _, f16 = paired_medians(lambda: model.push(grads), lambda: model.push(grads, wire_dtype="float16"), 5)
+        times = {None: f32, "bfloat16": bf16, "float16": f16}
         for w, t in times.items():
             rows.append({"wire dtype": w or "float32", "push ms": f"{t * 1e3:.1f}",
                          "effective GB/s (as float32)": f"{4 * n / t / 1e9:.2f}",
