@@ -22,7 +22,7 @@ import numpy as np
 
 from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
-from optserve.server.datapath import device_putter, host_buffer_reaper
+from optserve.server.datapath import device_putter, host_buffer_reaper, release_host_buffers
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
@@ -129,7 +129,12 @@ class Model:
         self.settings = settings
         self.device = device
         self.param_bytes = sum(np.asarray(a).nbytes for a in params.values())
-        self.params: dict[str, jax.Array] = {p: jax.device_put(params[p], device) for p in self.schema_map}
+        # may_alias=False: the parameters get buffers of their own. Aliasing the received host buffer
+        # (zero copy on CPU) would save one copy, once, but the first donated update cannot reuse an
+        # aliased buffer, and jax would keep it alive until an unrelated later call: +1 model of RSS.
+        self.params: dict[str, jax.Array] = {
+            p: jax.device_put(params[p], device, may_alias=False) for p in self.schema_map
+        }
         with jax.default_device(device):
             self.opt_state = own_buffers(compiled.init({k: self.params[k] for k in self.trainable}))
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.opt_state) if hasattr(x, "nbytes"))
@@ -160,6 +165,7 @@ class Model:
     def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> AsyncPush | SyncPush:
         """A receiver for one push stream: its assembler collects the chunks, commit() applies it
         (async) or adds it to the current sync round (sync, see aggregation.py)."""
+        release_host_buffers()  # finished updates' inputs go before this push allocates its own
         if self.aggregator is not None:
             return self.aggregator.open_push(base_step=base_step, worker_id=worker_id, seq=seq, weight=weight)
         return AsyncPush(self, base_step, worker_id, seq)
