@@ -188,3 +188,15 @@ def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_n
     with pytest.raises(ResourceExhaustedError, match="do not fit in one message"):
         client.call(client._pull_one, pb.PullRequest(model=f"{model_name}-big"))
     assert big.pull()["w"].shape == (SINGLE_MESSAGE_PAYLOAD // 4 + 1,)
+
+
+def test_the_step_compiles_once(server, client, model_name):
+    """The initial optimizer state must look to jit exactly like the step's own outputs (committed to
+    the device); otherwise the second push compiles the step again, which takes minutes for models
+    with thousands of leaves."""
+    params = {f"layer{i}": np.zeros(4, np.float32) for i in range(20)}
+    model = client.create_model(model_name, params, optimizer=optim.adam(1e-3), ema=0.9)
+    for _ in range(4):
+        model.push(params)
+    step = server.store.get(model_name)._steps[True]
+    assert step._cache_size() == 1

@@ -136,7 +136,10 @@ class Model:
             p: jax.device_put(params[p], device, may_alias=False) for p in self.schema_map
         }
         with jax.default_device(device):
-            self.opt_state = own_buffers(compiled.init({k: self.params[k] for k in self.trainable}))
+            # device_put commits the state to the device, as the step's outputs are: jit keys its
+            # cache on that too, so uncommitted initial state would compile the step a second time at
+            # the second push (measured: +1.3 s for 300 leaves, minutes for 10k).
+            self.opt_state = jax.device_put(own_buffers(compiled.init({k: self.params[k] for k in self.trainable})), device)
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.opt_state) if hasattr(x, "nbytes"))
         self.step = 0
         self.counters = Counters()
@@ -148,7 +151,7 @@ class Model:
         self.ema_state = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
             with jax.default_device(device):
-                self.ema_state = ema.ema_init({k: self.params[k] for k in self.trainable})
+                self.ema_state = jax.device_put(ema.ema_init({k: self.params[k] for k in self.trainable}), device)
         self._steps = {donate: make_step(compiled, self.trainable, donate, settings) for donate in (True, False)}
         self.deleted = False
         self.closing = False  # the server is shutting down: waits end
