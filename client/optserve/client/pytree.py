@@ -100,10 +100,6 @@ class Structure:
     node: Any
     paths: tuple[str, ...]
 
-    @property
-    def num_leaves(self) -> int:
-        return len(self.paths)
-
 
 def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")

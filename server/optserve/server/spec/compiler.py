@@ -367,11 +367,6 @@ class CompiledOptimizer:
     """Current values of tunable and scheduled hyperparameters (host floats)."""
     return {k: float(jax.device_get(state.hyperparams[k])) for k in self._slots}
 
-  def hyperparam_info(self) -> list[dict]:
-    """For each slot: public name, spec field, whether settable."""
-    return [{"name": k, "field": s.field, "tunable": s.schedule is None}
-            for k, s in self._slots.items()]
-
   def set_hyperparams(self, state: OptimizerState, values: dict[str, float]) -> OptimizerState:
     """Returns a state with new tunable values (validated against the rule's range)."""
     new = dict(state.hyperparams)
