@@ -119,6 +119,37 @@ def test_gradient_larger_than_message_cap(client, model_name):
     assert out.shape == (n,) and out[0] == -0.5 and out[-1] == -2.0 and np.all(out[:-1] == -0.5)
 
 
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_narrow_wire_dtypes_on_push_and_pull(client, model_name, wire):
+    """The server converts a narrow gradient to the parameter dtype; a narrow pull is the parameters
+    rounded once to the wire dtype, returned in their own dtype. Leaves span several chunks."""
+    target = ml_dtypes.bfloat16 if wire == "bfloat16" else np.float16
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal(5000).astype(np.float32), "n": np.arange(3, dtype=np.int32),
+              "d": rng.standard_normal(7).astype(np.float16)}  # fmt: skip
+    model = client.create_model(model_name, params, optimizer=optim.sgd(1.0))
+    model.client.chunk_bytes, saved = 1000, model.client.chunk_bytes  # many chunks per leaf
+    try:
+        grad = {"w": rng.standard_normal(5000).astype(np.float32), "n": np.zeros(3, np.int32),
+                "d": rng.standard_normal(7).astype(np.float16)}  # fmt: skip
+        assert model.push(grad, wire_dtype=wire) == 1
+        expected = {k: params[k] - grad[k].astype(target).astype(params[k].dtype) for k in ("w", "d")}
+        got = model.pull()
+        for k in ("w", "d"):
+            assert got[k].dtype == params[k].dtype
+            np.testing.assert_array_equal(got[k], expected[k])
+        np.testing.assert_array_equal(got["n"], params["n"])
+        narrow = model.pull(wire_dtype=wire)
+        for k in ("w", "d"):
+            assert narrow[k].dtype == params[k].dtype
+            np.testing.assert_array_equal(narrow[k], expected[k].astype(target).astype(params[k].dtype))
+        np.testing.assert_array_equal(narrow["n"], params["n"])
+        pushed_pulled = model.push_pull(grad, wire_dtype=wire)
+        assert pushed_pulled["w"].dtype == np.float32
+    finally:
+        model.client.chunk_bytes = saved
+
+
 def test_concurrent_threads_sum_of_sgd_gradients(client, model_name):
     lr, threads, per_thread = 0.1, 8, 10
     rng = np.random.default_rng(2)

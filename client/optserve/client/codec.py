@@ -190,13 +190,32 @@ def as_bytes(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
+class Cast:
+    """A leaf that travels in another dtype (bfloat16 or float16 on the wire), converted chunk by
+    chunk as it is framed: the conversion of one chunk overlaps the sending of the previous one,
+    and no converted copy of the whole tensor is ever held (measured, 40 MB float32 as bfloat16:
+    converting up front added ~5 ms before the first byte left, a third of the saving)."""
+
+    __slots__ = ("array", "dtype", "shape")
+
+    def __init__(self, array: np.ndarray, dtype: np.dtype):
+        self.array = np.ascontiguousarray(array).reshape(-1)
+        self.dtype = np.dtype(dtype)
+        self.shape = array.shape
+
+    def piece(self, start: int, stop: int) -> memoryview:
+        """Elements [start, stop) in the wire dtype, as bytes."""
+        return memoryview(self.array[start:stop].astype(self.dtype).view(np.uint8))
+
+
 def plan_chunks(
-    leaves: Sequence[tuple[str, np.ndarray]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[tuple[list[Slice], list[memoryview]]]:
     """Yields (slices, payload parts) per chunk: big leaves split by offset, small ones packed.
 
     Every leaf appears at least once (a zero-size leaf as one empty slice), so the receiver can tell
-    a present empty leaf from a missing one.
+    a present empty leaf from a missing one. A `Cast` leaf is split on element boundaries and
+    converted only when its chunk is produced.
     """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
@@ -204,22 +223,31 @@ def plan_chunks(
     parts: list[memoryview] = []
     used = 0
     for path, array in leaves:
-        name = dtype_name(array.dtype)
+        cast = array if isinstance(array, Cast) else None
+        name = dtype_name(cast.dtype if cast else array.dtype)
         shape = tuple(int(d) for d in array.shape)
-        data = as_bytes(array)
+        if cast:
+            unit, size = cast.dtype.itemsize, cast.array.size * cast.dtype.itemsize
+        else:
+            data = as_bytes(array)
+            unit, size = 1, len(data)
         offset = 0
         while True:
-            take = min(len(data) - offset, chunk_bytes - used)
-            if take == 0 and len(data) > 0:  # chunk full
-                yield slices, parts
-                slices, parts, used = [], [], 0
-                continue
+            take = min(size - offset, max(chunk_bytes - used, 0))
+            take -= take % unit
+            if take == 0 and size > offset:
+                if used == 0:  # a chunk smaller than one element: send the element anyway
+                    take = unit
+                else:  # chunk full
+                    yield slices, parts
+                    slices, parts, used = [], [], 0
+                    continue
             slices.append(Slice(path, name, shape, offset, take))
             if take:
-                parts.append(data[offset : offset + take])
+                parts.append(cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take])
             offset += take
             used += take
-            if offset >= len(data):
+            if offset >= size:
                 break
     if slices:
         yield slices, parts

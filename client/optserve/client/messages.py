@@ -18,7 +18,7 @@ def _slice_msgs(slices: Sequence[codec.Slice]) -> list[pb.TensorSlice]:
     return [pb.TensorSlice(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length) for s in slices]
 
 
-def chunk_messages(first: Any, leaves: Sequence[tuple[str, np.ndarray]], chunk_bytes: int) -> Iterator[bytes]:
+def chunk_messages(first: Any, leaves: Sequence[tuple[str, np.ndarray | codec.Cast]], chunk_bytes: int) -> Iterator[bytes]:
     """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
     becomes the first message, holding the first chunk too, so a small tensor set is one message."""
     msg = first
@@ -34,14 +34,18 @@ def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=p, dtype=codec.dtype_name(a.dtype), shape=a.shape) for p, a in leaves]
 
 
-def to_wire(leaves: list[tuple[str, np.ndarray]], wire_dtype: str | None) -> list[tuple[str, np.ndarray]]:
-    """Converts floating-point leaves to a narrower wire dtype ("bfloat16", "float16")."""
+def to_wire(
+    leaves: list[tuple[str, np.ndarray]], wire_dtype: str | None
+) -> list[tuple[str, np.ndarray | codec.Cast]]:
+    """Marks floating-point leaves for a narrower wire dtype ("bfloat16", "float16"); they are
+    converted chunk by chunk while the stream is framed (`codec.Cast`)."""
     if not wire_dtype:
         return leaves
     target = codec.wire_dtype(wire_dtype)
     if wire_dtype not in codec.FLOAT_DTYPES:
         raise ValueError(f"wire_dtype must be a floating-point dtype, got {wire_dtype!r}")
-    return [(p, a.astype(target) if a.dtype.name in codec.FLOAT_DTYPES else a) for p, a in leaves]
+    return [(p, codec.Cast(a, target) if a.dtype.name in codec.FLOAT_DTYPES and a.dtype != target else a)
+            for p, a in leaves]  # fmt: skip
 
 
 def info_to_dict(info: pb.ModelInfo) -> dict:

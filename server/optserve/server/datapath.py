@@ -131,19 +131,31 @@ def schema_to_proto(schema: Iterable[codec.LeafSpec]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=l.path, dtype=l.dtype, shape=l.shape) for l in schema]
 
 
+def _on_cpu(x: jax.Array) -> bool:
+    return all(d.platform == "cpu" for d in x.devices())
+
+
 def host_leaves(
-    schema: list[codec.LeafSpec], arrays: Mapping[str, object], wire_dtype: str, model: str
-) -> list[tuple[str, np.ndarray]]:
-    """Device arrays as host arrays in the requested wire dtype (zero copy on CPU when unchanged)."""
+    schema: list[codec.LeafSpec], arrays: Mapping[str, jax.Array], wire_dtype: str, model: str
+) -> list[tuple[str, np.ndarray | codec.Cast]]:
+    """Device arrays as host arrays (zero copy on CPU), floats marked for the requested wire dtype.
+
+    On the CPU the narrowing happens chunk by chunk while the reply is framed (`codec.Cast`); on an
+    accelerator it happens on the device, so only the narrow bytes cross to the host.
+    """
     if wire_dtype and wire_dtype not in ("float16", "bfloat16", "float32"):
         raise InvalidArgument(f"model {model!r}: wire_dtype must be float16, bfloat16 or float32, got {wire_dtype!r}")
     target = codec.DTYPES.get(wire_dtype) if wire_dtype else None
-    out = []
+    out: list[tuple[str, np.ndarray | codec.Cast]] = []
     for leaf in schema:
-        a = np.asarray(arrays[leaf.path])
-        if target is not None and leaf.dtype in codec.FLOAT_DTYPES and a.dtype != target:
-            a = a.astype(target)
-        out.append((leaf.path, a))
+        x = arrays[leaf.path]
+        narrow = target is not None and leaf.dtype in codec.FLOAT_DTYPES and x.dtype != target
+        if narrow and not _on_cpu(x):
+            out.append((leaf.path, np.asarray(x.astype(target))))
+        elif narrow:
+            out.append((leaf.path, codec.Cast(np.asarray(x), target)))
+        else:
+            out.append((leaf.path, np.asarray(x)))
     return out
 
 
