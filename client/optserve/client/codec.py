@@ -21,6 +21,7 @@ import bisect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -55,8 +56,14 @@ class WireError(ValueError):
     """A malformed tensor stream; the message names the leaf or field at fault."""
 
 
+_NAME_OF = {dtype: name for name, dtype in DTYPES.items()}  # numpy's dtype.name is slow Python code
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype; raises WireError for dtypes that cannot travel."""
+    name = _NAME_OF.get(dtype)
+    if name is not None:
+        return name
     name = np.dtype(dtype).name
     if name not in DTYPES:
         raise WireError(f"dtype {name!r} cannot be sent; supported: {', '.join(DTYPES)}")
@@ -167,12 +174,28 @@ def split_payload(data: bytes) -> tuple[bytes, memoryview]:
     return header, view[payload_start:end]
 
 
+SMALL_MESSAGE_BYTES = 1 << 16  # below this, protobuf's C parser beats walking the fields in Python
+
+
+def parse_message(data: bytes, message_type: type) -> tuple[object, memoryview]:
+    """(message, payload view) of one serialized chunk message.
+
+    Large messages go through `split_payload` (the payload is never copied); small ones are parsed
+    whole by protobuf, which is faster than the Python field walk, at the price of copying a few
+    kilobytes.
+    """
+    if len(data) <= SMALL_MESSAGE_BYTES:
+        msg = message_type.FromString(data)
+        return msg, memoryview(msg.payload)
+    head, payload = split_payload(data)
+    return message_type.FromString(head), payload
+
+
 # ---------------------------------------------------------------------------------------------
 # Sending: plan chunks over a list of leaves
 
 
-@dataclass(frozen=True)
-class Slice:
+class Slice(NamedTuple):
     """One byte range of one leaf (mirrors the proto's TensorSlice)."""
 
     path: str

@@ -14,16 +14,14 @@ from optserve.client import codec
 from optserve.v1 import optserve_pb2 as pb
 
 
-def _slice_msgs(slices: Sequence[codec.Slice]) -> list[pb.TensorSlice]:
-    return [pb.TensorSlice(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length) for s in slices]
-
-
 def chunk_messages(first: Any, leaves: Sequence[tuple[str, np.ndarray | codec.Cast]], chunk_bytes: int) -> Iterator[bytes]:
     """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
     becomes the first message, holding the first chunk too, so a small tensor set is one message."""
     msg = first
     for slices, parts in codec.plan_chunks(leaves, chunk_bytes):
-        msg.slices.extend(_slice_msgs(slices))
+        add = msg.slices.add
+        for s in slices:
+            add(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length)
         yield codec.frame(msg.SerializeToString(), parts)
         msg = type(first)()
     if msg is first:

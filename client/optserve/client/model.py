@@ -139,8 +139,7 @@ class Model:
         assembler = None
         step, schema = -1, None
         for raw in replies:
-            head, payload = codec.split_payload(raw)
-            msg = pb.PullResponse.FromString(head)
+            msg, payload = codec.parse_message(raw, pb.PullResponse)
             if msg.HasField("header"):
                 if push_reply is not None and msg.HasField("push"):
                     push_reply.append(msg.push)
@@ -218,8 +217,7 @@ class Model:
         size = 0
         with open(tmp, "wb") as f:
             for raw in self.client.stream(self.client._download, pb.DownloadRequest(model=self.name)):
-                head, data = codec.split_payload(raw)
-                msg = pb.FileChunk.FromString(head)
+                msg, data = codec.parse_message(raw, pb.FileChunk)
                 if msg.offset != size:
                     raise InvalidArgumentError(f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}")
                 f.write(data)

@@ -17,7 +17,6 @@ from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_b
 import numpy as np
 
 from optserve.client import codec
-from optserve.client.messages import chunk_messages
 from optserve.client.transport import MAX_MESSAGE_BYTES
 from optserve.server.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb
@@ -32,8 +31,7 @@ SINGLE_MESSAGE_PAYLOAD = MAX_MESSAGE_BYTES - (1 << 20)
 def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
     """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
     try:
-        head, payload = codec.split_payload(raw)
-        return message_type.FromString(head), payload
+        return codec.parse_message(raw, message_type)
     except codec.WireError as e:
         raise InvalidArgument(f"{message_type.__name__}: {e}") from None
     except Exception as e:  # protobuf's DecodeError and friends
@@ -157,16 +155,6 @@ def host_leaves(
         else:
             out.append((leaf.path, np.asarray(x)))
     return out
-
-
-def pull_messages(
-    header: pb.PullHeader, leaves: list[tuple[str, np.ndarray]], chunk_bytes: int, push: pb.PushResponse | None = None
-) -> Iterator[bytes]:
-    """The PullResponse stream: header (and push reply) in the first message, with the first chunk."""
-    first = pb.PullResponse(header=header)
-    if push is not None:
-        first.push.CopyFrom(push)
-    return chunk_messages(first, leaves, chunk_bytes)
 
 
 def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = None) -> Callable[[str, np.ndarray], None]:
