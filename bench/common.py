@@ -81,18 +81,22 @@ def paired_medians(fn_a: Callable[[], object], fn_b: Callable[[], object], repea
                    warmup: int = 1) -> tuple[float, float]:  # fmt: skip
     """Median seconds of two alternatives timed alternately (a, b, a, b, ...), so that a slow phase of
     a shared machine hits both sides alike instead of whichever happened to run then."""
+    a, b = interleaved_medians((fn_a, fn_b), repeats, warmup)
+    return a, b
+
+
+def interleaved_medians(fns: tuple[Callable[[], object], ...], repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each alternative, timed in turn (a, b, c, a, b, c, ...)."""
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    a, b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn_a()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn_b()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+        for fn, out in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def repeats_for(nbytes: int) -> int:

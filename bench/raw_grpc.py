@@ -2,6 +2,8 @@
 
 Run as its own process, like optserve's server. Methods (bytes in, bytes out, no protobuf):
 - /raw/Sink    client streaming: consumes chunks, replies with the byte count;
+- /raw/SinkCopy the same, copying each chunk into one buffer of the size given in the call's
+               `x-total-bytes` metadata: the least any receiver that hands on a contiguous tensor does;
 - /raw/Source  server streaming: request = 16 bytes (total, chunk) little-endian; streams that many bytes;
 - /raw/Echo    unary: replies with the request.
 """
@@ -13,6 +15,7 @@ import sys
 from concurrent import futures
 
 import grpc
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from optserve.client.transport import SERVER_OPTIONS  # noqa: E402 - same caps and keepalive as optserve
@@ -27,6 +30,16 @@ def identity(x: bytes) -> bytes:
 def sink(requests, context) -> bytes:
     n = 0
     for chunk in requests:
+        n += len(chunk)
+    return struct.pack("<Q", n)
+
+
+def sink_copy(requests, context) -> bytes:
+    total = int(dict(context.invocation_metadata())["x-total-bytes"])
+    buf = np.empty(total, np.uint8)
+    n = 0
+    for chunk in requests:
+        buf[n : n + len(chunk)] = np.frombuffer(chunk, np.uint8)
         n += len(chunk)
     return struct.pack("<Q", n)
 
@@ -49,6 +62,7 @@ def main() -> None:
     server = grpc.server(futures.ThreadPoolExecutor(8), options=SERVER_OPTIONS)
     handlers = {
         "Sink": grpc.stream_unary_rpc_method_handler(sink, identity, identity),
+        "SinkCopy": grpc.stream_unary_rpc_method_handler(sink_copy, identity, identity),
         "Source": grpc.unary_stream_rpc_method_handler(source, identity, identity),
         "Echo": grpc.unary_unary_rpc_method_handler(echo, identity, identity),
     }

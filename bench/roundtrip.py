@@ -1,5 +1,6 @@
 """push_pull round trips: a 10M-parameter model against raw push + raw pull + an in-process step,
-and a 1K-parameter model's p50 latency against a raw grpcio unary echo of the same bytes.
+and a 1K-parameter model's p50 latency against a raw grpcio unary echo of the same bytes, with the
+pull alone, the push alone and a call that does no work, to show where the small round trip goes.
 
     python bench/roundtrip.py
 """
@@ -10,9 +11,10 @@ import numpy as np
 import optax
 
 from apply import optax_step
-from common import machine, median_seconds, optserve_server, paired_medians, raw_server, stop, table
+from common import interleaved_medians, machine, median_seconds, optserve_server, raw_server, stop, table
 from optserve.client import Client, optim
 from optserve.client.transport import CHANNEL_OPTIONS
+from optserve.v1 import optserve_pb2 as pb
 from transport import raw_pull_fn, raw_push_fn
 
 
@@ -42,10 +44,21 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         m2 = client.create_model("small", small, optim.adam(1e-3))
         echo = channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x)
         payload = g_small["w"].tobytes()
-        ours_small, raw_echo = paired_medians(lambda: m2.push_pull(g_small), lambda: echo(payload), 500, warmup=20)
+        info_req = pb.GetServerInfoRequest()
+        ours_small, raw_echo, pull, push, info = interleaved_medians(
+            (lambda: m2.push_pull(g_small), lambda: echo(payload), lambda: m2.pull(), lambda: m2.push(g_small),
+             lambda: client._stub.GetServerInfo(info_req)), 500, warmup=20,
+        )  # fmt: skip
         rows.append({"measure": f"push_pull p50, {n_small} float32 params (adam)", "optserve": f"{ours_small * 1e3:.2f} ms",
                      "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
                      "ratio": f"{ours_small / raw_echo:.2f}x", "target": "<= 1.5x"})  # fmt: skip
+        # Where the small round trip's time goes: the same calls without the update, without the
+        # pull, and a call that does no work at all on optserve's server.
+        for what, t in (("pull p50 (no update)", pull), ("push p50 (update, no parameters back)", push),
+                        ("GetServerInfo p50 (no work: the server's own floor)", info)):  # fmt: skip
+            rows.append({"measure": f"{what}, {n_small} params", "optserve": f"{t * 1e3:.2f} ms",
+                         "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo)", "ratio": f"{t / raw_echo:.2f}x",
+                         "target": ""})  # fmt: skip
         client.close()
         channel.close()
     finally:

@@ -18,6 +18,7 @@ validating every offset so a malformed stream is rejected before anything is use
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,12 @@ def split_payload(data: bytes) -> tuple[bytes, memoryview]:
 SMALL_MESSAGE_BYTES = 1 << 16  # below this, protobuf's C parser beats walking the fields in Python
 
 
+@functools.cache
+def _payload_name(message_type: type) -> str:
+    """The name of field PAYLOAD_FIELD in a chunk message type ("payload", or "data" for files)."""
+    return message_type.DESCRIPTOR.fields_by_number[PAYLOAD_FIELD].name
+
+
 def parse_message(data: bytes, message_type: type) -> tuple[object, memoryview]:
     """(message, payload view) of one serialized chunk message.
 
@@ -186,7 +193,7 @@ def parse_message(data: bytes, message_type: type) -> tuple[object, memoryview]:
     """
     if len(data) <= SMALL_MESSAGE_BYTES:
         msg = message_type.FromString(data)
-        return msg, memoryview(msg.payload)
+        return msg, memoryview(getattr(msg, _payload_name(message_type)))
     head, payload = split_payload(data)
     return message_type.FromString(head), payload
 
