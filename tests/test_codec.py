@@ -132,3 +132,15 @@ def test_nonfinite_gradients_are_found_in_every_float_dtype(dtype, bad, chunk):
     with pytest.raises(codec.WireError, match="leaf 'g': gradient has NaN or Inf"):
         _assemble(msgs, finite=True)
     assert _assemble(msgs)["g"][7] != 0  # without the check the bytes pass through
+
+
+@pytest.mark.parametrize("where", [0, codec.CHECK_BLOCK_BYTES // 4 - 1, codec.CHECK_BLOCK_BYTES // 4, -1])
+def test_nonfinite_values_are_found_in_every_block_of_a_large_chunk(where):
+    g = np.ones(3 * codec.CHECK_BLOCK_BYTES // 4 + 5, np.float32)  # several check blocks in one chunk
+    msgs = list(chunk_messages(pb.PushRequest(), [("g", g)], 4 << 20))
+    np.testing.assert_array_equal(_assemble(msgs, finite=True)["g"], g)
+    g[where] = np.nan
+    msgs = list(chunk_messages(pb.PushRequest(), [("g", g)], 4 << 20))
+    assert len(msgs) == 1
+    with pytest.raises(codec.WireError, match="leaf 'g': gradient has NaN or Inf"):
+        _assemble(msgs, finite=True)
