@@ -79,28 +79,31 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 
 def paired_medians(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int,
                    warmup: int = 1) -> tuple[float, float]:  # fmt: skip
-    """Median seconds of two alternatives timed alternately (a, b, a, b, ...), so that a slow phase of
-    a shared machine hits both sides alike instead of whichever happened to run then."""
+    """Median seconds of two alternatives timed alternately (a b, b a, a b, ...), so that a slow phase
+    of a shared machine hits both sides alike instead of whichever happened to run then."""
     a, b = interleaved_medians((fn_a, fn_b), repeats, warmup)
     return a, b
 
 
 def interleaved_medians(fns: tuple[Callable[[], object], ...], repeats: int, warmup: int = 1) -> list[float]:
-    """Median seconds of each alternative, timed in turn (a, b, c, a, b, c, ...)."""
+    """Median seconds of each alternative, timed in turn, the order rotating every round (a b c,
+    b c a, c a b, ...): what one call leaves behind (measured: a 400 MB raw pull made the next 400 MB
+    receive, whichever it was, 3x slower through the client's allocator) then hits each alike."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
+    for r in range(repeats):
+        for i in range(len(fns)):
+            k = (r + i) % len(fns)
             t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
 
 def repeats_for(nbytes: int) -> int:
-    return 3 if nbytes >= 200e6 else 7 if nbytes >= 20e6 else 30
+    return 5 if nbytes >= 200e6 else 7 if nbytes >= 20e6 else 30  # 400 MB: rare allocation stalls (transport.py)
 
 
 def machine() -> str:

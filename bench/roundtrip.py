@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from apply import optax_step
-from common import interleaved_medians, machine, median_seconds, optserve_server, raw_server, stop, table
+from common import interleaved_medians, machine, optserve_server, raw_server, stop, table
 from optserve.client import Client, optim
 from optserve.client.transport import CHANNEL_OPTIONS
 from optserve.v1 import optserve_pb2 as pb
@@ -28,10 +28,10 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         params = {"w": np.zeros(n_large, np.float32)}
         grads = {"w": np.full(n_large, 1e-3, np.float32)}
         model = client.create_model("roundtrip", params, optim.adam(1e-3))
-        ours = median_seconds(lambda: model.push_pull(grads), 7)
-        raw_push = median_seconds(raw_push_fn(channel, grads["w"], chunk), 7)
-        raw_pull = median_seconds(raw_pull_fn(channel, 4 * n_large, chunk), 7)
-        step = median_seconds(optax_step(optax.adam(1e-3), params, grads), 7)
+        ours, raw_push, raw_pull, step = interleaved_medians(
+            (lambda: model.push_pull(grads), raw_push_fn(channel, grads["w"], chunk),
+             raw_pull_fn(channel, 4 * n_large, chunk), optax_step(optax.adam(1e-3), params, grads)), 9,
+        )  # fmt: skip
         base = raw_push + raw_pull + step
         rows.append({"measure": f"push_pull {n_large / 1e6:g}M float32 (adam)", "optserve": f"{ours * 1e3:.1f} ms",
                      "baseline": f"{base * 1e3:.1f} ms (raw push {raw_push * 1e3:.0f} + raw pull "
