@@ -40,6 +40,9 @@ def one_run(q: bool) -> tuple[list[dict], list[tuple[str, str]]]:
                                 "baseline": f"raw grpcio {r[f'raw {what} GB/s']} GB/s (raw + one copy "
                                             f"{r[f'raw+copy {what} GB/s']} GB/s: ours {r[f'{what} vs raw+copy']} of that)",
                                 "ratio": r[f"{what} ratio"], "target": ">= 0.9x"})  # fmt: skip
+            summary.append({"measure": f"pull {r['size']} float32 into the previous pull's arrays (out=)",
+                            "optserve": f"{r['pull (out=) GB/s']} GB/s", "baseline": f"raw grpcio {r['raw pull GB/s']} GB/s",
+                            "ratio": r["pull (out=) ratio"], "target": ">= 0.9x"})  # fmt: skip
 
     rows = apply.measure(int(2e6) if q else int(10e6), ["sgd", "adam", "chain"])
     details.append(("apply (server step vs in-process jitted optax with donation)", table(rows, apply.COLUMNS)))

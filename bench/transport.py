@@ -8,14 +8,15 @@ the raw baseline streams the same bytes into a handler that only counts them. Pu
 the other way round.
 
 A second baseline, "raw + copy", is raw streaming whose receiver also copies the chunks into one
-contiguous buffer (the server's for push, the client's for pull): the least work any receiver does
-that hands on a whole tensor rather than a list of 4 MiB pieces. How close optserve comes to it
-shows what its framing, validation and update cost on top of that one copy.
+contiguous buffer (the server's for push, the client's for pull), allocated once and reused: the
+least work any receiver does that hands on a whole tensor rather than a list of 4 MiB pieces. How
+close optserve comes to it shows what its framing, validation and update cost on top of that copy.
+"pull (out=)" pulls into the arrays of the previous pull (`Model.pull(out=...)`), as a training
+loop does; plain "pull" returns fresh arrays, whose pages the OS must map and zero at every pull.
 
-At 400 MB, any receive into a fresh buffer (optserve's and raw + copy's alike) now and then takes
-~1 s instead of ~0.4 s: the kernel stalls while it finds memory for 400 MB of new pages. The order of
-the compared calls rotates every round (`common.interleaved_medians`) so that the stalls hit each
-side alike, and 400 MB runs 5 rounds.
+At 400 MB, a receive into fresh memory now and then takes ~1 s instead of ~0.4 s (the kernel
+finding and zeroing 400 MB of new pages). The order of the compared calls rotates every round
+(`common.interleaved_medians`) so that such stalls hit each side alike, and 400 MB runs 5 rounds.
 """
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ def raw_pull_fn(channel: grpc.Channel, nbytes: int, chunk: int, copy: bool = Fal
         got = sum(len(b) for b in source(struct.pack("<QQ", nbytes, chunk)))
         assert got == nbytes
 
+    buf = aligned_empty(nbytes) if copy else None  # allocated once: the copy alone is measured
+
     def run_copy():
-        buf, got = aligned_empty(nbytes), 0
+        got = 0
         for b in source(struct.pack("<QQ", nbytes, chunk)):
             buf[got : got + len(b)] = np.frombuffer(b, np.uint8)
             got += len(b)
@@ -95,9 +98,12 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             push, raw_push, copy_push = interleaved_medians(
                 (lambda: model.push(grads), raw_push_fn(channel, grads["w"], chunk), raw_push_copy_fn(channel, grads["w"], chunk)), reps
             )
-            pull, raw_pull, copy_pull = interleaved_medians(
-                (lambda: model.pull(), raw_pull_fn(channel, 4 * n, chunk), raw_pull_fn(channel, 4 * n, chunk, copy=True)), reps
-            )
+            out = model.pull()
+            pull, pull_out, raw_pull, copy_pull = interleaved_medians(
+                (lambda: model.pull(), lambda: model.pull(out=out), raw_pull_fn(channel, 4 * n, chunk),
+                 raw_pull_fn(channel, 4 * n, chunk, copy=True)), reps,
+            )  # fmt: skip
+            del out
             client.delete_model(f"transport-{i}")
             rows.append({
                 "size": f"{nbytes / 1e6:g} MB",
@@ -107,6 +113,7 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
                 "pull GB/s": gbps(4 * n, pull), "raw pull GB/s": gbps(4 * n, raw_pull),
                 "pull ratio": f"{raw_pull / pull:.2f}x",
                 "raw+copy pull GB/s": gbps(4 * n, copy_pull), "pull vs raw+copy": f"{copy_pull / pull:.2f}x",
+                "pull (out=) GB/s": gbps(4 * n, pull_out), "pull (out=) ratio": f"{raw_pull / pull_out:.2f}x",
             })  # fmt: skip
         client.close()
         channel.close()
@@ -117,7 +124,8 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
 
 
 COLUMNS = ["size", "push GB/s", "raw push GB/s", "push ratio", "raw+copy push GB/s", "push vs raw+copy",
-           "pull GB/s", "raw pull GB/s", "pull ratio", "raw+copy pull GB/s", "pull vs raw+copy"]
+           "pull GB/s", "raw pull GB/s", "pull ratio", "raw+copy pull GB/s", "pull vs raw+copy", "pull (out=) GB/s",
+           "pull (out=) ratio"]
 
 
 def main() -> None:

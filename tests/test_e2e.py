@@ -150,6 +150,55 @@ def test_narrow_wire_dtypes_on_push_and_pull(client, model_name, wire):
         model.client.chunk_bytes = saved
 
 
+@pytest.mark.parametrize("chunk_bytes", [1000, 4 << 20])  # streamed in many chunks; one unary message
+def test_pull_into_the_callers_arrays(client, model_name, chunk_bytes):
+    from optserve.client import InvalidArgumentError
+
+    rng = np.random.default_rng(4)
+    params = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": np.zeros(30, ml_dtypes.bfloat16),
+              "n": np.arange(4, dtype=np.int32)}  # fmt: skip
+    model = client.create_model(model_name, params, optimizer=optim.sgd(0.5))
+    model.client.chunk_bytes, saved = chunk_bytes, model.client.chunk_bytes
+    try:
+        grad = {"w": np.ones((40, 30), np.float32), "b": np.ones(30, ml_dtypes.bfloat16), "n": np.zeros(4, np.int32)}
+        buffers = model.pull()
+        arrays = dict(buffers)
+        model.push(grad)
+        got = model.pull(out=buffers)
+        assert got is buffers and all(got[k] is arrays[k] for k in arrays)  # written in place
+        fresh = model.pull()
+        for k in params:
+            np.testing.assert_array_equal(got[k], fresh[k])
+        assert got["w"][0, 0] == params["w"][0, 0] - 0.5
+        narrow = model.pull(out=buffers, wire_dtype="bfloat16")  # another wire dtype: received apart, copied in
+        assert narrow["w"] is arrays["w"] and narrow["w"].dtype == np.float32
+        np.testing.assert_array_equal(narrow["w"], fresh["w"].astype(ml_dtypes.bfloat16).astype(np.float32))
+        after = model.push_pull(grad, out=buffers)
+        assert after["w"] is arrays["w"]
+        np.testing.assert_array_equal(after["w"], model.pull()["w"])
+
+        read_only = np.zeros(4, np.int32)
+        read_only.setflags(write=False)
+        bad = {
+            "no leaf 'n'": {"w": buffers["w"], "b": buffers["b"]},
+            "out leaf 'x' is not a leaf of the model": {**buffers, "x": np.zeros(1, np.float32)},
+            r"out leaf 'w' is float64\[40, 30\], the model's float32\[40, 30\]": {**buffers, "w": np.zeros((40, 30))},
+            "leaf 'w' cannot be written in place": {**buffers, "w": np.zeros((30, 40), np.float32).T},
+            "leaf 'n' cannot be written in place": {**buffers, "n": read_only},
+            r"leaf 'b' cannot be written in place \(a jax leaf\)": {**buffers, "b": jnp.zeros(30, jnp.bfloat16)},
+        }  # fmt: skip
+        before = {k: v.copy() for k, v in buffers.items()}
+        for message, out in bad.items():
+            with pytest.raises(InvalidArgumentError, match=message):
+                model.pull(out=out)
+        for k in before:  # a refused `out` is left as it was
+            np.testing.assert_array_equal(buffers[k], before[k])
+        with pytest.raises(ValueError, match="not both"):
+            model.pull(out=buffers, like=params)
+    finally:
+        model.client.chunk_bytes = saved
+
+
 def test_concurrent_threads_sum_of_sgd_gradients(client, model_name):
     lr, threads, per_thread = 0.1, 8, 10
     rng = np.random.default_rng(2)

@@ -313,7 +313,8 @@ class _Leaf:
     __slots__ = ("dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "check",
                  "check_at_end", "done")  # fmt: skip
 
-    def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, check: bool):
+    def __init__(self, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, check: bool,
+                 buffer: np.ndarray | None = None):  # fmt: skip
         self.check = check  # reject NaN/Inf, block by block as the bytes are copied (see _copy_checked)
         self.check_at_end = False  # a slice split an element: check the whole leaf once complete
         self.done = False
@@ -321,7 +322,7 @@ class _Leaf:
         self.dtype = dtype
         self.shape = shape
         self.nbytes = nbytes
-        self.buffer = aligned_empty(nbytes)
+        self.buffer = aligned_empty(nbytes) if buffer is None else buffer
         self.received = 0
         self.intervals: list[tuple[int, int]] = []  # sorted, disjoint, merged when adjacent
 
@@ -354,6 +355,8 @@ class TensorAssembler:
         receiver can start moving it to the device while later chunks are still in flight.
     max_bytes: upper bound on the total bytes declared by the stream (guards huge shapes).
     what: names the model in messages, e.g. "model 'mlp'".
+    buffers: arrays to receive leaves into instead of fresh buffers (a pull into the caller's
+        arrays), used for each leaf whose wire dtype and shape they have; C-contiguous and writable.
     """
 
     def __init__(
@@ -365,7 +368,9 @@ class TensorAssembler:
         max_bytes: int | None = None,
         finite: bool = False,
         on_complete: Callable[[str, np.ndarray], None] | None = None,
+        buffers: Mapping[str, np.ndarray] | None = None,
     ):
+        self._buffers = buffers or {}
         self._finite = finite
         self._on_complete = on_complete
         self._expected = expected
@@ -407,7 +412,9 @@ class TensorAssembler:
             raise self._err(
                 f"leaf {path!r}: declared tensors total {self._declared} bytes, over the limit of {self._max_bytes}"
             )
-        leaf = _Leaf(dtype_name, dtype, shape, nbytes, self._finite and dtype_name in FLOAT_DTYPES)
+        given = self._buffers.get(path)
+        buffer = given.reshape(-1).view(np.uint8) if given is not None and given.dtype == dtype and given.shape == shape else None
+        leaf = _Leaf(dtype_name, dtype, shape, nbytes, self._finite and dtype_name in FLOAT_DTYPES, buffer)
         self._leaves[path] = leaf
         return leaf
 

@@ -94,12 +94,20 @@ class Model:
         ema: bool = False,
         wire_dtype: str | None = None,
         if_newer_than: int | None = None,
+        out: Any = None,
     ) -> Any:
         """Fetches the parameters as a pytree (the structure of `like`, of the create/push, or nested dicts).
 
         min_step: wait (up to `timeout` seconds) until the model reaches that step.
         if_newer_than: return None when the model's step is not greater than this.
+        out: a pytree of writable numpy arrays (or CPU torch tensors) with the model's leaves, dtypes
+            and shapes, e.g. the previous pull's result: the parameters are written into it and `out`
+            itself is returned. A loop that pulls every step then reuses its memory instead of having
+            the OS map and zero fresh pages for every pull (measured on a 2-core VM: ~200 ms of a
+            400 MB pull). If the pull fails midway, `out` may hold a mix of old and new values.
         """
+        if out is not None and like is not None:
+            raise ValueError("pass `like` or `out`, not both")
         req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype,
                                  if_newer_than=if_newer_than)  # fmt: skip
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
@@ -107,35 +115,39 @@ class Model:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
             replies = self.client.stream(self.client._pull, req, timeout=deadline)
-        step, params = self.read_pull_stream(replies, like)
+        step, params = self.read_pull_stream(replies, like, out=out)
         self.last_step = step
         return params
 
     def push_pull(
         self, grads: Any, *, base_step: int | None = None, weight: float | None = None,
-        wire_dtype: str | None = None, like: Any = None,
+        wire_dtype: str | None = None, like: Any = None, out: Any = None,
     ) -> Any:  # fmt: skip
-        """Pushes a gradient and returns the updated parameters in one round trip."""
+        """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
         header = self._push_header(base_step, weight)
         header.pull.CopyFrom(self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype,
                                                 if_newer_than=None))  # fmt: skip
-        return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like)[1]
+        return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like, out=out)[1]
 
     def push_pull_raw(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None
-    ) -> tuple[pb.PushResponse, Any]:
+        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None,
+        out: Any = None,
+    ) -> tuple[pb.PushResponse, Any]:  # fmt: skip
         only, msgs = self._push_messages(header, leaves)
         if only is not None and self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
         else:
             replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
         box: list[pb.PushResponse] = []
-        step, params = self.read_pull_stream(replies, like, push_reply=box)
+        step, params = self.read_pull_stream(replies, like, push_reply=box, out=out)
         self.last_step = step
         return box[0], params
 
-    def read_pull_stream(self, replies: Iterable[bytes], like: Any, push_reply: list | None = None) -> tuple[int, Any]:
+    def read_pull_stream(
+        self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None
+    ) -> tuple[int, Any]:
         """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
+        targets = self._out_targets(out) if out is not None else None
         assembler = None
         step, schema = -1, None
         for raw in replies:
@@ -148,7 +160,9 @@ class Model:
                 if msg.header.not_modified:
                     return step, None
                 schema = {l.path: codec.LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
-                assembler = codec.TensorAssembler(schema, what=f"model {self.name!r}", cast_floats=True)
+                if targets is not None:
+                    self._check_out(schema, targets)
+                assembler = codec.TensorAssembler(schema, what=f"model {self.name!r}", cast_floats=True, buffers=targets)
             if assembler is None:
                 raise InvalidArgumentError(f"model {self.name!r}: pull stream did not start with a header")
             if msg.slices:
@@ -156,10 +170,36 @@ class Model:
         if assembler is None:
             raise OptserveError(f"model {self.name!r}: empty pull stream")
         arrays = assembler.finish()
+        if targets is not None:
+            for path, a in arrays.items():  # leaves that came in another dtype were received apart
+                if a.dtype != targets[path].dtype or a.ctypes.data != targets[path].ctypes.data:
+                    np.copyto(targets[path], a, casting="unsafe")
+            return step, out
         for path, a in arrays.items():  # undo a narrower wire dtype
             if a.dtype.name != schema[path].dtype:
                 arrays[path] = a.astype(codec.wire_dtype(schema[path].dtype))
         return step, self._rebuild(arrays, like)
+
+    def _out_targets(self, out: Any) -> dict[str, np.ndarray]:
+        try:
+            return dict(pytree.writable_leaves(out))
+        except TypeError as e:
+            raise InvalidArgumentError(f"model {self.name!r}: out: {e}") from None
+
+    def _check_out(self, schema: dict[str, codec.LeafSpec], targets: dict[str, np.ndarray]) -> None:
+        """`out` must have exactly the model's leaves, each with the parameter's dtype and shape."""
+        for path in targets:
+            if path not in schema:
+                raise InvalidArgumentError(f"model {self.name!r}: out leaf {path!r} is not a leaf of the model")
+        for path, spec in schema.items():
+            t = targets.get(path)
+            if t is None:
+                raise InvalidArgumentError(f"model {self.name!r}: out has no leaf {path!r}")
+            if t.shape != spec.shape or t.dtype != codec.wire_dtype(spec.dtype):
+                raise InvalidArgumentError(
+                    f"model {self.name!r}: out leaf {path!r} is {t.dtype.name}{list(t.shape)}, the model's "
+                    f"{spec.dtype}{list(spec.shape)}"
+                )
 
     def _rebuild(self, arrays: dict[str, np.ndarray], like: Any) -> Any:
         structure = pytree.flatten(like)[1] if like is not None else self._structure

@@ -180,6 +180,30 @@ def _build(node: Any, it: Iterator[np.ndarray]) -> Any:
     raise AssertionError(f"unknown node {tag}")
 
 
+_CHILDREN_AT = {"dict": 3, "namedtuple": 2, "list": 1, "tuple": 1, "jax": 2}  # where _visit put them
+
+
+def writable_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """The leaves of `tree` as numpy arrays that write through to the caller's own (numpy arrays
+    and CPU torch tensors, C-contiguous and writable); TypeError naming the first that is not."""
+    leaves, structure = flatten(tree)
+    kinds: list[str] = []
+    _leaf_kinds(structure.node, kinds)
+    for (path, a), kind in zip(leaves, kinds):
+        if kind not in ("numpy", "torch") or not (a.flags.writeable and a.flags.c_contiguous):
+            what = f"a {kind} leaf" if kind not in ("numpy", "torch") else "not a writable C-contiguous array"
+            raise TypeError(f"leaf {path!r} cannot be written in place ({what}); use numpy arrays or CPU torch tensors")
+    return leaves
+
+
+def _leaf_kinds(node: Any, kinds: list[str]) -> None:
+    if node[0] == "leaf":
+        kinds.append(node[1])
+    elif node[0] in _CHILDREN_AT:
+        for child in node[_CHILDREN_AT[node[0]]]:
+            _leaf_kinds(child, kinds)
+
+
 def unflatten(structure: Structure, leaves: Sequence[np.ndarray]) -> Any:
     """Rebuilds the pytree recorded in `structure` from leaves given in its path order."""
     return _build(structure.node, iter(leaves))

@@ -118,7 +118,7 @@ class Worker:
         return reply.step
 
     def push_pull(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None,
-                  like: Any = None) -> Any:  # fmt: skip
+                  like: Any = None, out: Any = None) -> Any:  # fmt: skip
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
         from optserve.v1 import optserve_pb2 as pb
 
@@ -126,6 +126,6 @@ class Worker:
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         header.pull.CopyFrom(pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or ""))
         leaves = self.model._grad_leaves(grads, wire_dtype)
-        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like), header)
+        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header)
         self._note(reply.incarnation, self.model.last_step)
         return params
