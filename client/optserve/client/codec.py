@@ -222,9 +222,10 @@ def as_bytes(array: np.ndarray) -> memoryview:
 
 class Cast:
     """A leaf that travels in another dtype (bfloat16 or float16 on the wire), converted chunk by
-    chunk as it is framed: the conversion of one chunk overlaps the sending of the previous one,
-    and no converted copy of the whole tensor is ever held (measured, 40 MB float32 as bfloat16:
-    converting up front added ~5 ms before the first byte left, a third of the saving)."""
+    chunk as it is framed: no converted copy of the whole tensor is ever held, and the first chunk
+    leaves after one chunk's conversion instead of the whole tensor's (~5 ms per 10M values). On 2
+    busy cores the total push time measured the same either way: the conversion is CPU work that
+    the network does not hide there (BENCHMARKS.md)."""
 
     __slots__ = ("array", "dtype", "shape")
 
