@@ -176,7 +176,7 @@ class Model:
                     np.copyto(targets[path], a, casting="unsafe")
             return step, out
         for path, a in arrays.items():  # undo a narrower wire dtype
-            if a.dtype.name != schema[path].dtype:
+            if codec.dtype_name(a.dtype) != schema[path].dtype:
                 arrays[path] = a.astype(codec.wire_dtype(schema[path].dtype))
         return step, self._rebuild(arrays, like)
 
