@@ -76,3 +76,38 @@ def test_pulled_pytree_is_freed_without_gc(client, model_name, no_cyclic_gc):
         ref = weakref.ref(out["a"]["w"].base if out["a"]["w"].base is not None else out["a"]["w"])
         del out
         assert ref() is None
+
+
+def test_large_gradient_buffers_are_reused_then_given_back(server, client, model_name, monkeypatch):
+    """Pushes of a large leaf assemble in the buffers of earlier pushes once jax has let go of them
+    (no fresh pages per push), the updates stay exact, and the buffers go when pushes stop."""
+    from optserve.server import gradient_buffers
+
+    monkeypatch.setattr(gradient_buffers, "IDLE_SECONDS", 0.3)
+    n = gradient_buffers.MIN_BYTES // 4 + 1000  # one large leaf and one small one
+    model = client.create_model(model_name, {"w": np.zeros(n, np.float32), "s": np.zeros(8, np.float32)},
+                                optim.sgd(1.0))  # fmt: skip
+    fresh: list[int] = []
+    allocate = codec.aligned_empty
+
+    def counting(nbytes: int) -> np.ndarray:
+        if nbytes >= gradient_buffers.MIN_BYTES:
+            fresh.append(nbytes)
+        return allocate(nbytes)
+
+    monkeypatch.setattr(codec, "aligned_empty", counting)
+    pushes = 8
+    rng = np.random.default_rng(5)
+    grads = [{"w": rng.standard_normal(n).astype(np.float32), "s": np.ones(8, np.float32)} for _ in range(pushes)]
+    for g in grads:
+        model.push(g)
+    # a fresh large buffer only while both kept ones are still read by earlier updates
+    assert len(fresh) <= pushes // 2, fresh
+    expected = -np.sum([g["w"] for g in grads], axis=0, dtype=np.float32)
+    np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-5, atol=1e-5)
+    buffers = server.store.get(model_name).gradient_buffers
+    assert buffers.held_bytes() > 0
+    deadline = time.monotonic() + 10.0  # given back once pushes stop (bounded wait)
+    while buffers.held_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert buffers.held_bytes() == 0

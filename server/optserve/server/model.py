@@ -24,6 +24,7 @@ from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
 from optserve.server.datapath import device_putter, host_buffer_reaper, release_host_buffers
 from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.server.gradient_buffers import GradientBuffers
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
 
@@ -157,6 +158,8 @@ class Model:
         self.closing = False  # the server is shutting down: waits end
         # sync mode: the rounds of contributions (aggregation.py); None in async mode
         self.aggregator = SyncAggregator(self) if settings.mode == "sync" else None
+        # async pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
+        self.gradient_buffers = GradientBuffers(schema)
 
     # -- device -----------------------------------------------------------------------------------
 
@@ -357,9 +360,11 @@ class AsyncPush:
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
         self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
-                                         finite=True, on_complete=device_putter(self.on_device, model.device))  # fmt: skip
+                                         finite=True, on_complete=device_putter(self.on_device, model.device),
+                                         buffers=model.gradient_buffers.take())  # fmt: skip
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
+        self.model.gradient_buffers.keep(grads)
         return self.model.push_async(
             self.on_device, base_step=self.base_step, worker_id=self.worker_id, seq=self.seq, make_reply=make_reply
         )
