@@ -5,8 +5,9 @@
 The server runs in its own process. Its runtime (Python, JAX, grpc, with one tiny model created,
 pushed to and deleted) is measured first and subtracted: the budget is about what a model costs.
 Then a float32 Adam model of `--params` parameters is created and pushed to once (compilation),
-pulled, left at rest for 0.5 s, the peak (VmHWM) is reset, and one more gradient is pushed; the
-peak during that push is what is reported.
+pulled, left alone for 0.5 s (less than the 2 s for which a model keeps its gradient buffers for the
+next push), the peak (VmHWM) is reset, and one more gradient is pushed; the peak during that push is
+what is reported.
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def measure(n: int = 100_000_000) -> list[dict]:
         grads = {"w": np.full(n, 1e-3, np.float32)}
         model.push(grads)  # compile and settle
         model.pull()
-        # At rest: the server drops the last update's inputs within ~50 ms of the update finishing
-        # (datapath.host_buffer_reaper). A push that arrives while the previous update still runs
-        # holds two gradients, by design (receiving overlaps the update); this measures one push.
+        # The server drops the last update's inputs within ~50 ms of the update finishing
+        # (datapath.host_buffer_reaper) but keeps the gradient buffer itself for the next push for
+        # 2 s (gradient_buffers.py), as during training: "before" includes it and the push reuses it.
+        # A push that arrives while the previous update still runs holds two gradients, by design
+        # (receiving overlaps the update); this measures one push.
         time.sleep(0.5)
         before = rss(proc.pid, "VmRSS")
         reset_peak(proc.pid)
