@@ -78,15 +78,17 @@ def test_pulled_pytree_is_freed_without_gc(client, model_name, no_cyclic_gc):
         assert ref() is None
 
 
-def test_large_gradient_buffers_are_reused_then_given_back(server, client, model_name, monkeypatch):
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_large_gradient_buffers_are_reused_then_given_back(server, client, model_name, monkeypatch, mode):
     """Pushes of a large leaf assemble in the buffers of earlier pushes once jax has let go of them
     (no fresh pages per push), the updates stay exact, and the buffers go when pushes stop."""
     from optserve.server import gradient_buffers
 
     monkeypatch.setattr(gradient_buffers, "IDLE_SECONDS", 0.3)
     n = gradient_buffers.MIN_BYTES // 4 + 1000  # one large leaf and one small one
+    settings = {"mode": "sync", "workers": 1} if mode == "sync" else {}
     model = client.create_model(model_name, {"w": np.zeros(n, np.float32), "s": np.zeros(8, np.float32)},
-                                optim.sgd(1.0))  # fmt: skip
+                                optim.sgd(1.0), **settings)  # fmt: skip
     fresh: list[int] = []
     allocate = codec.aligned_empty
 

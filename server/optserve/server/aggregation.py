@@ -316,9 +316,11 @@ class SyncPush:
         # finite=True: NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted;
         # each complete trainable leaf starts its device transfer while later chunks arrive
         self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True,
-                                         on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)))  # fmt: skip
+                                         on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
+                                         buffers=model.gradient_buffers.take())  # fmt: skip
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
+        self.aggregator.model.gradient_buffers.keep(grads)
         return self.aggregator.commit(self, grads, make_reply)
 
     def abort(self) -> None:

@@ -158,7 +158,7 @@ class Model:
         self.closing = False  # the server is shutting down: waits end
         # sync mode: the rounds of contributions (aggregation.py); None in async mode
         self.aggregator = SyncAggregator(self) if settings.mode == "sync" else None
-        # async pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
+        # pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
         self.gradient_buffers = GradientBuffers(schema)
 
     # -- device -----------------------------------------------------------------------------------
