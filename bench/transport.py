@@ -98,12 +98,12 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             push, raw_push, copy_push = interleaved_medians(
                 (lambda: model.push(grads), raw_push_fn(channel, grads["w"], chunk), raw_push_copy_fn(channel, grads["w"], chunk)), reps
             )
-            out = model.pull()
+            previous = model.pull()  # what a training loop pulls into
             pull, pull_out, raw_pull, copy_pull = interleaved_medians(
-                (lambda: model.pull(), lambda: model.pull(out=out), raw_pull_fn(channel, 4 * n, chunk),
+                (lambda: model.pull(), lambda: model.pull(out=previous), raw_pull_fn(channel, 4 * n, chunk),
                  raw_pull_fn(channel, 4 * n, chunk, copy=True)), reps,
             )  # fmt: skip
-            del out
+            previous = None  # 400 MB: gone before the next size
             client.delete_model(f"transport-{i}")
             rows.append({
                 "size": f"{nbytes / 1e6:g} MB",

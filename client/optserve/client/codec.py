@@ -351,13 +351,14 @@ class TensorAssembler:
     cast_floats: accept float16/bfloat16/float32 on the wire for a floating-point leaf of another
         float dtype (the caller converts); otherwise the wire dtype must equal the leaf's dtype.
     finite: reject NaN and Inf in floating-point leaves (gradients), naming the leaf. The check runs
-        on each slice right after it is copied, overlapping the network rather than the update.
+        block by block as each slice is copied, overlapping the network rather than the update.
     on_complete: called as on_complete(path, array) the moment a leaf's last byte arrives, so the
         receiver can start moving it to the device while later chunks are still in flight.
     max_bytes: upper bound on the total bytes declared by the stream (guards huge shapes).
     what: names the model in messages, e.g. "model 'mlp'".
     buffers: arrays to receive leaves into instead of fresh buffers (a pull into the caller's
-        arrays), used for each leaf whose wire dtype and shape they have; C-contiguous and writable.
+        arrays, a push into an earlier push's buffers), used for each leaf whose wire dtype and shape
+        they have and that is C-contiguous (writable: the caller's promise).
     """
 
     def __init__(
@@ -414,7 +415,8 @@ class TensorAssembler:
                 f"leaf {path!r}: declared tensors total {self._declared} bytes, over the limit of {self._max_bytes}"
             )
         given = self._buffers.get(path)
-        buffer = given.reshape(-1).view(np.uint8) if given is not None and given.dtype == dtype and given.shape == shape else None
+        fits = given is not None and given.dtype == dtype and given.shape == shape and given.flags.c_contiguous
+        buffer = given.reshape(-1).view(np.uint8) if fits else None
         leaf = _Leaf(dtype_name, dtype, shape, nbytes, self._finite and dtype_name in FLOAT_DTYPES, buffer)
         self._leaves[path] = leaf
         return leaf

@@ -45,8 +45,7 @@ class _Kept:
         return sys.getrefcount(self.owner) <= 2
 
     def view(self) -> np.ndarray:
-        nbytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
-        return self.owner.reshape(-1).view(np.uint8)[self.offset : self.offset + nbytes].view(self.dtype).reshape(self.shape)
+        return np.ndarray(self.shape, self.dtype, buffer=self.owner, offset=self.offset)
 
 
 class GradientBuffers:
@@ -79,7 +78,7 @@ class GradientBuffers:
         with self._lock:
             for path in self._large:
                 a = arrays.get(path)
-                if a is None or not a.flags.c_contiguous:
+                if a is None:
                     continue
                 kept = self._kept.setdefault(path, [])
                 entry = _Kept(a)

@@ -300,7 +300,8 @@ class OptserveService:
         except BaseException:
             receiver.abort()
             raise
-        model.counters.bytes_in += receiver.assembler.received_bytes
+        received = receiver.assembler.received_bytes
+        model.counters.bytes_in += received
 
         def reply(step: int, applied: bool = True) -> pb.PushResponse:
             return pb.PushResponse(model=model.name, step=step, applied=applied, incarnation=self.incarnation)
@@ -311,7 +312,7 @@ class OptserveService:
         setattr(context, "optserve_pushed", True)  # a later failure of PushPull is its pull's
         outcome = "duplicate" if duplicate else "applied" if response.applied else "accepted"
         staleness = None if base_step is None else max(step_before - base_step, 0)
-        self.metrics.pushed(model.name, outcome, receiver.assembler.received_bytes, time.perf_counter() - started, staleness)
+        self.metrics.pushed(model.name, outcome, received, time.perf_counter() - started, staleness)
         if duplicate:  # a retry: the original reply, marked as such
             original, response = response, pb.PushResponse()
             response.CopyFrom(original)
