@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 import types
@@ -150,8 +151,6 @@ def test_new_checkpoints_carry_a_checksum_of_their_manifest_and_version_1_is_sti
         manifest = json.loads((root / "m" / name / "manifest.json").read_text())
         assert manifest["format_version"] == 2 and manifest[MANIFEST_DIGEST] == manifest_digest(manifest)
     # a checkpoint written before the checksum existed: read as it is, reported once
-    import shutil
-
     shutil.rmtree(root / "m" / "step_2")
     manifest = json.loads((root / "m" / "step_1" / "manifest.json").read_text())
     del manifest[MANIFEST_DIGEST]

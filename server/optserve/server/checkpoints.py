@@ -336,18 +336,20 @@ class CheckpointManager:
 
     def _due(self, model: Any, track: _Track) -> bool:
         """Whether a periodic save of the model should start now."""
+        # Read without the save lock (a save may be updating the track): each field once, into locals.
+        saved, saved_version, failures = track.saved, track.saved_version, track.failures
         owned = track.owned_by(model)
-        if owned and track.saved is not None and track.saved_version == model.state_version:
+        if owned and saved is not None and saved_version == model.state_version:
             return False  # its newest checkpoint holds its current state
         now = time.monotonic()
-        if track.failures:  # retried whether or not the model changes meanwhile
-            return now - track.attempted_mono >= min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(track.failures - 1, 16))
-        if not owned or track.saved is None:
+        if failures:  # retried whether or not the model changes meanwhile
+            return now - track.attempted_mono >= min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(failures - 1, 16))
+        if not owned or saved is None:
             return True  # never checkpointed
         step = model.step
-        if step == track.saved.step:
+        if step == saved.step:
             return True  # changed without an update (hyperparameters): no step will come to count
-        if self.every_steps and abs(step - track.saved.step) >= self.every_steps:
+        if self.every_steps and abs(step - saved.step) >= self.every_steps:
             return True
         return bool(self.every_seconds) and now - track.attempted_mono >= self.every_seconds
 
@@ -405,7 +407,7 @@ class CheckpointManager:
             candidates = [c for c in committed(model_dir) if step == 0 or c.step == step]
             if not candidates:
                 have = ", ".join(c.name for c in committed(model_dir)) or "none"
-                raise NotFound(f"model {name!r}: no checkpoint at step {step} (committed: {have})")
+                raise NotFound(f"model {name!r}: " + (f"no checkpoint at step {step} (committed: {have})" if step else "no checkpoint"))
             reasons = []
             for checkpoint in candidates:
                 try:

@@ -330,8 +330,6 @@ class Model:
     def checkpoint_snapshot(self) -> Any:
         """A consistent copy of the whole state (params, optimizer state, EMA, step, worker records),
         taken under the lock as device copies; `.to_host()` on it, outside the lock, gives numpy."""
-        from optserve.server import state_io
-
         return self.versioned_checkpoint_snapshot()[0]
 
     def versioned_checkpoint_snapshot(self) -> tuple[Any, int]:
