@@ -75,8 +75,8 @@ def serve(args: argparse.Namespace) -> int:
     print(f"optserve listening on {args.host}:{server.port}", flush=True)
     while not stop.wait(0.5):
         pass
-    server.stop(args.shutdown_grace)
-    return 0
+    failures = server.stop(args.shutdown_grace)  # logged by stop(); acknowledged steps were lost
+    return 1 if failures else 0
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:

@@ -143,6 +143,10 @@ class Model:
             self.opt_state = jax.device_put(own_buffers(compiled.init({k: self.params[k] for k in self.trainable})), device)
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.opt_state) if hasattr(x, "nbytes"))
         self.step = 0
+        # Bumped (under the lock) by every change a checkpoint must hold: an update, a worker record, a
+        # hyperparameter change, an installed checkpoint. Checkpoints compare it, not the step, to tell
+        # "unchanged since the last save": a change at the same step must still be saved.
+        self.state_version = 0
         self.counters = Counters()
         self.workers: dict[str, WorkerRecord] = {}
         self.created_unix = time.time()
@@ -204,6 +208,7 @@ class Model:
         if self.param_bytes >= REAP_MIN_BYTES:  # then the gradient's host buffers can go (datapath)
             host_buffer_reaper.after(self.params)
         self.step += 1
+        self.state_version += 1
         self.counters.pushes_applied += 1
         self._changed.notify_all()
         return self.step
@@ -263,6 +268,7 @@ class Model:
     def _record_worker_locked(self, worker_id: str, seq: int, base_step: int | None, reply: Any) -> None:
         if worker_id:
             self.workers[worker_id] = WorkerRecord(seq, self.step - 1 if base_step is None else base_step, reply)
+            self.state_version += 1
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -316,6 +322,7 @@ class Model:
     def set_hyperparams(self, values: Mapping[str, float]) -> dict[str, float]:
         with self._lock:
             self.opt_state = self.compiled.set_hyperparams(self.opt_state, dict(values))
+            self.state_version += 1
             return self.compiled.hyperparams(self.opt_state)
 
     # -- checkpoints (state_io.py, checkpoints.py) ------------------------------------------------
@@ -323,19 +330,27 @@ class Model:
     def checkpoint_snapshot(self) -> Any:
         """A consistent copy of the whole state (params, optimizer state, EMA, step, worker records),
         taken under the lock as device copies; `.to_host()` on it, outside the lock, gives numpy."""
+        return self.versioned_checkpoint_snapshot()[0]
+
+    def versioned_checkpoint_snapshot(self) -> tuple[Any, int]:
+        """`checkpoint_snapshot()` and the `state_version` it holds, taken together under the lock."""
         from optserve.server import state_io
 
         with self._lock:
-            return state_io.capture(self)
+            return state_io.capture(self), self.state_version
 
-    def install_checkpoint(self, prepared: Any) -> None:
-        """Replaces the whole state by one validated and put on the device by `state_io.prepare`."""
+    def install_checkpoint(self, prepared: Any) -> int:
+        """Replaces the whole state by one validated and put on the device by `state_io.prepare`;
+        returns the `state_version` of the installed state (read under the same lock, so a later
+        update is never mistaken for part of it)."""
         from optserve.server import state_io
 
         with self._lock:
             state_io.install(self, prepared)
             if self.aggregator is not None:  # pending sync contributions were computed against the old state
                 self.aggregator.reset_locked()
+            self.state_version += 1
+            return self.state_version
 
     def wake_waiters(self) -> None:
         """The server is shutting down: ends the waits for a step and stops the sync timeout timer."""

@@ -130,10 +130,14 @@ class Server:
         """A Client connected to this server."""
         return Client(self.address, **kwargs)
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stops accepting pushes, finishes the calls in flight (up to `grace` s), checkpoints, stops."""
+    def stop(self, grace: float = 10.0) -> list[str]:
+        """Stops accepting pushes, finishes the calls in flight (up to `grace` s), checkpoints, stops.
+
+        Returns one description per model whose final checkpoint failed, naming the model and the
+        acknowledged steps no checkpoint holds (empty: every model's state is committed, or the
+        server keeps no checkpoints; also empty when called again)."""
         if self._stopped:
-            return
+            return []
         self._stopped = True
         log.info("optserve stopping: finishing calls in flight (up to %gs)", grace, extra={"event": "stopping"})
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,10 +145,14 @@ class Server:
         for model in self.store.models():  # release pulls waiting for a step
             model.wake_waiters()
         self._grpc.stop(grace).wait(grace + 5)
-        if self.checkpoints is not None:
-            self.checkpoints.shutdown(self.store)
+        failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         self.metrics.stop_http()
-        log.info("optserve stopped", extra={"event": "stopped"})
+        if failures:
+            log.error("optserve stopped; final checkpoints failed for %d model(s), acknowledged work is lost: %s",
+                      len(failures), "; ".join(failures), extra={"event": "stopped"})  # fmt: skip
+        else:
+            log.info("optserve stopped", extra={"event": "stopped"})
+        return failures
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._grpc.wait_for_termination(timeout)

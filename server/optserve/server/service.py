@@ -244,6 +244,8 @@ class OptserveService:
             self.store.add(model)
         finally:
             self.store.release(name)
+        if self.checkpoints is not None:  # checkpoints left under its name are not its own
+            self.checkpoints.adopt(model)
         log.info("created model %r: %d leaves, %d bytes, optimizer %s, mode %s", name, len(schema), declared,
                  json.dumps(compiled.spec), settings.mode)  # fmt: skip
         return self.model_info(model)
@@ -264,13 +266,12 @@ class OptserveService:
 
     @_handler
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
-        self.store.delete(authorize(context, request.model))
-        if self.checkpoints is not None:  # never restored again: removed, or archived for recovery
-            if request.delete_checkpoints:
-                self.checkpoints.delete_all(request.model)
-            else:
-                self.checkpoints.archive(request.model)
-        log.info("deleted model %r", request.model)
+        name = authorize(context, request.model)
+        if self.checkpoints is None:
+            self.store.delete(name)
+        else:  # all or nothing: its checkpoints (removed, or archived for recovery) go first, then the model
+            self.checkpoints.delete_model(self.store, name, delete_checkpoints=request.delete_checkpoints)
+        log.info("deleted model %r", name)
         return pb.DeleteModelResponse()
 
     @_handler
@@ -453,7 +454,10 @@ class OptserveService:
         from optserve.server import transfer
 
         self._check_accepting()
-        return self.model_info(transfer.upload(self.store, requests, authorize=lambda name: authorize(context, name)))
+        model = transfer.upload(self.store, requests, authorize=lambda name: authorize(context, name))
+        if self.checkpoints is not None:  # checkpoints left under its name are not its own
+            self.checkpoints.adopt(model)
+        return self.model_info(model)
 
     # -- discovery --------------------------------------------------------------------------------
 
