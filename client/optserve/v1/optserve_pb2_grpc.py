@@ -183,7 +183,10 @@ class OptserveServicer:
         """A push followed by a pull in one round trip. The first reply message carries the push's reply
         and the pull header; in sync mode the reply comes once the step this gradient joined is applied
         (and then says applied: true). PushHeader.pull describes the pull; it is validated before the
-        push is applied, so an invalid pull applies nothing.
+        push is applied, so an invalid pull applies nothing. A PushPull whose reply may wait (sync
+        mode, or pull.min_step given) takes one of the server's waiting slots (PullRequest.min_step)
+        before its push is applied; when none is free it fails with RESOURCE_EXHAUSTED and applies
+        nothing, except in sync mode a push that completes its round: that one does not wait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
