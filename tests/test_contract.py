@@ -397,3 +397,13 @@ def test_sync_round_with_nonfinite_mean_is_dropped_and_every_waiter_told(server,
     assert model.worker("b").push(GOOD) == 1
     assert outcomes.get(timeout=60) == ("again", "ok")
     assert model.info()["step"] == 1 and np.isfinite(model.pull()["w"]).all()
+
+
+def test_list_rules_says_which_hyperparameters_may_be_tunable(client, model_name):
+    adam = {h["name"]: h for r in client.rules() if r["name"] == "adam" for h in r["hyperparams"]}
+    assert adam["learning_rate"]["tunable"] and adam["learning_rate"]["type"] == "number >= 0 or schedule"
+    assert not adam["nesterov"]["tunable"] and adam["nesterov"]["type"] == "boolean"
+    # What the contract says SetHyperparams accepts: names the spec marked tunable.
+    model = client.create_model(model_name, {"w": np.zeros(2, np.float32)},
+                                {"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}})  # fmt: skip
+    assert model.set_hyperparams(learning_rate=0.01) == {"learning_rate": pytest.approx(0.01)}

@@ -215,7 +215,8 @@ class Client:
                 "library": r.library,
                 "doc": r.doc,
                 "hyperparams": [
-                    {"name": h.name, "default": json.loads(h.default_json or "null"), "required": h.required, "doc": h.doc}
+                    {"name": h.name, "default": json.loads(h.default_json or "null"), "required": h.required,
+                     "doc": h.doc, "type": h.type, "tunable": h.tunable}
                     for h in r.hyperparams
                 ],
             }

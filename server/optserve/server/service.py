@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -297,7 +297,7 @@ class OptserveService:
         return self.model_info(self.store.get(authorize(context, request.model)))
 
     @staticmethod
-    def _visible(context: grpc.ServicerContext, names: Iterator[str]) -> list[str]:
+    def _visible(context: grpc.ServicerContext, names: Iterable[str]) -> list[str]:
         """The names a caller may see: all, or those its token is limited to."""
         allowed = getattr(context, ALLOWED_MODELS, None)
         return [n for n in names if allowed is None or n in allowed]
@@ -425,19 +425,19 @@ class OptserveService:
 
     def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
                      push: pb.PushResponse | None = None, single: bool = False,
-                     waits: Callable[[], str] | None = None, slot_held: bool = False) -> Iterator[bytes]:  # fmt: skip
+                     round_dropped: Callable[[], str] | None = None, slot_held: bool = False) -> Iterator[bytes]:  # fmt: skip
         """The PullResponse messages; `single`: exactly one message (the unary twins), or refused.
 
-        waits: for a PushPull in sync mode, says why its round was dropped ("" while it was not);
-        slot_held: the caller already holds a waiting slot (a sync PushPull takes it before its push).
+        round_dropped: for a sync PushPull, why the round its push joined was dropped ("" while it
+        was not); slot_held: the caller already holds a waiting slot (PushPull takes it before its push).
         """
         self._check_pull(model, req, single)
         if req.HasField("min_step") and model.step < req.min_step:
             if slot_held:
-                self._wait_for_step(model, req, context, waits)
+                self._wait_for_step(model, req, context, round_dropped)
             else:
                 with self._waiting_slot(model, f"this pull would wait for step {req.min_step}"):
-                    self._wait_for_step(model, req, context, waits)
+                    self._wait_for_step(model, req, context, round_dropped)
         max_message = datapath.pull_message_bytes(req.max_message_bytes)
         if single:  # _check_pull made sure that everything fits in one message
             chunk_bytes, bound = max_message, None
@@ -482,20 +482,21 @@ class OptserveService:
         return pb.PullResponse.FromString(cached)
 
     def _wait_for_step(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
-                       waits: Callable[[], str] | None = None) -> None:  # fmt: skip
+                       round_dropped: Callable[[], str] | None = None) -> None:  # fmt: skip
         """Waits for req.min_step, bounded by timeout_seconds (0: the call's deadline).
 
         Waits in short slices so that a waiter whose client went away, whose model was deleted or
         whose server is shutting down lets go of its thread at once instead of at the deadline.
         In sync mode a round refused by reject_nonfinite_updates ends the wait with FAILED_PRECONDITION:
-        `waits()` says why for a PushPull whose own round it was; a plain pull ends when any round
-        is dropped while its step is still ahead (nobody may push for it any more).
+        `round_dropped()` says why for a PushPull whose own round it was; a plain pull ends when any
+        round is dropped while its step is still ahead (its contributors must push again).
         """
         agg = model.aggregator
-        if waits is None and agg is not None:
+        dropped_why = round_dropped
+        if dropped_why is None and agg is not None:
             seen = agg.dropped_rounds
 
-            def waits() -> str:
+            def dropped_why() -> str:
                 return agg.last_drop if agg.dropped_rounds != seen and model.step < req.min_step else ""
 
         limit = req.timeout_seconds or context.time_remaining()  # None: no deadline
@@ -504,9 +505,9 @@ class OptserveService:
             reached = model.wait_for_step(
                 req.min_step,
                 WAIT_SLICE_SECONDS if limit is None else min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0)),
-                give_up=None if waits is None else lambda: bool(waits()),
+                give_up=None if dropped_why is None else lambda: bool(dropped_why()),
             )  # fmt: skip
-            dropped = waits() if waits is not None else ""
+            dropped = dropped_why() if dropped_why is not None else ""
             if dropped:
                 raise FailedPrecondition(f"model {model.name!r}: waiting for step {req.min_step}: {dropped}")
             if reached:
@@ -555,14 +556,14 @@ class OptserveService:
             model, header, response = self._receive_push(requests, context, prepare)
             pull = pb.PullRequest()
             pull.CopyFrom(header.pull)
-            waits = None
+            round_dropped = None
             if not response.applied:  # sync: return once the step this gradient joined is applied
                 pull.min_step = response.step
                 joined = round_of[0].round if round_of else None  # None for a retry (duplicate)
                 if joined is not None:
-                    waits = lambda: joined.dropped  # noqa: E731
-            yield from self._pull_stream(model, pull, context, push=response, single=single, waits=waits,
-                                         slot_held=bool(slot))  # fmt: skip
+                    round_dropped = lambda: joined.dropped  # noqa: E731
+            yield from self._pull_stream(model, pull, context, push=response, single=single,
+                                         round_dropped=round_dropped, slot_held=bool(slot))  # fmt: skip
         finally:
             if slot:
                 self.waiting.give_back()
