@@ -183,8 +183,9 @@ class SyncAggregator:
         Returns (reply, duplicate). The reply's step is the step this gradient is part of; `applied`
         says whether that step was already applied when the reply was made (true for the push that
         completes the round). `push.round` is set to the round the push joined (its `dropped` says
-        later whether that round was refused). A push with `push.must_complete` (a PushPull that found no free waiting slot) is refused with
-        RESOURCE_EXHAUSTED, before it is counted, unless it completes the round.
+        later whether that round was refused). A push with `push.must_complete` set (a PushPull
+        that found no free waiting slot) is refused with RESOURCE_EXHAUSTED, before it is counted,
+        unless it completes the round.
         """
         model = self.model
         # on the device already (moved leaf by leaf as each completed) and checked finite by the assembler
