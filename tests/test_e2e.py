@@ -260,14 +260,17 @@ def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_n
     assert small.push_pull({"w": np.ones(4, np.float32)})["w"].tolist() == [-2.0] * 4
 
     from optserve.client import ResourceExhaustedError
-    from optserve.server.datapath import SINGLE_MESSAGE_PAYLOAD
+    from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
 
-    big = client.create_model(f"{model_name}-big", {"w": np.zeros(SINGLE_MESSAGE_PAYLOAD // 4 + 1, np.float32)},
-                              optimizer=optim.sgd(1.0))  # fmt: skip
+    n = DEFAULT_RECEIVE_LIMIT // 4 + 1  # float32 values: one reply would exceed gRPC's default 4 MiB
+    big = client.create_model(f"{model_name}-big", {"w": np.zeros(n, np.float32)}, optimizer=optim.sgd(1.0))
     assert not big._params_fit_one_chunk  # so the client streams instead
     with pytest.raises(ResourceExhaustedError, match="do not fit in one message"):
         client.call(client._pull_one, pb.PullRequest(model=f"{model_name}-big"))
-    assert big.pull()["w"].shape == (SINGLE_MESSAGE_PAYLOAD // 4 + 1,)
+    # A client that raised its receive limit says so and gets the single reply.
+    raw = client.call(client._pull_one, pb.PullRequest(model=f"{model_name}-big", max_message_bytes=MAX_MESSAGE_BYTES))
+    assert big.read_pull_stream([raw], None)[1]["w"].shape == (n,)
+    assert big.pull()["w"].shape == (n,)
 
 
 def test_the_step_compiles_once(server, client, model_name):

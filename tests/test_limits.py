@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -124,13 +125,25 @@ def test_pull_waiting_for_a_step_honours_deadlines(server, client):
 
 
 def test_cancelled_waits_free_their_threads():
-    # Two RPC threads only. Two clients wait for a step that never comes, with no deadline at all,
-    # then go away; if their waits held the threads, the next call could never be served.
+    # Two RPC threads only, so one call may wait for a step (service.waiting_call_limit). A client
+    # waits for a step that never comes, with no deadline at all, then goes away: its wait must
+    # give back the waiting slot and the thread, or the next waiter could never be served.
     with Server(port=0, max_workers=2) as srv, srv.client(timeout=30) as c:
+        assert srv.service.waiting.limit == 1
         c.create_model("waited", SMALL, optim.sgd(0.1))
-        calls = [c._pull(pb.PullRequest(model="waited", min_step=10**6)) for _ in range(2)]
-        for call in calls:
-            assert not call.done()
-        for call in calls:
-            call.cancel()
+        call = c._pull(pb.PullRequest(model="waited", min_step=10**6))
+        _wait_until(lambda: srv.service.waiting.waiting == 1)
+        call.cancel()
+        _wait_until(lambda: srv.service.waiting.waiting == 0)
+        waiter = c._pull(pb.PullRequest(model="waited", min_step=1))
+        _wait_until(lambda: srv.service.waiting.waiting == 1)
         assert c.model("waited").push(G) == 1  # served (within the client's 30 s deadline)
+        assert [pb.PullResponse.FromString(m).header.step for m in waiter][:1] == [1]
+
+
+def _wait_until(predicate, timeout: float = 30.0) -> None:
+    """Polls a state the server exposes until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)

@@ -23,7 +23,7 @@ from optserve.client import codec, pytree
 from optserve.client.errors import OptserveError, from_rpc_error
 from optserve.client.messages import chunk_messages, schema_of, settings_message
 from optserve.client.model import Model
-from optserve.client.transport import CHANNEL_OPTIONS, method
+from optserve.client.transport import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -83,6 +83,10 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         opts = [*CHANNEL_OPTIONS, *options]
+        # Told to the server in every pull (PullRequest.max_message_bytes) so that its replies use
+        # what this channel accepts; the last setting of the option wins, as in grpc.
+        receive = [v for k, v in opts if k == "grpc.max_receive_message_length"]
+        self.max_receive_bytes = int(receive[-1]) if receive and int(receive[-1]) > 0 else DEFAULT_RECEIVE_LIMIT
         if tls:
             self._channel = grpc.secure_channel(target, _credentials(tls), options=opts)
         else:
@@ -152,12 +156,17 @@ class Client:
         staleness_scaling: str | None = None,
         ema: float | None = None,
         ema_debias: bool = False,
+        reject_nonfinite: bool = False,
     ) -> Model:
-        """Creates a model from initial parameters (any pytree) and an optimizer spec."""
+        """Creates a model from initial parameters (any pytree) and an optimizer spec.
+
+        reject_nonfinite: refuse (FailedPreconditionError, state unchanged) any update that would make
+        parameters, optimizer state or EMA non-finite; each push then waits for its update to run.
+        """
         leaves, structure = pytree.flatten(params)
         settings = settings_message(
             mode=mode, workers=workers, quorum=quorum, max_staleness=max_staleness, sync_timeout=sync_timeout,
-            staleness_scaling=staleness_scaling, ema=ema, ema_debias=ema_debias,
+            staleness_scaling=staleness_scaling, ema=ema, ema_debias=ema_debias, reject_nonfinite=reject_nonfinite,
         )  # fmt: skip
         header = pb.CreateModelHeader(
             name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=schema_of(leaves)
@@ -206,7 +215,8 @@ class Client:
                 "library": r.library,
                 "doc": r.doc,
                 "hyperparams": [
-                    {"name": h.name, "default": json.loads(h.default_json or "null"), "required": h.required, "doc": h.doc}
+                    {"name": h.name, "default": json.loads(h.default_json or "null"), "required": h.required,
+                     "doc": h.doc, "type": h.type, "tunable": h.tunable}
                     for h in r.hyperparams
                 ],
             }

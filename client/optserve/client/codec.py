@@ -239,20 +239,44 @@ class Cast:
         return memoryview(self.array[start:stop].astype(self.dtype).view(np.uint8))
 
 
+# Upper bounds of what a message spends besides its payload bytes: the payload field's tag and
+# length (2 + at most 10 bytes), and per slice its entry in the repeated field (tag + length) with
+# its path, dtype, shape, offset and length fields (each a tag, a length or varint value).
+PAYLOAD_FIELD_BYTES = len(_PAYLOAD_TAG) + 10
+_SLICE_FIXED_BYTES = 1 + 5 + (1 + 5) + (1 + 1) + (1 + 5) + (1 + 10) + (1 + 10)
+
+
+def slice_wire_bytes(path: str, dtype_name: str, shape: Sequence[int]) -> int:
+    """An upper bound of one TensorSlice's serialized size inside a chunk message (any offset and
+    length): what a slice list costs besides the payload."""
+    return _SLICE_FIXED_BYTES + (len(path) if path.isascii() else len(path.encode())) + len(dtype_name) + 10 * len(shape)
+
+
 def plan_chunks(
-    leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[tuple[list[Slice], list[memoryview]]]:
+    leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
+    max_message_bytes: int | None = None, first_message_bytes: int = 0,
+) -> Iterator[tuple[list[Slice], list[memoryview]]]:  # fmt: skip
     """Yields (slices, payload parts) per chunk: big leaves split by offset, small ones packed.
 
     Every leaf appears at least once (a zero-size leaf as one empty slice), so the receiver can tell
     a present empty leaf from a missing one. A `Cast` leaf is split on element boundaries and
-    converted only when its chunk is produced.
+    converted only when its chunk is produced. A chunk's payload is at most `chunk_bytes` (one
+    element more when an element is larger).
+
+    max_message_bytes: also keep each whole message within this: payload, its slice list (bounded by
+    `slice_wire_bytes`) and, for the first chunk, `first_message_bytes` (the serialized fields that
+    message carries besides slices and payload, e.g. a pull's header). A first chunk that could not
+    take even one slice next to those fields is yielded empty, so that the header travels alone.
+    None: no bound besides chunk_bytes (the receiver takes large messages).
     """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
+    bounded = max_message_bytes is not None
+    limit = (max_message_bytes or 0) - PAYLOAD_FIELD_BYTES
     slices: list[Slice] = []
     parts: list[memoryview] = []
-    used = 0
+    used = 0  # payload bytes of the chunk being built
+    meta = first_message_bytes if bounded else 0  # its other bytes (header, slice list)
     for path, array in leaves:
         cast = array if isinstance(array, Cast) else None
         name = dtype_name(cast.dtype if cast else array.dtype)
@@ -262,25 +286,31 @@ def plan_chunks(
         else:
             data = as_bytes(array)
             unit, size = 1, len(data)
+        cost = slice_wire_bytes(path, name, shape) if bounded else 0
         offset = 0
         while True:
-            take = min(size - offset, max(chunk_bytes - used, 0))
+            room = chunk_bytes - used
+            if bounded:
+                room = min(room, limit - meta - cost - used)
+            take = min(size - offset, max(room, 0))
             take -= take % unit
-            if take == 0 and size > offset:
-                if used == 0:  # a chunk smaller than one element: send the element anyway
-                    take = unit
-                else:  # chunk full
-                    yield slices, parts
-                    slices, parts, used = [], [], 0
-                    continue
+            # Full: no room for one more element, or (bounded) not even for the slice's description.
+            full = (take == 0 and size > offset) or (bounded and room < 0)
+            if full and (slices or meta):
+                yield slices, parts
+                slices, parts, used, meta = [], [], 0, 0
+                continue
+            if full:  # an empty chunk smaller than one element: send the element anyway
+                take = min(unit, size - offset)
             slices.append(Slice(path, name, shape, offset, take))
             if take:
                 parts.append(cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take])
             offset += take
             used += take
+            meta += cost
             if offset >= size:
                 break
-    if slices:
+    if slices or (bounded and meta):
         yield slices, parts
 
 

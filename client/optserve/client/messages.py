@@ -14,11 +14,18 @@ from optserve.client import codec
 from optserve.v1 import optserve_pb2 as pb
 
 
-def chunk_messages(first: Any, leaves: Sequence[tuple[str, np.ndarray | codec.Cast]], chunk_bytes: int) -> Iterator[bytes]:
+def chunk_messages(
+    first: Any, leaves: Sequence[tuple[str, np.ndarray | codec.Cast]], chunk_bytes: int,
+    max_message_bytes: int | None = None,
+) -> Iterator[bytes]:  # fmt: skip
     """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
-    becomes the first message, holding the first chunk too, so a small tensor set is one message."""
+    becomes the first message, holding the first chunk too, so a small tensor set is one message.
+    max_message_bytes: every message, header and slice list included, stays within it (a header
+    alone larger than that still goes out whole); None: payloads are bounded by chunk_bytes only."""
     msg = first
-    for slices, parts in codec.plan_chunks(leaves, chunk_bytes):
+    header_bytes = first.ByteSize() if max_message_bytes is not None else 0
+    for slices, parts in codec.plan_chunks(leaves, chunk_bytes, max_message_bytes=max_message_bytes,
+                                           first_message_bytes=header_bytes):  # fmt: skip
         add = msg.slices.add
         for s in slices:
             add(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length)
@@ -58,6 +65,7 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
         "staleness_scaling": s.staleness_scaling or "none",
         "ema": s.ema_decay if s.HasField("ema_decay") else None,
         "ema_debias": s.ema_debias,
+        "reject_nonfinite": s.reject_nonfinite_updates,
     }
     c = info.counters
     return {
@@ -83,8 +91,10 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
 def settings_message(
     *, mode: str, workers: int | None, quorum: int | None, max_staleness: int | None,
     sync_timeout: float | None, staleness_scaling: str | None, ema: float | None, ema_debias: bool,
+    reject_nonfinite: bool = False,
 ) -> pb.ModelSettings:  # fmt: skip
     s = pb.ModelSettings(
+        reject_nonfinite_updates=reject_nonfinite,
         mode=mode,
         workers=workers or 0,
         quorum=quorum or 0,

@@ -78,7 +78,8 @@ class Model:
         self, *, min_step: int | None, timeout: float | None, ema: bool, wire_dtype: str | None,
         if_newer_than: int | None,
     ) -> pb.PullRequest:  # fmt: skip
-        req = pb.PullRequest(model=self.name, timeout_seconds=timeout or 0.0, ema=ema, wire_dtype=wire_dtype or "")
+        req = pb.PullRequest(model=self.name, timeout_seconds=timeout or 0.0, ema=ema, wire_dtype=wire_dtype or "",
+                             max_message_bytes=self.client.max_receive_bytes)  # fmt: skip
         if min_step is not None:
             req.min_step = min_step
         if if_newer_than is not None:
@@ -133,6 +134,8 @@ class Model:
         self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None,
         out: Any = None,
     ) -> tuple[pb.PushResponse, Any]:  # fmt: skip
+        if not header.pull.max_message_bytes:  # replies as large as this channel receives
+            header.pull.max_message_bytes = self.client.max_receive_bytes
         only, msgs = self._push_messages(header, leaves)
         if only is not None and self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)

@@ -7,6 +7,11 @@ SERVICE = "optserve.v1.Optserve"
 # chunk size but far below protobuf's 2 GiB limit is safe; model size is bounded only by memory.
 MAX_MESSAGE_BYTES = 64 << 20
 
+# The largest message every gRPC implementation (grpc-js, grpc-go, grpc-java, grpcio, ...) receives
+# with default options. Every message the server sends in reply to a request with default fields
+# fits in it (the contract, "Message sizes"), so clients in other languages need no options.
+DEFAULT_RECEIVE_LIMIT = 4 << 20
+
 KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -31,7 +31,7 @@ class TensorSlice(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ModelSettings(_message.Message):
-    __slots__ = ("mode", "workers", "quorum", "max_staleness", "sync_timeout_seconds", "staleness_scaling", "ema_decay", "ema_debias")
+    __slots__ = ("mode", "workers", "quorum", "max_staleness", "sync_timeout_seconds", "staleness_scaling", "ema_decay", "ema_debias", "reject_nonfinite_updates")
     MODE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ModelSettings(_message.Message):
     STALENESS_SCALING_FIELD_NUMBER: _ClassVar[int]
     EMA_DECAY_FIELD_NUMBER: _ClassVar[int]
     EMA_DEBIAS_FIELD_NUMBER: _ClassVar[int]
+    REJECT_NONFINITE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     quorum: int
@@ -48,7 +49,8 @@ class ModelSettings(_message.Message):
     staleness_scaling: str
     ema_decay: float
     ema_debias: bool
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., quorum: _Optional[int] = ..., max_staleness: _Optional[int] = ..., sync_timeout_seconds: _Optional[float] = ..., staleness_scaling: _Optional[str] = ..., ema_decay: _Optional[float] = ..., ema_debias: _Optional[bool] = ...) -> None: ...
+    reject_nonfinite_updates: bool
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., quorum: _Optional[int] = ..., max_staleness: _Optional[int] = ..., sync_timeout_seconds: _Optional[float] = ..., staleness_scaling: _Optional[str] = ..., ema_decay: _Optional[float] = ..., ema_debias: _Optional[bool] = ..., reject_nonfinite_updates: _Optional[bool] = ...) -> None: ...
 
 class Hyperparam(_message.Message):
     __slots__ = ("name", "value")
@@ -69,7 +71,7 @@ class WorkerState(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., last_base_step: _Optional[int] = ...) -> None: ...
 
 class ModelCounters(_message.Message):
-    __slots__ = ("pushes_applied", "stale_rejected", "duplicates", "sync_timeouts", "pulls", "bytes_in", "bytes_out")
+    __slots__ = ("pushes_applied", "stale_rejected", "duplicates", "sync_timeouts", "pulls", "bytes_in", "bytes_out", "nonfinite_rejected")
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     STALE_REJECTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class ModelCounters(_message.Message):
     PULLS_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_REJECTED_FIELD_NUMBER: _ClassVar[int]
     pushes_applied: int
     stale_rejected: int
     duplicates: int
@@ -84,7 +87,8 @@ class ModelCounters(_message.Message):
     pulls: int
     bytes_in: int
     bytes_out: int
-    def __init__(self, pushes_applied: _Optional[int] = ..., stale_rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., sync_timeouts: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+    nonfinite_rejected: int
+    def __init__(self, pushes_applied: _Optional[int] = ..., stale_rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., sync_timeouts: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., nonfinite_rejected: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation")
@@ -231,7 +235,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +243,7 @@ class PullRequest(_message.Message):
     EMA_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -246,7 +251,8 @@ class PullRequest(_message.Message):
     ema: bool
     wire_dtype: str
     chunk_bytes: int
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("model", "step", "not_modified", "schema", "incarnation")
@@ -353,16 +359,20 @@ class ListRulesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HyperparamInfo(_message.Message):
-    __slots__ = ("name", "default_json", "required", "doc")
+    __slots__ = ("name", "default_json", "required", "doc", "type", "tunable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TUNABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     default_json: str
     required: bool
     doc: str
-    def __init__(self, name: _Optional[str] = ..., default_json: _Optional[str] = ..., required: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
+    type: str
+    tunable: bool
+    def __init__(self, name: _Optional[str] = ..., default_json: _Optional[str] = ..., required: _Optional[bool] = ..., doc: _Optional[str] = ..., type: _Optional[str] = ..., tunable: _Optional[bool] = ...) -> None: ...
 
 class RuleInfo(_message.Message):
     __slots__ = ("name", "kind", "library", "doc", "hyperparams")

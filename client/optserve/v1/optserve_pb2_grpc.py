@@ -158,7 +158,8 @@ class OptserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetHyperparams(self, request, context):
-        """Changes tunable hyperparameters (e.g. learning_rate) without resetting optimizer state.
+        """Changes tunable hyperparameters (e.g. learning_rate) without resetting optimizer state. Only
+        hyperparameters the spec marked tunable can be set (see SetHyperparamsRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,7 +181,12 @@ class OptserveServicer:
 
     def PushPull(self, request_iterator, context):
         """A push followed by a pull in one round trip. The first reply message carries the push's reply
-        and the pull header; in sync mode the reply comes once the step this gradient joined is applied.
+        and the pull header; in sync mode the reply comes once the step this gradient joined is applied
+        (and then says applied: true). PushHeader.pull describes the pull; it is validated before the
+        push is applied, so an invalid pull applies nothing. A PushPull whose reply may wait (sync
+        mode, or pull.min_step given) takes one of the server's waiting slots (PullRequest.min_step)
+        before its push is applied; when none is free it fails with RESOURCE_EXHAUSTED and applies
+        nothing, except in sync mode a push that completes its round: that one does not wait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,9 +196,11 @@ class OptserveServicer:
         """Unary twins of Push, Pull and PushPull for small models: the same semantics and errors, but
         the request is one PushRequest (header, slices and payload together) and the reply one
         message carrying every tensor. A unary call costs about a third of a bidirectional stream in
-        grpcio, which dominates the round trip of a model of a few thousand parameters. A reply that
-        would not fit in one message (the server's message cap, 64 MiB) is refused with
-        RESOURCE_EXHAUSTED: use the streaming RPCs for large models.
+        grpcio, which dominates the round trip of a model of a few thousand parameters. A reply larger
+        than PullRequest.max_message_bytes (0: 4 MiB, the default receive limit of gRPC clients; at
+        most 64 MiB, the server's send limit) is refused with RESOURCE_EXHAUSTED before anything is
+        applied: use the streaming RPCs for large models, or raise the client's receive limit and say
+        so in max_message_bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -246,14 +254,15 @@ class OptserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRules(self, request, context):
-        """Lists every update rule, preset, schedule and custom transform this server knows.
+        """Lists every update rule, preset, schedule and custom transform this server knows, with their
+        hyperparameters (which ones may be marked tunable, types, defaults).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Describes the server process (version, incarnation, device).
+        """Describes the server process (version, incarnation, device, models visible to the caller).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -26,6 +26,12 @@ Memory and "a partial push is never counted" -- the choice made here:
   range first, which costs the same memory as staging). Staging costs one gradient per push *in
   flight*, freed at commit; concurrency is bounded by the server's RPC threads.
 
+A refused round (settings.reject_nonfinite_updates: the weighted mean would make the state
+non-finite) is dropped whole: the model's state and step are untouched, no contributor's seq is
+recorded, the push that completed it gets FAILED_PRECONDITION, and so does every call waiting for a
+step beyond the current one (`dropped_rounds` changes; see service._wait_for_step). Contributors
+push again against the same step.
+
 Retries: a contribution's (worker_id, seq) and reply are kept in the round until it is applied,
 then move to the model's per-worker records (`Model.workers`). A repeat of the pair returns the
 original reply (duplicate) and is never counted twice; a second, different push of the same worker
@@ -49,7 +55,7 @@ import numpy as np
 
 from optserve.client.codec import TensorAssembler
 from optserve.server.datapath import device_putter
-from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.server.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
 
 if TYPE_CHECKING:
     from optserve.server.model import Model
@@ -109,6 +115,7 @@ class Round:
     anonymous: int = 0  # contributions without a worker_id (no dedup possible)
     contributors: dict[str, Contribution] = dataclasses.field(default_factory=dict)
     deadline: float | None = None  # monotonic time at which a timeout applies it
+    dropped: str = ""  # why the round was refused (reject_nonfinite_updates); "" while pending or applied
 
 
 def check_weight(model_name: str, weight: float) -> float:
@@ -129,6 +136,10 @@ class SyncAggregator:
         self._timer_wakeup = threading.Condition(model._lock)
         self._timer: threading.Thread | None = None
         self._closed = False
+        # Rounds refused by reject_nonfinite_updates, and why the last one was: calls waiting for a
+        # step compare the count with the one they started with (service._wait_for_step).
+        self.dropped_rounds = 0
+        self.last_drop = ""
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -171,7 +182,10 @@ class SyncAggregator:
 
         Returns (reply, duplicate). The reply's step is the step this gradient is part of; `applied`
         says whether that step was already applied when the reply was made (true for the push that
-        completes the round).
+        completes the round). `push.round` is set to the round the push joined (its `dropped` says
+        later whether that round was refused). A push with `push.must_complete` set (a PushPull
+        that found no free waiting slot) is refused with RESOURCE_EXHAUSTED, before it is counted,
+        unless it completes the round.
         """
         model = self.model
         # on the device already (moved leaf by leaf as each completed) and checked finite by the assembler
@@ -197,6 +211,9 @@ class SyncAggregator:
                 )
             if model.deleted:
                 raise FailedPrecondition(f"model {model.name!r} was deleted")
+            if push.must_complete and rnd.count + 1 < self.quorum:
+                raise ResourceExhausted(push.must_complete)
+            push.round = rnd
             rnd.sums = _first(device_grads, weight) if rnd.sums is None else _fold_jit(rnd.sums, device_grads, weight)
             rnd.total_weight += push.weight
             rnd.count += 1
@@ -231,11 +248,23 @@ class SyncAggregator:
     # -- applying ----------------------------------------------------------------------------------
 
     def _apply_locked(self, rnd: Round, *, timed_out: bool) -> None:
-        """One update with the round's weighted mean; the contributors become the workers' records."""
+        """One update with the round's weighted mean; the contributors become the workers' records.
+        A refused update (NonFiniteUpdate) drops the round and wakes the waiting calls, then raises."""
         model = self.model
         mean = _mean_jit(rnd.sums, jnp.float32(rnd.total_weight))
         rnd.sums = None
-        model._apply_locked(mean, 1.0)
+        try:
+            model._apply_locked(mean, 1.0)
+        except NonFiniteUpdate as e:
+            self.dropped_rounds += 1
+            self.last_drop = (f"{e.message}; the sync round for step {rnd.step + 1} ({rnd.count} contributions) "
+                              f"was dropped: push again against step {rnd.step}")  # fmt: skip
+            log.warning("%s", self.last_drop)
+            rnd.dropped = self.last_drop
+            self._round = Round(step=model.step)
+            self._timer_wakeup.notify_all()
+            model._changed.notify_all()  # waiting calls see dropped_rounds change
+            raise NonFiniteUpdate(self.last_drop) from None
         for worker_id, c in rnd.contributors.items():
             model._record_worker_locked(worker_id, c.seq, c.base_step, c.reply)
         if timed_out:
@@ -273,6 +302,8 @@ class SyncAggregator:
                 if now >= rnd.deadline:
                     try:
                         self._apply_locked(rnd, timed_out=True)
+                    except NonFiniteUpdate:
+                        pass  # dropped and logged by _apply_locked
                     except Exception:  # noqa: BLE001 - never kill the timer silently; drop the round
                         log.exception("model %r: applying sync step %d by timeout failed", self.model.name,
                                       rnd.step + 1)  # fmt: skip
@@ -318,6 +349,9 @@ class SyncPush:
         self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True,
                                          on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
                                          buffers=model.gradient_buffers.take())  # fmt: skip
+        # set by the service: refuse (with this message) unless this push completes its round
+        self.must_complete = ""
+        self.round: Round | None = None  # the round this push joined (set by commit)
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         self.aggregator.model.gradient_buffers.keep(grads)

@@ -17,16 +17,13 @@ from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_b
 import numpy as np
 
 from optserve.client import codec
-from optserve.client.transport import MAX_MESSAGE_BYTES
-from optserve.server.errors import InvalidArgument
+from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
+from optserve.server.errors import InvalidArgument, ResourceExhausted
 from optserve.v1 import optserve_pb2 as pb
 
 
 # Leaves from this size on start their device transfer as soon as they are complete (pipelining).
 EARLY_DEVICE_PUT_BYTES = 1 << 20
-
-# The unary twins carry every tensor in one message; leave room for the header and slice list.
-SINGLE_MESSAGE_PAYLOAD = MAX_MESSAGE_BYTES - (1 << 20)
 
 def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
     """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
@@ -116,13 +113,52 @@ def schema_bytes(schema: Iterable[codec.LeafSpec]) -> int:
 
 
 MIN_PULL_CHUNK_BYTES = 1024
+MIN_PULL_MESSAGE_BYTES = 64 << 10
 
 
 def pull_chunk_bytes(requested: int, default: int) -> int:
     """The payload size per pull message: the client's choice (0: the server's), clamped so that a
     reply message stays under the message cap and a tiny value cannot turn one pull into millions
-    of messages."""
+    of messages (the contract documents the clamp: PullRequest.chunk_bytes)."""
     return min(max(int(requested) or default, MIN_PULL_CHUNK_BYTES), MAX_MESSAGE_BYTES // 2)
+
+
+def pull_message_bytes(requested: int) -> int:
+    """The largest reply message a pull may get: the client's receive limit as its PullRequest says
+    (0: gRPC's default 4 MiB, which clients in other languages keep), clamped to what the server
+    sends at most and to a floor that still holds a header and some tensors."""
+    return min(max(int(requested) or DEFAULT_RECEIVE_LIMIT, MIN_PULL_MESSAGE_BYTES), MAX_MESSAGE_BYTES)
+
+
+# Download's FileChunk: data plus offset and total_bytes fields (< 64 bytes) within 4 MiB.
+FILE_CHUNK_BYTES = DEFAULT_RECEIVE_LIMIT - 64
+
+
+def check_wire_dtype(wire_dtype: str, model: str) -> None:
+    """A pull's wire_dtype: empty (the parameters' dtypes) or a floating dtype the wire supports."""
+    if wire_dtype and wire_dtype not in ("float16", "bfloat16", "float32"):
+        raise InvalidArgument(f"model {model!r}: wire_dtype must be float16, bfloat16 or float32, got {wire_dtype!r}")
+
+
+def single_reply_bytes(schema: Iterable[codec.LeafSpec], wire_dtype: str, header_bytes: int) -> int:
+    """An upper bound of a one-message pull reply (PullOne, PushPullOne): `header_bytes` of header
+    fields, every leaf's slice description and bytes (in the wire dtype), and the payload field."""
+    total = header_bytes + codec.PAYLOAD_FIELD_BYTES
+    for leaf in schema:
+        dtype = leaf.dtype if not wire_dtype or leaf.dtype not in codec.FLOAT_DTYPES else wire_dtype
+        total += codec.slice_wire_bytes(leaf.path, dtype, leaf.shape) + codec.leaf_nbytes(codec.DTYPES[dtype], leaf.shape)
+    return total
+
+
+def check_single_reply(model: str, reply_bytes: int, max_message_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED when a unary twin's reply would be larger than the client accepts."""
+    if reply_bytes > max_message_bytes:
+        raise ResourceExhausted(
+            f"model {model!r}: the parameters do not fit in one message: the reply would take up to {reply_bytes} "
+            f"bytes, more than max_message_bytes {max_message_bytes} (PullRequest.max_message_bytes; 0 means 4 MiB, "
+            "the default receive limit of gRPC clients); use the streaming Pull or PushPull, or raise the "
+            "client's receive limit and set max_message_bytes"
+        )
 
 
 def schema_to_proto(schema: Iterable[codec.LeafSpec]) -> list[pb.LeafSpec]:
@@ -141,8 +177,7 @@ def host_leaves(
     On the CPU the narrowing happens chunk by chunk while the reply is framed (`codec.Cast`); on an
     accelerator it happens on the device, so only the narrow bytes cross to the host.
     """
-    if wire_dtype and wire_dtype not in ("float16", "bfloat16", "float32"):
-        raise InvalidArgument(f"model {model!r}: wire_dtype must be float16, bfloat16 or float32, got {wire_dtype!r}")
+    check_wire_dtype(wire_dtype, model)
     target = codec.DTYPES.get(wire_dtype) if wire_dtype else None
     out: list[tuple[str, np.ndarray | codec.Cast]] = []
     for leaf in schema:

@@ -43,3 +43,7 @@ class DeadlineExceeded(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NonFiniteUpdate(FailedPrecondition):
+    """An update refused by settings.reject_nonfinite_updates: the model's state is unchanged."""

@@ -19,6 +19,8 @@ Series (all prefixed `optserve_`):
                                          time to enqueue the update, not to finish it on the device)
     push_staleness_steps{model}          current step minus the push's base_step, when it declared one
     sync_wait_seconds{model}             time a pull (or push-pull) waited for min_step
+    waiting_calls, waiting_calls_limit   calls waiting for a step now, and how many may (beyond that
+                                         they are refused with RESOURCE_EXHAUSTED)
     checkpoint_seconds{model}, checkpoint_bytes{model}, checkpoint_failures_total{model}
     models, model_step{model}, model_bytes{model,kind=params|state}
     device_memory_bytes{device,kind}     from jax's memory_stats() where the device reports them (GPU,
@@ -35,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -122,6 +124,8 @@ class ServerMetrics:
         self.checkpoint_bytes = Histogram("optserve_checkpoint_bytes", "Checkpoint size", ["model"],
                                           buckets=tuple(float(1 << k) for k in range(10, 41, 2)), registry=r)  # fmt: skip
         self.checkpoint_failures = Counter("optserve_checkpoint_failures", "Checkpoints that failed", ["model"], registry=r)
+        self.waiting_calls = Gauge("optserve_waiting_calls", "Calls waiting for a step", registry=r)
+        self.waiting_limit = Gauge("optserve_waiting_calls_limit", "Calls that may wait for a step at once", registry=r)
         r.register(_StateCollector(store))
         ProcessCollector(registry=r)
         self._http: Any = None

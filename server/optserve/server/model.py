@@ -23,7 +23,7 @@ import numpy as np
 from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
 from optserve.server.aggregation import SyncAggregator, SyncPush
 from optserve.server.datapath import device_putter, host_buffer_reaper, release_host_buffers
-from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.server.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate
 from optserve.server.gradient_buffers import GradientBuffers
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
@@ -38,6 +38,7 @@ class Counters:
     pulls: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    nonfinite_rejected: int = 0
 
 
 @dataclasses.dataclass
@@ -63,24 +64,57 @@ def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
     return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
 
 
+def _finite_flags(trainable: dict, opt_state: Any, ema_state: Any) -> jax.Array:
+    """One bool per floating-point leaf of (trainable params, optimizer state, EMA), in the order of
+    `state_leaf_names`: whether every value of that leaf is finite."""
+    leaves = [*trainable.values(), *jax.tree.leaves(opt_state), *jax.tree.leaves(ema_state)]
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags) if flags else jnp.ones([0], bool)
+
+
+def state_leaf_names(trainable: tuple[str, ...], opt_state: Any, ema_state: Any) -> list[str]:
+    """Names of the leaves `_finite_flags` checks, in its order (for the refusal's message)."""
+    names = [f"parameter {p!r}" for p in trainable]
+    for what, tree in (("optimizer state", opt_state), ("EMA", ema_state)):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                names.append(f"{what} {jax.tree_util.keystr(path)}")
+    return names
+
+
 def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings):
-    """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state).
+    """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state),
+    plus, with settings.reject_nonfinite_updates, a vector of per-leaf finiteness flags.
 
     grads may arrive in a narrower wire dtype; the cast to the parameter dtype happens here, fused
     into the update. Non-float leaves are carried unchanged (they are not trainable). The parameter
     EMA (objax semantics, `spec.ema`), when the model keeps one, is updated in the same computation.
     The optimizer state is always donated; parameters and EMA only when no pull pins them.
+
+    reject_nonfinite_updates: when any new floating-point value is not finite, every output is the
+    corresponding input (a select inside the computation, bit for bit), so the donated buffers are
+    still valid and the caller only has to read the flags back to know whether to count the step.
     """
     decay = settings.ema_decay
+    check = settings.reject_nonfinite_updates
 
     def step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
         train = {k: params[k] for k in trainable}
         g = {k: grads[k].astype(train[k].dtype) for k in trainable}
-        updates, opt_state = compiled.update(g, opt_state, train)
-        params = _apply_updates(params, updates, scale)
+        updates, new_opt_state = compiled.update(g, opt_state, train)
+        new_params = _apply_updates(params, updates, scale)
+        new_ema = ema_state
         if ema_state is not None:
-            ema_state = ema.ema_update(ema_state, {k: params[k] for k in trainable}, decay)
-        return params, opt_state, ema_state
+            new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
+        if not check:
+            return new_params, new_opt_state, new_ema
+        flags = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
+        ok = jnp.all(flags)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags
 
     return jax.jit(step, donate_argnums=(0, 1, 2) if donate_params else (1,))
 
@@ -198,15 +232,29 @@ class Model:
         return [(w, seq, base) for w, (seq, base) in sorted(states.items())]
 
     def _apply_locked(self, grads: Mapping[str, jax.Array], scale: float) -> int:
-        """Applies one update; the caller holds the lock and has validated everything."""
+        """Applies one update; the caller holds the lock and has validated everything.
+
+        With settings.reject_nonfinite_updates, raises NonFiniteUpdate (FAILED_PRECONDITION) when the
+        update would make the state non-finite; the state is then bitwise what it was (make_step).
+        """
         donate = self._pins.get(self.step, 0) == 0
         # np.float32, not jnp.float32: jit's C++ fast path takes a numpy scalar in microseconds, while
         # building a jax scalar first costs ~60 us, a third of a small model's whole update.
-        self.params, self.opt_state, self.ema_state = self._steps[donate](
-            self.params, self.opt_state, self.ema_state, dict(grads), np.float32(scale)
-        )
+        out = self._steps[donate](self.params, self.opt_state, self.ema_state, dict(grads), np.float32(scale))
+        self.params, self.opt_state, self.ema_state = out[:3]
         if self.param_bytes >= REAP_MIN_BYTES:  # then the gradient's host buffers can go (datapath)
             host_buffer_reaper.after(self.params)
+        if self.settings.reject_nonfinite_updates:
+            # Read back before anyone is told: this waits until the update has run on the device.
+            flags = np.asarray(out[3])
+            if not flags.all():
+                self.counters.nonfinite_rejected += 1
+                leaf = state_leaf_names(self.trainable, self.opt_state, self.ema_state)[int(np.argmin(flags))]
+                raise NonFiniteUpdate(
+                    f"model {self.name!r}: update refused: it would make {leaf} non-finite (inf or NaN) "
+                    f"(settings.reject_nonfinite_updates); parameters, optimizer state and step {self.step} are "
+                    "unchanged. Lower the learning rate or check the gradients"
+                )
         self.step += 1
         self.state_version += 1
         self.counters.pushes_applied += 1

@@ -50,7 +50,8 @@ class Server:
 
     host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
     are checkpointed and restored from (None: no checkpoints). device: JAX device for the models.
-    max_workers: threads serving RPCs (each stream holds one while it runs).
+    max_workers: threads serving RPCs (each stream holds one while it runs; calls waiting for a step
+    are bounded below it, see service.waiting_call_limit, so that the rest stay free for others).
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
     """
@@ -82,7 +83,8 @@ class Server:
 
             checkpoints = CheckpointManager(checkpoint_dir, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
-        self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints)
+        self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints,
+                                       max_workers=max_workers)  # fmt: skip
         self.metrics = self.service.metrics  # its own registry: several servers may share a process
         if checkpoints is not None:
             checkpoints.metrics = self.metrics  # periodic, explicit and final saves alike

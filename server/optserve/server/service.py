@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -45,6 +46,42 @@ from optserve.v1 import optserve_pb2 as pb
 log = logging.getLogger("optserve.service")
 VERSION = "0.1.0"
 WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
+
+
+def waiting_call_limit(max_workers: int) -> int:
+    """How many calls may wait for a step at once on a server with `max_workers` RPC threads.
+
+    A waiting call holds its thread (grpcio's synchronous server has no other way to wait), so
+    waiters that took every thread would starve every other call, health checks included. A reserve
+    of an eighth of the threads (at least 2: a health check and one more call) stays for the rest;
+    at least one call may always wait.
+    """
+    return max(1, max_workers - max(2, max_workers // 8))
+
+
+class WaitingSlots:
+    """A non-blocking counter of the calls waiting for a step, bounded by `limit`."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None):
+        self.limit = limit
+        self.waiting = 0
+        self._lock = threading.Lock()
+        self._on_change = on_change
+
+    def try_take(self) -> bool:
+        with self._lock:
+            if self.waiting >= self.limit:
+                return False
+            self.waiting += 1
+            if self._on_change is not None:
+                self._on_change(self.waiting)
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.waiting -= 1
+            if self._on_change is not None:
+                self._on_change(self.waiting)
 
 
 def _identity(x: bytes) -> bytes:
@@ -142,10 +179,15 @@ class OptserveService:
     """Implements optserve.v1.Optserve over a ModelStore."""
 
     def __init__(self, store: ModelStore, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, checkpoints: Any = None,
-                 metrics: ServerMetrics | None = None):  # fmt: skip
+                 metrics: ServerMetrics | None = None, max_workers: int = 64):  # fmt: skip
+        """max_workers: the server's RPC threads; calls that wait for a step are bounded by
+        `waiting_call_limit(max_workers)` so that they never hold every thread."""
         self.store = store
         self.metrics = metrics or ServerMetrics(store)
         self.chunk_bytes = chunk_bytes
+        self.max_workers = max_workers
+        self.waiting = WaitingSlots(waiting_call_limit(max_workers), on_change=self.metrics.waiting_calls.set)
+        self.metrics.waiting_limit.set(self.waiting.limit)
         self.checkpoints = checkpoints  # CheckpointManager or None
         self.incarnation = uuid.uuid4().hex
         self.started_unix = time.time()
@@ -156,6 +198,8 @@ class OptserveService:
         self.ready = threading.Event()
         self.ready.set()
         self._pull_headers: weakref.WeakKeyDictionary[Model, bytes] = weakref.WeakKeyDictionary()
+        # per model and wire dtype: the bound of a one-message pull reply's slices and payload
+        self._single_reply_bytes: weakref.WeakKeyDictionary[Model, dict[str, int]] = weakref.WeakKeyDictionary()
 
     def _check_ready(self) -> None:
         if not self.ready.is_set():
@@ -254,13 +298,19 @@ class OptserveService:
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         return self.model_info(self.store.get(authorize(context, request.model)))
 
+    @staticmethod
+    def _visible(context: grpc.ServicerContext, names: Iterable[str]) -> list[str]:
+        """The names a caller may see: all, or those its token is limited to."""
+        allowed = getattr(context, ALLOWED_MODELS, None)
+        return [n for n in names if allowed is None or n in allowed]
+
     @_handler
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        models = {m.name: m for m in self.store.models()}
         return pb.ListModelsResponse(
             models=[
                 pb.ModelSummary(name=m.name, step=m.step, mode=m.settings.mode, leaves=len(m.schema), param_bytes=m.param_bytes)
-                for m in self.store.models()
-                if getattr(context, ALLOWED_MODELS, None) is None or m.name in getattr(context, ALLOWED_MODELS)
+                for m in (models[n] for n in self._visible(context, models))
             ]
         )
 
@@ -286,8 +336,14 @@ class OptserveService:
 
     # -- data path --------------------------------------------------------------------------------
 
-    def _receive_push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> tuple[Model, pb.PushHeader, pb.PushResponse]:
-        """Reads a whole push stream, validates it and applies it (or hands it to the sync round)."""
+    def _receive_push(self, requests: Iterator[bytes], context: grpc.ServicerContext,
+                      prepare: Callable[[Model, pb.PushHeader, Any], None] | None = None,
+                      ) -> tuple[Model, pb.PushHeader, pb.PushResponse]:  # fmt: skip
+        """Reads a whole push stream, validates it and applies it (or hands it to the sync round).
+
+        prepare(model, header, receiver): more checks of the header (PushPull's pull), called before
+        any gradient byte is read and so before anything is applied.
+        """
         self._check_accepting()
         first, payload = datapath.first_message(requests, pb.PushRequest, "header")
         h = first.header
@@ -297,6 +353,8 @@ class OptserveService:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
         receiver = model.open_push(base_step=base_step, worker_id=h.worker_id, seq=h.seq, weight=h.weight)
         try:
+            if prepare is not None:
+                prepare(model, h, receiver)
             grads = datapath.receive_tensors(first, payload, requests, pb.PushRequest, receiver.assembler)
         except BaseException:
             receiver.abort()
@@ -325,36 +383,93 @@ class OptserveService:
     def Push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
         return self._receive_push(requests, context)[2]
 
-    def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
-                     push: pb.PushResponse | None = None, single: bool = False) -> Iterator[bytes]:  # fmt: skip
-        """The PullResponse messages; `single`: exactly one message (the unary twins), or refused."""
-        if req.HasField("min_step") and model.step < req.min_step:
-            self._wait_for_step(model, req, context)
-        chunk_bytes = datapath.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes)
+    def _check_pull(self, model: Model, req: pb.PullRequest, single: bool) -> None:
+        """Validates a pull's fields before it waits, streams or (PushPull) before its push is applied."""
+        if not math.isfinite(req.timeout_seconds) or req.timeout_seconds < 0:
+            raise InvalidArgument(f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}")
+        datapath.check_wire_dtype(req.wire_dtype, model.name)
+        if req.ema and model.settings.ema_decay is None:
+            raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
         if single:
-            chunk_bytes = datapath.SINGLE_MESSAGE_PAYLOAD
-            if model.param_bytes > chunk_bytes:
-                raise ResourceExhausted(
-                    f"model {model.name!r}: {model.param_bytes} bytes of parameters do not fit in one message "
-                    f"(at most {chunk_bytes}); use the streaming Pull or PushPull"
-                )
+            datapath.check_single_reply(model.name, self._single_reply_bound(model, req.wire_dtype),
+                                        datapath.pull_message_bytes(req.max_message_bytes))  # fmt: skip
+
+    def _single_reply_bound(self, model: Model, wire_dtype: str) -> int:
+        """Upper bound of a one-message pull reply of `model`: header (with a push reply) and tensors."""
+        bounds = self._single_reply_bytes.get(model)
+        if bounds is None:
+            bounds = self._single_reply_bytes[model] = {}
+        bound = bounds.get(wire_dtype)
+        if bound is None:
+            # header (cached, without step) + its step, not_modified and a PushResponse (name, step,
+            # flags, incarnation), each well within 64 bytes besides the name
+            header = len(self._first_pull_response(model).SerializeToString()) + len(model.name.encode()) + 128
+            bound = bounds[wire_dtype] = datapath.single_reply_bytes(model.schema, wire_dtype, header)
+        return bound
+
+    @contextmanager
+    def _waiting_slot(self, model: Model, what: str) -> Iterator[None]:
+        """Holds one of the bounded slots for calls that wait for a step, or refuses the call."""
+        if not self.waiting.try_take():
+            raise ResourceExhausted(self._too_many_waiting(model, what))
+        try:
+            yield
+        finally:
+            self.waiting.give_back()
+
+    def _too_many_waiting(self, model: Model, what: str) -> str:
+        return (
+            f"model {model.name!r}: {what}, but {self.waiting.limit} calls are already waiting for a step, the most "
+            f"this server lets wait (its {self.max_workers} RPC threads less a reserve for other calls; "
+            "--max-workers raises it); nothing was applied: retry later"
+        )
+
+    def _pull_stream(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
+                     push: pb.PushResponse | None = None, single: bool = False,
+                     round_dropped: Callable[[], str] | None = None, slot_held: bool = False) -> Iterator[bytes]:  # fmt: skip
+        """The PullResponse messages; `single`: exactly one message (the unary twins), or refused.
+
+        round_dropped: for a sync PushPull, why the round its push joined was dropped ("" while it
+        was not); slot_held: the caller already holds a waiting slot (PushPull takes it before its push).
+        """
+        self._check_pull(model, req, single)
+        if req.HasField("min_step") and model.step < req.min_step:
+            if slot_held:
+                self._wait_for_step(model, req, context, round_dropped)
+            else:
+                with self._waiting_slot(model, f"this pull would wait for step {req.min_step}"):
+                    self._wait_for_step(model, req, context, round_dropped)
+        max_message = datapath.pull_message_bytes(req.max_message_bytes)
+        if single:  # _check_pull made sure that everything fits in one message
+            chunk_bytes, bound = max_message, None
+        else:
+            chunk_bytes, bound = datapath.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes), max_message
         first = self._first_pull_response(model)
         if push is not None:
             first.push.CopyFrom(push)
         if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
             first.header.step, first.header.not_modified = model.step, True
-            yield from chunk_messages(first, [], chunk_bytes)
+            self._mark_applied(first, push)
+            yield from chunk_messages(first, [], chunk_bytes, bound)
             self.metrics.pulled(model.name, "not_modified", 0)
             return
         with model.snapshot(ema=req.ema) as snap:
             first.header.step = snap.step
+            self._mark_applied(first, push)
             leaves = datapath.host_leaves(model.schema, snap.arrays, req.wire_dtype, model.name)
             sent = 0
-            for raw in chunk_messages(first, leaves, chunk_bytes):
+            for raw in chunk_messages(first, leaves, chunk_bytes, bound):
                 model.counters.bytes_out += len(raw)
                 sent += len(raw)
                 yield raw
         self.metrics.pulled(model.name, "ok", sent)
+
+    @staticmethod
+    def _mark_applied(first: pb.PullResponse, push: pb.PushResponse | None) -> None:
+        """A PushPull's reply goes with parameters at or after the step its push joined: by then that
+        step is applied, whatever the push's reply said when it was made (sync: applied false)."""
+        if push is not None and not push.applied and first.header.step >= push.step:
+            first.push.applied = True
 
     def _first_pull_response(self, model: Model) -> pb.PullResponse:
         """A pull's first message with the header's constant part (name, schema, incarnation) filled
@@ -367,18 +482,37 @@ class OptserveService:
             cached = self._pull_headers[model] = pb.PullResponse(header=header).SerializeToString()
         return pb.PullResponse.FromString(cached)
 
-    def _wait_for_step(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext) -> None:
+    def _wait_for_step(self, model: Model, req: pb.PullRequest, context: grpc.ServicerContext,
+                       round_dropped: Callable[[], str] | None = None) -> None:  # fmt: skip
         """Waits for req.min_step, bounded by timeout_seconds (0: the call's deadline).
 
         Waits in short slices so that a waiter whose client went away, whose model was deleted or
         whose server is shutting down lets go of its thread at once instead of at the deadline.
+        In sync mode a round refused by reject_nonfinite_updates ends the wait with FAILED_PRECONDITION:
+        `round_dropped()` says why for a PushPull whose own round it was; a plain pull ends when any
+        round is dropped while its step is still ahead (its contributors must push again).
         """
-        if not math.isfinite(req.timeout_seconds) or req.timeout_seconds < 0:
-            raise InvalidArgument(f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}")
+        agg = model.aggregator
+        dropped_why = round_dropped
+        if dropped_why is None and agg is not None:
+            seen = agg.dropped_rounds
+
+            def dropped_why() -> str:
+                return agg.last_drop if agg.dropped_rounds != seen and model.step < req.min_step else ""
+
         limit = req.timeout_seconds or context.time_remaining()  # None: no deadline
         started = time.monotonic()
-        while not model.wait_for_step(req.min_step, WAIT_SLICE_SECONDS if limit is None else
-                                      min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0))):  # fmt: skip
+        while True:
+            reached = model.wait_for_step(
+                req.min_step,
+                WAIT_SLICE_SECONDS if limit is None else min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0)),
+                give_up=None if dropped_why is None else lambda: bool(dropped_why()),
+            )  # fmt: skip
+            dropped = dropped_why() if dropped_why is not None else ""
+            if dropped:
+                raise FailedPrecondition(f"model {model.name!r}: waiting for step {req.min_step}: {dropped}")
+            if reached:
+                break
             if model.deleted:
                 raise NotFound(f"model {model.name!r} was deleted while waiting for step {req.min_step}")
             self._check_accepting()
@@ -395,12 +529,45 @@ class OptserveService:
         yield from self._pull_stream(self.store.get(authorize(context, request.model)), request, context)
 
     def _push_pull(self, requests: Iterator[bytes], context: grpc.ServicerContext, single: bool) -> Iterator[bytes]:
-        model, header, response = self._receive_push(requests, context)
-        pull = pb.PullRequest()
-        pull.CopyFrom(header.pull)
-        if not response.applied:  # sync: return once the step this gradient joined is applied
-            pull.min_step = response.step
-        yield from self._pull_stream(model, pull, context, push=response, single=single)
+        """A push, then a pull as its header's `pull` says; the pull is validated (and, in sync mode,
+        a waiting slot taken) before the push is applied, so a refused call applies nothing."""
+        slot: list[bool] = []  # [True] while this call holds a waiting slot
+        round_of: list[Any] = []  # the sync receiver, whose round says whether it was dropped
+
+        def prepare(model: Model, header: pb.PushHeader, receiver: Any) -> None:
+            if header.pull.model and header.pull.model != model.name:
+                raise InvalidArgument(
+                    f"model {model.name!r}: pull.model {header.pull.model!r} names another model; a PushPull pulls "
+                    "the model it pushes to (leave pull.model empty)"
+                )
+            self._check_pull(model, header.pull, single)
+            sync = model.aggregator is not None
+            if sync:
+                round_of.append(receiver)
+            if sync or header.pull.HasField("min_step"):  # the reply may wait: take a slot first
+                what = "this PushPull would wait for its sync round" if sync else "this PushPull may wait for its min_step"
+                if self.waiting.try_take():
+                    slot.append(True)
+                elif sync:  # a push that completes its round does not wait: that one may go on
+                    receiver.must_complete = self._too_many_waiting(model, what)
+                else:
+                    raise ResourceExhausted(self._too_many_waiting(model, what))
+
+        try:
+            model, header, response = self._receive_push(requests, context, prepare)
+            pull = pb.PullRequest()
+            pull.CopyFrom(header.pull)
+            round_dropped = None
+            if not response.applied:  # sync: return once the step this gradient joined is applied
+                pull.min_step = response.step
+                joined = round_of[0].round if round_of else None  # None for a retry (duplicate)
+                if joined is not None:
+                    round_dropped = lambda: joined.dropped  # noqa: E731
+            yield from self._pull_stream(model, pull, context, push=response, single=single,
+                                         round_dropped=round_dropped, slot_held=bool(slot))  # fmt: skip
+        finally:
+            if slot:
+                self.waiting.give_back()
 
     @_stream_handler
     def PushPull(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -447,7 +614,9 @@ class OptserveService:
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         from optserve.server import transfer
 
-        yield from transfer.download(self.store.get(authorize(context, request.model)), self.chunk_bytes)
+        # FILE_CHUNK_BYTES: each FileChunk fits in the 4 MiB that gRPC clients receive by default
+        chunk_bytes = min(self.chunk_bytes, datapath.FILE_CHUNK_BYTES)
+        yield from transfer.download(self.store.get(authorize(context, request.model)), chunk_bytes)
 
     @_handler
     def Upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ModelInfo:
@@ -470,7 +639,8 @@ class OptserveService:
                     name=r["name"], kind=r.get("kind", ""), library=r.get("library", ""), doc=r.get("doc", ""),
                     hyperparams=[
                         pb.HyperparamInfo(name=h["name"], default_json=json.dumps(h.get("default")),
-                                          required=bool(h.get("required")), doc=h.get("doc", ""))
+                                          required=bool(h.get("required")), doc=h.get("doc", ""),
+                                          type=h.get("type", ""), tunable=bool(h.get("tunable")))
                         for h in r.get("hyperparams", [])
                     ],
                 )  # fmt: skip
@@ -481,4 +651,5 @@ class OptserveService:
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         d = self.store.device
         return pb.ServerInfo(version=VERSION, incarnation=self.incarnation, device=f"{d.platform}:{d}",
-                             models=len(self.store.names()), started_unix=self.started_unix)  # fmt: skip
+                             models=len(self._visible(context, self.store.names())),
+                             started_unix=self.started_unix)  # fmt: skip

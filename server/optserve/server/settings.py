@@ -21,6 +21,9 @@ class ModelSettings:
     staleness_scaling: str = "none"  # async: "none" | "inverse"
     ema_decay: float | None = None
     ema_debias: bool = True
+    # refuse an update that makes parameters, optimizer state or EMA non-finite (model.make_step);
+    # off by default: compatible with existing clients and checkpoints, and free of its device sync
+    reject_nonfinite_updates: bool = False
 
     @classmethod
     def from_proto(cls, s: pb.ModelSettings, model: str) -> ModelSettings:
@@ -52,12 +55,14 @@ class ModelSettings:
         ema = s.ema_decay if s.HasField("ema_decay") else None
         if ema is not None and not (0.0 <= ema < 1.0):
             raise bad("ema", f"decay must be in [0, 1), got {ema}")
-        return cls(mode, workers, quorum, max_staleness, float(s.sync_timeout_seconds), scaling, ema, s.ema_debias)
+        return cls(mode, workers, quorum, max_staleness, float(s.sync_timeout_seconds), scaling, ema, s.ema_debias,
+                   bool(s.reject_nonfinite_updates))
 
     def to_proto(self) -> pb.ModelSettings:
         s = pb.ModelSettings(
             mode=self.mode, workers=self.workers, quorum=self.quorum, sync_timeout_seconds=self.sync_timeout,
             staleness_scaling=self.staleness_scaling, ema_debias=self.ema_debias,
+            reject_nonfinite_updates=self.reject_nonfinite_updates,
         )  # fmt: skip
         if self.max_staleness is not None:
             s.max_staleness = self.max_staleness
