@@ -29,7 +29,7 @@ log = logging.getLogger("optserve.checkpoints")
 
 MANIFEST = "manifest.json"
 FILES = {"params": "params.safetensors", "opt": "opt_state.safetensors", "ema": "ema.safetensors"}
-STEP_DIR = re.compile(r"^step_(0|[1-9][0-9]{0,15})$")
+STEP_DIR = re.compile(r"^step_(0|[1-9][0-9]{0,15})$")  # steps up to state_io.MAX_STEP (16 digits)
 TMP_MARK = ".tmp-"
 CORRUPT_MARK = ".corrupt-"
 DELETED_PREFIX = ".deleted-"  # not a valid model name, so never mistaken for one
@@ -42,7 +42,7 @@ class CheckpointFailed(ServiceError):
 
 def check_step(step: int, model: str) -> int:
     if not isinstance(step, int) or not 0 <= step <= state_io.MAX_STEP:
-        raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53]")
+        raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53 - 1]")
     return step
 
 
