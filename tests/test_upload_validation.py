@@ -499,3 +499,19 @@ def test_retry_of_any_recent_seq_gets_its_original_reply(client, tmp_path, mode)
     check(copy, f"window-{mode}-copy")
     new = _push(copy, n + 1)
     assert new.step == n + 1 and not new.duplicate and _push(copy, n + 1).duplicate
+
+
+def test_sync_retry_of_an_applied_seq_while_a_newer_one_is_pending(client):
+    m = client.create_model("window-pending", PARAMS, optimizer=SPEC, mode="sync", workers=2)
+    leaves = m._grad_leaves(GRADS, None)
+    first = _push(m, 1)  # worker w joins step 1; v completes it
+    assert m.push_raw(m._push_header(None, None, "v", 1), leaves).applied
+    pending = _push(m, 3)  # joins step 2, which waits for v
+    assert (first.step, first.applied, pending.step, pending.applied) == (1, False, 2, False)
+    for seq, original in ((1, first), (3, pending), (1, first)):
+        again = _push(m, seq)
+        assert again.duplicate and (again.step, again.applied) == (original.step, original.applied), seq
+    with pytest.raises(FailedPreconditionError, match="seq 2 is older than its pending seq 3"):
+        _push(m, 2)  # above its highest applied seq, below its pending one: never pushed
+    info = m.info()
+    assert info["step"] == 1 and info["pending_contributions"] == 1 and info["counters"]["pushes_applied"] == 1

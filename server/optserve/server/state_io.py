@@ -131,7 +131,6 @@ def state_paths(tree: Any, what: str) -> list[str]:
 # the reply window hold {"last_seq", "last_base_step", "last_reply": REPLY or null} instead.
 
 _UINT64_MAX = 2**64 - 1  # PushHeader.seq and WorkerState.last_seq are uint64
-_MAX_WORKER_ID_CHARS = 4096
 
 
 def _encode_reply(reply: Any) -> dict:
@@ -189,17 +188,19 @@ def decode_worker(data: Any, where: str, step: int) -> Any:
     replies = data["replies"]
     if not isinstance(replies, list):
         raise StateError(f"{where}.replies: expected a list, got {_show(replies)}")
-    decoded: dict[int, pb.PushResponse] = {}
+    previous = 0
     for i, entry in enumerate(replies):
         here = f"{where}.replies[{i}]"
         if not (isinstance(entry, dict) and set(entry) == {"seq", "reply"}):
             raise StateError(f'{here}: expected {{"seq": integer, "reply": ...}}, got {_show(entry)}')
         seq = entry["seq"]
-        if not (_is_int(seq) and 1 <= seq <= last_seq and all(seq > s for s in decoded)):
-            raise StateError(f"{here}.seq: expected an integer in [1, last_seq {last_seq}], increasing, got {_show(seq)}")
-        decoded[seq] = _decode_reply(entry["reply"], f"{here}.reply")
-    for seq in list(decoded)[-REPLY_WINDOW:]:
-        record.replies[seq] = decoded[seq]
+        if not (_is_int(seq) and previous < seq <= last_seq):
+            raise StateError(f"{here}.seq: expected an integer in [1, last_seq {last_seq}] above the previous one, "
+                             f"got {_show(seq)}")  # fmt: skip
+        record.replies[seq] = _decode_reply(entry["reply"], f"{here}.reply")
+        previous = seq
+    for seq in list(record.replies)[:-REPLY_WINDOW]:  # a file from a server with a larger window
+        del record.replies[seq]
     return record
 
 
@@ -208,8 +209,9 @@ def _decode_workers(data: Any, where: str, step: int) -> dict[str, Any]:
         raise StateError(f"{where}: workers: expected an object, got {_show(data)}")
     workers = {}
     for worker_id, record in data.items():
-        # worker ids come back in GetModel (protobuf strings: valid UTF-8, so no lone surrogates)
-        if not worker_id or len(worker_id) > _MAX_WORKER_ID_CHARS or not _utf8(worker_id):
+        # any id a push can carry (a protobuf string: valid UTF-8, so no lone surrogates; GetModel
+        # sends it back the same way)
+        if not worker_id or not _utf8(worker_id):
             raise StateError(f"{where}: workers: invalid worker id {_show(worker_id)}")
         workers[worker_id] = decode_worker(record, f"{where}: workers[{worker_id!r}]", step)
     return workers
@@ -316,7 +318,8 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
     """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
     client could have set anything else (CreateModel and SetHyperparams validate them)."""
     for path, a in opt.items():
-        if path.startswith("hyperparams/") and a.dtype.name in codec.FLOAT_DTYPES and not np.isfinite(a.astype(np.float64)).all():
+        if path.startswith("hyperparams/") and a.dtype.name in codec.FLOAT_DTYPES \
+                and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
@@ -414,6 +417,9 @@ def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping
 # Manifest <-> host state
 
 
+_REQUIRED_KEYS = ("model", "step", "schema", "spec", "settings", "hyperparams", "workers", "opt_keys", "ema_keys")
+
+
 def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]], where: str,
                   model: str | None = None) -> HostState:  # fmt: skip
     """A HostState from a manifest and its tensor groups, validated as strictly as CreateModel
@@ -474,9 +480,6 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
         params=dict(groups.get("params", {})), opt={k: opt[k] for k in order}, ema=ema,
         hyperparams={k: float(v) for k, v in hyperparams.items()}, workers=workers,
     )  # fmt: skip
-
-
-_REQUIRED_KEYS = ("model", "step", "schema", "spec", "settings", "hyperparams", "workers", "opt_keys", "ema_keys")
 
 
 # ---------------------------------------------------------------------------------------------
