@@ -108,7 +108,7 @@ class ModelSettings:
             raise InvalidArgument(f"model {model!r}: settings.{unknown[0]}: unknown setting")
         for name, value in data.items():
             kind, _, none = str(fields[name].type).partition(" | ")
-            allowed = _JSON_TYPES[kind]
+            allowed = _JSON_TYPES.get(kind, (object,))  # a field of another type: `validated` checks it
             ok = (value is None and none == "None") or (
                 isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
             )
