@@ -1,8 +1,11 @@
 """Hostile input against a live `optserve serve` subprocess: thousands of random and malformed
 requests (random bytes as chunks, huge declared shapes, out-of-range and overlapping offsets, dtype
 `object`, NaN and Inf gradients, odd unicode leaf names, a million tiny leaves in one create,
-abandoned streams). Each gets an error status, the server never crashes, its memory stays bounded,
-and every model's parameters, step and hyperparameters are unchanged afterwards."""
+abandoned streams), through the streaming RPCs, their unary twins (PushOne, PullOne, PushPullOne)
+and Upload (state files with any manifest field missing, of the wrong type or out of range,
+truncated, or with a damaged header). Each gets an error status, the server never crashes, its
+memory stays bounded, no model is created, and every model's parameters, step and hyperparameters
+are unchanged afterwards."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +13,7 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -20,9 +24,11 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from optserve.client import Client, codec, optim
 from optserve.client.messages import chunk_messages
+from optserve.server import state_io
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 
@@ -74,6 +80,14 @@ def snapshot(client: Client) -> dict:
     return out
 
 
+def download(model) -> bytes:
+    """A victim's state file (Download), for the upload kinds to corrupt."""
+    chunks = []
+    for raw in model.client.stream(model.client._download, pb.DownloadRequest(model=model.name)):
+        chunks.append(bytes(codec.parse_message(raw, pb.FileChunk)[1]))
+    return b"".join(chunks)
+
+
 # -- request builders ------------------------------------------------------------------------------
 
 
@@ -106,11 +120,70 @@ def utf8_bad_string_message(field_number: int, raw: bytes) -> bytes:
     return codec._varint((field_number << 3) | 2) + codec._varint(len(raw)) + raw
 
 
-class Hostile:
-    """Builds one malformed request of a kind; yields (rpc, request or message list, label)."""
+def _deep_spec(n: int) -> dict:
+    spec: dict = {"sgd": {"learning_rate": 0.1}}
+    for _ in range(n):
+        spec = {"chain": [spec]}
+    return spec
 
-    def __init__(self, rng: np.random.Generator):
+
+def _bad_worker(**kw) -> dict:
+    return {"w": {"last_seq": 1, "last_base_step": 0, "replies": [], **kw}}
+
+
+# Values no manifest field may hold (each refused whatever the other fields say). "model" is only
+# read when the upload names no model, so its cases are sent without a name.
+BAD_MANIFEST_VALUES = {
+    "format": [None, 5, "safetensors", []],
+    "format_version": [2, "1", True, 1.0, None],
+    "model": [7, None, "../victim", "", "a" * 300, ["victim"]],
+    "step": [-1, 2**53, 2**64, 1.5, "3", True, None],
+    "schema": [[], {}, "layer/w", None, [{"path": "layer/w", "dtype": "object", "shape": [8, 4]}],
+               [{"path": "layer/\x00w", "dtype": "float32", "shape": [8, 4]}], [{"path": "w", "dtype": "float64", "shape": [3]}],
+               [{"path": "w", "dtype": "float32", "shape": [0, 2**63 - 1]}], [{"path": "w", "dtype": "float32", "shape": "3"}]],
+    "spec": [12, None, "no-such-rule", {"sgd": {}}, _deep_spec(400), [{"adam": {}}]],
+    "settings": [[], "async", None, {"mode": "banana"}, {"mode": "sync", "workers": 0}, {"max_staleness": -1},
+                 {"mode": "sync", "workers": 1, "sync_timeout": float("nan")}, {"mode": "sync", "workers": 2, "quorum": 3},
+                 {"mode": "sync", "workers": 1, "sync_timeout": -1.0}, {"turbo": True}, {"workers": "2"}],
+    "hyperparams": [[], "x", None, {"learning_rate": "x"}, {"learning_rate": float("inf")}],
+    "workers": [[], "w", None, {"w": 3}, _bad_worker(last_seq="abc"), _bad_worker(last_seq=-1), _bad_worker(last_base_step=10**6),
+                _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PullRequest", "b64": ""}}]),
+                _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PushResponse", "b64": "////"}}]),
+                {"": {"last_seq": 1, "last_base_step": 0, "replies": []}}],
+    "opt_keys": [None, "count", [], ["count", "count"], 5],
+    "ema_keys": [["count"], 3, "x", {}],
+}  # fmt: skip
+
+
+class Hostile:
+    """Builds one malformed request of a kind; yields (rpc, request or message list, label).
+
+    `upload_base`: a valid state file (a download of a victim) that the upload kinds corrupt."""
+
+    def __init__(self, rng: np.random.Generator, upload_base: bytes = b""):
         self.rng = rng
+        self.upload_base = upload_base
+
+    def upload_messages(self, data: bytes, name: str, total: int | None = None) -> list[bytes]:
+        total = len(data) if total is None else total
+        msgs = [pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=total)).SerializeToString()]
+        step = int(self.rng.integers(1 << 10, 1 << 16))
+        msgs += [codec.frame(pb.UploadRequest(offset=o).SerializeToString(), [data[o : o + step]]) for o in range(0, len(data), step)]
+        return msgs
+
+    def corrupt_upload(self) -> tuple[bytes, str]:
+        """The base file with one manifest field missing or bad (bytes, the name to upload as)."""
+        r = self.rng
+        tensors, meta = state_io.parse_safetensors(self.upload_base, "base")
+        meta = dict(meta)
+        key = str(r.choice(list(BAD_MANIFEST_VALUES)))
+        if r.integers(4) == 0:
+            del meta[key]
+        else:
+            values = BAD_MANIFEST_VALUES[key]
+            meta[key] = json.dumps(values[int(r.integers(len(values)))])
+        data = safetensors.numpy.save({k: v.copy() for k, v in tensors.items()}, metadata=meta)
+        return data, "" if key == "model" else f"up-{r.integers(1 << 30)}"
 
     def rand_bytes(self, lo=0, hi=4096) -> bytes:
         return self.rng.bytes(int(self.rng.integers(lo, hi)))
@@ -135,6 +208,10 @@ class Hostile:
             shape = [int(x) for x in r.integers(1 << 20, 1 << 62, size=int(r.integers(1, 3)))]
             h = create_header(f"huge-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype="float32", shape=shape)])
             return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", shape, 0, 8)]), b"\0" * 8)]
+        if kind == "absurd_empty_shape":  # no array can have it, even empty (int64 strides overflow)
+            shape = [[0, 2**63 - 1], [2**32, 2**32, 0, 7], [0, 2**62], [2**40, 0, 2**30]][int(r.integers(4))]
+            h = create_header(f"absurd-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype="float32", shape=shape)])
+            return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", shape, 0, 0)]))]
         if kind == "bad_offsets":
             choice = int(r.integers(0, 4))
             off = [2**64 - 1, 2**63, 128 - 4, 120][choice]
@@ -224,6 +301,50 @@ class Hostile:
             else:
                 p.min_step, p.timeout_seconds = 10**9, 0.01
             return "Pull", p.SerializeToString()
+        if kind == "random_twin_bytes":
+            return str(r.choice(["PushOne", "PullOne", "PushPullOne"])), self.rand_bytes(1)
+        if kind == "twin_malformed_push":
+            rpc = str(r.choice(["PushOne", "PushPullOne"]))
+            choice = int(r.integers(0, 5))
+            if choice == 0:  # an offset beyond the leaf
+                return rpc, msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 2**63, 8)]), b"\1" * 8)
+            if choice == 1:  # a leaf missing
+                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves()[:1], 1 << 20))[0]
+            if choice == 2:  # NaN
+                leaves = valid_push_leaves()
+                leaves[1][1][3, 2] = np.nan
+                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))[0]
+            if choice == 3:  # payload shorter than its slices
+                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 1 << 20))[0][:-7]
+            return rpc, msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "object", [8, 4], 0, 128)]), b"\0" * 128)
+        if kind == "twin_bad_pull":
+            p = pb.PullRequest(model="victim-f32")
+            choice = int(r.integers(0, 3))
+            if choice == 0:
+                p.wire_dtype = str(r.choice(["object", "int8", "x"]))
+            elif choice == 1:
+                p.min_step, p.timeout_seconds = 10**9, float(r.choice([np.nan, -1.0, np.inf]))
+            else:
+                p.model = str(r.choice(["ghost", "../victim-f32", ""]))
+            return "PullOne", p.SerializeToString()
+        if kind == "upload_corrupt_manifest":
+            data, name = self.corrupt_upload()
+            return "Upload", self.upload_messages(data, name)
+        if kind == "upload_damaged_file":
+            data = bytearray(self.upload_base)
+            name = f"up-{r.integers(1 << 30)}"
+            choice = int(r.integers(0, 4))
+            if choice == 0:  # truncated (the header says so)
+                data = data[: int(r.integers(0, len(data)))]
+            elif choice == 1:  # the header length lies
+                data[:8] = struct.pack("<Q", int(r.choice([2**63, len(data), 0, 7])))
+            elif choice == 2:  # random bytes inside the JSON header
+                (n,) = struct.unpack("<Q", data[:8])
+                at = int(r.integers(8, 8 + n - 8))
+                data[at : at + 8] = r.bytes(8).replace(b'"', b"\x00")
+            else:  # fewer bytes than total_bytes declares
+                return "Upload", self.upload_messages(bytes(data), name, total=len(data) + int(r.integers(1, 1 << 20)))
+            return "Upload", self.upload_messages(bytes(data), name)
         if kind == "bad_hyperparams":
             value = float(r.choice([np.nan, np.inf, -np.inf]))
             name = str(r.choice(["learning_rate", "no_such_thing", "", "b1"]))
@@ -237,10 +358,11 @@ class Hostile:
 
 KINDS = [
     "random_push_bytes", "random_bytes_after_header", "random_pushpull_bytes", "random_create_bytes", "random_unary",
-    "huge_push_shape", "huge_create_shape", "bad_offsets", "overlapping_offsets", "length_mismatch", "bad_dtype",
-    "create_bad_dtype", "nonfinite", "nonfinite_bf16", "odd_leaf_name_push", "odd_leaf_name_create", "invalid_utf8",
-    "odd_model_name", "bad_spec", "missing_or_extra_leaf", "duplicate_leaf", "header_twice", "empty_stream",
-    "bad_steps", "unknown_model", "bad_pull", "bad_hyperparams",
+    "huge_push_shape", "huge_create_shape", "absurd_empty_shape", "bad_offsets", "overlapping_offsets",
+    "length_mismatch", "bad_dtype", "create_bad_dtype", "nonfinite", "nonfinite_bf16", "odd_leaf_name_push",
+    "odd_leaf_name_create", "invalid_utf8", "odd_model_name", "bad_spec", "missing_or_extra_leaf", "duplicate_leaf",
+    "header_twice", "empty_stream", "bad_steps", "unknown_model", "bad_pull", "bad_hyperparams",
+    "random_twin_bytes", "twin_malformed_push", "twin_bad_pull", "upload_corrupt_manifest", "upload_damaged_file",
 ]  # fmt: skip
 EXPECTED = {
     "nonfinite": "INVALID_ARGUMENT", "nonfinite_bf16": "INVALID_ARGUMENT", "bad_offsets": "INVALID_ARGUMENT",
@@ -250,8 +372,10 @@ EXPECTED = {
     "missing_or_extra_leaf": "INVALID_ARGUMENT", "duplicate_leaf": "INVALID_ARGUMENT", "header_twice": "INVALID_ARGUMENT",
     "empty_stream": "INVALID_ARGUMENT", "length_mismatch": "INVALID_ARGUMENT", "huge_push_shape": "INVALID_ARGUMENT",
     "huge_create_shape": "RESOURCE_EXHAUSTED", "unknown_model": "NOT_FOUND", "bad_steps": "INVALID_ARGUMENT",
+    "absurd_empty_shape": "INVALID_ARGUMENT", "twin_malformed_push": "INVALID_ARGUMENT",
+    "upload_corrupt_manifest": "INVALID_ARGUMENT", "upload_damaged_file": "INVALID_ARGUMENT",
 }  # fmt: skip
-STREAMING = {"Push", "PushPull", "CreateModel"}
+STREAMING = {"Push", "PushPull", "CreateModel", "Upload"}
 RESPONSE_STREAMING = {"Pull", "PushPull"}
 
 
@@ -328,7 +452,7 @@ def test_hostile_requests_get_errors_and_change_nothing(live):
     proc, client = live
     before = snapshot(client)
     rng = np.random.default_rng(20261121)
-    hostile = Hostile(rng)
+    hostile = Hostile(rng, upload_base=download(client.model("victim-f32")))
     statuses: Counter = Counter()
     ok: list[str] = []
 

@@ -33,8 +33,9 @@ step beyond the current one (`dropped_rounds` changes; see service._wait_for_ste
 push again against the same step.
 
 Retries: a contribution's (worker_id, seq) and reply are kept in the round until it is applied,
-then move to the model's per-worker records (`Model.workers`). A repeat of the pair returns the
-original reply (duplicate) and is never counted twice; a second, different push of the same worker
+then move to the model's per-worker records (`Model.workers`, which keep the replies of each
+worker's last `model.REPLY_WINDOW` applied pushes). A repeat of the pair returns the original reply
+(duplicate) and is never counted twice; a second, different push of the same worker
 to the same round is refused. Because pending contributions are not in `Model.workers` until their
 step is applied, a checkpoint (which saves the per-worker seqs) never claims a seq whose gradient
 was lost with an unfinished round.
@@ -211,6 +212,7 @@ class SyncAggregator:
                 )
             if model.deleted:
                 raise FailedPrecondition(f"model {model.name!r} was deleted")
+            model.check_step_room_locked(rnd.step)
             if push.must_complete and rnd.count + 1 < self.quorum:
                 raise ResourceExhausted(push.must_complete)
             push.round = rnd
@@ -231,19 +233,23 @@ class SyncAggregator:
             return reply, False
 
     def _duplicate_locked(self, rnd: Round, worker_id: str, seq: int) -> Any:
-        """The original reply of a repeated (worker_id, seq), pending or applied; None for a new push."""
+        """The original reply of a repeated (worker_id, seq): pending in this round, or one of the
+        worker's last applied pushes (Model._duplicate_locked, which refuses older applied seqs);
+        None for a new push."""
         if not worker_id:
             return None
         pending = rnd.contributors.get(worker_id)
         if pending is not None and seq == pending.seq:
             self.model.counters.duplicates += 1
             return pending.reply
-        if pending is not None and seq < pending.seq:
+        reply = self.model._duplicate_locked(worker_id, seq)
+        if reply is None and pending is not None and seq < pending.seq:  # above every applied seq: never seen
             self.model.counters.duplicates += 1
             raise FailedPrecondition(
-                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq {pending.seq}"
+                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq {pending.seq} "
+                "and was never applied; push new gradients with a higher seq"
             )
-        return self.model._duplicate_locked(worker_id, seq)
+        return reply
 
     # -- applying ----------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ log = logging.getLogger("optserve.checkpoints")
 
 MANIFEST = "manifest.json"
 FILES = {"params": "params.safetensors", "opt": "opt_state.safetensors", "ema": "ema.safetensors"}
-# step_<N> or step_<N>.<k>: the k-th further state of step N
+# step_<N> or step_<N>.<k>: the k-th further state of step N; steps up to state_io.MAX_STEP (16 digits)
 CHECKPOINT_NAME = re.compile(r"^step_(0|[1-9][0-9]{0,15})(?:\.([1-9][0-9]{0,8}))?$")
 # Version 2 = version 1 (state_io.FORMAT_VERSION's fields) + `manifest_sha256`. Version 1 checkpoints
 # (written before) are still read, without that check; downloaded files stay at state_io's version.
@@ -74,7 +74,7 @@ def parse_name(name: str) -> tuple[int, int] | None:
 
 def check_step(step: int, model: str) -> int:
     if not isinstance(step, int) or not 0 <= step <= state_io.MAX_STEP:
-        raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53]")
+        raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53 - 1]")
     return step
 
 

@@ -27,6 +27,7 @@ from optserve.server.errors import FailedPrecondition, InvalidArgument, NonFinit
 from optserve.server.gradient_buffers import GradientBuffers
 from optserve.server.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
+from optserve.server.state_io import MAX_STEP
 
 
 @dataclasses.dataclass
@@ -41,13 +42,26 @@ class Counters:
     nonfinite_rejected: int = 0
 
 
+# Applied pushes per worker whose replies are kept: a retry of any of them (the same worker_id and
+# seq) gets its original reply, also after pushes with higher seqs (a client with several pushes in
+# flight retries them in any order). Older seqs are refused: memory stays bounded per worker.
+REPLY_WINDOW = 16
+
+
 @dataclasses.dataclass
 class WorkerRecord:
-    """Last push of one worker: enough to answer a retry of it (bounded memory per worker)."""
+    """The applied pushes of one worker: enough to answer a retry of its recent ones."""
 
-    last_seq: int = 0
-    last_base_step: int = -1
-    last_reply: Any = None
+    last_seq: int = 0  # highest applied seq
+    last_base_step: int = -1  # base_step of that push
+    replies: dict[int, Any] = dataclasses.field(default_factory=dict)  # seq -> reply, the last REPLY_WINDOW, oldest first
+
+    def remember(self, seq: int, base_step: int, reply: Any) -> None:
+        """Records an applied push (seq > last_seq) and forgets replies beyond the window."""
+        self.last_seq, self.last_base_step = seq, base_step
+        self.replies[seq] = reply
+        while len(self.replies) > REPLY_WINDOW:
+            del self.replies[next(iter(self.replies))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +289,7 @@ class Model:
             dup = self._duplicate_locked(worker_id, seq)
             if dup is not None:
                 return dup, True
+            self.check_step_room_locked(self.step)
             staleness = self._staleness_locked(base_step)
             limit = self.settings.max_staleness
             if limit is not None and staleness > limit:
@@ -299,24 +314,38 @@ class Model:
         return self.step - base_step
 
     def _duplicate_locked(self, worker_id: str, seq: int) -> Any:
-        """The remembered reply if (worker_id, seq) was already applied; rejects older seqs."""
+        """The original reply if (worker_id, seq) is one of the worker's last REPLY_WINDOW applied
+        pushes; None for a seq above its highest applied one (a new push); FAILED_PRECONDITION for
+        any other seq (applied too long ago for its reply to be kept, or never pushed)."""
         if not worker_id:
             return None
         record = self.workers.get(worker_id)
         if record is None or seq > record.last_seq:
             return None
         self.counters.duplicates += 1
-        if seq == record.last_seq:
-            return record.last_reply
+        if seq in record.replies:
+            return record.replies[seq]
+        kept = f"seqs {min(record.replies)}..{record.last_seq}" if record.replies else "none"
         raise FailedPrecondition(
-            f"model {self.name!r}: worker {worker_id!r} seq {seq} is older than its last applied seq "
-            f"{record.last_seq}; it was applied before and its reply is no longer kept"
+            f"model {self.name!r}: worker {worker_id!r} seq {seq} is not above its highest applied seq "
+            f"{record.last_seq}, and no reply is kept for it: the server answers retries of a worker's last "
+            f"{REPLY_WINDOW} applied pushes only (kept: {kept}); push new gradients with seq > {record.last_seq}"
         )
 
     def _record_worker_locked(self, worker_id: str, seq: int, base_step: int | None, reply: Any) -> None:
         if worker_id:
-            self.workers[worker_id] = WorkerRecord(seq, self.step - 1 if base_step is None else base_step, reply)
+            record = self.workers.setdefault(worker_id, WorkerRecord())
+            record.remember(seq, self.step - 1 if base_step is None else base_step, reply)
             self.state_version += 1
+
+    def check_step_room_locked(self, step: int) -> None:
+        """Refuses an update from `step` that would take the model past MAX_STEP (steps stay exact in JSON, and
+        every step a model reaches must be savable and restorable)."""
+        if step >= MAX_STEP:
+            raise FailedPrecondition(
+                f"model {self.name!r} is at step {step}, the last step a model can reach (2**53 - 1: steps stay "
+                "exact in checkpoint manifests and in every JSON reader); no further update can be applied"
+            )
 
     # -- reads ----------------------------------------------------------------------------------
 

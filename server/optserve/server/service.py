@@ -224,7 +224,7 @@ class OptserveService:
             "Pull": h.unary_stream_rpc_method_handler(self.Pull, _parse(P.PullRequest), raw),
             "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
             "PushOne": h.unary_unary_rpc_method_handler(self.PushOne, raw, P.PushResponse.SerializeToString),
-            "PullOne": h.unary_unary_rpc_method_handler(self.PullOne, P.PullRequest.FromString, raw),
+            "PullOne": h.unary_unary_rpc_method_handler(self.PullOne, _parse(P.PullRequest), raw),
             "PushPullOne": h.unary_unary_rpc_method_handler(self.PushPullOne, raw, raw),
             "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString),
             "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString),

@@ -1,14 +1,26 @@
-"""A model's consistency and bookkeeping settings, validated at the boundary (design.md, modes)."""
+"""A model's consistency and bookkeeping settings, validated at the boundary (design.md, modes).
+
+One validation (`ModelSettings.validated`) serves every door: settings sent by a client
+(`from_proto`, CreateModel) and settings read from a file (`from_json`, Upload and checkpoint
+manifests), so a file cannot hold what a client could not ask for.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from optserve.server.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb
 
 MODES = ("async", "sync")
 STALENESS_SCALING = ("none", "inverse")
+# The proto's field ranges (ModelSettings: uint32 workers and quorum, int64 max_staleness): a value
+# beyond them could be held but never reported (GetModel would fail to serialize it).
+_UINT32_MAX = 2**32 - 1
+_INT64_MAX = 2**63 - 1
+# JSON types of the fields as the annotations name them ("int | None": an int or null).
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,38 +37,54 @@ class ModelSettings:
     # off by default: compatible with existing clients and checkpoints, and free of its device sync
     reject_nonfinite_updates: bool = False
 
-    @classmethod
-    def from_proto(cls, s: pb.ModelSettings, model: str) -> ModelSettings:
-        """Validates settings sent by a client; the message names the model and the field."""
+    def validated(self, model: str) -> ModelSettings:
+        """These settings checked as CreateModel checks them, with defaults resolved ("" mode:
+        async, quorum 0: workers); INVALID_ARGUMENT naming the model and the field."""
 
         def bad(field: str, why: str) -> InvalidArgument:
             return InvalidArgument(f"model {model!r}: settings.{field}: {why}")
 
-        mode = s.mode or "async"
+        mode = self.mode or "async"
         if mode not in MODES:
             raise bad("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-        scaling = s.staleness_scaling or "none"
+        scaling = self.staleness_scaling or "none"
         if scaling not in STALENESS_SCALING:
             raise bad("staleness_scaling", f"expected one of {', '.join(STALENESS_SCALING)}, got {scaling!r}")
-        workers, quorum = int(s.workers), int(s.quorum)
+        workers, quorum = int(self.workers), int(self.quorum)
+        for field, value in (("workers", workers), ("quorum", quorum)):
+            if not 0 <= value <= _UINT32_MAX:
+                raise bad(field, f"must be in [0, {_UINT32_MAX}], got {value}")
         if mode == "sync":
             if workers < 1:
                 raise bad("workers", "sync mode needs workers >= 1")
             if quorum > workers:
                 raise bad("quorum", f"quorum {quorum} exceeds workers {workers}")
             quorum = quorum or workers
-        elif workers or quorum or s.sync_timeout_seconds:
+        elif workers or quorum or self.sync_timeout:
             raise bad("mode", "workers, quorum and sync_timeout apply to sync mode only")
-        max_staleness = s.max_staleness if s.HasField("max_staleness") else None
-        if max_staleness is not None and max_staleness < 0:
-            raise bad("max_staleness", f"must be >= 0, got {max_staleness}")
-        if not (math.isfinite(s.sync_timeout_seconds) and s.sync_timeout_seconds >= 0):
-            raise bad("sync_timeout", f"must be a finite number >= 0, got {s.sync_timeout_seconds}")
-        ema = s.ema_decay if s.HasField("ema_decay") else None
-        if ema is not None and not (0.0 <= ema < 1.0):
+        if self.max_staleness is not None and not 0 <= self.max_staleness <= _INT64_MAX:
+            raise bad("max_staleness", f"must be in [0, {_INT64_MAX}], got {self.max_staleness}")
+        if not (math.isfinite(self.sync_timeout) and self.sync_timeout >= 0):
+            raise bad("sync_timeout", f"must be a finite number >= 0, got {self.sync_timeout}")
+        ema = self.ema_decay
+        if ema is not None and not (0.0 <= ema < 1.0):  # NaN fails this too
             raise bad("ema", f"decay must be in [0, 1), got {ema}")
-        return cls(mode, workers, quorum, max_staleness, float(s.sync_timeout_seconds), scaling, ema, s.ema_debias,
-                   bool(s.reject_nonfinite_updates))
+        return dataclasses.replace(
+            self, mode=mode, workers=workers, quorum=quorum, sync_timeout=float(self.sync_timeout),
+            staleness_scaling=scaling, ema_decay=None if ema is None else float(ema), ema_debias=bool(self.ema_debias),
+            reject_nonfinite_updates=bool(self.reject_nonfinite_updates),
+        )  # fmt: skip
+
+    @classmethod
+    def from_proto(cls, s: pb.ModelSettings, model: str) -> ModelSettings:
+        """Validates settings sent by a client; the message names the model and the field."""
+        return cls(
+            mode=s.mode, workers=s.workers, quorum=s.quorum,
+            max_staleness=s.max_staleness if s.HasField("max_staleness") else None,
+            sync_timeout=s.sync_timeout_seconds, staleness_scaling=s.staleness_scaling,
+            ema_decay=s.ema_decay if s.HasField("ema_decay") else None, ema_debias=s.ema_debias,
+            reject_nonfinite_updates=s.reject_nonfinite_updates,
+        ).validated(model)  # fmt: skip
 
     def to_proto(self) -> pb.ModelSettings:
         s = pb.ModelSettings(
@@ -74,5 +102,23 @@ class ModelSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> ModelSettings:
-        return cls(**data)
+    def from_json(cls, data: Any, model: str) -> ModelSettings:
+        """Settings read from a file (`to_json`'s form), strictly typed, then `validated` like a
+        client's. A field the file lacks takes its default (files written before it existed);
+        an unknown field is refused."""
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"model {model!r}: settings: expected an object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in fields)
+        if unknown:
+            raise InvalidArgument(f"model {model!r}: settings.{unknown[0]}: unknown setting")
+        for name, value in data.items():
+            kind, _, none = str(fields[name].type).partition(" | ")
+            allowed = _JSON_TYPES.get(kind, (object,))  # a field of another type: `validated` checks it
+            ok = (value is None and none == "None") or (
+                isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            )
+            if not ok:
+                want = kind + (" or null" if none else "")
+                raise InvalidArgument(f"model {model!r}: settings.{name}: expected {want}, got {value!r}")
+        return cls(**data).validated(model)

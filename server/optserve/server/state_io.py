@@ -24,6 +24,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -33,13 +34,19 @@ import numpy as np
 
 from optserve.client import codec
 from optserve.client.codec import LeafSpec
+from optserve.server import datapath
 from optserve.server.errors import InvalidArgument
 from optserve.server.settings import ModelSettings
+from optserve.server.spec import SpecError, check_spec_depth
 from optserve.v1 import optserve_pb2 as pb
 
 FORMAT = "optserve-state"
 FORMAT_VERSION = 1
-MAX_STEP = 2**53  # steps must stay exact in JSON (and in JavaScript readers of the manifest)
+# The highest step a model may reach: steps stay exact in JSON and in JavaScript readers of the
+# manifest (Number.MAX_SAFE_INTEGER). Uploads, checkpoints and restores accept [0, MAX_STEP]; an
+# update that would go past it is refused (Model.check_step_room_locked), so every step a model
+# reaches can be saved and restored.
+MAX_STEP = 2**53 - 1
 GROUPS = ("params", "opt", "ema")
 EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
 
@@ -68,7 +75,7 @@ class HostState:
     opt: dict[str, np.ndarray]  # state path -> leaf, in the optimizer state's leaf order
     ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
     hyperparams: dict[str, float]
-    workers: dict[str, dict]  # worker_id -> WorkerRecord fields (JSON-able, replies encoded)
+    workers: dict[str, Any]  # worker_id -> model.WorkerRecord (validated; JSON form: encode_worker)
 
     def manifest(self) -> dict:
         """The JSON-able description (everything but the tensors)."""
@@ -81,7 +88,7 @@ class HostState:
             "spec": self.spec,
             "settings": self.settings.to_json(),
             "hyperparams": self.hyperparams,
-            "workers": self.workers,
+            "workers": {w: encode_worker(r) for w, r in self.workers.items()},
             "opt_keys": list(self.opt),
             "ema_keys": None if self.ema is None else list(self.ema),
         }
@@ -116,19 +123,111 @@ def state_paths(tree: Any, what: str) -> list[str]:
     return paths
 
 
-def _encode_record_value(value: Any) -> Any:
-    if hasattr(value, "SerializeToString"):  # the remembered reply of a worker's last push
-        return {"proto": type(value).__name__, "b64": base64.b64encode(value.SerializeToString()).decode()}
-    return value
+# ---------------------------------------------------------------------------------------------
+# Worker records (model.WorkerRecord) <-> JSON
+#
+# {"last_seq": int, "last_base_step": int, "replies": [{"seq": int, "reply": REPLY}, ...]} with
+# REPLY = {"proto": "PushResponse", "b64": base64 of the serialized message}; files written before
+# the reply window hold {"last_seq", "last_base_step", "last_reply": REPLY or null} instead.
+
+_UINT64_MAX = 2**64 - 1  # PushHeader.seq and WorkerState.last_seq are uint64
 
 
-def _decode_record_value(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"proto", "b64"}:
-        cls = getattr(pb, value["proto"], None)
-        if cls is None:
-            raise StateError(f"worker record: unknown message type {value['proto']!r}")
-        return cls.FromString(base64.b64decode(value["b64"]))
-    return value
+def _encode_reply(reply: Any) -> dict:
+    return {"proto": type(reply).__name__, "b64": base64.b64encode(reply.SerializeToString()).decode()}
+
+
+def encode_worker(record: Any) -> dict:
+    """The JSON form of a WorkerRecord."""
+    return {
+        "last_seq": record.last_seq,
+        "last_base_step": record.last_base_step,
+        "replies": [{"seq": seq, "reply": _encode_reply(r)} for seq, r in record.replies.items()],
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _decode_reply(value: Any, where: str) -> pb.PushResponse:
+    if not (isinstance(value, dict) and set(value) == {"proto", "b64"} and value["proto"] == "PushResponse"
+            and isinstance(value["b64"], str)):  # fmt: skip
+        raise StateError(f'{where}: expected {{"proto": "PushResponse", "b64": string}}, got {_show(value)}')
+    try:
+        reply = pb.PushResponse.FromString(base64.b64decode(value["b64"], validate=True))
+    except Exception as e:  # noqa: BLE001 - binascii.Error, protobuf's DecodeError
+        raise StateError(f"{where}: not a serialized PushResponse ({type(e).__name__}: {e})") from None
+    if not 0 <= reply.step <= MAX_STEP:
+        raise StateError(f"{where}: reply step {reply.step} is not in [0, {MAX_STEP}]")
+    return reply
+
+
+def decode_worker(data: Any, where: str, step: int) -> Any:
+    """A WorkerRecord from its JSON form (either), strictly typed: last_seq an int in [0, 2**64),
+    last_base_step an int in [-1, step], replies PushResponses for distinct seqs in
+    [1, last_seq] in increasing order (only the newest REPLY_WINDOW are kept)."""
+    from optserve.server.model import REPLY_WINDOW, WorkerRecord
+
+    if not isinstance(data, dict):
+        raise StateError(f"{where}: expected an object, got {_show(data)}")
+    old_form = "last_reply" in data
+    keys = {"last_seq", "last_base_step", "last_reply" if old_form else "replies"}
+    if set(data) != keys:
+        raise StateError(f"{where}: expected the keys {sorted(keys)}, got {sorted(map(str, data))}")
+    last_seq, base = data["last_seq"], data["last_base_step"]
+    if not (_is_int(last_seq) and 0 <= last_seq <= _UINT64_MAX):
+        raise StateError(f"{where}.last_seq: expected an integer in [0, 2**64), got {_show(last_seq)}")
+    if not (_is_int(base) and -1 <= base <= step):
+        raise StateError(f"{where}.last_base_step: expected an integer in [-1, {step}] (the step), got {_show(base)}")
+    record = WorkerRecord(last_seq, base)
+    if old_form:
+        if data["last_reply"] is not None:
+            record.replies[last_seq] = _decode_reply(data["last_reply"], f"{where}.last_reply")
+        return record
+    replies = data["replies"]
+    if not isinstance(replies, list):
+        raise StateError(f"{where}.replies: expected a list, got {_show(replies)}")
+    previous = 0
+    for i, entry in enumerate(replies):
+        here = f"{where}.replies[{i}]"
+        if not (isinstance(entry, dict) and set(entry) == {"seq", "reply"}):
+            raise StateError(f'{here}: expected {{"seq": integer, "reply": ...}}, got {_show(entry)}')
+        seq = entry["seq"]
+        if not (_is_int(seq) and previous < seq <= last_seq):
+            raise StateError(f"{here}.seq: expected an integer in [1, last_seq {last_seq}] above the previous one, "
+                             f"got {_show(seq)}")  # fmt: skip
+        record.replies[seq] = _decode_reply(entry["reply"], f"{here}.reply")
+        previous = seq
+    for seq in list(record.replies)[:-REPLY_WINDOW]:  # a file from a server with a larger window
+        del record.replies[seq]
+    return record
+
+
+def _decode_workers(data: Any, where: str, step: int) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise StateError(f"{where}: workers: expected an object, got {_show(data)}")
+    workers = {}
+    for worker_id, record in data.items():
+        # any id a push can carry (a protobuf string: valid UTF-8, so no lone surrogates; GetModel
+        # sends it back the same way)
+        if not worker_id or not _utf8(worker_id):
+            raise StateError(f"{where}: workers: invalid worker id {_show(worker_id)}")
+        workers[worker_id] = decode_worker(record, f"{where}: workers[{worker_id!r}]", step)
+    return workers
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclasses.dataclass
@@ -140,7 +239,7 @@ class DeviceSnapshot:
     params: dict[str, jax.Array]
     opt_state: Any
     ema: Any
-    workers: dict[str, dict]
+    workers: dict[str, Any]  # worker_id -> copy of its model.WorkerRecord
 
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
@@ -167,10 +266,7 @@ def capture(model: Any) -> DeviceSnapshot:
     """
     ema = getattr(model, EMA_ATTR, None)
     params, opt_state, ema = jax.device_put((model.params, model.opt_state, ema), may_alias=False)
-    workers = {
-        w: {f.name: _encode_record_value(getattr(r, f.name)) for f in dataclasses.fields(r)}
-        for w, r in model.workers.items()
-    }
+    workers = {w: dataclasses.replace(r, replies=dict(r.replies)) for w, r in model.workers.items()}
     return DeviceSnapshot(model, model.step, params, opt_state, ema, workers)
 
 
@@ -196,12 +292,8 @@ def prepare(model: Any, state: HostState) -> dict:
         has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
         raise StateError(f"{what}: the state {has}")
     ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
-    from optserve.server.model import WorkerRecord
-
-    try:
-        workers = {w: WorkerRecord(**{k: _decode_record_value(v) for k, v in r.items()}) for w, r in state.workers.items()}
-    except (TypeError, ValueError) as e:
-        raise StateError(f"{what}: worker records: {e}") from None
+    _check_hyperparams_state(what, state.opt)
+    workers = {w: _for_model(r, model.name) for w, r in state.workers.items()}
     dev = model.device
     return {
         "step": state.step,
@@ -210,6 +302,25 @@ def prepare(model: Any, state: HostState) -> dict:
         "ema": ema,
         "workers": workers,
     }
+
+
+def _for_model(record: Any, name: str) -> Any:
+    """A copy of a worker record whose replies name `name` (an upload may rename the model)."""
+    replies = {}
+    for seq, reply in record.replies.items():
+        replies[seq] = pb.PushResponse()
+        replies[seq].CopyFrom(reply)
+        replies[seq].model = name
+    return dataclasses.replace(record, replies=replies)
+
+
+def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
+    """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
+    client could have set anything else (CreateModel and SetHyperparams validate them)."""
+    for path, a in opt.items():
+        if path.startswith("hyperparams/") and a.dtype.name in codec.FLOAT_DTYPES \
+                and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
+            raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
 def install(model: Any, prepared: dict) -> None:
@@ -227,8 +338,10 @@ def install(model: Any, prepared: dict) -> None:
 
 
 def create_model(store: Any, name: str, state: HostState) -> Any:
-    """Creates model `name` from a HostState (limits checked first, as for CreateModel); it appears
-    in the store only once its whole state is installed."""
+    """Creates model `name` from a validated HostState (`from_manifest`), checking limits, spec and
+    tensors as CreateModel does, all before anything is allocated for it; INVALID_ARGUMENT for a
+    state that does not fit together. The model appears in the store only once its whole state is
+    installed; whatever fails, the reserved name and bytes are released and nothing remains."""
     from optserve.server.datapath import schema_bytes
     from optserve.server.model import Model
     from optserve.server.store import compile_for, state_bytes_for
@@ -236,6 +349,10 @@ def create_model(store: Any, name: str, state: HostState) -> Any:
     declared = schema_bytes(state.schema)
     store.check_can_create(name, declared)
     compiled = compile_for(name, state.spec, state.schema)
+    try:
+        _check_leaves(f"model {name!r}", "params", state.schema, state.params)
+    except StateError as e:
+        raise InvalidArgument(str(e)) from None
     store.reserve(name, declared + state_bytes_for(compiled, state.schema))
     try:
         model = Model(name, state.schema, {k: own(v) for k, v in state.params.items()}, compiled, state.settings,
@@ -300,39 +417,69 @@ def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping
 # Manifest <-> host state
 
 
-def from_manifest(manifest: Mapping, groups: Mapping[str, Mapping[str, np.ndarray]], where: str) -> HostState:
-    """A HostState from a manifest and its tensor groups; StateError names `where` and the field."""
+_REQUIRED_KEYS = ("model", "step", "schema", "spec", "settings", "hyperparams", "workers", "opt_keys", "ema_keys")
+
+
+def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]], where: str,
+                  model: str | None = None) -> HostState:  # fmt: skip
+    """A HostState from a manifest and its tensor groups, validated as strictly as CreateModel
+    validates a client's request (the same schema, settings and spec-depth checks, typed worker
+    records); StateError names `where`, the model (`model`, else the manifest's name) and the field.
+    Tensors are checked against the model later (`prepare`); the spec is compiled by
+    `create_model`. Unknown keys are ignored (a checkpoint's manifest adds "files" and
+    "created_unix")."""
+    if not isinstance(manifest, dict):
+        raise StateError(f"{where}: the manifest is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise StateError(f"{where}: not an optserve state (format {_show(manifest.get('format'))})")
+    if manifest.get("format_version") != FORMAT_VERSION or not _is_int(manifest.get("format_version")):
+        raise StateError(f"{where}: unsupported format_version {_show(manifest.get('format_version'))}")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise StateError(f"{where}: the manifest lacks {missing[0]!r}")
+    name = manifest["model"]
+    if not isinstance(name, str):
+        raise StateError(f"{where}: model: expected a string, got {_show(name)}")
+    step = manifest["step"]
+    if not (_is_int(step) and 0 <= step <= MAX_STEP):
+        raise StateError(f"{where}: step {_show(step)} is not an integer in [0, 2**53 - 1]")
+    label = name if model is None else model
     try:
-        if manifest.get("format") != FORMAT:
-            raise StateError(f"{where}: not an optserve state (format {manifest.get('format')!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StateError(f"{where}: unsupported format_version {manifest.get('format_version')!r}")
-        step = manifest["step"]
-        if not isinstance(step, int) or not 0 <= step <= MAX_STEP:
-            raise StateError(f"{where}: step {step!r} is not an integer in [0, 2**53]")
-        schema = [LeafSpec(l["path"], l["dtype"], tuple(int(d) for d in l["shape"])) for l in manifest["schema"]]
-        settings = ModelSettings.from_json(manifest["settings"])
-        opt = groups.get("opt", {})
-        order = manifest.get("opt_keys", list(opt))
-        if set(order) != set(opt):
-            raise StateError(f"{where}: opt_keys do not match the optimizer-state tensors")
-        ema_keys = manifest.get("ema_keys")
-        ema = None
-        if ema_keys is not None:
-            found = groups.get("ema", {})
-            if set(ema_keys) != set(found):
-                raise StateError(f"{where}: ema_keys do not match the EMA tensors")
-            ema = {k: found[k] for k in ema_keys}
-        return HostState(
-            name=manifest["model"], step=step, schema=schema, spec=manifest["spec"], settings=settings,
-            params=dict(groups.get("params", {})), opt={k: opt[k] for k in order}, ema=ema,
-            hyperparams={k: float(v) for k, v in manifest.get("hyperparams", {}).items()},
-            workers=dict(manifest.get("workers", {})),
-        )  # fmt: skip
-    except StateError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StateError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        schema = datapath.schema_from_json(label, manifest["schema"])
+        settings = ModelSettings.from_json(manifest["settings"], label)
+        check_spec_depth(manifest["spec"])
+    except InvalidArgument as e:
+        raise StateError(f"{where}: {e.message}") from None
+    except SpecError as e:
+        raise StateError(f"{where}: model {label!r}: optimizer {e}") from None
+    hyperparams = manifest["hyperparams"]
+    if not (isinstance(hyperparams, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in hyperparams.values())):  # fmt: skip
+        raise StateError(f"{where}: hyperparams: expected an object of finite numbers, got {_show(hyperparams)}")
+    workers = _decode_workers(manifest["workers"], where, step)
+    opt = groups.get("opt", {})
+    order = manifest["opt_keys"]
+    if not (isinstance(order, list) and all(isinstance(k, str) for k in order) and len(set(order)) == len(order)):
+        raise StateError(f"{where}: opt_keys: expected a list of distinct strings, got {_show(order)}")
+    if set(order) != set(opt):
+        raise StateError(f"{where}: opt_keys do not match the optimizer-state tensors")
+    ema_keys = manifest["ema_keys"]
+    ema = None
+    if ema_keys is not None:
+        if not (isinstance(ema_keys, list) and all(isinstance(k, str) for k in ema_keys)
+                and len(set(ema_keys)) == len(ema_keys)):  # fmt: skip
+            raise StateError(f"{where}: ema_keys: expected null or a list of distinct strings, got {_show(ema_keys)}")
+        found = groups.get("ema", {})
+        if set(ema_keys) != set(found):
+            raise StateError(f"{where}: ema_keys do not match the EMA tensors")
+        ema = {k: found[k] for k in ema_keys}
+    elif groups.get("ema"):
+        raise StateError(f"{where}: EMA tensors but no ema_keys")
+    return HostState(
+        name=name, step=step, schema=schema, spec=manifest["spec"], settings=settings,
+        params=dict(groups.get("params", {})), opt={k: opt[k] for k in order}, ema=ema,
+        hyperparams={k: float(v) for k, v in hyperparams.items()}, workers=workers,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,23 +504,26 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
     (n,) = struct.unpack("<Q", view[:8])
     if n > len(view) - 8 or n > 100 << 20:
         raise StateError(f"{where}: truncated or malformed safetensors header (length {n})")
-    try:
-        header = json.loads(bytes(view[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateError(f"{where}: safetensors header is not valid JSON ({e})") from None
+    header = loads_json(bytes(view[8 : 8 + n]), f"{where}: safetensors header")
     if not isinstance(header, dict):
         raise StateError(f"{where}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise StateError(f"{where}: safetensors __metadata__ must map names to strings")
     body = view[8 + n :]
     tensors, spans = {}, []
     for key, info in header.items():
         try:
             dtype = codec.DTYPES[_ST_DTYPES[info["dtype"]]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape, offsets = tuple(info["shape"]), tuple(info["data_offsets"])
+            begin, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise StateError(f"{where}: tensor {key!r}: malformed entry {info!r}") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end <= len(body) or end - begin != codec.leaf_nbytes(dtype, shape):
+            raise StateError(f"{where}: tensor {key!r}: malformed entry {_show(info)}") from None
+        if not all(_is_int(x) for x in shape + offsets) or len(shape) > datapath.MAX_RANK \
+                or not datapath.shape_extent_ok(dtype, shape):  # fmt: skip
+            raise StateError(f"{where}: tensor {key!r}: shape {_show(info['shape'])} or data_offsets "
+                             f"{_show(info['data_offsets'])} out of range")  # fmt: skip
+        if not 0 <= begin <= end <= len(body) or end - begin != codec.leaf_nbytes(dtype, shape):
             raise StateError(f"{where}: tensor {key!r}: data_offsets {begin}..{end} do not fit its shape or the file")
         spans.append((begin, end, key))
         tensors[key] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
@@ -386,6 +536,17 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
     if covered != len(body):
         raise StateError(f"{where}: {len(body) - covered} trailing bytes after the last tensor")
     return tensors, metadata
+
+
+def loads_json(text: str | bytes, where: str) -> Any:
+    """json.loads for untrusted text: malformed, non-UTF-8 or hostilely nested JSON (RecursionError
+    in the parser) is a StateError naming `where`."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StateError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise StateError(f"{where}: JSON nested too deeply") from None
 
 
 def sha256_file(path: str) -> tuple[str, int]:
@@ -412,17 +573,15 @@ def encode_file(state: HostState) -> bytes:
     return safetensors.numpy.save(to_specs(tensors), metadata=metadata)
 
 
-def decode_file(data: bytes | bytearray | memoryview, where: str = "uploaded file") -> HostState:
-    """A HostState from a file written by `encode_file` (validated; StateError names the problem)."""
+def decode_file(data: bytes | bytearray | memoryview, where: str = "uploaded file", model: str | None = None) -> HostState:
+    """A HostState from a file written by `encode_file`, validated (`from_manifest`; `model`: the
+    name the model will have, for messages); StateError names the problem."""
     tensors, metadata = parse_safetensors(data, where)
-    try:
-        manifest = {k: json.loads(v) for k, v in metadata.items()}
-    except (TypeError, json.JSONDecodeError) as e:
-        raise StateError(f"{where}: __metadata__ values must be JSON strings ({e})") from None
+    manifest = {k: loads_json(v, f"{where}: __metadata__[{k!r}]") for k, v in metadata.items()}
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, a in tensors.items():
         group, _, rest = key.partition("/")
         if group not in GROUPS or not rest:
             raise StateError(f"{where}: tensor {key!r}: expected a params/, opt/ or ema/ key")
         groups.setdefault(group, {})[rest] = a
-    return from_manifest(manifest, groups, where)
+    return from_manifest(manifest, groups, where, model)

@@ -27,40 +27,53 @@ def download(model: Any, chunk_bytes: int) -> Iterator[bytes]:
                           [view[offset : offset + chunk_bytes]])  # fmt: skip
 
 
-def _upload_limit(store: ModelStore) -> int | None:
-    """Largest file accepted: what the store's limits could ever hold (parameters plus optimizer
-    state), plus room for the header; None when the store has no limit."""
+# Room in an uploaded file beyond its tensors: the safetensors header (the manifest, with the
+# schema and worker records) and alignment.
+UPLOAD_HEADER_ROOM = 64 << 20
+
+
+def upload_limit(store: ModelStore) -> int:
+    """The largest file an upload may declare: what the store could ever hold. Parameters and
+    optimizer state count against the configured limits (else the device's memory,
+    store.capacity_bytes()); a parameter EMA, at most the parameters' size, comes on top; plus
+    room for the header."""
     limits = [x for x in (store.max_model_bytes, store.max_total_bytes) if x is not None]
-    return min(limits) + (64 << 20) if limits else None
+    most = min(limits) if limits else store.capacity_bytes()
+    return 2 * most + UPLOAD_HEADER_ROOM
 
 
 def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[[str], str]) -> Any:
-    """Creates a model from an uploaded state file; all or nothing."""
+    """Creates a model from an uploaded state file; all or nothing.
+
+    The declared size is checked against what the store could hold before any data is read, and
+    the buffer grows only with the bytes that actually arrive (never allocated from the header),
+    so a header that lies costs nothing. The file is validated as CreateModel validates its request
+    (state_io.decode_file and create_model)."""
     first, _ = datapath.first_message(requests, pb.UploadRequest, "header")
     header = first.header
+    what = f"upload of model {header.name!r}" if header.name else "upload (model name from the file)"
     if header.name:
         check_model_name(header.name)
     total = int(header.total_bytes)
     if total < 8:
-        raise InvalidArgument(f"upload {header.name or '(name from file)'}: header.total_bytes {total} is too small for a safetensors file")
-    limit = _upload_limit(store)
-    if limit is not None and total > limit:
-        raise ResourceExhausted(f"upload {header.name or '(name from file)'}: {total} bytes exceed the server's limits")
-    data = bytearray(total)
-    received = 0
+        raise InvalidArgument(f"{what}: header.total_bytes {total} is too small for a safetensors file")
+    limit = upload_limit(store)
+    if total > limit:
+        raise ResourceExhausted(f"{what}: header.total_bytes {total} exceeds the {limit} bytes this server could hold "
+                                "(its limits, or its device's memory)")  # fmt: skip
+    data = bytearray()  # grows with the data received (realloc extends in place where it can)
     for raw in requests:
         msg, payload = datapath.parse_chunk(raw, pb.UploadRequest)
         if msg.HasField("header"):
-            raise InvalidArgument("UploadRequest: a header may only appear in the first message")
-        if msg.offset != received or received + len(payload) > total:
-            raise InvalidArgument(f"UploadRequest: chunk at offset {msg.offset} with {len(payload)} bytes; expected offset "
-                                  f"{received} and at most {total} bytes in all")  # fmt: skip
-        data[received : received + len(payload)] = payload
-        received += len(payload)
-    if received != total:
-        raise InvalidArgument(f"UploadRequest: received {received} of {total} bytes")
+            raise InvalidArgument(f"{what}: UploadRequest: a header may only appear in the first message")
+        if msg.offset != len(data) or len(data) + len(payload) > total:
+            raise InvalidArgument(f"{what}: UploadRequest: chunk at offset {msg.offset} with {len(payload)} bytes; "
+                                  f"expected offset {len(data)} and at most {total} bytes in all")  # fmt: skip
+        data += payload
+    if len(data) != total:
+        raise InvalidArgument(f"{what}: UploadRequest: received {len(data)} of {total} bytes")
     try:
-        state = state_io.decode_file(data)
+        state = state_io.decode_file(data, "uploaded file", header.name or None)
     except state_io.StateError as e:
         raise InvalidArgument(str(e)) from None
     name = authorize(check_model_name(header.name or state.name))

@@ -383,6 +383,32 @@ class CompiledOptimizer:
     return state._replace(hyperparams=new)
 
 
+# Deepest nesting of JSON arrays and objects a spec may have. Real specs stay below 20 (a chain in a
+# partition in a chain, with schedules); parsing, building and printing a spec recurse once or twice
+# per level, so a limit well inside Python's recursion limit keeps a hostile spec from ending in
+# RecursionError (at ~400 levels) instead of a SpecError.
+MAX_SPEC_DEPTH = 64
+
+
+def check_spec_depth(spec: Any) -> None:
+  """Raises SpecError if ``spec`` nests arrays and objects deeper than MAX_SPEC_DEPTH.
+
+  Iterative, so that it is safe on any input.
+  """
+  stack = [(spec, 1)]
+  while stack:
+    value, depth = stack.pop()
+    if isinstance(value, dict):
+      children = value.values()
+    elif isinstance(value, (list, tuple)):
+      children = value
+    else:
+      continue
+    if depth > MAX_SPEC_DEPTH:
+      raise SpecError("", f"nested deeper than {MAX_SPEC_DEPTH} levels of arrays and objects")
+    stack.extend((child, depth + 1) for child in children)
+
+
 def compile_spec(spec: Any, leaf_paths: Sequence[str]) -> CompiledOptimizer:
   """Validates ``spec`` for a model with these leaves and compiles it.
 
@@ -396,6 +422,7 @@ def compile_spec(spec: Any, leaf_paths: Sequence[str]) -> CompiledOptimizer:
   Raises:
     SpecError: naming the field at fault.
   """
+  check_spec_depth(spec)
   leaves = list(leaf_paths)
   parser = _Parser(leaves)
   root = parser.node(spec, "", leaves)
