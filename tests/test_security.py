@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from optserve.client import Client, OptserveError, PermissionDeniedError, UnauthenticatedError, optim
 from optserve.client.model import Model
 from optserve.server import Server, security
+from optserve.server.errors import ConfigError
 
 W = {"w": np.arange(4, dtype=np.float32)}
 G = {"w": np.ones(4, np.float32)}
@@ -232,9 +233,9 @@ def test_server_options_reject_half_configured_tls(pki):
         base = {"token_file": None, "tls_cert": None, "tls_key": None, "tls_client_ca": None}
         return security.server_options(argparse.Namespace(**{**base, **kw}))
 
-    with pytest.raises(SystemExit, match="go together"):
+    with pytest.raises(ConfigError, match="--tls-cert needs --tls-key"):
         opts(tls_cert=pki["server_cert"])
-    with pytest.raises(SystemExit, match="needs --tls-cert"):
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
         opts(tls_client_ca=pki["ca"])
     assert opts() == {}
     assert os.path.exists(pki["ca"])

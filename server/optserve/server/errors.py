@@ -43,3 +43,9 @@ class DeadlineExceeded(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ConfigError(ValueError):
+    """A server option that cannot work (a bad token file, device, TLS file, port...). Not a gRPC
+    status: `optserve serve` prints the message, which names the flag at fault and the fix, as one
+    line and exits with status 2."""
