@@ -39,7 +39,7 @@ def model_name(request) -> str:
     return f"{base}-{next(_counter)}"
 
 
-def start_server_process(*args: str, env: dict | None = None, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+def start_server_process(*args: str, env: dict | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Starts `optserve serve --port 0 ...` and waits (bounded) for its 'listening on' line."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", *args],
@@ -60,3 +60,40 @@ def start_server_process(*args: str, env: dict | None = None, timeout: float = 6
             return proc, f"{m.group(1)}:{m.group(2)}"
     proc.kill()
     raise TimeoutError("server did not print its listening line in time")
+
+
+class ManualClock:
+    """A stand-in for a module's `time` whose monotonic clock moves only when the test says so.
+
+    Patched over the `time` of a module that runs a timer (sync rounds' `sync_timeout`, the gradient
+    buffers' idle release), it lets a test decide when "enough time has passed" instead of betting
+    that a loaded machine does its part before a real timer fires. `sleep` advances the clock at
+    once; anything else is the real `time` module's.
+    """
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def manual_clock(monkeypatch):
+    """`manual_clock(module)` replaces the module's `time` by a ManualClock (undone after the test)."""
+
+    def install(module) -> ManualClock:
+        clock = ManualClock()
+        monkeypatch.setattr(module, "time", clock)
+        return clock
+
+    return install

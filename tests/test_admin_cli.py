@@ -96,3 +96,18 @@ def test_admin_commands_against_a_live_server(live):
         text = resp.read().decode()
     assert re.search(r'^optserve_pushes_total\{model="admin-m",outcome="applied"\} 3\.0$', text, re.M), text
     assert re.search(r'^optserve_checkpoint_seconds_count\{model="admin-m"\} 1\.0$', text, re.M), text
+
+
+def test_health_is_a_light_probe_with_its_own_timeout(live):
+    """What the Kubernetes TLS probes run: only grpc is loaded (the client's numpy/ml_dtypes take ~1 s
+    on a loaded machine, which a probe's timeout must not pay), and --timeout bounds the wait."""
+    code = (
+        "import sys\n"
+        "from optserve.server import cli\n"
+        f"rc = cli.main(['health', '--target', {live['target']!r}, '--tls-ca', {live['ca']!r}, '--timeout', '3'])\n"
+        "print(rc, sorted(m for m in ('ml_dtypes', 'jax', 'optserve.client') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split("\n")[-2:] == ["0 []", ""] and r.stdout.startswith("SERVING"), r.stdout + r.stderr
+    r = optserve(live, "health", "--timeout", "-1", auth=False)
+    assert r.returncode == 2 and "--timeout" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

@@ -19,6 +19,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from optserve.client import Client
 
@@ -111,6 +112,7 @@ def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
 # -- tests ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # ten server starts (jax imports) on a loaded 2-core machine
 def test_sigkill_restarts_lose_nothing_committed(tmp_path):
     ckpt, log_path = str(tmp_path / "ck"), str(tmp_path / "server.log")
     flags = ("--checkpoint-every-steps", "1", "--keep", "3")
@@ -126,10 +128,8 @@ def test_sigkill_restarts_lose_nothing_committed(tmp_path):
                            optimizer={"adam": {"learning_rate": 0.01}})  # fmt: skip
         stop_file = str(tmp_path / "stop")
         workers = [_spawn_worker(target, i, 1_000_000, 90.0, stop_file) for i in range(2)]
-        deadline = time.monotonic() + 150
         restored_step = 0
-        while kills < 10:
-            assert time.monotonic() < deadline, f"only {kills} kills in time (seed {seed})"
+        while kills < 10:  # each wait below is bounded; no bet on how fast 10 restarts go on a busy machine
             with Client(target, timeout=10.0) as c:  # let the workers make progress, then kill at a random moment
                 until = time.monotonic() + 30
                 while c.model("m").step <= restored_step and time.monotonic() < until:

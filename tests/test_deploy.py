@@ -122,15 +122,43 @@ def test_tls_patch_matches_the_cli(manifests):
     for path in (args.tls_cert, args.tls_key, args.token_file):
         mounted_file(pod, c, path, tls_docs)
     # Probes switch to `optserve health` over TLS against the same port.
+    base = manifests["container"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = c[probe]["exec"]["command"]
         assert c[probe]["grpc"] is None and command[:2] == ["optserve", "health"]
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--target")
-        parser.add_argument("--tls-ca")
-        ns = parser.parse_args(command[2:])
+        ns = health_args(command[2:])
         assert ns.target.endswith(f":{args.port}")
         mounted_file(pod, c, ns.tls_ca, tls_docs)
+        merged = {**base[probe], **c[probe]}  # what `kubectl patch` (strategic merge) leaves
+        assert merged.get("timeoutSeconds", 1) >= ns.timeout + HEALTH_COMMAND_START_SECONDS, (probe, merged)
+        assert merged.get("periodSeconds", 10) >= merged.get("timeoutSeconds", 1), (probe, merged)
+    startup = {**base["startupProbe"], **c["startupProbe"]}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # as long for the restore as without TLS
+
+
+# `optserve health` is a Python process: measured 0.55-0.65 s to start and answer on a quiet 2-core
+# machine, over 3 s on a loaded one. An exec probe's timeoutSeconds must cover that plus --timeout.
+HEALTH_COMMAND_START_SECONDS = 5
+# A gRPC probe is answered by the running server in milliseconds; Kubernetes' default of 1 s is
+# still too tight on a busy node.
+GRPC_PROBE_MIN_TIMEOUT = 5
+
+
+def health_args(args: list[str]) -> argparse.Namespace:
+    """Parses `optserve health` arguments exactly as the CLI does (bad flags fail)."""
+    parser = argparse.ArgumentParser(prog="optserve", exit_on_error=False)
+    cli._add_admin(parser.add_subparsers(dest="command"))
+    try:
+        return parser.parse_args(["health", *args])
+    except SystemExit as e:
+        raise AssertionError(f"optserve health does not accept {args}") from e
+
+
+def test_grpc_probes_have_timeouts_that_hold(manifests):
+    c = manifests["container"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe].get("timeoutSeconds", 1) >= GRPC_PROBE_MIN_TIMEOUT, (probe, c[probe])
+        assert c[probe].get("periodSeconds", 10) >= c[probe].get("timeoutSeconds", 1), (probe, c[probe])
 
 
 def dockerfile() -> str:
@@ -149,6 +177,8 @@ def test_dockerfile_matches_the_cli_and_the_manifests(manifests):
     assert args.host == "0.0.0.0"
     health = exec_form(r"HEALTHCHECK .*?CMD")
     assert health[:2] == ["optserve", "health"] and health[-1].endswith(f":{args.port}")
+    timeout = re.search(r"^HEALTHCHECK .*--timeout=(\d+)s", text, re.M)
+    assert timeout and int(timeout.group(1)) >= health_args(health[2:]).timeout + HEALTH_COMMAND_START_SECONDS
     assert re.search(r"^USER 10001", text, re.M) and re.search(r"^FROM python:3\.11-slim", text, re.M)
     assert re.search(r'^ARG JAX_EXTRA=""$', text, re.M)
 

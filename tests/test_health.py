@@ -61,9 +61,10 @@ def test_health_through_serving_shutdown_and_restore(tmp_path):
 
             t = threading.Thread(target=follow)
             t.start()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while not watched and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert watched == [SERVING]  # the watch is established before the stop it must see
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30
             while NOT_SERVING not in watched and time.monotonic() < deadline:

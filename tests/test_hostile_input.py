@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -441,11 +442,20 @@ def gen():
     yield first
     time.sleep(600)
 call = fn.future(gen())
-grpc.channel_ready_future(ch).result(timeout=30)
-time.sleep(0.5)  # the first message is on its way; the stream stays open
-print("sent", flush=True)
+grpc.channel_ready_future(ch).result(timeout=60)
+print("sent", flush=True)  # the first message is on its way (the test waits until the server holds the name)
 time.sleep(600)
 """
+
+
+def until_status(channel: grpc.Channel, header: pb.CreateModelHeader, want: grpc.StatusCode, timeout: float = 60) -> bool:
+    """Repeats a header-only CreateModel until it gets `want` (bounded); True if it did."""
+    deadline = time.monotonic() + timeout
+    while call(channel, "CreateModel", [msg(pb.CreateModelRequest(header=header))]) != want:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_hostile_requests_get_errors_and_change_nothing(live):
@@ -484,9 +494,12 @@ def test_hostile_requests_get_errors_and_change_nothing(live):
             assert abandon(ch, "Push", first_push) == grpc.StatusCode.CANCELLED
         # A client process killed mid-create.
         child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, client.target], stdout=subprocess.PIPE, text=True)
+        doomed = create_header("abandoned-by-a-dead-client", big, '"no-such-rule"')
         try:
-            assert select.select([child.stdout], [], [], 60)[0], "the doomed client did not start"
+            assert select.select([child.stdout], [], [], 120)[0], "the doomed client did not start"
             assert child.stdout.readline().strip() == "sent"
+            # Killed only once the server holds its name (a probe with a bad spec: nothing is created).
+            assert until_status(ch, doomed, grpc.StatusCode.ALREADY_EXISTS), "the doomed create never arrived"
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(30)
@@ -495,14 +508,8 @@ def test_hostile_requests_get_errors_and_change_nothing(live):
         # Names reserved by abandoned creates were released: the same names are free again (a bad
         # spec is reported, not ALREADY_EXISTS).
         for name in ("abandoned", "abandoned-by-a-dead-client"):
-            h = create_header(name, big, '"no-such-rule"')
-            code = grpc.StatusCode.ALREADY_EXISTS
-            for _ in range(100):  # the dead client's stream ends when the server notices (bounded)
-                code = call(ch, "CreateModel", [msg(pb.CreateModelRequest(header=h))])
-                if code != grpc.StatusCode.ALREADY_EXISTS:
-                    break
-                threading.Event().wait(0.1)
-            assert code == grpc.StatusCode.INVALID_ARGUMENT, name
+            # the dead client's stream ends when the server notices (bounded wait)
+            assert until_status(ch, create_header(name, big, '"no-such-rule"'), grpc.StatusCode.INVALID_ARGUMENT), name
 
     total = sum(statuses.values())
     assert total >= MAIN_REQUESTS + 4 * len(KINDS)

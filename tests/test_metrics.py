@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -79,13 +80,21 @@ def test_counters_move_after_pushes_and_pulls(msrv):
 
 
 def test_sync_wait_and_checkpoint_series(msrv):
-    with msrv.client(timeout=30) as c:
-        m = c.create_model("waiter", W, optim.sgd(0.1))
+    with msrv.client(timeout=60) as c:
+        # Sync, two workers: a's push-pull waits at the barrier for step 1 until b pushes. The test
+        # pushes b only once a's gradient is in (pending_contributions), so a's call surely waits.
+        m = c.create_model("waiter", W, optim.sgd(0.1), mode="sync", workers=2)
         before = scrape(msrv)
-        t = threading.Thread(target=lambda: m.pull(min_step=1, timeout=30))
+        a = m.worker("a")
+        t = threading.Thread(target=lambda: a.push_pull(G))
         t.start()
-        m.push(G)
-        t.join(30)
+        deadline = time.monotonic() + 60
+        while m.info()["pending_contributions"] != 1:
+            assert time.monotonic() < deadline, "a's gradient never arrived"
+            time.sleep(0.01)
+        m.push(G, base_step=0)
+        t.join(60)
+        assert not t.is_alive() and a.base_step == 1
         assert m.save() == 1
         after = scrape(msrv)
     assert value(after, "optserve_sync_wait_seconds_count", model="waiter") - value(

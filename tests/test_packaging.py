@@ -59,3 +59,16 @@ def test_server_package_imports_lazily():
     code = "import sys, optserve.server, optserve.server.cli; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_license_is_an_spdx_string_that_the_build_backend_supports():
+    """A license table makes setuptools >= 77 warn (twice) at every install; a string needs >= 77."""
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    (setuptools,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    minimum = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", setuptools)
+    assert minimum and int(minimum.group(1)) >= 77, setuptools

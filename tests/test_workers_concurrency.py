@@ -1,8 +1,10 @@
 """16 concurrent worker threads against one server: no deadlock, no error, and the step count equals
 the pushes accepted (retries of the same seq mixed in are answered, never applied).
 
-The issue asks for about 20 s; the async run is shortened to ~8 s (plus a sync run of 25 barrier
-rounds) to keep the suite fast on 2 cores -- the invariants are checked on every push either way.
+The issue asks for about 20 s; the async run is shortened to a fixed number of pushes per thread
+(a few seconds on 2 cores, plus a sync run of 25 barrier rounds) to keep the suite fast -- the
+invariants are checked on every push either way. A count, not a duration: on a loaded machine the
+run takes longer instead of doing less than the assertions need.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import numpy as np
 from optserve.client import optim
 
 THREADS = 16
-ASYNC_SECONDS = 8.0
+ASYNC_PUSHES = 100  # per thread (1600 pushes: a few seconds on an idle 2-core machine)
 SYNC_ROUNDS = 25
+JOIN_SECONDS = 240  # only a deadlock comes near this (pytest's own timeout is 300 s)
 
 
 def _run_threads(target, n: int, join_timeout: float) -> list[BaseException]:
@@ -43,7 +46,6 @@ def test_sixteen_async_workers_step_equals_accepted_pushes(server, client, model
     model = client.create_model(model_name, params, optimizer=optim.adam(1e-3))
     accepted = [0] * THREADS
     retried = [0] * THREADS
-    stop_at = time.monotonic() + ASYNC_SECONDS
 
     def work(i: int) -> None:
         with server.client(timeout=60) as c:
@@ -51,9 +53,7 @@ def test_sixteen_async_workers_step_equals_accepted_pushes(server, client, model
             worker = handle.worker(f"t{i}")
             p = worker.pull()
             g = {"w": np.full((32, 8), 0.01 * (i + 1), np.float32), "b": np.ones(8, np.float32)}
-            for n in range(100_000):
-                if time.monotonic() > stop_at:
-                    break
+            for n in range(ASYNC_PUSHES):
                 p = worker.push_pull(g)
                 accepted[i] += 1
                 if n % 7 == 3:  # a retry of the push just made: answered from memory
@@ -63,10 +63,10 @@ def test_sixteen_async_workers_step_equals_accepted_pushes(server, client, model
                     retried[i] += 1
             assert np.isfinite(p["w"]).all()
 
-    errors = _run_threads(work, THREADS, ASYNC_SECONDS + 60)
+    errors = _run_threads(work, THREADS, JOIN_SECONDS)
     assert not errors, errors[:3]
     info = model.info()
-    assert sum(accepted) > THREADS
+    assert accepted == [ASYNC_PUSHES] * THREADS
     assert info["step"] == sum(accepted) == info["counters"]["pushes_applied"]
     assert info["counters"]["duplicates"] == sum(retried)
     assert {w: s["last_seq"] for w, s in info["workers"].items()} == {f"t{i}": accepted[i] for i in range(THREADS)}
@@ -85,7 +85,7 @@ def test_sixteen_sync_workers_meet_at_every_barrier(server, client, model_name):
                 worker.push_pull({"w": np.full((32, 8), i, np.float32)})
                 seen_steps[i].append(worker.base_step)
 
-    errors = _run_threads(work, THREADS, 120)
+    errors = _run_threads(work, THREADS, JOIN_SECONDS)
     assert not errors, errors[:3]
     info = model.info()
     assert info["step"] == SYNC_ROUNDS and info["counters"]["pushes_applied"] == SYNC_ROUNDS

@@ -2,7 +2,9 @@
 SIGKILLed in the middle of a push leaves nothing counted and the others go on.
 
 This file is also the worker program: `python tests/test_workers_processes.py ROLE TARGET MODEL ...`
-(it imports only the light client).
+(it imports only the light client). Starting one takes seconds on a loaded machine, so no test
+lets a server timer run against that: the fast workers say READY once imported and connected and
+start together on GO, and the sync timeout runs on a clock the test moves (`manual_clock`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,11 +34,17 @@ def _grad(params: dict, worker: int) -> dict:
 
 
 def _fast(target: str, model: str, index: int, steps: int) -> dict:
-    """Trains `steps` rounds: push_pull, catching up by a pull when a push turns out stale."""
+    """Trains `steps` rounds: push_pull, catching up by a pull when a push turns out stale.
+
+    Says READY once imported and connected (step 0 pulled), then waits for GO on stdin.
+    """
     accepted = stale = 0
     with Client(target, timeout=60) as client:
         worker = client.model(model).worker(f"fast-{index}")
         params = worker.pull()
+        print("READY", flush=True)
+        if sys.stdin.readline().strip() != "GO":
+            raise SystemExit("no GO from the test")
         for _ in range(steps):
             try:
                 params = worker.push_pull(_grad(params, index))
@@ -111,7 +120,18 @@ HERE = os.path.abspath(__file__)
 
 
 def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, HERE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, HERE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _expect_line(proc: subprocess.Popen, expected: str, timeout: float = 120) -> None:
+    """Waits (bounded) for the worker's next stdout line, which must be `expected`."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != expected:
+        if proc.poll() is None:
+            proc.kill()
+        raise AssertionError(f"expected {expected!r} from the worker, got {line!r}; stderr: {proc.stderr.read()[-3000:]}")
 
 
 def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
@@ -133,10 +153,13 @@ def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
     straggler = _spawn("straggler", server.address, model_name, "3")
     fast: list[subprocess.Popen] = []
     try:
-        ready, _, _ = select.select([straggler.stdout], [], [], 60)
-        line = straggler.stdout.readline() if ready else ""
-        assert line.strip() == "PULLED", straggler.stderr.read() if straggler.poll() is not None else line
+        _expect_line(straggler, "PULLED")
         fast = [_spawn("fast", server.address, model_name, str(i), "8") for i in range(3)]
+        for p in fast:  # all three imported and connected: they start together, not seconds apart
+            _expect_line(p, "READY")
+        for p in fast:
+            p.stdin.write("GO\n")
+            p.stdin.flush()
         s = _result(straggler)
         results = [_result(p) for p in fast]
     finally:
@@ -157,30 +180,66 @@ def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
     assert info["pending_contributions"] == 0
 
 
-def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, client, model_name):
+def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, client, model_name, manual_clock):
     from optserve.client import optim
+    from optserve.server import aggregation
 
+    # The sync timeout fires when the test moves this clock, never while the victim is starting.
+    clock = manual_clock(aggregation)
     start = np.zeros(SHAPE, np.float32)
     model = client.create_model(model_name, {"w": start}, optimizer=optim.sgd(LR), mode="sync", workers=3,
                                 sync_timeout=1.0)  # fmt: skip
-    g0, g1 = _grad({"w": start}, 0), _grad({"w": start}, 1)
-    model.push(g0, base_step=0)
-    victim = _spawn("dies", server.address, model_name)
+    # Watch the server's receiver of each push: the victim's must have taken bytes before the kill,
+    # and must have been aborted (the server saw the stream die) before we count.
+    receivers: list = []
+    served = server.store.get(model_name)
+    open_push = served.open_push
+
+    def watched_open_push(**kwargs):
+        receiver = open_push(**kwargs)
+        receiver.aborted = threading.Event()
+        abort = receiver.abort
+
+        def watched_abort() -> None:
+            abort()
+            receiver.aborted.set()
+
+        receiver.abort = watched_abort
+        receivers.append((kwargs["worker_id"], receiver))
+        return receiver
+
+    served.open_push = watched_open_push
     try:
-        ready, _, _ = select.select([victim.stdout], [], [], 60)
-        line = victim.stdout.readline() if ready else ""
-        assert line.strip() == "MIDPUSH", victim.stderr.read() if victim.poll() is not None else line
-        time.sleep(0.3)  # let its chunks reach the server
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(10)
+        g0, g1 = _grad({"w": start}, 0), _grad({"w": start}, 1)
+        model.push(g0, base_step=0)
+        victim = _spawn("dies", server.address, model_name)
+        try:
+            _expect_line(victim, "MIDPUSH")
+            _wait_until(lambda: any(w == "victim" and r.assembler.received_bytes > 0 for w, r in receivers),
+                        "the victim's chunks to reach the server")  # fmt: skip
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(30)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(30)
+        (dead,) = [r for w, r in receivers if w == "victim"]
+        assert dead.aborted.wait(60), "the server never noticed the victim's stream end"
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(10)
+        del served.open_push
     assert model.info()["pending_contributions"] == 1  # only the complete push
     model.push(g1, base_step=0)
-    got = model.pull(min_step=1, timeout=60)["w"]  # quorum 3 never comes: the timeout applies the two
+    assert model.info()["pending_contributions"] == 2 and model.info()["step"] == 0  # quorum 3 never comes...
+    clock.advance(1.0)  # ...so the timeout applies the two
+    got = model.pull(min_step=1, timeout=60)["w"]
     info = model.info()
     assert info["step"] == 1 and info["counters"]["sync_timeouts"] == 1
     assert "victim" not in info["workers"]
     np.testing.assert_allclose(got, start - LR * (g0["w"] + g1["w"]) / 2, rtol=1e-6)
+
+
+def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

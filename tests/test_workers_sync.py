@@ -147,7 +147,10 @@ def test_non_finite_and_bad_weight_are_rejected_and_not_counted(client, model_na
     assert info["pending_contributions"] == 0 and info["step"] == 0
 
 
-def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_name, caplog):
+def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_name, caplog, manual_clock):
+    from optserve.server import aggregation
+
+    clock = manual_clock(aggregation)  # the timeout fires when the test moves the clock, not between pushes
     model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=3,
                                 sync_timeout=0.3)  # fmt: skip
     p = model.pull()
@@ -155,7 +158,10 @@ def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_
     with caplog.at_level("WARNING", logger="optserve.aggregation"):
         model.push(g0, base_step=0, weight=1)
         model.push(g1, base_step=0, weight=3)
-        got = model.pull(min_step=1, timeout=30)
+        clock.advance(0.25)
+        assert model.info()["step"] == 0  # not yet
+        clock.advance(0.1)
+        got = model.pull(min_step=1, timeout=60)
     info = model.info()
     assert info["step"] == 1 and info["counters"]["sync_timeouts"] == 1 and info["pending_contributions"] == 0
     np.testing.assert_allclose(got["w"], p["w"] - 0.5 * (g0["w"] + 3 * g1["w"]) / 4, rtol=1e-6)

@@ -8,75 +8,230 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from optserve.server.errors import ConfigError
 
 DEFAULT_PORT = 8470
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A subcommand's parser whose mistakes are one line naming the flag (no usage dump), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one (default 8470)")
-    p.add_argument("--device", default=None, help="JAX platform or device: cpu, gpu, gpu:1 (default: JAX's default)")
-    p.add_argument("--checkpoint-dir", default="./optserve-checkpoints",
-                   help="where models are checkpointed and restored from (default ./optserve-checkpoints); "
-                        "'' disables checkpoints")  # fmt: skip
-    p.add_argument("--checkpoint-every-steps", type=int, default=0, help="checkpoint each model every N steps")
-    p.add_argument("--checkpoint-every-seconds", type=float, default=0.0, help="checkpoint each model every S seconds")
-    p.add_argument("--keep", type=int, default=3, help="committed checkpoints kept per model (default 3)")
-    p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per streamed message")
-    p.add_argument("--max-workers", type=int, default=64, help="threads serving RPCs")
-    p.add_argument("--max-models", type=int, default=None)
-    p.add_argument("--max-model-bytes", type=int, default=None)
-    p.add_argument("--max-total-bytes", type=int, default=None)
-    p.add_argument("--token-file", default=None, help="bearer tokens, one per line: TOKEN [MODEL ...]")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
-    p.add_argument("--metrics-host", default=None, help="address for the metrics endpoint (default: --host)")
-    p.add_argument("--shutdown-grace", type=float, default=20.0, help="seconds to finish calls in flight on SIGTERM")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    # Every flag's help ends with its default, so `serve --help` is the reference (tests/test_cli_serve.py).
+    port, count, positive = _int_at_least(0, 65535), _int_at_least(0), _int_at_least(1)
+    p = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM", description="Run an optserve server until "
+                       "SIGINT/SIGTERM; then it finishes the calls in flight and checkpoints every model.")  # fmt: skip
+    p.add_argument("--host", metavar="ADDRESS", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0: every interface (default: %(default)s)")
+    p.add_argument("--port", metavar="N", type=port, default=DEFAULT_PORT,
+                   help="gRPC port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="JAX platform or device holding the models: cpu, gpu, gpu:1 "
+                        "(default: JAX's default device, a GPU if there is one)")  # fmt: skip
+    p.add_argument("--checkpoint-dir", metavar="DIR", default="./optserve-checkpoints",
+                   help="where models are checkpointed, and restored from at start; '' disables checkpoints "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--checkpoint-every-steps", metavar="N", type=count, default=0,
+                   help="checkpoint each model every N steps; 0: off (default: %(default)s)")
+    p.add_argument("--checkpoint-every-seconds", metavar="S", type=_seconds, default=0.0,
+                   help="checkpoint each model every S seconds; 0: off (default: %(default)s)")
+    p.add_argument("--keep", metavar="N", type=positive, default=3,
+                   help="committed checkpoints kept per model (default: %(default)s)")
+    p.add_argument("--chunk-bytes", metavar="BYTES", type=positive, default=4 << 20,
+                   help="tensor payload bytes per streamed message (default: %(default)s)")
+    p.add_argument("--max-workers", metavar="N", type=positive, default=64,
+                   help="threads serving RPCs; each stream holds one while it runs (default: %(default)s)")
+    p.add_argument("--max-models", metavar="N", type=positive, default=None,
+                   help="refuse to create more models than this (default: no limit)")
+    p.add_argument("--max-model-bytes", metavar="BYTES", type=positive, default=None,
+                   help="refuse a model whose parameters and optimizer state exceed this (default: no limit)")
+    p.add_argument("--max-total-bytes", metavar="BYTES", type=positive, default=None,
+                   help="refuse a model that would take all models past this (default: no limit)")
+    p.add_argument("--token-file", metavar="FILE", default=None,
+                   help="require a bearer token from this file: one per line, TOKEN [MODEL ...] "
+                        "(default: none, no token asked)")  # fmt: skip
+    p.add_argument("--tls-cert", metavar="FILE", default=None,
+                   help="serve TLS with this PEM certificate; needs --tls-key (default: none, plaintext)")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="PEM private key of --tls-cert (default: none)")
+    p.add_argument("--tls-client-ca", metavar="FILE", default=None,
+                   help="require client certificates signed by this CA (mutual TLS; needs --tls-cert) (default: none)")
+    p.add_argument("--metrics-port", metavar="N", type=port, default=None,
+                   help="serve Prometheus metrics on this port; 0 picks a free one (default: not served)")
+    p.add_argument("--metrics-host", metavar="ADDRESS", default=None,
+                   help="address for the metrics endpoint (default: --host)")
+    p.add_argument("--shutdown-grace", metavar="S", type=_seconds, default=20.0,
+                   help="seconds to finish calls in flight on SIGTERM, then the final checkpoints "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--log-level", metavar="LEVEL", type=_log_level, default="INFO",
+                   help=f"{', '.join(LOG_LEVELS)} (default: %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text, or json: one JSON object per line (default: %(default)s)")
+
+
+def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
+    """Fails early, naming the flag, if the server could not listen on host:port.
+
+    Binding a throwaway socket (no SO_REUSEPORT, unlike grpc's) also catches another optserve on the
+    port, which grpc would otherwise share it with.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"{host_flag} {host}: cannot resolve it ({e.strerror}); give an address of this machine, "
+                          "e.g. 127.0.0.1 or 0.0.0.0") from None  # fmt: skip
+    failures = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{port_flag} {port}: {host}:{port} is already in use (another server?); "
+                                      f"stop it, or pick another port (0: a free one)") from None  # fmt: skip
+                failures.append(e)
+    if failures and len(failures) == len(addresses):  # grpc listens if any address binds
+        e = failures[0]
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"{port_flag} {port}: permission denied (ports below 1024 need privileges); "
+                              "pick a port from 1024 up") from None  # fmt: skip
+        raise ConfigError(f"{host_flag} {host}: cannot listen there ({e.strerror}); give an address of this "
+                          "machine, e.g. 127.0.0.1 or 0.0.0.0") from None  # fmt: skip
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    """The checkpoint directory exists (created if missing), and can be listed and written."""
+    fix = "give a writable directory (created if missing), or '' for no checkpoints"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--checkpoint-dir {path}: exists and is not a directory; {fix}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        os.listdir(path)
+        with tempfile.TemporaryFile(dir=path, prefix=".optserve-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--checkpoint-dir {path}: {e.strerror or e}; {fix}") from None
+
+
+def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Checks what can be checked before the server starts; returns security's Server options."""
+    if args.checkpoint_dir:
+        _check_checkpoint_dir(args.checkpoint_dir)
+    _check_listen("--host", args.host, "--port", args.port)
+    if args.metrics_port is not None:
+        _check_listen("--metrics-host" if args.metrics_host else "--host", args.metrics_host or args.host,
+                      "--metrics-port", args.metrics_port)  # fmt: skip
+        if args.metrics_port and args.metrics_port == args.port and (args.metrics_host or args.host) == args.host:
+            raise ConfigError(f"--metrics-port {args.metrics_port}: the same as --port; give another (0: a free one)")
+    from optserve.server import security  # imports the client (numpy, ml_dtypes): after the cheap checks
+
+    return security.server_options(args)
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Runs the server until SIGINT/SIGTERM. Exit status: 0; 2 for an option that cannot work (one
+    line on stderr naming the flag and the fix); 1 if a final checkpoint failed at shutdown."""
     from optserve.server import logs
 
+    if args.device and args.device.lower().partition(":")[0] == "cpu":
+        # Asked for the CPU: JAX need not probe for (and log about) accelerators it will not use.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logs.setup(args.log_level, args.log_format)
-    from optserve.server import security
-    from optserve.server.server import Server
+    try:
+        options = _check_serve_args(args)
+        from optserve.server.server import Server, resolve_device
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server = Server(
-        args.host,
-        args.port,
-        checkpoint_dir=args.checkpoint_dir or None,
-        device=args.device,
-        max_workers=args.max_workers,
-        chunk_bytes=args.chunk_bytes,
-        max_models=args.max_models,
-        max_model_bytes=args.max_model_bytes,
-        max_total_bytes=args.max_total_bytes,
-        checkpoint_options={"every_steps": args.checkpoint_every_steps, "every_seconds": args.checkpoint_every_seconds,
-                            "keep": args.keep},  # fmt: skip
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        **security.server_options(args),
-    )
+        resolve_device(args.device)  # before anything starts or logs: a wrong device is a usage mistake
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        server = Server(
+            args.host,
+            args.port,
+            checkpoint_dir=args.checkpoint_dir or None,
+            device=args.device,
+            max_workers=args.max_workers,
+            chunk_bytes=args.chunk_bytes,
+            max_models=args.max_models,
+            max_model_bytes=args.max_model_bytes,
+            max_total_bytes=args.max_total_bytes,
+            checkpoint_options={"every_steps": args.checkpoint_every_steps, "every_seconds": args.checkpoint_every_seconds,
+                                "keep": args.keep},  # fmt: skip
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            **options,
+        )
+    except ConfigError as e:
+        return _usage_error(str(e))
+    except RuntimeError as e:
+        if "Failed to bind" not in str(e):  # grpc's words when the port was taken after our check
+            raise
+        return _usage_error(f"--port {args.port}: cannot listen on {args.host}:{args.port}; "
+                            "pick another port (0: a free one)")  # fmt: skip
     if args.metrics_port is not None:
         print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
     print(f"optserve listening on {args.host}:{server.port}", flush=True)
     while not stop.wait(0.5):
         pass
-    failures = server.stop(args.shutdown_grace)  # logged by stop(); acknowledged steps were lost
+    # Server.stop returns the final checkpoints that failed (acknowledged steps lost): not a clean exit.
+    failures = server.stop(args.shutdown_grace)
+    for failure in failures:
+        print(f"optserve serve: {failure}", file=sys.stderr, flush=True)
     return 1 if failures else 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"optserve serve: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +246,9 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
     target(sub.add_parser("ls", help="list models"))
     p = target(sub.add_parser("health", help="exit 0 if the server reports SERVING (for container health checks)"))
     p.add_argument("--service", default="", help="service name to check ('' : the whole server)")
+    p.add_argument("--timeout", type=_seconds, default=5.0,
+                   help="seconds to wait for the answer; a probe's own timeout must exceed it plus this "
+                        "command's start-up, ~1-3 s (default: %(default)s)")  # fmt: skip
     target(sub.add_parser("info", help="describe a model")).add_argument("model")
     target(sub.add_parser("save", help="checkpoint a model now")).add_argument("model")
     p = target(sub.add_parser("restore", help="restore a model from a checkpoint"))
@@ -128,16 +286,27 @@ def _print_rules(rules: list[dict], as_json: bool) -> None:
 
 def health(args: argparse.Namespace) -> int:
     """Asks the standard gRPC health service (open without a token); prints the status."""
+    # Only grpc: this runs as a container probe, where the client's imports (numpy, ml_dtypes: ~1 s
+    # on a loaded machine) would eat the probe's timeout.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from optserve.client.client import _credentials
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
-    tls = {k: v for k, v in {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}.items() if v}
-    channel = grpc.secure_channel(args.target, _credentials(tls)) if tls else grpc.insecure_channel(args.target)
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        credentials = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
+                                                   certificate_chain=read(args.tls_cert))  # fmt: skip
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=5)
+            request = health_pb2.HealthCheckRequest(service=args.service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"optserve health: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -147,10 +316,10 @@ def health(args: argparse.Namespace) -> int:
 
 
 def admin(args: argparse.Namespace) -> int:
-    from optserve.client import OptserveError
-
     if args.command == "health":
         return health(args)
+    from optserve.client import OptserveError
+
     if args.command == "rules" and args.local:
         from optserve.server.spec import list_rules
 
@@ -180,7 +349,7 @@ def admin(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optserve", description="optimizer-as-a-service parameter server")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     _add_serve(sub)
     from optserve.server import demo
 

@@ -47,3 +47,9 @@ class PermissionDenied(ServiceError):
 
 class NonFiniteUpdate(FailedPrecondition):
     """An update refused by settings.reject_nonfinite_updates: the model's state is unchanged."""
+
+
+class ConfigError(ValueError):
+    """A server option that cannot work (a bad token file, device, TLS file, port...). Not a gRPC
+    status: `optserve serve` prints the message, which names the flag at fault and the fix, as one
+    line and exits with status 2."""

@@ -106,3 +106,8 @@ class GradientBuffers:
     def held_bytes(self) -> int:
         with self._lock:
             return sum(k.owner.nbytes for kept in self._kept.values() for k in kept)
+
+    def free_bytes(self) -> int:
+        """Bytes of the kept buffers that nothing reads any more: what the next push assembles in."""
+        with self._lock:
+            return sum(k.owner.nbytes for kept in self._kept.values() for k in kept if k.unused())

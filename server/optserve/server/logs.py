@@ -23,6 +23,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# Libraries whose INFO lines a server's operator need not read: jax logs "Unable to initialize
+# backend 'tpu' ... libtpu.so" at every start on a machine without a TPU, which reads like a failure.
+# They speak from WARNING up (e.g. jax's "a GPU may be present but jaxlib has no CUDA"), or at
+# everything with --log-level DEBUG.
+QUIET_LIBRARIES = ("jax", "jaxlib", "absl")
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -32,3 +39,5 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(root.level if root.level <= logging.DEBUG else max(root.level, logging.WARNING))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 
 from optserve.client.transport import SERVICE
+from optserve.server.errors import ConfigError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -30,16 +32,25 @@ class Token:
     models: frozenset[str] | None  # None: every model
 
 
+TOKEN_FILE_FORMAT = "one token per line, optionally followed by the models it may touch: TOKEN [MODEL ...]"
+
+
 def load_tokens(path: str) -> list[Token]:
+    """The tokens of a token file; a file that cannot be read or holds no token is a ConfigError
+    naming --token-file (a server must never start open by accident)."""
     tokens = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            words = line.split("#", 1)[0].split()
-            if not words:
-                continue
-            tokens.append(Token(words[0].encode(), frozenset(words[1:]) or None))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                words = line.split("#", 1)[0].split()
+                if words:
+                    tokens.append(Token(words[0].encode(), frozenset(words[1:]) or None))
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"--token-file {path}: cannot read it ({reason}); give a text file with "
+                          f"{TOKEN_FILE_FORMAT}") from None  # fmt: skip
     if not tokens:
-        raise ValueError(f"{path}: no tokens")
+        raise ConfigError(f"--token-file {path}: no tokens in it; add {TOKEN_FILE_FORMAT}")
     return tokens
 
 
@@ -116,28 +127,66 @@ def _scoped(handler: grpc.RpcMethodHandler, models: frozenset[str]) -> grpc.RpcM
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
-    """TLS, or mutual TLS when client_ca is given (clients without a valid certificate are refused)."""
+    """TLS, or mutual TLS when client_ca is given (clients without a valid certificate are refused).
 
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
+    The files are checked here, each mistake a ConfigError naming its flag: grpc itself would only
+    fail at the first handshake, long after the server said it was listening.
+    """
+    pem = {"--tls-cert": _read(cert, "--tls-cert"), "--tls-key": _read(key, "--tls-key")}
+    if client_ca:
+        pem["--tls-client-ca"] = _read(client_ca, "--tls-client-ca")
+    expected = {"--tls-cert": (cert, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+                "--tls-key": (key, b"PRIVATE KEY-----", "a PEM private key"),
+                "--tls-client-ca": (client_ca, b"-----BEGIN CERTIFICATE-----", "a PEM CA certificate")}  # fmt: skip
+    for flag, (path, marker, what) in expected.items():
+        if flag in pem and marker not in pem[flag]:
+            raise ConfigError(f"{flag} {path}: not {what}; give {what} file")
+    if b"ENCRYPTED" in pem["--tls-key"]:
+        raise ConfigError(f"--tls-key {key}: the key is encrypted, which grpc cannot use; give it unencrypted "
+                          "(openssl pkey -in KEY -out PLAIN_KEY)")  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=b"")  # a password: never an interactive prompt
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"--tls-key {key} does not go with --tls-cert {cert} ({e.reason or e}); "
+            "give the certificate's own private key"
+        ) from None
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as e:
+            raise ConfigError(f"--tls-client-ca {client_ca}: not a usable CA certificate ({e.reason or e})") from None
     return grpc.ssl_server_credentials(
-        [(read(key), read(cert))],
-        root_certificates=read(client_ca) if client_ca else None,
+        [(pem["--tls-key"], pem["--tls-cert"])],
+        root_certificates=pem.get("--tls-client-ca"),
         require_client_auth=client_ca is not None,
     )
 
 
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror or e}); "
+                          "give the path of a readable PEM file") from None  # fmt: skip
+
+
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Server(...) keyword arguments for the serve command's --token-file and --tls-* flags."""
+    """Server(...) keyword arguments for the serve command's --token-file and --tls-* flags.
+
+    Raises ConfigError, naming the flag and the fix, for a flag that cannot work.
+    """
     options: dict[str, Any] = {}
-    if args.token_file:
+    if args.token_file is not None:
         options["interceptors"] = [TokenAuth(load_tokens(args.token_file))]
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_key:
+        raise ConfigError("--tls-cert needs --tls-key: add --tls-key FILE, the certificate's private key")
+    if args.tls_key and not args.tls_cert:
+        raise ConfigError("--tls-key needs --tls-cert: add --tls-cert FILE, the certificate of that key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS with client certificates")
+    if args.tls_cert:
         options["server_credentials"] = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
     return options

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from optserve.client import Client, codec
 from optserve.client.transport import SERVER_OPTIONS, SERVICE
+from optserve.server.errors import ConfigError
 from optserve.server.service import OptserveService
 from optserve.server.store import ModelStore
 
@@ -30,18 +31,31 @@ log = logging.getLogger("optserve.server")
 
 
 def resolve_device(name: str | None) -> jax.Device:
-    """'cpu', 'gpu', 'gpu:1', 'cuda:0', 'tpu' ... or None for JAX's default device (a GPU if any)."""
+    """'cpu', 'gpu', 'gpu:1', 'cuda:0', 'tpu' ... or None for JAX's default device (a GPU if any).
+
+    A device that cannot be had is a ConfigError naming --device and what to use instead.
+    """
     if not name:
         return jax.devices()[0]
     platform, _, index = name.partition(":")
-    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform.lower(), platform.lower())
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ConfigError(f"--device {name}: not a JAX platform; use cpu, gpu or tpu, optionally with an index (gpu:1)")
+    if index and not index.isdigit():
+        raise ConfigError(f"--device {name}: the index after ':' must be a number, e.g. --device {platform}:0")
     try:
         devices = jax.devices(platform)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: no {platform} devices ({e})") from None
+    except RuntimeError:
+        raise ConfigError(
+            f"--device {name}: JAX finds no {platform} device here (it has {jax.default_backend()}); "
+            f"use --device {jax.default_backend()}, or install jax with {platform} support"
+        ) from None
     i = int(index) if index else 0
     if not 0 <= i < len(devices):
-        raise ValueError(f"--device {name}: only {len(devices)} {platform} device(s)")
+        raise ConfigError(
+            f"--device {name}: there are only {len(devices)} {platform} device(s), "
+            f"{platform}:0 to {platform}:{len(devices) - 1}"
+        )
     return devices[i]
 
 
