@@ -18,10 +18,10 @@ import optax
 
 from common import machine, paired_medians, table
 from optserve.client import optim
-from optserve.client.codec import LeafSpec
-from optserve.server.model import Model
-from optserve.server.settings import ModelSettings
-from optserve.server.store import compile_for
+from optserve.wire.codec import LeafSpec
+from optserve.server.core.model import Model
+from optserve.server.core.settings import ModelSettings
+from optserve.server.core.store import compile_for
 
 RULES = {
     "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),

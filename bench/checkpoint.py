@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from optserve.server import Server
-    from optserve.server import checkpoint_files
+    from optserve.server.checkpoint import files as checkpoint_files
 
     per = args.params // args.leaves
     rng = np.random.default_rng(0)
@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _schema(params: dict) -> list:
-    from optserve.client.codec import LeafSpec
+    from optserve.wire.codec import LeafSpec
 
     return [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
 
 
 def _settings():
-    from optserve.server.settings import ModelSettings
+    from optserve.server.core.settings import ModelSettings
 
     return ModelSettings()
 

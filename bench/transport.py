@@ -28,7 +28,7 @@ import numpy as np
 
 from common import gbps, interleaved_medians, machine, optserve_server, raw_server, repeats_for, stop, table
 from optserve.client import Client, optim
-from optserve.client.codec import aligned_empty
+from optserve.wire.codec import aligned_empty
 from optserve.client.transport import CHANNEL_OPTIONS
 
 

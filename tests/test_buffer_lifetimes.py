@@ -14,7 +14,9 @@ import weakref
 import numpy as np
 import pytest
 
-from optserve.client import codec, optim
+from optserve.client import optim
+
+from optserve.wire import codec
 
 N = 1 << 16
 
@@ -51,7 +53,7 @@ def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
     reference drops at its next API call (datapath.release_host_buffers); the server's reaper does
     that in the background, this does it here too so that the wait ends as soon as it can.
     """
-    from optserve.server.datapath import release_host_buffers
+    from optserve.server.core.datapath import release_host_buffers
 
     deadline = time.monotonic() + timeout
     while True:
@@ -103,7 +105,7 @@ def test_large_gradient_buffers_are_reused_then_given_back(server, client, model
     pushes, however slow the machine; each step waits for what the code exposes (free_bytes,
     held_bytes) instead of betting on how fast jax finishes an update.
     """
-    from optserve.server import gradient_buffers
+    from optserve.server.core import gradient_buffers
 
     clock = manual_clock(gradient_buffers)
     monkeypatch.setattr(gradient_buffers, "IDLE_SECONDS", 0.3)  # real seconds between the timer's looks

@@ -23,7 +23,8 @@ import pytest
 import safetensors.numpy
 
 from optserve.client import Client, OptserveError
-from optserve.server import Server, checkpoints
+from optserve.server import Server
+from optserve.server.checkpoint import manager as checkpoints
 from tests.conftest import start_server_process
 
 TUNABLE = {"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}}

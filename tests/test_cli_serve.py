@@ -132,7 +132,7 @@ def test_the_parser_refuses_in_one_line(args, flag, fix, capsys):
 
 @pytest.mark.parametrize("device, fix", [("banana", "use cpu"), ("cpu:x", "cpu:0"), ("cpu:7", "cpu:0")])
 def test_a_device_that_cannot_be_had_names_the_flag(device, fix):
-    from optserve.server.errors import ConfigError
+    from optserve.server.core.errors import ConfigError
     from optserve.server.server import resolve_device
 
     with pytest.raises(ConfigError, match=rf"^--device {device}: .*{fix}"):
@@ -142,8 +142,8 @@ def test_a_device_that_cannot_be_had_names_the_flag(device, fix):
 def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811
     import argparse
 
-    from optserve.server import security
-    from optserve.server.errors import ConfigError
+    from optserve.server.api import auth as security
+    from optserve.server.core.errors import ConfigError
 
     (tmp_path / "not-pem").write_text("hello\n")
     (tmp_path / "encrypted").write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n-----END ENCRYPTED PRIVATE KEY-----\n")

@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from optserve.client import codec
+from optserve.wire import codec
 from optserve.client.messages import chunk_messages
 from optserve.v1 import optserve_pb2 as pb
 

@@ -282,7 +282,7 @@ def test_a_client_that_raised_its_limit_gets_big_unary_replies_and_tiny_chunks_a
 def test_server_info_counts_only_the_models_a_scoped_token_may_see(tmp_path):
     import argparse
 
-    from optserve.server import security
+    from optserve.server.api import auth as security
 
     tokens = tmp_path / "tokens"
     tokens.write_text("admin-secret\nteam-a-secret model-a model-gone\n")

@@ -27,9 +27,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from optserve.client import Client, codec, optim
+from optserve.client import Client, optim
+
+from optserve.wire import codec
 from optserve.client.messages import chunk_messages
-from optserve.server import state_io
+from optserve.server.state import state_io
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 
@@ -431,7 +433,7 @@ def abandon(channel: grpc.Channel, rpc: str, first: bytes) -> grpc.StatusCode:
 KILLED_CLIENT = """
 import sys, time, grpc
 from optserve.v1 import optserve_pb2 as pb
-from optserve.client import codec
+from optserve.wire import codec
 ch = grpc.insecure_channel(sys.argv[1])
 fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x, response_deserializer=lambda x: x)
 h = pb.CreateModelHeader(name="abandoned-by-a-dead-client", optimizer_json='{"sgd": {"learning_rate": 0.1}}',

@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, OptserveError, PermissionDeniedError, UnauthenticatedError, optim
 from optserve.client.model import Model
-from optserve.server import Server, security
-from optserve.server.errors import ConfigError
+from optserve.server import Server
+from optserve.server.api import auth as security
+from optserve.server.core.errors import ConfigError
 
 W = {"w": np.arange(4, dtype=np.float32)}
 G = {"w": np.ones(4, np.float32)}

@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from optserve.client import Client, FailedPreconditionError, OptserveError, codec, optim
+from optserve.client import Client, FailedPreconditionError, OptserveError, optim
+
+from optserve.wire import codec
 from optserve.server import Server
-from optserve.server.model import REPLY_WINDOW
+from optserve.server.core.model import REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
-from optserve.server.state_io import MAX_STEP, parse_safetensors
+from optserve.server.state.state_io import MAX_STEP, parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 

@@ -182,7 +182,7 @@ def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
 
 def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, client, model_name, manual_clock):
     from optserve.client import optim
-    from optserve.server import aggregation
+    from optserve.server.core import sync as aggregation
 
     # The sync timeout fires when the test moves this clock, never while the victim is starting.
     clock = manual_clock(aggregation)

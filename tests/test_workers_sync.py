@@ -148,7 +148,7 @@ def test_non_finite_and_bad_weight_are_rejected_and_not_counted(client, model_na
 
 
 def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_name, caplog, manual_clock):
-    from optserve.server import aggregation
+    from optserve.server.core import sync as aggregation
 
     clock = manual_clock(aggregation)  # the timeout fires when the test moves the clock, not between pushes
     model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=3,

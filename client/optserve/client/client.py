@@ -19,7 +19,9 @@ from typing import Any
 
 import grpc
 
-from optserve.client import codec, pytree
+from optserve.client import pytree
+
+from optserve.wire import codec
 from optserve.client.errors import OptserveError, from_rpc_error
 from optserve.client.messages import chunk_messages, schema_of, settings_message
 from optserve.client.model import Model

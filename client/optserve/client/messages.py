@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client import codec
+from optserve.wire import codec
 from optserve.v1 import optserve_pb2 as pb
 
 

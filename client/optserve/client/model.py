@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optserve.client import codec, pytree
+from optserve.client import pytree
+
+from optserve.wire import codec
 from optserve.client.errors import InvalidArgumentError, OptserveError
 from optserve.client.messages import chunk_messages, info_to_dict, to_wire
 from optserve.v1 import optserve_pb2 as pb

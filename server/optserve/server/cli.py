@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from optserve.server.errors import ConfigError
+from optserve.server.core.errors import ConfigError
 
 DEFAULT_PORT = 8470
 
@@ -172,7 +172,7 @@ def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
                       "--metrics-port", args.metrics_port)  # fmt: skip
         if args.metrics_port and args.metrics_port == args.port and (args.metrics_host or args.host) == args.host:
             raise ConfigError(f"--metrics-port {args.metrics_port}: the same as --port; give another (0: a free one)")
-    from optserve.server import security  # imports the client (numpy, ml_dtypes): after the cheap checks
+    from optserve.server.api import auth as security  # imports the client (numpy, ml_dtypes): after the cheap checks
 
     return security.server_options(args)
 

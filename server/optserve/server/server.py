@@ -21,11 +21,13 @@ import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from optserve.client import Client, codec
+from optserve.client import Client
+
+from optserve.wire import codec
 from optserve.client.transport import SERVER_OPTIONS, SERVICE
-from optserve.server.errors import ConfigError
-from optserve.server.service import OptserveService
-from optserve.server.store import ModelStore
+from optserve.server.core.errors import ConfigError
+from optserve.server.api.service import OptserveService
+from optserve.server.core.store import ModelStore
 
 log = logging.getLogger("optserve.server")
 
@@ -93,7 +95,7 @@ class Server:
                                 max_total_bytes=max_total_bytes)  # fmt: skip
         checkpoints = None
         if checkpoint_dir is not None:
-            from optserve.server.checkpoints import CheckpointManager
+            from optserve.server.checkpoint.manager import CheckpointManager
 
             checkpoints = CheckpointManager(checkpoint_dir, **(checkpoint_options or {}))
         self.checkpoints = checkpoints

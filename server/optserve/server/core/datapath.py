@@ -18,9 +18,9 @@ import jax
 from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_buffers
 import numpy as np
 
-from optserve.client import codec
+from optserve.wire import codec
 from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
-from optserve.server.errors import InvalidArgument, ResourceExhausted
+from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.v1 import optserve_pb2 as pb
 
 

@@ -32,11 +32,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.client import codec
-from optserve.client.codec import LeafSpec
-from optserve.server import datapath
-from optserve.server.errors import InvalidArgument
-from optserve.server.settings import ModelSettings
+from optserve.wire import codec
+from optserve.wire.codec import LeafSpec
+from optserve.server.core import datapath
+from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import SpecError, check_spec_depth
 from optserve.v1 import optserve_pb2 as pb
 
@@ -167,7 +167,7 @@ def decode_worker(data: Any, where: str, step: int) -> Any:
     """A WorkerRecord from its JSON form (either), strictly typed: last_seq an int in [0, 2**64),
     last_base_step an int in [-1, step], replies PushResponses for distinct seqs in
     [1, last_seq] in increasing order (only the newest REPLY_WINDOW are kept)."""
-    from optserve.server.model import REPLY_WINDOW, WorkerRecord
+    from optserve.server.core.model import REPLY_WINDOW, WorkerRecord
 
     if not isinstance(data, dict):
         raise StateError(f"{where}: expected an object, got {_show(data)}")
@@ -325,7 +325,7 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
 
 def install(model: Any, prepared: dict) -> None:
     """Replaces the model's state by a `prepare`d one; the caller holds the model lock."""
-    from optserve.server.model import Counters
+    from optserve.server.core.model import Counters
 
     model.params = prepared["params"]
     model.opt_state = prepared["opt_state"]
@@ -342,9 +342,9 @@ def create_model(store: Any, name: str, state: HostState) -> Any:
     tensors as CreateModel does, all before anything is allocated for it; INVALID_ARGUMENT for a
     state that does not fit together. The model appears in the store only once its whole state is
     installed; whatever fails, the reserved name and bytes are released and nothing remains."""
-    from optserve.server.datapath import schema_bytes
-    from optserve.server.model import Model
-    from optserve.server.store import compile_for, state_bytes_for
+    from optserve.server.core.datapath import schema_bytes
+    from optserve.server.core.model import Model
+    from optserve.server.core.store import compile_for, state_bytes_for
 
     declared = schema_bytes(state.schema)
     store.check_can_create(name, declared)

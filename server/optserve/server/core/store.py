@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from optserve.client.codec import DTYPES, FLOAT_DTYPES, LeafSpec
-from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from optserve.server.model import Model
-from optserve.server.settings import ModelSettings
+from optserve.wire.codec import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.server.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server.core.model import Model
+from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import SpecError, compile_spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optserve.client import codec
-from optserve.server import datapath, state_io
-from optserve.server.errors import InvalidArgument, ResourceExhausted
-from optserve.server.store import ModelStore, check_model_name
+from optserve.wire import codec
+from optserve.server.core import datapath
+from optserve.server.state import state_io
+from optserve.server.core.errors import InvalidArgument, ResourceExhausted
+from optserve.server.core.store import ModelStore, check_model_name
 from optserve.v1 import optserve_pb2 as pb
 
 

@@ -54,12 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.client.codec import TensorAssembler
-from optserve.server.datapath import device_putter
-from optserve.server.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
+from optserve.wire.codec import TensorAssembler
+from optserve.server.core.datapath import device_putter
+from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
 
 if TYPE_CHECKING:
-    from optserve.server.model import Model
+    from optserve.server.core.model import Model
 
 log = logging.getLogger("optserve.aggregation")
 

@@ -44,8 +44,8 @@ from typing import Any
 
 import jax
 
-from optserve.server import state_io
-from optserve.server.checkpoint_files import (
+from optserve.server.state import state_io
+from optserve.server.checkpoint.files import (
     ARCHIVE_DIR,
     CORRUPT_MARK,
     DELETED_PREFIX,
@@ -64,9 +64,9 @@ from optserve.server.checkpoint_files import (
     remove_tree,
     write_checkpoint,
 )
-from optserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from optserve.server.state_io import StateError
-from optserve.server.store import ModelStore, check_model_name
+from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from optserve.server.state.state_io import StateError
+from optserve.server.core.store import ModelStore, check_model_name
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.checkpoints")

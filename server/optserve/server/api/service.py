@@ -21,11 +21,11 @@ from typing import Any
 
 import grpc
 
-from optserve.client import codec
+from optserve.wire import codec
 from optserve.client.messages import chunk_messages
 from optserve.client.transport import SERVICE
-from optserve.server import datapath
-from optserve.server.errors import (
+from optserve.server.core import datapath
+from optserve.server.core.errors import (
     ResourceExhausted,
     DeadlineExceeded,
     FailedPrecondition,
@@ -35,12 +35,12 @@ from optserve.server.errors import (
     ServiceError,
     Unavailable,
 )
-from optserve.server.metrics import MODEL_ATTR, ServerMetrics
-from optserve.server.security import ALLOWED_MODELS
-from optserve.server.model import Model
-from optserve.server.settings import ModelSettings
+from optserve.server.api.metrics import MODEL_ATTR, ServerMetrics
+from optserve.server.api.auth import ALLOWED_MODELS
+from optserve.server.core.model import Model
+from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import SpecError, list_rules
-from optserve.server.store import ModelStore, check_model_name, compile_for, state_bytes_for
+from optserve.server.core.store import ModelStore, check_model_name, compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.service")
@@ -612,7 +612,7 @@ class OptserveService:
 
     @_stream_handler
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        from optserve.server import transfer
+        from optserve.server.api import transfer
 
         # FILE_CHUNK_BYTES: each FileChunk fits in the 4 MiB that gRPC clients receive by default
         chunk_bytes = min(self.chunk_bytes, datapath.FILE_CHUNK_BYTES)
@@ -620,7 +620,7 @@ class OptserveService:
 
     @_handler
     def Upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ModelInfo:
-        from optserve.server import transfer
+        from optserve.server.api import transfer
 
         self._check_accepting()
         model = transfer.upload(self.store, requests, authorize=lambda name: authorize(context, name))

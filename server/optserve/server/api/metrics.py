@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from optserve.server.errors import ServiceError
+from optserve.server.core.errors import ServiceError
 
 log = logging.getLogger("optserve.metrics")
 
@@ -62,7 +62,7 @@ def status_name(error: BaseException) -> str:
         return error.code.name.lower()
     if isinstance(error, grpc.RpcError):  # the client went away mid-stream
         return "cancelled"
-    from optserve.client import codec
+    from optserve.wire import codec
     from optserve.server.spec import SpecError
 
     if isinstance(error, (SpecError, codec.WireError)):

@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.client.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
-from optserve.server.aggregation import SyncAggregator, SyncPush
-from optserve.server.datapath import device_putter, host_buffer_reaper, release_host_buffers
-from optserve.server.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate
-from optserve.server.gradient_buffers import GradientBuffers
-from optserve.server.settings import ModelSettings
+from optserve.wire.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
+from optserve.server.core.sync import SyncAggregator, SyncPush
+from optserve.server.core.datapath import device_putter, host_buffer_reaper, release_host_buffers
+from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate
+from optserve.server.core.gradient_buffers import GradientBuffers
+from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.server.state_io import MAX_STEP
+from optserve.server.state.state_io import MAX_STEP
 
 
 @dataclasses.dataclass
@@ -411,7 +411,7 @@ class Model:
 
     def versioned_checkpoint_snapshot(self) -> tuple[Any, int]:
         """`checkpoint_snapshot()` and the `state_version` it holds, taken together under the lock."""
-        from optserve.server import state_io
+        from optserve.server.state import state_io
 
         with self._lock:
             return state_io.capture(self), self.state_version
@@ -420,7 +420,7 @@ class Model:
         """Replaces the whole state by one validated and put on the device by `state_io.prepare`;
         returns the `state_version` of the installed state (read under the same lock, so a later
         update is never mistaken for part of it)."""
-        from optserve.server import state_io
+        from optserve.server.state import state_io
 
         with self._lock:
             state_io.install(self, prepared)

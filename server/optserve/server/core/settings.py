@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-from optserve.server.errors import InvalidArgument
+from optserve.server.core.errors import InvalidArgument
 from optserve.v1 import optserve_pb2 as pb
 
 MODES = ("async", "sync")

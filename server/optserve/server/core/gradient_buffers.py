@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from optserve.client.codec import DTYPES, LeafSpec, leaf_nbytes
+from optserve.wire.codec import DTYPES, LeafSpec, leaf_nbytes
 
 MIN_BYTES = 1 << 20  # smaller leaves are cheap to allocate; not worth holding on to
 PER_LEAF = 2  # one being read by the previous update, one receiving the next push

@@ -24,9 +24,9 @@ import shutil
 import time
 from typing import NamedTuple
 
-from optserve.server import state_io
-from optserve.server.errors import InvalidArgument, ServiceError
-from optserve.server.state_io import HostState, StateError
+from optserve.server.state import state_io
+from optserve.server.core.errors import InvalidArgument, ServiceError
+from optserve.server.state.state_io import HostState, StateError
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.checkpoints")
