@@ -18,7 +18,7 @@ import optax
 
 from common import machine, paired_medians, table
 from optserve.client import optim
-from optserve.wire.codec import LeafSpec
+from optserve.wire.dtypes import LeafSpec
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import compile_for

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _schema(params: dict) -> list:
-    from optserve.wire.codec import LeafSpec
+    from optserve.wire.dtypes import LeafSpec
 
     return [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import machine, median_seconds, table
-from optserve.wire.codec import aligned_empty
+from optserve.wire.assembler import aligned_empty
 
 
 def measure(mb: float = 40) -> list[dict]:

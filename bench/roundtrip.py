@@ -13,7 +13,7 @@ import optax
 from apply import optax_step
 from common import interleaved_medians, machine, optserve_server, raw_server, stop, table
 from optserve.client import Client, optim
-from optserve.client.transport import CHANNEL_OPTIONS
+from optserve.wire.channel import CHANNEL_OPTIONS
 from optserve.v1 import optserve_pb2 as pb
 from transport import raw_pull_fn, raw_push_fn
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from common import gbps, interleaved_medians, machine, optserve_server, raw_server, repeats_for, stop, table
 from optserve.client import Client, optim
-from optserve.wire.codec import aligned_empty
-from optserve.client.transport import CHANNEL_OPTIONS
+from optserve.wire.assembler import aligned_empty
+from optserve.wire.channel import CHANNEL_OPTIONS
 
 
 def _identity(x: bytes) -> bytes:

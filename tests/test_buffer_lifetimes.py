@@ -16,7 +16,7 @@ import pytest
 
 from optserve.client import optim
 
-from optserve.wire import codec
+from optserve.wire import assembler
 
 N = 1 << 16
 
@@ -33,16 +33,16 @@ def no_cyclic_gc():
 
 @pytest.fixture
 def tracked_buffers(monkeypatch):
-    """Weak references to every buffer the codec allocates (server and client share the module)."""
+    """Weak references to every buffer `optserve.wire.assembler` allocates (server and client share it)."""
     refs: list[weakref.ref] = []
-    allocate = codec.aligned_empty
+    allocate = assembler.aligned_empty
 
     def tracking(nbytes: int) -> np.ndarray:
         buf = allocate(nbytes)
         refs.append(weakref.ref(buf.base if buf.base is not None else buf))
         return buf
 
-    monkeypatch.setattr(codec, "aligned_empty", tracking)
+    monkeypatch.setattr(assembler, "aligned_empty", tracking)
     return refs
 
 
@@ -115,14 +115,14 @@ def test_large_gradient_buffers_are_reused_then_given_back(server, client, model
                                 optim.sgd(1.0), **settings)  # fmt: skip
     buffers = server.store.get(model_name).gradient_buffers
     fresh: list[int] = []
-    allocate = codec.aligned_empty
+    allocate = assembler.aligned_empty
 
     def counting(nbytes: int) -> np.ndarray:
         if nbytes >= gradient_buffers.MIN_BYTES:
             fresh.append(nbytes)
         return allocate(nbytes)
 
-    monkeypatch.setattr(codec, "aligned_empty", counting)
+    monkeypatch.setattr(assembler, "aligned_empty", counting)
     rng = np.random.default_rng(5)
     grads = [{"w": rng.standard_normal(n).astype(np.float32), "s": np.ones(8, np.float32)} for _ in range(12)]
     # One at a time: once the previous update has let go of its buffer, the next push assembles in it.

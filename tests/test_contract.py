@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, optim
 from optserve.client.errors import FailedPreconditionError
-from optserve.client.messages import chunk_messages
-from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
+from optserve.wire.chunks import chunk_messages
+from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
 from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
 

@@ -106,7 +106,7 @@ def test_pytree_round_trip(client, model_name):
 
 
 def test_gradient_larger_than_message_cap(client, model_name):
-    from optserve.client.transport import MAX_MESSAGE_BYTES
+    from optserve.wire.channel import MAX_MESSAGE_BYTES
 
     n = 50_000_000  # 200 MB of float32 against a 64 MiB per-message cap
     assert 4 * n > 2.5 * MAX_MESSAGE_BYTES
@@ -248,7 +248,7 @@ def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_na
 def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_name):
     """PushOne / PullOne / PushPullOne: one message each way, same semantics; the client uses them
     when the tensors fit in one chunk. A reply that cannot fit in one message is refused."""
-    from optserve.client.messages import chunk_messages
+    from optserve.wire.chunks import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
 
     small = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))
@@ -260,7 +260,7 @@ def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_n
     assert small.push_pull({"w": np.ones(4, np.float32)})["w"].tolist() == [-2.0] * 4
 
     from optserve.client import ResourceExhaustedError
-    from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
+    from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
 
     n = DEFAULT_RECEIVE_LIMIT // 4 + 1  # float32 values: one reply would exceed gRPC's default 4 MiB
     big = client.create_model(f"{model_name}-big", {"w": np.zeros(n, np.float32)}, optimizer=optim.sgd(1.0))

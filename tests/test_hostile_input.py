@@ -29,8 +29,8 @@ import safetensors.numpy
 
 from optserve.client import Client, optim
 
-from optserve.wire import codec
-from optserve.client.messages import chunk_messages
+from optserve.wire.framing import frame, parse_message, varint
+from optserve.wire.chunks import chunk_messages
 from optserve.server.state import state_io
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
@@ -87,7 +87,7 @@ def download(model) -> bytes:
     """A victim's state file (Download), for the upload kinds to corrupt."""
     chunks = []
     for raw in model.client.stream(model.client._download, pb.DownloadRequest(model=model.name)):
-        chunks.append(bytes(codec.parse_message(raw, pb.FileChunk)[1]))
+        chunks.append(bytes(parse_message(raw, pb.FileChunk)[1]))
     return b"".join(chunks)
 
 
@@ -99,7 +99,7 @@ def sl(path, dtype, shape, offset, length) -> pb.TensorSlice:
 
 
 def msg(message: pb.PushRequest | pb.CreateModelRequest, payload: bytes = b"") -> bytes:
-    return codec.frame(message.SerializeToString(), [payload] if payload else [])
+    return frame(message.SerializeToString(), [payload] if payload else [])
 
 
 def push_header(model="victim-f32", **kw) -> pb.PushHeader:
@@ -120,7 +120,7 @@ ODD_NAMES = ["\u202eevil", "w\x00", "a\u2028b", "\ufeffw", "\U000e0041", "\ue000
 
 def utf8_bad_string_message(field_number: int, raw: bytes) -> bytes:
     """A length-delimited field carrying invalid UTF-8 (protobuf writers refuse to produce one)."""
-    return codec._varint((field_number << 3) | 2) + codec._varint(len(raw)) + raw
+    return varint((field_number << 3) | 2) + varint(len(raw)) + raw
 
 
 def _deep_spec(n: int) -> dict:
@@ -171,7 +171,7 @@ class Hostile:
         total = len(data) if total is None else total
         msgs = [pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=total)).SerializeToString()]
         step = int(self.rng.integers(1 << 10, 1 << 16))
-        msgs += [codec.frame(pb.UploadRequest(offset=o).SerializeToString(), [data[o : o + step]]) for o in range(0, len(data), step)]
+        msgs += [frame(pb.UploadRequest(offset=o).SerializeToString(), [data[o : o + step]]) for o in range(0, len(data), step)]
         return msgs
 
     def corrupt_upload(self) -> tuple[bytes, str]:
@@ -227,7 +227,7 @@ class Hostile:
         if kind == "length_mismatch":
             extra = int(r.integers(1, 64))
             msgs = list(chunk_messages(pb.PushRequest(header=push_header()), ok_leaves, 1 << 20))
-            return "Push", [msgs[0] + codec.frame(b"", [b"\0" * extra])] if r.integers(2) else [msgs[0][: -extra]]
+            return "Push", [msgs[0] + frame(b"", [b"\0" * extra])] if r.integers(2) else [msgs[0][: -extra]]
         if kind == "bad_dtype":
             dt = str(r.choice(["object", "O", "|O", "float128", "<f4", "", "complex64", "str", "V8", "float32\0"]))
             return "Push", [msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", dt, [8, 4], 0, 128)]), b"\0" * 128)]
@@ -433,13 +433,13 @@ def abandon(channel: grpc.Channel, rpc: str, first: bytes) -> grpc.StatusCode:
 KILLED_CLIENT = """
 import sys, time, grpc
 from optserve.v1 import optserve_pb2 as pb
-from optserve.wire import codec
+from optserve.wire.framing import frame
 ch = grpc.insecure_channel(sys.argv[1])
 fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x, response_deserializer=lambda x: x)
 h = pb.CreateModelHeader(name="abandoned-by-a-dead-client", optimizer_json='{"sgd": {"learning_rate": 0.1}}',
                          schema=[pb.LeafSpec(path="w", dtype="float32", shape=[1 << 20])])
-first = codec.frame(pb.CreateModelRequest(header=h, slices=[pb.TensorSlice(path="w", dtype="float32", shape=[1 << 20],
-                    offset=0, length=4096)]).SerializeToString(), [b"\\0" * 4096])
+first = frame(pb.CreateModelRequest(header=h, slices=[pb.TensorSlice(path="w", dtype="float32", shape=[1 << 20],
+              offset=0, length=4096)]).SerializeToString(), [b"\\0" * 4096])
 def gen():
     yield first
     time.sleep(600)

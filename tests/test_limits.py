@@ -16,8 +16,8 @@ from optserve.client import (
     ResourceExhaustedError,
     optim,
 )
-from optserve.wire.codec import LeafSpec
-from optserve.client.transport import MAX_MESSAGE_BYTES
+from optserve.wire.dtypes import LeafSpec
+from optserve.wire.channel import MAX_MESSAGE_BYTES
 from optserve.server import Server
 from optserve.server.core.store import compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb

@@ -54,6 +54,14 @@ def test_client_works_where_jax_cannot_be_imported(server, client):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_client_package_imports_neither_jax_nor_the_server():
+    """`import optserve.client` loads the client, the wire and the generated modules only."""
+    code = ("import sys, optserve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'jaxlib', 'optax', 'torch') or m.startswith('optserve.server')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_server_package_imports_lazily():
     """The CLI's --help and the demo's workers must not pay for importing jax."""
     code = "import sys, optserve.server, optserve.server.cli; print('jax' in sys.modules)"

@@ -22,7 +22,8 @@ import safetensors.numpy
 
 from optserve.client import Client, FailedPreconditionError, OptserveError, optim
 
-from optserve.wire import codec
+from optserve.wire.dtypes import DTYPES, leaf_nbytes
+from optserve.wire.framing import frame
 from optserve.server import Server
 from optserve.server.core.model import REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
@@ -70,7 +71,7 @@ def _file(tensors: dict, metadata: dict, raw_metadata: dict | None = None) -> by
 def _upload_bytes(client: Client, data: bytes, name: str = "") -> grpc.StatusCode | pb.ModelInfo:
     messages = [pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=len(data))).SerializeToString()]
     for offset in range(0, len(data), 1 << 16):
-        messages.append(codec.frame(pb.UploadRequest(offset=offset).SerializeToString(), [data[offset : offset + (1 << 16)]]))
+        messages.append(frame(pb.UploadRequest(offset=offset).SerializeToString(), [data[offset : offset + (1 << 16)]]))
     return client.call(client._upload, iter(messages))
 
 
@@ -319,7 +320,7 @@ def test_upload_header_sizes_are_checked_and_never_allocated():
             def send(total: int, data: bytes = b"") -> grpc.StatusCode:
                 msgs = [pb.UploadRequest(header=pb.UploadHeader(name="huge", total_bytes=total)).SerializeToString()]
                 if data:
-                    msgs.append(codec.frame(pb.UploadRequest(offset=0).SerializeToString(), [data]))
+                    msgs.append(frame(pb.UploadRequest(offset=0).SerializeToString(), [data]))
                 try:
                     upload(iter(msgs), timeout=60)
                 except grpc.RpcError as e:
@@ -398,11 +399,11 @@ def test_refused_upload_leaves_nothing_across_a_restart(tmp_path):
 
 def _raw_create(client: Client, name: str, leaf: pb.LeafSpec, spec: str = '{"sgd": {"learning_rate": 0.1}}') -> None:
     h = pb.CreateModelHeader(name=name, optimizer_json=spec, schema=[leaf])
-    nbytes = codec.leaf_nbytes(codec.DTYPES[leaf.dtype], leaf.shape) if leaf.dtype in codec.DTYPES else 0
+    nbytes = leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) if leaf.dtype in DTYPES else 0
     nbytes = nbytes if nbytes < 1 << 20 else 0
     s = pb.TensorSlice(path=leaf.path, dtype=leaf.dtype, shape=leaf.shape, offset=0, length=nbytes)
-    client.call(client._create, iter([codec.frame(pb.CreateModelRequest(header=h, slices=[s]).SerializeToString(),
-                                                  [b"\0" * nbytes] if nbytes else [])]))  # fmt: skip
+    client.call(client._create, iter([frame(pb.CreateModelRequest(header=h, slices=[s]).SerializeToString(),
+                                            [b"\0" * nbytes] if nbytes else [])]))  # fmt: skip
 
 
 @pytest.mark.parametrize("depth", [400, 480, MAX_SPEC_DEPTH])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from optserve.client import optim
-from optserve.client.messages import chunk_messages
+from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError
 from optserve.v1 import optserve_pb2 as pb
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from optserve.client import optim
-from optserve.client.messages import chunk_messages
+from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.v1 import optserve_pb2 as pb
 

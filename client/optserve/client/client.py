@@ -7,8 +7,9 @@
         step = model.push(grads)
         params = model.pull()
 
-Bulky calls (create, push, pull, push_pull, download, upload) stream chunks framed by `codec`, so
-payloads are never copied by protobuf; everything else uses the generated messages.
+Bulky calls (create, push, pull, push_pull, download, upload) stream chunks framed by
+`optserve.wire`, so payloads are never copied by protobuf; everything else uses the generated
+messages.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import grpc
 
 from optserve.client import pytree
 
-from optserve.wire import codec
+from optserve.wire.channel import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES, chunk_messages
+from optserve.wire.framing import frame
 from optserve.client.errors import OptserveError, from_rpc_error
-from optserve.client.messages import chunk_messages, schema_of, settings_message
+from optserve.client.messages import schema_of, settings_message
 from optserve.client.model import Model
-from optserve.client.transport import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -74,7 +76,7 @@ class Client:
         token: str | None = None,
         tls: Any = None,
         timeout: float | None = None,
-        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ):
         if not isinstance(target, str) or not target:
@@ -201,7 +203,7 @@ class Client:
             with open(path, "rb") as f:
                 offset = 0
                 while chunk := f.read(self.chunk_bytes):
-                    yield codec.frame(pb.UploadRequest(offset=offset).SerializeToString(), [chunk])
+                    yield frame(pb.UploadRequest(offset=offset).SerializeToString(), [chunk])
                     offset += len(chunk)
 
         info = self.call(self._upload, messages())

@@ -1,55 +1,32 @@
-"""The contract's messages as the Python client builds them: chunk streams, schemas, settings.
-
-Shared with the server (which frames its pull replies with `chunk_messages` too).
-"""
+"""The contract's messages as the Python client builds and reads them: schemas, wire dtypes,
+settings, model info (chunk streams are framed by `optserve.wire.chunks`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from optserve.wire import codec
+from optserve.wire import dtypes
+from optserve.wire.chunks import Cast
 from optserve.v1 import optserve_pb2 as pb
 
 
-def chunk_messages(
-    first: Any, leaves: Sequence[tuple[str, np.ndarray | codec.Cast]], chunk_bytes: int,
-    max_message_bytes: int | None = None,
-) -> Iterator[bytes]:  # fmt: skip
-    """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
-    becomes the first message, holding the first chunk too, so a small tensor set is one message.
-    max_message_bytes: every message, header and slice list included, stays within it (a header
-    alone larger than that still goes out whole); None: payloads are bounded by chunk_bytes only."""
-    msg = first
-    header_bytes = first.ByteSize() if max_message_bytes is not None else 0
-    for slices, parts in codec.plan_chunks(leaves, chunk_bytes, max_message_bytes=max_message_bytes,
-                                           first_message_bytes=header_bytes):  # fmt: skip
-        add = msg.slices.add
-        for s in slices:
-            add(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length)
-        yield codec.frame(msg.SerializeToString(), parts)
-        msg = type(first)()
-    if msg is first:
-        yield first.SerializeToString()
-
-
 def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:
-    return [pb.LeafSpec(path=p, dtype=codec.dtype_name(a.dtype), shape=a.shape) for p, a in leaves]
+    return [pb.LeafSpec(path=p, dtype=dtypes.dtype_name(a.dtype), shape=a.shape) for p, a in leaves]
 
 
 def to_wire(
     leaves: list[tuple[str, np.ndarray]], wire_dtype: str | None
-) -> list[tuple[str, np.ndarray | codec.Cast]]:
+) -> list[tuple[str, np.ndarray | Cast]]:
     """Marks floating-point leaves for a narrower wire dtype ("bfloat16", "float16"); they are
-    converted chunk by chunk while the stream is framed (`codec.Cast`)."""
+    converted chunk by chunk while the stream is framed (`optserve.wire.chunks.Cast`)."""
     if not wire_dtype:
         return leaves
-    target = codec.wire_dtype(wire_dtype)
-    if wire_dtype not in codec.FLOAT_DTYPES:
+    target = dtypes.wire_dtype(wire_dtype)
+    if wire_dtype not in dtypes.FLOAT_DTYPES:
         raise ValueError(f"wire_dtype must be a floating-point dtype, got {wire_dtype!r}")
-    return [(p, codec.Cast(a, target) if a.dtype.name in codec.FLOAT_DTYPES and a.dtype != target else a)
+    return [(p, Cast(a, target) if a.dtype.name in dtypes.FLOAT_DTYPES and a.dtype != target else a)
             for p, a in leaves]  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """`Model`: a handle on one model of a server (push, pull, push_pull, info, checkpoints).
 
-Bulky calls stream chunks framed by `codec`; tensors that fit in one chunk use the unary twins
-(PushOne, PullOne, PushPullOne), which cost a third of a stream in grpcio.
+Bulky calls stream chunks framed by `optserve.wire`; tensors that fit in one chunk use the unary
+twins (PushOne, PullOne, PushPullOne), which cost a third of a stream in grpcio.
 """
 from __future__ import annotations
 
@@ -13,14 +13,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from optserve.client import pytree
-
-from optserve.wire import codec
 from optserve.client.errors import InvalidArgumentError, OptserveError
-from optserve.client.messages import chunk_messages, info_to_dict, to_wire
+from optserve.client.messages import info_to_dict, to_wire
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire import dtypes
+from optserve.wire.assembler import TensorAssembler, buffer_of
+from optserve.wire.chunks import chunk_messages
+from optserve.wire.dtypes import LeafSpec
+from optserve.wire.framing import parse_message
 
 if TYPE_CHECKING:
     from optserve.client.client import Client
+
+
+class _IntoArrays(TensorAssembler):
+    """A pull assembled in the caller's arrays (`out`): each leaf whose wire dtype and shape its
+    array has is received straight into it (others, e.g. narrowed on the wire, in fresh buffers)."""
+
+    def __init__(self, schema: dict[str, LeafSpec], *, what: str, targets: dict[str, np.ndarray] | None):
+        super().__init__(schema, what=what, cast_floats=True)
+        self._targets = targets or {}
+
+    def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
+        given = buffer_of(self._targets.get(path), dtype, shape)
+        return given if given is not None else super().allocate(path, dtype, shape, nbytes)
 
 
 class Model:
@@ -156,7 +172,7 @@ class Model:
         assembler = None
         step, schema = -1, None
         for raw in replies:
-            msg, payload = codec.parse_message(raw, pb.PullResponse)
+            msg, payload = parse_message(raw, pb.PullResponse)
             if msg.HasField("header"):
                 if push_reply is not None and msg.HasField("push"):
                     push_reply.append(msg.push)
@@ -164,10 +180,10 @@ class Model:
                 self.last_incarnation = msg.header.incarnation
                 if msg.header.not_modified:
                     return step, None
-                schema = {l.path: codec.LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
+                schema = {l.path: LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
                 if targets is not None:
                     self._check_out(schema, targets)
-                assembler = codec.TensorAssembler(schema, what=f"model {self.name!r}", cast_floats=True, buffers=targets)
+                assembler = _IntoArrays(schema, what=f"model {self.name!r}", targets=targets)
             if assembler is None:
                 raise InvalidArgumentError(f"model {self.name!r}: pull stream did not start with a header")
             if msg.slices:
@@ -181,8 +197,8 @@ class Model:
                     np.copyto(targets[path], a, casting="unsafe")
             return step, out
         for path, a in arrays.items():  # undo a narrower wire dtype
-            if codec.dtype_name(a.dtype) != schema[path].dtype:
-                arrays[path] = a.astype(codec.wire_dtype(schema[path].dtype))
+            if dtypes.dtype_name(a.dtype) != schema[path].dtype:
+                arrays[path] = a.astype(dtypes.wire_dtype(schema[path].dtype))
         return step, self._rebuild(arrays, like)
 
     def _out_targets(self, out: Any) -> dict[str, np.ndarray]:
@@ -191,7 +207,7 @@ class Model:
         except TypeError as e:
             raise InvalidArgumentError(f"model {self.name!r}: out: {e}") from None
 
-    def _check_out(self, schema: dict[str, codec.LeafSpec], targets: dict[str, np.ndarray]) -> None:
+    def _check_out(self, schema: dict[str, LeafSpec], targets: dict[str, np.ndarray]) -> None:
         """`out` must have exactly the model's leaves, each with the parameter's dtype and shape."""
         for path in targets:
             if path not in schema:
@@ -200,7 +216,7 @@ class Model:
             t = targets.get(path)
             if t is None:
                 raise InvalidArgumentError(f"model {self.name!r}: out has no leaf {path!r}")
-            if t.shape != spec.shape or t.dtype != codec.wire_dtype(spec.dtype):
+            if t.shape != spec.shape or t.dtype != dtypes.wire_dtype(spec.dtype):
                 raise InvalidArgumentError(
                     f"model {self.name!r}: out leaf {path!r} is {t.dtype.name}{list(t.shape)}, the model's "
                     f"{spec.dtype}{list(spec.shape)}"
@@ -262,7 +278,7 @@ class Model:
         size = 0
         with open(tmp, "wb") as f:
             for raw in self.client.stream(self.client._download, pb.DownloadRequest(model=self.name)):
-                msg, data = codec.parse_message(raw, pb.FileChunk)
+                msg, data = parse_message(raw, pb.FileChunk)
                 if msg.offset != size:
                     raise InvalidArgumentError(f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}")
                 f.write(data)

@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from optserve.client import Client
 
-from optserve.wire import codec
-from optserve.client.transport import SERVER_OPTIONS, SERVICE
+from optserve.wire.channel import SERVER_OPTIONS, SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 from optserve.server.core.errors import ConfigError
 from optserve.server.api.service import OptserveService
 from optserve.server.core.store import ModelStore
@@ -80,7 +80,7 @@ class Server:
         checkpoint_dir: str | None = None,
         device: str | None = None,
         max_workers: int = 64,
-        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_models: int | None = None,
         max_model_bytes: int | None = None,
         max_total_bytes: int | None = None,

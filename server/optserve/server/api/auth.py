@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from optserve.client.transport import SERVICE
+from optserve.wire.channel import SERVICE
 from optserve.server.core.errors import ConfigError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -42,6 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from optserve.server.core.errors import ServiceError
+from optserve.wire.errors import WireError
 
 log = logging.getLogger("optserve.metrics")
 
@@ -62,10 +63,9 @@ def status_name(error: BaseException) -> str:
         return error.code.name.lower()
     if isinstance(error, grpc.RpcError):  # the client went away mid-stream
         return "cancelled"
-    from optserve.wire import codec
     from optserve.server.spec import SpecError
 
-    if isinstance(error, (SpecError, codec.WireError)):
+    if isinstance(error, (SpecError, WireError)):
         return "invalid_argument"
     return "internal"
 

@@ -1,7 +1,7 @@
 """The gRPC service: a thin layer that validates requests and calls the model store.
 
 Bulky RPCs are registered with identity (de)serializers so that chunk payloads are framed and
-sliced by `codec` without protobuf copies; the others use the generated messages. Every handler
+sliced by `optserve.wire` without protobuf copies; the others use the generated messages. Every handler
 turns ServiceError into its gRPC status with the error's message, and never changes state before a
 request has been validated completely.
 """
@@ -21,9 +21,10 @@ from typing import Any
 
 import grpc
 
-from optserve.wire import codec
-from optserve.client.messages import chunk_messages
-from optserve.client.transport import SERVICE
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.channel import SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES, chunk_messages
+from optserve.wire.errors import WireError
 from optserve.server.core import datapath
 from optserve.server.core.errors import (
     ResourceExhausted,
@@ -93,7 +94,7 @@ def _fail(context: grpc.ServicerContext, e: Exception, rpc: str) -> None:
     if isinstance(e, ServiceError):
         log.info("rejected %s: %s: %s", rpc, e.code.name, e.message, extra={**fields, "code": e.code.name})
         context.abort(e.code, e.message)
-    if isinstance(e, (SpecError, codec.WireError)):
+    if isinstance(e, (SpecError, WireError)):
         log.info("rejected %s: INVALID_ARGUMENT: %s", rpc, e, extra={**fields, "code": "INVALID_ARGUMENT"})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     log.exception("internal error in %s", rpc, extra={**fields, "event": "internal_error", "code": "INTERNAL"})
@@ -178,7 +179,7 @@ def authorize(context: grpc.ServicerContext, model: str) -> str:
 class OptserveService:
     """Implements optserve.v1.Optserve over a ModelStore."""
 
-    def __init__(self, store: ModelStore, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, checkpoints: Any = None,
+    def __init__(self, store: ModelStore, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, checkpoints: Any = None,
                  metrics: ServerMetrics | None = None, max_workers: int = 64):  # fmt: skip
         """max_workers: the server's RPC threads; calls that wait for a step are bounded by
         `waiting_call_limit(max_workers)` so that they never hold every thread."""
@@ -280,7 +281,7 @@ class OptserveService:
         compiled = compile_for(name, spec, schema)  # reject a bad spec before receiving any bytes
         self.store.reserve(name, declared + state_bytes_for(compiled, schema))
         try:
-            assembler = codec.TensorAssembler(
+            assembler = TensorAssembler(
                 {l.path: l for l in schema}, what=f"model {name!r}", max_bytes=declared
             )
             params = datapath.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optserve.wire import codec
+from optserve.wire.framing import frame
 from optserve.server.core import datapath
 from optserve.server.state import state_io
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
@@ -24,8 +24,8 @@ def download(model: Any, chunk_bytes: int) -> Iterator[bytes]:
     view = memoryview(data)
     total = len(data)
     for offset in range(0, total, chunk_bytes):
-        yield codec.frame(pb.FileChunk(offset=offset, total_bytes=total).SerializeToString(),
-                          [view[offset : offset + chunk_bytes]])  # fmt: skip
+        yield frame(pb.FileChunk(offset=offset, total_bytes=total).SerializeToString(),
+                    [view[offset : offset + chunk_bytes]])  # fmt: skip
 
 
 # Room in an uploaded file beyond its tensors: the safetensors header (the manifest, with the

@@ -6,7 +6,7 @@ copied, once, into the leaf's aligned buffer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import math
@@ -18,20 +18,21 @@ import jax
 from jax._src.lib import _jax as _jax_lib  # collect_garbage: see release_host_buffers
 import numpy as np
 
-from optserve.wire import codec
-from optserve.client.transport import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.chunks import Cast, slice_wire_bytes
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
+from optserve.wire.errors import WireError
+from optserve.wire.framing import PAYLOAD_FIELD_BYTES, parse_message
+from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.v1 import optserve_pb2 as pb
 
 
-# Leaves from this size on start their device transfer as soon as they are complete (pipelining).
-EARLY_DEVICE_PUT_BYTES = 1 << 20
-
 def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
     """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
     try:
-        return codec.parse_message(raw, message_type)
-    except codec.WireError as e:
+        return parse_message(raw, message_type)
+    except WireError as e:
         raise InvalidArgument(f"{message_type.__name__}: {e}") from None
     except Exception as e:  # protobuf's DecodeError and friends
         raise InvalidArgument(f"{message_type.__name__}: malformed message ({e})") from None
@@ -49,7 +50,7 @@ def first_message(requests: Iterator[bytes], message_type: type, header_field: s
 
 
 def receive_tensors(
-    first: object, first_payload: memoryview, rest: Iterable[bytes], message_type: type, assembler: codec.TensorAssembler,
+    first: object, first_payload: memoryview, rest: Iterable[bytes], message_type: type, assembler: TensorAssembler,
     header_field: str = "header",
 ) -> dict[str, np.ndarray]:
     """Feeds every chunk of a stream into `assembler` and returns the complete arrays."""
@@ -61,7 +62,7 @@ def receive_tensors(
                 raise InvalidArgument(f"{message_type.__name__}: a header may only appear in the first message")
             assembler.add(msg.slices, payload)
         return assembler.finish()
-    except codec.WireError as e:
+    except WireError as e:
         raise InvalidArgument(str(e)) from None
 
 
@@ -78,7 +79,7 @@ MAX_SHAPE_BYTES = 2**62
 # Stored as float32 by the server (jax_enable_x64 is off): refused rather than silently narrowed.
 REFUSED_DTYPES = {"float64": "the server computes in float32 (float64 parameters would be held and updated as float32); "
                              "cast the parameters to float32"}  # fmt: skip
-SCHEMA_DTYPES = tuple(d for d in codec.DTYPES if d not in REFUSED_DTYPES)
+SCHEMA_DTYPES = tuple(d for d in DTYPES if d not in REFUSED_DTYPES)
 
 
 def _bad_path(path: str) -> bool:
@@ -94,14 +95,14 @@ def shape_extent_ok(dtype: np.dtype, shape: Sequence[int]) -> bool:
 
 
 def check_schema(model: str, leaves: Sequence[tuple[str, str, Sequence[int]]], *,
-                 max_leaves: int | None = MAX_LEAVES) -> list[codec.LeafSpec]:  # fmt: skip
+                 max_leaves: int | None = MAX_LEAVES) -> list[LeafSpec]:  # fmt: skip
     """Validates a schema, as (path, dtype, shape) triples with path and dtype str and shape a
     sequence of int: unique non-empty printable paths, supported dtypes, sane shapes. The one
     validation of every door into a model (CreateModel, Upload, checkpoints); INVALID_ARGUMENT
     naming the model and the leaf."""
     if max_leaves is not None and len(leaves) > max_leaves:
         raise InvalidArgument(f"model {model!r}: {len(leaves)} leaves, more than the {max_leaves} a model may have")
-    schema: list[codec.LeafSpec] = []
+    schema: list[LeafSpec] = []
     seen: set[str] = set()
     for path, dtype, shape in leaves:
         where = f"model {model!r}: leaf {path!r}"
@@ -118,29 +119,29 @@ def check_schema(model: str, leaves: Sequence[tuple[str, str, Sequence[int]]], *
         seen.add(path)
         if dtype in REFUSED_DTYPES:
             raise InvalidArgument(f"{where}: dtype {dtype} is not supported: {REFUSED_DTYPES[dtype]}")
-        if dtype not in codec.DTYPES:
+        if dtype not in DTYPES:
             raise InvalidArgument(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(SCHEMA_DTYPES)}")
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"{where}: negative dimension in shape {list(shape)}")
-        if math.prod(shape) == 0 and not shape_extent_ok(codec.DTYPES[dtype], shape):
+        if math.prod(shape) == 0 and not shape_extent_ok(DTYPES[dtype], shape):
             raise InvalidArgument(
                 f"{where}: shape {list(shape)} is out of range: even for an empty leaf, its dimensions (0 counted "
                 "as 1) times the item size must stay below 2**62 bytes"
             )
-        schema.append(codec.LeafSpec(path, dtype, tuple(int(d) for d in shape)))
+        schema.append(LeafSpec(path, dtype, tuple(int(d) for d in shape)))
     if not schema:
         raise InvalidArgument(f"model {model!r}: the parameters have no leaves")
     return schema
 
 
-def schema_from_proto(model: str, leaves: Sequence[pb.LeafSpec], *, max_leaves: int | None = MAX_LEAVES) -> list[codec.LeafSpec]:
+def schema_from_proto(model: str, leaves: Sequence[pb.LeafSpec], *, max_leaves: int | None = MAX_LEAVES) -> list[LeafSpec]:
     """Validates a schema sent by a client (check_schema)."""
     if max_leaves is not None and len(leaves) > max_leaves:  # before touching a million of them
         raise InvalidArgument(f"model {model!r}: {len(leaves)} leaves, more than the {max_leaves} a model may have")
     return check_schema(model, [(l.path, l.dtype, l.shape) for l in leaves], max_leaves=max_leaves)
 
 
-def schema_from_json(model: str, leaves: Any, *, max_leaves: int | None = MAX_LEAVES) -> list[codec.LeafSpec]:
+def schema_from_json(model: str, leaves: Any, *, max_leaves: int | None = MAX_LEAVES) -> list[LeafSpec]:
     """Validates a schema read from a file (a manifest's "schema"): a list of
     {"path": str, "dtype": str, "shape": [int, ...]} objects, strictly typed, then check_schema."""
     if not isinstance(leaves, list):
@@ -165,8 +166,8 @@ def _show(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def schema_bytes(schema: Iterable[codec.LeafSpec]) -> int:
-    return sum(codec.leaf_nbytes(codec.DTYPES[l.dtype], l.shape) for l in schema)
+def schema_bytes(schema: Iterable[LeafSpec]) -> int:
+    return sum(leaf_nbytes(DTYPES[l.dtype], l.shape) for l in schema)
 
 
 MIN_PULL_CHUNK_BYTES = 1024
@@ -197,13 +198,13 @@ def check_wire_dtype(wire_dtype: str, model: str) -> None:
         raise InvalidArgument(f"model {model!r}: wire_dtype must be float16, bfloat16 or float32, got {wire_dtype!r}")
 
 
-def single_reply_bytes(schema: Iterable[codec.LeafSpec], wire_dtype: str, header_bytes: int) -> int:
+def single_reply_bytes(schema: Iterable[LeafSpec], wire_dtype: str, header_bytes: int) -> int:
     """An upper bound of a one-message pull reply (PullOne, PushPullOne): `header_bytes` of header
     fields, every leaf's slice description and bytes (in the wire dtype), and the payload field."""
-    total = header_bytes + codec.PAYLOAD_FIELD_BYTES
+    total = header_bytes + PAYLOAD_FIELD_BYTES
     for leaf in schema:
-        dtype = leaf.dtype if not wire_dtype or leaf.dtype not in codec.FLOAT_DTYPES else wire_dtype
-        total += codec.slice_wire_bytes(leaf.path, dtype, leaf.shape) + codec.leaf_nbytes(codec.DTYPES[dtype], leaf.shape)
+        dtype = leaf.dtype if not wire_dtype or leaf.dtype not in FLOAT_DTYPES else wire_dtype
+        total += slice_wire_bytes(leaf.path, dtype, leaf.shape) + leaf_nbytes(DTYPES[dtype], leaf.shape)
     return total
 
 
@@ -218,7 +219,7 @@ def check_single_reply(model: str, reply_bytes: int, max_message_bytes: int) -> 
         )
 
 
-def schema_to_proto(schema: Iterable[codec.LeafSpec]) -> list[pb.LeafSpec]:
+def schema_to_proto(schema: Iterable[LeafSpec]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=l.path, dtype=l.dtype, shape=l.shape) for l in schema]
 
 
@@ -227,43 +228,26 @@ def _on_cpu(x: jax.Array) -> bool:
 
 
 def host_leaves(
-    schema: list[codec.LeafSpec], arrays: Mapping[str, jax.Array], wire_dtype: str, model: str
-) -> list[tuple[str, np.ndarray | codec.Cast]]:
+    schema: list[LeafSpec], arrays: Mapping[str, jax.Array], wire_dtype: str, model: str
+) -> list[tuple[str, np.ndarray | Cast]]:
     """Device arrays as host arrays (zero copy on CPU), floats marked for the requested wire dtype.
 
-    On the CPU the narrowing happens chunk by chunk while the reply is framed (`codec.Cast`); on an
+    On the CPU the narrowing happens chunk by chunk while the reply is framed (`Cast`); on an
     accelerator it happens on the device, so only the narrow bytes cross to the host.
     """
     check_wire_dtype(wire_dtype, model)
-    target = codec.DTYPES.get(wire_dtype) if wire_dtype else None
-    out: list[tuple[str, np.ndarray | codec.Cast]] = []
+    target = DTYPES.get(wire_dtype) if wire_dtype else None
+    out: list[tuple[str, np.ndarray | Cast]] = []
     for leaf in schema:
         x = arrays[leaf.path]
-        narrow = target is not None and leaf.dtype in codec.FLOAT_DTYPES and x.dtype != target
+        narrow = target is not None and leaf.dtype in FLOAT_DTYPES and x.dtype != target
         if narrow and not _on_cpu(x):
             out.append((leaf.path, np.asarray(x.astype(target))))
         elif narrow:
-            out.append((leaf.path, codec.Cast(np.asarray(x), target)))
+            out.append((leaf.path, Cast(np.asarray(x), target)))
         else:
             out.append((leaf.path, np.asarray(x)))
     return out
-
-
-def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = None) -> Callable[[str, np.ndarray], None]:
-    """An on_complete callback for TensorAssembler that starts each finished leaf's host-to-device
-    copy (asynchronous on accelerators; zero copy of the aligned buffer on CPU) while later chunks
-    are still arriving. It closes over the target dict only, not over its receiver: a bound method
-    would make receiver -> assembler -> callback -> receiver a reference cycle, keeping whole
-    gradients alive until the cyclic garbage collector runs. `only`: the leaves to move (others,
-    e.g. non-float leaves that take no part in the update, are left on the host)."""
-
-    def put(path: str, array: np.ndarray) -> None:
-        if only is None or path in only:
-            # Small leaves go to the jitted step as numpy arrays: its C++ dispatch transfers them in
-            # microseconds, where jax.device_put's Python path costs more than a small model's update.
-            into[path] = jax.device_put(array, device) if array.nbytes >= EARLY_DEVICE_PUT_BYTES else array
-
-    return put
 
 
 def release_host_buffers() -> None:

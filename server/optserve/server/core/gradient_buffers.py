@@ -1,10 +1,10 @@
 """Reuse of a model's large gradient buffers from one push to the next, given back when pushes stop.
 
-A push assembles each leaf in one contiguous host buffer (`codec.TensorAssembler`). A fresh buffer
-per push means the OS maps and zeroes new pages every time; for large gradients that is a large
-share of the push (measured, 400 MB float32 on a 2-core VM: the receiving side spends more time
-faulting in fresh pages than copying). So a model keeps the buffers of its last pushes and hands
-them to the next push once nothing uses them any more.
+A push assembles each leaf in one contiguous host buffer (`receiving.GradientAssembler`). A fresh
+buffer per push means the OS maps and zeroes new pages every time; for large gradients that is a
+large share of the push (measured, 400 MB float32 on a 2-core VM: the receiving side spends more
+time faulting in fresh pages than copying). So a model keeps the buffers of its last pushes and
+hands them to the next push once nothing uses them any more.
 
 Two per leaf: while update N still reads its gradient (jax aliases the host buffer on CPU), push
 N+1 is already arriving. Buffers are reused only when free: every numpy view of a buffer holds a
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from optserve.wire.codec import DTYPES, LeafSpec, leaf_nbytes
+from optserve.wire.dtypes import DTYPES, LeafSpec, leaf_nbytes
 
 MIN_BYTES = 1 << 20  # smaller leaves are cheap to allocate; not worth holding on to
 PER_LEAF = 2  # one being read by the previous update, one receiving the next push

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.wire.codec import FLOAT_DTYPES, LeafSpec, TensorAssembler
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 from optserve.server.core.sync import SyncAggregator, SyncPush
-from optserve.server.core.datapath import device_putter, host_buffer_reaper, release_host_buffers
+from optserve.server.core.datapath import host_buffer_reaper, release_host_buffers
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
+from optserve.server.core.receiving import GradientAssembler, device_putter
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
 from optserve.server.state.state_io import MAX_STEP
@@ -451,9 +452,9 @@ class AsyncPush:
         self.model = model
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True,
-                                         finite=True, on_complete=device_putter(self.on_device, model.device),
-                                         buffers=model.gradient_buffers.take())  # fmt: skip
+        self.assembler = GradientAssembler(model.schema_map, what=f"model {model.name!r}",
+                                           on_complete=device_putter(self.on_device, model.device),
+                                           buffers=model.gradient_buffers.take())  # fmt: skip
 
     def commit(self, grads: Mapping[str, np.ndarray], make_reply) -> tuple[Any, bool]:
         self.model.gradient_buffers.keep(grads)

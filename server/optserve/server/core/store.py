@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from optserve.wire.codec import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.server.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings

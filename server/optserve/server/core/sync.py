@@ -54,9 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.wire.codec import TensorAssembler
-from optserve.server.core.datapath import device_putter
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
+from optserve.server.core.receiving import GradientAssembler, device_putter
 
 if TYPE_CHECKING:
     from optserve.server.core.model import Model
@@ -350,11 +349,11 @@ class SyncPush:
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
         model = aggregator.model
         self.on_device: dict[str, jax.Array] = {}
-        # finite=True: NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted;
-        # each complete trainable leaf starts its device transfer while later chunks arrive
-        self.assembler = TensorAssembler(model.schema_map, what=f"model {model.name!r}", cast_floats=True, finite=True,
-                                         on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
-                                         buffers=model.gradient_buffers.take())  # fmt: skip
+        # NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted; each
+        # complete trainable leaf starts its device transfer while later chunks arrive
+        self.assembler = GradientAssembler(model.schema_map, what=f"model {model.name!r}",
+                                           on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
+                                           buffers=model.gradient_buffers.take())  # fmt: skip
         # set by the service: refuse (with this message) unless this push completes its round
         self.must_complete = ""
         self.round: Round | None = None  # the round this push joined (set by commit)

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.wire import codec
-from optserve.wire.codec import LeafSpec
+from optserve.wire.assembler import aligned_empty
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
 from optserve.server.core import datapath
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.settings import ModelSettings
@@ -50,7 +50,7 @@ MAX_STEP = 2**53 - 1
 GROUPS = ("params", "opt", "ema")
 EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
 
-# safetensors dtype names <-> numpy names (codec.DTYPES)
+# safetensors dtype names <-> numpy names (DTYPES)
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
@@ -318,7 +318,7 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
     """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
     client could have set anything else (CreateModel and SetHyperparams validate them)."""
     for path, a in opt.items():
-        if path.startswith("hyperparams/") and a.dtype.name in codec.FLOAT_DTYPES \
+        if path.startswith("hyperparams/") and a.dtype.name in FLOAT_DTYPES \
                 and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
@@ -370,7 +370,7 @@ def create_model(store: Any, name: str, state: HostState) -> Any:
 
 def own(a: np.ndarray) -> np.ndarray:
     # A private, aligned, writable buffer: on CPU the device array aliases it and donation writes it.
-    out = codec.aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
+    out = aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 
@@ -380,7 +380,7 @@ def opt_state_templates(model: Any) -> tuple[Any, Any]:
 
     Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
     moments of a bfloat16 parameter become float32)."""
-    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, codec.DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
+    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
     init = jax.eval_shape(model.compiled.init, shapes)
     after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
     return init, after
@@ -514,7 +514,7 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
     tensors, spans = {}, []
     for key, info in header.items():
         try:
-            dtype = codec.DTYPES[_ST_DTYPES[info["dtype"]]]
+            dtype = DTYPES[_ST_DTYPES[info["dtype"]]]
             shape, offsets = tuple(info["shape"]), tuple(info["data_offsets"])
             begin, end = offsets
         except (KeyError, TypeError, ValueError):
@@ -523,7 +523,7 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
                 or not datapath.shape_extent_ok(dtype, shape):  # fmt: skip
             raise StateError(f"{where}: tensor {key!r}: shape {_show(info['shape'])} or data_offsets "
                              f"{_show(info['data_offsets'])} out of range")  # fmt: skip
-        if not 0 <= begin <= end <= len(body) or end - begin != codec.leaf_nbytes(dtype, shape):
+        if not 0 <= begin <= end <= len(body) or end - begin != leaf_nbytes(dtype, shape):
             raise StateError(f"{where}: tensor {key!r}: data_offsets {begin}..{end} do not fit its shape or the file")
         spans.append((begin, end, key))
         tensors[key] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)

@@ -1,4 +1,7 @@
-"""gRPC settings shared by the client and the server, so both sides agree on caps and keepalive."""
+"""The gRPC settings the client and the server share, so both sides agree on caps and keepalive.
+
+Plain data (option names and values, the service's name): grpc itself is imported by the code that
+opens the channel or the server."""
 from __future__ import annotations
 
 SERVICE = "optserve.v1.Optserve"
