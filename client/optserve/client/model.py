@@ -8,22 +8,21 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from optserve.client import pytree
 from optserve.client.errors import InvalidArgumentError, OptserveError
 from optserve.client.messages import info_to_dict, to_wire
+from optserve.client.transport import Connection
+from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
 from optserve.wire.assembler import TensorAssembler, buffer_of
 from optserve.wire.chunks import chunk_messages
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.framing import parse_message
-
-if TYPE_CHECKING:
-    from optserve.client.client import Client
 
 
 class _IntoArrays(TensorAssembler):
@@ -40,9 +39,11 @@ class _IntoArrays(TensorAssembler):
 
 
 class Model:
-    """A handle on one model. Cheap to create; holds no server resources."""
+    """A handle on one model. Cheap to create; holds no server resources.
 
-    def __init__(self, client: Client, name: str, structure: pytree.Structure | None, info: pb.ModelInfo | None):
+    client: the connection its calls go through (a `Client`)."""
+
+    def __init__(self, client: Connection, name: str, structure: pytree.Structure | None, info: pb.ModelInfo | None):
         self.client = client
         self.name = name
         self._structure = structure
@@ -251,10 +252,8 @@ class Model:
         )
         return info_to_dict(self.client.call(self.client._stub.SetHyperparams, req))["hyperparams"]
 
-    def worker(self, worker_id: str, **kwargs: Any) -> Any:
+    def worker(self, worker_id: str, **kwargs: Any) -> Worker:
         """A Worker: push/pull/push_pull that track base_step and a retry-safe sequence number."""
-        from optserve.client.worker import Worker
-
         return Worker(self, worker_id, **kwargs)
 
     # -- checkpoints ------------------------------------------------------------------------------

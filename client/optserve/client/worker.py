@@ -18,17 +18,42 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
+import numpy as np
 
 from optserve.client.errors import OptserveError
+from optserve.client.transport import Connection
+from optserve.v1 import optserve_pb2 as pb
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Failures after which the worker checks whether the server restarted (a push against a step the
 # restored state has not reached yet is INVALID_ARGUMENT, a sync push against it FAILED_PRECONDITION).
 RESTART_SYMPTOMS = (*RETRYABLE, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class WorkerModel(Protocol):
+    """What a Worker uses of its model: `optserve.client.model.Model`, which creates workers (so
+    this module cannot import it)."""
+
+    name: str
+    client: Connection
+    last_step: int
+
+    def pull(self, **kwargs: Any) -> Any: ...
+
+    def _push_header(self, base_step: int | None, weight: float | None, worker_id: str = "",
+                     seq: int = 0) -> pb.PushHeader: ...  # fmt: skip
+
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]: ...
+
+    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]],
+                 timeout: float | None = None) -> pb.PushResponse: ...  # fmt: skip
+
+    def push_pull_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None,
+                      timeout: float | None = None, out: Any = None) -> tuple[pb.PushResponse, Any]: ...  # fmt: skip
 
 
 class Worker:
@@ -40,7 +65,7 @@ class Worker:
 
     def __init__(
         self,
-        model: Any,
+        model: WorkerModel,
         worker_id: str,
         *,
         retry_for: float = 120.0,
@@ -120,8 +145,6 @@ class Worker:
     def push_pull(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None,
                   like: Any = None, out: Any = None) -> Any:  # fmt: skip
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
-        from optserve.v1 import optserve_pb2 as pb
-
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         header.pull.CopyFrom(pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or ""))
