@@ -16,6 +16,7 @@ import numpy as np
 
 from optserve.wire.assembler import Leaf, TensorAssembler, buffer_of
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec, all_finite
+from optserve.wire.errors import WireError
 
 CHECK_BLOCK_BYTES = 1 << 20  # copy-and-check granularity: fits in L2 with its source (a multiple of 8)
 # Leaves from this size on start their device transfer as soon as they are complete (pipelining).
@@ -72,7 +73,7 @@ class GradientAssembler(TensorAssembler):
         if self._on_complete is not None:
             self._on_complete(leaf.path, leaf.array())
 
-    def _nonfinite(self, path: str) -> Exception:
+    def _nonfinite(self, path: str) -> WireError:
         return self.error(f"leaf {path!r}: gradient has NaN or Inf")
 
 
