@@ -1,4 +1,4 @@
-"""Checkpoints: when they are taken, restored and pruned (design.md, Checkpoints; README.md,
+"""Checkpoints: when they are taken, restored and pruned (docs/design.md, "Checkpoints"; README.md,
 "Checkpoint format").
 
 The files, their names and their atomic commit protocol are `checkpoint_files`; this module decides
