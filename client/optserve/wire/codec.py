@@ -27,7 +27,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-DEFAULT_CHUNK_BYTES = 4 << 20  # measured best on loopback with grpcio (design.md, wire format)
+DEFAULT_CHUNK_BYTES = 4 << 20  # measured best on loopback with grpcio (docs/design.md, "The wire format")
 PAYLOAD_FIELD = 1000
 ALIGNMENT = 64  # jax.device_put aliases host memory (zero copy on CPU) only when 64-byte aligned
 

@@ -1,4 +1,4 @@
-"""Checkpoint directories on disk: names, the atomic commit protocol, reading and verifying (design.md).
+"""Checkpoint directories on disk: names, the atomic commit, reading and verifying (docs/design.md, "Checkpoints").
 
 Layout: `<checkpoint_dir>/<model>/step_<N>/` holding `params.safetensors`, `opt_state.safetensors`,
 `ema.safetensors` (when the model keeps an EMA) and `manifest.json` (state/manifest.py's to_manifest

@@ -1,5 +1,5 @@
-"""Checkpoints: when they are taken, and the checkpoint half of DeleteModel (docs: README.md,
-"Checkpoint format").
+"""Checkpoints: when they are taken, and the checkpoint half of DeleteModel (docs/design.md,
+"Checkpoints"; README.md, "Checkpoint format").
 
 The files, their names and their atomic commit protocol are checkpoint/files.py; which checkpoint a
 restore uses (at start and on request) is checkpoint/restore.py; the directory of each model and

@@ -1,6 +1,6 @@
 """One model on the server: parameters and optimizer state on the device, and the compiled step.
 
-Concurrency (design.md, update path):
+Concurrency (docs/design.md, "Concurrency" and "Life of a pull"):
 - one update at a time per model (`_lock`);
 - a pull takes a consistent (parameters, step) snapshot under the lock and *pins* that version;
   an update only donates the parameter buffers when no pull pins them, so a pull streams without
