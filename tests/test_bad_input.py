@@ -1,4 +1,4 @@
-"""Bad input gets the status of design.md's table, a message naming the model and the leaf or field,
+"""Bad input gets the status docs/design.md ("Errors") gives, a message naming the model and the leaf or field,
 and changes nothing: parameters and step are untouched and the server keeps serving."""
 from __future__ import annotations
 

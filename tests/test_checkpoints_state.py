@@ -20,7 +20,7 @@ import safetensors.numpy
 
 from optserve.client import OptserveError
 from optserve.server import Server
-from optserve.server.state.state_io import parse_safetensors
+from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
 
 SPEC = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}},

@@ -3,7 +3,7 @@ gradients (magnitudes 1e-4..1, leaves of rank 0 to 4) through a live in-process 
 the independent float64 NumPy reference (tests/reference) within relative 1e-5 in float32 (the
 RAdam family: 5e-5, see RADAM_RTOL); canonical rules also match in-process optax (float32) to 1e-5.
 
-Relative error per leaf = max |server − reference| / max |reference| (optimizers.md §5), the
+Relative error per leaf = max |server − reference| / max |reference| (docs/optimizer-catalogue.md §5), the
 denominator floored by the leaf's initial magnitude.  Checked after step 1, step 10 and the
 last step.  Random rules (noise) are checked by statistics, parameter EMA against objax's
 formula.  The case list is tests/reference/cases.py.

@@ -31,7 +31,7 @@ from optserve.client import Client, optim
 
 from optserve.wire.framing import frame, parse_message, varint
 from optserve.wire.chunks import chunk_messages
-from optserve.server.state import state_io
+from optserve.server.state import safetensors_io
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 
@@ -177,7 +177,7 @@ class Hostile:
     def corrupt_upload(self) -> tuple[bytes, str]:
         """The base file with one manifest field missing or bad (bytes, the name to upload as)."""
         r = self.rng
-        tensors, meta = state_io.parse_safetensors(self.upload_base, "base")
+        tensors, meta = safetensors_io.parse_safetensors(self.upload_base, "base")
         meta = dict(meta)
         key = str(r.choice(list(BAD_MANIFEST_VALUES)))
         if r.integers(4) == 0:

@@ -1,5 +1,5 @@
 """Self-tests of the float64 NumPy references (tests/reference) against optax, plus the gotchas
-of optimizers.md §4 as explicit cases.
+of docs/optimizer-catalogue.md §4 as explicit cases.
 
 optax runs in float64 in a subprocess (``tests/reference/_optax_x64.py``), so jax_enable_x64
 never leaks into other test modules; quick checks that do not need float64 run optax in-process
@@ -30,7 +30,7 @@ N_STEPS = 100
 PARAMS_SEED, GRADS_SEED = 0, 1
 
 # ----------------------------------------------------------------------------------------------
-# Preset -> its documented optax equivalent (optimizers.md §1 "optax equivalent" column, §2),
+# Preset -> its documented optax equivalent (docs/optimizer-catalogue.md §1 "optax equivalent" column, §2),
 # written as a canonical spec.  (id, preset spec, canonical spec, tolerance)
 
 EQUIVALENTS = [
@@ -137,7 +137,7 @@ EQUIVALENTS = [
 
 # Gotchas (§4): the preset must be *far* from the naive optax call.  (id, preset, naive, min)
 DIFFERENCES = [
-    ("flux_momentum_schedule_vs_sgd",  # §4.3: 44% in optimizers.md
+    ("flux_momentum_schedule_vs_sgd",  # §4.3: 44% in docs/optimizer-catalogue.md
      {"flux:Momentum": {"learning_rate": {"exponential_decay": {
          "init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}}},
      {"sgd": {"learning_rate": {"exponential_decay": {

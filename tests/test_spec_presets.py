@@ -1,4 +1,4 @@
-"""Presets and canonical rules vs the optax expressions of optimizers.md, and the
+"""Presets and canonical rules vs the optax expressions of docs/optimizer-catalogue.md, and the
 custom transforms vs NumPy float64 transcriptions of the libraries' code."""
 
 import inspect
@@ -91,7 +91,7 @@ def test_canonical_defaults_are_optax_defaults():
     for hp in rule.hyperparams:
       if hp.name in params and params[hp.name].default is not inspect.Parameter.empty and not hp.required:
         if rule.name == "adadelta" and hp.name == "learning_rate":
-          continue  # 1.0 instead of None on purpose (optimizers.md §4.9)
+          continue  # 1.0 instead of None on purpose (docs/optimizer-catalogue.md §4.9)
         assert params[hp.name].default == hp.default, (rule.name, hp.name)
 
 

@@ -25,9 +25,9 @@ from optserve.client import Client, FailedPreconditionError, OptserveError, opti
 from optserve.wire.dtypes import DTYPES, leaf_nbytes
 from optserve.wire.framing import frame
 from optserve.server import Server
-from optserve.server.core.model import REPLY_WINDOW
+from optserve.server.core.model import MAX_STEP, REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
-from optserve.server.state.state_io import MAX_STEP, parse_safetensors
+from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import start_server_process
 

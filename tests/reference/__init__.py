@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference implementations of every optimizer optserve serves.
 
-Written from /work/shared/optimizers.md, never calling optax or jax.  Entry point:
+Written from docs/optimizer-catalogue.md, never calling optax or jax.  Entry point:
 
     from tests.reference import reference_for
     opt = reference_for({"flux:ADAM": {"learning_rate": 0.01}})

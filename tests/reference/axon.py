@@ -1,4 +1,4 @@
-"""Axon.Optimizers v0.4.1 / Polaris v0.1.0 presets (optimizers.md rows A1-A10, P1-P22).
+"""Axon.Optimizers v0.4.1 / Polaris v0.1.0 presets (docs/optimizer-catalogue.md rows A1-A10, P1-P22).
 
 Axon and Polaris run identical update code, so every preset is registered under both ``axon:``
 and ``polaris:``.  Defaults are the *code* defaults, not the doc defaults (§4.7).  Where Axon

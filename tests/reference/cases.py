@@ -9,7 +9,7 @@ jax.random's stream): the mean is the same spec without noise, the spread is pre
 Hyperparameters are chosen so that 100 steps move the parameters by a sizeable fraction of
 their initial magnitude (so a 1e-5 relative error criterion sees formula differences), and set
 away from the defaults wherever the library's behaviour depends on them.
-Spec naming decisions (documented where optimizers.md is silent) are in flux.py (ExpDecay
+Spec naming decisions (documented where docs/optimizer-catalogue.md is silent) are in flux.py (ExpDecay
 names) and schedules.py (inverse_time_decay, piecewise_constant keys).
 """
 

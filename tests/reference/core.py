@@ -9,9 +9,9 @@ Every transform mirrors optax's ``GradientTransformation``:
 
 State is explicit (plain dicts/tuples of float64 arrays), nothing is hidden in closures apart
 from hyperparameters.  Nothing in this package imports jax or optax: each rule is written from
-/work/shared/optimizers.md (row numbers such as ``A3``/``F7``/``J1`` refer to its §1 table).
+docs/optimizer-catalogue.md (row numbers such as ``A3``/``F7``/``J1`` refer to its §1 table).
 
-Spec data is the server's format (design.md "Optimizer spec"):
+Spec data is the server's format (docs/optimizers.md, "Spec grammar"):
   ``{"adam": {"learning_rate": 1e-3}}``, ``"flux:ADAM"``, ``{"flux:ADAM": {...}}``,
   ``{"chain": [spec, ...]}``, schedules wherever a number is allowed.
 Rules register themselves with :func:`rule`; :func:`build` interprets a spec.

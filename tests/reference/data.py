@@ -47,7 +47,7 @@ def make_grads(n_steps: int, seed: int = 1, shapes=SHAPES, dtype=np.float32,
 
 
 def rel_error(actual: np.ndarray, reference: np.ndarray, initial: np.ndarray | None = None) -> float:
-    """max |actual − reference| / max |reference|  (optimizers.md §5).
+    """max |actual − reference| / max |reference|  (docs/optimizer-catalogue.md §5).
 
     The denominator is floored by max |initial| (the leaf before training) so that a leaf whose
     reference happens to end near 0 does not turn float32 rounding into a huge ratio.

@@ -1,4 +1,4 @@
-"""Flux.Optimise presets (optimizers.md rows F1-F18; Flux master 089ec08, ADADelta v0.11.1).
+"""Flux.Optimise presets (docs/optimizer-catalogue.md rows F1-F18; Flux master 089ec08, ADADelta v0.11.1).
 
 Each class below transcribes Flux's ``apply!(o, x, Δ)``: it returns Flux's Δ, with the
 learning rate η inside, and Flux applies ``p ← p − Δ``.  A preset ``flux:X`` is therefore

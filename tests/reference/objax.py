@@ -1,4 +1,4 @@
-"""objax.optimizer presets (optimizers.md rows J1-J5, §2.7, §2.8, §2.11; objax 9dd7dc3).
+"""objax.optimizer presets (docs/optimizer-catalogue.md rows J1-J5, §2.7, §2.8, §2.11; objax 9dd7dc3).
 
 objax passes the learning rate on every call and mutates ``p`` in place; here the per-call LR is
 the ``learning_rate`` hyperparameter (required: objax has no default), a number or a schedule of

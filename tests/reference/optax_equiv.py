@@ -2,7 +2,7 @@
 match in-process optax".  This is the one module here that imports optax/jax; it is not the
 reference.  Every canonical rule maps to the optax call of the same name with the same keyword
 arguments (so optax's own defaults apply to anything the spec leaves out); the two rules optax
-0.2.8 lacks (§4.20) are written here with jnp: ``clip_by_leaf_norm`` (§2.1) and the
+0.2.8 lacks (docs/optimizer-catalogue.md §4.20) are written here with jnp: ``clip_by_leaf_norm`` (§2.1) and the
 ``inverse_time_decay`` schedule (§2.2).  Presets are not handled (they have no optax call of
 their name; their optax equivalents are written as canonical specs in the tests).
 """

@@ -1,7 +1,7 @@
-"""Canonical rules (optax names and code defaults, optimizers.md §3.1/§3.2, rows O1-O5, P1-P22).
+"""Canonical rules (optax names and code defaults, docs/optimizer-catalogue.md §3.1/§3.2, rows O1-O5, P1-P22).
 
 Each transform is a small class with explicit state, written from the formulas of
-optimizers.md in float64 NumPy (never calling optax).  ``t`` is the update count after the
+docs/optimizer-catalogue.md in float64 NumPy (never calling optax).  ``t`` is the update count after the
 increment (t = 1 at the first update), ``c = t - 1`` the count a schedule receives.
 Signs follow optax: the ``scale_by_*`` transforms return the positive preconditioned direction
 and ``scale_by_learning_rate`` flips the sign.

@@ -1,4 +1,4 @@
-"""Schedules as data (optimizers.md §3.3, §2.2), evaluated in float64.
+"""Schedules as data (docs/optimizer-catalogue.md §3.3, §2.2), evaluated in float64.
 
 A schedule maps the count ``c = 0, 1, 2, ...`` (optax: the count *before* the increment, see
 §Notation) to a number.  Every schedule spec accepts ``count_offset`` (default 0): the schedule
@@ -71,7 +71,7 @@ def inverse_time_decay(init_value, decay_rate, transition_steps, staircase) -> S
     """s(c) = init_value / (1 + decay_rate * p), p = c / transition_steps (floored if staircase).
 
     §2.2 defines only the Flux case, InvDecay(γ): s(c) = 1 / (1 + γ (c + 1)), which is this with
-    init_value=1, decay_rate=γ, count_offset=1.  Decision (optimizers.md is silent on the general
+    init_value=1, decay_rate=γ, count_offset=1.  Decision (docs/optimizer-catalogue.md is silent on the general
     form): the Keras ``InverseTimeDecay`` parametrisation, names aligned with exponential_decay.
     """
 

@@ -10,7 +10,7 @@ import numpy as np
 from optserve.wire.dtypes import dtype_name
 from optserve.wire.framing import PAYLOAD_FIELD_BYTES, frame
 
-DEFAULT_CHUNK_BYTES = 4 << 20  # measured best on loopback with grpcio (design.md, wire format)
+DEFAULT_CHUNK_BYTES = 4 << 20  # measured best on loopback with grpcio (docs/design.md, "The wire format")
 
 
 class Slice(NamedTuple):

@@ -259,7 +259,8 @@ class OptserveService:
             incarnation=self.incarnation,
         )
         if self.checkpoints is not None:
-            self.checkpoints.describe(model.name, info)
+            status = self.checkpoints.describe(model.name)
+            info.last_checkpoint_step, info.last_checkpoint_error = status.last_step, status.last_error
         return info
 
     @_handler
@@ -589,7 +590,7 @@ class OptserveService:
     def PushPullOne(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return _only(self._push_pull(iter((request,)), context, single=True))
 
-    # -- checkpoints (see checkpoints.py) ---------------------------------------------------------
+    # -- checkpoints (see checkpoint/manager.py) --------------------------------------------------
 
     def _manager(self, model: str, context: grpc.ServicerContext) -> Any:
         check_model_name(model)  # names become paths: INVALID_ARGUMENT before anything else
@@ -600,11 +601,13 @@ class OptserveService:
 
     @_handler
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:
-        return self._manager(request.model, context).save_now(self.store.get(request.model))
+        info = self._manager(request.model, context).save_now(self.store.get(request.model))
+        return pb.CheckpointInfo(**vars(info))
 
     @_handler
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
-        return pb.ListCheckpointsResponse(checkpoints=self._manager(request.model, context).list(request.model))
+        infos = self._manager(request.model, context).list(request.model)
+        return pb.ListCheckpointsResponse(checkpoints=[pb.CheckpointInfo(**vars(i)) for i in infos])
 
     @_handler
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest, context: grpc.ServicerContext) -> pb.ModelInfo:

@@ -1,4 +1,4 @@
-"""Download and Upload: a model's complete state as one safetensors file (state_io.encode_file).
+"""Download and Upload: a model's complete state as one safetensors file (state/state_file.py).
 
 The file holds parameters, optimizer state and EMA as tensors (`params/...`, `opt/...`, `ema/...`)
 and the rest (step, spec, settings, hyperparameters, worker seqs and replies) in `__metadata__`,
@@ -12,15 +12,17 @@ from typing import Any
 
 from optserve.wire.framing import frame
 from optserve.server.core import datapath
-from optserve.server.state import state_io
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.server.core.store import ModelStore, check_model_name
+from optserve.server.state.errors import StateError
+from optserve.server.state.model_state import create_model
+from optserve.server.state.state_file import decode_file, encode_file
 from optserve.v1 import optserve_pb2 as pb
 
 
 def download(model: Any, chunk_bytes: int) -> Iterator[bytes]:
     """Framed FileChunk messages of the model's state file, taken from one consistent snapshot."""
-    data = state_io.encode_file(model.checkpoint_snapshot().to_host())
+    data = encode_file(model.checkpoint_snapshot().to_host())
     view = memoryview(data)
     total = len(data)
     for offset in range(0, total, chunk_bytes):
@@ -49,7 +51,7 @@ def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[
     The declared size is checked against what the store could hold before any data is read, and
     the buffer grows only with the bytes that actually arrive (never allocated from the header),
     so a header that lies costs nothing. The file is validated as CreateModel validates its request
-    (state_io.decode_file and create_model)."""
+    (state_file.decode_file and model_state.create_model)."""
     first, _ = datapath.first_message(requests, pb.UploadRequest, "header")
     header = first.header
     what = f"upload of model {header.name!r}" if header.name else "upload (model name from the file)"
@@ -74,8 +76,8 @@ def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[
     if len(data) != total:
         raise InvalidArgument(f"{what}: UploadRequest: received {len(data)} of {total} bytes")
     try:
-        state = state_io.decode_file(data, "uploaded file", header.name or None)
-    except state_io.StateError as e:
+        state = decode_file(data, "uploaded file", header.name or None)
+    except StateError as e:
         raise InvalidArgument(str(e)) from None
     name = authorize(check_model_name(header.name or state.name))
-    return state_io.create_model(store, name, state)
+    return create_model(store, name, state)

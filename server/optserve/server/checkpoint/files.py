@@ -1,7 +1,7 @@
-"""Checkpoint directories on disk: names, the atomic commit protocol, reading and verifying (design.md).
+"""Checkpoint directories on disk: names, the atomic commit, reading and verifying (docs/design.md, "Checkpoints").
 
 Layout: `<checkpoint_dir>/<model>/step_<N>/` holding `params.safetensors`, `opt_state.safetensors`,
-`ema.safetensors` (when the model keeps an EMA) and `manifest.json` (state_io.HostState.manifest()
+`ema.safetensors` (when the model keeps an EMA) and `manifest.json` (state/manifest.py's to_manifest
 plus the sha256 and size of every file, and the sha256 of the manifest's own fields). A second,
 different state of the same step (hyperparameters changed, a restore) is committed as
 `step_<N>.<k>` (k = 1, 2, ...): checkpoints are ordered by (step, k), newest last. Key layout and
@@ -10,7 +10,7 @@ the restore rule: README.md, "Checkpoint format".
 Commit protocol: write into `<name>.tmp-<random>/` beside the final name (same filesystem), fsync
 every file and the manifest, fsync the directory, rename it to `<name>` (never replacing an existing
 one), fsync the model directory. A crash at any point leaves either the complete new checkpoint or
-none; leftover `*.tmp-*` directories are removed at start (checkpoints.CheckpointManager).
+none; leftover `*.tmp-*` directories are removed at start (checkpoint/manager.py).
 """
 from __future__ import annotations
 
@@ -22,21 +22,26 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
-from optserve.server.state import state_io
+import safetensors.numpy
+
 from optserve.server.core.errors import InvalidArgument, ServiceError
-from optserve.server.state.state_io import HostState, StateError
-from optserve.v1 import optserve_pb2 as pb
+from optserve.server.core.model import MAX_STEP
+from optserve.server.state.errors import StateError
+from optserve.server.state.manifest import FORMAT_VERSION, from_manifest, to_manifest
+from optserve.server.state.model_state import HostState
+from optserve.server.state.safetensors_io import parse_safetensors, sha256_file, to_specs
 
 log = logging.getLogger("optserve.checkpoints")
 
 MANIFEST = "manifest.json"
 FILES = {"params": "params.safetensors", "opt": "opt_state.safetensors", "ema": "ema.safetensors"}
-# step_<N> or step_<N>.<k>: the k-th further state of step N; steps up to state_io.MAX_STEP (16 digits)
+# step_<N> or step_<N>.<k>: the k-th further state of step N; steps up to model.MAX_STEP (16 digits)
 CHECKPOINT_NAME = re.compile(r"^step_(0|[1-9][0-9]{0,15})(?:\.([1-9][0-9]{0,8}))?$")
-# Version 2 = version 1 (state_io.FORMAT_VERSION's fields) + `manifest_sha256`. Version 1 checkpoints
-# (written before) are still read, without that check; downloaded files stay at state_io's version.
+# Version 2 = version 1 (manifest.FORMAT_VERSION's fields) + `manifest_sha256`. Version 1 checkpoints
+# (written before) are still read, without that check; downloaded files stay at manifest's version.
 MANIFEST_VERSION = 2
 MANIFEST_DIGEST = "manifest_sha256"
 TMP_MARK = ".tmp-"
@@ -48,6 +53,18 @@ ARCHIVE_DIR = ".archive"  # checkpoints of deleted models (DeleteModel without d
 
 class CheckpointFailed(ServiceError):
     """Writing a checkpoint failed (disk full, permissions ...): INTERNAL, with the cause."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as the checkpoint RPCs describe it (the API copies it into
+    pb.CheckpointInfo, whose fields have these names)."""
+
+    model: str
+    step: int
+    name: str  # the directory's name: step_<step> or step_<step>.<k>
+    bytes: int  # of its files and manifest
+    created_unix: float
 
 
 class Checkpoint(NamedTuple):
@@ -73,7 +90,7 @@ def parse_name(name: str) -> tuple[int, int] | None:
 
 
 def check_step(step: int, model: str) -> int:
-    if not isinstance(step, int) or not 0 <= step <= state_io.MAX_STEP:
+    if not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53 - 1]")
     return step
 
@@ -127,7 +144,7 @@ _unchecked_logged: set[str] = set()  # model directories whose version-1 manifes
 
 
 def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
-    """The manifest as state_io reads it, once its own checksum verifies (version 2); version 1 has
+    """The manifest as from_manifest reads it, once its own checksum verifies (version 2); version 1 has
     none and is accepted as it is, reported once per model directory."""
     version = manifest.get("format_version")
     if version == 1:
@@ -145,7 +162,7 @@ def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
         raise StateError(f"{mpath}: {MANIFEST_DIGEST} mismatch (stated {str(stated)[:16]}..., fields hash to "
                          f"{actual[:16]}...): the manifest was edited or is corrupt")  # fmt: skip
     fields = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
-    fields["format_version"] = state_io.FORMAT_VERSION  # the state fields are version 1's
+    fields["format_version"] = FORMAT_VERSION  # the state fields are version 1's
     return fields
 
 
@@ -153,7 +170,7 @@ def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
 # One checkpoint directory
 
 
-def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) -> pb.CheckpointInfo:
+def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) -> CheckpointInfo:
     """Writes and commits `state` as `model_dir/<name>` (default `step_<step>`) with the atomic protocol."""
     name = checkpoint_name(state.step) if name is None else name
     if parse_name(name) is None or parse_name(name)[0] != state.step:
@@ -164,17 +181,15 @@ def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) 
     tmp = f"{final}{TMP_MARK}{secrets.token_hex(6)}"
     os.mkdir(tmp)
     try:
-        import safetensors.numpy
-
-        manifest = state.manifest()
+        manifest = to_manifest(state)
         manifest["format_version"] = MANIFEST_VERSION
         manifest["created_unix"] = time.time()
         manifest["files"] = {}
         for group, tensors in state.tensor_groups().items():
             path = os.path.join(tmp, FILES[group])
-            safetensors.numpy.save_file(state_io.to_specs(tensors), path)
+            safetensors.numpy.save_file(to_specs(tensors), path)
             fsync_file(path)
-            digest, size = state_io.sha256_file(path)
+            digest, size = sha256_file(path)
             manifest["files"][FILES[group]] = {"sha256": digest, "bytes": size}
         manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         path = os.path.join(tmp, MANIFEST)
@@ -191,8 +206,8 @@ def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) 
         raise
     fsync_dir(model_dir)
     total = sum(f["bytes"] for f in manifest["files"].values()) + os.path.getsize(os.path.join(final, MANIFEST))
-    return pb.CheckpointInfo(model=state.name, step=state.step, name=name, bytes=total,
-                             created_unix=manifest["created_unix"])  # fmt: skip
+    return CheckpointInfo(model=state.name, step=state.step, name=name, bytes=total,
+                          created_unix=manifest["created_unix"])  # fmt: skip
 
 
 def read_manifest(step_dir: str) -> dict:
@@ -247,8 +262,8 @@ def _read_checkpoint(step_dir: str, expect_model: str) -> HostState:
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry.get("sha256"):
             raise StateError(f"{path}: sha256 mismatch (file {digest[:16]}..., manifest {str(entry.get('sha256'))[:16]}...)")
-        groups[group] = state_io.parse_safetensors(data, path)[0]
-    state = state_io.from_manifest(manifest, groups, mpath)
+        groups[group] = parse_safetensors(data, path)[0]
+    state = from_manifest(manifest, groups, mpath)
     parsed = parse_name(os.path.basename(step_dir))
     if state.name != expect_model or parsed is None or parsed[0] != state.step:
         raise StateError(f"{mpath}: describes model {state.name!r} step {state.step}, not this directory")
@@ -289,7 +304,7 @@ def next_name(model_dir: str, step: int) -> str:
     return checkpoint_name(step, max(ks) + 1 if ks else 0)
 
 
-def info_of(model: str, checkpoint: Checkpoint) -> pb.CheckpointInfo:
+def info_of(model: str, checkpoint: Checkpoint) -> CheckpointInfo:
     """CheckpointInfo from a manifest (not verified: listing stays cheap)."""
     try:
         manifest = read_manifest(checkpoint.path)
@@ -298,4 +313,4 @@ def info_of(model: str, checkpoint: Checkpoint) -> pb.CheckpointInfo:
         created = float(manifest.get("created_unix", 0.0))
     except (StateError, OSError, AttributeError, TypeError, ValueError):
         size, created = 0, 0.0
-    return pb.CheckpointInfo(model=model, step=checkpoint.step, name=checkpoint.name, bytes=size, created_unix=created)
+    return CheckpointInfo(model=model, step=checkpoint.step, name=checkpoint.name, bytes=size, created_unix=created)

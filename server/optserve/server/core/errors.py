@@ -1,4 +1,4 @@
-"""Errors the service turns into gRPC statuses (design.md, Errors). Messages name the model and the
+"""Errors the service turns into gRPC statuses (docs/design.md, "Errors"). Messages name the model and the
 leaf or field at fault; raising one never leaves a model half-changed."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One model on the server: parameters and optimizer state on the device, and the compiled step.
 
-Concurrency (design.md, update path):
+Concurrency (docs/design.md, "Concurrency" and "Life of a pull"):
 - one update at a time per model (`_lock`);
 - a pull takes a consistent (parameters, step) snapshot under the lock and *pins* that version;
   an update only donates the parameter buffers when no pull pins them, so a pull streams without
@@ -28,7 +28,12 @@ from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.receiving import GradientAssembler, device_putter
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.server.state.state_io import MAX_STEP
+
+# The highest step a model may reach: steps stay exact in JSON and in JavaScript readers of the
+# manifest (Number.MAX_SAFE_INTEGER). Uploads, checkpoints and restores accept [0, MAX_STEP]; an
+# update that would go past it is refused (Model.check_step_room_locked), so every step a model
+# reaches can be saved and restored.
+MAX_STEP = 2**53 - 1
 
 
 @dataclasses.dataclass
@@ -403,7 +408,7 @@ class Model:
             self.state_version += 1
             return self.compiled.hyperparams(self.opt_state)
 
-    # -- checkpoints (state_io.py, checkpoints.py) ------------------------------------------------
+    # -- checkpoints (state/model_state.py, checkpoint/manager.py) ---------------------------------
 
     def checkpoint_snapshot(self) -> Any:
         """A consistent copy of the whole state (params, optimizer state, EMA, step, worker records),
@@ -412,19 +417,19 @@ class Model:
 
     def versioned_checkpoint_snapshot(self) -> tuple[Any, int]:
         """`checkpoint_snapshot()` and the `state_version` it holds, taken together under the lock."""
-        from optserve.server.state import state_io
+        from optserve.server.state import model_state
 
         with self._lock:
-            return state_io.capture(self), self.state_version
+            return model_state.capture(self), self.state_version
 
     def install_checkpoint(self, prepared: Any) -> int:
-        """Replaces the whole state by one validated and put on the device by `state_io.prepare`;
+        """Replaces the whole state by one validated and put on the device by `model_state.prepare`;
         returns the `state_version` of the installed state (read under the same lock, so a later
         update is never mistaken for part of it)."""
-        from optserve.server.state import state_io
+        from optserve.server.state import model_state
 
         with self._lock:
-            state_io.install(self, prepared)
+            model_state.install(self, prepared)
             if self.aggregator is not None:  # pending sync contributions were computed against the old state
                 self.aggregator.reset_locked()
             self.state_version += 1

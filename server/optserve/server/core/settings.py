@@ -1,4 +1,4 @@
-"""A model's consistency and bookkeeping settings, validated at the boundary (design.md, modes).
+"""A model's consistency and bookkeeping settings, validated at the boundary (docs/design.md, "Models and admission").
 
 One validation (`ModelSettings.validated`) serves every door: settings sent by a client
 (`from_proto`, CreateModel) and settings read from a file (`from_json`, Upload and checkpoint

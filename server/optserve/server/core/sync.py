@@ -1,6 +1,6 @@
 """Sync mode: the rounds in which the first `quorum` gradients pushed against a step are averaged.
 
-design.md, consistency modes: `mode="sync", workers=N, quorum=k`. Every push names the step it was
+docs/design.md, "Life of a push": `mode="sync", workers=N, quorum=k`. Every push names the step it was
 computed against (`base_step`; absent means the current step). A *round* collects the contributions
 for the current step; the k-th one completes it, and the model takes one update with their weighted
 mean (weight = the push's `weight`, 0 meaning 1) through its jitted step (`Model._apply_locked`).

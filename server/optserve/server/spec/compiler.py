@@ -413,7 +413,7 @@ def compile_spec(spec: Any, leaf_paths: Sequence[str]) -> CompiledOptimizer:
   """Validates ``spec`` for a model with these leaves and compiles it.
 
   Args:
-    spec: JSON-compatible spec (see design.md, "Optimizer spec").
+    spec: JSON-compatible spec (see docs/optimizers.md, "Spec grammar").
     leaf_paths: the model's leaf paths, e.g. ``["encoder/kernel", ...]``.
 
   Returns:

@@ -22,7 +22,7 @@ INTRO = """\
 
 Generated from the spec registry by `python -m optserve.server.spec.docs > docs/optimizers.md`;
 do not edit by hand (a test fails when this page is stale). Formulas, library differences and
-sources: `optimizers.md` in the design notes. Notation: `g` the incoming update, `p` the
+sources: [docs/optimizer-catalogue.md](optimizer-catalogue.md). Notation: `g` the incoming update, `p` the
 parameter, `t = 1, 2, ...` the update count (`c = t − 1` for schedules), `u` the emitted update
 (`p ← p + u`); Flux rules are written with Flux's `Δ` (`u = −Δ`).
 

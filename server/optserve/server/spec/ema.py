@@ -1,4 +1,4 @@
-"""Parameter EMA exactly as objax's ``ExponentialMovingAverage`` (optimizers.md J5, §2.11).
+"""Parameter EMA exactly as objax's ``ExponentialMovingAverage`` (docs/optimizer-catalogue.md J5, §2.11).
 
 Not a gradient transform: the server keeps an :class:`EmaState` beside the
 parameters and calls :func:`ema_update` after each applied step.

@@ -2,7 +2,7 @@
 
 Both libraries run the same update code (Polaris only adds an explicit RNG key
 to add_noise), so every name is registered in both namespaces. Defaults are
-the *code* defaults, not the documented ones (optimizers.md §4.7). Where Axon
+the *code* defaults, not the documented ones (docs/optimizer-catalogue.md §4.7). Where Axon
 has a bug (adabelief computes Adam; radam takes ρ∞ from b1) the preset serves
 the intended maths and ``compat: true`` reproduces the bug (§4.6).
 Hyperparameters use canonical names: ``:decay`` of adamw/lamb/

@@ -4,7 +4,7 @@ Each rule is registered with its Δ builder (``unsigned``, Flux's sign: the
 caller applies p ← p − Δ) and a standalone builder that negates Δ once. Inside
 ``{"flux:Optimiser": [...]}`` members contribute their Δ and the sign is
 flipped once at the end; every member applies its own η, so learning rates
-multiply as in Flux (optimizers.md F13, §4.11). Flux's ε is the constant 1e-8.
+multiply as in Flux (docs/optimizer-catalogue.md F13, §4.11). Flux's ε is the constant 1e-8.
 Hyperparameters use canonical names: η → learning_rate, β → b1, b2,
 ρ → momentum / decay / rho, decay (ADAMW) and wd → weight_decay, thresh →
 max_delta / max_norm, γ → gamma.

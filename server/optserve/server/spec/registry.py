@@ -30,7 +30,7 @@ class Rule:
       jax scalars (tunable or scheduled), so builders must not branch on them.
     hyperparams: the table; order is the documented order.
     doc: one paragraph.
-    formula: the update as implemented, in the notation of optimizers.md.
+    formula: the update as implemented, in the notation of docs/optimizer-catalogue.md.
     equivalent: the optax expression (or library call) it matches.
     display_name: the library's own spelling (``flux:ADAM``).
     mask: how a ``mask`` argument is applied: None (not accepted), ``"wrap"``

@@ -1,6 +1,6 @@
 """Canonical rules: optax names, optax defaults, optax semantics.
 
-One :func:`register` call per rule. Formulas follow optimizers.md (``g`` the
+One :func:`register` call per rule. Formulas follow docs/optimizer-catalogue.md (``g`` the
 incoming update, ``p`` the parameter, ``t`` the 1-based count, ``u`` the
 emitted update with ``p ← p + u``).
 """
@@ -41,7 +41,7 @@ def _tx(name: str, build: Callable, hps: list, doc: str, formula: str, equivalen
 
 def _adadelta(learning_rate: Any = 1.0, **kwargs: Any) -> optax.GradientTransformation:
   # optax's default learning_rate=None means identity(): the update would have the
-  # sign of the gradient and ascend (optimizers.md §4.9). The LR defaults to 1.0.
+  # sign of the gradient and ascend (docs/optimizer-catalogue.md §4.9). The LR defaults to 1.0.
   return optax.adadelta(learning_rate, **kwargs)
 
 
@@ -205,7 +205,8 @@ _tx("trace", optax.trace,
     "Momentum trace.", "τ = g + μ·τ; u = τ (nesterov: u = g + μ·τ)",
     "optax.trace(decay, nesterov, accumulator_dtype)")
 _tx("add_decayed_weights", optax.add_decayed_weights,
-    [HP("weight_decay", Number(), 0.0, "λ (negative after scale_by_learning_rate: optimizers.md §4.18)")],
+    [HP("weight_decay", Number(), 0.0,
+        "λ (negative after scale_by_learning_rate: docs/optimizer-catalogue.md §4.18)")],
     "Adds λ·p. `mask` selects the decayed leaves.", "u = g + λ·p",
     "optax.add_decayed_weights(weight_decay, mask)", mask="mask")
 _tx("add_noise", optax.add_noise, [ETA.replace(default=REQUIRED), GAMMA.replace(default=REQUIRED), SEED],
@@ -224,4 +225,4 @@ _tx("clip_by_leaf_norm", transforms.clip_by_leaf_norm,
     [HP("max_norm", Number(0.0, lo_open=True), REQUIRED, "bound on each leaf's norm")],
     "Clips each leaf's L2 norm separately (Flux ClipNorm; no optax 0.2.8 equivalent).",
     "per leaf: u = g if ‖g‖ ≤ max_norm else g·max_norm/‖g‖",
-    "none in optax 0.2.8 (custom, optimizers.md §2.1)")
+    "none in optax 0.2.8 (custom, docs/optimizer-catalogue.md §2.1)")

@@ -2,7 +2,7 @@
 
 Every schedule takes ``count_offset`` (default 0): the value at update count
 ``c`` (0, 1, ...) is ``schedule(c + count_offset)``. Flux's decays count from
-1, so its presets use ``count_offset=1`` (optimizers.md §4.11).
+1, so its presets use ``count_offset=1`` (docs/optimizer-catalogue.md §4.11).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _inverse_time_decay(init_value: float, decay_rate: float, transition_steps: 
                         staircase: bool = False) -> Schedule:
   """v(c) = init_value / (1 + decay_rate · c / transition_steps) (⌊·⌋ if staircase).
 
-  Not in optax 0.2.8 (optimizers.md §2.2); Flux InvDecay is this with
+  Not in optax 0.2.8 (docs/optimizer-catalogue.md §2.2); Flux InvDecay is this with
   init_value=1, decay_rate=γ, count_offset=1.
   """
 
@@ -193,7 +193,7 @@ _schedule(
      HP("staircase", Boolean(), False, "decay in discrete steps")],
     "Inverse-time decay (no optax 0.2.8 equivalent; Flux InvDecay).",
     "v(c) = init_value / (1 + decay_rate · c/transition_steps) (⌊c/transition_steps⌋ if staircase)",
-    "none in optax 0.2.8 (custom, optimizers.md §2.2)", ("inverse_time",), library="optserve")
+    "none in optax 0.2.8 (custom, docs/optimizer-catalogue.md §2.2)", ("inverse_time",), library="optserve")
 _schedule(
     "polynomial_schedule", optax.polynomial_schedule,
     [HP("init_value", _VALUE, REQUIRED, "start value"),

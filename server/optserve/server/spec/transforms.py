@@ -1,4 +1,4 @@
-"""GradientTransformations with no direct optax 0.2.8 equivalent (optimizers.md §2).
+"""GradientTransformations with no direct optax 0.2.8 equivalent (docs/optimizer-catalogue.md §2).
 
 Written like optax: a state NamedTuple where there is state, ``jax.tree.map``
 over leaves (no per-element Python), signs as optax (the ``scale_by_*``
@@ -15,7 +15,7 @@ import optax
 
 
 def clip_by_leaf_norm(max_norm: Any) -> optax.GradientTransformation:
-  """Clips each leaf's L2 norm separately (Flux ``ClipNorm``, optimizers.md §2.1).
+  """Clips each leaf's L2 norm separately (Flux ``ClipNorm``, docs/optimizer-catalogue.md §2.1).
 
   u = g if ‖g‖ ≤ max_norm, else g · (max_norm / ‖g‖), per leaf.
 
@@ -52,7 +52,7 @@ class ScaleByRssState(NamedTuple):
 
 def scale_by_rss_eps_outside(initial_accumulator_value: Any = 1e-8,
                              eps: Any = 1e-8) -> optax.GradientTransformation:
-  """Adagrad with eps outside the square root (Flux ``ADAGrad``, optimizers.md §2.4).
+  """Adagrad with eps outside the square root (Flux ``ADAGrad``, docs/optimizer-catalogue.md §2.4).
 
   a₀ = initial_accumulator_value; a = a + g²; u = g/(√a + eps).
 
@@ -86,7 +86,7 @@ class ScaleByAdamaxState(NamedTuple):
 
 def scale_by_adamax_eps_outside(b1: Any = 0.9, b2: Any = 0.999,
                                 eps: Any = 1e-8) -> optax.GradientTransformation:
-  """AdaMax with eps added after the max (Flux ``AdaMax``, optimizers.md §2.5).
+  """AdaMax with eps added after the max (Flux ``AdaMax``, docs/optimizer-catalogue.md §2.5).
 
   m = b1·m + (1−b1)·g; w = max(b2·w, |g|); u = m/(1 − b1^t) / (w + eps).
   (optax puts eps inside the max: ν = max(b2·ν, |g| + eps).)

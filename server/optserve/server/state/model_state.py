@@ -1,0 +1,268 @@
+"""A model's complete state on the host (`HostState`), and the way in and out of a live model.
+
+`capture(model)` (called under the model lock) takes a consistent snapshot as fresh device copies,
+so the lock is held only while the copies are dispatched and later updates, which donate their
+buffers, cannot touch it; `DeviceSnapshot.to_host()` (outside the lock) turns it into a
+`HostState` of numpy arrays. `prepare(model, state)` validates all of a `HostState` against the
+model and puts it on the device without touching the model; `install(model, prepared)` (under the
+lock) then replaces the model's state by it, so a bad state changes nothing.
+
+Tensor groups and keys (README, "Checkpoint format"):
+- `params`: parameters by leaf path, e.g. `encoder/layers/0/kernel`;
+- `opt`: optimizer-state leaves by state path, the `/`-joined keys of the leaf in the
+  optimizer-state pytree, e.g. `count`, `inner_state/0/mu/encoder/layers/0/kernel`,
+  `hyperparams/learning_rate`;
+- `ema`: leaves of the parameter-EMA state (the model attribute `EMA_ATTR`), when the model keeps
+  one, keyed like the optimizer state, e.g. `count`, `ema/<leaf path>`.
+The manifest (state/manifest.py) describes the rest; state/state_file.py and checkpoint/files.py
+store both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from optserve.wire.assembler import aligned_empty
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.server.core.datapath import schema_bytes
+from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Counters, Model
+from optserve.server.core.settings import ModelSettings
+from optserve.server.core.store import compile_for, state_bytes_for
+from optserve.server.state.errors import StateError
+from optserve.v1 import optserve_pb2 as pb
+
+GROUPS = ("params", "opt", "ema")
+EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
+
+
+@dataclasses.dataclass
+class HostState:
+    """Everything that makes a model continue exactly where it left off, as host data."""
+
+    name: str
+    step: int
+    schema: list[LeafSpec]
+    spec: Any
+    settings: ModelSettings
+    params: dict[str, np.ndarray]
+    opt: dict[str, np.ndarray]  # state path -> leaf, in the optimizer state's leaf order
+    ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
+    hyperparams: dict[str, float]
+    workers: dict[str, Any]  # worker_id -> model.WorkerRecord (validated; JSON form: manifest.encode_worker)
+
+    def tensor_groups(self) -> dict[str, dict[str, np.ndarray]]:
+        groups = {"params": self.params, "opt": self.opt}
+        if self.ema is not None:
+            groups["ema"] = self.ema
+        return groups
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for g in self.tensor_groups().values() for a in g.values())
+
+
+def _key_part(k: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def state_paths(tree: Any, what: str) -> list[str]:
+    """The `/`-joined key path of every leaf of a pytree, in leaf order (unique)."""
+    paths = ["/".join(_key_part(k) for k in path) for path, _ in jax.tree.flatten_with_path(tree)[0]]
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise StateError(f"{what}: two optimizer-state leaves share the key {dup!r}")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Model -> host state
+
+
+@dataclasses.dataclass
+class DeviceSnapshot:
+    """Device copies of a model's state plus its host-side bookkeeping, taken under the lock."""
+
+    model: Any
+    step: int
+    params: dict[str, jax.Array]
+    opt_state: Any
+    ema: Any
+    workers: dict[str, Any]  # worker_id -> copy of its model.WorkerRecord
+
+    def to_host(self) -> HostState:
+        """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
+        m = self.model
+        opt_leaves = jax.tree.leaves(self.opt_state)
+        opt = dict(zip(state_paths(self.opt_state, f"model {m.name!r}"), (np.asarray(x) for x in opt_leaves)))
+        ema = None
+        if self.ema is not None:
+            ema = dict(zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema))))
+        return HostState(
+            name=m.name, step=self.step, schema=list(m.schema), spec=m.compiled.spec, settings=m.settings,
+            params={k: np.asarray(v) for k, v in self.params.items()}, opt=opt, ema=ema,
+            hyperparams=m.compiled.hyperparams(self.opt_state), workers=self.workers,
+        )  # fmt: skip
+
+
+def capture(model: Any) -> DeviceSnapshot:
+    """Snapshot of `model`; the caller holds the model lock.
+
+    `device_put(may_alias=False)` dispatches fresh device copies and returns at once: the lock is
+    held for the dispatch only, and the next update (which donates the live buffers) is ordered
+    after the copies by the runtime. Host views of the live buffers would be unsafe: on CPU
+    `np.asarray` aliases them and a donated update overwrites them.
+    """
+    ema = getattr(model, EMA_ATTR, None)
+    params, opt_state, ema = jax.device_put((model.params, model.opt_state, ema), may_alias=False)
+    workers = {w: dataclasses.replace(r, replies=dict(r.replies)) for w, r in model.workers.items()}
+    return DeviceSnapshot(model, model.step, params, opt_state, ema, workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host state -> model
+
+
+def check_compatible(model: Any, state: HostState) -> None:
+    """A state can replace a model's only if schema, spec and settings are the model's."""
+    what = f"model {model.name!r}"
+    if list(state.schema) != list(model.schema):
+        raise StateError(f"{what}: the checkpoint's schema differs from the model's (was the model re-created?)")
+    if json.dumps(state.spec, sort_keys=True) != json.dumps(model.compiled.spec, sort_keys=True):
+        raise StateError(f"{what}: the checkpoint's optimizer spec differs from the model's")
+    if state.settings != model.settings:
+        raise StateError(f"{what}: the checkpoint's settings differ from the model's")
+
+
+def prepare(model: Any, state: HostState) -> dict:
+    """Validates `state` against `model` and puts it on the device; touches nothing of the model."""
+    check_compatible(model, state)
+    what = f"model {model.name!r}"
+    opt_state = _tree_from(what, "optimizer state", opt_state_templates(model), state.opt, model.device)
+    _check_leaves(what, "params", model.schema, state.params)
+    ema_template = getattr(model, EMA_ATTR, None)
+    if (state.ema is None) != (ema_template is None):
+        has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
+        raise StateError(f"{what}: the state {has}")
+    ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
+    _check_hyperparams_state(what, state.opt)
+    workers = {w: _for_model(r, model.name) for w, r in state.workers.items()}
+    dev = model.device
+    return {
+        "step": state.step,
+        "params": {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map},
+        "opt_state": opt_state,
+        "ema": ema,
+        "workers": workers,
+    }
+
+
+def _for_model(record: Any, name: str) -> Any:
+    """A copy of a worker record whose replies name `name` (an upload may rename the model)."""
+    replies = {}
+    for seq, reply in record.replies.items():
+        replies[seq] = pb.PushResponse()
+        replies[seq].CopyFrom(reply)
+        replies[seq].model = name
+    return dataclasses.replace(record, replies=replies)
+
+
+def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
+    """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
+    client could have set anything else (CreateModel and SetHyperparams validate them)."""
+    for path, a in opt.items():
+        if path.startswith("hyperparams/") and a.dtype.name in FLOAT_DTYPES \
+                and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
+            raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
+
+
+def install(model: Any, prepared: dict) -> None:
+    """Replaces the model's state by a `prepare`d one; the caller holds the model lock."""
+    model.params = prepared["params"]
+    model.opt_state = prepared["opt_state"]
+    if prepared["ema"] is not None:
+        setattr(model, EMA_ATTR, prepared["ema"])
+    model.step = prepared["step"]
+    model.workers = prepared["workers"]
+    model.counters = Counters()  # counters count since creation or restore
+    model._changed.notify_all()
+
+
+def create_model(store: Any, name: str, state: HostState) -> Any:
+    """Creates model `name` from a validated HostState (`manifest.from_manifest`), checking limits,
+    spec and tensors as CreateModel does, all before anything is allocated for it; INVALID_ARGUMENT
+    for a state that does not fit together. The model appears in the store only once its whole
+    state is installed; whatever fails, the reserved name and bytes are released and nothing
+    remains."""
+    declared = schema_bytes(state.schema)
+    store.check_can_create(name, declared)
+    compiled = compile_for(name, state.spec, state.schema)
+    try:
+        _check_leaves(f"model {name!r}", "params", state.schema, state.params)
+    except StateError as e:
+        raise InvalidArgument(str(e)) from None
+    store.reserve(name, declared + state_bytes_for(compiled, state.schema))
+    try:
+        model = Model(name, state.schema, {k: own(v) for k, v in state.params.items()}, compiled, state.settings,
+                      store.device)  # fmt: skip
+        try:
+            prepared = prepare(model, state)
+        except StateError as e:
+            raise InvalidArgument(str(e)) from None
+        model.install_checkpoint(prepared)
+        store.add(model)
+    finally:
+        store.release(name)
+    return model
+
+
+def own(a: np.ndarray) -> np.ndarray:
+    # A private, aligned, writable buffer: on CPU the device array aliases it and donation writes it.
+    out = aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def opt_state_templates(model: Any) -> tuple[Any, Any]:
+    """Shapes of the model's optimizer state after init and after one update (no allocation).
+
+    Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
+    moments of a bfloat16 parameter become float32)."""
+    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
+    init = jax.eval_shape(model.compiled.init, shapes)
+    after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
+    return init, after
+
+
+def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray], device: Any) -> Any:
+    """A device pytree shaped like `templates[0]` from arrays keyed by state path; every leaf must be
+    present with the shape of the templates and the dtype of one of them, and nothing else."""
+    paths = state_paths(templates[0], what)
+    missing = [p for p in paths if p not in arrays]
+    extra = [p for p in arrays if p not in set(paths)]
+    if missing or extra:
+        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
+    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == jax.tree.structure(templates[0])]
+    for i, p in enumerate(paths):
+        a, t = arrays[p], alternatives[0][i]
+        if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
+            raise StateError(f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}")
+    return jax.tree.unflatten(jax.tree.structure(templates[0]), [jax.device_put(own(arrays[p]), device) for p in paths])
+
+
+def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
+    if set(arrays) != {l.path for l in schema}:
+        missing = [l.path for l in schema if l.path not in arrays]
+        extra = [p for p in arrays if p not in {l.path for l in schema}]
+        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
+    for l in schema:
+        a = arrays[l.path]
+        if a.dtype.name != l.dtype or tuple(a.shape) != tuple(l.shape):
+            raise StateError(f"{what}: {group} leaf {l.path!r}: expected {l.dtype}{list(l.shape)}, got {a.dtype.name}{list(a.shape)}")
