@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -97,3 +98,16 @@ def manual_clock(monkeypatch):
         return clock
 
     return install
+
+
+def stop_server_process(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
+    """SIGTERM (the server finishes its calls and writes final checkpoints), then (exit status,
+    stderr); a server that has not exited within `timeout` is killed, so no test leaves one behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    return proc.returncode, err or ""

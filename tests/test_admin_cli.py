@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, optim
+from tests.conftest import stop_server_process
 from tests.test_security import pki  # noqa: F401 - the CA and certificates made for the TLS tests
 
 
@@ -37,12 +37,8 @@ def live(tmp_path_factory, pki):  # noqa: F811
             found[m.group(1)] = m.group(2)
     assert set(found) == {"listening", "metrics"}
     yield {"target": found["listening"], "metrics": found["metrics"], "tokens": str(tokens), "ca": pki["ca"]}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, err = stop_server_process(proc)
+    assert rc == 0, err[-3000:]
 
 
 def optserve(live, *args: str, auth: bool = True) -> subprocess.CompletedProcess:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 import types
 
@@ -25,7 +24,7 @@ import safetensors.numpy
 from optserve.client import Client, OptserveError
 from optserve.server import Server
 from optserve.server.checkpoint import manager as checkpoints
-from tests.conftest import start_server_process
+from tests.conftest import start_server_process, stop_server_process
 
 TUNABLE = {"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}}
 MANIFEST_DIGEST = "manifest_sha256"
@@ -204,12 +203,6 @@ def test_a_model_created_over_checkpoints_left_by_an_unrestored_one_does_not_mix
         assert [x["path"] for x in c.model("b").info()["schema"]] == ["other"]
 
 
-def _stop(proc) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
-
-
 def test_a_change_at_a_saved_step_and_a_restore_survive_restarts(tmp_path):
     root = str(tmp_path / "ck")
     proc, target = start_server_process("--checkpoint-dir", root)
@@ -219,7 +212,7 @@ def test_a_change_at_a_saved_step_and_a_restore_survive_restarts(tmp_path):
             m.push(_grads(0))
             assert m.save() == 1
             m.set_hyperparams(learning_rate=0.2)  # same step, another state
-        rc, err = _stop(proc)
+        rc, err = stop_server_process(proc)
         assert rc == 0, err[-3000:]
 
         proc, target = start_server_process("--checkpoint-dir", root)
@@ -235,7 +228,7 @@ def test_a_change_at_a_saved_step_and_a_restore_survive_restarts(tmp_path):
             assert m.restore(1) == 1  # the newest checkpoint of step 1: step_1.1
             assert _state(m, tmp_path / "restored.safetensors") == at_1
             assert [x["name"] for x in m.checkpoints()] == ["step_1.1", "step_1"]
-        rc, err = _stop(proc)
+        rc, err = stop_server_process(proc)
         assert rc == 0, err[-3000:]
         assert [n for n in os.listdir(os.path.join(root, "m")) if n.startswith("step_3.superseded-")]
 
@@ -244,7 +237,7 @@ def test_a_change_at_a_saved_step_and_a_restore_survive_restarts(tmp_path):
             m = c.model("m")
             assert m.step == 1 and m.info()["hyperparams"]["learning_rate"] == pytest.approx(0.2)
             assert _state(m, tmp_path / "after.safetensors") == at_1
-        rc, err = _stop(proc)
+        rc, err = stop_server_process(proc)
         assert rc == 0, err[-3000:]
     finally:
         if proc.poll() is None:
@@ -264,7 +257,7 @@ def test_sigterm_exits_1_and_names_the_lost_steps_when_the_final_checkpoint_fail
             m.push(_grads(2))
         os.rename(root / "m", tmp_path / "m-moved")
         (root / "m").write_text("a file where the model's directory should be")
-        rc, err = _stop(proc)
+        rc, err = stop_server_process(proc)
         assert rc == 1, err[-3000:]
         assert "model 'm': steps 2..3 are lost" in err, err[-3000:]
     finally:

@@ -33,7 +33,7 @@ from optserve.wire.framing import frame, parse_message, varint
 from optserve.wire.chunks import chunk_messages
 from optserve.server.state import safetensors_io
 from optserve.v1 import optserve_pb2 as pb
-from tests.conftest import start_server_process
+from tests.conftest import start_server_process, stop_server_process
 
 VICTIMS = {
     "victim-f32": ({"layer": {"w": np.arange(32, dtype=np.float32).reshape(8, 4) / 7, "b": np.ones(4, np.float32)}},
@@ -63,13 +63,7 @@ def live():
             m.push({"layer": {"w": np.ones((8, 4), np.float32), "b": np.ones(4, np.float32)}})
     yield proc, client
     client.close()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+    stop_server_process(proc)
 
 
 def snapshot(client: Client) -> dict:

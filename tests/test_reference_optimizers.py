@@ -28,6 +28,9 @@ from tests.reference.optax_rules import ScaleByRAdam  # noqa: E402
 
 N_STEPS = 100
 PARAMS_SEED, GRADS_SEED = 0, 1
+# The first test's setup computes every optax trajectory in one subprocess (jit-compiling each rule):
+# ~1 min on a quiet 2-core machine, 300 s seen with both cores busy, past pytest's default limit.
+pytestmark = pytest.mark.timeout(1200)
 
 # ----------------------------------------------------------------------------------------------
 # Preset -> its documented optax equivalent (docs/optimizer-catalogue.md §1 "optax equivalent" column, §2),
@@ -204,7 +207,7 @@ def optax64(tmp_path_factory):
     (d / "jobs.json").write_text(json.dumps(_jobs()))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.reference._optax_x64", str(d / "jobs.json"),
-         str(d / "out.npz")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         str(d / "out.npz")], cwd=ROOT, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out: dict[str, dict] = {}
     with np.load(d / "out.npz") as z:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import struct
 from collections.abc import Callable
 
@@ -29,7 +28,7 @@ from optserve.server.core.model import MAX_STEP, REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
 from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
-from tests.conftest import start_server_process
+from tests.conftest import start_server_process, stop_server_process
 
 SPEC = {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}}
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
@@ -344,13 +343,7 @@ def test_upload_header_sizes_are_checked_and_never_allocated():
             assert max(grown()) < 256 << 20, grown()
             assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+        stop_server_process(proc)
 
 
 def test_refused_upload_leaves_nothing_across_a_restart(tmp_path):
@@ -361,13 +354,8 @@ def test_refused_upload_leaves_nothing_across_a_restart(tmp_path):
         return start_server_process("--checkpoint-dir", str(ckpt), "--log-level", "WARNING")
 
     def stop(proc) -> None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+        rc, err = stop_server_process(proc)
+        assert rc == 0, err[-3000:]
 
     proc, address = serve()
     try:
