@@ -113,7 +113,7 @@ class CheckpointManager:
     """
 
     def __init__(self, checkpoint_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0, keep: int = 3,
-                 poll_seconds: float = 0.05):  # fmt: skip
+                 poll_seconds: float = 0.05, metrics: Any = None):  # fmt: skip
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if every_steps < 0 or every_seconds < 0:
@@ -129,7 +129,7 @@ class CheckpointManager:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="optserve-checkpoint")
-        self.metrics: Any = None  # the server's ServerMetrics: every save's duration, size or failure
+        self.metrics = metrics  # the server's ServerMetrics (or None): every save's duration, size or failure
 
     # -- paths ------------------------------------------------------------------------------------
 
@@ -206,7 +206,7 @@ class CheckpointManager:
             for checkpoint in committed(model_dir):
                 try:
                     state = read_checkpoint(checkpoint.path, name)
-                    model = state_io.create_model(store, name, state)
+                    model = state_io.admit_state(store, name, state)
                 except NOT_THE_CHECKPOINTS_FAULT as e:
                     log.error("model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir)
                     return
@@ -295,7 +295,7 @@ class CheckpointManager:
         if model.deleted:  # a save that waited for DeleteModel must not bring its directory back
             raise NotFound(f"model {model.name!r} was deleted; not checkpointed")
         model_dir = self.model_dir(model.name)
-        snapshot, version = model.versioned_checkpoint_snapshot()
+        snapshot, version = state_io.capture_versioned(model)
         track.attempted_step, track.attempted_mono = snapshot.step, time.monotonic()
         began = time.perf_counter()
         try:
@@ -422,7 +422,7 @@ class CheckpointManager:
                 raise FailedPrecondition(f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
                                          f"(moved aside): {'; '.join(reasons)}")  # fmt: skip
             self._supersede_newer_locked(name, model_dir, checkpoint)
-            track.mark_saved(model, checkpoint, model.install_checkpoint(prepared))
+            track.mark_saved(model, checkpoint, model.replace_state(prepared))
         log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
         return model
 

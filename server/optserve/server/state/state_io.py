@@ -1,18 +1,17 @@
 """A model's complete state on the host, and its safetensors form (checkpoints, download, upload).
 
-`capture(model)` (called under the model lock) takes a consistent snapshot as fresh device copies,
-so the lock is held only while the copies are dispatched and later updates, which donate their
-buffers, cannot touch it; `DeviceSnapshot.to_host()` (outside the lock) turns it into a
-`HostState` of numpy arrays. `install(model, state)` (under the lock) replaces a model's state by a
-`HostState` after validating all of it, so a bad state changes nothing.
+`capture(model)` takes a consistent snapshot as fresh device copies (`Model.capture_state`, which
+holds the model lock only while the copies are dispatched; later updates, which donate their
+buffers, cannot touch it); `DeviceSnapshot.to_host()` turns it into a `HostState` of numpy arrays.
+`prepare(model, state)` validates a `HostState` against a model and puts it on the device, touching
+nothing of the model; `Model.replace_state` installs the result, so a bad state changes nothing.
 
 Tensor keys (README, "Checkpoint format"):
 - `params/<leaf path>`: parameters, e.g. `params/encoder/layers/0/kernel`;
 - `opt/<state path>`: optimizer-state leaves, the state path being the `/`-joined keys of the leaf
   in the optimizer-state pytree, e.g. `opt/count`, `opt/inner_state/0/mu/encoder/layers/0/kernel`,
   `opt/hyperparams/learning_rate`;
-- `ema/<state path>`: leaves of the parameter-EMA state (the model attribute `EMA_ATTR`), when the
-  model keeps one, keyed like the optimizer state, e.g. `ema/count`, `ema/ema/<leaf path>`.
+- `ema/<state path>`: leaves of the parameter-EMA state, when the model keeps one, keyed like the optimizer state, e.g. `ema/count`, `ema/ema/<leaf path>`.
 
 Checkpoint directories store each group in its own file without the group prefix
 (`params.safetensors`, `opt_state.safetensors`, `ema.safetensors`); a downloaded model is one file
@@ -20,7 +19,6 @@ with the prefixes, and its `__metadata__` holds the manifest fields as JSON stri
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -34,21 +32,21 @@ import numpy as np
 
 from optserve.wire import codec
 from optserve.wire.codec import LeafSpec
-from optserve.server.core import datapath
+from optserve.server.core import admission, schema as schemas
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Model, ModelState
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.step import MAX_STEP
+from optserve.server.core.store import ModelStore
+from optserve.server.core.workers import WorkerRecord
 from optserve.server.spec import SpecError, check_spec_depth
-from optserve.v1 import optserve_pb2 as pb
+from optserve.server.state.errors import StateError
+from optserve.server.state.worker_records import decode_worker, encode_worker
 
 FORMAT = "optserve-state"
 FORMAT_VERSION = 1
-# The highest step a model may reach: steps stay exact in JSON and in JavaScript readers of the
-# manifest (Number.MAX_SAFE_INTEGER). Uploads, checkpoints and restores accept [0, MAX_STEP]; an
-# update that would go past it is refused (Model.check_step_room_locked), so every step a model
-# reaches can be saved and restored.
-MAX_STEP = 2**53 - 1
+# MAX_STEP (core/step.py): uploads, checkpoints and restores accept steps in [0, MAX_STEP].
 GROUPS = ("params", "opt", "ema")
-EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
 
 # safetensors dtype names <-> numpy names (codec.DTYPES)
 _ST_DTYPES = {
@@ -56,10 +54,6 @@ _ST_DTYPES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
-
-
-class StateError(ValueError):
-    """A state file or checkpoint that cannot be used; the message names the file and the problem."""
 
 
 @dataclasses.dataclass
@@ -75,7 +69,7 @@ class HostState:
     opt: dict[str, np.ndarray]  # state path -> leaf, in the optimizer state's leaf order
     ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
     hyperparams: dict[str, float]
-    workers: dict[str, Any]  # worker_id -> model.WorkerRecord (validated; JSON form: encode_worker)
+    workers: dict[str, WorkerRecord]  # worker_id -> its record (validated; JSON form: encode_worker)
 
     def manifest(self) -> dict:
         """The JSON-able description (everything but the tensors)."""
@@ -123,87 +117,6 @@ def state_paths(tree: Any, what: str) -> list[str]:
     return paths
 
 
-# ---------------------------------------------------------------------------------------------
-# Worker records (model.WorkerRecord) <-> JSON
-#
-# {"last_seq": int, "last_base_step": int, "replies": [{"seq": int, "reply": REPLY}, ...]} with
-# REPLY = {"proto": "PushResponse", "b64": base64 of the serialized message}; files written before
-# the reply window hold {"last_seq", "last_base_step", "last_reply": REPLY or null} instead.
-
-_UINT64_MAX = 2**64 - 1  # PushHeader.seq and WorkerState.last_seq are uint64
-
-
-def _encode_reply(reply: Any) -> dict:
-    return {"proto": type(reply).__name__, "b64": base64.b64encode(reply.SerializeToString()).decode()}
-
-
-def encode_worker(record: Any) -> dict:
-    """The JSON form of a WorkerRecord."""
-    return {
-        "last_seq": record.last_seq,
-        "last_base_step": record.last_base_step,
-        "replies": [{"seq": seq, "reply": _encode_reply(r)} for seq, r in record.replies.items()],
-    }
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # not bool, not float
-
-
-def _decode_reply(value: Any, where: str) -> pb.PushResponse:
-    if not (isinstance(value, dict) and set(value) == {"proto", "b64"} and value["proto"] == "PushResponse"
-            and isinstance(value["b64"], str)):  # fmt: skip
-        raise StateError(f'{where}: expected {{"proto": "PushResponse", "b64": string}}, got {_show(value)}')
-    try:
-        reply = pb.PushResponse.FromString(base64.b64decode(value["b64"], validate=True))
-    except Exception as e:  # noqa: BLE001 - binascii.Error, protobuf's DecodeError
-        raise StateError(f"{where}: not a serialized PushResponse ({type(e).__name__}: {e})") from None
-    if not 0 <= reply.step <= MAX_STEP:
-        raise StateError(f"{where}: reply step {reply.step} is not in [0, {MAX_STEP}]")
-    return reply
-
-
-def decode_worker(data: Any, where: str, step: int) -> Any:
-    """A WorkerRecord from its JSON form (either), strictly typed: last_seq an int in [0, 2**64),
-    last_base_step an int in [-1, step], replies PushResponses for distinct seqs in
-    [1, last_seq] in increasing order (only the newest REPLY_WINDOW are kept)."""
-    from optserve.server.core.model import REPLY_WINDOW, WorkerRecord
-
-    if not isinstance(data, dict):
-        raise StateError(f"{where}: expected an object, got {_show(data)}")
-    old_form = "last_reply" in data
-    keys = {"last_seq", "last_base_step", "last_reply" if old_form else "replies"}
-    if set(data) != keys:
-        raise StateError(f"{where}: expected the keys {sorted(keys)}, got {sorted(map(str, data))}")
-    last_seq, base = data["last_seq"], data["last_base_step"]
-    if not (_is_int(last_seq) and 0 <= last_seq <= _UINT64_MAX):
-        raise StateError(f"{where}.last_seq: expected an integer in [0, 2**64), got {_show(last_seq)}")
-    if not (_is_int(base) and -1 <= base <= step):
-        raise StateError(f"{where}.last_base_step: expected an integer in [-1, {step}] (the step), got {_show(base)}")
-    record = WorkerRecord(last_seq, base)
-    if old_form:
-        if data["last_reply"] is not None:
-            record.replies[last_seq] = _decode_reply(data["last_reply"], f"{where}.last_reply")
-        return record
-    replies = data["replies"]
-    if not isinstance(replies, list):
-        raise StateError(f"{where}.replies: expected a list, got {_show(replies)}")
-    previous = 0
-    for i, entry in enumerate(replies):
-        here = f"{where}.replies[{i}]"
-        if not (isinstance(entry, dict) and set(entry) == {"seq", "reply"}):
-            raise StateError(f'{here}: expected {{"seq": integer, "reply": ...}}, got {_show(entry)}')
-        seq = entry["seq"]
-        if not (_is_int(seq) and previous < seq <= last_seq):
-            raise StateError(f"{here}.seq: expected an integer in [1, last_seq {last_seq}] above the previous one, "
-                             f"got {_show(seq)}")  # fmt: skip
-        record.replies[seq] = _decode_reply(entry["reply"], f"{here}.reply")
-        previous = seq
-    for seq in list(record.replies)[:-REPLY_WINDOW]:  # a file from a server with a larger window
-        del record.replies[seq]
-    return record
-
-
 def _decode_workers(data: Any, where: str, step: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StateError(f"{where}: workers: expected an object, got {_show(data)}")
@@ -225,6 +138,10 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
 def _show(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -234,12 +151,12 @@ def _show(value: Any, limit: int = 120) -> str:
 class DeviceSnapshot:
     """Device copies of a model's state plus its host-side bookkeeping, taken under the lock."""
 
-    model: Any
+    model: Model
     step: int
     params: dict[str, jax.Array]
     opt_state: Any
     ema: Any
-    workers: dict[str, Any]  # worker_id -> copy of its model.WorkerRecord
+    workers: dict[str, WorkerRecord]  # worker_id -> a copy of its record
 
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
@@ -256,21 +173,18 @@ class DeviceSnapshot:
         )  # fmt: skip
 
 
-def capture(model: Any) -> DeviceSnapshot:
-    """Snapshot of `model`; the caller holds the model lock.
-
-    `device_put(may_alias=False)` dispatches fresh device copies and returns at once: the lock is
-    held for the dispatch only, and the next update (which donates the live buffers) is ordered
-    after the copies by the runtime. Host views of the live buffers would be unsafe: on CPU
-    `np.asarray` aliases them and a donated update overwrites them.
-    """
-    ema = getattr(model, EMA_ATTR, None)
-    params, opt_state, ema = jax.device_put((model.params, model.opt_state, ema), may_alias=False)
-    workers = {w: dataclasses.replace(r, replies=dict(r.replies)) for w, r in model.workers.items()}
-    return DeviceSnapshot(model, model.step, params, opt_state, ema, workers)
+def capture(model: Model) -> DeviceSnapshot:
+    """A consistent snapshot of `model` (Model.capture_state: device copies, dispatched under its lock)."""
+    return capture_versioned(model)[0]
 
 
-def check_compatible(model: Any, state: HostState) -> None:
+def capture_versioned(model: Model) -> tuple[DeviceSnapshot, int]:
+    """`capture(model)` and the model's `state_version` it holds, taken together under the lock."""
+    state, version = model.capture_state()
+    return DeviceSnapshot(model, state.step, state.params, state.opt_state, state.ema_state, state.workers), version
+
+
+def check_compatible(model: Model, state: HostState) -> None:
     """A state can replace a model's only if schema, spec and settings are the model's."""
     what = f"model {model.name!r}"
     if list(state.schema) != list(model.schema):
@@ -281,37 +195,23 @@ def check_compatible(model: Any, state: HostState) -> None:
         raise StateError(f"{what}: the checkpoint's settings differ from the model's")
 
 
-def prepare(model: Any, state: HostState) -> dict:
-    """Validates `state` against `model` and puts it on the device; touches nothing of the model."""
+def prepare(model: Model, state: HostState) -> ModelState:
+    """Validates `state` against `model` and puts it on the device, for `Model.replace_state`;
+    touches nothing of the model."""
     check_compatible(model, state)
     what = f"model {model.name!r}"
     opt_state = _tree_from(what, "optimizer state", opt_state_templates(model), state.opt, model.device)
     _check_leaves(what, "params", model.schema, state.params)
-    ema_template = getattr(model, EMA_ATTR, None)
+    ema_template = model.ema_template()
     if (state.ema is None) != (ema_template is None):
         has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
         raise StateError(f"{what}: the state {has}")
     ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
-    workers = {w: _for_model(r, model.name) for w, r in state.workers.items()}
+    workers = {w: r.copy() for w, r in state.workers.items()}
     dev = model.device
-    return {
-        "step": state.step,
-        "params": {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map},
-        "opt_state": opt_state,
-        "ema": ema,
-        "workers": workers,
-    }
-
-
-def _for_model(record: Any, name: str) -> Any:
-    """A copy of a worker record whose replies name `name` (an upload may rename the model)."""
-    replies = {}
-    for seq, reply in record.replies.items():
-        replies[seq] = pb.PushResponse()
-        replies[seq].CopyFrom(reply)
-        replies[seq].model = name
-    return dataclasses.replace(record, replies=replies)
+    params = {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map}
+    return ModelState(step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers)
 
 
 def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
@@ -323,49 +223,26 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
-def install(model: Any, prepared: dict) -> None:
-    """Replaces the model's state by a `prepare`d one; the caller holds the model lock."""
-    from optserve.server.core.model import Counters
+def admit_state(store: ModelStore, name: str, state: HostState) -> Model:
+    """Creates model `name` from a validated HostState (`from_manifest`) through core/admission.py,
+    as CreateModel creates one: limits, spec and tensors checked before anything is allocated for
+    it; INVALID_ARGUMENT for a state that does not fit together. The model appears in the store only
+    once its whole state is installed; whatever fails, nothing remains."""
 
-    model.params = prepared["params"]
-    model.opt_state = prepared["opt_state"]
-    if prepared["ema"] is not None:
-        setattr(model, EMA_ATTR, prepared["ema"])
-    model.step = prepared["step"]
-    model.workers = prepared["workers"]
-    model.counters = Counters()  # counters count since creation or restore
-    model._changed.notify_all()
-
-
-def create_model(store: Any, name: str, state: HostState) -> Any:
-    """Creates model `name` from a validated HostState (`from_manifest`), checking limits, spec and
-    tensors as CreateModel does, all before anything is allocated for it; INVALID_ARGUMENT for a
-    state that does not fit together. The model appears in the store only once its whole state is
-    installed; whatever fails, the reserved name and bytes are released and nothing remains."""
-    from optserve.server.core.datapath import schema_bytes
-    from optserve.server.core.model import Model
-    from optserve.server.core.store import compile_for, state_bytes_for
-
-    declared = schema_bytes(state.schema)
-    store.check_can_create(name, declared)
-    compiled = compile_for(name, state.spec, state.schema)
-    try:
-        _check_leaves(f"model {name!r}", "params", state.schema, state.params)
-    except StateError as e:
-        raise InvalidArgument(str(e)) from None
-    store.reserve(name, declared + state_bytes_for(compiled, state.schema))
-    try:
-        model = Model(name, state.schema, {k: own(v) for k, v in state.params.items()}, compiled, state.settings,
-                      store.device)  # fmt: skip
+    def check_params() -> None:
         try:
-            prepared = prepare(model, state)
+            _check_leaves(f"model {name!r}", "params", state.schema, state.params)
         except StateError as e:
             raise InvalidArgument(str(e)) from None
-        model.install_checkpoint(prepared)
-        store.add(model)
-    finally:
-        store.release(name)
-    return model
+
+    def restore(model: Model) -> ModelState:
+        try:
+            return prepare(model, state)
+        except StateError as e:
+            raise InvalidArgument(str(e)) from None
+
+    with admission.admit(store, name, state.schema, state.spec, state.settings, validate=check_params) as admitted:
+        return admitted.create({k: own(v) for k, v in state.params.items()}, restore=restore)
 
 
 def own(a: np.ndarray) -> np.ndarray:
@@ -375,7 +252,7 @@ def own(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def opt_state_templates(model: Any) -> tuple[Any, Any]:
+def opt_state_templates(model: Model) -> tuple[Any, Any]:
     """Shapes of the model's optimizer state after init and after one update (no allocation).
 
     Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
@@ -426,7 +303,7 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
     validates a client's request (the same schema, settings and spec-depth checks, typed worker
     records); StateError names `where`, the model (`model`, else the manifest's name) and the field.
     Tensors are checked against the model later (`prepare`); the spec is compiled by
-    `create_model`. Unknown keys are ignored (a checkpoint's manifest adds "files" and
+    `admit_state`. Unknown keys are ignored (a checkpoint's manifest adds "files" and
     "created_unix")."""
     if not isinstance(manifest, dict):
         raise StateError(f"{where}: the manifest is not a JSON object")
@@ -445,7 +322,7 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
         raise StateError(f"{where}: step {_show(step)} is not an integer in [0, 2**53 - 1]")
     label = name if model is None else model
     try:
-        schema = datapath.schema_from_json(label, manifest["schema"])
+        schema = schemas.schema_from_json(label, manifest["schema"])
         settings = ModelSettings.from_json(manifest["settings"], label)
         check_spec_depth(manifest["spec"])
     except InvalidArgument as e:
@@ -519,8 +396,8 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
             begin, end = offsets
         except (KeyError, TypeError, ValueError):
             raise StateError(f"{where}: tensor {key!r}: malformed entry {_show(info)}") from None
-        if not all(_is_int(x) for x in shape + offsets) or len(shape) > datapath.MAX_RANK \
-                or not datapath.shape_extent_ok(dtype, shape):  # fmt: skip
+        if not all(_is_int(x) for x in shape + offsets) or len(shape) > schemas.MAX_RANK \
+                or not schemas.shape_extent_ok(dtype, shape):  # fmt: skip
             raise StateError(f"{where}: tensor {key!r}: shape {_show(info['shape'])} or data_offsets "
                              f"{_show(info['data_offsets'])} out of range")  # fmt: skip
         if not 0 <= begin <= end <= len(body) or end - begin != codec.leaf_nbytes(dtype, shape):
