@@ -4,7 +4,7 @@
 
 An Adam model of `--params` float32 parameters (state = 3x that) lives in an embedded server with a
 checkpoint directory. In-process (no gRPC, so transfer time does not hide anything), it measures:
-- the update time of one push with no checkpoint running (`push_async`, waited for on the device);
+- the update time of one push with no checkpoint running (`LockedModel.apply`, waited for on the device);
 - the model-lock hold of a snapshot (`Model.capture_state`: dispatching device copies) and
   the time until the copies are complete;
 - every push's time while `save_now` runs in another thread, i.e. how long pushes are held up;

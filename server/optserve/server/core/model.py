@@ -21,7 +21,6 @@ aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 import time
 import weakref
@@ -34,6 +33,8 @@ import numpy as np
 
 from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
+from optserve.server.core.counters import CounterSet, Counters
+from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
@@ -43,24 +44,6 @@ from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
 from optserve.wire.codec import FLOAT_DTYPES, LeafSpec
-
-log = logging.getLogger("optserve.model")
-
-# A deadline timer thread with nothing to watch waits this long, then exits (a new one starts with
-# the next deadline), so an idle model holds no thread.
-_TIMER_IDLE_EXIT_S = 5.0
-
-
-@dataclasses.dataclass
-class Counters:
-    pushes_applied: int = 0
-    stale_rejected: int = 0
-    duplicates: int = 0
-    sync_timeouts: int = 0
-    pulls: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    nonfinite_rejected: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +109,10 @@ class Model:
         # "unchanged since the last save": a change at the same step must still be saved.
         self._state_version = 0
         self._workers: dict[str, WorkerRecord] = {}
-        self._counters = Counters()
-        self._counters_lock = threading.Lock()  # counters are also counted outside the model lock
+        self._counters = CounterSet()
         self.created_unix = time.time()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # waits for a step
-        self._deadline_wakeup = threading.Condition(self._lock)  # the aggregator's deadline timer
-        self._timer: threading.Thread | None = None
         self._pins: dict[int, int] = {}
         self._deleted = False
         self._closing = False  # the server is shutting down: waits end
@@ -142,6 +122,8 @@ class Model:
         self._aggregator: Aggregator = (
             SyncAggregator(self._view) if settings.mode == "sync" else AsyncAggregator(self._view)
         )
+        # applies the aggregator's pending work when its time is up (sync_timeout)
+        self._timer = DeadlineTimer(threading.Condition(self._lock), self._aggregator, f"optserve-sync-timeout-{name}")
 
     # -- plain reads ------------------------------------------------------------------------------
 
@@ -180,7 +162,7 @@ class Model:
             try:
                 return self._aggregator.commit(receiver)
             finally:
-                self._watch_deadline_locked()
+                self._timer.watch_locked()
 
     def pending_contributions(self) -> int:
         """sync: contributions received for the current step and not applied yet (async: 0)."""
@@ -206,39 +188,6 @@ class Model:
         updates itself (benchmarks, unit tests). The service goes through the calls above."""
         with self._lock:
             yield self._view
-
-    def _watch_deadline_locked(self) -> None:
-        """Starts the deadline timer when the aggregator has a deadline, or wakes the running one."""
-        if self._aggregator.time_left() is None or self._deleted or self._closing:
-            return
-        if self._timer is not None and self._timer.is_alive():
-            self._deadline_wakeup.notify_all()
-            return
-        self._timer = threading.Thread(target=self._run_deadlines, name=f"optserve-sync-timeout-{self.name}",
-                                       daemon=True)  # fmt: skip
-        self._timer.start()
-
-    def _run_deadlines(self) -> None:
-        """Lets the aggregator apply what is due (sync_timeout); exits when the model is deleted or
-        the server closes, or after a while without a deadline."""
-        with self._deadline_wakeup:
-            idle_since = None
-            while not self._deleted and not self._closing:
-                left = self._aggregator.time_left()
-                if left is None:
-                    now = time.monotonic()
-                    idle_since = idle_since or now
-                    if now - idle_since >= _TIMER_IDLE_EXIT_S:
-                        break
-                    self._deadline_wakeup.wait(_TIMER_IDLE_EXIT_S)
-                    continue
-                idle_since = None
-                if left <= 0:
-                    self._aggregator.expire()
-                    continue
-                self._deadline_wakeup.wait(left)
-            if self._timer is threading.current_thread():
-                self._timer = None
 
     # -- what the aggregator does through its view (_Locked), the lock held ------------------------
 
@@ -309,8 +258,7 @@ class Model:
     # -- counters ---------------------------------------------------------------------------------
 
     def _count(self, counter: str, n: int = 1) -> None:
-        with self._counters_lock:
-            setattr(self._counters, counter, getattr(self._counters, counter) + n)
+        self._counters.add(counter, n)
 
     def count_received(self, nbytes: int) -> None:
         """Gradient payload bytes taken from a push."""
@@ -322,8 +270,7 @@ class Model:
 
     def counters(self) -> Counters:
         """A copy of the counters (they count since creation or the last restore)."""
-        with self._counters_lock:
-            return dataclasses.replace(self._counters)
+        return self._counters.values()
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -414,12 +361,11 @@ class Model:
             if state.ema_state is not None:
                 self._ema_state = state.ema_state
             self._workers = {w: r.copy() for w, r in state.workers.items()}
-            with self._counters_lock:
-                self._counters = Counters()  # counters count since creation or restore
+            self._counters.reset()  # counters count since creation or restore
             self._aggregator.reset()
             self._state_version += 1
             self._changed.notify_all()
-            self._watch_deadline_locked()
+            self._timer.watch_locked()
             return self._state_version
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -437,7 +383,7 @@ class Model:
 
     def _end_locked(self) -> None:
         self._changed.notify_all()
-        self._deadline_wakeup.notify_all()
+        self._timer.stop_locked()
 
 
 class _Locked:

@@ -120,7 +120,7 @@ def check_weight(model_name: str, weight: float) -> float:
 
 
 class SyncAggregator:
-    """The round state of one sync-mode model. The model calls it with its lock held (aggregation.py)."""
+    """The round state of one sync-mode model. The model calls it with its lock held (core/aggregation.py)."""
 
     screens_pushes = True
 
