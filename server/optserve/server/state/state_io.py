@@ -11,7 +11,8 @@ Tensor keys (README, "Checkpoint format"):
 - `opt/<state path>`: optimizer-state leaves, the state path being the `/`-joined keys of the leaf
   in the optimizer-state pytree, e.g. `opt/count`, `opt/inner_state/0/mu/encoder/layers/0/kernel`,
   `opt/hyperparams/learning_rate`;
-- `ema/<state path>`: leaves of the parameter-EMA state, when the model keeps one, keyed like the optimizer state, e.g. `ema/count`, `ema/ema/<leaf path>`.
+- `ema/<state path>`: leaves of the parameter-EMA state, when the model keeps one, keyed like the
+  optimizer state, e.g. `ema/count`, `ema/ema/<leaf path>`.
 
 Checkpoint directories store each group in its own file without the group prefix
 (`params.safetensors`, `opt_state.safetensors`, `ema.safetensors`); a downloaded model is one file
