@@ -2,7 +2,7 @@
 
     python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
 
-Times, alternately (see common.paired_medians), the server's update once the gradient is on the device (`Model._apply_locked`: the jitted
+Times, alternately (see common.paired_medians), the server's update once the gradient is on the device (`LockedModel.apply`: the jitted
 step with donated buffers, EMA and scale included; NaN/Inf were already rejected chunk by chunk on
 receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
 parameters are ready.
@@ -19,9 +19,9 @@ import optax
 from common import machine, paired_medians, table
 from optserve.client import optim
 from optserve.wire.dtypes import LeafSpec
-from optserve.server.core.model import Model
+from optserve.server.core import admission
 from optserve.server.core.settings import ModelSettings
-from optserve.server.core.store import compile_for
+from optserve.server.core.store import ModelStore
 
 RULES = {
     "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),
@@ -42,15 +42,16 @@ def leaves_for(n: int) -> dict[str, np.ndarray]:
 
 
 def server_step(spec, params: dict, grads: dict):
-    """One server update (Model._apply_locked) on a gradient already on the device, waited for."""
+    """One server update (LockedModel.apply) on a gradient already on the device, waited for."""
     schema = [LeafSpec(k, "float32", v.shape) for k, v in params.items()]
-    model = Model("bench", schema, params, compile_for("bench", spec, schema), ModelSettings(), jax.devices()[0])
+    model = admission.create_model(ModelStore(jax.devices()[0]), "bench", schema, spec, ModelSettings(), params)
     g = model.to_device(grads)
 
     def step():
-        with model._lock:
-            model._apply_locked(g, 1.0)
-        jax.block_until_ready(model.params)
+        with model.locked() as m:
+            m.apply(g, 1.0)
+        with model.snapshot() as snap:  # the new parameters (a pin only: released before the next step)
+            jax.block_until_ready(snap.arrays)
 
     return step
 

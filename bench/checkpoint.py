@@ -4,8 +4,8 @@
 
 An Adam model of `--params` float32 parameters (state = 3x that) lives in an embedded server with a
 checkpoint directory. In-process (no gRPC, so transfer time does not hide anything), it measures:
-- the update time of one push with no checkpoint running (`push_async`, waited for on the device);
-- the model-lock hold of a snapshot (`Model.checkpoint_snapshot`: dispatching device copies) and
+- the update time of one push with no checkpoint running (`LockedModel.apply`, waited for on the device);
+- the model-lock hold of a snapshot (`Model.capture_state`: dispatching device copies) and
   the time until the copies are complete;
 - every push's time while `save_now` runs in another thread, i.e. how long pushes are held up;
 - the commit time of the checkpoint and its write throughput (bytes / seconds), split into the
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from optserve.server import Server
     from optserve.server.checkpoint import files as checkpoint_files
+    from optserve.server.core import admission
+    from optserve.server.state import model_state
 
     per = args.params // args.leaves
     rng = np.random.default_rng(0)
@@ -47,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     with Server(port=0, checkpoint_dir=root) as srv, srv.client(timeout=600) as client:
         client.create_model("big", {k: v[:1] for k, v in params.items()}, optimizer={"adam": {"learning_rate": 1e-3}})
         client.delete_model("big")  # (warms the service path; the real model is built in-process below)
-        model = srv.store.create("big", _schema(params), params, {"adam": {"learning_rate": 1e-3}}, _settings())
+        model = admission.create_model(srv.store, "big", _schema(params), {"adam": {"learning_rate": 1e-3}}, _settings(),
+                                       params)  # fmt: skip
         manager = srv.checkpoints
 
         def push() -> float:
             t = time.perf_counter()
-            model.push_async(grads, base_step=None, worker_id="", seq=0, make_reply=lambda s: s)
-            jax.block_until_ready((model.params, model.opt_state))
+            with model.locked() as m:  # the update alone, as an async push applies it once received
+                m.apply(grads, 1.0)
+            with model.snapshot() as snap:  # the new parameters (a pin only: released before the next push)
+                jax.block_until_ready(snap.arrays)
             return time.perf_counter() - t
 
         for _ in range(3):  # compile and warm
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"push without checkpoint: median {statistics.median(base) * 1e3:.0f} ms, max {max(base) * 1e3:.0f} ms")
 
         t = time.perf_counter()
-        snap = model.checkpoint_snapshot()
+        snap = model_state.capture(model)
         held = time.perf_counter() - t
         jax.block_until_ready((snap.params, snap.opt_state))
         copied = time.perf_counter() - t

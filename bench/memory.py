@@ -49,7 +49,7 @@ def measure(n: int = 100_000_000) -> list[dict]:
         model.push(grads)  # compile and settle
         model.pull()
         # The server drops the last update's inputs within ~50 ms of the update finishing
-        # (datapath.host_buffer_reaper) but keeps the gradient buffer itself for the next push for
+        # (host_memory.host_buffer_reaper) but keeps the gradient buffer itself for the next push for
         # 2 s (gradient_buffers.py), as during training: "before" includes it and the push reuses it.
         # A push that arrives while the previous update still runs holds two gradients, by design
         # (receiving overlaps the update); this measures one push.

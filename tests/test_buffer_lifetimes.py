@@ -50,10 +50,10 @@ def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
     """Polls `predicate` (bounded), letting jax drop the host buffers of finished work before each try.
 
     jaxlib releases an update's inputs just after its outputs are ready and performs the Python
-    reference drops at its next API call (datapath.release_host_buffers); the server's reaper does
+    reference drops at its next API call (host_memory.release_host_buffers); the server's reaper does
     that in the background, this does it here too so that the wait ends as soon as it can.
     """
-    from optserve.server.core.datapath import release_host_buffers
+    from optserve.server.core.host_memory import release_host_buffers
 
     deadline = time.monotonic() + timeout
     while True:

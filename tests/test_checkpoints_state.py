@@ -169,6 +169,44 @@ def test_restart_restores_every_model_and_keeps_deduplicating(tmp_path):
         assert [x["step"] for x in beta.checkpoints()] == [3]
 
 
+def test_checkpoints_with_replies_as_serialized_push_responses_still_restore(tmp_path):
+    """Checkpoints written before replies were stored as {"step", "applied"} hold each one as a
+    base64 PushResponse: after a restart from such a checkpoint, a retry gets the reply it holds,
+    marked as a duplicate with this server's incarnation, and nothing is applied twice."""
+    import base64
+
+    from optserve.server.checkpoint import files as checkpoint_files
+
+    rng = np.random.default_rng(3)
+    params = _params(rng, bf16=False)
+    grads = [_grads(rng, params) for _ in range(2)]
+    with Server(port=0, checkpoint_dir=str(tmp_path / "ck")) as srv, srv.client(timeout=60.0) as c:
+        w = c.create_model("gamma", params, optimizer=ADAM).worker("w")
+        w.pull()
+        for g in grads:
+            w.push(g)
+    path = tmp_path / "ck" / "gamma" / "step_2" / checkpoint_files.MANIFEST
+    manifest = json.loads(path.read_text())
+    record = manifest["workers"]["w"]
+    assert record["replies"] == [{"seq": 1, "reply": {"step": 1, "applied": True}},
+                                 {"seq": 2, "reply": {"step": 2, "applied": True}}]  # fmt: skip
+    for entry in record["replies"]:
+        old = pb.PushResponse(model="gamma", step=entry["reply"]["step"], applied=True, incarnation="earlier")
+        entry["reply"] = {"proto": "PushResponse", "b64": base64.b64encode(old.SerializeToString()).decode()}
+    manifest[checkpoint_files.MANIFEST_DIGEST] = checkpoint_files.manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+    with Server(port=0, checkpoint_dir=str(tmp_path / "ck")) as srv, srv.client(timeout=60.0) as c:
+        gamma = c.model("gamma")
+        assert gamma.step == 2
+        for seq in (1, 2):
+            header = pb.PushHeader(model="gamma", worker_id="w", seq=seq)
+            reply = gamma.push_raw(header, sorted(_flat(grads[seq - 1]).items()))
+            assert reply.duplicate and reply.step == seq and reply.applied and reply.model == "gamma"
+            assert reply.incarnation == srv.service.incarnation
+        assert gamma.step == 2 and gamma.info()["workers"]["w"]["last_seq"] == 2
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():

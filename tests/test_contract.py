@@ -303,8 +303,8 @@ HUGE = np.float32(3e38)  # finite; one adam step of learning rate 1e38 takes it 
 
 def _state_bytes(server: Server, name: str) -> dict:
     """Every leaf of parameters, optimizer state and EMA, as raw bytes (bitwise comparison)."""
-    m = server.store.get(name)
-    trees = {"params": m.params, "opt": m.opt_state, "ema": m.ema_state}
+    state, _ = server.store.get(name).capture_state()
+    trees = {"params": state.params, "opt": state.opt_state, "ema": state.ema_state}
     return {
         f"{k}{jax.tree_util.keystr(path)}": np.asarray(x).tobytes()
         for k, tree in trees.items()

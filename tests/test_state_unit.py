@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,15 +16,14 @@ import safetensors.numpy
 from optserve.server.checkpoint.files import CheckpointInfo, committed, info_of, next_name, read_checkpoint, write_checkpoint
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings
-from optserve.server.core.store import compile_for
 from optserve.server.state import model_state
 from optserve.server.state.errors import StateError
 from optserve.server.state.manifest import from_manifest, to_manifest
 from optserve.server.state.model_state import HostState
 from optserve.server.state.safetensors_io import parse_safetensors, to_specs
 from optserve.server.state.state_file import decode_file, encode_file
-from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.dtypes import LeafSpec
+from tests.core_helpers import make_model, push
 
 SPEC = {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}}
 SCHEMA = [
@@ -46,18 +44,15 @@ def _params(seed: int) -> dict[str, np.ndarray]:
 
 
 def _model(seed: int) -> Model:
-    return Model("m", SCHEMA, _params(seed), compile_for("m", SPEC, SCHEMA), SETTINGS, jax.devices()[0])
-
-
-def _reply(step: int) -> pb.PushResponse:
-    # The reply a worker record keeps (what the service's make_reply builds).
-    return pb.PushResponse(model="m", step=step, applied=True)
+    model = make_model(SETTINGS, SPEC, _params(seed), name="m")
+    assert list(model.schema) == SCHEMA
+    return model
 
 
 def _push(model: Model, seed: int, *, worker_id: str, seq: int) -> None:
     rng = np.random.default_rng(seed)
-    grads = {l.path: jax.device_put(rng.standard_normal(l.shape).astype(l.dtype)) for l in SCHEMA}
-    model.push_async(grads, base_step=model.step, worker_id=worker_id, seq=seq, make_reply=_reply)
+    grads = {l.path: rng.standard_normal(l.shape).astype(l.dtype) for l in SCHEMA}
+    push(model, grads, base_step=model.step, worker_id=worker_id, seq=seq)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +62,7 @@ def trained() -> tuple[Model, HostState]:
     _push(model, 1, worker_id="a", seq=1)
     model.set_hyperparams({"learning_rate": 0.005})
     _push(model, 2, worker_id="b", seq=7)
-    return model, model.checkpoint_snapshot().to_host()
+    return model, model_state.capture(model).to_host()
 
 
 def _assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ordered: bool = True) -> None:
@@ -107,28 +102,28 @@ def test_captured_state_installs_bitwise_into_a_fresh_model(trained, form):
 
     fresh = _model(5)  # other parameters, and a history of its own that the install must replace
     _push(fresh, 4, worker_id="z", seq=3)
-    version = fresh.install_checkpoint(model_state.prepare(fresh, back))
+    version = fresh.replace_state(model_state.prepare(fresh, back))
     assert version == fresh.state_version
-    _assert_same_state(fresh.checkpoint_snapshot().to_host(), state)
-    assert fresh.counters.pushes_applied == 0  # counters count since creation or restore
+    _assert_same_state(model_state.capture(fresh).to_host(), state)
+    assert fresh.counters().pushes_applied == 0  # counters count since creation or restore
 
     # ... and it continues exactly where the captured model did
     _push(model, 3, worker_id="a", seq=2)
     _push(fresh, 3, worker_id="a", seq=2)
-    _assert_same_state(fresh.checkpoint_snapshot().to_host(), model.checkpoint_snapshot().to_host())
+    _assert_same_state(model_state.capture(fresh).to_host(), model_state.capture(model).to_host())
 
 
 def test_prepare_refuses_a_state_that_does_not_fit_and_changes_nothing(trained):
     _, state = trained
     target = _model(5)
-    before = target.checkpoint_snapshot().to_host()
+    before = model_state.capture(target).to_host()
     wrong_shape = HostState(**{**vars(state), "opt": {**state.opt, "inner_state/0/mu/w": np.zeros((2, 3), np.float32)}})
     with pytest.raises(StateError, match=r"model 'm': optimizer state leaf 'inner_state/0/mu/w': expected float32\[3, 2\]"):
         model_state.prepare(target, wrong_shape)
     other_settings = HostState(**{**vars(state), "settings": ModelSettings()})
     with pytest.raises(StateError, match="settings differ"):
         model_state.prepare(target, other_settings)
-    _assert_same_state(target.checkpoint_snapshot().to_host(), before)
+    _assert_same_state(model_state.capture(target).to_host(), before)
 
 
 def test_checkpoint_directory_round_trip(trained, tmp_path):

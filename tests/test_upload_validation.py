@@ -24,7 +24,8 @@ from optserve.client import Client, FailedPreconditionError, OptserveError, opti
 from optserve.wire.dtypes import DTYPES, leaf_nbytes
 from optserve.wire.framing import frame
 from optserve.server import Server
-from optserve.server.core.model import MAX_STEP, REPLY_WINDOW
+from optserve.server.core.step import MAX_STEP
+from optserve.server.core.workers import REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
 from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
@@ -197,6 +198,20 @@ CASES.update({
         {"seq": 3, "reply": {"proto": "PushResponse", "b64": "!!!"}}])}), "PushResponse"),  # fmt: skip
     "worker-old-form-reply-not-pushresponse": (_set("workers", {"w1": {"last_seq": 3, "last_base_step": 2,
         "last_reply": _reply_b64(pb.ModelInfo(name="x"))}}), "PushResponse"),  # fmt: skip
+    "worker-reply-step-str": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": {"step": "3", "applied": True}}])}), "step"),  # fmt: skip
+    "worker-reply-applied-int": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": {"step": 3, "applied": 1}}])}), "applied"),  # fmt: skip
+    "worker-reply-extra-key": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": {"step": 3, "applied": True, "duplicate": False}}])}), "applied"),  # fmt: skip
+    "worker-reply-step-negative": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": {"step": -1, "applied": True}}])}), "reply step"),  # fmt: skip
+    "worker-old-form-reply-step-negative": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": _reply_b64(pb.PushResponse(model="x", step=-5, applied=True))}])}), "reply step"),  # fmt: skip
+    "worker-old-form-reply-truncated": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
+        {"seq": 3, "reply": {"proto": "PushResponse", "b64": base64.b64encode(
+            pb.PushResponse(model="upload-base", step=3, applied=True).SerializeToString()[:-1]).decode()}}])}),
+        "PushResponse"),  # fmt: skip
     "opt_keys-wrong": (_edit("opt_keys", lambda k: k[:-1]), "opt_keys"),
     "opt_keys-duplicate": (_edit("opt_keys", lambda k: k + k[:1]), "opt_keys"),
     "ema_keys-without-ema": (_set("ema_keys", ["count"]), "ema_keys"),
@@ -291,6 +306,37 @@ def test_valid_upload_keeps_working(client, base_file):
     m = client.model("old-form")
     retry = m.push_raw(m._push_header(None, None, "w1", 3), m._grad_leaves(GRADS, None))
     assert info.step == 3 and retry.duplicate and retry.step == 3 and retry.model == "old-form"
+
+
+def test_replies_written_as_serialized_push_responses_still_answer_retries(server, client, base_file, tmp_path):
+    """Files written before replies were stored as {"step", "applied"} hold each one as a base64
+    PushResponse (with the model name and incarnation of the server that wrote it): they still load,
+    in the window form and in the older single-reply form, and a retry gets the reply they hold,
+    named after the model it now belongs to and marked with this server's incarnation."""
+    tensors, meta = base_file
+    record = meta["workers"]["w1"]
+    assert record["replies"][-1] == {"seq": 3, "reply": {"step": 3, "applied": True}}  # what servers write now
+
+    def old(reply: dict) -> dict:  # what servers wrote before, for the same reply
+        return _reply_b64(pb.PushResponse(model="upload-base", step=reply["step"], applied=reply["applied"],
+                                          incarnation="an-earlier-start"))  # fmt: skip
+
+    window = json.loads(json.dumps(meta))
+    window["workers"]["w1"]["replies"] = [{"seq": e["seq"], "reply": old(e["reply"])} for e in record["replies"]]
+    single = json.loads(json.dumps(meta))
+    single["workers"]["w1"] = {"last_seq": 3, "last_base_step": record["last_base_step"],
+                               "last_reply": old(record["replies"][-1]["reply"])}  # fmt: skip
+    for name, manifest in (("old-window", window), ("old-single", single)):
+        info = _upload_bytes(client, _file(tensors, manifest), name)
+        m = client.model(name)
+        retry = m.push_raw(m._push_header(None, None, "w1", 3), m._grad_leaves(GRADS, None))
+        assert info.step == 3 and retry.duplicate and retry.step == 3 and retry.applied, retry
+        assert retry.model == name and retry.incarnation == server.service.incarnation
+        assert m.info()["step"] == 3
+        path = tmp_path / f"{name}.safetensors"
+        m.download(path)  # written back in today's form
+        workers = json.loads(parse_safetensors(path.read_bytes(), str(path))[1]["workers"])
+        assert workers["w1"]["replies"][-1] == {"seq": 3, "reply": {"step": 3, "applied": True}}
 
 
 # -- declared sizes are never allocated ----------------------------------------------------------

@@ -25,8 +25,11 @@ from optserve.client import Client
 
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
-from optserve.server.core.errors import ConfigError
+from optserve.server.api.auth import Token, TokenAuth
+from optserve.server.api.metrics import ServerMetrics
 from optserve.server.api.service import OptserveService
+from optserve.server.checkpoint.manager import CheckpointManager
+from optserve.server.core.errors import ConfigError
 from optserve.server.core.store import ModelStore
 
 log = logging.getLogger("optserve.server")
@@ -67,9 +70,15 @@ class Server:
     host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
     are checkpointed and restored from (None: no checkpoints). device: JAX device for the models.
     max_workers: threads serving RPCs (each stream holds one while it runs; calls waiting for a step
-    are bounded below it, see service.waiting_call_limit, so that the rest stay free for others).
+    are bounded below it, see data_plane.waiting_call_limit, so that the rest stay free for others).
+    tokens: bearer tokens (api/auth.py; None: no authentication): calls without a known one are
+    refused, and a token limited to some models may touch only those. interceptors: more gRPC
+    server interceptors, after the token check.
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
+
+    Everything is built here and handed over at construction: the store, the metrics (which read the
+    store), the checkpoint manager (which reports to the metrics) and the service (which uses all three).
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class Server:
         max_model_bytes: int | None = None,
         max_total_bytes: int | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
+        tokens: list[Token] | None = None,
         interceptors: list[Any] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         metrics_port: int | None = None,
@@ -93,23 +103,21 @@ class Server:
         self.host = host
         self.store = ModelStore(resolve_device(device), max_models=max_models, max_model_bytes=max_model_bytes,
                                 max_total_bytes=max_total_bytes)  # fmt: skip
+        self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None
-        if checkpoint_dir is not None:
-            from optserve.server.checkpoint.manager import CheckpointManager
-
-            checkpoints = CheckpointManager(checkpoint_dir, **(checkpoint_options or {}))
+        if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
+            checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
-        self.service = OptserveService(self.store, chunk_bytes=chunk_bytes, checkpoints=checkpoints,
-                                       max_workers=max_workers)  # fmt: skip
-        self.metrics = self.service.metrics  # its own registry: several servers may share a process
-        if checkpoints is not None:
-            checkpoints.metrics = self.metrics  # periodic, explicit and final saves alike
+        # with checkpoints, calls are UNAVAILABLE until every model is restored (ready.set() below)
+        self.service = OptserveService(self.store, metrics=self.metrics, checkpoints=checkpoints, tokens=tokens,
+                                       chunk_bytes=chunk_bytes, max_workers=max_workers,
+                                       ready=checkpoints is None)  # fmt: skip
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="optserve-rpc"),
             options=SERVER_OPTIONS,
-            interceptors=interceptors or (),
+            interceptors=([TokenAuth(tokens)] if tokens is not None else []) + list(interceptors or ()),
         )
         self._grpc.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -121,8 +129,6 @@ class Server:
             self.port = self._grpc.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
-        if checkpoints is not None:
-            self.service.ready.clear()  # calls are UNAVAILABLE until every model is restored
         self._grpc.start()
         self._stopped = False
         if checkpoints is not None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 
-from optserve.wire.channel import SERVICE
 from optserve.server.core.errors import ConfigError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -63,11 +62,17 @@ def match_token(tokens: list[Token], presented: bytes) -> Token | None:
     return found
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` on every optserve call.
+def bearer_token(metadata: Any) -> str:
+    """The token of a call's `authorization: Bearer <token>` metadata ('' when it has none)."""
+    header = dict(metadata or ()).get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
-    Whether a token may touch a model is checked by the service (`authorize`), which knows the
-    model a request names; the interceptor stores the matched token for it in a context-local.
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Refuses every optserve call without a known `authorization: Bearer <token>` (UNAUTHENTICATED).
+
+    Whether a token may touch a model is checked by the service (api/call_context.py), which knows
+    the model a request names and resolves the token's models from the call's metadata itself.
     """
 
     def __init__(self, tokens: list[Token]):
@@ -76,28 +81,24 @@ class TokenAuth(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(OPEN_SERVICES):
             return continuation(details)
-        header = dict(details.invocation_metadata or ()).get("authorization", "")
-        presented = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        presented = bearer_token(details.invocation_metadata)
         token = match_token(self.tokens, presented.encode()) if presented else None
         if token is None:
             reason = "missing bearer token" if not presented else "invalid bearer token"
             return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED, f"{details.method}: {reason}")
-        handler = continuation(details)
-        if handler is None or token.models is None or not details.method.startswith(f"/{SERVICE}/"):
-            return handler
-        return _scoped(handler, token.models)
+        return continuation(details)
 
 
 # grpc builds a handler with a different function for each (request streaming, response streaming).
 _HANDLER_FACTORIES = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
 }
 
 
-def _factory(handler: grpc.RpcMethodHandler) -> tuple[Callable, str]:
+def _factory(handler: grpc.RpcMethodHandler) -> Callable:
     return _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
 
 
@@ -108,22 +109,7 @@ def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message:
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(abort)
     # Keep the method's arity so grpc treats the call correctly, and skip deserializing bytes.
-    return _factory(handler)[0](abort)
-
-
-ALLOWED_MODELS = "optserve.allowed_models"
-
-
-def _scoped(handler: grpc.RpcMethodHandler, models: frozenset[str]) -> grpc.RpcMethodHandler:
-    """Wraps a handler so the service can check the model a request names against `models`."""
-    make, attribute = _factory(handler)
-    inner = getattr(handler, attribute)
-
-    def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-        setattr(context, ALLOWED_MODELS, models)
-        return inner(request, context)
-
-    return make(behaviour, handler.request_deserializer, handler.response_serializer)
+    return _factory(handler)(abort)
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
@@ -174,13 +160,13 @@ def _read(path: str, flag: str) -> bytes:
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Server(...) keyword arguments for the serve command's --token-file and --tls-* flags.
+    """Server(...) keyword arguments for the serve command's --token-file (`tokens`) and --tls-* flags.
 
     Raises ConfigError, naming the flag and the fix, for a flag that cannot work.
     """
     options: dict[str, Any] = {}
     if args.token_file is not None:
-        options["interceptors"] = [TokenAuth(load_tokens(args.token_file))]
+        options["tokens"] = load_tokens(args.token_file)
     if args.tls_cert and not args.tls_key:
         raise ConfigError("--tls-cert needs --tls-key: add --tls-key FILE, the certificate's private key")
     if args.tls_key and not args.tls_cert:

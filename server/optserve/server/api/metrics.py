@@ -36,18 +36,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from optserve.server.core.errors import ServiceError
-from optserve.wire.errors import WireError
+from optserve.server.api.status import status_name
 
 log = logging.getLogger("optserve.metrics")
-
-# The service records the model a request names on its context (see service.authorize).
-MODEL_ATTR = "optserve_model"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -55,19 +50,6 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 PUSH_RPCS = frozenset({"Push", "PushPull", "PushOne", "PushPullOne"})
 PULL_RPCS = frozenset({"Pull", "PushPull", "PullOne", "PushPullOne"})
-
-
-def status_name(error: BaseException) -> str:
-    """The gRPC status an exception becomes (lower case), as the service maps it."""
-    if isinstance(error, ServiceError):
-        return error.code.name.lower()
-    if isinstance(error, grpc.RpcError):  # the client went away mid-stream
-        return "cancelled"
-    from optserve.server.spec import SpecError
-
-    if isinstance(error, (SpecError, WireError)):
-        return "invalid_argument"
-    return "internal"
 
 
 class _StateCollector(Collector):
@@ -165,12 +147,14 @@ class ServerMetrics:
     def waited(self, model: str, seconds: float) -> None:
         self._child(self.sync_wait, model).observe(seconds)
 
-    def failed(self, rpc: str, context: grpc.ServicerContext, error: BaseException) -> None:
-        """A call that ends with an error status (or was cancelled by its client)."""
+    def failed(self, rpc: str, error: BaseException, *, model: str, pushed: bool) -> None:
+        """A call that ends with an error status (or was cancelled by its client). model: the model
+        its request named ('' if none yet); pushed: its push was counted (a PushPull's failure after
+        that is its pull's)."""
         code = status_name(error)
         self.rejected.labels(rpc, code).inc()
-        model = self._model_label(getattr(context, MODEL_ATTR, None))
-        if rpc in PUSH_RPCS and not getattr(context, "optserve_pushed", False):
+        model = self._model_label(model)
+        if rpc in PUSH_RPCS and not pushed:
             self.pushes.labels(model, code).inc()
         elif rpc in PULL_RPCS:
             self.pulls.labels(model, code).inc()

@@ -8,21 +8,21 @@ any safetensors reader can open it (README.md, "Checkpoint format").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from optserve.wire.framing import frame
-from optserve.server.core import datapath
+from optserve.server.api import requests as requests_
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
+from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.state.errors import StateError
-from optserve.server.state.model_state import create_model
+from optserve.server.state.model_state import admit_state, capture
 from optserve.server.state.state_file import decode_file, encode_file
 from optserve.v1 import optserve_pb2 as pb
 
 
-def download(model: Any, chunk_bytes: int) -> Iterator[bytes]:
+def download(model: Model, chunk_bytes: int) -> Iterator[bytes]:
     """Framed FileChunk messages of the model's state file, taken from one consistent snapshot."""
-    data = encode_file(model.checkpoint_snapshot().to_host())
+    data = encode_file(capture(model).to_host())
     view = memoryview(data)
     total = len(data)
     for offset in range(0, total, chunk_bytes):
@@ -45,14 +45,14 @@ def upload_limit(store: ModelStore) -> int:
     return 2 * most + UPLOAD_HEADER_ROOM
 
 
-def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[[str], str]) -> Any:
+def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[[str], str]) -> Model:
     """Creates a model from an uploaded state file; all or nothing.
 
     The declared size is checked against what the store could hold before any data is read, and
     the buffer grows only with the bytes that actually arrive (never allocated from the header),
     so a header that lies costs nothing. The file is validated as CreateModel validates its request
-    (state_file.decode_file and model_state.create_model)."""
-    first, _ = datapath.first_message(requests, pb.UploadRequest, "header")
+    (state_file.decode_file and model_state.admit_state)."""
+    first, _ = requests_.first_message(requests, pb.UploadRequest, "header")
     header = first.header
     what = f"upload of model {header.name!r}" if header.name else "upload (model name from the file)"
     if header.name:
@@ -66,7 +66,7 @@ def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[
                                 "(its limits, or its device's memory)")  # fmt: skip
     data = bytearray()  # grows with the data received (realloc extends in place where it can)
     for raw in requests:
-        msg, payload = datapath.parse_chunk(raw, pb.UploadRequest)
+        msg, payload = requests_.parse_chunk(raw, pb.UploadRequest)
         if msg.HasField("header"):
             raise InvalidArgument(f"{what}: UploadRequest: a header may only appear in the first message")
         if msg.offset != len(data) or len(data) + len(payload) > total:
@@ -80,4 +80,4 @@ def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[
     except StateError as e:
         raise InvalidArgument(str(e)) from None
     name = authorize(check_model_name(header.name or state.name))
-    return create_model(store, name, state)
+    return admit_state(store, name, state)

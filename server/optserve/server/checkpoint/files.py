@@ -28,7 +28,7 @@ from typing import NamedTuple
 import safetensors.numpy
 
 from optserve.server.core.errors import InvalidArgument, ServiceError
-from optserve.server.core.model import MAX_STEP
+from optserve.server.core.step import MAX_STEP
 from optserve.server.state.errors import StateError
 from optserve.server.state.manifest import FORMAT_VERSION, from_manifest, to_manifest
 from optserve.server.state.model_state import HostState

@@ -51,6 +51,7 @@ from optserve.server.checkpoint.restore import restore_all, restore_on_request
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, NotFound, ServiceError
 from optserve.server.core.store import ModelStore
+from optserve.server.state import model_state
 
 log = logging.getLogger("optserve.checkpoints")
 
@@ -91,7 +92,7 @@ class CheckpointManager:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="optserve-checkpoint")
-        self.metrics = metrics
+        self.metrics = metrics  # the server's ServerMetrics (or None): every save's duration, size or failure
 
     def _track(self, name: str) -> Track:
         with self._tracks_lock:
@@ -162,7 +163,7 @@ class CheckpointManager:
         if model.deleted:  # a save that waited for DeleteModel must not bring its directory back
             raise NotFound(f"model {model.name!r} was deleted; not checkpointed")
         model_dir = self._root.model_dir(model.name)
-        snapshot, version = model.versioned_checkpoint_snapshot()
+        snapshot, version = model_state.capture_versioned(model)
         track.attempted_step, track.attempted_mono = snapshot.step, time.monotonic()
         began = time.perf_counter()
         try:

@@ -77,7 +77,7 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
         for checkpoint in committed(model_dir):
             try:
                 state = read_checkpoint(checkpoint.path, name)
-                model = model_state.create_model(store, name, state)
+                model = model_state.admit_state(store, name, state)
             except NOT_THE_CHECKPOINTS_FAULT as e:
                 log.error("model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir)
                 return
@@ -136,7 +136,7 @@ def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step:
             raise FailedPrecondition(f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
                                      f"(moved aside): {'; '.join(reasons)}")  # fmt: skip
         _supersede_newer_locked(name, model_dir, checkpoint)
-        track.mark_saved(model, checkpoint, model.install_checkpoint(prepared))
+        track.mark_saved(model, checkpoint, model.replace_state(prepared))
     log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
     return model
 

@@ -1,12 +1,14 @@
-"""Errors the service turns into gRPC statuses (docs/design.md, "Errors"). Messages name the model and the
-leaf or field at fault; raising one never leaves a model half-changed."""
-from __future__ import annotations
+"""Domain errors of the server's core, state and checkpoint layers.
 
-import grpc
+Each names the status it becomes (`status`, a gRPC status code's name); the API layer maps the
+names to gRPC codes in one table (api/status.py), so nothing below it imports grpc. Messages name
+the model and the leaf or field at fault; raising one never leaves a model half-changed.
+"""
+from __future__ import annotations
 
 
 class ServiceError(Exception):
-    code = grpc.StatusCode.INTERNAL
+    status = "INTERNAL"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -14,35 +16,35 @@ class ServiceError(Exception):
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    status = "NOT_FOUND"
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    status = "ALREADY_EXISTS"
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    status = "UNAVAILABLE"
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = "DEADLINE_EXCEEDED"
 
 
 class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    status = "PERMISSION_DENIED"
 
 
 class NonFiniteUpdate(FailedPrecondition):

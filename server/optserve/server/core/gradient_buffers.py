@@ -11,7 +11,7 @@ N+1 is already arriving. Buffers are reused only when free: every numpy view of 
 reference to the array that owns its memory, so "no reference but ours" means nobody reads or
 writes it (jax's zero-copy device arrays keep the numpy array they alias alive too). And they are
 given back after IDLE_SECONDS without pushes: an idle server holds no gradients (the memory at
-rest that `datapath.release_host_buffers` exists for).
+rest that `host_memory.release_host_buffers` exists for).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A model's consistency and bookkeeping settings, validated at the boundary (docs/design.md, "Models and admission").
 
 One validation (`ModelSettings.validated`) serves every door: settings sent by a client
-(`from_proto`, CreateModel) and settings read from a file (`from_json`, Upload and checkpoint
+(api/messages.py, CreateModel) and settings read from a file (`from_json`, Upload and checkpoint
 manifests), so a file cannot hold what a client could not ask for.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from optserve.server.core.errors import InvalidArgument
-from optserve.v1 import optserve_pb2 as pb
 
 MODES = ("async", "sync")
 STALENESS_SCALING = ("none", "inverse")
@@ -74,29 +73,6 @@ class ModelSettings:
             staleness_scaling=scaling, ema_decay=None if ema is None else float(ema), ema_debias=bool(self.ema_debias),
             reject_nonfinite_updates=bool(self.reject_nonfinite_updates),
         )  # fmt: skip
-
-    @classmethod
-    def from_proto(cls, s: pb.ModelSettings, model: str) -> ModelSettings:
-        """Validates settings sent by a client; the message names the model and the field."""
-        return cls(
-            mode=s.mode, workers=s.workers, quorum=s.quorum,
-            max_staleness=s.max_staleness if s.HasField("max_staleness") else None,
-            sync_timeout=s.sync_timeout_seconds, staleness_scaling=s.staleness_scaling,
-            ema_decay=s.ema_decay if s.HasField("ema_decay") else None, ema_debias=s.ema_debias,
-            reject_nonfinite_updates=s.reject_nonfinite_updates,
-        ).validated(model)  # fmt: skip
-
-    def to_proto(self) -> pb.ModelSettings:
-        s = pb.ModelSettings(
-            mode=self.mode, workers=self.workers, quorum=self.quorum, sync_timeout_seconds=self.sync_timeout,
-            staleness_scaling=self.staleness_scaling, ema_debias=self.ema_debias,
-            reject_nonfinite_updates=self.reject_nonfinite_updates,
-        )  # fmt: skip
-        if self.max_staleness is not None:
-            s.max_staleness = self.max_staleness
-        if self.ema_decay is not None:
-            s.ema_decay = self.ema_decay
-        return s
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

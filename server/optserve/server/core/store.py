@@ -1,19 +1,17 @@
-"""The model store: the server's named models (multi-tenant), created and deleted atomically."""
+"""The model store: the server's named models (multi-tenant), created and deleted atomically.
+
+Models come in through core/admission.py only, which checks the limits kept here before anything is
+allocated and reserves the name and bytes while the model is built."""
 from __future__ import annotations
 
 import os
 import re
 import threading
-from collections.abc import Mapping
 
 import jax
-import numpy as np
 
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.server.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.core.model import Model
-from optserve.server.core.settings import ModelSettings
-from optserve.server.spec import SpecError, compile_spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -28,25 +26,8 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def state_bytes_for(compiled, schema: list[LeafSpec]) -> int:
-    """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
-    (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
-    trainable = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in schema if l.dtype in FLOAT_DTYPES}
-    shapes = jax.eval_shape(compiled.init, trainable)
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
-
-
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def compile_for(name: str, spec, schema: list[LeafSpec]):
-    """Compiles a spec for a schema; SpecError becomes INVALID_ARGUMENT naming the model and field."""
-    trainable = [l.path for l in schema if l.dtype in ("float16", "bfloat16", "float32", "float64")]
-    try:
-        return compile_spec(spec, trainable)
-    except SpecError as e:
-        raise InvalidArgument(f"model {name!r}: optimizer {e}") from None
 
 
 class ModelStore:
@@ -118,15 +99,8 @@ class ModelStore:
         with self._lock:
             self._reserved.pop(name, None)
 
-    def create(self, name: str, schema: list[LeafSpec], params: Mapping[str, np.ndarray], spec,
-               settings: ModelSettings) -> Model:  # fmt: skip
-        """Builds and registers a model; the name must have been reserved."""
-        compiled = compile_for(name, spec, schema)
-        model = Model(name, schema, params, compiled, settings, self.device)
-        self.add(model)
-        return model
-
     def add(self, model: Model) -> None:
+        """Registers a model built under a reservation of its name (core/admission.py)."""
         with self._lock:
             self._reserved.pop(model.name, None)
             if model.name in self._models:

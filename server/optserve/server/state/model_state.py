@@ -1,19 +1,20 @@
 """A model's complete state on the host (`HostState`), and the way in and out of a live model.
 
-`capture(model)` (called under the model lock) takes a consistent snapshot as fresh device copies,
-so the lock is held only while the copies are dispatched and later updates, which donate their
-buffers, cannot touch it; `DeviceSnapshot.to_host()` (outside the lock) turns it into a
-`HostState` of numpy arrays. `prepare(model, state)` validates all of a `HostState` against the
-model and puts it on the device without touching the model; `install(model, prepared)` (under the
-lock) then replaces the model's state by it, so a bad state changes nothing.
+`capture(model)` takes a consistent snapshot as fresh device copies (`Model.capture_state`, which
+holds the model lock only while the copies are dispatched; later updates, which donate their
+buffers, cannot touch it); `DeviceSnapshot.to_host()` turns it into a `HostState` of numpy arrays.
+`prepare(model, state)` validates all of a `HostState` against the model and puts it on the device
+without touching the model; `Model.replace_state` then installs the result, so a bad state changes
+nothing. `admit_state(store, name, state)` creates a model from a `HostState` through the one
+admission path (core/admission.py).
 
 Tensor groups and keys (README, "Checkpoint format"):
 - `params`: parameters by leaf path, e.g. `encoder/layers/0/kernel`;
 - `opt`: optimizer-state leaves by state path, the `/`-joined keys of the leaf in the
   optimizer-state pytree, e.g. `count`, `inner_state/0/mu/encoder/layers/0/kernel`,
   `hyperparams/learning_rate`;
-- `ema`: leaves of the parameter-EMA state (the model attribute `EMA_ATTR`), when the model keeps
-  one, keyed like the optimizer state, e.g. `count`, `ema/<leaf path>`.
+- `ema`: leaves of the parameter-EMA state, when the model keeps one, keyed like the optimizer
+  state, e.g. `count`, `ema/<leaf path>`.
 The manifest (state/manifest.py) describes the rest; state/state_file.py and checkpoint/files.py
 store both.
 """
@@ -29,16 +30,15 @@ import numpy as np
 
 from optserve.wire.assembler import aligned_empty
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
-from optserve.server.core.datapath import schema_bytes
+from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
-from optserve.server.core.model import Counters, Model
+from optserve.server.core.model import Model, ModelState
 from optserve.server.core.settings import ModelSettings
-from optserve.server.core.store import compile_for, state_bytes_for
+from optserve.server.core.store import ModelStore
+from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
-from optserve.v1 import optserve_pb2 as pb
 
 GROUPS = ("params", "opt", "ema")
-EMA_ATTR = "ema_state"  # the Model attribute holding the parameter-EMA pytree (None: no EMA)
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class HostState:
     opt: dict[str, np.ndarray]  # state path -> leaf, in the optimizer state's leaf order
     ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
     hyperparams: dict[str, float]
-    workers: dict[str, Any]  # worker_id -> model.WorkerRecord (validated; JSON form: manifest.encode_worker)
+    workers: dict[str, WorkerRecord]  # worker_id -> its record (validated; JSON form: state/worker_records.py)
 
     def tensor_groups(self) -> dict[str, dict[str, np.ndarray]]:
         groups = {"params": self.params, "opt": self.opt}
@@ -90,12 +90,12 @@ def state_paths(tree: Any, what: str) -> list[str]:
 class DeviceSnapshot:
     """Device copies of a model's state plus its host-side bookkeeping, taken under the lock."""
 
-    model: Any
+    model: Model
     step: int
     params: dict[str, jax.Array]
     opt_state: Any
     ema: Any
-    workers: dict[str, Any]  # worker_id -> copy of its model.WorkerRecord
+    workers: dict[str, WorkerRecord]  # worker_id -> a copy of its record
 
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
@@ -112,25 +112,22 @@ class DeviceSnapshot:
         )  # fmt: skip
 
 
-def capture(model: Any) -> DeviceSnapshot:
-    """Snapshot of `model`; the caller holds the model lock.
+def capture(model: Model) -> DeviceSnapshot:
+    """A consistent snapshot of `model` (Model.capture_state: device copies, dispatched under its lock)."""
+    return capture_versioned(model)[0]
 
-    `device_put(may_alias=False)` dispatches fresh device copies and returns at once: the lock is
-    held for the dispatch only, and the next update (which donates the live buffers) is ordered
-    after the copies by the runtime. Host views of the live buffers would be unsafe: on CPU
-    `np.asarray` aliases them and a donated update overwrites them.
-    """
-    ema = getattr(model, EMA_ATTR, None)
-    params, opt_state, ema = jax.device_put((model.params, model.opt_state, ema), may_alias=False)
-    workers = {w: dataclasses.replace(r, replies=dict(r.replies)) for w, r in model.workers.items()}
-    return DeviceSnapshot(model, model.step, params, opt_state, ema, workers)
+
+def capture_versioned(model: Model) -> tuple[DeviceSnapshot, int]:
+    """`capture(model)` and the model's `state_version` it holds, taken together under the lock."""
+    state, version = model.capture_state()
+    return DeviceSnapshot(model, state.step, state.params, state.opt_state, state.ema_state, state.workers), version
 
 
 # ---------------------------------------------------------------------------------------------
 # Host state -> model
 
 
-def check_compatible(model: Any, state: HostState) -> None:
+def check_compatible(model: Model, state: HostState) -> None:
     """A state can replace a model's only if schema, spec and settings are the model's."""
     what = f"model {model.name!r}"
     if list(state.schema) != list(model.schema):
@@ -141,37 +138,23 @@ def check_compatible(model: Any, state: HostState) -> None:
         raise StateError(f"{what}: the checkpoint's settings differ from the model's")
 
 
-def prepare(model: Any, state: HostState) -> dict:
-    """Validates `state` against `model` and puts it on the device; touches nothing of the model."""
+def prepare(model: Model, state: HostState) -> ModelState:
+    """Validates `state` against `model` and puts it on the device, for `Model.replace_state`;
+    touches nothing of the model."""
     check_compatible(model, state)
     what = f"model {model.name!r}"
     opt_state = _tree_from(what, "optimizer state", opt_state_templates(model), state.opt, model.device)
     _check_leaves(what, "params", model.schema, state.params)
-    ema_template = getattr(model, EMA_ATTR, None)
+    ema_template = model.ema_template()
     if (state.ema is None) != (ema_template is None):
         has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
         raise StateError(f"{what}: the state {has}")
     ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
-    workers = {w: _for_model(r, model.name) for w, r in state.workers.items()}
+    workers = {w: r.copy() for w, r in state.workers.items()}
     dev = model.device
-    return {
-        "step": state.step,
-        "params": {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map},
-        "opt_state": opt_state,
-        "ema": ema,
-        "workers": workers,
-    }
-
-
-def _for_model(record: Any, name: str) -> Any:
-    """A copy of a worker record whose replies name `name` (an upload may rename the model)."""
-    replies = {}
-    for seq, reply in record.replies.items():
-        replies[seq] = pb.PushResponse()
-        replies[seq].CopyFrom(reply)
-        replies[seq].model = name
-    return dataclasses.replace(record, replies=replies)
+    params = {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map}
+    return ModelState(step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers)
 
 
 def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
@@ -183,44 +166,26 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
-def install(model: Any, prepared: dict) -> None:
-    """Replaces the model's state by a `prepare`d one; the caller holds the model lock."""
-    model.params = prepared["params"]
-    model.opt_state = prepared["opt_state"]
-    if prepared["ema"] is not None:
-        setattr(model, EMA_ATTR, prepared["ema"])
-    model.step = prepared["step"]
-    model.workers = prepared["workers"]
-    model.counters = Counters()  # counters count since creation or restore
-    model._changed.notify_all()
+def admit_state(store: ModelStore, name: str, state: HostState) -> Model:
+    """Creates model `name` from a validated HostState (`manifest.from_manifest`) through
+    core/admission.py, as CreateModel creates one: limits, spec and tensors checked before anything
+    is allocated for it; INVALID_ARGUMENT for a state that does not fit together. The model appears
+    in the store only once its whole state is installed; whatever fails, nothing remains."""
 
-
-def create_model(store: Any, name: str, state: HostState) -> Any:
-    """Creates model `name` from a validated HostState (`manifest.from_manifest`), checking limits,
-    spec and tensors as CreateModel does, all before anything is allocated for it; INVALID_ARGUMENT
-    for a state that does not fit together. The model appears in the store only once its whole
-    state is installed; whatever fails, the reserved name and bytes are released and nothing
-    remains."""
-    declared = schema_bytes(state.schema)
-    store.check_can_create(name, declared)
-    compiled = compile_for(name, state.spec, state.schema)
-    try:
-        _check_leaves(f"model {name!r}", "params", state.schema, state.params)
-    except StateError as e:
-        raise InvalidArgument(str(e)) from None
-    store.reserve(name, declared + state_bytes_for(compiled, state.schema))
-    try:
-        model = Model(name, state.schema, {k: own(v) for k, v in state.params.items()}, compiled, state.settings,
-                      store.device)  # fmt: skip
+    def check_params() -> None:
         try:
-            prepared = prepare(model, state)
+            _check_leaves(f"model {name!r}", "params", state.schema, state.params)
         except StateError as e:
             raise InvalidArgument(str(e)) from None
-        model.install_checkpoint(prepared)
-        store.add(model)
-    finally:
-        store.release(name)
-    return model
+
+    def restore(model: Model) -> ModelState:
+        try:
+            return prepare(model, state)
+        except StateError as e:
+            raise InvalidArgument(str(e)) from None
+
+    with admission.admit(store, name, state.schema, state.spec, state.settings, validate=check_params) as admitted:
+        return admitted.create({k: own(v) for k, v in state.params.items()}, restore=restore)
 
 
 def own(a: np.ndarray) -> np.ndarray:
@@ -230,7 +195,7 @@ def own(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def opt_state_templates(model: Any) -> tuple[Any, Any]:
+def opt_state_templates(model: Model) -> tuple[Any, Any]:
     """Shapes of the model's optimizer state after init and after one update (no allocation).
 
     Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from optserve.wire.dtypes import DTYPES, leaf_nbytes
-from optserve.server.core import datapath
+from optserve.server.core import schema as schemas
 from optserve.server.state.errors import StateError, is_int, show
 
 # safetensors dtype names <-> numpy names (DTYPES)
@@ -57,8 +57,8 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
             begin, end = offsets
         except (KeyError, TypeError, ValueError):
             raise StateError(f"{where}: tensor {key!r}: malformed entry {show(info)}") from None
-        if not all(is_int(x) for x in shape + offsets) or len(shape) > datapath.MAX_RANK \
-                or not datapath.shape_extent_ok(dtype, shape):  # fmt: skip
+        if not all(is_int(x) for x in shape + offsets) or len(shape) > schemas.MAX_RANK \
+                or not schemas.shape_extent_ok(dtype, shape):  # fmt: skip
             raise StateError(f"{where}: tensor {key!r}: shape {show(info['shape'])} or data_offsets "
                              f"{show(info['data_offsets'])} out of range")  # fmt: skip
         if not 0 <= begin <= end <= len(body) or end - begin != leaf_nbytes(dtype, shape):

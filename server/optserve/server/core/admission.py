@@ -1,0 +1,99 @@
+"""The one way a model comes into being: CreateModel, Upload and restore at start all go through
+`admit` (and so will resharding), so every door validates and checks limits in the same order.
+
+1. Everything that can be checked without allocating, cheapest first: the name and the limits for
+   the parameters' bytes (`ModelStore.check_can_create`), the settings and the schema (validated
+   again: cheap next to compiling, and a door that skipped it cannot slip past), the optimizer spec
+   compiled for the schema (INVALID_ARGUMENT naming the model), and the door's own checks of its
+   data (`validate`, e.g. an uploaded file's tensors against its schema).
+2. The name and the bytes of parameters plus optimizer state (computed with jax.eval_shape, never
+   allocated) are reserved in the store: two creates of one name cannot both succeed, and the limits
+   hold while the bytes stream in.
+3. Only then is anything allocated: the parameters (received or loaded), the model, the state it
+   restores. The model enters the store complete; whatever fails, the reservation is released and
+   nothing remains (all or nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import numpy as np
+
+from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Model, ModelState
+from optserve.server.core.schema import check_schema, schema_bytes
+from optserve.server.core.settings import ModelSettings
+from optserve.server.core.store import ModelStore, check_model_name
+from optserve.server.spec import CompiledOptimizer, SpecError, compile_spec
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
+
+
+def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOptimizer:
+    """Compiles a spec for a schema; SpecError becomes INVALID_ARGUMENT naming the model and field."""
+    trainable = [l.path for l in schema if l.dtype in FLOAT_DTYPES]
+    try:
+        return compile_spec(spec, trainable)
+    except SpecError as e:
+        raise InvalidArgument(f"model {name!r}: optimizer {e}") from None
+
+
+def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec]) -> int:
+    """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
+    (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
+    trainable = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in schema if l.dtype in FLOAT_DTYPES}
+    shapes = jax.eval_shape(compiled.init, trainable)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    """A model that passed every check and holds its reservation: `create` builds it."""
+
+    store: ModelStore
+    name: str
+    schema: list[LeafSpec]
+    compiled: CompiledOptimizer
+    settings: ModelSettings
+    param_bytes: int  # what the schema's parameters take: the most a client may send for them
+
+    def create(self, params: Mapping[str, np.ndarray],
+               restore: Callable[[Model], ModelState] | None = None) -> Model:  # fmt: skip
+        """Builds the model from its parameters (one array per schema leaf, validated by the caller,
+        e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
+        continues from (validated against the model and put on its device), installed first."""
+        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.device)
+        if restore is not None:
+            model.replace_state(restore(model))
+        self.store.add(model)
+        return model
+
+
+@contextmanager
+def admit(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings, *,
+          validate: Callable[[], None] | None = None) -> Iterator[Admitted]:  # fmt: skip
+    """Checks and reserves model `name` (module docstring, steps 1 and 2); inside the block, build it
+    with `Admitted.create`. The reservation is released when the block ends, whether or not it did."""
+    check_model_name(name)
+    settings = settings.validated(name)
+    schema = check_schema(name, [(l.path, l.dtype, l.shape) for l in schema])
+    declared = schema_bytes(schema)
+    store.check_can_create(name, declared)  # cheap checks first: limits before compiling
+    compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
+    if validate is not None:
+        validate()
+    store.reserve(name, declared + state_bytes_for(compiled, schema))
+    try:
+        yield Admitted(store, name, schema, compiled, settings, declared)
+    finally:
+        store.release(name)
+
+
+def create_model(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings,
+                 params: Mapping[str, np.ndarray]) -> Model:  # fmt: skip
+    """A model from parameters already in memory (benchmarks, tests), through `admit`."""
+    with admit(store, name, schema, spec, settings) as admitted:
+        return admitted.create(params)

@@ -1,0 +1,143 @@
+"""How pushes become updates: the protocol between a Model and its aggregator.
+
+A model in async mode applies each push at once (core/async_push.py); in sync mode it averages the
+pushes of a round (core/sync.py). Either is an `Aggregator`, chosen when the model is built; the
+model owns the lock and calls its aggregator with it held, except `open_push`, which builds a
+receiver for the bytes of a push and touches no shared state. The aggregator reaches its model only
+through `LockedModel`, a narrow view whose mutating members are used only inside those calls.
+
+    service                    Model                         Aggregator
+    open_push(...)       ->    aggregator.open_push(...)     validates, builds the Receiver
+                               [lock] aggregator.screen(r)   (sync: refuses a stale push early)
+    chunks               ->    receiver.assembler            (no lock: private buffers)
+    commit_push(r, grads) ->   [lock] aggregator.commit(r)   LockedModel.apply / record_worker ...
+                               [lock] deadline timer         aggregator.time_left() / expire()
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+
+from optserve.server.core.gradient_buffers import GradientBuffers
+from optserve.server.core.settings import ModelSettings
+from optserve.server.core.workers import PushReply
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.dtypes import LeafSpec
+
+
+class LockedModel(Protocol):
+    """A model as its aggregator sees it. `name` ... `gradient_buffers` never change; every other
+    member is used only while the model's lock is held (inside the Model's calls to the aggregator)."""
+
+    name: str
+    settings: ModelSettings
+    schema_map: Mapping[str, LeafSpec]
+    trainable: tuple[str, ...]
+    device: jax.Device
+    gradient_buffers: GradientBuffers
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def deleted(self) -> bool: ...
+
+    def applied_reply(self, worker_id: str, seq: int) -> PushReply | None:
+        """The original reply if (worker_id, seq) is one of the worker's last applied pushes whose
+        reply is kept (counted as a duplicate); None for a seq above its highest applied one;
+        FAILED_PRECONDITION for any other seq."""
+        ...
+
+    def last_applied_seq(self, worker_id: str) -> int:
+        """The worker's highest applied seq (0: none)."""
+        ...
+
+    def check_step_room(self, step: int) -> None:
+        """FAILED_PRECONDITION when an update from `step` would take the model past MAX_STEP."""
+        ...
+
+    def apply(self, grads: Mapping[str, Any], scale: float) -> int:
+        """One update with `grads` (trainable leaves, on the device) times `scale`; returns the new
+        step. NonFiniteUpdate when settings.reject_nonfinite_updates refuses it (state unchanged)."""
+        ...
+
+    def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
+        """Remembers an applied push of a worker ('' : anonymous, nothing to remember)."""
+        ...
+
+    def count(self, counter: str, n: int = 1) -> None:
+        """Adds to one of the model's counters (core/model.py, Counters)."""
+        ...
+
+    def notify_waiters(self) -> None:
+        """Wakes the calls waiting for a step, so that they look again (e.g. a round was dropped)."""
+        ...
+
+
+class Receiver(Protocol):
+    """One push stream being received: its assembler collects the chunks into private buffers."""
+
+    assembler: TensorAssembler
+
+    def require_completion(self, why: str) -> None:
+        """Refuse the push at commit (RESOURCE_EXHAUSTED, `why`) unless the step it joins is applied
+        by it, i.e. unless a reply that waits for that step would not have to wait."""
+        ...
+
+    def dropped_check(self) -> Callable[[], str] | None:
+        """After commit: a function saying why the round the push joined was dropped ('' while it
+        was not); None when it joined no round (async mode, or a retry answered from a record)."""
+        ...
+
+    def abort(self) -> None:
+        """The stream failed: nothing of it may count."""
+        ...
+
+
+class Aggregator(Protocol):
+    """How a model's pushes become updates. The model holds its lock around every call but
+    `open_push` and `drops`."""
+
+    # whether `screen` has anything to refuse before a push's bytes arrive (sync: stale pushes)
+    screens_pushes: bool
+
+    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> Receiver:
+        """A receiver for one push stream; INVALID_ARGUMENT for arguments no state can make valid."""
+        ...
+
+    def screen(self, receiver: Receiver) -> None:
+        """Refuses, before its bytes, a push that is already known to be refused at commit; called
+        (when `screens_pushes`) for pushes that name their base_step."""
+        ...
+
+    def commit(self, receiver: Receiver) -> tuple[PushReply, bool]:
+        """Counts a completely received push; returns (reply, duplicate). A retry of an applied or
+        pending push gets its original reply and counts nothing."""
+        ...
+
+    def pending(self) -> int:
+        """Contributions received and not applied yet."""
+        ...
+
+    def pending_workers(self) -> dict[str, tuple[int, int]]:
+        """worker_id -> (seq, base_step) of each pending contribution."""
+        ...
+
+    def drops(self) -> tuple[int, str]:
+        """(rounds dropped so far, why the last one was); calls waiting for a step compare counts.
+        Called without the lock too (from a wait's give_up, which runs under it): one read."""
+        ...
+
+    def time_left(self) -> float | None:
+        """Seconds until pending work must be applied without waiting for more (<= 0: now), or None."""
+        ...
+
+    def expire(self) -> None:
+        """Applies the pending work whose time is up (time_left() <= 0); never raises."""
+        ...
+
+    def reset(self) -> None:
+        """Drops the pending work: the model's state was replaced (a checkpoint restore)."""
+        ...

@@ -1,0 +1,70 @@
+"""The thread that applies an aggregator's pending work when its time is up (sync_timeout)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from optserve.server.core.aggregation import Aggregator
+
+log = logging.getLogger("optserve.aggregation")
+
+# A timer thread with nothing to watch waits this long, then exits (a new one starts with the next
+# deadline), so an idle model holds no thread.
+IDLE_EXIT_SECONDS = 5.0
+
+
+class DeadlineTimer:
+    """Watches one model's aggregator. `wakeup` is a condition of the model's lock: the timer holds
+    that lock whenever it looks at the aggregator, as the model does, and every method here is called
+    with it held. The timer holds no reference to the model itself (so that a model nobody refers
+    to is freed at once)."""
+
+    def __init__(self, wakeup: threading.Condition, aggregator: Aggregator, name: str):
+        self._wakeup = wakeup
+        self._aggregator = aggregator
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def watch_locked(self) -> None:
+        """The aggregator's deadline may have changed: starts the thread when there is one, or
+        wakes the running thread to look again."""
+        if self._stopped or self._aggregator.time_left() is None:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._wakeup.notify_all()
+            return
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop_locked(self) -> None:
+        """The model is deleted or the server is closing: the thread ends, pending work is dropped."""
+        self._stopped = True
+        self._wakeup.notify_all()
+
+    def _run(self) -> None:
+        with self._wakeup:
+            try:
+                self._loop()
+            except ReferenceError:  # the model is gone (its aggregator's view refers to it weakly)
+                pass
+            if self._thread is threading.current_thread():
+                self._thread = None
+
+    def _loop(self) -> None:
+        idle_since = None
+        while not self._stopped:
+            left = self._aggregator.time_left()
+            if left is None:
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= IDLE_EXIT_SECONDS:
+                    return
+                self._wakeup.wait(IDLE_EXIT_SECONDS)
+                continue
+            idle_since = None
+            if left <= 0:
+                self._aggregator.expire()
+                continue
+            self._wakeup.wait(left)

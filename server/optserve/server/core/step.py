@@ -1,0 +1,98 @@
+"""The jitted update of a model: optimizer step, parameter EMA and the non-finite check in one
+computation, with donated buffers."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optserve.server.core.settings import ModelSettings
+from optserve.server.spec import CompiledOptimizer, ema
+
+# The highest step a model may reach: steps stay exact in JSON and in JavaScript readers of the
+# manifest (Number.MAX_SAFE_INTEGER). Uploads, checkpoints and restores accept [0, MAX_STEP]; an
+# update that would go past it is refused (Model.check_step_room), so every step a model reaches
+# can be saved and restored.
+MAX_STEP = 2**53 - 1
+
+
+def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
+    # optax.apply_updates with an update scale (staleness scaling); x * 1.0 is exact, so an
+    # unscaled step equals optax bit for bit.
+    return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
+
+
+def _finite_flags(trainable: dict, opt_state: Any, ema_state: Any) -> jax.Array:
+    """One bool per floating-point leaf of (trainable params, optimizer state, EMA), in the order of
+    `state_leaf_names`: whether every value of that leaf is finite."""
+    leaves = [*trainable.values(), *jax.tree.leaves(opt_state), *jax.tree.leaves(ema_state)]
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags) if flags else jnp.ones([0], bool)
+
+
+def state_leaf_names(trainable: tuple[str, ...], opt_state: Any, ema_state: Any) -> list[str]:
+    """Names of the leaves `_finite_flags` checks, in its order (for the refusal's message)."""
+    names = [f"parameter {p!r}" for p in trainable]
+    for what, tree in (("optimizer state", opt_state), ("EMA", ema_state)):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                names.append(f"{what} {jax.tree_util.keystr(path)}")
+    return names
+
+
+def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings):
+    """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state),
+    plus, with settings.reject_nonfinite_updates, a vector of per-leaf finiteness flags.
+
+    grads may arrive in a narrower wire dtype; the cast to the parameter dtype happens here, fused
+    into the update. Non-float leaves are carried unchanged (they are not trainable). The parameter
+    EMA (objax semantics, `spec.ema`), when the model keeps one, is updated in the same computation.
+    The optimizer state is always donated; parameters and EMA only when no pull pins them.
+
+    reject_nonfinite_updates: when any new floating-point value is not finite, every output is the
+    corresponding input (a select inside the computation, bit for bit), so the donated buffers are
+    still valid and the caller only has to read the flags back to know whether to count the step.
+    """
+    decay = settings.ema_decay
+    check = settings.reject_nonfinite_updates
+
+    def step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
+        train = {k: params[k] for k in trainable}
+        g = {k: grads[k].astype(train[k].dtype) for k in trainable}
+        updates, new_opt_state = compiled.update(g, opt_state, train)
+        new_params = _apply_updates(params, updates, scale)
+        new_ema = ema_state
+        if ema_state is not None:
+            new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
+        if not check:
+            return new_params, new_opt_state, new_ema
+        flags = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
+        ok = jnp.all(flags)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags
+
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate_params else (1,))
+
+
+def own_buffers(tree: Any) -> Any:
+    """The tree with every array leaf in a buffer of its own.
+
+    An optimizer's init may put one array in two places (e.g. two accumulators starting from the
+    same zeros); donating that state would donate the buffer twice, which XLA refuses. Copies are
+    made only for the repeats, so a well-behaved state costs nothing.
+    """
+    seen: set[int] = set()
+
+    def own(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, tree)
