@@ -29,8 +29,8 @@ Memory and "a partial push is never counted" -- the choice made here:
 A refused round (settings.reject_nonfinite_updates: the weighted mean would make the state
 non-finite) is dropped whole: the model's state and step are untouched, no contributor's seq is
 recorded, the push that completed it gets FAILED_PRECONDITION, and so does every call waiting for a
-step beyond the current one (`drops()` changes; see service._wait_for_step). Contributors
-push again against the same step.
+step beyond the current one (`drops()` changes; see api/data_plane.py, DataPlane._wait_for_step).
+Contributors push again against the same step.
 
 Retries: a contribution's (worker_id, seq) and reply are kept in the round until it is applied,
 then move to the model's per-worker records (core/workers.py, which keep the replies of each
@@ -130,7 +130,7 @@ class SyncAggregator:
         self._round = Round(step=model.step)
         # (rounds refused by reject_nonfinite_updates, why the last one was), replaced as one tuple:
         # calls waiting for a step read it without the lock (from their wait's give_up) and compare
-        # the count with the one they started with (service._wait_for_step)
+        # the count with the one they started with (api/data_plane.py, DataPlane._wait_for_step)
         self._drops: tuple[int, str] = (0, "")
 
     # -- receiving ---------------------------------------------------------------------------------
