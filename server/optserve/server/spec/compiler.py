@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optserve.server.spec import masks, registry
+from optserve.server.spec import catalog, masks
 from optserve.server.spec.errors import SpecError, join, show, suggest
 from optserve.server.spec.hyperparams import HP, Globs, is_number
 from optserve.server.spec.registry import Rule
-from optserve.server.spec.schedules import Schedule, ScheduleValue
+from optserve.server.spec.schedules import Schedule, ScheduleValue, parse_schedule
 
 
 # ------------------------------------------------------------------ the tree
@@ -132,7 +132,7 @@ class _Parser:
       if unsigned:
         raise SpecError(sub, "a partition cannot be a member of flux:Optimiser")
       return self.partition(args, sub, leaves)
-    rule = registry.lookup(name, sub, kinds=("optimizer", "transform", "combinator", "preset", "custom"))
+    rule = catalog.lookup(name, sub, kinds=("optimizer", "transform", "combinator", "preset", "custom"))
     if rule.kind == "combinator":
       return self.combo(rule, args, sub, leaves, unsigned)
     if unsigned and rule.unsigned is None:
@@ -198,7 +198,7 @@ class _Parser:
         raise SpecError(join(field, str(key)), _unknown_hp(rule, str(key)))
       if hp.name in values:
         raise SpecError(join(field, key), f'"{key}" and "{hp.name}" name the same hyperparameter')
-      values[hp.name] = hp.type.check(value, join(field, key))
+      values[hp.name] = _check_value(hp, value, join(field, key))
       given[hp.name] = _to_json(values[hp.name])
     for hp in rule.hyperparams:
       if hp.required and hp.name not in values:
@@ -269,6 +269,13 @@ class _Parser:
   def add(self, slot: Slot) -> Slot:
     self.slots.append(slot)
     return slot
+
+
+def _check_value(hp: HP, value: Any, field: str) -> Any:
+  """A rule argument: a schedule where a traced number is given an object, else what the type accepts."""
+  if hp.traced and isinstance(value, dict):
+    return parse_schedule(value, field)
+  return hp.type.check(value, field)
 
 
 def _unknown_hp(rule: Rule, key: str) -> str:

@@ -18,6 +18,9 @@ Plugins run in the server process: they are trusted code installed by the
 operator, never code sent over the wire. A plugin that fails to load, or whose
 name is taken, is skipped with a warning so one bad plugin cannot take the
 server down.
+
+Plugins are loaded on first use of the catalogue (:mod:`.catalog`), not when
+this module is imported: a plugin may itself import ``optserve.server.spec``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import inspect
 import logging
 from typing import Any, Callable
 
+# builtins: imported for its registrations, so that a plugin cannot take a built-in's name.
+from optserve.server.spec import builtins  # noqa: F401
 from optserve.server.spec.hyperparams import HP, REQUIRED, Boolean, Number
 from optserve.server.spec.registry import Rule, find, register, unregister
 

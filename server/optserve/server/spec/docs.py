@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any, Iterable
 
-from optserve.server.spec import registry
+from optserve.server.spec import catalog
 from optserve.server.spec.hyperparams import HP
 from optserve.server.spec.registry import Rule
 
@@ -101,7 +101,7 @@ def render_rule(rule: Rule) -> str:
 
 def render(rules: Iterable[Rule] | None = None) -> str:
   """The whole page for the built-in rules (custom transforms excluded)."""
-  rules = [r for r in (rules if rules is not None else registry.all_rules()) if r.kind != "custom"]
+  rules = [r for r in (rules if rules is not None else catalog.all_rules()) if r.kind != "custom"]
   out = [INTRO]
   for title, pick in SECTIONS:
     chosen = sorted((r for r in rules if pick(r)), key=lambda r: r.name)

@@ -39,6 +39,11 @@ def _fmt(x: float) -> str:
 class Number:
   """A real number, optionally bounded; ``traced`` ones also take schedules.
 
+  This type checks numbers only. Where a traced hyperparameter is given a
+  schedule instead, the compiler parses it with ``schedules.parse_schedule``:
+  schedules have hyperparameter tables of their own, so this module cannot
+  depend on them.
+
   Attributes:
     lo, hi: bounds (None = unbounded).
     lo_open, hi_open: whether the bound itself is excluded.
@@ -84,14 +89,12 @@ class Number:
     return x
 
   def check(self, value: Any, field: str) -> Any:
+    """The number (or None, if nullable). A schedule given for a traced number
+    never reaches this check: the compiler parses it (``compiler._check_value``)."""
     if value is None and self.nullable:
       return None
-    if isinstance(value, dict):
-      if not self.traced:
-        raise SpecError(field, f"expected a number (this hyperparameter cannot be a schedule), got {show(value)}")
-      # Deferred import: schedules use this module for their own tables.
-      from optserve.server.spec import schedules
-      return schedules.parse_schedule(value, field)
+    if isinstance(value, dict) and not self.traced:
+      raise SpecError(field, f"expected a number (this hyperparameter cannot be a schedule), got {show(value)}")
     return self.check_number(value, field)
 
   def describe(self) -> str:

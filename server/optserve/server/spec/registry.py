@@ -3,6 +3,10 @@
 A new rule is one call to :func:`register` with its name, an optax builder,
 its hyperparameter table, a doc line and a formula. Preset names
 (``flux:ADAM``) are stored lowercased and matched case-insensitively.
+
+This module is only the table: the modules that fill it import it. The
+catalogue of every rule a spec may name (the built-ins, then the custom
+transforms of installed plugins) is :mod:`optserve.server.spec.catalog`.
 """
 
 from __future__ import annotations
@@ -115,14 +119,13 @@ def unregister(name: str) -> None:
 
 
 def find(name: str) -> Optional[Rule]:
-  """The rule for a name (case-insensitive), or None."""
-  _ensure_loaded()
+  """The registered rule for a name (case-insensitive), or None."""
   key = name.lower()
   return _RULES.get(_ALIASES.get(key, key))
 
 
 def lookup(name: str, field: str, kinds: Optional[tuple[str, ...]] = None) -> Rule:
-  """The rule for a name, or a SpecError suggesting the closest names."""
+  """The registered rule for a name, or a SpecError suggesting the closest names."""
   rule = find(name)
   if rule is not None and (kinds is None or rule.kind in kinds):
     return rule
@@ -135,26 +138,5 @@ def lookup(name: str, field: str, kinds: Optional[tuple[str, ...]] = None) -> Ru
 
 
 def all_rules() -> list[Rule]:
-  _ensure_loaded()
+  """Every registered rule, in registration order."""
   return list(_RULES.values())
-
-
-def list_rules() -> list[dict]:
-  """Every rule, transform, schedule, preset and custom transform, as JSON."""
-  order = {k: i for i, k in enumerate(KINDS)}
-  rules = sorted(all_rules(), key=lambda r: (order[r.kind], r.library != "optax", r.name))
-  return [r.to_json() for r in rules]
-
-
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-  """Imports the modules that register built-ins, then custom transforms."""
-  global _loaded
-  if _loaded:
-    return
-  _loaded = True
-  from optserve.server.spec import builtins  # noqa: F401  (registers)
-  from optserve.server.spec import custom
-  custom.load_entry_points()

@@ -226,3 +226,11 @@ _tx("clip_by_leaf_norm", transforms.clip_by_leaf_norm,
     "Clips each leaf's L2 norm separately (Flux ClipNorm; no optax 0.2.8 equivalent).",
     "per leaf: u = g if ‖g‖ ≤ max_norm else g·max_norm/‖g‖",
     "none in optax 0.2.8 (custom, docs/optimizer-catalogue.md §2.1)")
+
+
+# ---------------------------------------------------------------- combinators
+
+register(Rule(
+    name="chain", kind="combinator", library="optax", build=optax.chain,
+    doc='Applies transforms in order: {"chain": [spec, spec, ...]}.',
+    formula="u = t_n(... t_2(t_1(g)))", equivalent="optax.chain(*transforms)"))

@@ -54,6 +54,8 @@ def parse_schedule(spec: Any, field: str) -> ScheduleValue:
     raise SpecError(field, f"expected a number or a schedule {{name: arguments}}, got {show(spec)}")
   (name, args), = spec.items()
   sub = join(field, name)
+  # The registry, not the catalogue: schedules are all built in (the compiler, which parses the
+  # rule before its arguments, has loaded the catalogue by the time a schedule is parsed).
   rule = lookup(name, sub, kinds=("schedule",))
   if args is None:
     args = {}
