@@ -20,29 +20,29 @@ _custom_loaded = False
 
 
 def _load_custom() -> None:
-  """Loads the custom transforms, the first time only."""
-  global _custom_loaded
-  if _custom_loaded:
-    return
-  # Set first: a plugin that compiles a spec while it is being loaded must not load the plugins again.
-  _custom_loaded = True
-  custom.load_entry_points()
+    """Loads the custom transforms, the first time only."""
+    global _custom_loaded
+    if _custom_loaded:
+        return
+    # Set first: a plugin that compiles a spec while it is being loaded must not load the plugins again.
+    _custom_loaded = True
+    custom.load_entry_points()
 
 
 def lookup(name: str, field: str, kinds: Optional[tuple[str, ...]] = None) -> Rule:
-  """The rule for a name, or a SpecError suggesting the closest names."""
-  _load_custom()
-  return registry.lookup(name, field, kinds)
+    """The rule for a name, or a SpecError suggesting the closest names."""
+    _load_custom()
+    return registry.lookup(name, field, kinds)
 
 
 def all_rules() -> list[Rule]:
-  """Every rule: the built-ins, then the custom transforms."""
-  _load_custom()
-  return registry.all_rules()
+    """Every rule: the built-ins, then the custom transforms."""
+    _load_custom()
+    return registry.all_rules()
 
 
 def list_rules() -> list[dict]:
-  """Every rule, transform, schedule, preset and custom transform, as JSON."""
-  order = {k: i for i, k in enumerate(KINDS)}
-  rules = sorted(all_rules(), key=lambda r: (order[r.kind], r.library != "optax", r.name))
-  return [r.to_json() for r in rules]
+    """Every rule, transform, schedule, preset and custom transform, as JSON."""
+    order = {k: i for i, k in enumerate(KINDS)}
+    rules = sorted(all_rules(), key=lambda r: (order[r.kind], r.library != "optax", r.name))
+    return [r.to_json() for r in rules]
