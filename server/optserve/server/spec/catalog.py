@@ -10,8 +10,6 @@ compiler, ``list_rules()`` and the reference page read rules from here;
 
 from __future__ import annotations
 
-from typing import Optional
-
 # builtins: imported for its registrations.
 from optserve.server.spec import builtins, custom, registry  # noqa: F401
 from optserve.server.spec.registry import KINDS, Rule
@@ -29,7 +27,7 @@ def _load_custom() -> None:
     custom.load_entry_points()
 
 
-def lookup(name: str, field: str, kinds: Optional[tuple[str, ...]] = None) -> Rule:
+def lookup(name: str, field: str, kinds: tuple[str, ...] | None = None) -> Rule:
     """The rule for a name, or a SpecError suggesting the closest names."""
     _load_custom()
     return registry.lookup(name, field, kinds)

@@ -11,7 +11,8 @@ inside each (traced) update, so changing one never recompiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,6 @@ from optserve.server.spec.hyperparams import HP, Globs, is_number
 from optserve.server.spec.registry import Rule
 from optserve.server.spec.schedules import Schedule, ScheduleValue, parse_schedule
 
-
 # ------------------------------------------------------------------ the tree
 
 
@@ -33,8 +33,8 @@ class Slot:
 
     field: str  # full spec path, e.g. "chain[1].adamw.learning_rate"
     hp: HP
-    value: Optional[float]  # initial value of a tunable one
-    schedule: Optional[Schedule]  # the schedule of a scheduled one
+    value: float | None  # initial value of a tunable one
+    schedule: Schedule | None  # the schedule of a scheduled one
     public: bool = True  # False: held in state only to mirror inject_hyperparams
     key: str = ""  # state key (public name), assigned once all slots are known
 
@@ -47,7 +47,7 @@ class RuleNode:
     field: str
     args: dict  # name -> constant | ScheduleValue | Slot
     given: dict  # canonical JSON of the arguments as given
-    mask: Optional[dict] = None  # leaf path -> bool
+    mask: dict | None = None  # leaf path -> bool
     unsigned: bool = False  # Flux Δ builder (inside flux:Optimiser)
 
     def build(self, hp: dict) -> optax.GradientTransformation:
@@ -58,10 +58,10 @@ class RuleNode:
             elif isinstance(value, ScheduleValue):
                 value = value.build()
             kwargs[name] = value
-        build = self.rule.unsigned if self.unsigned else self.rule.build
-        if self.mask is not None and self.rule.mask != "wrap":
+        # The parser gives a mask only to rules that take one (rule.mask not None).
+        if self.mask is not None and self.rule.mask is not None and self.rule.mask != "wrap":
             kwargs[self.rule.mask] = self.mask
-        tx = build(**kwargs)
+        tx = self.rule.builder(self.unsigned)(**kwargs)
         if self.mask is not None and self.rule.mask == "wrap":
             tx = optax.masked(tx, self.mask)
         return tx
@@ -101,7 +101,7 @@ class PartitionNode:
         return {"partition": [{"params": globs, "optimizer": node.to_json()} for globs, node in self.groups]}
 
 
-Node = Union[RuleNode, ComboNode, PartitionNode]
+Node = RuleNode | ComboNode | PartitionNode
 
 
 # ------------------------------------------------------------------ parsing
@@ -148,7 +148,7 @@ class _Parser:
             raise SpecError(field, f'"{rule.name}" cannot be a member of flux:Optimiser')
         children = [self.node(c, join(field, f"[{i}]"), leaves, child_unsigned) for i, c in enumerate(args)]
         if unsigned:  # a nested flux:Optimiser inside another: no second sign flip
-            return ComboNode(dataclasses.replace(rule, build=rule.unsigned), field, children)
+            return ComboNode(dataclasses.replace(rule, build=rule.builder(unsigned=True)), field, children)
         return ComboNode(rule, field, children)
 
     def partition(self, args: Any, field: str, leaves: Sequence[str]) -> PartitionNode:
@@ -227,8 +227,9 @@ class _Parser:
         tunable_names = self.tunable(rule, tunable, values, field)
         if tunable_names:
             given["tunable"] = tunable_names
+        table = {hp.name: hp for hp in rule.hyperparams}  # `values` is keyed by canonical names
         injected = bool(tunable_names) or any(
-            isinstance(v, ScheduleValue) and rule.hp(k).traced and k not in rule.schedules for k, v in values.items()
+            isinstance(v, ScheduleValue) and table[k].traced and k not in rule.schedules for k, v in values.items()
         )
         if injected:
             # Semantics of optax.inject_hyperparams(rule): every numeric argument is
@@ -328,7 +329,8 @@ class OptimizerState(NamedTuple):
       inner_state: the optax chain's state.
     """
 
-    count: jax.Array
+    # Shadows tuple.count on purpose: the field is optax.InjectHyperparamsState's.
+    count: jax.Array  # type: ignore[assignment]
     hyperparams: dict
     inner_state: Any
 
@@ -370,7 +372,7 @@ class CompiledOptimizer:
         hp.update(self._scheduled(count, dtype))
         return OptimizerState(count, hp, self._inner(hp).init(params))
 
-    def update(self, grads: dict, state: OptimizerState, params: Optional[dict] = None):
+    def update(self, grads: dict, state: OptimizerState, params: dict | None = None):
         dtype = _hyperparam_dtype(params if params is not None else grads)
         hp = dict(state.hyperparams)
         hp.update(self._scheduled(state.count, dtype))
@@ -414,6 +416,7 @@ def check_spec_depth(spec: Any) -> None:
     stack = [(spec, 1)]
     while stack:
         value, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(value, dict):
             children = value.values()
         elif isinstance(value, (list, tuple)):

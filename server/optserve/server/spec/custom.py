@@ -29,7 +29,8 @@ import dataclasses
 import importlib.metadata
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # builtins: imported for its registrations, so that a plugin cannot take a built-in's name.
 from optserve.server.spec import builtins  # noqa: F401
@@ -49,6 +50,7 @@ def rule_from_factory(name: str, factory: Callable[..., Any], library: str) -> R
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = REQUIRED if p.default is p.empty else p.default
+        kind: Boolean | Number
         if isinstance(default, bool):
             kind = Boolean()
         elif default is REQUIRED or isinstance(default, (int, float)):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from optserve.server.spec import catalog
 from optserve.server.spec.hyperparams import HP

@@ -27,7 +27,8 @@ class EmaState(NamedTuple):
     ``decay`` is kept so that :func:`ema_value` can debias without being told it.
     """
 
-    count: jax.Array
+    # Shadows tuple.count on purpose: named as in optax's states, and saved under this name.
+    count: jax.Array  # type: ignore[assignment]
     decay: jax.Array
     ema: Any
 

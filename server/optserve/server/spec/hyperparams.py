@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from optserve.server.spec.errors import SpecError, join, show
 
@@ -53,30 +54,27 @@ class Number:
       nullable: JSON ``null`` is a valid value (optax's ``None``).
     """
 
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
     traced: bool = True
     nullable: bool = False
 
     def in_range(self, x: float) -> bool:
-        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
-            return False
-        if self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)):
-            return False
-        return True
+        below = self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo))
+        above = self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi))
+        return not (below or above)
 
     def range_text(self) -> str:
-        if self.lo is None and self.hi is None:
-            return "any finite number"
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {_fmt(self.lo)}"
-        if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        lo, hi = self.lo, self.hi
+        if lo is None:
+            return "any finite number" if hi is None else f"{'<' if self.hi_open else '<='} {_fmt(hi)}"
+        if hi is None:
+            return f"{'>' if self.lo_open else '>='} {_fmt(lo)}"
         left = "(" if self.lo_open else "["
         right = ")" if self.hi_open else "]"
-        return f"in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
+        return f"in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
 
     def check_number(self, value: Any, field: str) -> float:
         if not is_number(value):
@@ -110,8 +108,8 @@ class Number:
 class Integer:
     """An integer (JSON numbers with an integral value are accepted)."""
 
-    lo: Optional[int] = None
-    hi: Optional[int] = None
+    lo: int | None = None
+    hi: int | None = None
 
     def check(self, value: Any, field: str) -> int:
         if not is_number(value) or (isinstance(value, float) and not value.is_integer()):
@@ -224,7 +222,7 @@ class HP:
     def traced(self) -> bool:
         return isinstance(self.type, Number) and self.type.traced
 
-    def replace(self, **changes: Any) -> "HP":
+    def replace(self, **changes: Any) -> HP:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -24,7 +25,7 @@ def preset(
     formula: str,
     equivalent: str,
     *,
-    unsigned: Optional[Callable] = None,
+    unsigned: Callable | None = None,
     schedules: tuple = (),
     tunable: tuple = (),
     absent: tuple = (),

@@ -12,7 +12,8 @@ transforms of installed plugins) is :mod:`optserve.server.spec.catalog`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from optserve.server.spec.errors import SpecError, suggest
 from optserve.server.spec.hyperparams import HP
@@ -63,16 +64,24 @@ class Rule:
     doc: str = ""
     formula: str = ""
     equivalent: str = ""
-    display_name: Optional[str] = None
-    mask: Optional[str] = None
-    unsigned: Optional[Callable[..., Any]] = None
+    display_name: str | None = None
+    mask: str | None = None
+    unsigned: Callable[..., Any] | None = None
     aliases: tuple[str, ...] = ()
-    check: Optional[Callable[[dict, str], None]] = None
+    check: Callable[[dict, str], None] | None = None
     schedules: tuple[str, ...] = ()
     tunable: tuple[str, ...] = ()
     absent: tuple[tuple[str, str], ...] = ()
 
-    def hp(self, name: str) -> Optional[HP]:
+    def builder(self, unsigned: bool = False) -> Callable[..., Any]:
+        """``build``; with ``unsigned``, Flux's Δ builder (ValueError if the rule has none)."""
+        if not unsigned:
+            return self.build
+        if self.unsigned is None:
+            raise ValueError(f"rule {self.name!r} has no unsigned (Flux Δ) builder")
+        return self.unsigned
+
+    def hp(self, name: str) -> HP | None:
         for h in self.hyperparams:
             if h.name == name or name in h.aliases:
                 return h
@@ -118,13 +127,13 @@ def unregister(name: str) -> None:
             _ALIASES.pop(alias.lower(), None)
 
 
-def find(name: str) -> Optional[Rule]:
+def find(name: str) -> Rule | None:
     """The registered rule for a name (case-insensitive), or None."""
     key = name.lower()
     return _RULES.get(_ALIASES.get(key, key))
 
 
-def lookup(name: str, field: str, kinds: Optional[tuple[str, ...]] = None) -> Rule:
+def lookup(name: str, field: str, kinds: tuple[str, ...] | None = None) -> Rule:
     """The registered rule for a name, or a SpecError suggesting the closest names."""
     rule = find(name)
     if rule is not None and (kinds is None or rule.kind in kinds):

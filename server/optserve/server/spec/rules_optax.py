@@ -7,7 +7,8 @@ emitted update with ``p ← p + u``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -54,7 +55,7 @@ def _opt(
     equivalent: str,
     *,
     kind: str = "optimizer",
-    mask: Optional[str] = None,
+    mask: str | None = None,
 ) -> None:
     # optax takes a schedule (a callable) for its learning rates and weight decays.
     native = tuple(h.name for h in hps if h.name in ("learning_rate", "weight_decay"))
@@ -75,7 +76,7 @@ def _opt(
 
 
 def _tx(
-    name: str, build: Callable, hps: list, doc: str, formula: str, equivalent: str, *, mask: Optional[str] = "wrap"
+    name: str, build: Callable, hps: list, doc: str, formula: str, equivalent: str, *, mask: str | None = "wrap"
 ) -> None:
     _opt(name, build, hps, doc, formula, equivalent, kind="transform", mask=mask)
 

@@ -8,13 +8,14 @@ Every schedule takes ``count_offset`` (default 0): the value at update count
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import optax
 
 from optserve.server.spec.errors import SpecError, join, show, suggest
-from optserve.server.spec.hyperparams import HP, REQUIRED, Custom, Integer, Number, Boolean, is_number
+from optserve.server.spec.hyperparams import HP, REQUIRED, Boolean, Custom, Integer, Number, is_number
 from optserve.server.spec.registry import Rule, lookup, register
 
 Schedule = Callable[[Any], Any]
@@ -103,8 +104,8 @@ def _check_boundaries(value: Any, field: str) -> list:
 
 def _check_boundaries_and_scales(value: Any, field: str) -> dict:
     """``{"1000": 0.1, "2000": 0.5}`` (JSON keys are strings) or ``[[1000, 0.1], ...]``."""
+    pairs: list[Sequence[Any]] = []
     if isinstance(value, list):
-        pairs = []
         for i, item in enumerate(value):
             if not (isinstance(item, list) and len(item) == 2):
                 raise SpecError(join(field, f"[{i}]"), f"expected a [step, scale] pair, got {show(item)}")
@@ -186,7 +187,7 @@ def _schedule(
             kind="schedule",
             library=library,
             build=build,
-            hyperparams=tuple(hps) + (_OFFSET,),
+            hyperparams=(*hps, _OFFSET),
             doc=doc,
             formula=formula,
             equivalent=equivalent,

@@ -78,7 +78,8 @@ def scale_by_rss_eps_outside(initial_accumulator_value: Any = 1e-8, eps: Any = 1
 class ScaleByAdamaxState(NamedTuple):
     """Step count, first moment and infinity-norm second moment."""
 
-    count: jax.Array
+    # Shadows tuple.count on purpose: the field is named as in optax's states (ScaleByAdamState).
+    count: jax.Array  # type: ignore[assignment]
     mu: optax.Updates
     nu: optax.Updates
 
