@@ -7,8 +7,22 @@
 See ``docs/optimizers.md`` (generated from the registry) for every rule.
 """
 
-from optserve.server.spec.compiler import MAX_SPEC_DEPTH, CompiledOptimizer, OptimizerState, check_spec_depth, compile_spec
+from optserve.server.spec.catalog import list_rules
+from optserve.server.spec.compiler import (
+    MAX_SPEC_DEPTH,
+    CompiledOptimizer,
+    OptimizerState,
+    check_spec_depth,
+    compile_spec,
+)
 from optserve.server.spec.errors import SpecError
-from optserve.server.spec.registry import list_rules
 
-__all__ = ["compile_spec", "check_spec_depth", "MAX_SPEC_DEPTH", "SpecError", "CompiledOptimizer", "OptimizerState", "list_rules"]
+__all__ = [
+    "MAX_SPEC_DEPTH",
+    "CompiledOptimizer",
+    "OptimizerState",
+    "SpecError",
+    "check_spec_depth",
+    "compile_spec",
+    "list_rules",
+]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from optserve.server.spec import registry
+from optserve.server.spec import catalog
 from optserve.server.spec.hyperparams import HP
 from optserve.server.spec.registry import Rule
 
@@ -68,53 +69,53 @@ SECTIONS = [
 
 
 def _cell(text: Any) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _default(hp: HP) -> str:
-  return "**required**" if hp.required else f"`{json.dumps(hp.default, ensure_ascii=False)}`"
+    return "**required**" if hp.required else f"`{json.dumps(hp.default, ensure_ascii=False)}`"
 
 
 def render_rule(rule: Rule) -> str:
-  lines = [f"### `{rule.display_name or rule.name}`", ""]
-  flags = [rule.kind, f"library: {rule.library}"]
-  if rule.mask:
-    flags.append("mask")
-  if rule.aliases:
-    flags.append("aliases: " + ", ".join(f"`{a}`" for a in rule.aliases))
-  lines += [rule.doc, "", "*" + "; ".join(flags) + "*", ""]
-  if rule.formula:
-    lines += [f"- formula: `{rule.formula}`"]
-  if rule.equivalent:
-    lines += [f"- equivalent: `{rule.equivalent}`"]
-  if rule.tunable:
-    lines += ["- tunable by default: " + ", ".join(f"`{n}`" for n in rule.tunable)]
-  lines.append("")
-  if rule.hyperparams:
-    lines += ["| hyperparameter | type | default | meaning |", "|---|---|---|---|"]
-    for hp in rule.hyperparams:
-      also = f" (also `{'`, `'.join(hp.aliases)}`)" if hp.aliases else ""
-      lines.append(f"| `{hp.name}`{also} | {_cell(hp.type.describe())} | {_default(hp)} | {_cell(hp.doc)} |")
+    lines = [f"### `{rule.display_name or rule.name}`", ""]
+    flags = [rule.kind, f"library: {rule.library}"]
+    if rule.mask:
+        flags.append("mask")
+    if rule.aliases:
+        flags.append("aliases: " + ", ".join(f"`{a}`" for a in rule.aliases))
+    lines += [rule.doc, "", "*" + "; ".join(flags) + "*", ""]
+    if rule.formula:
+        lines += [f"- formula: `{rule.formula}`"]
+    if rule.equivalent:
+        lines += [f"- equivalent: `{rule.equivalent}`"]
+    if rule.tunable:
+        lines += ["- tunable by default: " + ", ".join(f"`{n}`" for n in rule.tunable)]
     lines.append("")
-  return "\n".join(lines)
+    if rule.hyperparams:
+        lines += ["| hyperparameter | type | default | meaning |", "|---|---|---|---|"]
+        for hp in rule.hyperparams:
+            also = f" (also `{'`, `'.join(hp.aliases)}`)" if hp.aliases else ""
+            lines.append(f"| `{hp.name}`{also} | {_cell(hp.type.describe())} | {_default(hp)} | {_cell(hp.doc)} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def render(rules: Iterable[Rule] | None = None) -> str:
-  """The whole page for the built-in rules (custom transforms excluded)."""
-  rules = [r for r in (rules if rules is not None else registry.all_rules()) if r.kind != "custom"]
-  out = [INTRO]
-  for title, pick in SECTIONS:
-    chosen = sorted((r for r in rules if pick(r)), key=lambda r: r.name)
-    if not chosen:
-      continue
-    out.append(f"## {title}\n")
-    out.extend(render_rule(r) for r in chosen)
-  return "\n".join(out).rstrip() + "\n"
+    """The whole page for the built-in rules (custom transforms excluded)."""
+    rules = [r for r in (rules if rules is not None else catalog.all_rules()) if r.kind != "custom"]
+    out = [INTRO]
+    for title, pick in SECTIONS:
+        chosen = sorted((r for r in rules if pick(r)), key=lambda r: r.name)
+        if not chosen:
+            continue
+        out.append(f"## {title}\n")
+        out.extend(render_rule(r) for r in chosen)
+    return "\n".join(out).rstrip() + "\n"
 
 
 def main() -> None:
-  sys.stdout.write(render())
+    sys.stdout.write(render())
 
 
 if __name__ == "__main__":
-  main()
+    main()
