@@ -7,6 +7,7 @@ step with donated buffers, EMA and scale included; NaN/Inf were already rejected
 receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
 parameters are ready.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def leaves_for(n: int) -> dict[str, np.ndarray]:
     """A few leaves like a real model: one big matrix, a few smaller ones."""
     big = n * 7 // 8
     rest = n - big
-    return {"a/kernel": np.zeros(big, np.float32), "b/kernel": np.zeros(rest - 1024, np.float32),
-            "b/bias": np.zeros(1024, np.float32)}  # fmt: skip
+    return {
+        "a/kernel": np.zeros(big, np.float32),
+        "b/kernel": np.zeros(rest - 1024, np.float32),
+        "b/bias": np.zeros(1024, np.float32),
+    }
 
 
 def server_step(spec, params: dict, grads: dict):
@@ -80,10 +84,18 @@ def measure(n: int, rules: list[str], repeats: int = 30) -> list[dict]:
     grads = {k: np.full(v.shape, 1e-3, np.float32) for k, v in params.items()}
     for name in rules:
         spec, tx = RULES[name]
-        ours, ref = paired_medians(server_step(spec, {k: v.copy() for k, v in params.items()}, grads),
-                                   optax_step(tx, params, grads), repeats)  # fmt: skip
-        rows.append({"rule": name, "params": f"{n / 1e6:g}M", "server step ms": f"{ours * 1e3:.2f}",
-                     "optax step ms": f"{ref * 1e3:.2f}", "ratio": f"{ours / ref:.2f}x"})  # fmt: skip
+        ours, ref = paired_medians(
+            server_step(spec, {k: v.copy() for k, v in params.items()}, grads), optax_step(tx, params, grads), repeats
+        )
+        rows.append(
+            {
+                "rule": name,
+                "params": f"{n / 1e6:g}M",
+                "server step ms": f"{ours * 1e3:.2f}",
+                "optax step ms": f"{ref * 1e3:.2f}",
+                "ratio": f"{ours / ref:.2f}x",
+            }
+        )
     return rows
 
 

@@ -5,6 +5,7 @@
 Compares jax.device_put of a 64-byte-aligned numpy buffer (what TensorAssembler produces; on CPU
 the jax array aliases it, zero copy), of an unaligned one, jnp.asarray, and dlpack.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ Run as its own process, like optserve's server. Methods (bytes in, bytes out, no
 - /raw/Source  server streaming: request = 16 bytes (total, chunk) little-endian; streams that many bytes;
 - /raw/Echo    unary: replies with the request.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@
 The generated files are committed so that `pip install optserve` needs no protoc; a test fails when
 they are stale against the .proto.
 """
+
 from __future__ import annotations
 
 import argparse

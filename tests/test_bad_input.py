@@ -1,5 +1,6 @@
 """Bad input gets the status docs/design.md ("Errors") gives, a message naming the model and the leaf or field,
 and changes nothing: parameters and step are untouched and the server keeps serving."""
+
 from __future__ import annotations
 
 import threading
@@ -37,7 +38,9 @@ def assert_unchanged(model, before):
     for k in params:
         np.testing.assert_array_equal(params[k], before[1][k])
     # ...and the server keeps serving: a valid push still works (on another model).
-    probe = model.client.create_model(f"probe-{np.random.randint(1 << 30)}", {"x": np.zeros(2, np.float32)}, optim.sgd(0.1))
+    probe = model.client.create_model(
+        f"probe-{np.random.randint(1 << 30)}", {"x": np.zeros(2, np.float32)}, optim.sgd(0.1)
+    )
     assert probe.push({"x": np.ones(2, np.float32)}) == 1
 
 
@@ -47,8 +50,11 @@ BAD_GRADS = {
     "wrong dtype": ({"w": np.ones((2, 3), np.int32), "b": np.ones(3, np.float32)}, "leaf 'w': dtype int32"),
     "wrong shape": ({"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}, "leaf 'w': shape [3, 2]"),
     "nan": ({"w": np.full((2, 3), np.nan, np.float32), "b": np.ones(3, np.float32)}, "leaf 'w': gradient has NaN"),
-    "inf": ({"w": np.ones((2, 3), np.float32), "b": np.array([1, np.inf, 1], np.float32)}, "leaf 'b': gradient has NaN or Inf"),
-}  # fmt: skip
+    "inf": (
+        {"w": np.ones((2, 3), np.float32), "b": np.array([1, np.inf, 1], np.float32)},
+        "leaf 'b': gradient has NaN or Inf",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_GRADS))

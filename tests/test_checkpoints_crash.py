@@ -6,6 +6,7 @@ STEPS RETRY_FOR [STOP_FILE]` (it imports only the light client). It prints the s
 and ends after STEPS pushes or once STOP_FILE exists, so the test, not the machine's speed, decides
 how long the workers train.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def _worker(target: str, model: str, index: int, steps: int, retry_for: float, s
         for _ in range(steps):
             if stop_file and os.path.exists(stop_file):
                 break
-            grads = {"w": (rng.standard_normal(SHAPE) * 0.1).astype(np.float32),
-                     "b": (rng.standard_normal(SHAPE[1]) * 0.1).astype(np.float32)}  # fmt: skip
+            grads = {
+                "w": (rng.standard_normal(SHAPE) * 0.1).astype(np.float32),
+                "b": (rng.standard_normal(SHAPE[1]) * 0.1).astype(np.float32),
+            }
             worker.push_pull(grads)
             print(worker.base_step, flush=True)
             time.sleep(rng.uniform(0, 0.01))  # a little compute time
@@ -53,8 +56,10 @@ def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60
     log = open(log_path, "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "optserve.server.cli", "serve", "--port", str(port), "--checkpoint-dir", ckpt, *extra],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,8 +76,12 @@ def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60
 
 
 def _spawn_worker(target: str, index: int, steps: int, retry_for: float, stop_file: str = "") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, HERE, target, "m", str(index), str(steps), str(retry_for), stop_file],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, HERE, target, "m", str(index), str(steps), str(retry_for), stop_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _committed(model_dir: str) -> list[int]:
@@ -124,8 +133,11 @@ def test_sigkill_restarts_lose_nothing_committed(tmp_path):
     kills = torn = 0
     try:
         with Client(target, timeout=30.0) as c:
-            c.create_model("m", {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
-                           optimizer={"adam": {"learning_rate": 0.01}})  # fmt: skip
+            c.create_model(
+                "m",
+                {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
+                optimizer={"adam": {"learning_rate": 0.01}},
+            )
         stop_file = str(tmp_path / "stop")
         workers = [_spawn_worker(target, i, 1_000_000, 90.0, stop_file) for i in range(2)]
         restored_step = 0
@@ -183,8 +195,11 @@ def test_sigterm_writes_a_final_checkpoint_of_the_last_applied_step(tmp_path):
     worker = None
     try:
         with Client(target, timeout=30.0) as c:
-            m = c.create_model("m", {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
-                               optimizer={"adam": {"learning_rate": 0.01}})  # fmt: skip
+            m = c.create_model(
+                "m",
+                {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
+                optimizer={"adam": {"learning_rate": 0.01}},
+            )
             worker = _spawn_worker(target, 0, 100_000, 3.0)
             until = time.monotonic() + 60
             while m.step < 20 and time.monotonic() < until:

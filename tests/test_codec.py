@@ -1,5 +1,6 @@
 """The wire format on its own: framing equals protobuf's, slices cover leaves exactly, bad streams
 fail, the assembler's extension points are called as documented, and the package stays numpy only."""
+
 from __future__ import annotations
 
 import subprocess
@@ -179,8 +180,11 @@ def test_hooks_allocate_once_copy_every_slice_and_complete_at_the_last_byte():
                 completed_after.setdefault(call[1], i)
     out = asm.finish()
     allocs = [c[1:] for c in asm.calls if c[0] == "allocate"]
-    assert allocs == [("given", np.dtype(np.float32), (6,), 24), ("other", np.dtype(np.int16), (3,), 6),
-                      ("none", np.dtype(np.float32), (2, 0), 0)]  # fmt: skip
+    assert allocs == [
+        ("given", np.dtype(np.float32), (6,), 24),
+        ("other", np.dtype(np.int16), (3,), 6),
+        ("none", np.dtype(np.float32), (2, 0), 0),
+    ]
     copies = [c[1:] for c in asm.calls if c[0] == "copy"]
     assert [c for c in copies if c[0] == "given"] == [("given", 0, 8), ("given", 8, 8), ("given", 16, 8)]
     assert sum(n for p, _, n in copies if p == "other") == 6 and all(p != "none" for p, _, _ in copies)

@@ -39,6 +39,8 @@ RADAM_RTOL = 5e-5
 
 def reference_tolerance(case) -> float:
     return RADAM_RTOL if "radam" in case.id.lower() else RTOL
+
+
 PARAMS_SEED, GRADS_SEED = 0, 1
 
 
@@ -92,8 +94,7 @@ def test_server_matches_reference(case, client):
         expected = run_optax(case.spec, params, grads)
         for step in checkpoints:
             err, leaf = max_rel_error(served[step], expected[step - 1], params)
-            assert err <= RTOL, (f"{case.id}: step {step}, leaf {leaf!r}: relative error "
-                                 f"{err:.3g} vs in-process optax")
+            assert err <= RTOL, f"{case.id}: step {step}, leaf {leaf!r}: relative error {err:.3g} vs in-process optax"
 
 
 @pytest.mark.parametrize("case", NOISE_CASES, ids=[c.id for c in NOISE_CASES])
@@ -109,8 +110,7 @@ def test_noisy_rules_by_statistics(case, client):
         model = client.create_model(_model_name(f"{case.id}-{run}"), params, optimizer=case.spec)
         finals.append(_push_and_pull(model, grads, {case.n_steps})[case.n_steps])
     for k in params:
-        np.testing.assert_array_equal(finals[0][k], finals[1][k],
-                                      err_msg=f"{case.id}: same key, different noise")
+        np.testing.assert_array_equal(finals[0][k], finals[1][k], err_msg=f"{case.id}: same key, different noise")
 
     mean = reference_for(case.mean_spec).run(params, grads)[-1]
     std = math.sqrt(sum(case.step_std(t) ** 2 for t in range(1, case.n_steps + 1)))

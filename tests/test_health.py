@@ -1,5 +1,6 @@
 """The standard gRPC health service through a server's life (start, restore, serving, shutdown), and
 server reflection, against `optserve serve` subprocesses."""
+
 from __future__ import annotations
 
 import json
@@ -85,10 +86,24 @@ def test_health_through_serving_shutdown_and_restore(tmp_path):
     log2 = tmp_path / "second.log"
     with open(log2, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "optserve.server.cli", "serve", "--port", str(port), "--checkpoint-dir", ckpt,
-             "--log-format", "json", "--shutdown-grace", "2"],
-            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "optserve.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--checkpoint-dir",
+                ckpt,
+                "--log-format",
+                "json",
+                "--shutdown-grace",
+                "2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ},
+        )
     try:
         seen = []
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, Client(f"127.0.0.1:{port}", timeout=30) as c:

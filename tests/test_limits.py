@@ -1,6 +1,7 @@
 """Limits: --max-models, --max-model-bytes, --max-total-bytes -> RESOURCE_EXHAUSTED before any bytes
 are taken, the server keeps serving the other models; the explicit message cap; client deadlines
 (a waiting pull ends with DEADLINE_EXCEEDED and a cancelled wait frees its server thread)."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,11 @@ def lc(limited):
 
 def _header_only_create(name: str, shape: tuple[int, ...], dtype: str = "float32") -> bytes:
     """A CreateModel whose header declares a leaf but sends none of its bytes."""
-    header = pb.CreateModelHeader(name=name, optimizer_json='{"sgd": {"learning_rate": 0.1}}',
-                                  schema=[pb.LeafSpec(path="w", dtype=dtype, shape=shape)])  # fmt: skip
+    header = pb.CreateModelHeader(
+        name=name,
+        optimizer_json='{"sgd": {"learning_rate": 0.1}}',
+        schema=[pb.LeafSpec(path="w", dtype=dtype, shape=shape)],
+    )
     return pb.CreateModelRequest(header=header).SerializeToString()
 
 

@@ -1,4 +1,5 @@
 """The contract's generated modules are in sync with the .proto, and the client stays light."""
+
 from __future__ import annotations
 
 import filecmp
@@ -56,8 +57,10 @@ def test_client_works_where_jax_cannot_be_imported(server, client):
 
 def test_client_package_imports_neither_jax_nor_the_server():
     """`import optserve.client` loads the client, the wire and the generated modules only."""
-    code = ("import sys, optserve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('jax', 'jaxlib', 'optax', 'torch') or m.startswith('optserve.server')))")  # fmt: skip
+    code = (
+        "import sys, optserve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('jax', 'jaxlib', 'optax', 'torch') or m.startswith('optserve.server')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

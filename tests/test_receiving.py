@@ -1,6 +1,7 @@
 """The server's policy on received gradients (`core.receiving`), without a server: NaN and Inf
 refused in every float dtype and every check block, leaves handed on only once checked, earlier
 pushes' buffers reused, and complete leaves put on the device."""
+
 from __future__ import annotations
 
 import jax

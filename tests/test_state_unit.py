@@ -4,6 +4,7 @@ validated and installed into another model, bitwise.
 
 The end-to-end versions (through the service, restarts, crashes) are test_checkpoints_*.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from optserve.server.checkpoint.files import CheckpointInfo, committed, info_of, next_name, read_checkpoint, write_checkpoint
+from optserve.server.checkpoint.files import (
+    CheckpointInfo,
+    committed,
+    info_of,
+    next_name,
+    read_checkpoint,
+    write_checkpoint,
+)
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import compile_for
@@ -79,7 +87,13 @@ def _assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ord
 
 def _assert_same_state(a: HostState, b: HostState) -> None:
     assert (a.name, a.step, a.schema, a.spec, a.settings, a.hyperparams) == (
-        b.name, b.step, b.schema, b.spec, b.settings, b.hyperparams)  # fmt: skip
+        b.name,
+        b.step,
+        b.schema,
+        b.spec,
+        b.settings,
+        b.hyperparams,
+    )
     _assert_same_tensors(a.params, b.params, ordered=False)  # keyed by leaf path
     _assert_same_tensors(a.opt, b.opt)  # in the optimizer state's leaf order
     assert (a.ema is None) == (b.ema is None)
@@ -123,7 +137,9 @@ def test_prepare_refuses_a_state_that_does_not_fit_and_changes_nothing(trained):
     target = _model(5)
     before = target.checkpoint_snapshot().to_host()
     wrong_shape = HostState(**{**vars(state), "opt": {**state.opt, "inner_state/0/mu/w": np.zeros((2, 3), np.float32)}})
-    with pytest.raises(StateError, match=r"model 'm': optimizer state leaf 'inner_state/0/mu/w': expected float32\[3, 2\]"):
+    with pytest.raises(
+        StateError, match=r"model 'm': optimizer state leaf 'inner_state/0/mu/w': expected float32\[3, 2\]"
+    ):
         model_state.prepare(target, wrong_shape)
     other_settings = HostState(**{**vars(state), "settings": ModelSettings()})
     with pytest.raises(StateError, match="settings differ"):

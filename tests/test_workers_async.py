@@ -1,5 +1,6 @@
 """Async mode against a live server: bounded staleness, exact staleness scaling, pushes repeated with
 the same (worker_id, seq) -- also after a reply lost by cancelling the call -- applied exactly once."""
+
 from __future__ import annotations
 
 import time
@@ -76,8 +77,9 @@ def test_reply_lost_by_cancelling_the_call_after_apply_then_retry_is_applied_onc
     g = {"w": np.ones(4, np.float32)}
     header = model._push_header(0, None, "w1", 7)
     header.pull.CopyFrom(pb.PullRequest(model=model_name, min_step=1_000, timeout_seconds=60))
-    call = client._push_pull(chunk_messages(pb.PushRequest(header=header), model._grad_leaves(g, None), 1 << 20),
-                             timeout=60)  # fmt: skip
+    call = client._push_pull(
+        chunk_messages(pb.PushRequest(header=header), model._grad_leaves(g, None), 1 << 20), timeout=60
+    )
     deadline = time.monotonic() + 20
     while model.info()["step"] != 1:
         assert time.monotonic() < deadline, "the push was not applied"

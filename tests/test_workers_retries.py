@@ -1,5 +1,6 @@
 """The client's Worker helper: retries UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff
 and jitter, reusing the same seq, so a retried gradient is never applied twice."""
+
 from __future__ import annotations
 
 import socket
@@ -14,8 +15,11 @@ from optserve.client import worker as worker_module
 from optserve.client.model import Model
 from optserve.client.errors import FailedPreconditionError, UnavailableError
 
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                  ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 def _wait_until(predicate, what: str, timeout: float = 30.0) -> None:

@@ -13,9 +13,17 @@ does import optax) builds the in-process optax counterpart of a canonical spec f
 """
 
 from . import axon, flux, objax, optax_rules  # noqa: F401  (register the rules)
-from .core import (Chain, ReferenceOptimizer, SpecError, Transform, apply_updates, build,
-                   known_rules, reference_for)
+from .core import Chain, ReferenceOptimizer, SpecError, Transform, apply_updates, build, known_rules, reference_for
 from .objax import ParamsEMA
 
-__all__ = ["Chain", "ParamsEMA", "ReferenceOptimizer", "SpecError", "Transform", "apply_updates",
-           "build", "known_rules", "reference_for"]
+__all__ = [
+    "Chain",
+    "ParamsEMA",
+    "ReferenceOptimizer",
+    "SpecError",
+    "Transform",
+    "apply_updates",
+    "build",
+    "known_rules",
+    "reference_for",
+]

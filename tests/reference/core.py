@@ -191,7 +191,7 @@ def split_spec(spec: Any, path: str = "spec") -> tuple[str, Any]:
     if isinstance(spec, str):
         return spec, None
     if isinstance(spec, Mapping) and len(spec) == 1:
-        (name, args), = spec.items()
+        ((name, args),) = spec.items()
         return name, args
     raise SpecError(f"{path}: a spec is a rule name or an object with exactly one key, got {spec!r}")
 

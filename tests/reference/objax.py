@@ -118,8 +118,7 @@ def _adam(learning_rate, b1, b2, eps):
     return Adam(learning_rate, b1, b2, eps)
 
 
-@rule("objax:LARS", learning_rate=REQUIRED, momentum=0.9, weight_decay=1e-4,
-      trust_coefficient=1e-3, eps=1e-5)
+@rule("objax:LARS", learning_rate=REQUIRED, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-5)
 def _lars(learning_rate, momentum, weight_decay, trust_coefficient, eps):
     return LARS(learning_rate, momentum, weight_decay, trust_coefficient, eps)
 

@@ -3,6 +3,7 @@
 Light on purpose: numpy, grpcio, protobuf and ml_dtypes only. jax or torch are imported only when
 the caller hands us their arrays.
 """
+
 from optserve.client import optim
 from optserve.client.client import Client
 from optserve.client.model import Model

@@ -3,6 +3,7 @@
 Bulky calls stream chunks framed by `optserve.wire`; tensors that fit in one chunk use the unary
 twins (PushOne, PullOne, PushPullOne), which cost a third of a stream in grpcio.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -70,7 +71,9 @@ class Model:
             self._structure = structure
         return to_wire(leaves, wire_dtype)
 
-    def _push_messages(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]) -> tuple[bytes | None, Iterator[bytes]]:
+    def _push_messages(
+        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]
+    ) -> tuple[bytes | None, Iterator[bytes]]:
         """(the only message, or None) and the message stream: a gradient that frames into one
         message goes through a unary twin; a bigger one starts streaming after one lookahead."""
         msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
@@ -80,7 +83,9 @@ class Model:
             return first, iter((first,))
         return None, itertools.chain((first, second), msgs)
 
-    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
+    def push_raw(
+        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None
+    ) -> pb.PushResponse:
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
             return self.client.call(self.client._push_one, only, timeout=timeout)
@@ -94,11 +99,21 @@ class Model:
         return resp.step
 
     def _pull_request(
-        self, *, min_step: int | None, timeout: float | None, ema: bool, wire_dtype: str | None,
+        self,
+        *,
+        min_step: int | None,
+        timeout: float | None,
+        ema: bool,
+        wire_dtype: str | None,
         if_newer_than: int | None,
-    ) -> pb.PullRequest:  # fmt: skip
-        req = pb.PullRequest(model=self.name, timeout_seconds=timeout or 0.0, ema=ema, wire_dtype=wire_dtype or "",
-                             max_message_bytes=self.client.max_receive_bytes)  # fmt: skip
+    ) -> pb.PullRequest:
+        req = pb.PullRequest(
+            model=self.name,
+            timeout_seconds=timeout or 0.0,
+            ema=ema,
+            wire_dtype=wire_dtype or "",
+            max_message_bytes=self.client.max_receive_bytes,
+        )
         if min_step is not None:
             req.min_step = min_step
         if if_newer_than is not None:
@@ -128,8 +143,9 @@ class Model:
         """
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
-        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype,
-                                 if_newer_than=if_newer_than)  # fmt: skip
+        req = self._pull_request(
+            min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=if_newer_than
+        )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
@@ -140,19 +156,30 @@ class Model:
         return params
 
     def push_pull(
-        self, grads: Any, *, base_step: int | None = None, weight: float | None = None,
-        wire_dtype: str | None = None, like: Any = None, out: Any = None,
-    ) -> Any:  # fmt: skip
+        self,
+        grads: Any,
+        *,
+        base_step: int | None = None,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
         """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
         header = self._push_header(base_step, weight)
-        header.pull.CopyFrom(self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype,
-                                                if_newer_than=None))  # fmt: skip
+        header.pull.CopyFrom(
+            self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
+        )
         return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like, out=out)[1]
 
     def push_pull_raw(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None,
+        self,
+        header: pb.PushHeader,
+        leaves: list[tuple[str, np.ndarray]],
+        like: Any = None,
+        timeout: float | None = None,
         out: Any = None,
-    ) -> tuple[pb.PushResponse, Any]:  # fmt: skip
+    ) -> tuple[pb.PushResponse, Any]:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
         only, msgs = self._push_messages(header, leaves)
@@ -264,7 +291,9 @@ class Model:
 
     def checkpoints(self) -> list[dict]:
         resp = self.client.call(self.client._stub.ListCheckpoints, pb.ListCheckpointsRequest(model=self.name))
-        return [{"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints]
+        return [
+            {"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints
+        ]
 
     def restore(self, step: int = 0) -> int:
         """Restores a committed checkpoint (0: the newest that verifies); returns the model's step."""
@@ -279,7 +308,9 @@ class Model:
             for raw in self.client.stream(self.client._download, pb.DownloadRequest(model=self.name)):
                 msg, data = parse_message(raw, pb.FileChunk)
                 if msg.offset != size:
-                    raise InvalidArgumentError(f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}")
+                    raise InvalidArgumentError(
+                        f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}"
+                    )
                 f.write(data)
                 size += len(data)
             f.flush()

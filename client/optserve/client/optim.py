@@ -8,6 +8,7 @@
 Names and hyperparameters are optax's. The server validates a spec when the model is created and
 names the exact field at fault; `Client.rules()` lists every rule the server knows.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,9 +44,22 @@ def _builder(name: str, *positional: str):
 
 
 _OPTIMIZERS = [
-    "sgd", "noisy_sgd", "adam", "nadam", "adamw", "radam", "adamax", "amsgrad", "adagrad",
-    "adadelta", "rmsprop", "adabelief", "lamb", "lars", "yogi",
-]  # fmt: skip
+    "sgd",
+    "noisy_sgd",
+    "adam",
+    "nadam",
+    "adamw",
+    "radam",
+    "adamax",
+    "amsgrad",
+    "adagrad",
+    "adadelta",
+    "rmsprop",
+    "adabelief",
+    "lamb",
+    "lars",
+    "yogi",
+]
 _TRANSFORMS = {
     "identity": (),
     "scale": ("step_size",),

@@ -7,6 +7,7 @@ scalars, Python numbers, jax arrays, torch tensors). jax and torch are imported 
 handed us one of their arrays (or a pytree type only jax knows). A structure that was never seen
 comes back as nested dicts (`nested_dicts`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -131,8 +132,7 @@ def _visit(x: Any, prefix: str, leaves: list[tuple[str, np.ndarray]]) -> Any:
 
         children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
         if not (len(children) == 1 and children[0][1] is x):
-            return ("jax", treedef,
-                    tuple(_visit(c, join_path(prefix, _jax_key(p[-1])), leaves) for p, c in children))  # fmt: skip
+            return ("jax", treedef, tuple(_visit(c, join_path(prefix, _jax_key(p[-1])), leaves) for p, c in children))
     raise TypeError(f"cannot send a leaf of type {type(x).__name__} at {prefix or '<root>'!r}")
 
 

@@ -13,6 +13,7 @@ When a call fails and the server that answers afterwards is a new incarnation, t
 learns the restored step (a header-only pull) and only then resends, its gradient's base_step
 capped at that step: the state was restored from a checkpoint, possibly older than what it pulled.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,16 +45,24 @@ class WorkerModel(Protocol):
 
     def pull(self, **kwargs: Any) -> Any: ...
 
-    def _push_header(self, base_step: int | None, weight: float | None, worker_id: str = "",
-                     seq: int = 0) -> pb.PushHeader: ...  # fmt: skip
+    def _push_header(
+        self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
+    ) -> pb.PushHeader: ...
 
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]: ...
 
-    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]],
-                 timeout: float | None = None) -> pb.PushResponse: ...  # fmt: skip
+    def push_raw(
+        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None
+    ) -> pb.PushResponse: ...
 
-    def push_pull_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None,
-                      timeout: float | None = None, out: Any = None) -> tuple[pb.PushResponse, Any]: ...  # fmt: skip
+    def push_pull_raw(
+        self,
+        header: pb.PushHeader,
+        leaves: list[tuple[str, np.ndarray]],
+        like: Any = None,
+        timeout: float | None = None,
+        out: Any = None,
+    ) -> tuple[pb.PushResponse, Any]: ...
 
 
 class Worker:
@@ -142,8 +151,15 @@ class Worker:
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
 
-    def push_pull(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None,
-                  like: Any = None, out: Any = None) -> Any:  # fmt: skip
+    def push_pull(
+        self,
+        grads: Any,
+        *,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)

@@ -13,6 +13,7 @@ by overriding three methods, each documented below:
 
 A hook rejects the stream by raising `self.error(...)` (a WireError naming what it is told).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -51,8 +52,9 @@ class Leaf:
 
     __slots__ = ("path", "dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "done")
 
-    def __init__(self, path: str, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int,
-                 buffer: np.ndarray):  # fmt: skip
+    def __init__(
+        self, path: str, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, buffer: np.ndarray
+    ):
         self.path = path
         self.dtype_name = dtype_name  # the wire dtype's name
         self.dtype = dtype

@@ -1,5 +1,6 @@
 """Sending: leaves split into chunks (big leaves by byte offset, small ones packed together) and
 framed as a stream of chunk messages."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -59,13 +60,18 @@ _SLICE_FIXED_BYTES = 1 + 5 + (1 + 5) + (1 + 1) + (1 + 5) + (1 + 10) + (1 + 10)
 def slice_wire_bytes(path: str, dtype_name: str, shape: Sequence[int]) -> int:
     """An upper bound of one TensorSlice's serialized size inside a chunk message (any offset and
     length): what a slice list costs besides the payload."""
-    return _SLICE_FIXED_BYTES + (len(path) if path.isascii() else len(path.encode())) + len(dtype_name) + 10 * len(shape)
+    return (
+        _SLICE_FIXED_BYTES + (len(path) if path.isascii() else len(path.encode())) + len(dtype_name) + 10 * len(shape)
+    )
 
 
 def plan_chunks(
-    leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-    max_message_bytes: int | None = None, first_message_bytes: int = 0,
-) -> Iterator[tuple[list[Slice], list[memoryview]]]:  # fmt: skip
+    leaves: Sequence[tuple[str, np.ndarray | Cast]],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    max_message_bytes: int | None = None,
+    first_message_bytes: int = 0,
+) -> Iterator[tuple[list[Slice], list[memoryview]]]:
     """Yields (slices, payload parts) per chunk: big leaves split by offset, small ones packed.
 
     Every leaf appears at least once (a zero-size leaf as one empty slice), so the receiver can tell
@@ -114,7 +120,9 @@ def plan_chunks(
                 take = min(unit, size - offset)
             slices.append(Slice(path, name, shape, offset, take))
             if take:
-                parts.append(cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take])
+                parts.append(
+                    cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take]
+                )
             offset += take
             used += take
             meta += cost
@@ -125,9 +133,11 @@ def plan_chunks(
 
 
 def chunk_messages(
-    first: Any, leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int,
+    first: Any,
+    leaves: Sequence[tuple[str, np.ndarray | Cast]],
+    chunk_bytes: int,
     max_message_bytes: int | None = None,
-) -> Iterator[bytes]:  # fmt: skip
+) -> Iterator[bytes]:
     """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
     becomes the first message, holding the first chunk too, so a small tensor set is one message.
     max_message_bytes: every message, header and slice list included, stays within it (a header
@@ -137,8 +147,9 @@ def chunk_messages(
     its `slices`, `ByteSize` and `SerializeToString` are used, so this module needs no protobuf."""
     msg = first
     header_bytes = first.ByteSize() if max_message_bytes is not None else 0
-    for slices, parts in plan_chunks(leaves, chunk_bytes, max_message_bytes=max_message_bytes,
-                                     first_message_bytes=header_bytes):  # fmt: skip
+    for slices, parts in plan_chunks(
+        leaves, chunk_bytes, max_message_bytes=max_message_bytes, first_message_bytes=header_bytes
+    ):
         add = msg.slices.add
         for s in slices:
             add(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length)

@@ -11,6 +11,7 @@ a `bytes` field on every access, so the fast path never lets protobuf see the pa
 
 Other languages use the generated messages unchanged; the bytes are identical.
 """
+
 from __future__ import annotations
 
 import functools
