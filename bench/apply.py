@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from common import machine, paired_medians, table
+
 from optserve.client import optim
-from optserve.wire.dtypes import LeafSpec
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import compile_for
+from optserve.wire.dtypes import LeafSpec
 
 RULES = {
     "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),

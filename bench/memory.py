@@ -16,8 +16,8 @@ import argparse
 import time
 
 import numpy as np
-
 from common import machine, optserve_server, stop, table
+
 from optserve.client import Client, optim
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import optax
-
 from apply import optax_step
 from common import interleaved_medians, machine, optserve_server, raw_server, stop, table
-from optserve.client import Client, optim
-from optserve.wire.channel import CHANNEL_OPTIONS
-from optserve.v1 import optserve_pb2 as pb
 from transport import raw_pull_fn, raw_push_fn
+
+from optserve.client import Client, optim
+from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import CHANNEL_OPTIONS
 
 
 def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20) -> list[dict]:

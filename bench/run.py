@@ -14,12 +14,12 @@ import statistics
 import time
 
 import apply
+import common
 import h2d
 import memory
 import roundtrip
 import transport
 import wire
-import common
 from common import machine, table
 
 

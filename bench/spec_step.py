@@ -14,9 +14,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
-
 from apply import leaves_for, optax_step
 from common import machine, paired_medians, table
+
 from optserve.client import optim
 from optserve.server.spec import compile_spec
 

@@ -26,8 +26,8 @@ import struct
 
 import grpc
 import numpy as np
-
 from common import gbps, interleaved_medians, machine, optserve_server, raw_server, repeats_for, stop, table
+
 from optserve.client import Client, optim
 from optserve.wire.assembler import aligned_empty
 from optserve.wire.channel import CHANNEL_OPTIONS

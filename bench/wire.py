@@ -12,8 +12,8 @@ import argparse
 
 import ml_dtypes
 import numpy as np
-
 from common import interleaved_medians, machine, optserve_server, paired_medians, stop, table
+
 from optserve.client import Client, optim
 
 

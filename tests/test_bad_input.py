@@ -15,8 +15,8 @@ from optserve.client import (
     NotFoundError,
     optim,
 )
-from optserve.wire.chunks import chunk_messages
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 P0 = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from optserve.client import optim
-
 from optserve.wire import assembler
 
 N = 1 << 16

@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, optim
 from optserve.client.errors import FailedPreconditionError
-from optserve.wire.chunks import chunk_messages
-from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
 from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
+from optserve.wire.chunks import chunk_messages
 
 G4 = {"w": np.ones(4, np.float32)}
 

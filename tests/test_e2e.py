@@ -227,7 +227,7 @@ def test_concurrent_threads_sum_of_sgd_gradients(client, model_name):
         try:
             for g in grads[i]:
                 client.model(model_name).push(g)
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # reported below
             errors.append(e)
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
@@ -263,8 +263,8 @@ def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_na
 def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_name):
     """PushOne / PullOne / PushPullOne: one message each way, same semantics; the client uses them
     when the tensors fit in one chunk. A reply that cannot fit in one message is refused."""
-    from optserve.wire.chunks import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
+    from optserve.wire.chunks import chunk_messages
 
     small = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))
     assert small._params_fit_one_chunk

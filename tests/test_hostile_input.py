@@ -29,11 +29,10 @@ import pytest
 import safetensors.numpy
 
 from optserve.client import Client, optim
-
-from optserve.wire.framing import frame, parse_message, varint
-from optserve.wire.chunks import chunk_messages
 from optserve.server.state import safetensors_io
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
+from optserve.wire.framing import frame, parse_message, varint
 from tests.conftest import start_server_process, stop_server_process
 
 VICTIMS = {

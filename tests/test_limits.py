@@ -17,11 +17,11 @@ from optserve.client import (
     ResourceExhaustedError,
     optim,
 )
-from optserve.wire.dtypes import LeafSpec
-from optserve.wire.channel import MAX_MESSAGE_BYTES
 from optserve.server import Server
 from optserve.server.core.store import compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import MAX_MESSAGE_BYTES
+from optserve.wire.dtypes import LeafSpec
 
 SMALL = {"w": np.zeros(64, np.float32)}  # 256 bytes of parameters; adam keeps ~2x more
 G = {"w": np.ones(64, np.float32)}

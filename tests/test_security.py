@@ -142,7 +142,7 @@ def _key():
 
 
 def _cert(subject_cn, key, issuer_cert, issuer_key, *, ca=False, server=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
     b = (
         x509.CertificateBuilder()

@@ -9,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from optserve.server.spec import SpecError, compile_spec, list_rules
-from optserve.server.spec import custom, docs
+from optserve.server.spec import SpecError, compile_spec, custom, docs, list_rules
 from optserve.server.spec.ema import ema_init, ema_update, ema_value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

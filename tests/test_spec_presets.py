@@ -9,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from optserve.server.spec import SpecError, compile_spec
-from optserve.server.spec import registry
+from optserve.server.spec import SpecError, compile_spec, registry
 from tests.test_spec_compiler import PATHS, assert_close, grad_stream, make_params, run_compiled, run_optax
 
 # ---------------------------------------------------------------- canonical rules vs optax
@@ -294,7 +293,7 @@ def test_preset_matches_optax_expression(spec, tx):
 def numpy_run(step_fn, steps=30):
     """Runs a float64 NumPy rule `step_fn(t, g, p, state) -> (u, state)` per leaf."""
     params = {k: np.asarray(v, np.float64) for k, v in make_params().items()}
-    states = {k: None for k in params}
+    states = dict.fromkeys(params)
     for t, grads in enumerate(grad_stream(steps), start=1):
         for k in params:
             u, states[k] = step_fn(t, np.asarray(grads[k], np.float64), params[k], states[k])

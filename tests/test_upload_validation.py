@@ -21,14 +21,13 @@ import pytest
 import safetensors.numpy
 
 from optserve.client import Client, FailedPreconditionError, OptserveError, optim
-
-from optserve.wire.dtypes import DTYPES, leaf_nbytes
-from optserve.wire.framing import frame
 from optserve.server import Server
 from optserve.server.core.model import MAX_STEP, REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
 from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.dtypes import DTYPES, leaf_nbytes
+from optserve.wire.framing import frame
 from tests.conftest import start_server_process, stop_server_process
 
 SPEC = {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from optserve.client import optim
-from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 
 def _ones(n: int = 4) -> dict:

@@ -28,7 +28,7 @@ def _run_threads(target, n: int, join_timeout: float) -> list[BaseException]:
     def guarded(i: int) -> None:
         try:
             target(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]

@@ -90,8 +90,8 @@ def _straggler(target: str, model: str, wait_for_step: int) -> dict:
 
 def _dies_mid_push(target: str, model: str) -> None:
     """Streams half of a push, says so, and waits to be SIGKILLed."""
-    from optserve.wire.chunks import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
+    from optserve.wire.chunks import chunk_messages
 
     def messages():
         header = pb.PushHeader(model=model, base_step=0, worker_id="victim", seq=1)

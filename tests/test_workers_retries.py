@@ -12,8 +12,8 @@ import pytest
 
 from optserve.client import Client, optim
 from optserve.client import worker as worker_module
-from optserve.client.model import Model
 from optserve.client.errors import FailedPreconditionError, UnavailableError
+from optserve.client.model import Model
 
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -14,9 +14,9 @@ import optax
 import pytest
 
 from optserve.client import optim
-from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 K = 6  # steps
 

@@ -16,7 +16,8 @@ names) and schedules.py (inverse_time_decay, piecewise_constant keys).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
 class Case(NamedTuple):

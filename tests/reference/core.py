@@ -19,7 +19,8 @@ Rules register themselves with :func:`rule`; :func:`build` interprets a spec.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -9,8 +9,9 @@ their name; their optax equivalents are written as canonical specs in the tests)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

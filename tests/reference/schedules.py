@@ -15,8 +15,9 @@ accepted as aliases.  Formulas follow optax 0.2.8 ``optax/schedules/_schedule.py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .core import REQUIRED, SpecError, split_spec
 

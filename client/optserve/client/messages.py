@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
 from optserve.wire.chunks import Cast
-from optserve.v1 import optserve_pb2 as pb
 
 
 def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:

@@ -50,7 +50,7 @@ def buffer_of(array: np.ndarray | None, dtype: np.dtype, shape: tuple[int, ...])
 class Leaf:
     """One leaf being received: its wire dtype and shape, its buffer, the bytes received so far."""
 
-    __slots__ = ("path", "dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "done")
+    __slots__ = ("buffer", "done", "dtype", "dtype_name", "intervals", "nbytes", "path", "received", "shape")
 
     def __init__(
         self, path: str, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, buffer: np.ndarray
