@@ -2,10 +2,10 @@
 
     python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
 
-Times, alternately (see common.paired_medians), the server's update once the gradient is on the device (`Model._apply_locked`: the jitted
-step with donated buffers, EMA and scale included; NaN/Inf were already rejected chunk by chunk on
-receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
-parameters are ready.
+Times, alternately (see common.paired_medians), the server's update once the gradient is on the
+device (`Model._apply_locked`: the jitted step with donated buffers, EMA and scale included; NaN/Inf
+were already rejected chunk by chunk on receipt) against `jax.jit(optax update + apply_updates,
+donate)`. Both block until the new parameters are ready.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready((snap.params, snap.opt_state))
         copied = time.perf_counter() - t
         print(
-            f"snapshot: model lock held {held * 1e3:.1f} ms (dispatch); device copies complete after {copied * 1e3:.0f} ms"
+            f"snapshot: model lock held {held * 1e3:.1f} ms (dispatch); "
+            f"device copies complete after {copied * 1e3:.0f} ms"
         )
         t = time.perf_counter()
         state = snap.to_host()
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if during:
             print(
-                f"pushes during the save: first {during[0] * 1e3:.0f} ms, median {statistics.median(during) * 1e3:.0f} ms, "
+                f"pushes during the save: first {during[0] * 1e3:.0f} ms, "
+                f"median {statistics.median(during) * 1e3:.0f} ms, "
                 f"max {max(during) * 1e3:.0f} ms (baseline median {statistics.median(base) * 1e3:.0f} ms)"
             )
     if args.dir is None:

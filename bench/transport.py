@@ -22,6 +22,7 @@ finding and zeroing 400 MB of new pages). The order of the compared calls rotate
 from __future__ import annotations
 
 import argparse
+import functools
 import struct
 
 import grpc
@@ -98,7 +99,7 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             reps = repeats_for(nbytes)
             push, raw_push, copy_push = interleaved_medians(
                 (
-                    lambda: model.push(grads),
+                    functools.partial(model.push, grads),
                     raw_push_fn(channel, grads["w"], chunk),
                     raw_push_copy_fn(channel, grads["w"], chunk),
                 ),
@@ -107,8 +108,8 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             previous = model.pull()  # what a training loop pulls into
             pull, pull_out, raw_pull, copy_pull = interleaved_medians(
                 (
-                    lambda: model.pull(),
-                    lambda: model.pull(out=previous),
+                    model.pull,
+                    functools.partial(model.pull, out=previous),
                     raw_pull_fn(channel, 4 * n, chunk),
                     raw_pull_fn(channel, 4 * n, chunk, copy=True),
                 ),

@@ -19,7 +19,7 @@ from tests.test_security import pki  # noqa: F401 - the CA and certificates made
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, pki):  # noqa: F811
+def live(tmp_path_factory, pki):  # noqa: F811 - the fixture imported above
     d = tmp_path_factory.mktemp("admin")
     tokens = d / "tokens"
     tokens.write_text("# the admin token\nadmin-token\n")
@@ -43,7 +43,8 @@ def live(tmp_path_factory, pki):  # noqa: F811
         "--shutdown-grace",
         "2",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(d / "server.log", "w"), text=True)
+    with open(d / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     found: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while "listening" not in found and time.monotonic() < deadline:

@@ -105,7 +105,7 @@ def test_invalid_spec_names_the_field(client, model_name, spec, field):
 
 
 def test_invalid_settings_and_names(client, model_name):
-    with pytest.raises(InvalidArgumentError, match="settings.quorum"):
+    with pytest.raises(InvalidArgumentError, match=r"settings\.quorum"):
         client.create_model(model_name, P0, optim.sgd(0.1), mode="sync", workers=2, quorum=3)
     with pytest.raises(InvalidArgumentError, match="model name"):
         client.create_model("../escape", P0, optim.sgd(0.1))

@@ -53,14 +53,23 @@ def _worker(target: str, model: str, index: int, steps: int, retry_for: float, s
 def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
     """Starts `optserve serve` and waits (bounded) for its listening line, which it prints only
     once every model has been restored."""
-    log = open(log_path, "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", str(port), "--checkpoint-dir", ckpt, *extra],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    log.close()
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "optserve.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--checkpoint-dir",
+                ckpt,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 0.5)
@@ -70,9 +79,14 @@ def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60
             if m:
                 return proc, int(m.group(1))
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}; log: {open(log_path).read()[-3000:]}")
+            raise RuntimeError(f"server exited {proc.returncode}; log: {_read(log_path)[-3000:]}")
     proc.kill()
     raise TimeoutError("server did not print its listening line in time")
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _spawn_worker(target: str, index: int, steps: int, retry_for: float, stop_file: str = "") -> subprocess.Popen:
@@ -212,7 +226,7 @@ def test_sigterm_writes_a_final_checkpoint_of_the_last_applied_step(tmp_path):
         assert _committed(os.path.join(ckpt, "m")) == [acknowledged]
         with open(os.path.join(ckpt, "m", f"step_{acknowledged}", "manifest.json")) as f:
             assert json.load(f)["step"] == acknowledged
-        assert f"final checkpoint step_{acknowledged}" in open(log_path).read()
+        assert f"final checkpoint step_{acknowledged}" in _read(log_path)
     finally:
         for p in (worker, server):
             if p is not None and p.poll() is None:

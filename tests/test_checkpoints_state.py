@@ -7,6 +7,7 @@ a restart start their own (in-process, cheap) server on their own directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -358,7 +359,7 @@ def test_periodic_checkpoints_every_n_steps(tmp_path):
             time.sleep(0.05)
         steps = [x["step"] for x in m.checkpoints()]
         assert steps and steps[0] == 6, steps
-        assert all(b - a >= 2 for a, b in zip(steps[::-1], steps[-2::-1]))
+        assert all(b - a >= 2 for a, b in itertools.pairwise(steps[::-1]))
 
 
 def test_failed_save_is_reported(tmp_path):

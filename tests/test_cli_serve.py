@@ -32,7 +32,7 @@ def _absent_gpu() -> str:
 
 
 @pytest.fixture(scope="module")
-def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  # noqa: F811
+def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  # noqa: F811 - the fixture imported above
     """{case: (extra serve args, the flag the message must name, a word of the fix)}, run as processes."""
     d = tmp_path_factory.mktemp("mistakes")
     (d / "empty-tokens").write_text("# only a comment\n\n")
@@ -164,7 +164,7 @@ def test_a_device_that_cannot_be_had_names_the_flag(device, fix):
         resolve_device(device)
 
 
-def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811
+def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811 - the fixture imported above
     import argparse
 
     from optserve.server.api import auth as security

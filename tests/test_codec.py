@@ -38,7 +38,7 @@ def _assemble(messages, assembler: TensorAssembler | None = None):
 def test_chunking_round_trips_any_chunk_size(chunk):
     msgs = list(chunk_messages(pb.PushRequest(header=pb.PushHeader(model="m")), LEAVES, chunk))
     for raw in msgs:  # the hand-made payload field is what protobuf itself produces
-        head, payload = split_payload(raw)
+        _, payload = split_payload(raw)
         full = pb.PushRequest.FromString(raw)
         assert full.payload == bytes(payload)
         assert sum(s.length for s in full.slices) == len(payload)
@@ -206,7 +206,7 @@ def test_a_hook_rejects_the_stream_with_a_wire_error_naming_it():
                 raise self.error(f"leaf {leaf.path!r}: negative byte")
 
     msgs = list(chunk_messages(pb.PushRequest(), [("x", np.array([1, -1], np.int8))], 1 << 20))
-    with pytest.raises(WireError, match="^model 'm': leaf 'x': negative byte$"):
+    with pytest.raises(WireError, match=r"^model 'm': leaf 'x': negative byte$"):
         _assemble(msgs, NoNegatives(None, what="model 'm'"))
 
 

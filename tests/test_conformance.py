@@ -12,21 +12,15 @@ formula.  The case list is tests/reference/cases.py.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 # No skip on ImportError: a server that cannot be imported must fail these tests, never hide them.
-from optserve.server import Server  # noqa: E402
-from tests.reference import ParamsEMA, reference_for  # noqa: E402
-from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES, NOISE_SHAPES  # noqa: E402
-from tests.reference.data import make_grads, make_params, max_rel_error  # noqa: E402
+from optserve.server import Server
+from tests.reference import ParamsEMA, reference_for
+from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES, NOISE_SHAPES
+from tests.reference.data import make_grads, make_params, max_rel_error
 
 RTOL = 1e-5
 # RAdam's rectification term rho_t = rho_inf - 2t*b2^t/(1 - b2^t) subtracts two numbers near 1999

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, optim
-from optserve.client.errors import FailedPreconditionError
+from optserve.client.errors import FailedPreconditionError, ResourceExhaustedError
 from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
@@ -170,9 +170,9 @@ def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_compl
             threading.Thread(target=push_pull, args=(worker,), daemon=True).start()
         _wait_until(lambda: srv.service.waiting.waiting == 2 and _pending(client, "bounded-sync") == 2, "2 waiting")
         header = model._push_header(None, None, "w3", 1)
-        with pytest.raises(Exception) as refused:
+        with pytest.raises(ResourceExhaustedError) as refused:
             model.push_pull_raw(header, [("w", np.full(4, 3, np.float32))])
-        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "'bounded-sync'" in refused.value.message
+        assert "'bounded-sync'" in refused.value.message, refused.value.message
         assert _pending(client, "bounded-sync") == 2  # the refused push was not counted
         assert model.worker("w3").push({"w": np.full(4, 3, np.float32)}) == 1  # joins by Push (no wait)
         last = model.push_pull_raw(model._push_header(None, None, "w4", 1), [("w", np.full(4, 4, np.float32))])
@@ -298,13 +298,16 @@ def test_server_info_counts_only_the_models_a_scoped_token_may_see(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("admin-secret\nteam-a-secret model-a model-gone\n")
     args = argparse.Namespace(token_file=str(tokens), tls_cert=None, tls_key=None, tls_client_ca=None)
-    with Server(port=0, **security.server_options(args)) as srv:
-        with srv.client(token="admin-secret", timeout=30) as admin, srv.client(token="team-a-secret", timeout=30) as a:
-            for name in ("model-a", "model-b", "model-c"):
-                admin.create_model(name, {"w": np.zeros(2, np.float32)}, optim.sgd(0.1))
-            assert admin.server_info()["models"] == 3
-            assert a.server_info()["models"] == 1
-            assert [m["name"] for m in a.list_models()] == ["model-a"]
+    with (
+        Server(port=0, **security.server_options(args)) as srv,
+        srv.client(token="admin-secret", timeout=30) as admin,
+        srv.client(token="team-a-secret", timeout=30) as a,
+    ):
+        for name in ("model-a", "model-b", "model-c"):
+            admin.create_model(name, {"w": np.zeros(2, np.float32)}, optim.sgd(0.1))
+        assert admin.server_info()["models"] == 3
+        assert a.server_info()["models"] == 1
+        assert [m["name"] for m in a.list_models()] == ["model-a"]
 
 
 # -- reject_nonfinite_updates ----------------------------------------------------------------------

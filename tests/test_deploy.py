@@ -176,7 +176,11 @@ def dockerfile() -> str:
 
 def test_dockerfile_matches_the_cli_and_the_manifests(manifests):
     text = dockerfile()
-    exec_form = lambda instr: json.loads(re.search(rf"^{instr} (\[.*?\])$", text.replace("\\\n", " "), re.M).group(1))  # noqa: E731
+
+    def exec_form(instr: str) -> list[str]:
+        """The JSON argument list of an instruction (continuation lines joined)."""
+        return json.loads(re.search(rf"^{instr} (\[.*?\])$", text.replace("\\\n", " "), re.M).group(1))
+
     assert exec_form("ENTRYPOINT") == ["optserve", "serve"]
     args = serve_args(exec_form("CMD"))
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}

@@ -74,7 +74,7 @@ def _tree_equal(a, b):
             _tree_equal(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _tree_equal(x, y)
     elif a is None:
         assert b is None

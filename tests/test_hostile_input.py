@@ -75,7 +75,7 @@ def snapshot(client: Client) -> dict:
     for name in VICTIMS:
         m = client.model(name)
         info = m.info()
-        flat = {l["path"] for l in info["schema"]}
+        flat = {leaf["path"] for leaf in info["schema"]}
         params = m.pull()
         out[name] = (info["step"], info["hyperparams"], repr(sorted(flat)), repr(params))
     return out
@@ -112,6 +112,7 @@ def create_header(name, schema, spec='{"sgd": {"learning_rate": 0.1}}') -> pb.Cr
     return pb.CreateModelHeader(name=name, optimizer_json=spec, schema=schema)
 
 
+FULLWIDTH_W = "layer/ｗ"  # noqa: RUF001 - a full-width w on purpose: a look-alike of layer/w, a different leaf
 ODD_NAMES = [
     "\u202eevil",
     "w\x00",
@@ -124,7 +125,7 @@ ODD_NAMES = [
     "layer/w\n",
     "x" * 5000,
     "",
-    "layer/ｗ",
+    FULLWIDTH_W,
     "layer/w ",
     "🙂/ẘ",
     "../../etc/passwd",
@@ -313,7 +314,7 @@ class Hostile:
             )
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "odd_leaf_name_create":
-            name = [n for n in ODD_NAMES if n not in ("layer/ｗ", "layer/w ", "🙂/ẘ", "../../etc/passwd", "layer//w")]
+            name = [n for n in ODD_NAMES if n not in (FULLWIDTH_W, "layer/w ", "🙂/ẘ", "../../etc/passwd", "layer//w")]
             path = name[int(r.integers(len(name)))]
             h = create_header(f"odd-{r.integers(1 << 30)}", [pb.LeafSpec(path=path, dtype="float32", shape=[1])])
             return "CreateModel", [
@@ -353,10 +354,10 @@ class Hostile:
             ]
         if kind == "missing_or_extra_leaf":
             leaves = valid_push_leaves()
-            leaves = leaves[:1] if r.integers(2) else leaves + [("layer/extra", np.ones(2, np.float32))]
+            leaves = leaves[:1] if r.integers(2) else [*leaves, ("layer/extra", np.ones(2, np.float32))]
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "duplicate_leaf":
-            leaves = valid_push_leaves() + [valid_push_leaves()[0]]
+            leaves = [*valid_push_leaves(), valid_push_leaves()[0]]
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "header_twice":
             msgs = list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 64))
@@ -396,17 +397,14 @@ class Hostile:
                     pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 2**63, 8)]), b"\1" * 8
                 )
             if choice == 1:  # a leaf missing
-                return rpc, list(
-                    chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves()[:1], 1 << 20)
-                )[0]
+                return rpc, next(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves()[:1], 1 << 20))
             if choice == 2:  # NaN
                 leaves = valid_push_leaves()
                 leaves[1][1][3, 2] = np.nan
-                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))[0]
+                return rpc, next(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
             if choice == 3:  # payload shorter than its slices
-                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 1 << 20))[0][
-                    :-7
-                ]
+                whole = next(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 1 << 20))
+                return rpc, whole[:-7]
             return rpc, msg(
                 pb.PushRequest(header=push_header(), slices=[sl("layer/w", "object", [8, 4], 0, 128)]), b"\0" * 128
             )
@@ -518,7 +516,10 @@ RESPONSE_STREAMING = {"Pull", "PushPull"}
 def call(channel: grpc.Channel, rpc: str, request, timeout: float = 30.0) -> grpc.StatusCode:
     """Sends raw bytes to an optserve RPC; returns the final status code."""
     method = f"/optserve.v1.Optserve/{rpc}"
-    ident = lambda x: x  # noqa: E731
+
+    def ident(raw: bytes) -> bytes:
+        return raw
+
     factory = {
         (True, True): channel.stream_stream,
         (True, False): channel.stream_unary,
@@ -571,7 +572,8 @@ import sys, time, grpc
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.framing import frame
 ch = grpc.insecure_channel(sys.argv[1])
-fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x, response_deserializer=lambda x: x)
+fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x,
+                     response_deserializer=lambda x: x)
 h = pb.CreateModelHeader(name="abandoned-by-a-dead-client", optimizer_json='{"sgd": {"learning_rate": 0.1}}',
                          schema=[pb.LeafSpec(path="w", dtype="float32", shape=[1 << 20])])
 first = frame(pb.CreateModelRequest(header=h, slices=[pb.TensorSlice(path="w", dtype="float32", shape=[1 << 20],

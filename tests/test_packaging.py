@@ -20,7 +20,7 @@ def test_generated_modules_match_the_proto(tmp_path):
     committed = os.path.join(ROOT, "client", "optserve", "v1")
     names = sorted(p.name for p in generated.iterdir() if p.is_file())
     assert names == ["optserve_pb2.py", "optserve_pb2.pyi", "optserve_pb2_grpc.py"]
-    match, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
     assert not mismatch and not errors, f"stale generated modules {mismatch + errors}: run `make proto`"
 
 

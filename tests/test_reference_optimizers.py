@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.reference import ParamsEMA, SpecError, known_rules, reference_for
+from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES
+from tests.reference.data import make_grads, make_params, max_rel_error
+from tests.reference.optax_rules import ScaleByRAdam
 
-from tests.reference import ParamsEMA, SpecError, known_rules, reference_for  # noqa: E402
-from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES  # noqa: E402
-from tests.reference.data import make_grads, make_params, max_rel_error  # noqa: E402
-from tests.reference.optax_rules import ScaleByRAdam  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the subprocess runs `python -m tests.reference...` here
 
 N_STEPS = 100
 PARAMS_SEED, GRADS_SEED = 0, 1
@@ -479,7 +477,7 @@ def _trajectory(optax64, job):
 
 def _worst_over_steps(actual, reference, initial) -> float:
     """The worst relative leaf error over every step of the trajectory."""
-    return max(max_rel_error(a, r, initial)[0] for a, r in zip(actual, reference))
+    return max(max_rel_error(a, r, initial)[0] for a, r in zip(actual, reference, strict=True))
 
 
 def _has_schedule(spec) -> bool:

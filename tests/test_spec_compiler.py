@@ -263,7 +263,7 @@ def test_scheduled_hyperparams_are_reported_not_settable():
     for _ in range(5):
         _, state = c.update(params, state, params)
     assert c.hyperparams(state) == pytest.approx({"b1": 0.5 + 0.4 * 4 / 10})
-    with pytest.raises(SpecError, match="^b1: follows a schedule"):
+    with pytest.raises(SpecError, match=r"^b1: follows a schedule"):
         c.set_hyperparams(state, {"b1": 0.1})
 
 
@@ -292,5 +292,5 @@ def test_tunable_errors(spec, message):
 def test_hyperparameter_alias_is_canonicalized():
     c = compile_spec({"scale_by_schedule": {"schedule": {"constant_schedule": {"value": 0.5}}}}, PATHS)
     assert c.spec == {"scale_by_schedule": {"step_size_fn": {"constant_schedule": {"value": 0.5}}}}
-    with pytest.raises(SpecError, match='scale_by_schedule.schedule: "schedule" and "step_size_fn" name the same'):
+    with pytest.raises(SpecError, match=r'scale_by_schedule\.schedule: "schedule" and "step_size_fn" name the same'):
         compile_spec({"scale_by_schedule": {"step_size_fn": 1.0, "schedule": 1.0}}, PATHS)

@@ -109,7 +109,7 @@ def test_custom_transforms_load_compile_and_list(plugin, caplog):
     assert [h["name"] for h in rules["my_scale"]["hyperparams"]] == ["step_size", "flip"]
     assert rules["my_sign"]["formula"] == "u = sign(g)"
     assert rules["adam"]["library"] == "optax"  # a plugin cannot shadow a built-in
-    with pytest.raises(SpecError, match="my_scale.flip: expected true or false, got 1"):
+    with pytest.raises(SpecError, match=r"my_scale\.flip: expected true or false, got 1"):
         compile_spec({"my_scale": {"flip": 1}}, ["w"])
 
 

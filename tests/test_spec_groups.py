@@ -6,7 +6,7 @@ import pytest
 
 from optserve.server.spec import SpecError, compile_spec
 from optserve.server.spec.masks import glob_regex
-from tests.test_spec_compiler import PATHS, assert_close, run_compiled, run_optax
+from tests.test_spec_compiler import PATHS, assert_close, make_params, run_compiled, run_optax
 
 # PATHS: enc/kernel, enc/bias, scale, conv/kernel
 KERNELS = {"enc/kernel": True, "enc/bias": False, "scale": False, "conv/kernel": True}
@@ -92,7 +92,7 @@ def test_partition_freeze_and_tunables_inside():
         ]
     }
     c = compile_spec(spec, PATHS)
-    params = {k: v for k, v in __import__("tests.test_spec_compiler", fromlist=["make_params"]).make_params().items()}
+    params = make_params()
     state = c.init(params)
     assert c.hyperparams(state) == pytest.approx({"learning_rate": 0.01})
     updates, _ = c.update(params, state, params)

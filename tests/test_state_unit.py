@@ -64,7 +64,7 @@ def _reply(step: int) -> pb.PushResponse:
 
 def _push(model: Model, seed: int, *, worker_id: str, seq: int) -> None:
     rng = np.random.default_rng(seed)
-    grads = {l.path: jax.device_put(rng.standard_normal(l.shape).astype(l.dtype)) for l in SCHEMA}
+    grads = {leaf.path: jax.device_put(rng.standard_normal(leaf.shape).astype(leaf.dtype)) for leaf in SCHEMA}
     model.push_async(grads, base_step=model.step, worker_id=worker_id, seq=seq, make_reply=_reply)
 
 

@@ -119,7 +119,7 @@ def _deep(n: int):
 
 
 def _leaf(**kw) -> Callable[[list], list]:
-    return lambda schema: [_with(schema[0], **kw)] + schema[1:]
+    return lambda schema: [_with(schema[0], **kw), *schema[1:]]
 
 
 MANIFEST_KEYS = [
@@ -199,7 +199,7 @@ CASES.update(
         "schema-dtype-float64": (_edit("schema", _leaf(dtype="float64")), "float32"),
         "schema-path-nul": (_edit("schema", _leaf(path="b\x00")), "control"),
         "schema-path-empty": (_edit("schema", _leaf(path="")), "empty path"),
-        "schema-path-twice": (_edit("schema", lambda s: s + [s[0]]), "twice"),
+        "schema-path-twice": (_edit("schema", lambda s: [*s, s[0]]), "twice"),
         "schema-shape-negative": (_edit("schema", _leaf(shape=[-3])), "negative"),
         "schema-shape-float": (_edit("schema", _leaf(shape=[3.0])), "schema[0]"),
         "schema-shape-huge-zero": (_edit("schema", _leaf(shape=[0, 2**63 - 1])), "out of range"),

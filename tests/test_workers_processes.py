@@ -22,6 +22,7 @@ import numpy as np
 
 from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError
+from optserve.client.worker import Worker
 
 SHAPE = (64, 32)
 LR = 0.5
@@ -70,22 +71,29 @@ def _straggler(target: str, model: str, wait_for_step: int) -> dict:
             late = {"rejected": False}
         except FailedPreconditionError as e:
             late = {"rejected": True, "message": e.message}
-        for attempt in range(1, 51):  # the others may complete the step between our pull and push
-            params = worker.pull()
-            caught_up_from = worker.base_step
-            try:
-                joined = worker.push(_grad(params, 9))
-                break
-            except FailedPreconditionError:
-                continue
+        attempts, caught_up_from, joined = _catch_up(worker)
         handle.pull(min_step=joined, timeout=60)
         return {
             "late": late,
             "caught_up_from": caught_up_from,
             "joined": joined,
             "seq": worker.seq,
-            "attempts": attempt,
+            "attempts": attempts,
         }
+
+
+def _catch_up(worker: Worker, tries: int = 50) -> tuple[int, int | None, int]:
+    """(attempts, base step, joined step) of the first push after a fresh pull that the server takes:
+    the others may complete the step between our pull and push."""
+    for attempt in range(1, tries + 1):
+        params = worker.pull()
+        base_step = worker.base_step
+        try:
+            joined = worker.push(_grad(params, 9))
+        except FailedPreconditionError:
+            continue
+        return attempt, base_step, joined
+    raise AssertionError(f"the straggler did not join a step in {tries} tries")
 
 
 def _dies_mid_push(target: str, model: str) -> None:

@@ -109,7 +109,7 @@ def test_backoff_doubles_up_to_the_cap_with_full_jitter_then_gives_up(monkeypatc
     assert len(caps) >= 5 and worker.retries == len(caps)
     expected = [min(0.01 * 2**i, 0.08) for i in range(len(caps))]
     assert caps == pytest.approx(expected)
-    assert all(0 <= w <= c for w, c in zip(waits, caps))
+    assert all(0 <= w <= c for w, c in zip(waits, caps, strict=True))
     assert len(set(waits)) > 1  # jittered
     assert slept == pytest.approx(sum(waits))  # it slept exactly the jittered waits...
     # each wait began only if its cap fit in retry_for (1 s); it gave up when the next one would not

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -53,7 +54,7 @@ def _reference(weights: list[float], steps: int) -> dict:
         host = {k: np.asarray(v) for k, v in params.items()}
         grads = [_grad(host, i, t) for i in range(len(weights))]
         total = np.float32(sum(weights))
-        mean = {k: sum(np.float32(w) * g[k] for w, g in zip(weights, grads)) / total for k in host}
+        mean = {k: sum(np.float32(w) * g[k] for w, g in zip(weights, grads, strict=True)) / total for k in host}
         updates, state = opt.update({k: jnp.asarray(v) for k, v in mean.items()}, state, params)
         params = optax.apply_updates(params, updates)
     return {k: np.asarray(v) for k, v in params.items()}
@@ -186,8 +187,9 @@ def test_cancelled_push_pull_after_contribution_then_retry_counts_once(client, m
     )
     _wait_until(lambda: model.info()["pending_contributions"] == 1, "the contribution of 'a'")
     call.cancel()
-    with pytest.raises(Exception):  # noqa: B017 - grpc raises its own cancellation error
+    with pytest.raises(grpc.RpcError) as cancelled:  # the reply is lost
         next(iter(call))
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED, cancelled.value
     header.ClearField("pull")
     retry = model.push_raw(header, model._grad_leaves(ga, None))
     assert retry.duplicate and retry.step == 1 and model.info()["pending_contributions"] == 1

@@ -46,8 +46,8 @@ def _lr(x):
     return {"scale_by_learning_rate": {"learning_rate": x}}
 
 
-def _canon(id, spec, n_steps=100):
-    return Case(id, spec, n_steps, True)
+def _canon(case_id, spec, n_steps=100):
+    return Case(case_id, spec, n_steps, True)
 
 
 # --------------------------------------------------------------------------------------------

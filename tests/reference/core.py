@@ -88,7 +88,7 @@ class Chain(Transform):
 
     def update(self, updates, state, params):
         new_state = []
-        for t, s in zip(self.transforms, state):
+        for t, s in zip(self.transforms, state, strict=True):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
@@ -213,7 +213,7 @@ def build(spec: Any, path: str = "spec") -> Transform:
 def reference_for(spec: Any) -> ReferenceOptimizer:
     """The float64 NumPy reference for a spec, with each library's code defaults."""
     # The modules register their rules on import.
-    from . import axon, flux, objax, optax_rules  # noqa: F401
+    from . import axon, flux, objax, optax_rules  # noqa: F401 - here, not at the top: they import this module
 
     return ReferenceOptimizer(build(spec), spec)
 

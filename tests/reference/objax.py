@@ -46,10 +46,7 @@ class Momentum(_ObjaxRule):
         count, m = state
         lr = self.lr(count)
         m = tree_map(lambda g, m: g + self.mu * m, g, m)
-        if self.nesterov:
-            out = tree_map(lambda g, m: -lr * (g + self.mu * m), g, m)
-        else:
-            out = tree_map(lambda m: -lr * m, m)
+        out = tree_map(lambda g, m: -lr * (g + self.mu * m), g, m) if self.nesterov else tree_map(lambda m: -lr * m, m)
         return out, (count + 1, m)
 
 

@@ -198,7 +198,7 @@ def _round_to(x: np.ndarray, dtype) -> np.ndarray:
     """Round a float64 array through ``dtype`` (optax casts mu to ``mu_dtype`` after each step)."""
     if dtype is None:
         return x
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy
 
     return np.asarray(x).astype(np.dtype(dtype)).astype(np.float64)
 

@@ -188,7 +188,7 @@ def _boundary_pairs(bs) -> list[tuple[int, float]]:
 def _join(schedules: list[Schedule], boundaries: list[int]) -> Schedule:
     def s(c):
         out = schedules[0](c)
-        for b, sched in zip(boundaries, schedules[1:]):
+        for b, sched in zip(boundaries, schedules[1:], strict=False):  # unchecked lengths, as in optax
             if c >= b:
                 out = sched(c - b)
         return out

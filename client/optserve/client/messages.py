@@ -10,14 +10,14 @@ import numpy as np
 
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
-from optserve.wire.chunks import Cast
+from optserve.wire.chunks import Cast, WireLeaf
 
 
 def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=p, dtype=dtypes.dtype_name(a.dtype), shape=a.shape) for p, a in leaves]
 
 
-def to_wire(leaves: list[tuple[str, np.ndarray]], wire_dtype: str | None) -> list[tuple[str, np.ndarray | Cast]]:
+def to_wire(leaves: Sequence[tuple[str, np.ndarray]], wire_dtype: str | None) -> Sequence[WireLeaf]:
     """Marks floating-point leaves for a narrower wire dtype ("bfloat16", "float16"); they are
     converted chunk by chunk while the stream is framed (`optserve.wire.chunks.Cast`)."""
     if not wire_dtype:
@@ -46,7 +46,7 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
     return {
         "name": info.name,
         "step": info.step,
-        "schema": [{"path": l.path, "dtype": l.dtype, "shape": tuple(l.shape)} for l in info.schema],
+        "schema": [{"path": leaf.path, "dtype": leaf.dtype, "shape": tuple(leaf.shape)} for leaf in info.schema],
         "spec": json.loads(info.optimizer_json) if info.optimizer_json else None,
         "settings": settings,
         "hyperparams": {h.name: h.value for h in info.hyperparams},

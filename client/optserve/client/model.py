@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
 from optserve.wire.assembler import TensorAssembler, buffer_of
-from optserve.wire.chunks import chunk_messages
+from optserve.wire.chunks import WireLeaf, chunk_messages
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.framing import parse_message
 
@@ -48,7 +48,7 @@ class Model:
         self.client = client
         self.name = name
         self._structure = structure
-        self._schema = {l.path: l for l in info.schema} if info is not None else None
+        self._schema = {leaf.path: leaf for leaf in info.schema} if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
         self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
 
@@ -65,15 +65,13 @@ class Model:
             h.base_step = base_step
         return h
 
-    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]:
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]:
         leaves, structure = pytree.flatten(grads)
         if self._structure is None:
             self._structure = structure
         return to_wire(leaves, wire_dtype)
 
-    def _push_messages(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]
-    ) -> tuple[bytes | None, Iterator[bytes]]:
+    def _push_messages(self, header: pb.PushHeader, leaves: Sequence[WireLeaf]) -> tuple[bytes | None, Iterator[bytes]]:
         """(the only message, or None) and the message stream: a gradient that frames into one
         message goes through a unary twin; a bigger one starts streaming after one lookahead."""
         msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
@@ -84,7 +82,7 @@ class Model:
         return None, itertools.chain((first, second), msgs)
 
     def push_raw(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse:
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
@@ -175,7 +173,7 @@ class Model:
     def push_pull_raw(
         self,
         header: pb.PushHeader,
-        leaves: list[tuple[str, np.ndarray]],
+        leaves: Sequence[WireLeaf],
         like: Any = None,
         timeout: float | None = None,
         out: Any = None,
@@ -198,7 +196,8 @@ class Model:
         """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
         targets = self._out_targets(out) if out is not None else None
         assembler = None
-        step, schema = -1, None
+        step = -1
+        schema: dict[str, LeafSpec] = {}  # set by the header, the first message
         for raw in replies:
             msg, payload = parse_message(raw, pb.PullResponse)
             if msg.HasField("header"):
@@ -208,7 +207,7 @@ class Model:
                 self.last_incarnation = msg.header.incarnation
                 if msg.header.not_modified:
                     return step, None
-                schema = {l.path: LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
+                schema = {leaf.path: LeafSpec(leaf.path, leaf.dtype, tuple(leaf.shape)) for leaf in msg.header.schema}
                 if targets is not None:
                     self._check_out(schema, targets)
                 assembler = _IntoArrays(schema, what=f"model {self.name!r}", targets=targets)

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
-import numpy as np
 
 from optserve.client.errors import OptserveError
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import WireLeaf
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -43,22 +43,32 @@ class WorkerModel(Protocol):
     client: Connection
     last_step: int
 
-    def pull(self, **kwargs: Any) -> Any: ...
+    def pull(
+        self,
+        *,
+        like: Any = ...,
+        min_step: int | None = ...,
+        timeout: float | None = ...,
+        ema: bool = ...,
+        wire_dtype: str | None = ...,
+        if_newer_than: int | None = ...,
+        out: Any = ...,
+    ) -> Any: ...
 
     def _push_header(
         self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
     ) -> pb.PushHeader: ...
 
-    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]: ...
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]: ...
 
     def push_raw(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse: ...
 
     def push_pull_raw(
         self,
         header: pb.PushHeader,
-        leaves: list[tuple[str, np.ndarray]],
+        leaves: Sequence[WireLeaf],
         like: Any = None,
         timeout: float | None = None,
         out: Any = None,

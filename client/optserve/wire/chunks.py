@@ -29,7 +29,7 @@ def as_bytes(array: np.ndarray) -> memoryview:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     array = np.ascontiguousarray(array)
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data
 
 
 class Cast:
@@ -48,7 +48,11 @@ class Cast:
 
     def piece(self, start: int, stop: int) -> memoryview:
         """Elements [start, stop) in the wire dtype, as bytes."""
-        return memoryview(self.array[start:stop].astype(self.dtype).view(np.uint8))
+        return self.array[start:stop].astype(self.dtype).view(np.uint8).data
+
+
+# A leaf as the framer takes it: (path, array), the array possibly marked for a narrower wire dtype.
+WireLeaf = tuple[str, np.ndarray | Cast]
 
 
 # An upper bound of what one slice costs in a message besides its payload bytes: its entry in the
@@ -66,7 +70,7 @@ def slice_wire_bytes(path: str, dtype_name: str, shape: Sequence[int]) -> int:
 
 
 def plan_chunks(
-    leaves: Sequence[tuple[str, np.ndarray | Cast]],
+    leaves: Sequence[WireLeaf],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     *,
     max_message_bytes: int | None = None,
@@ -94,13 +98,13 @@ def plan_chunks(
     used = 0  # payload bytes of the chunk being built
     meta = first_message_bytes if bounded else 0  # its other bytes (header, slice list)
     for path, array in leaves:
-        cast = array if isinstance(array, Cast) else None
-        name = dtype_name(cast.dtype if cast else array.dtype)
+        name = dtype_name(array.dtype)
         shape = tuple(int(d) for d in array.shape)
-        if cast:
-            unit, size = cast.dtype.itemsize, cast.array.size * cast.dtype.itemsize
+        if isinstance(array, Cast):
+            cast, data = array, memoryview(b"")  # converted chunk by chunk (`Cast.piece`), never whole
+            unit, size = array.dtype.itemsize, array.array.size * array.dtype.itemsize
         else:
-            data = as_bytes(array)
+            cast, data = None, as_bytes(array)
             unit, size = 1, len(data)
         cost = slice_wire_bytes(path, name, shape) if bounded else 0
         offset = 0
@@ -134,7 +138,7 @@ def plan_chunks(
 
 def chunk_messages(
     first: Any,
-    leaves: Sequence[tuple[str, np.ndarray | Cast]],
+    leaves: Sequence[WireLeaf],
     chunk_bytes: int,
     max_message_bytes: int | None = None,
 ) -> Iterator[bytes]:
