@@ -2,11 +2,12 @@
 
     python bench/apply.py [--params 10e6] [--rules adam,sgd,chain]
 
-Times, alternately (see common.paired_medians), the server's update once the gradient is on the device (`LockedModel.apply`: the jitted
-step with donated buffers, EMA and scale included; NaN/Inf were already rejected chunk by chunk on
-receipt) against `jax.jit(optax update + apply_updates, donate)`. Both block until the new
-parameters are ready.
+Times, alternately (see common.paired_medians), the server's update once the gradient is on the
+device (`LockedModel.apply`: the jitted step with donated buffers, EMA and scale included; NaN/Inf
+were already rejected chunk by chunk on receipt) against `jax.jit(optax update + apply_updates,
+donate)`. Both block until the new parameters are ready.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from common import machine, paired_medians, table
+
 from optserve.client import optim
-from optserve.wire.dtypes import LeafSpec
 from optserve.server.core import admission
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore
+from optserve.wire.dtypes import LeafSpec
 
 RULES = {
     "sgd": (optim.sgd(1e-3), optax.sgd(1e-3)),
@@ -37,8 +38,11 @@ def leaves_for(n: int) -> dict[str, np.ndarray]:
     """A few leaves like a real model: one big matrix, a few smaller ones."""
     big = n * 7 // 8
     rest = n - big
-    return {"a/kernel": np.zeros(big, np.float32), "b/kernel": np.zeros(rest - 1024, np.float32),
-            "b/bias": np.zeros(1024, np.float32)}  # fmt: skip
+    return {
+        "a/kernel": np.zeros(big, np.float32),
+        "b/kernel": np.zeros(rest - 1024, np.float32),
+        "b/bias": np.zeros(1024, np.float32),
+    }
 
 
 def server_step(spec, params: dict, grads: dict):
@@ -81,10 +85,18 @@ def measure(n: int, rules: list[str], repeats: int = 30) -> list[dict]:
     grads = {k: np.full(v.shape, 1e-3, np.float32) for k, v in params.items()}
     for name in rules:
         spec, tx = RULES[name]
-        ours, ref = paired_medians(server_step(spec, {k: v.copy() for k, v in params.items()}, grads),
-                                   optax_step(tx, params, grads), repeats)  # fmt: skip
-        rows.append({"rule": name, "params": f"{n / 1e6:g}M", "server step ms": f"{ours * 1e3:.2f}",
-                     "optax step ms": f"{ref * 1e3:.2f}", "ratio": f"{ours / ref:.2f}x"})  # fmt: skip
+        ours, ref = paired_medians(
+            server_step(spec, {k: v.copy() for k, v in params.items()}, grads), optax_step(tx, params, grads), repeats
+        )
+        rows.append(
+            {
+                "rule": name,
+                "params": f"{n / 1e6:g}M",
+                "server step ms": f"{ours * 1e3:.2f}",
+                "optax step ms": f"{ref * 1e3:.2f}",
+                "ratio": f"{ours / ref:.2f}x",
+            }
+        )
     return rows
 
 

@@ -11,6 +11,7 @@ checkpoint directory. In-process (no gRPC, so transfer time does not hide anythi
 - the commit time of the checkpoint and its write throughput (bytes / seconds), split into the
   host view, the safetensors write + fsync + sha256 read-back, and the commit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     params = {f"layer{i}": rng.standard_normal(per, dtype=np.float32) for i in range(args.leaves)}
     grads = {k: (rng.standard_normal(per, dtype=np.float32) * 1e-3) for k in params}
     root = args.dir or tempfile.mkdtemp(prefix="optserve-bench-ckpt-")
-    print(f"{args.params / 1e6:.0f}M float32 parameters in {args.leaves} leaves, Adam; state "
-          f"{3 * args.params * 4 / 1e9:.2f} GB; checkpoint dir {root}; device {jax.devices()[0]}")  # fmt: skip
+    print(
+        f"{args.params / 1e6:.0f}M float32 parameters in {args.leaves} leaves, Adam; state "
+        f"{3 * args.params * 4 / 1e9:.2f} GB; checkpoint dir {root}; device {jax.devices()[0]}"
+    )
 
     with Server(port=0, checkpoint_dir=root) as srv, srv.client(timeout=600) as client:
         client.create_model("big", {k: v[:1] for k, v in params.items()}, optimizer={"adam": {"learning_rate": 1e-3}})
@@ -71,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         held = time.perf_counter() - t
         jax.block_until_ready((snap.params, snap.opt_state))
         copied = time.perf_counter() - t
-        print(f"snapshot: model lock held {held * 1e3:.1f} ms (dispatch); device copies complete after {copied * 1e3:.0f} ms")
+        print(
+            f"snapshot: model lock held {held * 1e3:.1f} ms (dispatch); "
+            f"device copies complete after {copied * 1e3:.0f} ms"
+        )
         t = time.perf_counter()
         state = snap.to_host()
         to_host = time.perf_counter() - t
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         info = checkpoint_files.write_checkpoint(model_dir, state)
         write = time.perf_counter() - t
         del state
-        print(f"write alone: host view {to_host * 1e3:.0f} ms, write+fsync+sha256+commit {write:.2f} s for "
-              f"{info.bytes / 1e9:.2f} GB = {info.bytes / write / 1e9:.2f} GB/s")  # fmt: skip
+        print(
+            f"write alone: host view {to_host * 1e3:.0f} ms, write+fsync+sha256+commit {write:.2f} s for "
+            f"{info.bytes / 1e9:.2f} GB = {info.bytes / write / 1e9:.2f} GB/s"
+        )
 
         result: dict = {}
 
@@ -99,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             during.append(push())
         saver.join()
         info = result["info"]
-        print(f"save_now (in a thread, {len(during)} pushes meanwhile): committed step {info.step}, "
-              f"{info.bytes / 1e9:.2f} GB in {result['seconds']:.2f} s = {info.bytes / result['seconds'] / 1e9:.2f} GB/s")  # fmt: skip
+        print(
+            f"save_now (in a thread, {len(during)} pushes meanwhile): committed step {info.step}, "
+            f"{info.bytes / 1e9:.2f} GB in {result['seconds']:.2f} s = {info.bytes / result['seconds'] / 1e9:.2f} GB/s"
+        )
         if during:
-            print(f"pushes during the save: first {during[0] * 1e3:.0f} ms, median {statistics.median(during) * 1e3:.0f} ms, "
-                  f"max {max(during) * 1e3:.0f} ms (baseline median {statistics.median(base) * 1e3:.0f} ms)")  # fmt: skip
+            print(
+                f"pushes during the save: first {during[0] * 1e3:.0f} ms, "
+                f"median {statistics.median(during) * 1e3:.0f} ms, "
+                f"max {max(during) * 1e3:.0f} ms (baseline median {statistics.median(base) * 1e3:.0f} ms)"
+            )
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -1,4 +1,5 @@
 """Shared helpers for the benchmarks: server subprocesses, timing, tables, machine description."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,15 @@ def pin_client() -> None:
 pin_client()  # scripts run on their own honour OPTSERVE_BENCH_PIN=1
 
 
-def start_process(args: list[str], pattern: str = r"listening on (\S+):(\d+)", timeout: float = 120.0,
-                  env: dict | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+def start_process(
+    args: list[str], pattern: str = r"listening on (\S+):(\d+)", timeout: float = 120.0, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     """Starts a server process and waits (bounded) for its 'listening on HOST:PORT' line."""
     if PIN and len(os.sched_getaffinity(0) | {0}) >= 2:
         args = ["taskset", "-c", "0", *args]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -49,8 +52,21 @@ def start_process(args: list[str], pattern: str = r"listening on (\S+):(\d+)", t
 
 
 def optserve_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    return start_process([sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0",
-                          "--checkpoint-dir", "", "--log-level", "WARNING", *extra])  # fmt: skip
+    return start_process(
+        [
+            sys.executable,
+            "-m",
+            "optserve.server.cli",
+            "serve",
+            "--port",
+            "0",
+            "--checkpoint-dir",
+            "",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+    )
 
 
 def raw_server() -> tuple[subprocess.Popen, str]:
@@ -77,8 +93,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def paired_medians(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int,
-                   warmup: int = 1) -> tuple[float, float]:  # fmt: skip
+def paired_medians(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, warmup: int = 1
+) -> tuple[float, float]:
     """Median seconds of two alternatives timed alternately (a b, b a, a b, ...), so that a slow phase
     of a shared machine hits both sides alike instead of whichever happened to run then."""
     a, b = interleaved_medians((fn_a, fn_b), repeats, warmup)
@@ -111,7 +128,7 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     import grpc

@@ -5,6 +5,7 @@
 Compares jax.device_put of a 64-byte-aligned numpy buffer (what TensorAssembler produces; on CPU
 the jax array aliases it, zero copy), of an unaligned one, jnp.asarray, and dlpack.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from common import machine, median_seconds, table
+
 from optserve.wire.assembler import aligned_empty
 
 
@@ -35,7 +36,7 @@ def measure(mb: float = 40) -> list[dict]:
     for name, fn in paths.items():
         try:
             t = median_seconds(fn, 10)
-        except Exception as e:  # noqa: BLE001 - a path this platform lacks
+        except Exception as e:  # a path this platform lacks
             rows.append({"path": name, "ms": f"n/a ({type(e).__name__})", "GB/s": ""})
             continue
         rows.append({"path": name, "ms": f"{t * 1e3:.3f}", "GB/s": f"{4 * n / t / 1e9:.1f}"})

@@ -9,14 +9,15 @@ pulled, left alone for 0.5 s (less than the 2 s for which a model keeps its grad
 next push), the peak (VmHWM) is reset, and one more gradient is pushed; the peak during that push is
 what is reported.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import numpy as np
-
 from common import machine, optserve_server, stop, table
+
 from optserve.client import Client, optim
 
 
@@ -61,20 +62,34 @@ def measure(n: int = 100_000_000) -> list[dict]:
         g = 4 * n
         state = info["param_bytes"] + info["state_bytes"]
         used = peak - runtime
-        rows.append({"gradient G": f"{g / 1e9:.2f} GB", "params + state": f"{state / 1e9:.2f} GB",
-                     "server runtime": f"{runtime / 1e9:.2f} GB", "model RSS before push": f"{(before - runtime) / 1e9:.2f} GB",
-                     "model peak during push": f"{used / 1e9:.2f} GB",
-                     "= state +": f"{(used - state) / g:.2f} G",
-                     "budget (state + 1.2 G)": f"{(state + 1.2 * g) / 1e9:.2f} GB",
-                     "within": "yes" if used <= state + 1.2 * g else "no"})  # fmt: skip
+        rows.append(
+            {
+                "gradient G": f"{g / 1e9:.2f} GB",
+                "params + state": f"{state / 1e9:.2f} GB",
+                "server runtime": f"{runtime / 1e9:.2f} GB",
+                "model RSS before push": f"{(before - runtime) / 1e9:.2f} GB",
+                "model peak during push": f"{used / 1e9:.2f} GB",
+                "= state +": f"{(used - state) / g:.2f} G",
+                "budget (state + 1.2 G)": f"{(state + 1.2 * g) / 1e9:.2f} GB",
+                "within": "yes" if used <= state + 1.2 * g else "no",
+            }
+        )
         client.close()
     finally:
         stop(proc)
     return rows
 
 
-COLUMNS = ["gradient G", "params + state", "server runtime", "model RSS before push", "model peak during push",
-           "= state +", "budget (state + 1.2 G)", "within"]  # fmt: skip
+COLUMNS = [
+    "gradient G",
+    "params + state",
+    "server runtime",
+    "model RSS before push",
+    "model peak during push",
+    "= state +",
+    "budget (state + 1.2 G)",
+    "within",
+]
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -8,6 +8,7 @@ Run as its own process, like optserve's server. Methods (bytes in, bytes out, no
 - /raw/Source  server streaming: request = 16 bytes (total, chunk) little-endian; streams that many bytes;
 - /raw/Echo    unary: replies with the request.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from optserve.wire.channel import SERVER_OPTIONS  # noqa: E402 - same caps and keepalive as optserve
+from optserve.wire.channel import SERVER_OPTIONS  # same caps and keepalive as optserve
 
 _BLOCK = os.urandom(1 << 20) * 64  # 64 MiB of bytes to serve slices of
 

@@ -4,18 +4,19 @@ pull alone, the push alone and a call that does no work, to show where the small
 
     python bench/roundtrip.py
 """
+
 from __future__ import annotations
 
 import grpc
 import numpy as np
 import optax
-
 from apply import optax_step
 from common import interleaved_medians, machine, optserve_server, raw_server, stop, table
-from optserve.client import Client, optim
-from optserve.wire.channel import CHANNEL_OPTIONS
-from optserve.v1 import optserve_pb2 as pb
 from transport import raw_pull_fn, raw_push_fn
+
+from optserve.client import Client, optim
+from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import CHANNEL_OPTIONS
 
 
 def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20) -> list[dict]:
@@ -29,14 +30,25 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         grads = {"w": np.full(n_large, 1e-3, np.float32)}
         model = client.create_model("roundtrip", params, optim.adam(1e-3))
         ours, raw_push, raw_pull, step = interleaved_medians(
-            (lambda: model.push_pull(grads), raw_push_fn(channel, grads["w"], chunk),
-             raw_pull_fn(channel, 4 * n_large, chunk), optax_step(optax.adam(1e-3), params, grads)), 9,
-        )  # fmt: skip
+            (
+                lambda: model.push_pull(grads),
+                raw_push_fn(channel, grads["w"], chunk),
+                raw_pull_fn(channel, 4 * n_large, chunk),
+                optax_step(optax.adam(1e-3), params, grads),
+            ),
+            9,
+        )
         base = raw_push + raw_pull + step
-        rows.append({"measure": f"push_pull {n_large / 1e6:g}M float32 (adam)", "optserve": f"{ours * 1e3:.1f} ms",
-                     "baseline": f"{base * 1e3:.1f} ms (raw push {raw_push * 1e3:.0f} + raw pull "
-                                 f"{raw_pull * 1e3:.0f} + optax step {step * 1e3:.0f})",
-                     "ratio": f"{ours / base:.2f}x", "target": "<= 1.3x"})  # fmt: skip
+        rows.append(
+            {
+                "measure": f"push_pull {n_large / 1e6:g}M float32 (adam)",
+                "optserve": f"{ours * 1e3:.1f} ms",
+                "baseline": f"{base * 1e3:.1f} ms (raw push {raw_push * 1e3:.0f} + raw pull "
+                f"{raw_pull * 1e3:.0f} + optax step {step * 1e3:.0f})",
+                "ratio": f"{ours / base:.2f}x",
+                "target": "<= 1.3x",
+            }
+        )
         client.delete_model("roundtrip")
 
         small = {"w": np.zeros(n_small, np.float32)}
@@ -46,19 +58,41 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
         payload = g_small["w"].tobytes()
         info_req = pb.GetServerInfoRequest()
         ours_small, raw_echo, pull, push, info = interleaved_medians(
-            (lambda: m2.push_pull(g_small), lambda: echo(payload), lambda: m2.pull(), lambda: m2.push(g_small),
-             lambda: client._stub.GetServerInfo(info_req)), 500, warmup=20,
-        )  # fmt: skip
-        rows.append({"measure": f"push_pull p50, {n_small} float32 params (adam)", "optserve": f"{ours_small * 1e3:.2f} ms",
-                     "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
-                     "ratio": f"{ours_small / raw_echo:.2f}x", "target": "<= 1.5x"})  # fmt: skip
+            (
+                lambda: m2.push_pull(g_small),
+                lambda: echo(payload),
+                lambda: m2.pull(),
+                lambda: m2.push(g_small),
+                lambda: client._stub.GetServerInfo(info_req),
+            ),
+            500,
+            warmup=20,
+        )
+        rows.append(
+            {
+                "measure": f"push_pull p50, {n_small} float32 params (adam)",
+                "optserve": f"{ours_small * 1e3:.2f} ms",
+                "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo of {len(payload)} bytes)",
+                "ratio": f"{ours_small / raw_echo:.2f}x",
+                "target": "<= 1.5x",
+            }
+        )
         # Where the small round trip's time goes: the same calls without the update, without the
         # pull, and a call that does no work at all on optserve's server.
-        for what, t in (("pull p50 (no update)", pull), ("push p50 (update, no parameters back)", push),
-                        ("GetServerInfo p50 (no work: the server's own floor)", info)):  # fmt: skip
-            rows.append({"measure": f"{what}, {n_small} params", "optserve": f"{t * 1e3:.2f} ms",
-                         "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo)", "ratio": f"{t / raw_echo:.2f}x",
-                         "target": ""})  # fmt: skip
+        for what, t in (
+            ("pull p50 (no update)", pull),
+            ("push p50 (update, no parameters back)", push),
+            ("GetServerInfo p50 (no work: the server's own floor)", info),
+        ):
+            rows.append(
+                {
+                    "measure": f"{what}, {n_small} params",
+                    "optserve": f"{t * 1e3:.2f} ms",
+                    "baseline": f"{raw_echo * 1e3:.2f} ms (raw unary echo)",
+                    "ratio": f"{t / raw_echo:.2f}x",
+                    "target": "",
+                }
+            )
         client.close()
         channel.close()
     finally:

@@ -5,6 +5,7 @@ detail tables. Figures go into BENCHMARKS.md with this command.
 
 --quick uses smaller sizes (for a smoke run); the reported figures use the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,12 @@ import statistics
 import time
 
 import apply
+import common
 import h2d
 import memory
 import roundtrip
 import transport
 import wire
-import common
 from common import machine, table
 
 
@@ -36,19 +37,38 @@ def one_run(q: bool) -> tuple[list[dict], list[tuple[str, str]]]:
     for r in rows:
         if r["size"] in ("40 MB", "400 MB"):
             for what in ("push", "pull"):
-                summary.append({"measure": f"{what} {r['size']} float32", "optserve": f"{r[f'{what} GB/s']} GB/s",
-                                "baseline": f"raw grpcio {r[f'raw {what} GB/s']} GB/s (raw + one copy "
-                                            f"{r[f'raw+copy {what} GB/s']} GB/s: ours {r[f'{what} vs raw+copy']} of that)",
-                                "ratio": r[f"{what} ratio"], "target": ">= 0.9x"})  # fmt: skip
-            summary.append({"measure": f"pull {r['size']} float32 into the previous pull's arrays (out=)",
-                            "optserve": f"{r['pull (out=) GB/s']} GB/s", "baseline": f"raw grpcio {r['raw pull GB/s']} GB/s",
-                            "ratio": r["pull (out=) ratio"], "target": ">= 0.9x"})  # fmt: skip
+                summary.append(
+                    {
+                        "measure": f"{what} {r['size']} float32",
+                        "optserve": f"{r[f'{what} GB/s']} GB/s",
+                        "baseline": f"raw grpcio {r[f'raw {what} GB/s']} GB/s (raw + one copy "
+                        f"{r[f'raw+copy {what} GB/s']} GB/s: ours {r[f'{what} vs raw+copy']} of that)",
+                        "ratio": r[f"{what} ratio"],
+                        "target": ">= 0.9x",
+                    }
+                )
+            summary.append(
+                {
+                    "measure": f"pull {r['size']} float32 into the previous pull's arrays (out=)",
+                    "optserve": f"{r['pull (out=) GB/s']} GB/s",
+                    "baseline": f"raw grpcio {r['raw pull GB/s']} GB/s",
+                    "ratio": r["pull (out=) ratio"],
+                    "target": ">= 0.9x",
+                }
+            )
 
     rows = apply.measure(int(2e6) if q else int(10e6), ["sgd", "adam", "chain"])
     details.append(("apply (server step vs in-process jitted optax with donation)", table(rows, apply.COLUMNS)))
     for r in rows:
-        summary.append({"measure": f"apply {r['rule']} {r['params']}", "optserve": f"{r['server step ms']} ms",
-                        "baseline": f"optax {r['optax step ms']} ms", "ratio": r["ratio"], "target": "<= 1.1x"})
+        summary.append(
+            {
+                "measure": f"apply {r['rule']} {r['params']}",
+                "optserve": f"{r['server step ms']} ms",
+                "baseline": f"optax {r['optax step ms']} ms",
+                "ratio": r["ratio"],
+                "target": "<= 1.1x",
+            }
+        )
 
     rows = roundtrip.measure(int(2e6) if q else int(10e6))
     details.append(("round trips", table(rows, roundtrip.COLUMNS)))
@@ -57,22 +77,38 @@ def one_run(q: bool) -> tuple[list[dict], list[tuple[str, str]]]:
     rows = wire.measure(int(2e6) if q else int(10e6))
     details.append(("wire dtypes (push)", table(rows, wire.COLUMNS)))
     bf16 = next(r for r in rows if r["wire dtype"] == "bfloat16")
-    summary.append({"measure": "push, bfloat16 on the wire", "optserve": f"{bf16['effective GB/s (as float32)']} GB/s effective",
-                    "baseline": f"float32 {rows[0]['effective GB/s (as float32)']} GB/s", "ratio": bf16["vs float32"],
-                    "target": ">= 1.8x"})  # fmt: skip
+    summary.append(
+        {
+            "measure": "push, bfloat16 on the wire",
+            "optserve": f"{bf16['effective GB/s (as float32)']} GB/s effective",
+            "baseline": f"float32 {rows[0]['effective GB/s (as float32)']} GB/s",
+            "ratio": bf16["vs float32"],
+            "target": ">= 1.8x",
+        }
+    )
     native = rows[-1]
-    summary.append({"measure": "push, bfloat16 gradients (no client-side conversion)",
-                    "optserve": f"{native['effective GB/s (as float32)']} GB/s effective",
-                    "baseline": f"float32 {rows[0]['effective GB/s (as float32)']} GB/s", "ratio": native["vs float32"],
-                    "target": ">= 1.8x"})  # fmt: skip
+    summary.append(
+        {
+            "measure": "push, bfloat16 gradients (no client-side conversion)",
+            "optserve": f"{native['effective GB/s (as float32)']} GB/s effective",
+            "baseline": f"float32 {rows[0]['effective GB/s (as float32)']} GB/s",
+            "ratio": native["vs float32"],
+            "target": ">= 1.8x",
+        }
+    )
 
     rows = memory.measure(int(20e6) if q else int(100e6))
     details.append(("server memory while receiving a gradient", table(rows, memory.COLUMNS)))
     r = rows[0]
-    summary.append({"measure": f"peak server memory, {r['gradient G']} gradient (adam)",
-                    "optserve": f"{r['model peak during push']} (= state + {r['= state +']})",
-                    "baseline": f"params + state {r['params + state']}; runtime {r['server runtime']} excluded",
-                    "ratio": r["= state +"].replace(" G", "x"), "target": "<= 1.2x (state + 1.2 G)"})  # fmt: skip
+    summary.append(
+        {
+            "measure": f"peak server memory, {r['gradient G']} gradient (adam)",
+            "optserve": f"{r['model peak during push']} (= state + {r['= state +']})",
+            "baseline": f"params + state {r['params + state']}; runtime {r['server runtime']} excluded",
+            "ratio": r["= state +"].replace(" G", "x"),
+            "target": "<= 1.2x (state + 1.2 G)",
+        }
+    )
 
     details.append(("host to device, 40 MB", table(h2d.measure(40), h2d.COLUMNS)))
     return summary, details

@@ -18,15 +18,17 @@ At 400 MB, a receive into fresh memory now and then takes ~1 s instead of ~0.4 s
 finding and zeroing 400 MB of new pages). The order of the compared calls rotates every round
 (`common.interleaved_medians`) so that such stalls hit each side alike, and 400 MB runs 5 rounds.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import struct
 
 import grpc
 import numpy as np
-
 from common import gbps, interleaved_medians, machine, optserve_server, raw_server, repeats_for, stop, table
+
 from optserve.client import Client, optim
 from optserve.wire.assembler import aligned_empty
 from optserve.wire.channel import CHANNEL_OPTIONS
@@ -96,25 +98,42 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
             model = client.create_model(f"transport-{i}", params, optim.sgd(1e-3))
             reps = repeats_for(nbytes)
             push, raw_push, copy_push = interleaved_medians(
-                (lambda: model.push(grads), raw_push_fn(channel, grads["w"], chunk), raw_push_copy_fn(channel, grads["w"], chunk)), reps
+                (
+                    functools.partial(model.push, grads),
+                    raw_push_fn(channel, grads["w"], chunk),
+                    raw_push_copy_fn(channel, grads["w"], chunk),
+                ),
+                reps,
             )
             previous = model.pull()  # what a training loop pulls into
             pull, pull_out, raw_pull, copy_pull = interleaved_medians(
-                (lambda: model.pull(), lambda: model.pull(out=previous), raw_pull_fn(channel, 4 * n, chunk),
-                 raw_pull_fn(channel, 4 * n, chunk, copy=True)), reps,
-            )  # fmt: skip
+                (
+                    model.pull,
+                    functools.partial(model.pull, out=previous),
+                    raw_pull_fn(channel, 4 * n, chunk),
+                    raw_pull_fn(channel, 4 * n, chunk, copy=True),
+                ),
+                reps,
+            )
             previous = None  # 400 MB: gone before the next size
             client.delete_model(f"transport-{i}")
-            rows.append({
-                "size": f"{nbytes / 1e6:g} MB",
-                "push GB/s": gbps(4 * n, push), "raw push GB/s": gbps(4 * n, raw_push),
-                "push ratio": f"{raw_push / push:.2f}x",
-                "raw+copy push GB/s": gbps(4 * n, copy_push), "push vs raw+copy": f"{copy_push / push:.2f}x",
-                "pull GB/s": gbps(4 * n, pull), "raw pull GB/s": gbps(4 * n, raw_pull),
-                "pull ratio": f"{raw_pull / pull:.2f}x",
-                "raw+copy pull GB/s": gbps(4 * n, copy_pull), "pull vs raw+copy": f"{copy_pull / pull:.2f}x",
-                "pull (out=) GB/s": gbps(4 * n, pull_out), "pull (out=) ratio": f"{raw_pull / pull_out:.2f}x",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "size": f"{nbytes / 1e6:g} MB",
+                    "push GB/s": gbps(4 * n, push),
+                    "raw push GB/s": gbps(4 * n, raw_push),
+                    "push ratio": f"{raw_push / push:.2f}x",
+                    "raw+copy push GB/s": gbps(4 * n, copy_push),
+                    "push vs raw+copy": f"{copy_push / push:.2f}x",
+                    "pull GB/s": gbps(4 * n, pull),
+                    "raw pull GB/s": gbps(4 * n, raw_pull),
+                    "pull ratio": f"{raw_pull / pull:.2f}x",
+                    "raw+copy pull GB/s": gbps(4 * n, copy_pull),
+                    "pull vs raw+copy": f"{copy_pull / pull:.2f}x",
+                    "pull (out=) GB/s": gbps(4 * n, pull_out),
+                    "pull (out=) ratio": f"{raw_pull / pull_out:.2f}x",
+                }
+            )
         client.close()
         channel.close()
     finally:
@@ -123,9 +142,21 @@ def measure(sizes: list[int], chunk: int) -> list[dict]:
     return rows
 
 
-COLUMNS = ["size", "push GB/s", "raw push GB/s", "push ratio", "raw+copy push GB/s", "push vs raw+copy",
-           "pull GB/s", "raw pull GB/s", "pull ratio", "raw+copy pull GB/s", "pull vs raw+copy", "pull (out=) GB/s",
-           "pull (out=) ratio"]
+COLUMNS = [
+    "size",
+    "push GB/s",
+    "raw push GB/s",
+    "push ratio",
+    "raw+copy push GB/s",
+    "push vs raw+copy",
+    "pull GB/s",
+    "raw pull GB/s",
+    "pull ratio",
+    "raw+copy pull GB/s",
+    "pull vs raw+copy",
+    "pull (out=) GB/s",
+    "pull (out=) ratio",
+]
 
 
 def main() -> None:

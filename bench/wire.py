@@ -5,14 +5,15 @@ the difference between it and the bfloat16 row.
 
     python bench/wire.py [--params 10e6]
 """
+
 from __future__ import annotations
 
 import argparse
 
 import ml_dtypes
 import numpy as np
-
 from common import interleaved_medians, machine, optserve_server, paired_medians, stop, table
+
 from optserve.client import Client, optim
 
 
@@ -28,11 +29,22 @@ def measure(n: int = 10_000_000) -> list[dict]:
             (lambda: model.push(grads), lambda: model.push(grads, wire_dtype="bfloat16"), lambda: model.push(native)), 9
         )
         _, f16 = paired_medians(lambda: model.push(grads), lambda: model.push(grads, wire_dtype="float16"), 5)
-        times = {"float32": f32, "bfloat16": bf16, "float16": f16, "bfloat16 gradients (no client conversion)": bf16_native}
+        times = {
+            "float32": f32,
+            "bfloat16": bf16,
+            "float16": f16,
+            "bfloat16 gradients (no client conversion)": bf16_native,
+        }
         for w, t in times.items():
-            rows.append({"wire dtype": w, "push ms": f"{t * 1e3:.1f}",
-                         "effective GB/s (as float32)": f"{4 * n / t / 1e9:.2f}",
-                         "vs float32": f"{f32 / t:.2f}x", "target": "" if w == "float32" else ">= 1.8x"})  # fmt: skip
+            rows.append(
+                {
+                    "wire dtype": w,
+                    "push ms": f"{t * 1e3:.1f}",
+                    "effective GB/s (as float32)": f"{4 * n / t / 1e9:.2f}",
+                    "vs float32": f"{f32 / t:.2f}x",
+                    "target": "" if w == "float32" else ">= 1.8x",
+                }
+            )
         client.close()
     finally:
         stop(proc)

@@ -8,6 +8,7 @@ worker). Median of `--repeat` runs.
 
     python bench/workers.py [--floats 1000000] [--pushes 40] [--counts 1,2,4,8] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def run_one(target: str, mode: str, n: int, floats: int, pushes: int) -> dict:
     with Client(target, timeout=300) as client:
         model = client.create_model(name, {"w": np.zeros(floats, np.float32)}, optimizer=optim.adam(1e-3), **settings)
         procs = [
-            subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", target, name, str(i), str(pushes),
-                              str(floats)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--worker", target, name, str(i), str(pushes), str(floats)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             for i in range(n)
         ]
         try:
@@ -108,8 +113,10 @@ def main() -> None:
         for n in counts:
             by_mode = {}
             for mode in ("async", "sync"):
-                runs = sorted((run_one(target, mode, n, args.floats, args.pushes) for _ in range(args.repeat)),
-                              key=lambda r: r["_pushes_per_s"])  # fmt: skip
+                runs = sorted(
+                    (run_one(target, mode, n, args.floats, args.pushes) for _ in range(args.repeat)),
+                    key=lambda r: r["_pushes_per_s"],
+                )
                 by_mode[mode] = runs[len(runs) // 2]
             ratio = by_mode["sync"]["_pushes_per_s"] / by_mode["async"]["_pushes_per_s"]
             by_mode["sync"]["sync / async"] = f"{ratio:.2f}x"
@@ -118,8 +125,10 @@ def main() -> None:
     finally:
         stop(proc)
     print(f"machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"command: python bench/workers.py --floats {args.floats} --pushes {args.pushes} --counts {args.counts} "
-          f"--repeat {args.repeat}")  # fmt: skip
+    print(
+        f"command: python bench/workers.py --floats {args.floats} --pushes {args.pushes} --counts {args.counts} "
+        f"--repeat {args.repeat}"
+    )
     print(table(rows, COLUMNS))
 
 

@@ -6,6 +6,7 @@
 The generated files are committed so that `pip install optserve` needs no protoc; a test fails when
 they are stale against the .proto.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,8 @@ PROTOS = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "optserve"
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    from grpc_tools import protoc  # test/dev dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # test/dev dependency only
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)

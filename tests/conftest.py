@@ -1,4 +1,5 @@
 """Shared fixtures: a real server on 127.0.0.1 per test module, and helpers for server subprocesses."""
+
 from __future__ import annotations
 
 import os

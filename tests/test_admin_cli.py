@@ -1,5 +1,6 @@
 """`optserve health | ls | info | save | restore | delete | rules` against a live `optserve serve` subprocess
 that requires a token and TLS (and serves metrics on --metrics-port 0)."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,32 @@ from tests.test_security import pki  # noqa: F401 - the CA and certificates made
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, pki):  # noqa: F811
+def live(tmp_path_factory, pki):  # noqa: F811 - the fixture imported above
     d = tmp_path_factory.mktemp("admin")
     tokens = d / "tokens"
     tokens.write_text("# the admin token\nadmin-token\n")
-    cmd = [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--checkpoint-dir", str(d / "ckpt"),
-           "--token-file", str(tokens), "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
-           "--metrics-port", "0", "--shutdown-grace", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(d / "server.log", "w"), text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "optserve.server.cli",
+        "serve",
+        "--port",
+        "0",
+        "--checkpoint-dir",
+        str(d / "ckpt"),
+        "--token-file",
+        str(tokens),
+        "--tls-cert",
+        pki["server_cert"],
+        "--tls-key",
+        pki["server_key"],
+        "--metrics-port",
+        "0",
+        "--shutdown-grace",
+        "2",
+    ]
+    with open(d / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     found: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while "listening" not in found and time.monotonic() < deadline:
@@ -43,8 +62,9 @@ def live(tmp_path_factory, pki):  # noqa: F811
 
 def optserve(live, *args: str, auth: bool = True) -> subprocess.CompletedProcess:
     conn = ["--target", live["target"], "--tls-ca", live["ca"]] + (["--token-file", live["tokens"]] if auth else [])
-    return subprocess.run([sys.executable, "-m", "optserve.server.cli", *args, *conn], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "optserve.server.cli", *args, *conn], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_admin_commands_against_a_live_server(live):

@@ -21,6 +21,7 @@ The rules (docs/design.md, "Layers"):
   below its entry points the server imports nothing of the client but `optserve.wire`;
 - a function-level import of a module of this package is declared in DEFERRED_IMPORTS, with why.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,8 +72,13 @@ LAYER_OF_PACKAGE = {
     "optserve.server.api": "api",
 }
 # Modules that talk gRPC and protobuf: the API layer, the server's entry points, the client.
-TRANSPORT_IMPORTERS = ("optserve.server.api", "optserve.server.cli", "optserve.server.server", "optserve.client",
-                       "optserve.v1")  # fmt: skip
+TRANSPORT_IMPORTERS = (
+    "optserve.server.api",
+    "optserve.server.cli",
+    "optserve.server.server",
+    "optserve.client",
+    "optserve.v1",
+)
 # The server's modules that may use the client: Server.client(), the admin commands, the demo.
 CLIENT_USERS = ("optserve.server.server", "optserve.server.cli", "optserve.server.demo", "optserve.server.demo_worker")
 WIRE_DEPENDENCIES = ("numpy", "ml_dtypes")
@@ -293,8 +299,12 @@ def describe_cycle(cycle: list[Import], edges: Mapping[str, Mapping[str, Import]
         component = next(c for c in strongly_connected(edges) if cycle[0].importer in c)
         if len(component) > len(cycle):
             lines.append(f"  in a tangle of {len(component)} modules, whose imports among themselves are:")
-            lines += [f"    {a} -> {b}   ({imp.where()})" for a in component for b, imp in sorted(edges[a].items())
-                      if b in component]  # fmt: skip
+            lines += [
+                f"    {a} -> {b}   ({imp.where()})"
+                for a in component
+                for b, imp in sorted(edges[a].items())
+                if b in component
+            ]
     return "\n".join(lines)
 
 
@@ -334,12 +344,23 @@ def graph() -> ImportGraph:
 
 def test_the_graph_covers_the_package(graph: ImportGraph):
     """The checks below see every module and every kind of import (else they could pass vacuously)."""
-    for module in ("optserve.client", "optserve.client.client", "optserve.wire", "optserve.v1.optserve_pb2",
-                   "optserve.server", "optserve.server.server", "optserve.server.cli",
-                   "optserve.server.spec.compiler"):  # fmt: skip
+    for module in (
+        "optserve.client",
+        "optserve.client.client",
+        "optserve.wire",
+        "optserve.v1.optserve_pb2",
+        "optserve.server",
+        "optserve.server.server",
+        "optserve.server.cli",
+        "optserve.server.spec.compiler",
+    ):
         assert module in graph.modules, f"{module} not found under {SOURCE_ROOTS}"
-    for package in ("optserve.server.api", "optserve.server.core", "optserve.server.state",
-                    "optserve.server.checkpoint"):  # fmt: skip
+    for package in (
+        "optserve.server.api",
+        "optserve.server.core",
+        "optserve.server.state",
+        "optserve.server.checkpoint",
+    ):
         assert any(m.startswith(package + ".") for m in graph.modules), f"no module in {package}"
     kinds = {imp.kind for imp in graph.imports if imp.internal}
     assert "module" in kinds and "function" in kinds, kinds
@@ -352,8 +373,10 @@ def test_the_graph_covers_the_package(graph: ImportGraph):
 def test_no_import_cycles(graph: ImportGraph):
     edges = graph.edges()
     cycles = find_cycles(edges)
-    assert not cycles, report([describe_cycle(c, edges) for c in cycles], "import cycles (function-level and "
-                              "TYPE_CHECKING imports count: break the cycle, do not hide it)")  # fmt: skip
+    assert not cycles, report(
+        [describe_cycle(c, edges) for c in cycles],
+        "import cycles (function-level and TYPE_CHECKING imports count: break the cycle, do not hide it)",
+    )
 
 
 def test_only_the_api_layer_the_entry_points_and_the_client_talk_grpc(graph: ImportGraph):
@@ -362,8 +385,10 @@ def test_only_the_api_layer_the_entry_points_and_the_client_talk_grpc(graph: Imp
         for imp in graph.imports
         if is_transport(imp) and not within(imp.importer, TRANSPORT_IMPORTERS)
     ]
-    assert not problems, report(problems, "imports of grpc, protobuf or optserve.v1 outside optserve.server.api, "
-                                "cli.py, server.py and optserve.client")  # fmt: skip
+    assert not problems, report(
+        problems,
+        "imports of grpc, protobuf or optserve.v1 outside optserve.server.api, cli.py, server.py and optserve.client",
+    )
 
 
 def test_the_wire_imports_only_numpy_ml_dtypes_and_the_standard_library(graph: ImportGraph):
@@ -413,17 +438,24 @@ def test_the_server_shares_only_the_wire_with_the_client(graph: ImportGraph):
         for imported, imp in targets.items()
         if within(imported, ("optserve.client",))
     ]
-    assert not problems, report(problems, "imports of optserve.client by the server below its entry points "
-                                "(what both sides need belongs in optserve.wire)")  # fmt: skip
+    assert not problems, report(
+        problems,
+        "imports of optserve.client by the server below its entry points "
+        "(what both sides need belongs in optserve.wire)",
+    )
 
 
 def test_function_level_imports_are_declared(graph: ImportGraph):
     found = {(imp.importer, imp.imported): imp for imp in graph.imports if imp.internal and imp.kind == "function"}
-    undeclared = [f"{a} imports {b} ({imp.where()})" for (a, b), imp in sorted(found.items())
-                  if (a, b) not in DEFERRED_IMPORTS]  # fmt: skip
+    undeclared = [
+        f"{a} imports {b} ({imp.where()})" for (a, b), imp in sorted(found.items()) if (a, b) not in DEFERRED_IMPORTS
+    ]
     stale = [f"{a} -> {b}" for a, b in sorted(DEFERRED_IMPORTS) if (a, b) not in found]
-    assert not undeclared, report(undeclared, "function-level imports not in DEFERRED_IMPORTS (move them to the "
-                                  "top of the module; declare only those that defer a heavy import)")  # fmt: skip
+    assert not undeclared, report(
+        undeclared,
+        "function-level imports not in DEFERRED_IMPORTS (move them to the "
+        "top of the module; declare only those that defer a heavy import)",
+    )
     assert not stale, report(stale, "DEFERRED_IMPORTS entries that match no function-level import (remove them)")
 
 
@@ -439,15 +471,18 @@ def _write_package(root: str, files: Mapping[str, str]) -> None:
 
 
 def test_the_checker_sees_cycles_behind_function_level_relative_and_type_checking_imports(tmp_path):
-    _write_package(str(tmp_path), {
-        "__init__.py": "",
-        "a/__init__.py": "",
-        "a/one.py": "from . import two\n",  # relative, `from pkg import submodule`
-        "a/two.py": "def f():\n    from pkg.b import three\n",  # function level
-        "b/__init__.py": "",
-        "b/three.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a.one import X\n",
-        "b/four.py": "import pkg.a.one\nfrom pkg.b import three, helper\n",  # outside the cycle
-    })  # fmt: skip
+    _write_package(
+        str(tmp_path),
+        {
+            "__init__.py": "",
+            "a/__init__.py": "",
+            "a/one.py": "from . import two\n",  # relative, `from pkg import submodule`
+            "a/two.py": "def f():\n    from pkg.b import three\n",  # function level
+            "b/__init__.py": "",
+            "b/three.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a.one import X\n",
+            "b/four.py": "import pkg.a.one\nfrom pkg.b import three, helper\n",  # outside the cycle
+        },
+    )
     g = build_graph([str(tmp_path)], "pkg")
     assert not g.unresolved
     edges = g.edges()
@@ -462,16 +497,20 @@ def test_the_checker_sees_cycles_behind_function_level_relative_and_type_checkin
 
 
 def test_the_checker_finds_no_cycle_in_a_layered_package(tmp_path):
-    _write_package(str(tmp_path), {
-        "__init__.py": "from pkg import top\n",
-        "top.py": "import json\nfrom pkg import low\ndef f():\n    from pkg import low\n",
-        "low.py": "import numpy\n",
-    })  # fmt: skip
+    _write_package(
+        str(tmp_path),
+        {
+            "__init__.py": "from pkg import top\n",
+            "top.py": "import json\nfrom pkg import low\ndef f():\n    from pkg import low\n",
+            "low.py": "import numpy\n",
+        },
+    )
     g = build_graph([str(tmp_path)], "pkg")
     assert find_cycles(g.edges()) == []
     assert {(i.importer, i.imported, i.kind) for i in g.imports if not i.internal} == {
-        ("pkg.top", "json", "module"), ("pkg.low", "numpy", "module"),
-    }  # fmt: skip
+        ("pkg.top", "json", "module"),
+        ("pkg.low", "numpy", "module"),
+    }
 
 
 def test_the_checker_reports_imports_of_modules_that_do_not_exist(tmp_path):

@@ -1,5 +1,6 @@
 """Bad input gets the status docs/design.md ("Errors") gives, a message naming the model and the leaf or field,
 and changes nothing: parameters and step are untouched and the server keeps serving."""
+
 from __future__ import annotations
 
 import threading
@@ -14,8 +15,8 @@ from optserve.client import (
     NotFoundError,
     optim,
 )
-from optserve.wire.chunks import chunk_messages
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 P0 = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
 
@@ -37,7 +38,9 @@ def assert_unchanged(model, before):
     for k in params:
         np.testing.assert_array_equal(params[k], before[1][k])
     # ...and the server keeps serving: a valid push still works (on another model).
-    probe = model.client.create_model(f"probe-{np.random.randint(1 << 30)}", {"x": np.zeros(2, np.float32)}, optim.sgd(0.1))
+    probe = model.client.create_model(
+        f"probe-{np.random.randint(1 << 30)}", {"x": np.zeros(2, np.float32)}, optim.sgd(0.1)
+    )
     assert probe.push({"x": np.ones(2, np.float32)}) == 1
 
 
@@ -47,8 +50,11 @@ BAD_GRADS = {
     "wrong dtype": ({"w": np.ones((2, 3), np.int32), "b": np.ones(3, np.float32)}, "leaf 'w': dtype int32"),
     "wrong shape": ({"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}, "leaf 'w': shape [3, 2]"),
     "nan": ({"w": np.full((2, 3), np.nan, np.float32), "b": np.ones(3, np.float32)}, "leaf 'w': gradient has NaN"),
-    "inf": ({"w": np.ones((2, 3), np.float32), "b": np.array([1, np.inf, 1], np.float32)}, "leaf 'b': gradient has NaN or Inf"),
-}  # fmt: skip
+    "inf": (
+        {"w": np.ones((2, 3), np.float32), "b": np.array([1, np.inf, 1], np.float32)},
+        "leaf 'b': gradient has NaN or Inf",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_GRADS))
@@ -99,7 +105,7 @@ def test_invalid_spec_names_the_field(client, model_name, spec, field):
 
 
 def test_invalid_settings_and_names(client, model_name):
-    with pytest.raises(InvalidArgumentError, match="settings.quorum"):
+    with pytest.raises(InvalidArgumentError, match=r"settings\.quorum"):
         client.create_model(model_name, P0, optim.sgd(0.1), mode="sync", workers=2, quorum=3)
     with pytest.raises(InvalidArgumentError, match="model name"):
         client.create_model("../escape", P0, optim.sgd(0.1))

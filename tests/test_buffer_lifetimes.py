@@ -5,6 +5,7 @@ copies alive until gc happens to run: memory then grows by a model's size per ca
 touches fresh pages (measured: pulls of 40 MB went from ~40 ms to ~150 ms, RSS +40 MB per pull).
 These tests run with the cyclic collector off, so only reference counting can free the buffers.
 """
+
 from __future__ import annotations
 
 import gc
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 
 from optserve.client import optim
-
 from optserve.wire import assembler
 
 N = 1 << 16
@@ -71,8 +71,9 @@ def _alive(refs: list[weakref.ref]) -> int:
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_push_buffers_are_freed_without_gc(client, model_name, mode, tracked_buffers, no_cyclic_gc):
     settings = {"mode": "sync", "workers": 1} if mode == "sync" else {}
-    model = client.create_model(model_name, {"w": np.zeros(N, np.float32), "i": np.zeros(2, np.int32)},
-                                optim.adam(1e-3), **settings)  # fmt: skip
+    model = client.create_model(
+        model_name, {"w": np.zeros(N, np.float32), "i": np.zeros(2, np.int32)}, optim.adam(1e-3), **settings
+    )
     tracked_buffers.clear()  # the create's own buffers now belong to the model
     pushes = 6
     for _ in range(pushes):
@@ -86,8 +87,9 @@ def test_push_buffers_are_freed_without_gc(client, model_name, mode, tracked_buf
 
 
 def test_pulled_pytree_is_freed_without_gc(client, model_name, no_cyclic_gc):
-    model = client.create_model(model_name, {"a": {"w": np.zeros(N, np.float32)}, "b": [np.zeros(3, np.float32)]},
-                                optim.sgd(0.1))  # fmt: skip
+    model = client.create_model(
+        model_name, {"a": {"w": np.zeros(N, np.float32)}, "b": [np.zeros(3, np.float32)]}, optim.sgd(0.1)
+    )
     for pull in (model.pull, lambda: client.model(model_name).pull()):  # caller's structure, nested dicts
         out = pull()
         ref = weakref.ref(out["a"]["w"].base if out["a"]["w"].base is not None else out["a"]["w"])
@@ -111,8 +113,9 @@ def test_large_gradient_buffers_are_reused_then_given_back(server, client, model
     monkeypatch.setattr(gradient_buffers, "IDLE_SECONDS", 0.3)  # real seconds between the timer's looks
     n = gradient_buffers.MIN_BYTES // 4 + 1000  # one large leaf and one small one
     settings = {"mode": "sync", "workers": 1} if mode == "sync" else {}
-    model = client.create_model(model_name, {"w": np.zeros(n, np.float32), "s": np.zeros(8, np.float32)},
-                                optim.sgd(1.0), **settings)  # fmt: skip
+    model = client.create_model(
+        model_name, {"w": np.zeros(n, np.float32), "s": np.zeros(8, np.float32)}, optim.sgd(1.0), **settings
+    )
     buffers = server.store.get(model_name).gradient_buffers
     fresh: list[int] = []
     allocate = assembler.aligned_empty

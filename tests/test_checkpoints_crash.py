@@ -6,6 +6,7 @@ STEPS RETRY_FOR [STOP_FILE]` (it imports only the light client). It prints the s
 and ends after STEPS pushes or once STOP_FILE exists, so the test, not the machine's speed, decides
 how long the workers train.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def _worker(target: str, model: str, index: int, steps: int, retry_for: float, s
         for _ in range(steps):
             if stop_file and os.path.exists(stop_file):
                 break
-            grads = {"w": (rng.standard_normal(SHAPE) * 0.1).astype(np.float32),
-                     "b": (rng.standard_normal(SHAPE[1]) * 0.1).astype(np.float32)}  # fmt: skip
+            grads = {
+                "w": (rng.standard_normal(SHAPE) * 0.1).astype(np.float32),
+                "b": (rng.standard_normal(SHAPE[1]) * 0.1).astype(np.float32),
+            }
             worker.push_pull(grads)
             print(worker.base_step, flush=True)
             time.sleep(rng.uniform(0, 0.01))  # a little compute time
@@ -50,12 +53,23 @@ def _worker(target: str, model: str, index: int, steps: int, retry_for: float, s
 def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
     """Starts `optserve serve` and waits (bounded) for its listening line, which it prints only
     once every model has been restored."""
-    log = open(log_path, "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", str(port), "--checkpoint-dir", ckpt, *extra],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )  # fmt: skip
-    log.close()
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "optserve.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--checkpoint-dir",
+                ckpt,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 0.5)
@@ -65,14 +79,23 @@ def _serve(ckpt: str, port: int, log_path: str, *extra: str, timeout: float = 60
             if m:
                 return proc, int(m.group(1))
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}; log: {open(log_path).read()[-3000:]}")
+            raise RuntimeError(f"server exited {proc.returncode}; log: {_read(log_path)[-3000:]}")
     proc.kill()
     raise TimeoutError("server did not print its listening line in time")
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _spawn_worker(target: str, index: int, steps: int, retry_for: float, stop_file: str = "") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, HERE, target, "m", str(index), str(steps), str(retry_for), stop_file],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, HERE, target, "m", str(index), str(steps), str(retry_for), stop_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _committed(model_dir: str) -> list[int]:
@@ -124,8 +147,11 @@ def test_sigkill_restarts_lose_nothing_committed(tmp_path):
     kills = torn = 0
     try:
         with Client(target, timeout=30.0) as c:
-            c.create_model("m", {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
-                           optimizer={"adam": {"learning_rate": 0.01}})  # fmt: skip
+            c.create_model(
+                "m",
+                {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
+                optimizer={"adam": {"learning_rate": 0.01}},
+            )
         stop_file = str(tmp_path / "stop")
         workers = [_spawn_worker(target, i, 1_000_000, 90.0, stop_file) for i in range(2)]
         restored_step = 0
@@ -183,8 +209,11 @@ def test_sigterm_writes_a_final_checkpoint_of_the_last_applied_step(tmp_path):
     worker = None
     try:
         with Client(target, timeout=30.0) as c:
-            m = c.create_model("m", {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
-                               optimizer={"adam": {"learning_rate": 0.01}})  # fmt: skip
+            m = c.create_model(
+                "m",
+                {"w": np.zeros(SHAPE, np.float32), "b": np.zeros(SHAPE[1], np.float32)},
+                optimizer={"adam": {"learning_rate": 0.01}},
+            )
             worker = _spawn_worker(target, 0, 100_000, 3.0)
             until = time.monotonic() + 60
             while m.step < 20 and time.monotonic() < until:
@@ -197,7 +226,7 @@ def test_sigterm_writes_a_final_checkpoint_of_the_last_applied_step(tmp_path):
         assert _committed(os.path.join(ckpt, "m")) == [acknowledged]
         with open(os.path.join(ckpt, "m", f"step_{acknowledged}", "manifest.json")) as f:
             assert json.load(f)["step"] == acknowledged
-        assert f"final checkpoint step_{acknowledged}" in open(log_path).read()
+        assert f"final checkpoint step_{acknowledged}" in _read(log_path)
     finally:
         for p in (worker, server):
             if p is not None and p.poll() is None:

@@ -6,6 +6,7 @@ all-or-nothing deletes, a failed final checkpoint at SIGTERM, and retried period
 Real servers on 127.0.0.1 and real files in tmp_path; a subprocess wherever SIGTERM or the exit
 status is involved. Waits are for events the server exposes (info() fields, listings), bounded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -171,8 +172,9 @@ def test_no_usable_checkpoint_moves_the_directory_aside_and_the_name_starts_clea
         assert c.list_models() == []
         assert not (root / "m").exists()
         (archived,) = os.listdir(root / ".archive")
-        assert archived.startswith("m-") and sorted(n.split(".corrupt-")[0] for n in os.listdir(root / ".archive" / archived)) \
-            == ["step_1", "step_2"]  # fmt: skip
+        assert archived.startswith("m-") and sorted(
+            n.split(".corrupt-")[0] for n in os.listdir(root / ".archive" / archived)
+        ) == ["step_1", "step_2"]
         fresh = c.create_model("m", {"other": np.zeros(4, np.float32)}, optimizer=TUNABLE)
         fresh.push({"other": np.ones(4, np.float32)})
         assert fresh.save() == 1  # its own history: nothing of the old model in the way
@@ -324,10 +326,15 @@ def test_failed_periodic_save_is_retried_without_new_steps(tmp_path):
     with Server(port=0, checkpoint_dir=str(tmp_path), checkpoint_options=opts) as srv, srv.client(timeout=60.0) as c:
         m = c.create_model("r", PARAMS, optimizer=TUNABLE)
         m.push(_grads(0))
-        _wait_for("the periodic save of step 1 to fail", lambda: (m.info()["last_checkpoint_error"] or "").startswith("step 1:"))
+        _wait_for(
+            "the periodic save of step 1 to fail",
+            lambda: (m.info()["last_checkpoint_error"] or "").startswith("step 1:"),
+        )
         os.remove(tmp_path / "r")  # the disk is fixed; no further step comes
-        _wait_for("the retry to commit step 1",
-                  lambda: (lambda i: i["last_checkpoint_step"] == 1 and i["last_checkpoint_error"] is None)(m.info()))  # fmt: skip
+        _wait_for(
+            "the retry to commit step 1",
+            lambda: (lambda i: i["last_checkpoint_step"] == 1 and i["last_checkpoint_error"] is None)(m.info()),
+        )
         assert [x["name"] for x in m.checkpoints()] == ["step_1"]
 
 
@@ -337,6 +344,8 @@ def test_a_hyperparameter_change_is_a_change_for_periodic_saves(tmp_path):
         m = c.create_model("h", PARAMS, optimizer=TUNABLE)
         assert m.save() == 0
         m.set_hyperparams(learning_rate=0.3)
-        _wait_for("a periodic save of the change", lambda: [x["name"] for x in m.checkpoints()] == ["step_0.1", "step_0"])
+        _wait_for(
+            "a periodic save of the change", lambda: [x["name"] for x in m.checkpoints()] == ["step_0.1", "step_0"]
+        )
         manifest = json.loads((tmp_path / "h" / "step_0.1" / "manifest.json").read_text())
         assert manifest["hyperparams"]["learning_rate"] == pytest.approx(0.3)

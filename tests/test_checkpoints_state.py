@@ -4,8 +4,10 @@ path traversal, idempotent saves, pruning, periodic saves and reported failures.
 Each test uses real files in a temporary directory and a real server on 127.0.0.1; tests that need
 a restart start their own (in-process, cheap) server on their own directory.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -23,8 +25,12 @@ from optserve.server import Server
 from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
 
-SPEC = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}},
-                  {"adamw": {"learning_rate": 0.01, "weight_decay": 0.01, "tunable": ["learning_rate"]}}]}  # fmt: skip
+SPEC = {
+    "chain": [
+        {"clip_by_global_norm": {"max_norm": 1.0}},
+        {"adamw": {"learning_rate": 0.01, "weight_decay": 0.01, "tunable": ["learning_rate"]}},
+    ]
+}
 
 
 def _params(rng: np.random.Generator, bf16: bool = True) -> dict:
@@ -42,8 +48,11 @@ def _grads(rng: np.random.Generator, params: dict) -> dict:
     def g(x):
         if isinstance(x, dict):
             return {k: g(v) for k, v in x.items()}
-        return (rng.standard_normal(x.shape) * 0.3).astype(x.dtype) if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16 \
-            else np.zeros_like(x)  # fmt: skip
+        return (
+            (rng.standard_normal(x.shape) * 0.3).astype(x.dtype)
+            if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16
+            else np.zeros_like(x)
+        )
 
     return g(params)
 
@@ -108,7 +117,9 @@ def test_save_restore_is_bitwise_and_continues_like_a_twin(client, ckpt_dir, tmp
     step_dir = ckpt_dir / model_name / "step_3"
     with open(step_dir / "params.safetensors", "rb") as f:
         on_disk = parse_safetensors(f.read(), "params")[0]
-    _assert_bitwise({f"params/{k}": v for k, v in on_disk.items()}, {k: v for k, v in saved.items() if k.startswith("params/")})
+    _assert_bitwise(
+        {f"params/{k}": v for k, v in on_disk.items()}, {k: v for k, v in saved.items() if k.startswith("params/")}
+    )
     assert any(k.startswith("opt/") and k.endswith("count") for k in saved)  # step counts are state too
     assert "ema/count" in saved and any(k.startswith("ema/ema/") for k in saved)  # and the parameter EMA
 
@@ -230,11 +241,14 @@ def _truncate(path) -> None:
         f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("damage, victim", [
-    (_flip_byte, "opt_state.safetensors"),
-    (_truncate, "manifest.json"),
-    (os.remove, "params.safetensors"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, victim",
+    [
+        (_flip_byte, "opt_state.safetensors"),
+        (_truncate, "manifest.json"),
+        (os.remove, "params.safetensors"),
+    ],
+)
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, damage, victim):
     rng = np.random.default_rng(3)
     params = _params(rng, bf16=False)
@@ -338,8 +352,14 @@ def test_uploaded_file_naming_another_path_is_rejected(client, tmp_path, model_n
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "evil" in e.value.message
 
 
-@pytest.mark.parametrize("step, code", [(-1, grpc.StatusCode.INVALID_ARGUMENT), (2**62, grpc.StatusCode.INVALID_ARGUMENT),
-                                        (12345, grpc.StatusCode.NOT_FOUND)])  # fmt: skip
+@pytest.mark.parametrize(
+    "step, code",
+    [
+        (-1, grpc.StatusCode.INVALID_ARGUMENT),
+        (2**62, grpc.StatusCode.INVALID_ARGUMENT),
+        (12345, grpc.StatusCode.NOT_FOUND),
+    ],
+)
 def test_restore_steps_are_validated(client, model_name, step, code):
     m = client.create_model(model_name, {"w": np.ones(3, np.float32)}, optimizer={"sgd": {"learning_rate": 0.1}})
     m.save()
@@ -349,8 +369,11 @@ def test_restore_steps_are_validated(client, model_name, step, code):
 
 
 def test_saves_never_replace_and_prune_to_keep(client, ckpt_dir, model_name):
-    m = client.create_model(model_name, {"w": np.ones(3, np.float32)},
-                            optimizer={"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}})  # fmt: skip
+    m = client.create_model(
+        model_name,
+        {"w": np.ones(3, np.float32)},
+        optimizer={"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}},
+    )
     assert m.save() == 0 and m.save() == 0  # nothing changed: the same checkpoint
     m.set_hyperparams(learning_rate=0.05)
     assert m.save() == 0  # same step, another state: committed beside the first, which is kept
@@ -374,7 +397,7 @@ def test_periodic_checkpoints_every_n_steps(tmp_path):
             time.sleep(0.05)
         steps = [x["step"] for x in m.checkpoints()]
         assert steps and steps[0] == 6, steps
-        assert all(b - a >= 2 for a, b in zip(steps[::-1], steps[-2::-1]))
+        assert all(b - a >= 2 for a, b in itertools.pairwise(steps[::-1]))
 
 
 def test_failed_save_is_reported(tmp_path):

@@ -1,6 +1,7 @@
 """`optserve serve` at first contact: a mistake in a flag is one line on stderr naming the flag and
 the fix, exit status 2, never a traceback; `--help` documents every flag with its default; a start
 logs nothing that reads like a failure; a failed final checkpoint makes the exit status 1."""
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ def _absent_gpu() -> str:
 
 
 @pytest.fixture(scope="module")
-def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  # noqa: F811
+def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  # noqa: F811 - the fixture imported above
     """{case: (extra serve args, the flag the message must name, a word of the fix)}, run as processes."""
     d = tmp_path_factory.mktemp("mistakes")
     (d / "empty-tokens").write_text("# only a comment\n\n")
@@ -44,10 +45,16 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
         "missing token file": (["--token-file", str(d / "no-such-file")], "--token-file", "TOKEN [MODEL"),
         "empty token file": (["--token-file", str(d / "empty-tokens")], "--token-file", "TOKEN [MODEL"),
         "device without a GPU": (["--device", _absent_gpu()], "--device", "use"),
-        "missing TLS key file": (["--tls-cert", pki["server_cert"], "--tls-key", str(d / "no-such-key")], "--tls-key",
-                                 "readable"),  # fmt: skip
-        "TLS key of another cert": (["--tls-cert", pki["rogue_cert"], "--tls-key", pki["server_key"]], "--tls-key",
-                                    "own private key"),  # fmt: skip
+        "missing TLS key file": (
+            ["--tls-cert", pki["server_cert"], "--tls-key", str(d / "no-such-key")],
+            "--tls-key",
+            "readable",
+        ),
+        "TLS key of another cert": (
+            ["--tls-cert", pki["rogue_cert"], "--tls-key", pki["server_key"]],
+            "--tls-key",
+            "own private key",
+        ),
         "port in use": (["--port", port], "--port", "another port"),
         "metrics port in use": (["--metrics-port", port], "--metrics-port", "another port"),
         "port out of range": (["--port", "70000"], "--port", "65535"),
@@ -56,8 +63,11 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
         "bad log level": (["--log-level", "loud"], "--log-level", "WARNING"),
         "NaN checkpoint seconds": (["--checkpoint-every-seconds", "nan"], "--checkpoint-every-seconds", ">= 0"),
         "checkpoint dir is a file": (["--checkpoint-dir", str(d / "a-file")], "--checkpoint-dir", "writable directory"),
-        "checkpoint dir under a file": (["--checkpoint-dir", str(d / "a-file" / "sub")], "--checkpoint-dir",
-                                        "writable directory"),  # fmt: skip
+        "checkpoint dir under a file": (
+            ["--checkpoint-dir", str(d / "a-file" / "sub")],
+            "--checkpoint-dir",
+            "writable directory",
+        ),
         "host not on this machine": (["--host", "192.0.2.1"], "--host", "address of this machine"),
     }
     busy.close()
@@ -66,8 +76,10 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
 @pytest.fixture(scope="module")
 def outcomes(mistakes) -> dict[str, subprocess.CompletedProcess]:
     """Every mistake run as `optserve serve`, all at once (each is a Python start-up)."""
-    procs = {case: subprocess.Popen([*SERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for case, (args, _, _) in mistakes.items()}  # fmt: skip
+    procs = {
+        case: subprocess.Popen([*SERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for case, (args, _, _) in mistakes.items()
+    }
     done = {}
     try:
         for case, proc in procs.items():
@@ -81,10 +93,23 @@ def outcomes(mistakes) -> dict[str, subprocess.CompletedProcess]:
     return done
 
 
-CASES = ["missing token file", "empty token file", "device without a GPU", "missing TLS key file",
-         "TLS key of another cert", "port in use", "metrics port in use", "port out of range", "negative keep",
-         "keep not a number", "bad log level", "NaN checkpoint seconds", "checkpoint dir is a file",
-         "checkpoint dir under a file", "host not on this machine"]  # fmt: skip
+CASES = [
+    "missing token file",
+    "empty token file",
+    "device without a GPU",
+    "missing TLS key file",
+    "TLS key of another cert",
+    "port in use",
+    "metrics port in use",
+    "port out of range",
+    "negative keep",
+    "keep not a number",
+    "bad log level",
+    "NaN checkpoint seconds",
+    "checkpoint dir is a file",
+    "checkpoint dir under a file",
+    "host not on this machine",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -139,14 +164,16 @@ def test_a_device_that_cannot_be_had_names_the_flag(device, fix):
         resolve_device(device)
 
 
-def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811
+def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811 - the fixture imported above
     import argparse
 
     from optserve.server.api import auth as security
     from optserve.server.core.errors import ConfigError
 
     (tmp_path / "not-pem").write_text("hello\n")
-    (tmp_path / "encrypted").write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    (tmp_path / "encrypted").write_text(
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n-----END ENCRYPTED PRIVATE KEY-----\n"
+    )
     cert, key = pki["server_cert"], pki["server_key"]
     cases = [
         ({"tls_cert": cert}, "--tls-cert needs --tls-key"),
@@ -156,11 +183,15 @@ def test_tls_mistakes_name_the_flag(pki, tmp_path):  # noqa: F811
         ({"tls_cert": cert, "tls_key": str(tmp_path / "not-pem")}, "--tls-key .*not a PEM private key"),
         ({"tls_cert": cert, "tls_key": str(tmp_path / "encrypted")}, "--tls-key .*encrypted"),
         ({"tls_cert": cert, "tls_key": key, "tls_client_ca": str(tmp_path / "not-pem")}, "--tls-client-ca .*not a PEM"),
-        ({"tls_cert": cert, "tls_key": key, "tls_client_ca": str(tmp_path / "missing")}, "--tls-client-ca .*cannot read"),
+        (
+            {"tls_cert": cert, "tls_key": key, "tls_client_ca": str(tmp_path / "missing")},
+            "--tls-client-ca .*cannot read",
+        ),
     ]
     for given, message in cases:
-        args = argparse.Namespace(**{"token_file": None, "tls_cert": None, "tls_key": None, "tls_client_ca": None,
-                                     **given})  # fmt: skip
+        args = argparse.Namespace(
+            **{"token_file": None, "tls_cert": None, "tls_key": None, "tls_client_ca": None, **given}
+        )
         with pytest.raises(ConfigError, match=message):
             security.server_options(args)
 

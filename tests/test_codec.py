@@ -1,5 +1,6 @@
 """The wire format on its own: framing equals protobuf's, slices cover leaves exactly, bad streams
 fail, the assembler's extension points are called as documented, and the package stays numpy only."""
+
 from __future__ import annotations
 
 import subprocess
@@ -37,7 +38,7 @@ def _assemble(messages, assembler: TensorAssembler | None = None):
 def test_chunking_round_trips_any_chunk_size(chunk):
     msgs = list(chunk_messages(pb.PushRequest(header=pb.PushHeader(model="m")), LEAVES, chunk))
     for raw in msgs:  # the hand-made payload field is what protobuf itself produces
-        head, payload = split_payload(raw)
+        _, payload = split_payload(raw)
         full = pb.PushRequest.FromString(raw)
         assert full.payload == bytes(payload)
         assert sum(s.length for s in full.slices) == len(payload)
@@ -179,8 +180,11 @@ def test_hooks_allocate_once_copy_every_slice_and_complete_at_the_last_byte():
                 completed_after.setdefault(call[1], i)
     out = asm.finish()
     allocs = [c[1:] for c in asm.calls if c[0] == "allocate"]
-    assert allocs == [("given", np.dtype(np.float32), (6,), 24), ("other", np.dtype(np.int16), (3,), 6),
-                      ("none", np.dtype(np.float32), (2, 0), 0)]  # fmt: skip
+    assert allocs == [
+        ("given", np.dtype(np.float32), (6,), 24),
+        ("other", np.dtype(np.int16), (3,), 6),
+        ("none", np.dtype(np.float32), (2, 0), 0),
+    ]
     copies = [c[1:] for c in asm.calls if c[0] == "copy"]
     assert [c for c in copies if c[0] == "given"] == [("given", 0, 8), ("given", 8, 8), ("given", 16, 8)]
     assert sum(n for p, _, n in copies if p == "other") == 6 and all(p != "none" for p, _, _ in copies)
@@ -202,7 +206,7 @@ def test_a_hook_rejects_the_stream_with_a_wire_error_naming_it():
                 raise self.error(f"leaf {leaf.path!r}: negative byte")
 
     msgs = list(chunk_messages(pb.PushRequest(), [("x", np.array([1, -1], np.int8))], 1 << 20))
-    with pytest.raises(WireError, match="^model 'm': leaf 'x': negative byte$"):
+    with pytest.raises(WireError, match=r"^model 'm': leaf 'x': negative byte$"):
         _assemble(msgs, NoNegatives(None, what="model 'm'"))
 
 

@@ -12,21 +12,15 @@ formula.  The case list is tests/reference/cases.py.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 # No skip on ImportError: a server that cannot be imported must fail these tests, never hide them.
-from optserve.server import Server  # noqa: E402
-from tests.reference import ParamsEMA, reference_for  # noqa: E402
-from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES, NOISE_SHAPES  # noqa: E402
-from tests.reference.data import make_grads, make_params, max_rel_error  # noqa: E402
+from optserve.server import Server
+from tests.reference import ParamsEMA, reference_for
+from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES, NOISE_SHAPES
+from tests.reference.data import make_grads, make_params, max_rel_error
 
 RTOL = 1e-5
 # RAdam's rectification term rho_t = rho_inf - 2t*b2^t/(1 - b2^t) subtracts two numbers near 1999
@@ -39,6 +33,8 @@ RADAM_RTOL = 5e-5
 
 def reference_tolerance(case) -> float:
     return RADAM_RTOL if "radam" in case.id.lower() else RTOL
+
+
 PARAMS_SEED, GRADS_SEED = 0, 1
 
 
@@ -92,8 +88,7 @@ def test_server_matches_reference(case, client):
         expected = run_optax(case.spec, params, grads)
         for step in checkpoints:
             err, leaf = max_rel_error(served[step], expected[step - 1], params)
-            assert err <= RTOL, (f"{case.id}: step {step}, leaf {leaf!r}: relative error "
-                                 f"{err:.3g} vs in-process optax")
+            assert err <= RTOL, f"{case.id}: step {step}, leaf {leaf!r}: relative error {err:.3g} vs in-process optax"
 
 
 @pytest.mark.parametrize("case", NOISE_CASES, ids=[c.id for c in NOISE_CASES])
@@ -109,8 +104,7 @@ def test_noisy_rules_by_statistics(case, client):
         model = client.create_model(_model_name(f"{case.id}-{run}"), params, optimizer=case.spec)
         finals.append(_push_and_pull(model, grads, {case.n_steps})[case.n_steps])
     for k in params:
-        np.testing.assert_array_equal(finals[0][k], finals[1][k],
-                                      err_msg=f"{case.id}: same key, different noise")
+        np.testing.assert_array_equal(finals[0][k], finals[1][k], err_msg=f"{case.id}: same key, different noise")
 
     mean = reference_for(case.mean_spec).run(params, grads)[-1]
     std = math.sqrt(sum(case.step_std(t) ** 2 for t in range(1, case.n_steps + 1)))

@@ -5,6 +5,7 @@ that refuses non-finite updates leaves the state exactly as it was.
 
 Raw grpcio channels with DEFAULT options stand in for grpc-js / grpc-go / grpc-java clients.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,11 +25,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, optim
-from optserve.client.errors import FailedPreconditionError
-from optserve.wire.chunks import chunk_messages
-from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
+from optserve.client.errors import FailedPreconditionError, ResourceExhaustedError
 from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
+from optserve.wire.chunks import chunk_messages
 
 G4 = {"w": np.ones(4, np.float32)}
 
@@ -54,7 +55,9 @@ def _pending(client: Client, name: str) -> int:
     return client.model(name).info()["pending_contributions"]
 
 
-def _push_messages(name: str, grads: dict, pull: pb.PullRequest | None = None, chunk_bytes: int = 1 << 20) -> list[bytes]:
+def _push_messages(
+    name: str, grads: dict, pull: pb.PullRequest | None = None, chunk_bytes: int = 1 << 20
+) -> list[bytes]:
     h = pb.PushHeader(model=name)
     if pull is not None:
         h.pull.CopyFrom(pull)
@@ -69,8 +72,11 @@ def _start_server_with_metrics(*args: str, timeout: float = 60.0) -> tuple[subpr
     lines it prints once listening (bounded)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ),
+    )
     deadline, metrics_port = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -90,7 +96,9 @@ def _gauge(metrics_port: int, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
-def _pull_in_thread(pull: Callable, request: pb.PullRequest, outcomes: queue.Queue, timeout: float | None = None) -> None:
+def _pull_in_thread(
+    pull: Callable, request: pb.PullRequest, outcomes: queue.Queue, timeout: float | None = None
+) -> None:
     """Runs one streaming pull to its end on a thread; puts ("ok", step) or (status, details)."""
 
     def run() -> None:
@@ -104,8 +112,9 @@ def _pull_in_thread(pull: Callable, request: pb.PullRequest, outcomes: queue.Que
 
 
 def test_waiting_pulls_are_bounded_and_never_starve_the_server():
-    proc, address, metrics_port = _start_server_with_metrics("--max-workers", "8", "--checkpoint-dir", "",
-                                                             "--log-level", "WARNING")  # fmt: skip
+    proc, address, metrics_port = _start_server_with_metrics(
+        "--max-workers", "8", "--checkpoint-dir", "", "--log-level", "WARNING"
+    )
     try:
         with Client(address, timeout=30) as client:
             client.create_model("waited", {"w": np.zeros(4, np.float32)}, optim.sgd(0.1))
@@ -148,8 +157,9 @@ def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_compl
     wait too, is refused before it is counted; the push that completes the round needs no wait."""
     with Server(port=0, max_workers=4) as srv, srv.client(timeout=60) as client:
         assert srv.service.waiting.limit == 2
-        model = client.create_model("bounded-sync", {"w": np.zeros(4, np.float32)}, optim.sgd(1.0), mode="sync",
-                                    workers=4)  # fmt: skip
+        model = client.create_model(
+            "bounded-sync", {"w": np.zeros(4, np.float32)}, optim.sgd(1.0), mode="sync", workers=4
+        )
         results: queue.Queue = queue.Queue()
 
         def push_pull(worker: int) -> None:
@@ -160,9 +170,9 @@ def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_compl
             threading.Thread(target=push_pull, args=(worker,), daemon=True).start()
         _wait_until(lambda: srv.service.waiting.waiting == 2 and _pending(client, "bounded-sync") == 2, "2 waiting")
         header = model._push_header(None, None, "w3", 1)
-        with pytest.raises(Exception) as refused:
+        with pytest.raises(ResourceExhaustedError) as refused:
             model.push_pull_raw(header, [("w", np.full(4, 3, np.float32))])
-        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "'bounded-sync'" in refused.value.message
+        assert "'bounded-sync'" in refused.value.message, refused.value.message
         assert _pending(client, "bounded-sync") == 2  # the refused push was not counted
         assert model.worker("w3").push({"w": np.full(4, 3, np.float32)}) == 1  # joins by Push (no wait)
         last = model.push_pull_raw(model._push_header(None, None, "w4", 1), [("w", np.full(4, 4, np.float32))])
@@ -178,8 +188,9 @@ def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_compl
 def test_sync_push_pull_reply_says_applied_once_its_step_is_applied(client, model_name):
     model = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optim.sgd(1.0), mode="sync", workers=2)
     first: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: first.put(model.push_pull_raw(model._push_header(None, None), list(G4.items()))),
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(
+        target=lambda: first.put(model.push_pull_raw(model._push_header(None, None), list(G4.items()))), daemon=True
+    ).start()
     _wait_until(lambda: _pending(client, model_name) == 1, "first contribution")
     second, _ = model.push_pull_raw(model._push_header(None, None), list(G4.items()))
     reply, params = first.get(timeout=60)
@@ -191,7 +202,7 @@ def test_sync_push_pull_reply_says_applied_once_its_step_is_applied(client, mode
 def test_push_pull_refuses_a_pull_it_cannot_serve_before_applying(client, model_name, rpc):
     model = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optim.sgd(1.0))
     client.create_model(f"{model_name}-other", {"w": np.zeros(4, np.float32)}, optim.sgd(1.0))
-    stub = (client._push_pull if rpc == "PushPull" else client._push_pull_one)
+    stub = client._push_pull if rpc == "PushPull" else client._push_pull_one
 
     def call(pull: pb.PullRequest) -> list[bytes]:
         msgs = _push_messages(model_name, G4, pull)
@@ -287,13 +298,16 @@ def test_server_info_counts_only_the_models_a_scoped_token_may_see(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("admin-secret\nteam-a-secret model-a model-gone\n")
     args = argparse.Namespace(token_file=str(tokens), tls_cert=None, tls_key=None, tls_client_ca=None)
-    with Server(port=0, **security.server_options(args)) as srv:
-        with srv.client(token="admin-secret", timeout=30) as admin, srv.client(token="team-a-secret", timeout=30) as a:
-            for name in ("model-a", "model-b", "model-c"):
-                admin.create_model(name, {"w": np.zeros(2, np.float32)}, optim.sgd(0.1))
-            assert admin.server_info()["models"] == 3
-            assert a.server_info()["models"] == 1
-            assert [m["name"] for m in a.list_models()] == ["model-a"]
+    with (
+        Server(port=0, **security.server_options(args)) as srv,
+        srv.client(token="admin-secret", timeout=30) as admin,
+        srv.client(token="team-a-secret", timeout=30) as a,
+    ):
+        for name in ("model-a", "model-b", "model-c"):
+            admin.create_model(name, {"w": np.zeros(2, np.float32)}, optim.sgd(0.1))
+        assert admin.server_info()["models"] == 3
+        assert a.server_info()["models"] == 1
+        assert [m["name"] for m in a.list_models()] == ["model-a"]
 
 
 # -- reject_nonfinite_updates ----------------------------------------------------------------------
@@ -386,8 +400,9 @@ def test_sync_round_with_nonfinite_mean_is_dropped_and_every_waiter_told(server,
     assert "round for step 1" in e.value.message and "parameter 'w'" in e.value.message
     told = dict(outcomes.get(timeout=60) for _ in range(2))
     assert set(told) == {"push_pull", "pull"}
-    assert all(repr(model_name) in m and "round for step 1" in m and "push again against step 0" in m
-               for m in told.values()), told  # fmt: skip
+    assert all(
+        repr(model_name) in m and "round for step 1" in m and "push again against step 0" in m for m in told.values()
+    ), told
     info = model.info()
     assert info["step"] == 0 and info["pending_contributions"] == 0 and info["workers"] == {}
     assert _state_bytes(server, model_name) == before
@@ -404,6 +419,7 @@ def test_list_rules_says_which_hyperparameters_may_be_tunable(client, model_name
     assert adam["learning_rate"]["tunable"] and adam["learning_rate"]["type"] == "number >= 0 or schedule"
     assert not adam["nesterov"]["tunable"] and adam["nesterov"]["type"] == "boolean"
     # What the contract says SetHyperparams accepts: names the spec marked tunable.
-    model = client.create_model(model_name, {"w": np.zeros(2, np.float32)},
-                                {"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}})  # fmt: skip
+    model = client.create_model(
+        model_name, {"w": np.zeros(2, np.float32)}, {"adam": {"learning_rate": 0.1, "tunable": ["learning_rate"]}}
+    )
     assert model.set_hyperparams(learning_rate=0.01) == {"learning_rate": pytest.approx(0.01)}

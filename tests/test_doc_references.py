@@ -7,6 +7,7 @@ double quotes (`docs/design.md, "Life of a push"`), which must be headings of th
 `§` number, which must be a section of docs/optimizer-catalogue.md, named in the same file. A
 quoted file name (`"README.md"`) is a path in code, not a citation.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,8 +91,11 @@ def missing_citations(files: list[tuple[str, str]], root: str) -> list[str]:
                 continue
             with open(target, encoding="utf-8") as f:
                 known = headings(f.read())
-            problems += [f"{path}:{line}: cites {cited}, section {name!r}, which it does not have"
-                         for name in names if name not in known]  # fmt: skip
+            problems += [
+                f"{path}:{line}: cites {cited}, section {name!r}, which it does not have"
+                for name in names
+                if name not in known
+            ]
     return problems
 
 
@@ -101,14 +105,17 @@ def missing_catalogue_sections(files: list[tuple[str, str]], known: set[str]) ->
         signs = [(m.group(1), text.count("\n", 0, m.start()) + 1) for m in SECTION_SIGN.finditer(text)]
         if signs and CATALOGUE not in text:
             problems.append(f"{path}:{signs[0][1]}: cites §{signs[0][0]} but does not name {CATALOGUE}")
-        problems += [f"{path}:{line}: §{number} is not a section of {CATALOGUE}"
-                     for number, line in signs if number not in known]  # fmt: skip
+        problems += [
+            f"{path}:{line}: §{number} is not a section of {CATALOGUE}" for number, line in signs if number not in known
+        ]
     return problems
 
 
 def test_cited_documents_and_sections_exist():
     problems = missing_citations(sources(), ROOT)
-    assert not problems, f"{len(problems)} citations of documents or sections that do not exist:\n" + "\n".join(problems)
+    assert not problems, f"{len(problems)} citations of documents or sections that do not exist:\n" + "\n".join(
+        problems
+    )
 
 
 def test_cited_catalogue_sections_exist():
@@ -127,8 +134,10 @@ def test_the_scan_finds_citations(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# Title\n\n## 2. Layers\n\n### Sub part\n")
     md = ".md"  # kept apart so that this file cites nothing itself
-    text = (f'x = 1  # docs/a{md}, "Layers" and "Sub part"; docs/a{md} ("Gone")\n'
-            f'y = 2  # see docs/nowhere{md}, and open("docs/a{md}")\n')  # fmt: skip
+    text = (
+        f'x = 1  # docs/a{md}, "Layers" and "Sub part"; docs/a{md} ("Gone")\n'
+        f'y = 2  # see docs/nowhere{md}, and open("docs/a{md}")\n'
+    )
     problems = missing_citations([("t.py", text)], str(tmp_path))
     assert problems == [
         f"t.py:1: cites docs/a{md}, section 'Gone', which it does not have",

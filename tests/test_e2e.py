@@ -1,5 +1,6 @@
 """End to end against a live server: results equal in-process optax, pytrees round-trip, big tensors
 stream, many threads push concurrently."""
+
 from __future__ import annotations
 
 import collections
@@ -73,7 +74,7 @@ def _tree_equal(a, b):
             _tree_equal(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _tree_equal(x, y)
     elif a is None:
         assert b is None
@@ -125,13 +126,19 @@ def test_narrow_wire_dtypes_on_push_and_pull(client, model_name, wire):
     rounded once to the wire dtype, returned in their own dtype. Leaves span several chunks."""
     target = ml_dtypes.bfloat16 if wire == "bfloat16" else np.float16
     rng = np.random.default_rng(3)
-    params = {"w": rng.standard_normal(5000).astype(np.float32), "n": np.arange(3, dtype=np.int32),
-              "d": rng.standard_normal(7).astype(np.float16)}  # fmt: skip
+    params = {
+        "w": rng.standard_normal(5000).astype(np.float32),
+        "n": np.arange(3, dtype=np.int32),
+        "d": rng.standard_normal(7).astype(np.float16),
+    }
     model = client.create_model(model_name, params, optimizer=optim.sgd(1.0))
     model.client.chunk_bytes, saved = 1000, model.client.chunk_bytes  # many chunks per leaf
     try:
-        grad = {"w": rng.standard_normal(5000).astype(np.float32), "n": np.zeros(3, np.int32),
-                "d": rng.standard_normal(7).astype(np.float16)}  # fmt: skip
+        grad = {
+            "w": rng.standard_normal(5000).astype(np.float32),
+            "n": np.zeros(3, np.int32),
+            "d": rng.standard_normal(7).astype(np.float16),
+        }
         assert model.push(grad, wire_dtype=wire) == 1
         expected = {k: params[k] - grad[k].astype(target).astype(params[k].dtype) for k in ("w", "d")}
         got = model.pull()
@@ -155,8 +162,11 @@ def test_pull_into_the_callers_arrays(client, model_name, chunk_bytes):
     from optserve.client import InvalidArgumentError
 
     rng = np.random.default_rng(4)
-    params = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": np.zeros(30, ml_dtypes.bfloat16),
-              "n": np.arange(4, dtype=np.int32)}  # fmt: skip
+    params = {
+        "w": rng.standard_normal((40, 30)).astype(np.float32),
+        "b": np.zeros(30, ml_dtypes.bfloat16),
+        "n": np.arange(4, dtype=np.int32),
+    }
     model = client.create_model(model_name, params, optimizer=optim.sgd(0.5))
     model.client.chunk_bytes, saved = chunk_bytes, model.client.chunk_bytes
     try:
@@ -186,7 +196,7 @@ def test_pull_into_the_callers_arrays(client, model_name, chunk_bytes):
             "leaf 'w' cannot be written in place": {**buffers, "w": np.zeros((30, 40), np.float32).T},
             "leaf 'n' cannot be written in place": {**buffers, "n": read_only},
             r"leaf 'b' cannot be written in place \(a jax leaf\)": {**buffers, "b": jnp.zeros(30, jnp.bfloat16)},
-        }  # fmt: skip
+        }
         before = {k: v.copy() for k, v in buffers.items()}
         for message, out in bad.items():
             with pytest.raises(InvalidArgumentError, match=message):
@@ -204,15 +214,20 @@ def test_concurrent_threads_sum_of_sgd_gradients(client, model_name):
     rng = np.random.default_rng(2)
     p0 = {"w": rng.standard_normal(64).astype(np.float32), "b": np.zeros((), np.float32)}
     model = client.create_model(model_name, p0, optimizer=optim.sgd(lr))
-    grads = [[{"w": rng.standard_normal(64).astype(np.float32), "b": np.float32(rng.standard_normal())}
-              for _ in range(per_thread)] for _ in range(threads)]  # fmt: skip
+    grads = [
+        [
+            {"w": rng.standard_normal(64).astype(np.float32), "b": np.float32(rng.standard_normal())}
+            for _ in range(per_thread)
+        ]
+        for _ in range(threads)
+    ]
     errors = []
 
     def run(i):
         try:
             for g in grads[i]:
                 client.model(model_name).push(g)
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # reported below
             errors.append(e)
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
@@ -248,12 +263,14 @@ def test_rules_whose_initial_state_shares_arrays_can_be_donated(client, model_na
 def test_unary_twins_serve_small_models_and_refuse_large_replies(client, model_name):
     """PushOne / PullOne / PushPullOne: one message each way, same semantics; the client uses them
     when the tensors fit in one chunk. A reply that cannot fit in one message is refused."""
-    from optserve.wire.chunks import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
+    from optserve.wire.chunks import chunk_messages
 
     small = client.create_model(model_name, {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))
     assert small._params_fit_one_chunk
-    (msg,) = chunk_messages(pb.PushRequest(header=pb.PushHeader(model=model_name)), [("w", np.ones(4, np.float32))], 1 << 20)
+    (msg,) = chunk_messages(
+        pb.PushRequest(header=pb.PushHeader(model=model_name)), [("w", np.ones(4, np.float32))], 1 << 20
+    )
     assert client.call(client._push_one, msg).step == 1
     reply = small.read_pull_stream([client.call(client._pull_one, pb.PullRequest(model=model_name))], None)
     assert reply[0] == 1 and reply[1]["w"].tolist() == [-1.0] * 4

@@ -1,5 +1,6 @@
 """Parameter EMA through a live server equals objax's ExponentialMovingAverage (debias on and off),
 computed independently in float64 (tests/reference/objax.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,14 +13,22 @@ from tests.reference.objax import ParamsEMA
 @pytest.mark.parametrize("debias", [False, True])
 def test_ema_matches_objax(client, model_name, debias):
     rng = np.random.default_rng(3)
-    p0 = {"w": rng.standard_normal((3, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32),
-          "count": np.array(4, np.int32)}  # fmt: skip
+    p0 = {
+        "w": rng.standard_normal((3, 2)).astype(np.float32),
+        "b": rng.standard_normal(2).astype(np.float32),
+        "count": np.array(4, np.int32),
+    }
     model = client.create_model(model_name, p0, optim.adam(0.05), ema=0.9, ema_debias=debias)
     ref = ParamsEMA(decay=0.9, debias=debias)
     state = ref.init({k: p0[k] for k in ("w", "b")})
     for _ in range(30):
-        model.push({"w": rng.standard_normal((3, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32),
-                    "count": np.array(0, np.int32)})  # fmt: skip
+        model.push(
+            {
+                "w": rng.standard_normal((3, 2)).astype(np.float32),
+                "b": rng.standard_normal(2).astype(np.float32),
+                "count": np.array(0, np.int32),
+            }
+        )
         params = model.pull()
         state = ref.update({k: params[k] for k in ("w", "b")}, state)
         got, want = model.pull(ema=True), ref.read(state)

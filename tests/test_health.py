@@ -1,5 +1,6 @@
 """The standard gRPC health service through a server's life (start, restore, serving, shutdown), and
 server reflection, against `optserve serve` subprocesses."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.conftest import start_server_process
 from optserve.client import Client, optim
+from tests.conftest import start_server_process
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -85,10 +86,24 @@ def test_health_through_serving_shutdown_and_restore(tmp_path):
     log2 = tmp_path / "second.log"
     with open(log2, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "optserve.server.cli", "serve", "--port", str(port), "--checkpoint-dir", ckpt,
-             "--log-format", "json", "--shutdown-grace", "2"],
-            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "optserve.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--checkpoint-dir",
+                ckpt,
+                "--log-format",
+                "json",
+                "--shutdown-grace",
+                "2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ},
+        )
     try:
         seen = []
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, Client(f"127.0.0.1:{port}", timeout=30) as c:

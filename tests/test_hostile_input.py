@@ -6,6 +6,7 @@ and Upload (state files with any manifest field missing, of the wrong type or ou
 truncated, or with a damaged header). Each gets an error status, the server never crashes, its
 memory stays bounded, no model is created, and every model's parameters, step and hyperparameters
 are unchanged afterwards."""
+
 from __future__ import annotations
 
 import functools
@@ -28,19 +29,22 @@ import pytest
 import safetensors.numpy
 
 from optserve.client import Client, optim
-
-from optserve.wire.framing import frame, parse_message, varint
-from optserve.wire.chunks import chunk_messages
 from optserve.server.state import safetensors_io
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
+from optserve.wire.framing import frame, parse_message, varint
 from tests.conftest import start_server_process, stop_server_process
 
 VICTIMS = {
-    "victim-f32": ({"layer": {"w": np.arange(32, dtype=np.float32).reshape(8, 4) / 7, "b": np.ones(4, np.float32)}},
-                   optim.adam(0.01)),
-    "victim-mixed": ({"emb": np.linspace(-1, 1, 16).astype(ml_dtypes.bfloat16), "count": np.arange(3, dtype=np.int32)},
-                     optim.sgd(0.1)),
-}  # fmt: skip
+    "victim-f32": (
+        {"layer": {"w": np.arange(32, dtype=np.float32).reshape(8, 4) / 7, "b": np.ones(4, np.float32)}},
+        optim.adam(0.01),
+    ),
+    "victim-mixed": (
+        {"emb": np.linspace(-1, 1, 16).astype(ml_dtypes.bfloat16), "count": np.arange(3, dtype=np.int32)},
+        optim.sgd(0.1),
+    ),
+}
 MAIN_REQUESTS = 2000
 RSS_GROWTH_LIMIT = 150 << 20  # bytes; warm-up first, so this is growth, not start-up cost
 
@@ -71,7 +75,7 @@ def snapshot(client: Client) -> dict:
     for name in VICTIMS:
         m = client.model(name)
         info = m.info()
-        flat = {l["path"] for l in info["schema"]}
+        flat = {leaf["path"] for leaf in info["schema"]}
         params = m.pull()
         out[name] = (info["step"], info["hyperparams"], repr(sorted(flat)), repr(params))
     return out
@@ -108,8 +112,25 @@ def create_header(name, schema, spec='{"sgd": {"learning_rate": 0.1}}') -> pb.Cr
     return pb.CreateModelHeader(name=name, optimizer_json=spec, schema=schema)
 
 
-ODD_NAMES = ["\u202eevil", "w\x00", "a\u2028b", "\ufeffw", "\U000e0041", "\ue000", "\u0378", "layer/\x7fw",
-             "layer/w\n", "x" * 5000, "", "layer/ｗ", "layer/w ", "🙂/ẘ", "../../etc/passwd", "layer//w"]  # fmt: skip
+FULLWIDTH_W = "layer/ｗ"  # noqa: RUF001 - a full-width w on purpose: a look-alike of layer/w, a different leaf
+ODD_NAMES = [
+    "\u202eevil",
+    "w\x00",
+    "a\u2028b",
+    "\ufeffw",
+    "\U000e0041",
+    "\ue000",
+    "\u0378",
+    "layer/\x7fw",
+    "layer/w\n",
+    "x" * 5000,
+    "",
+    FULLWIDTH_W,
+    "layer/w ",
+    "🙂/ẘ",
+    "../../etc/passwd",
+    "layer//w",
+]
 
 
 def utf8_bad_string_message(field_number: int, raw: bytes) -> bytes:
@@ -135,21 +156,47 @@ BAD_MANIFEST_VALUES = {
     "format_version": [2, "1", True, 1.0, None],
     "model": [7, None, "../victim", "", "a" * 300, ["victim"]],
     "step": [-1, 2**53, 2**64, 1.5, "3", True, None],
-    "schema": [[], {}, "layer/w", None, [{"path": "layer/w", "dtype": "object", "shape": [8, 4]}],
-               [{"path": "layer/\x00w", "dtype": "float32", "shape": [8, 4]}], [{"path": "w", "dtype": "float64", "shape": [3]}],
-               [{"path": "w", "dtype": "float32", "shape": [0, 2**63 - 1]}], [{"path": "w", "dtype": "float32", "shape": "3"}]],
+    "schema": [
+        [],
+        {},
+        "layer/w",
+        None,
+        [{"path": "layer/w", "dtype": "object", "shape": [8, 4]}],
+        [{"path": "layer/\x00w", "dtype": "float32", "shape": [8, 4]}],
+        [{"path": "w", "dtype": "float64", "shape": [3]}],
+        [{"path": "w", "dtype": "float32", "shape": [0, 2**63 - 1]}],
+        [{"path": "w", "dtype": "float32", "shape": "3"}],
+    ],
     "spec": [12, None, "no-such-rule", {"sgd": {}}, _deep_spec(400), [{"adam": {}}]],
-    "settings": [[], "async", None, {"mode": "banana"}, {"mode": "sync", "workers": 0}, {"max_staleness": -1},
-                 {"mode": "sync", "workers": 1, "sync_timeout": float("nan")}, {"mode": "sync", "workers": 2, "quorum": 3},
-                 {"mode": "sync", "workers": 1, "sync_timeout": -1.0}, {"turbo": True}, {"workers": "2"}],
+    "settings": [
+        [],
+        "async",
+        None,
+        {"mode": "banana"},
+        {"mode": "sync", "workers": 0},
+        {"max_staleness": -1},
+        {"mode": "sync", "workers": 1, "sync_timeout": float("nan")},
+        {"mode": "sync", "workers": 2, "quorum": 3},
+        {"mode": "sync", "workers": 1, "sync_timeout": -1.0},
+        {"turbo": True},
+        {"workers": "2"},
+    ],
     "hyperparams": [[], "x", None, {"learning_rate": "x"}, {"learning_rate": float("inf")}],
-    "workers": [[], "w", None, {"w": 3}, _bad_worker(last_seq="abc"), _bad_worker(last_seq=-1), _bad_worker(last_base_step=10**6),
-                _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PullRequest", "b64": ""}}]),
-                _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PushResponse", "b64": "////"}}]),
-                {"": {"last_seq": 1, "last_base_step": 0, "replies": []}}],
+    "workers": [
+        [],
+        "w",
+        None,
+        {"w": 3},
+        _bad_worker(last_seq="abc"),
+        _bad_worker(last_seq=-1),
+        _bad_worker(last_base_step=10**6),
+        _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PullRequest", "b64": ""}}]),
+        _bad_worker(replies=[{"seq": 1, "reply": {"proto": "PushResponse", "b64": "////"}}]),
+        {"": {"last_seq": 1, "last_base_step": 0, "replies": []}},
+    ],
     "opt_keys": [None, "count", [], ["count", "count"], 5],
     "ema_keys": [["count"], 3, "x", {}],
-}  # fmt: skip
+}
 
 
 class Hostile:
@@ -165,7 +212,10 @@ class Hostile:
         total = len(data) if total is None else total
         msgs = [pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=total)).SerializeToString()]
         step = int(self.rng.integers(1 << 10, 1 << 16))
-        msgs += [frame(pb.UploadRequest(offset=o).SerializeToString(), [data[o : o + step]]) for o in range(0, len(data), step)]
+        msgs += [
+            frame(pb.UploadRequest(offset=o).SerializeToString(), [data[o : o + step]])
+            for o in range(0, len(data), step)
+        ]
         return msgs
 
     def corrupt_upload(self) -> tuple[bytes, str]:
@@ -197,14 +247,20 @@ class Hostile:
         if kind == "random_create_bytes":
             return "CreateModel", [self.rand_bytes()]
         if kind == "random_unary":
-            return str(r.choice(["GetModel", "DeleteModel", "SetHyperparams", "Pull", "SaveCheckpoint"])), self.rand_bytes(1)
+            return str(
+                r.choice(["GetModel", "DeleteModel", "SetHyperparams", "Pull", "SaveCheckpoint"])
+            ), self.rand_bytes(1)
         if kind == "huge_push_shape":
             shape = [int(x) for x in r.integers(1, 1 << 40, size=int(r.integers(1, 4)))]
-            return "Push", [msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", shape, 0, 16)]), b"\0" * 16)]
+            return "Push", [
+                msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", shape, 0, 16)]), b"\0" * 16)
+            ]
         if kind == "huge_create_shape":
             shape = [int(x) for x in r.integers(1 << 20, 1 << 62, size=int(r.integers(1, 3)))]
             h = create_header(f"huge-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype="float32", shape=shape)])
-            return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", shape, 0, 8)]), b"\0" * 8)]
+            return "CreateModel", [
+                msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", shape, 0, 8)]), b"\0" * 8)
+            ]
         if kind == "absurd_empty_shape":  # no array can have it, even empty (int64 strides overflow)
             shape = [[0, 2**63 - 1], [2**32, 2**32, 0, 7], [0, 2**62], [2**40, 0, 2**30]][int(r.integers(4))]
             h = create_header(f"absurd-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype="float32", shape=shape)])
@@ -213,18 +269,29 @@ class Hostile:
             choice = int(r.integers(0, 4))
             off = [2**64 - 1, 2**63, 128 - 4, 120][choice]
             length = [8, 8, 8, 16][choice]
-            return "Push", [msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], off, length)]), b"\1" * length)]
+            return "Push", [
+                msg(
+                    pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], off, length)]),
+                    b"\1" * length,
+                )
+            ]
         if kind == "overlapping_offsets":
             a = int(r.integers(0, 64)) * 2
-            s = [sl("layer/w", "float32", [8, 4], 0, 128), sl("layer/w", "float32", [8, 4], a, 8), sl("layer/b", "float32", [4], 0, 16)]
+            s = [
+                sl("layer/w", "float32", [8, 4], 0, 128),
+                sl("layer/w", "float32", [8, 4], a, 8),
+                sl("layer/b", "float32", [4], 0, 16),
+            ]
             return "Push", [msg(pb.PushRequest(header=push_header(), slices=s), b"\0" * (128 + 8 + 16))]
         if kind == "length_mismatch":
             extra = int(r.integers(1, 64))
             msgs = list(chunk_messages(pb.PushRequest(header=push_header()), ok_leaves, 1 << 20))
-            return "Push", [msgs[0] + frame(b"", [b"\0" * extra])] if r.integers(2) else [msgs[0][: -extra]]
+            return "Push", [msgs[0] + frame(b"", [b"\0" * extra])] if r.integers(2) else [msgs[0][:-extra]]
         if kind == "bad_dtype":
             dt = str(r.choice(["object", "O", "|O", "float128", "<f4", "", "complex64", "str", "V8", "float32\0"]))
-            return "Push", [msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", dt, [8, 4], 0, 128)]), b"\0" * 128)]
+            return "Push", [
+                msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", dt, [8, 4], 0, 128)]), b"\0" * 128)
+            ]
         if kind == "create_bad_dtype":
             dt = str(r.choice(["object", "O", "float128", "complex128", "U8", ""]))
             h = create_header(f"dt-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype=dt, shape=[2])])
@@ -242,33 +309,55 @@ class Hostile:
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header("victim-mixed")), leaves, 1 << 20))
         if kind == "odd_leaf_name_push":
             name = ODD_NAMES[int(r.integers(len(ODD_NAMES)))]
-            leaves = [(name, np.ones(4, np.float32))] + ([valid_push_leaves()[1]] if r.integers(2) else valid_push_leaves())
+            leaves = [(name, np.ones(4, np.float32))] + (
+                [valid_push_leaves()[1]] if r.integers(2) else valid_push_leaves()
+            )
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "odd_leaf_name_create":
-            name = [n for n in ODD_NAMES if n not in ("layer/ｗ", "layer/w ", "🙂/ẘ", "../../etc/passwd", "layer//w")]
+            name = [n for n in ODD_NAMES if n not in (FULLWIDTH_W, "layer/w ", "🙂/ẘ", "../../etc/passwd", "layer//w")]
             path = name[int(r.integers(len(name)))]
             h = create_header(f"odd-{r.integers(1 << 30)}", [pb.LeafSpec(path=path, dtype="float32", shape=[1])])
-            return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl(path, "float32", [1], 0, 4)]), b"\0" * 4)]
+            return "CreateModel", [
+                msg(pb.CreateModelRequest(header=h, slices=[sl(path, "float32", [1], 0, 4)]), b"\0" * 4)
+            ]
         if kind == "invalid_utf8":
             raw = bytes(r.choice([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"w\x80"]))
             header = utf8_bad_string_message(1, raw)  # PushHeader.model
             return "Push", [utf8_bad_string_message(1, header)]
         if kind == "odd_model_name":
-            name = str(r.choice(["../victim-f32", "victim-f32/../x", ".hidden", "-rf", "\u202evictim", "a" * 300, "", " "]))
+            name = str(
+                r.choice(["../victim-f32", "victim-f32/../x", ".hidden", "-rf", "\u202evictim", "a" * 300, "", " "])
+            )
             h = create_header(name, [pb.LeafSpec(path="w", dtype="float32", shape=[1])])
-            return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", [1], 0, 4)]), b"\0" * 4)]
+            return "CreateModel", [
+                msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", [1], 0, 4)]), b"\0" * 4)
+            ]
         if kind == "bad_spec":
-            spec = str(r.choice(["[" * 100_000, "{", '"no-such-rule"', '{"adam": {"b1": "x"}}', "null", "1e999",
-                                 '{"chain": [' + "{}," * 50 + "{}]}", '{"adam": {"learning_rate": NaN}}',
-                                 json.dumps({"adam": {"learning_rate": 1e-3, "b1": [1] * 10}})]))  # fmt: skip
+            spec = str(
+                r.choice(
+                    [
+                        "[" * 100_000,
+                        "{",
+                        '"no-such-rule"',
+                        '{"adam": {"b1": "x"}}',
+                        "null",
+                        "1e999",
+                        '{"chain": [' + "{}," * 50 + "{}]}",
+                        '{"adam": {"learning_rate": NaN}}',
+                        json.dumps({"adam": {"learning_rate": 1e-3, "b1": [1] * 10}}),
+                    ]
+                )
+            )
             h = create_header(f"spec-{r.integers(1 << 30)}", [pb.LeafSpec(path="w", dtype="float32", shape=[2])], spec)
-            return "CreateModel", [msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", [2], 0, 8)]), b"\0" * 8)]
+            return "CreateModel", [
+                msg(pb.CreateModelRequest(header=h, slices=[sl("w", "float32", [2], 0, 8)]), b"\0" * 8)
+            ]
         if kind == "missing_or_extra_leaf":
             leaves = valid_push_leaves()
-            leaves = leaves[:1] if r.integers(2) else leaves + [("layer/extra", np.ones(2, np.float32))]
+            leaves = leaves[:1] if r.integers(2) else [*leaves, ("layer/extra", np.ones(2, np.float32))]
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "duplicate_leaf":
-            leaves = valid_push_leaves() + [valid_push_leaves()[0]]
+            leaves = [*valid_push_leaves(), valid_push_leaves()[0]]
             return "Push", list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
         if kind == "header_twice":
             msgs = list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 64))
@@ -304,16 +393,21 @@ class Hostile:
             rpc = str(r.choice(["PushOne", "PushPullOne"]))
             choice = int(r.integers(0, 5))
             if choice == 0:  # an offset beyond the leaf
-                return rpc, msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 2**63, 8)]), b"\1" * 8)
+                return rpc, msg(
+                    pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 2**63, 8)]), b"\1" * 8
+                )
             if choice == 1:  # a leaf missing
-                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves()[:1], 1 << 20))[0]
+                return rpc, next(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves()[:1], 1 << 20))
             if choice == 2:  # NaN
                 leaves = valid_push_leaves()
                 leaves[1][1][3, 2] = np.nan
-                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))[0]
+                return rpc, next(chunk_messages(pb.PushRequest(header=push_header()), leaves, 1 << 20))
             if choice == 3:  # payload shorter than its slices
-                return rpc, list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 1 << 20))[0][:-7]
-            return rpc, msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "object", [8, 4], 0, 128)]), b"\0" * 128)
+                whole = next(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 1 << 20))
+                return rpc, whole[:-7]
+            return rpc, msg(
+                pb.PushRequest(header=push_header(), slices=[sl("layer/w", "object", [8, 4], 0, 128)]), b"\0" * 128
+            )
         if kind == "twin_bad_pull":
             p = pb.PullRequest(model="victim-f32")
             choice = int(r.integers(0, 3))
@@ -347,31 +441,74 @@ class Hostile:
             name = str(r.choice(["learning_rate", "no_such_thing", "", "b1"]))
             if name == "learning_rate" and np.isfinite(value):
                 value = np.nan
-            req = pb.SetHyperparamsRequest(model=str(r.choice(["victim-f32", "victim-mixed"])),
-                                           values=[pb.Hyperparam(name=name, value=value)])  # fmt: skip
+            req = pb.SetHyperparamsRequest(
+                model=str(r.choice(["victim-f32", "victim-mixed"])), values=[pb.Hyperparam(name=name, value=value)]
+            )
             return "SetHyperparams", req.SerializeToString()
         raise ValueError(kind)
 
 
 KINDS = [
-    "random_push_bytes", "random_bytes_after_header", "random_pushpull_bytes", "random_create_bytes", "random_unary",
-    "huge_push_shape", "huge_create_shape", "absurd_empty_shape", "bad_offsets", "overlapping_offsets",
-    "length_mismatch", "bad_dtype", "create_bad_dtype", "nonfinite", "nonfinite_bf16", "odd_leaf_name_push",
-    "odd_leaf_name_create", "invalid_utf8", "odd_model_name", "bad_spec", "missing_or_extra_leaf", "duplicate_leaf",
-    "header_twice", "empty_stream", "bad_steps", "unknown_model", "bad_pull", "bad_hyperparams",
-    "random_twin_bytes", "twin_malformed_push", "twin_bad_pull", "upload_corrupt_manifest", "upload_damaged_file",
-]  # fmt: skip
+    "random_push_bytes",
+    "random_bytes_after_header",
+    "random_pushpull_bytes",
+    "random_create_bytes",
+    "random_unary",
+    "huge_push_shape",
+    "huge_create_shape",
+    "absurd_empty_shape",
+    "bad_offsets",
+    "overlapping_offsets",
+    "length_mismatch",
+    "bad_dtype",
+    "create_bad_dtype",
+    "nonfinite",
+    "nonfinite_bf16",
+    "odd_leaf_name_push",
+    "odd_leaf_name_create",
+    "invalid_utf8",
+    "odd_model_name",
+    "bad_spec",
+    "missing_or_extra_leaf",
+    "duplicate_leaf",
+    "header_twice",
+    "empty_stream",
+    "bad_steps",
+    "unknown_model",
+    "bad_pull",
+    "bad_hyperparams",
+    "random_twin_bytes",
+    "twin_malformed_push",
+    "twin_bad_pull",
+    "upload_corrupt_manifest",
+    "upload_damaged_file",
+]
 EXPECTED = {
-    "nonfinite": "INVALID_ARGUMENT", "nonfinite_bf16": "INVALID_ARGUMENT", "bad_offsets": "INVALID_ARGUMENT",
-    "overlapping_offsets": "INVALID_ARGUMENT", "bad_dtype": "INVALID_ARGUMENT", "create_bad_dtype": "INVALID_ARGUMENT",
-    "odd_leaf_name_push": "INVALID_ARGUMENT", "odd_leaf_name_create": "INVALID_ARGUMENT",
-    "invalid_utf8": "INVALID_ARGUMENT", "odd_model_name": "INVALID_ARGUMENT", "bad_spec": "INVALID_ARGUMENT",
-    "missing_or_extra_leaf": "INVALID_ARGUMENT", "duplicate_leaf": "INVALID_ARGUMENT", "header_twice": "INVALID_ARGUMENT",
-    "empty_stream": "INVALID_ARGUMENT", "length_mismatch": "INVALID_ARGUMENT", "huge_push_shape": "INVALID_ARGUMENT",
-    "huge_create_shape": "RESOURCE_EXHAUSTED", "unknown_model": "NOT_FOUND", "bad_steps": "INVALID_ARGUMENT",
-    "absurd_empty_shape": "INVALID_ARGUMENT", "twin_malformed_push": "INVALID_ARGUMENT",
-    "upload_corrupt_manifest": "INVALID_ARGUMENT", "upload_damaged_file": "INVALID_ARGUMENT",
-}  # fmt: skip
+    "nonfinite": "INVALID_ARGUMENT",
+    "nonfinite_bf16": "INVALID_ARGUMENT",
+    "bad_offsets": "INVALID_ARGUMENT",
+    "overlapping_offsets": "INVALID_ARGUMENT",
+    "bad_dtype": "INVALID_ARGUMENT",
+    "create_bad_dtype": "INVALID_ARGUMENT",
+    "odd_leaf_name_push": "INVALID_ARGUMENT",
+    "odd_leaf_name_create": "INVALID_ARGUMENT",
+    "invalid_utf8": "INVALID_ARGUMENT",
+    "odd_model_name": "INVALID_ARGUMENT",
+    "bad_spec": "INVALID_ARGUMENT",
+    "missing_or_extra_leaf": "INVALID_ARGUMENT",
+    "duplicate_leaf": "INVALID_ARGUMENT",
+    "header_twice": "INVALID_ARGUMENT",
+    "empty_stream": "INVALID_ARGUMENT",
+    "length_mismatch": "INVALID_ARGUMENT",
+    "huge_push_shape": "INVALID_ARGUMENT",
+    "huge_create_shape": "RESOURCE_EXHAUSTED",
+    "unknown_model": "NOT_FOUND",
+    "bad_steps": "INVALID_ARGUMENT",
+    "absurd_empty_shape": "INVALID_ARGUMENT",
+    "twin_malformed_push": "INVALID_ARGUMENT",
+    "upload_corrupt_manifest": "INVALID_ARGUMENT",
+    "upload_damaged_file": "INVALID_ARGUMENT",
+}
 STREAMING = {"Push", "PushPull", "CreateModel", "Upload"}
 RESPONSE_STREAMING = {"Pull", "PushPull"}
 
@@ -379,11 +516,16 @@ RESPONSE_STREAMING = {"Pull", "PushPull"}
 def call(channel: grpc.Channel, rpc: str, request, timeout: float = 30.0) -> grpc.StatusCode:
     """Sends raw bytes to an optserve RPC; returns the final status code."""
     method = f"/optserve.v1.Optserve/{rpc}"
-    ident = lambda x: x  # noqa: E731
+
+    def ident(raw: bytes) -> bytes:
+        return raw
+
     factory = {
-        (True, True): channel.stream_stream, (True, False): channel.stream_unary,
-        (False, True): channel.unary_stream, (False, False): channel.unary_unary,
-    }[(rpc in STREAMING, rpc in RESPONSE_STREAMING)]  # fmt: skip
+        (True, True): channel.stream_stream,
+        (True, False): channel.stream_unary,
+        (False, True): channel.unary_stream,
+        (False, False): channel.unary_unary,
+    }[(rpc in STREAMING, rpc in RESPONSE_STREAMING)]
     fn = factory(method, request_serializer=ident, response_deserializer=ident)
     try:
         arg = iter(request) if rpc in STREAMING else request
@@ -411,8 +553,9 @@ def abandon(channel: grpc.Channel, rpc: str, first: bytes) -> grpc.StatusCode:
         yield first
         gate.wait(30)  # never set: the stream stays open until cancelled
 
-    fn = channel.stream_unary(f"/optserve.v1.Optserve/{rpc}", request_serializer=lambda x: x,
-                              response_deserializer=lambda x: x)  # fmt: skip
+    fn = channel.stream_unary(
+        f"/optserve.v1.Optserve/{rpc}", request_serializer=lambda x: x, response_deserializer=lambda x: x
+    )
     future = fn.future(requests(), timeout=30)
     try:
         future.result(timeout=0.3)
@@ -429,7 +572,8 @@ import sys, time, grpc
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.framing import frame
 ch = grpc.insecure_channel(sys.argv[1])
-fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x, response_deserializer=lambda x: x)
+fn = ch.stream_unary("/optserve.v1.Optserve/CreateModel", request_serializer=lambda x: x,
+                     response_deserializer=lambda x: x)
 h = pb.CreateModelHeader(name="abandoned-by-a-dead-client", optimizer_json='{"sgd": {"learning_rate": 0.1}}',
                          schema=[pb.LeafSpec(path="w", dtype="float32", shape=[1 << 20])])
 first = frame(pb.CreateModelRequest(header=h, slices=[pb.TensorSlice(path="w", dtype="float32", shape=[1 << 20],
@@ -444,7 +588,9 @@ time.sleep(600)
 """
 
 
-def until_status(channel: grpc.Channel, header: pb.CreateModelHeader, want: grpc.StatusCode, timeout: float = 60) -> bool:
+def until_status(
+    channel: grpc.Channel, header: pb.CreateModelHeader, want: grpc.StatusCode, timeout: float = 60
+) -> bool:
     """Repeats a header-only CreateModel until it gets `want` (bounded); True if it did."""
     deadline = time.monotonic() + timeout
     while call(channel, "CreateModel", [msg(pb.CreateModelRequest(header=header))]) != want:
@@ -482,14 +628,22 @@ def test_hostile_requests_get_errors_and_change_nothing(live):
         assert call(ch, "CreateModel", [million_leaves()], timeout=60) == grpc.StatusCode.INVALID_ARGUMENT
         # Abandoned streams: a create (name reserved) and a push, mid-stream; the client cancels.
         big = [pb.LeafSpec(path="w", dtype="float32", shape=[1 << 16])]
-        first_create = msg(pb.CreateModelRequest(header=create_header("abandoned", big),
-                                                 slices=[sl("w", "float32", [1 << 16], 0, 1024)]), b"\0" * 1024)  # fmt: skip
-        first_push = msg(pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 0, 64)]), b"\0" * 64)
+        first_create = msg(
+            pb.CreateModelRequest(
+                header=create_header("abandoned", big), slices=[sl("w", "float32", [1 << 16], 0, 1024)]
+            ),
+            b"\0" * 1024,
+        )
+        first_push = msg(
+            pb.PushRequest(header=push_header(), slices=[sl("layer/w", "float32", [8, 4], 0, 64)]), b"\0" * 64
+        )
         for _ in range(5):
             assert abandon(ch, "CreateModel", first_create) == grpc.StatusCode.CANCELLED
             assert abandon(ch, "Push", first_push) == grpc.StatusCode.CANCELLED
         # A client process killed mid-create.
-        child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, client.target], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILLED_CLIENT, client.target], stdout=subprocess.PIPE, text=True
+        )
         doomed = create_header("abandoned-by-a-dead-client", big, '"no-such-rule"')
         try:
             assert select.select([child.stdout], [], [], 120)[0], "the doomed client did not start"
@@ -525,9 +679,15 @@ def test_hostile_requests_get_errors_and_change_nothing(live):
     assert sorted(m["name"] for m in client.list_models()) == sorted(VICTIMS)
     m = client.model("victim-f32")
     # The leaves the hostile pushes were built on are the model's own: the same push, valid, applies.
-    assert call(client._channel, "Push", list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 64))) \
-        == grpc.StatusCode.OK  # fmt: skip
+    assert (
+        call(
+            client._channel, "Push", list(chunk_messages(pb.PushRequest(header=push_header()), valid_push_leaves(), 64))
+        )
+        == grpc.StatusCode.OK
+    )
     assert m.step == before["victim-f32"][0] + 1
-    print(f"\n{total} hostile requests; RSS {rss_warm >> 20} -> {rss_after >> 20} MiB; statuses:",
-          dict(Counter(code for (_, code), n in statuses.items() for _ in range(n))))  # fmt: skip
+    print(
+        f"\n{total} hostile requests; RSS {rss_warm >> 20} -> {rss_after >> 20} MiB; statuses:",
+        dict(Counter(code for (_, code), n in statuses.items() for _ in range(n))),
+    )
     assert os.path.exists(f"/proc/{proc.pid}")

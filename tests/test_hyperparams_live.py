@@ -1,5 +1,6 @@
 """set_hyperparams through a live server changes the trajectory exactly as in-process
 optax.inject_hyperparams would, without recompiling or resetting optimizer state."""
+
 from __future__ import annotations
 
 import jax
@@ -24,7 +25,9 @@ def test_set_hyperparams_matches_inject_hyperparams(client, model_name):
     state = tx.init(params)
     for i, g in enumerate(grads):
         if i == 6:  # change both, mid-training
-            assert model.set_hyperparams(learning_rate=0.002, b1=0.95) == pytest.approx({"learning_rate": 0.002, "b1": 0.95})
+            assert model.set_hyperparams(learning_rate=0.002, b1=0.95) == pytest.approx(
+                {"learning_rate": 0.002, "b1": 0.95}
+            )
             state.hyperparams["learning_rate"] = jnp.asarray(0.002, jnp.float32)
             state.hyperparams["b1"] = jnp.asarray(0.95, jnp.float32)
         model.push(g)
@@ -37,8 +40,11 @@ def test_set_hyperparams_matches_inject_hyperparams(client, model_name):
 
 
 def test_unknown_or_untunable_hyperparameter_is_refused(client, model_name):
-    model = client.create_model(model_name, {"w": np.zeros(2, np.float32)},
-                                optimizer={"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}})  # fmt: skip
+    model = client.create_model(
+        model_name,
+        {"w": np.zeros(2, np.float32)},
+        optimizer={"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}},
+    )
     with pytest.raises(InvalidArgumentError) as e:
         model.set_hyperparams(eps=1e-3)  # exists, but not declared tunable
     assert "eps" in e.value.message and model_name in e.value.message

@@ -1,6 +1,7 @@
 """Limits: --max-models, --max-model-bytes, --max-total-bytes -> RESOURCE_EXHAUSTED before any bytes
 are taken, the server keeps serving the other models; the explicit message cap; client deadlines
 (a waiting pull ends with DEADLINE_EXCEEDED and a cancelled wait frees its server thread)."""
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,11 @@ from optserve.client import (
     ResourceExhaustedError,
     optim,
 )
-from optserve.wire.dtypes import LeafSpec
-from optserve.wire.channel import MAX_MESSAGE_BYTES
 from optserve.server import Server
 from optserve.server.core.admission import compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.channel import MAX_MESSAGE_BYTES
+from optserve.wire.dtypes import LeafSpec
 
 SMALL = {"w": np.zeros(64, np.float32)}  # 256 bytes of parameters; adam keeps ~2x more
 G = {"w": np.ones(64, np.float32)}
@@ -45,8 +46,11 @@ def lc(limited):
 
 def _header_only_create(name: str, shape: tuple[int, ...], dtype: str = "float32") -> bytes:
     """A CreateModel whose header declares a leaf but sends none of its bytes."""
-    header = pb.CreateModelHeader(name=name, optimizer_json='{"sgd": {"learning_rate": 0.1}}',
-                                  schema=[pb.LeafSpec(path="w", dtype=dtype, shape=shape)])  # fmt: skip
+    header = pb.CreateModelHeader(
+        name=name,
+        optimizer_json='{"sgd": {"learning_rate": 0.1}}',
+        schema=[pb.LeafSpec(path="w", dtype=dtype, shape=shape)],
+    )
     return pb.CreateModelRequest(header=header).SerializeToString()
 
 

@@ -1,5 +1,6 @@
 """Prometheus metrics move with pushes, pulls, rejections, waits and checkpoints; each server has its
 own registry; logs: one structured line per rejected request and none per push."""
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ def test_counters_move_after_pushes_and_pulls(msrv):
     assert delta("optserve_apply_seconds_count", model="metered") == 3
     assert delta("optserve_push_staleness_steps_count", model="metered") == 2  # the two with a base_step
     assert delta("optserve_push_staleness_steps_sum", model="metered") == 1
-    assert delta("optserve_requests_rejected_total", rpc="PushOne", code="invalid_argument") == 1  # small: the unary twin
+    assert (
+        delta("optserve_requests_rejected_total", rpc="PushOne", code="invalid_argument") == 1
+    )  # small: the unary twin
     assert delta("optserve_requests_rejected_total", rpc="GetModel", code="not_found") == 1
     assert value(after, "optserve_model_step", model="metered") == 3
     assert value(after, "optserve_model_bytes", model="metered", kind="params") == 32
@@ -97,9 +100,11 @@ def test_sync_wait_and_checkpoint_series(msrv):
         assert not t.is_alive() and a.base_step == 1
         assert m.save() == 1
         after = scrape(msrv)
-    assert value(after, "optserve_sync_wait_seconds_count", model="waiter") - value(
-        before, "optserve_sync_wait_seconds_count", model="waiter"
-    ) == 1
+    assert (
+        value(after, "optserve_sync_wait_seconds_count", model="waiter")
+        - value(before, "optserve_sync_wait_seconds_count", model="waiter")
+        == 1
+    )
     assert value(after, "optserve_checkpoint_seconds_count", model="waiter") == 1
     assert value(after, "optserve_checkpoint_bytes_sum", model="waiter") > 32
 
@@ -108,9 +113,12 @@ def test_each_server_has_its_own_registry(msrv):
     with Server(port=0) as other:  # no metrics port: the registry still exists and counts
         with other.client(timeout=30) as c:
             c.create_model("elsewhere", W, optim.sgd(0.1)).push(G)
-        assert other.metrics.registry.get_sample_value(
-            "optserve_pushes_total", {"model": "elsewhere", "outcome": "applied"}
-        ) == 1
+        assert (
+            other.metrics.registry.get_sample_value(
+                "optserve_pushes_total", {"model": "elsewhere", "outcome": "applied"}
+            )
+            == 1
+        )
         assert other.metrics.port is None
     assert value(scrape(msrv), "optserve_pushes_total", model="elsewhere", outcome="applied") == 0
 

@@ -1,5 +1,6 @@
 """The Node.js example (examples/node), which knows only the .proto, works against a live server,
 run with the two commands its README gives."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def node_modules():
 
 def test_node_client_creates_pushes_and_pulls(server, client, node_modules):
     _, node = readme_commands()
-    result = subprocess.run([*node[:2], server.address, "from-node"], cwd=node_modules, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*node[:2], server.address, "from-node"], cwd=node_modules, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["ok"] and out["push_step"] == 1

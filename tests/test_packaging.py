@@ -1,4 +1,5 @@
 """The contract's generated modules are in sync with the .proto, and the client stays light."""
+
 from __future__ import annotations
 
 import filecmp
@@ -19,7 +20,7 @@ def test_generated_modules_match_the_proto(tmp_path):
     committed = os.path.join(ROOT, "client", "optserve", "v1")
     names = sorted(p.name for p in generated.iterdir() if p.is_file())
     assert names == ["optserve_pb2.py", "optserve_pb2.pyi", "optserve_pb2_grpc.py"]
-    match, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
     assert not mismatch and not errors, f"stale generated modules {mismatch + errors}: run `make proto`"
 
 
@@ -56,8 +57,10 @@ def test_client_works_where_jax_cannot_be_imported(server, client):
 
 def test_client_package_imports_neither_jax_nor_the_server():
     """`import optserve.client` loads the client, the wire and the generated modules only."""
-    code = ("import sys, optserve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('jax', 'jaxlib', 'optax', 'torch') or m.startswith('optserve.server')))")  # fmt: skip
+    code = (
+        "import sys, optserve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('jax', 'jaxlib', 'optax', 'torch') or m.startswith('optserve.server')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

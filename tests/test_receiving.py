@@ -1,6 +1,7 @@
 """The server's policy on received gradients (`core.receiving`), without a server: NaN and Inf
 refused in every float dtype and every check block, leaves handed on only once checked, earlier
 pushes' buffers reused, and complete leaves put on the device."""
+
 from __future__ import annotations
 
 import jax
@@ -36,7 +37,7 @@ def test_nonfinite_gradients_are_found_in_every_float_dtype(dtype, bad, chunk):
     leaves = [("g", g), ("ok", np.ones(2, np.float32))]
     handed_on: list[str] = []
     asm = GradientAssembler(_schema(leaves), what="model 'm'", on_complete=lambda path, a: handed_on.append(path))
-    with pytest.raises(WireError, match="^model 'm': leaf 'g': gradient has NaN or Inf$"):
+    with pytest.raises(WireError, match=r"^model 'm': leaf 'g': gradient has NaN or Inf$"):
         _feed(asm, leaves, chunk)
     assert "g" not in handed_on  # never used before it is checked
     # the wire assembler itself has no such policy: the bytes pass through

@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.reference import ParamsEMA, SpecError, known_rules, reference_for
+from tests.reference.cases import CASES, EMA_CASES, NOISE_CASES
+from tests.reference.data import make_grads, make_params, max_rel_error
+from tests.reference.optax_rules import ScaleByRAdam
 
-from tests.reference import ParamsEMA, SpecError, known_rules, reference_for  # noqa: E402
-from tests.reference.cases import (CASES, EMA_CASES, NOISE_CASES)  # noqa: E402
-from tests.reference.data import make_grads, make_params, max_rel_error  # noqa: E402
-from tests.reference.optax_rules import ScaleByRAdam  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the subprocess runs `python -m tests.reference...` here
 
 N_STEPS = 100
 PARAMS_SEED, GRADS_SEED = 0, 1
@@ -38,153 +36,397 @@ pytestmark = pytest.mark.timeout(1200)
 
 EQUIVALENTS = [
     ("flux_descent", "flux:Descent", {"sgd": {"learning_rate": 0.1}}, 1e-12),
-    ("flux_momentum", {"flux:Momentum": {"learning_rate": 0.02, "momentum": 0.8}},
-     {"sgd": {"learning_rate": 0.02, "momentum": 0.8}}, 1e-12),
-    ("flux_momentum_schedule_lr_before_trace",
-     {"flux:Momentum": {"learning_rate": {"exponential_decay": {
-         "init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}}},
-     {"chain": [{"scale_by_learning_rate": {"learning_rate": {"exponential_decay": {
-         "init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}}},
-                {"trace": {"decay": 0.9}}]}, 1e-6),
-    ("flux_nesterov", {"flux:Nesterov": {"learning_rate": 0.01}},
-     {"chain": [{"scale_by_learning_rate": {"learning_rate": 0.01}},
-                {"trace": {"decay": 0.9, "nesterov": True}}]}, 1e-12),
-    ("flux_nesterov_sgd", {"flux:Nesterov": {"learning_rate": 0.01}},
-     {"sgd": {"learning_rate": 0.01, "momentum": 0.9, "nesterov": True}}, 1e-12),
-    ("flux_rmsprop", {"flux:RMSProp": {"learning_rate": 0.01, "decay": 0.95}},
-     {"rmsprop": {"learning_rate": 0.01, "decay": 0.95, "eps": 1e-8, "eps_in_sqrt": False}},
-     1e-12),
-    ("flux_adam", {"flux:ADAM": {"learning_rate": 0.01, "b1": 0.8}},
-     {"adam": {"learning_rate": 0.01, "b1": 0.8}}, 1e-12),
-    ("flux_radam", {"flux:RADAM": {"learning_rate": 0.01}},
-     {"radam": {"learning_rate": 0.01, "threshold": 4.0}}, 1e-10),
-    ("flux_adamax_approx", {"flux:AdaMax": {"learning_rate": 0.01}},
-     {"adamax": {"learning_rate": 0.01}}, 1e-7),  # §1 F7: 6e-10 apart, not exact
-    ("flux_adagrad_approx", "flux:ADAGrad",
-     {"adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 1e-8, "eps": 0.0}}, 1e-5),
-    ("flux_adadelta", {"flux:ADADelta": {"rho": 0.8}},
-     {"adadelta": {"learning_rate": 1.0, "rho": 0.8, "eps": 1e-8}}, 1e-12),
-    ("flux_nadam", {"flux:NADAM": {"learning_rate": 0.01, "b2": 0.9}},
-     {"nadam": {"learning_rate": 0.01 / math.sqrt(0.9), "b2": 0.9, "eps": 1e-8 / math.sqrt(0.9)}},
-     1e-12),
-    ("flux_adamw", {"flux:ADAMW": {"learning_rate": 0.01, "weight_decay": 0.01}},
-     {"chain": [{"scale_by_adam": {"eps": 1e-8}}, {"scale_by_learning_rate": {"learning_rate": 0.01}},
-                {"add_decayed_weights": {"weight_decay": -0.01}}]}, 1e-12),
-    ("flux_expdecay",
-     {"flux:ExpDecay": {"learning_rate": 0.1, "decay_rate": 0.5, "transition_steps": 10,
-                        "end_value": 0.01}},
-     {"chain": [{"scale_by_schedule": {"schedule": {"exponential_decay": {
-         "init_value": 0.1, "transition_steps": 10, "decay_rate": 0.5, "staircase": True,
-         "end_value": 0.01, "count_offset": 1}}}}, {"scale": {"step_size": -1.0}}]}, 1e-6),
-    ("flux_invdecay", {"flux:InvDecay": {"gamma": 0.05}},
-     {"chain": [{"scale_by_schedule": {"schedule": {"inverse_time_decay": {
-         "init_value": 1.0, "decay_rate": 0.05, "count_offset": 1}}}},
-                {"scale": {"step_size": -1.0}}]}, 1e-6),
-    ("flux_weightdecay", {"flux:WeightDecay": {"weight_decay": 0.01}},
-     {"chain": [{"add_decayed_weights": {"weight_decay": 0.01}}, {"scale": {"step_size": -1.0}}]},
-     1e-12),
-    ("flux_clipvalue", {"flux:ClipValue": {"max_delta": 0.05}},
-     {"chain": [{"clip": {"max_delta": 0.05}}, {"scale": {"step_size": -1.0}}]}, 1e-12),
-    ("flux_clipnorm", {"flux:ClipNorm": {"max_norm": 0.1}},
-     {"chain": [{"clip_by_leaf_norm": {"max_norm": 0.1}}, {"scale": {"step_size": -1.0}}]}, 1e-12),
-    ("flux_optimiser_expdecay_momentum", {"flux:Optimiser": [
-        {"flux:ExpDecay": {"learning_rate": 1.0, "decay_rate": 0.5, "transition_steps": 10,
-                           "end_value": 0.1}},
-        {"flux:Momentum": {"learning_rate": 0.02}}]},
-     {"chain": [{"scale_by_schedule": {"schedule": {"exponential_decay": {
-         "init_value": 1.0, "transition_steps": 10, "decay_rate": 0.5, "staircase": True,
-         "end_value": 0.1, "count_offset": 1}}}},
-                {"scale": {"step_size": 0.02}}, {"trace": {"decay": 0.9}},
-                {"scale": {"step_size": -1.0}}]}, 1e-6),
-    ("axon_adam", {"axon:adam": {"learning_rate": 0.01}},
-     {"adam": {"learning_rate": 0.01, "eps_root": 1e-15}}, 1e-12),
-    ("axon_adabelief", {"axon:adabelief": {"learning_rate": 0.01}},
-     {"adabelief": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}}, 1e-12),
-    ("axon_adabelief_compat", {"axon:adabelief": {"learning_rate": 0.01, "compat": True}},
-     {"adam": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}}, 1e-12),
-    ("axon_adagrad", {"axon:adagrad": {"learning_rate": 0.05}},
-     {"adagrad": {"learning_rate": 0.05, "initial_accumulator_value": 0.1, "eps": 1e-7}}, 1e-12),
-    ("axon_adamw", {"axon:adamw": {"learning_rate": 0.01, "weight_decay": 0.1}},
-     {"adamw": {"learning_rate": 0.01, "eps_root": 1e-15, "weight_decay": 0.1}}, 1e-12),
-    ("axon_lamb", "axon:lamb",
-     {"lamb": {"learning_rate": 1e-2, "eps": 1e-8, "eps_root": 1e-15}}, 1e-12),
-    ("axon_lamb_min_norm", {"axon:lamb": {"weight_decay": 0.01, "min_norm": 0.5}},
-     {"chain": [{"scale_by_adam": {"eps": 1e-8, "eps_root": 1e-15}},
+    (
+        "flux_momentum",
+        {"flux:Momentum": {"learning_rate": 0.02, "momentum": 0.8}},
+        {"sgd": {"learning_rate": 0.02, "momentum": 0.8}},
+        1e-12,
+    ),
+    (
+        "flux_momentum_schedule_lr_before_trace",
+        {
+            "flux:Momentum": {
+                "learning_rate": {"exponential_decay": {"init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}
+            }
+        },
+        {
+            "chain": [
+                {
+                    "scale_by_learning_rate": {
+                        "learning_rate": {
+                            "exponential_decay": {"init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}
+                        }
+                    }
+                },
+                {"trace": {"decay": 0.9}},
+            ]
+        },
+        1e-6,
+    ),
+    (
+        "flux_nesterov",
+        {"flux:Nesterov": {"learning_rate": 0.01}},
+        {"chain": [{"scale_by_learning_rate": {"learning_rate": 0.01}}, {"trace": {"decay": 0.9, "nesterov": True}}]},
+        1e-12,
+    ),
+    (
+        "flux_nesterov_sgd",
+        {"flux:Nesterov": {"learning_rate": 0.01}},
+        {"sgd": {"learning_rate": 0.01, "momentum": 0.9, "nesterov": True}},
+        1e-12,
+    ),
+    (
+        "flux_rmsprop",
+        {"flux:RMSProp": {"learning_rate": 0.01, "decay": 0.95}},
+        {"rmsprop": {"learning_rate": 0.01, "decay": 0.95, "eps": 1e-8, "eps_in_sqrt": False}},
+        1e-12,
+    ),
+    (
+        "flux_adam",
+        {"flux:ADAM": {"learning_rate": 0.01, "b1": 0.8}},
+        {"adam": {"learning_rate": 0.01, "b1": 0.8}},
+        1e-12,
+    ),
+    (
+        "flux_radam",
+        {"flux:RADAM": {"learning_rate": 0.01}},
+        {"radam": {"learning_rate": 0.01, "threshold": 4.0}},
+        1e-10,
+    ),
+    (
+        "flux_adamax_approx",
+        {"flux:AdaMax": {"learning_rate": 0.01}},
+        {"adamax": {"learning_rate": 0.01}},
+        1e-7,
+    ),  # §1 F7: 6e-10 apart, not exact
+    (
+        "flux_adagrad_approx",
+        "flux:ADAGrad",
+        {"adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 1e-8, "eps": 0.0}},
+        1e-5,
+    ),
+    (
+        "flux_adadelta",
+        {"flux:ADADelta": {"rho": 0.8}},
+        {"adadelta": {"learning_rate": 1.0, "rho": 0.8, "eps": 1e-8}},
+        1e-12,
+    ),
+    (
+        "flux_nadam",
+        {"flux:NADAM": {"learning_rate": 0.01, "b2": 0.9}},
+        {"nadam": {"learning_rate": 0.01 / math.sqrt(0.9), "b2": 0.9, "eps": 1e-8 / math.sqrt(0.9)}},
+        1e-12,
+    ),
+    (
+        "flux_adamw",
+        {"flux:ADAMW": {"learning_rate": 0.01, "weight_decay": 0.01}},
+        {
+            "chain": [
+                {"scale_by_adam": {"eps": 1e-8}},
+                {"scale_by_learning_rate": {"learning_rate": 0.01}},
+                {"add_decayed_weights": {"weight_decay": -0.01}},
+            ]
+        },
+        1e-12,
+    ),
+    (
+        "flux_expdecay",
+        {"flux:ExpDecay": {"learning_rate": 0.1, "decay_rate": 0.5, "transition_steps": 10, "end_value": 0.01}},
+        {
+            "chain": [
+                {
+                    "scale_by_schedule": {
+                        "schedule": {
+                            "exponential_decay": {
+                                "init_value": 0.1,
+                                "transition_steps": 10,
+                                "decay_rate": 0.5,
+                                "staircase": True,
+                                "end_value": 0.01,
+                                "count_offset": 1,
+                            }
+                        }
+                    }
+                },
+                {"scale": {"step_size": -1.0}},
+            ]
+        },
+        1e-6,
+    ),
+    (
+        "flux_invdecay",
+        {"flux:InvDecay": {"gamma": 0.05}},
+        {
+            "chain": [
+                {
+                    "scale_by_schedule": {
+                        "schedule": {"inverse_time_decay": {"init_value": 1.0, "decay_rate": 0.05, "count_offset": 1}}
+                    }
+                },
+                {"scale": {"step_size": -1.0}},
+            ]
+        },
+        1e-6,
+    ),
+    (
+        "flux_weightdecay",
+        {"flux:WeightDecay": {"weight_decay": 0.01}},
+        {"chain": [{"add_decayed_weights": {"weight_decay": 0.01}}, {"scale": {"step_size": -1.0}}]},
+        1e-12,
+    ),
+    (
+        "flux_clipvalue",
+        {"flux:ClipValue": {"max_delta": 0.05}},
+        {"chain": [{"clip": {"max_delta": 0.05}}, {"scale": {"step_size": -1.0}}]},
+        1e-12,
+    ),
+    (
+        "flux_clipnorm",
+        {"flux:ClipNorm": {"max_norm": 0.1}},
+        {"chain": [{"clip_by_leaf_norm": {"max_norm": 0.1}}, {"scale": {"step_size": -1.0}}]},
+        1e-12,
+    ),
+    (
+        "flux_optimiser_expdecay_momentum",
+        {
+            "flux:Optimiser": [
+                {"flux:ExpDecay": {"learning_rate": 1.0, "decay_rate": 0.5, "transition_steps": 10, "end_value": 0.1}},
+                {"flux:Momentum": {"learning_rate": 0.02}},
+            ]
+        },
+        {
+            "chain": [
+                {
+                    "scale_by_schedule": {
+                        "schedule": {
+                            "exponential_decay": {
+                                "init_value": 1.0,
+                                "transition_steps": 10,
+                                "decay_rate": 0.5,
+                                "staircase": True,
+                                "end_value": 0.1,
+                                "count_offset": 1,
+                            }
+                        }
+                    }
+                },
+                {"scale": {"step_size": 0.02}},
+                {"trace": {"decay": 0.9}},
+                {"scale": {"step_size": -1.0}},
+            ]
+        },
+        1e-6,
+    ),
+    ("axon_adam", {"axon:adam": {"learning_rate": 0.01}}, {"adam": {"learning_rate": 0.01, "eps_root": 1e-15}}, 1e-12),
+    (
+        "axon_adabelief",
+        {"axon:adabelief": {"learning_rate": 0.01}},
+        {"adabelief": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}},
+        1e-12,
+    ),
+    (
+        "axon_adabelief_compat",
+        {"axon:adabelief": {"learning_rate": 0.01, "compat": True}},
+        {"adam": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}},
+        1e-12,
+    ),
+    (
+        "axon_adagrad",
+        {"axon:adagrad": {"learning_rate": 0.05}},
+        {"adagrad": {"learning_rate": 0.05, "initial_accumulator_value": 0.1, "eps": 1e-7}},
+        1e-12,
+    ),
+    (
+        "axon_adamw",
+        {"axon:adamw": {"learning_rate": 0.01, "weight_decay": 0.1}},
+        {"adamw": {"learning_rate": 0.01, "eps_root": 1e-15, "weight_decay": 0.1}},
+        1e-12,
+    ),
+    ("axon_lamb", "axon:lamb", {"lamb": {"learning_rate": 1e-2, "eps": 1e-8, "eps_root": 1e-15}}, 1e-12),
+    (
+        "axon_lamb_min_norm",
+        {"axon:lamb": {"weight_decay": 0.01, "min_norm": 0.5}},
+        {
+            "chain": [
+                {"scale_by_adam": {"eps": 1e-8, "eps_root": 1e-15}},
                 {"add_decayed_weights": {"weight_decay": 0.01}},
                 {"scale_by_trust_ratio": {"min_norm": 0.5}},
-                {"scale_by_learning_rate": {"learning_rate": 1e-2}}]}, 1e-12),
-    ("axon_radam", {"axon:radam": {"learning_rate": 0.01}}, {"radam": {"learning_rate": 0.01}},
-     1e-12),
+                {"scale_by_learning_rate": {"learning_rate": 1e-2}},
+            ]
+        },
+        1e-12,
+    ),
+    ("axon_radam", {"axon:radam": {"learning_rate": 0.01}}, {"radam": {"learning_rate": 0.01}}, 1e-12),
     # Axon's buggy ρ∞ keeps RAdam in the un-rectified branch: bias-corrected momentum only
-    ("axon_radam_compat", {"axon:radam": {"learning_rate": 0.01, "compat": True}},
-     {"chain": [{"ema": {"decay": 0.9, "debias": True}},
-                {"scale_by_learning_rate": {"learning_rate": 0.01}}]}, 1e-12),
+    (
+        "axon_radam_compat",
+        {"axon:radam": {"learning_rate": 0.01, "compat": True}},
+        {"chain": [{"ema": {"decay": 0.9, "debias": True}}, {"scale_by_learning_rate": {"learning_rate": 0.01}}]},
+        1e-12,
+    ),
     ("axon_rmsprop", "axon:rmsprop", {"rmsprop": {"learning_rate": 1e-2}}, 1e-12),
-    ("axon_sgd", {"axon:sgd": {"learning_rate": 0.02, "momentum": 0.9, "nesterov": True}},
-     {"sgd": {"learning_rate": 0.02, "momentum": 0.9, "nesterov": True}}, 1e-12),
+    (
+        "axon_sgd",
+        {"axon:sgd": {"learning_rate": 0.02, "momentum": 0.9, "nesterov": True}},
+        {"sgd": {"learning_rate": 0.02, "momentum": 0.9, "nesterov": True}},
+        1e-12,
+    ),
     ("axon_yogi", "axon:yogi", {"yogi": {"learning_rate": 1e-2}}, 1e-12),
-    ("polaris_yogi", {"polaris:yogi": {"learning_rate": 0.05, "initial_accumulator_value": 0.0,
-                                       "eps_root": 1e-8}},
-     {"chain": [{"scale_by_yogi": {"initial_accumulator_value": 0.0, "eps_root": 1e-8}},
-                {"scale_by_learning_rate": {"learning_rate": 0.05}}]}, 1e-12),
+    (
+        "polaris_yogi",
+        {"polaris:yogi": {"learning_rate": 0.05, "initial_accumulator_value": 0.0, "eps_root": 1e-8}},
+        {
+            "chain": [
+                {"scale_by_yogi": {"initial_accumulator_value": 0.0, "eps_root": 1e-8}},
+                {"scale_by_learning_rate": {"learning_rate": 0.05}},
+            ]
+        },
+        1e-12,
+    ),
     ("objax_sgd", {"objax:SGD": {"learning_rate": 0.05}}, {"sgd": {"learning_rate": 0.05}}, 1e-12),
-    ("objax_momentum_nesterov", {"objax:Momentum": {"learning_rate": 0.01, "momentum": 0.8,
-                                                    "nesterov": True}},
-     {"sgd": {"learning_rate": 0.01, "momentum": 0.8, "nesterov": True}}, 1e-12),
-    ("objax_adam_eps0", {"objax:Adam": {"learning_rate": 0.01, "eps": 0.0}},
-     {"adam": {"learning_rate": 0.01, "eps": 0.0}}, 1e-12),
-    ("objax_lars_no_wd_eps", {"objax:LARS": {"learning_rate": 1.0, "weight_decay": 0.0,
-                                             "eps": 0.0, "trust_coefficient": 0.02}},
-     {"lars": {"learning_rate": 1.0, "trust_coefficient": 0.02}}, 1e-12),
+    (
+        "objax_momentum_nesterov",
+        {"objax:Momentum": {"learning_rate": 0.01, "momentum": 0.8, "nesterov": True}},
+        {"sgd": {"learning_rate": 0.01, "momentum": 0.8, "nesterov": True}},
+        1e-12,
+    ),
+    (
+        "objax_adam_eps0",
+        {"objax:Adam": {"learning_rate": 0.01, "eps": 0.0}},
+        {"adam": {"learning_rate": 0.01, "eps": 0.0}},
+        1e-12,
+    ),
+    (
+        "objax_lars_no_wd_eps",
+        {"objax:LARS": {"learning_rate": 1.0, "weight_decay": 0.0, "eps": 0.0, "trust_coefficient": 0.02}},
+        {"lars": {"learning_rate": 1.0, "trust_coefficient": 0.02}},
+        1e-12,
+    ),
 ]
 
 # Gotchas (§4): the preset must be *far* from the naive optax call.  (id, preset, naive, min)
 DIFFERENCES = [
-    ("flux_momentum_schedule_vs_sgd",  # §4.3: 44% in docs/optimizer-catalogue.md
-     {"flux:Momentum": {"learning_rate": {"exponential_decay": {
-         "init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}}},
-     {"sgd": {"learning_rate": {"exponential_decay": {
-         "init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}, "momentum": 0.9}}, 1e-3),
-    ("flux_rmsprop_eps_in_sqrt",  # §4.2
-     {"flux:RMSProp": {"learning_rate": 0.01}}, {"rmsprop": {"learning_rate": 0.01}}, 1e-6),
-    ("flux_radam_threshold_5",  # §4.14
-     {"flux:RADAM": {"learning_rate": 0.01}}, {"radam": {"learning_rate": 0.01}}, 1e-4),
-    ("flux_adagrad_defaults",  # §4.12: 96% early
-     "flux:ADAGrad", {"adagrad": {"learning_rate": 0.1}}, 1e-2),
-    ("flux_amsgrad_bias_corrected",  # §4.12: 85%
-     {"flux:AMSGrad": {"learning_rate": 0.01}}, {"amsgrad": {"learning_rate": 0.01}}, 1e-2),
-    ("flux_amsgrad_zero_init",  # §1 F10: ε-initialised state
-     {"flux:AMSGrad": {"learning_rate": 0.01}},
-     {"amsgrad": {"learning_rate": 0.01, "bias_correction_mu": False,
-                  "bias_correction_nu": False}}, 1e-5),
-    ("flux_nadam_b2",  # §4.15
-     {"flux:NADAM": {"learning_rate": 0.01, "b2": 0.9}},
-     {"nadam": {"learning_rate": 0.01, "b2": 0.9}}, 1e-5),
-    ("flux_adamw_coupled",  # §4.10: 99%
-     {"flux:ADAMW": {"learning_rate": 0.01, "weight_decay": 0.01}},
-     {"adamw": {"learning_rate": 0.01, "weight_decay": 0.01}}, 1e-3),
-    ("flux_expdecay_no_offset",  # §4.11
-     {"flux:ExpDecay": {"learning_rate": 0.1, "decay_rate": 0.5, "transition_steps": 10,
-                        "end_value": 0.01}},
-     {"chain": [{"scale_by_schedule": {"schedule": {"exponential_decay": {
-         "init_value": 0.1, "transition_steps": 10, "decay_rate": 0.5, "staircase": True,
-         "end_value": 0.01}}}}, {"scale": {"step_size": -1.0}}]}, 1e-3),
-    ("axon_adabelief_compat_vs_correct",  # §4.6
-     {"axon:adabelief": {"learning_rate": 0.01, "compat": True}},
-     {"adabelief": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}}, 1e-2),
-    ("axon_radam_compat_vs_correct",  # §4.6
-     {"axon:radam": {"learning_rate": 0.01, "compat": True}}, {"radam": {"learning_rate": 0.01}},
-     1e-3),
-    ("axon_lamb_vs_optax_defaults",  # §1 A5: 3e-5
-     "axon:lamb", {"lamb": {"learning_rate": 1e-2}}, 1e-6),
-    ("axon_yogi_doc_defaults",  # §4.7: 68%
-     "axon:yogi", {"chain": [{"scale_by_yogi": {"eps": 1e-8, "initial_accumulator_value": 0.0}},
-                             {"scale_by_learning_rate": {"learning_rate": 1e-2}}]}, 1e-2),
-    ("objax_adam_eps_placement",  # §4.1: 3.7%
-     {"objax:Adam": {"learning_rate": 0.01}}, {"adam": {"learning_rate": 0.01}}, 1e-3),
-    ("objax_lars_trust_ratio",  # §4.5: 17.5%
-     {"objax:LARS": {"learning_rate": 1.0}},
-     {"lars": {"learning_rate": 1.0, "weight_decay": 1e-4, "eps": 1e-5}}, 1e-4),
+    (
+        "flux_momentum_schedule_vs_sgd",  # §4.3: 44% in docs/optimizer-catalogue.md
+        {
+            "flux:Momentum": {
+                "learning_rate": {"exponential_decay": {"init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}}
+            }
+        },
+        {
+            "sgd": {
+                "learning_rate": {"exponential_decay": {"init_value": 0.02, "transition_steps": 5, "decay_rate": 0.7}},
+                "momentum": 0.9,
+            }
+        },
+        1e-3,
+    ),
+    (
+        "flux_rmsprop_eps_in_sqrt",  # §4.2
+        {"flux:RMSProp": {"learning_rate": 0.01}},
+        {"rmsprop": {"learning_rate": 0.01}},
+        1e-6,
+    ),
+    (
+        "flux_radam_threshold_5",  # §4.14
+        {"flux:RADAM": {"learning_rate": 0.01}},
+        {"radam": {"learning_rate": 0.01}},
+        1e-4,
+    ),
+    (
+        "flux_adagrad_defaults",  # §4.12: 96% early
+        "flux:ADAGrad",
+        {"adagrad": {"learning_rate": 0.1}},
+        1e-2,
+    ),
+    (
+        "flux_amsgrad_bias_corrected",  # §4.12: 85%
+        {"flux:AMSGrad": {"learning_rate": 0.01}},
+        {"amsgrad": {"learning_rate": 0.01}},
+        1e-2,
+    ),
+    (
+        "flux_amsgrad_zero_init",  # §1 F10: ε-initialised state
+        {"flux:AMSGrad": {"learning_rate": 0.01}},
+        {"amsgrad": {"learning_rate": 0.01, "bias_correction_mu": False, "bias_correction_nu": False}},
+        1e-5,
+    ),
+    (
+        "flux_nadam_b2",  # §4.15
+        {"flux:NADAM": {"learning_rate": 0.01, "b2": 0.9}},
+        {"nadam": {"learning_rate": 0.01, "b2": 0.9}},
+        1e-5,
+    ),
+    (
+        "flux_adamw_coupled",  # §4.10: 99%
+        {"flux:ADAMW": {"learning_rate": 0.01, "weight_decay": 0.01}},
+        {"adamw": {"learning_rate": 0.01, "weight_decay": 0.01}},
+        1e-3,
+    ),
+    (
+        "flux_expdecay_no_offset",  # §4.11
+        {"flux:ExpDecay": {"learning_rate": 0.1, "decay_rate": 0.5, "transition_steps": 10, "end_value": 0.01}},
+        {
+            "chain": [
+                {
+                    "scale_by_schedule": {
+                        "schedule": {
+                            "exponential_decay": {
+                                "init_value": 0.1,
+                                "transition_steps": 10,
+                                "decay_rate": 0.5,
+                                "staircase": True,
+                                "end_value": 0.01,
+                            }
+                        }
+                    }
+                },
+                {"scale": {"step_size": -1.0}},
+            ]
+        },
+        1e-3,
+    ),
+    (
+        "axon_adabelief_compat_vs_correct",  # §4.6
+        {"axon:adabelief": {"learning_rate": 0.01, "compat": True}},
+        {"adabelief": {"learning_rate": 0.01, "eps": 0.0, "eps_root": 1e-16}},
+        1e-2,
+    ),
+    (
+        "axon_radam_compat_vs_correct",  # §4.6
+        {"axon:radam": {"learning_rate": 0.01, "compat": True}},
+        {"radam": {"learning_rate": 0.01}},
+        1e-3,
+    ),
+    (
+        "axon_lamb_vs_optax_defaults",  # §1 A5: 3e-5
+        "axon:lamb",
+        {"lamb": {"learning_rate": 1e-2}},
+        1e-6,
+    ),
+    (
+        "axon_yogi_doc_defaults",  # §4.7: 68%
+        "axon:yogi",
+        {
+            "chain": [
+                {"scale_by_yogi": {"eps": 1e-8, "initial_accumulator_value": 0.0}},
+                {"scale_by_learning_rate": {"learning_rate": 1e-2}},
+            ]
+        },
+        1e-2,
+    ),
+    (
+        "objax_adam_eps_placement",  # §4.1: 3.7%
+        {"objax:Adam": {"learning_rate": 0.01}},
+        {"adam": {"learning_rate": 0.01}},
+        1e-3,
+    ),
+    (
+        "objax_lars_trust_ratio",  # §4.5: 17.5%
+        {"objax:LARS": {"learning_rate": 1.0}},
+        {"lars": {"learning_rate": 1.0, "weight_decay": 1e-4, "eps": 1e-5}},
+        1e-4,
+    ),
 ]
 
 CANONICAL = [c for c in CASES if c.canonical]
@@ -196,8 +438,9 @@ def _jobs():
     jobs += [(f"eq:{i}", spec) for i, _, spec, _ in EQUIVALENTS]
     jobs += [(f"diff:{i}", spec) for i, _, spec, _ in DIFFERENCES]
     jobs += OPTAX_ONLY_JOBS
-    return [{"id": i, "spec": s, "n_steps": N_STEPS, "params_seed": PARAMS_SEED,
-             "grads_seed": GRADS_SEED} for i, s in jobs]
+    return [
+        {"id": i, "spec": s, "n_steps": N_STEPS, "params_seed": PARAMS_SEED, "grads_seed": GRADS_SEED} for i, s in jobs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +449,12 @@ def optax64(tmp_path_factory):
     d = tmp_path_factory.mktemp("optax64")
     (d / "jobs.json").write_text(json.dumps(_jobs()))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.reference._optax_x64", str(d / "jobs.json"),
-         str(d / "out.npz")], cwd=ROOT, capture_output=True, text=True, timeout=1100)
+        [sys.executable, "-m", "tests.reference._optax_x64", str(d / "jobs.json"), str(d / "out.npz")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out: dict[str, dict] = {}
     with np.load(d / "out.npz") as z:
@@ -219,8 +466,7 @@ def optax64(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data64():
-    return make_params(PARAMS_SEED, dtype=np.float64), make_grads(N_STEPS, GRADS_SEED,
-                                                                  dtype=np.float64)
+    return make_params(PARAMS_SEED, dtype=np.float64), make_grads(N_STEPS, GRADS_SEED, dtype=np.float64)
 
 
 def _trajectory(optax64, job):
@@ -231,13 +477,25 @@ def _trajectory(optax64, job):
 
 def _worst_over_steps(actual, reference, initial) -> float:
     """The worst relative leaf error over every step of the trajectory."""
-    return max(max_rel_error(a, r, initial)[0] for a, r in zip(actual, reference))
+    return max(max_rel_error(a, r, initial)[0] for a, r in zip(actual, reference, strict=True))
 
 
 def _has_schedule(spec) -> bool:
     text = json.dumps(spec)
-    return any(s in text for s in ("decay\":", "linear", "polynomial", "cosine", "piecewise",
-                                   "join", "constant", "exponential", "inverse_time"))
+    return any(
+        s in text
+        for s in (
+            'decay":',
+            "linear",
+            "polynomial",
+            "cosine",
+            "piecewise",
+            "join",
+            "constant",
+            "exponential",
+            "inverse_time",
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +551,7 @@ def test_adadelta_defaults_to_lr_one_and_descends(optax64, data64):
 def test_radam_first_rectified_step():
     """§1 A7, §4.14: optax's first adaptive step is 6, Flux's (ρ > 4) is 5, Axon's buggy
     ρ∞ = 2/(1−b1) − 1 first reaches the threshold at step 6890."""
+
     def first(t_from, cond):
         t = t_from
         while not cond(t):
@@ -330,9 +589,9 @@ def test_flux_expdecay_below_clip_first_decay_raises_lr():
     """F14: if η₀ < clip, Flux's first decay raises η to clip; before it, η₀ is used."""
     params = {"w": np.array([0.0])}
     grads = [{"w": np.array([1.0])}] * 4
-    traj = reference_for({"flux:ExpDecay": {"learning_rate": 1e-5, "decay_rate": 0.5,
-                                            "transition_steps": 2, "end_value": 1e-3}}
-                         ).run(params, grads)
+    traj = reference_for(
+        {"flux:ExpDecay": {"learning_rate": 1e-5, "decay_rate": 0.5, "transition_steps": 2, "end_value": 1e-3}}
+    ).run(params, grads)
     steps = np.diff([0.0] + [float(p["w"][0]) for p in traj])
     np.testing.assert_allclose(steps, [-1e-5, -1e-3, -1e-3, -1e-3], rtol=1e-12)
 
@@ -341,8 +600,9 @@ def test_objax_lars_zero_norm_fallback():
     """§4.5: objax uses max(1, tr) when ‖p‖ or ‖g‖ is 0 (optax: exactly 1)."""
     params = {"z": np.zeros(3), "w": np.array([3.0, 4.0])}
     grads = [{"z": np.array([1.0, -2.0, 0.5]), "w": np.zeros(2)}]
-    p1 = reference_for({"objax:LARS": {"learning_rate": 0.1, "trust_coefficient": 10.0,
-                                       "weight_decay": 0.0}}).run(params, grads)[0]
+    p1 = reference_for({"objax:LARS": {"learning_rate": 0.1, "trust_coefficient": 10.0, "weight_decay": 0.0}}).run(
+        params, grads
+    )[0]
     np.testing.assert_allclose(p1["z"], -0.1 * grads[0]["z"], rtol=1e-15)  # k = max(1, 0) = 1
     np.testing.assert_allclose(p1["w"], params["w"], rtol=1e-15)  # g = 0, wd = 0: no move
 
@@ -445,8 +705,7 @@ def test_params_ema_matches_optax_ema(debias, eps, tol):
     for w in ws:
         st = ours.update(w, st)
         out, ost = tx.update({"w": jnp.asarray(w["w"], jnp.float32)}, ost)
-        np.testing.assert_allclose(ours.read(st)["w"], np.asarray(out["w"]), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(ours.read(st)["w"], np.asarray(out["w"]), rtol=1e-5, atol=1e-6)
 
 
 def test_params_ema_debias_eps_and_no_debias_bias():
@@ -516,7 +775,16 @@ def test_case_list_covers_every_rule_preset_and_schedule():
     # through the adadelta cases.
     missing = sorted(rules - used - {"scale_by_adadelta"})
     assert not missing, missing
-    schedules = {"constant", "exponential_decay", "inverse_time_decay", "polynomial", "linear",
-                 "cosine_decay", "warmup_cosine_decay", "piecewise_constant", "join"}
+    schedules = {
+        "constant",
+        "exponential_decay",
+        "inverse_time_decay",
+        "polynomial",
+        "linear",
+        "cosine_decay",
+        "warmup_cosine_decay",
+        "piecewise_constant",
+        "join",
+    }
     assert schedules <= used, schedules - used
     assert any("count_offset" in json.dumps(c.spec) for c in CASES)

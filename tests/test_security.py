@@ -1,5 +1,6 @@
 """Bearer tokens (UNAUTHENTICATED / PERMISSION_DENIED, per-model scoping on every RPC including the
 streaming ones), TLS with a CA made here, and mutual TLS refusing a client without a certificate."""
+
 from __future__ import annotations
 
 import argparse
@@ -141,7 +142,7 @@ def _key():
 
 
 def _cert(subject_cn, key, issuer_cert, issuer_key, *, ca=False, server=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
     b = (
         x509.CertificateBuilder()
@@ -168,7 +169,9 @@ def _write(path, cert=None, key=None):
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     else:
         path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
     return str(path)
 
@@ -200,7 +203,9 @@ def _roundtrip(client: Client, name: str) -> None:
 
 
 def test_tls_with_a_ca_made_here(pki):
-    args = argparse.Namespace(token_file=None, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=None)
+    args = argparse.Namespace(
+        token_file=None, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=None
+    )
     with Server(port=0, **security.server_options(args)) as srv:
         with Client(srv.address, tls=pki["ca"], timeout=30) as c:
             _roundtrip(c, "tls-model")
@@ -214,8 +219,9 @@ def test_tls_with_a_ca_made_here(pki):
 def test_mutual_tls_refuses_a_client_without_a_valid_certificate(pki, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("mtls-token\n")
-    args = argparse.Namespace(token_file=str(tokens), tls_cert=pki["server_cert"], tls_key=pki["server_key"],
-                              tls_client_ca=pki["ca"])  # fmt: skip
+    args = argparse.Namespace(
+        token_file=str(tokens), tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]
+    )
     with Server(port=0, **security.server_options(args)) as srv:
         good = {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]}
         with Client(srv.address, tls=good, token="mtls-token", timeout=30) as c:

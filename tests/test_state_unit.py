@@ -4,6 +4,7 @@ validated and installed into another model, bitwise.
 
 The end-to-end versions (through the service, restarts, crashes) are test_checkpoints_*.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from optserve.server.checkpoint.files import CheckpointInfo, committed, info_of, next_name, read_checkpoint, write_checkpoint
+from optserve.server.checkpoint.files import (
+    CheckpointInfo,
+    committed,
+    info_of,
+    next_name,
+    read_checkpoint,
+    write_checkpoint,
+)
 from optserve.server.core.model import Model
 from optserve.server.core.settings import ModelSettings
 from optserve.server.state import model_state
@@ -51,7 +59,7 @@ def _model(seed: int) -> Model:
 
 def _push(model: Model, seed: int, *, worker_id: str, seq: int) -> None:
     rng = np.random.default_rng(seed)
-    grads = {l.path: rng.standard_normal(l.shape).astype(l.dtype) for l in SCHEMA}
+    grads = {leaf.path: rng.standard_normal(leaf.shape).astype(leaf.dtype) for leaf in SCHEMA}
     push(model, grads, base_step=model.step, worker_id=worker_id, seq=seq)
 
 
@@ -74,7 +82,13 @@ def _assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ord
 
 def _assert_same_state(a: HostState, b: HostState) -> None:
     assert (a.name, a.step, a.schema, a.spec, a.settings, a.hyperparams) == (
-        b.name, b.step, b.schema, b.spec, b.settings, b.hyperparams)  # fmt: skip
+        b.name,
+        b.step,
+        b.schema,
+        b.spec,
+        b.settings,
+        b.hyperparams,
+    )
     _assert_same_tensors(a.params, b.params, ordered=False)  # keyed by leaf path
     _assert_same_tensors(a.opt, b.opt)  # in the optimizer state's leaf order
     assert (a.ema is None) == (b.ema is None)
@@ -118,7 +132,9 @@ def test_prepare_refuses_a_state_that_does_not_fit_and_changes_nothing(trained):
     target = _model(5)
     before = model_state.capture(target).to_host()
     wrong_shape = HostState(**{**vars(state), "opt": {**state.opt, "inner_state/0/mu/w": np.zeros((2, 3), np.float32)}})
-    with pytest.raises(StateError, match=r"model 'm': optimizer state leaf 'inner_state/0/mu/w': expected float32\[3, 2\]"):
+    with pytest.raises(
+        StateError, match=r"model 'm': optimizer state leaf 'inner_state/0/mu/w': expected float32\[3, 2\]"
+    ):
         model_state.prepare(target, wrong_shape)
     other_settings = HostState(**{**vars(state), "settings": ModelSettings()})
     with pytest.raises(StateError, match="settings differ"):

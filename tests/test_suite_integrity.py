@@ -1,4 +1,5 @@
 """The suite cannot silently skip its own tests: a missing part is an error, never a skip."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ window of retry replies (async, sync, and across a download/upload round trip).
 A refused upload leaves no model behind, releases its name, and the server keeps serving; a server
 with a checkpoint directory has no trace of it after a restart.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,15 +21,14 @@ import pytest
 import safetensors.numpy
 
 from optserve.client import Client, FailedPreconditionError, OptserveError, optim
-
-from optserve.wire.dtypes import DTYPES, leaf_nbytes
-from optserve.wire.framing import frame
 from optserve.server import Server
 from optserve.server.core.step import MAX_STEP
 from optserve.server.core.workers import REPLY_WINDOW
 from optserve.server.spec import MAX_SPEC_DEPTH
 from optserve.server.state.safetensors_io import parse_safetensors
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.dtypes import DTYPES, leaf_nbytes
+from optserve.wire.framing import frame
 from tests.conftest import start_server_process, stop_server_process
 
 SPEC = {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}}
@@ -120,119 +120,254 @@ def _deep(n: int):
 
 
 def _leaf(**kw) -> Callable[[list], list]:
-    return lambda schema: [_with(schema[0], **kw)] + schema[1:]
+    return lambda schema: [_with(schema[0], **kw), *schema[1:]]
 
 
-MANIFEST_KEYS = ["format", "format_version", "model", "step", "schema", "spec", "settings", "hyperparams", "workers",
-                 "opt_keys", "ema_keys"]  # fmt: skip
-WRONG_TYPE = {"format": 5, "format_version": "1", "model": 7, "step": "3", "schema": {"w": 1}, "spec": 12,
-              "settings": ["async"], "hyperparams": [0.1], "workers": ["w1"], "opt_keys": "count", "ema_keys": 3}  # fmt: skip
+MANIFEST_KEYS = [
+    "format",
+    "format_version",
+    "model",
+    "step",
+    "schema",
+    "spec",
+    "settings",
+    "hyperparams",
+    "workers",
+    "opt_keys",
+    "ema_keys",
+]
+WRONG_TYPE = {
+    "format": 5,
+    "format_version": "1",
+    "model": 7,
+    "step": "3",
+    "schema": {"w": 1},
+    "spec": 12,
+    "settings": ["async"],
+    "hyperparams": [0.1],
+    "workers": ["w1"],
+    "opt_keys": "count",
+    "ema_keys": 3,
+}
 
 CASES: dict[str, tuple[Callable, str]] = {}  # id -> (mutation, a word the refusal names)
 for key in MANIFEST_KEYS:
     CASES[f"{key}-missing"] = (_drop(key), key if key not in ("format", "format_version") else "format")
     CASES[f"{key}-wrong-type"] = (_set(key, WRONG_TYPE[key]), key if key != "format_version" else "format_version")
-CASES.update({
-    # out of range, or wrong inside
-    "format-other": (_set("format", "safetensors"), "format"),
-    "format_version-2": (_set("format_version", 2), "format_version"),
-    "format_version-bool": (_set("format_version", True), "format_version"),
-    "model-path": (_set("model", "../../evil"), "evil"),
-    "step-negative": (_set("step", -1), "step"),
-    "step-2**53": (_set("step", 2**53), "step"),
-    "step-float": (_set("step", 1.5), "step"),
-    "step-bool": (_set("step", True), "step"),
-    "settings-banana": (_edit("settings", lambda s: _with(s, mode="banana")), "settings.mode"),
-    "settings-sync-0-workers": (_edit("settings", lambda s: _with(s, mode="sync", workers=0)), "settings.workers"),
-    "settings-quorum>workers": (_edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=3)), "settings.quorum"),
-    "settings-timeout-nan": (_edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=2, sync_timeout=float("nan"))),
-                             "settings.sync_timeout"),  # fmt: skip
-    "settings-timeout-negative": (_edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=2, sync_timeout=-1.0)),
-                                  "settings.sync_timeout"),  # fmt: skip
-    "settings-max_staleness-1": (_edit("settings", lambda s: _with(s, max_staleness=-1)), "settings.max_staleness"),
-    "settings-max_staleness-str": (_edit("settings", lambda s: _with(s, max_staleness="3")), "settings.max_staleness"),
-    "settings-workers-2**40": (_edit("settings", lambda s: _with(s, mode="sync", workers=2**40)), "settings.workers"),
-    "settings-async-with-workers": (_edit("settings", lambda s: _with(s, workers=3)), "settings.mode"),
-    "settings-scaling": (_edit("settings", lambda s: _with(s, staleness_scaling="square")), "settings.staleness_scaling"),
-    "settings-ema-1.5": (_edit("settings", lambda s: _with(s, ema_decay=1.5)), "settings.ema"),
-    "settings-debias-str": (_edit("settings", lambda s: _with(s, ema_debias="yes")), "settings.ema_debias"),
-    "settings-unknown": (_edit("settings", lambda s: _with(s, turbo=True)), "settings.turbo"),
-    "schema-dtype-object": (_edit("schema", _leaf(dtype="object")), "object"),
-    "schema-dtype-float64": (_edit("schema", _leaf(dtype="float64")), "float32"),
-    "schema-path-nul": (_edit("schema", _leaf(path="b\x00")), "control"),
-    "schema-path-empty": (_edit("schema", _leaf(path="")), "empty path"),
-    "schema-path-twice": (_edit("schema", lambda s: s + [s[0]]), "twice"),
-    "schema-shape-negative": (_edit("schema", _leaf(shape=[-3])), "negative"),
-    "schema-shape-float": (_edit("schema", _leaf(shape=[3.0])), "schema[0]"),
-    "schema-shape-huge-zero": (_edit("schema", _leaf(shape=[0, 2**63 - 1])), "out of range"),
-    "schema-shape-rank-65": (_edit("schema", _leaf(shape=[1] * 65)), "dimensions"),
-    "schema-leaf-extra-key": (_edit("schema", _leaf(extra=1)), "schema[0]"),
-    "schema-empty": (_set("schema", []), "no leaves"),
-    "schema-disagrees-with-tensors": (_edit("schema", _leaf(shape=[4])), "'b'"),
-    "spec-unknown-rule": (_set("spec", {"no-such-rule": {}}), "no-such-rule"),
-    "spec-nested-400": (_set("spec", _deep(400)), "nested deeper"),
-    "spec-nested-64-chains": (_set("spec", _deep(MAX_SPEC_DEPTH)), "nested deeper"),
-    "spec-other-optimizer": (_set("spec", {"sgd": {"learning_rate": 0.1}}), "optimizer state"),
-    "hyperparams-str": (_set("hyperparams", {"learning_rate": "fast"}), "hyperparams"),
-    "hyperparams-nan": (_set("hyperparams", {"learning_rate": float("nan")}), "hyperparams"),
-    "worker-last_seq-abc": (_edit("workers", _worker(last_seq="abc")), "last_seq"),
-    "worker-last_seq-negative": (_edit("workers", _worker(last_seq=-1)), "last_seq"),
-    "worker-last_seq-2**64": (_edit("workers", _worker(last_seq=2**64)), "last_seq"),
-    "worker-last_seq-bool": (_edit("workers", _worker(last_seq=True)), "last_seq"),
-    "worker-last_base_step-str": (_edit("workers", _worker(last_base_step="0")), "last_base_step"),
-    "worker-last_base_step-ahead": (_edit("workers", _worker(last_base_step=99)), "last_base_step"),
-    "worker-missing-key": (_edit("workers", lambda w: {"w1": {"last_seq": 3}}), "keys"),
-    "worker-extra-key": (_edit("workers", _worker(colour="red")), "keys"),
-    "worker-not-an-object": (_set("workers", {"w1": 3}), "w1"),
-    "worker-empty-id": (_edit("workers", lambda w: {"": w["w1"]}), "worker id"),
-    "worker-lone-surrogate-id": (_set("workers", {"\ud800": {"last_seq": 1, "last_base_step": 0, "replies": []}}), "worker id"),
-    "worker-replies-not-list": (_edit("workers", _worker(replies={"3": "x"})), "replies"),
-    "worker-reply-seq-above-last": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        _with(w["w1"]["replies"][-1], seq=99)])}), "seq"),  # fmt: skip
-    "worker-reply-not-pushresponse": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": _reply_b64(pb.PullRequest(model="x"))}])}), "PushResponse"),  # fmt: skip
-    "worker-reply-garbage-bytes": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"proto": "PushResponse", "b64": base64.b64encode(b"\xff\xff\xff").decode()}}])}),
-        "PushResponse"),  # fmt: skip
-    "worker-reply-bad-base64": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"proto": "PushResponse", "b64": "!!!"}}])}), "PushResponse"),  # fmt: skip
-    "worker-old-form-reply-not-pushresponse": (_set("workers", {"w1": {"last_seq": 3, "last_base_step": 2,
-        "last_reply": _reply_b64(pb.ModelInfo(name="x"))}}), "PushResponse"),  # fmt: skip
-    "worker-reply-step-str": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"step": "3", "applied": True}}])}), "step"),  # fmt: skip
-    "worker-reply-applied-int": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"step": 3, "applied": 1}}])}), "applied"),  # fmt: skip
-    "worker-reply-extra-key": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"step": 3, "applied": True, "duplicate": False}}])}), "applied"),  # fmt: skip
-    "worker-reply-step-negative": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"step": -1, "applied": True}}])}), "reply step"),  # fmt: skip
-    "worker-old-form-reply-step-negative": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": _reply_b64(pb.PushResponse(model="x", step=-5, applied=True))}])}), "reply step"),  # fmt: skip
-    "worker-old-form-reply-truncated": (_edit("workers", lambda w: {"w1": _with(w["w1"], replies=[
-        {"seq": 3, "reply": {"proto": "PushResponse", "b64": base64.b64encode(
-            pb.PushResponse(model="upload-base", step=3, applied=True).SerializeToString()[:-1]).decode()}}])}),
-        "PushResponse"),  # fmt: skip
-    "opt_keys-wrong": (_edit("opt_keys", lambda k: k[:-1]), "opt_keys"),
-    "opt_keys-duplicate": (_edit("opt_keys", lambda k: k + k[:1]), "opt_keys"),
-    "ema_keys-without-ema": (_set("ema_keys", ["count"]), "ema_keys"),
-})  # fmt: skip
+CASES.update(
+    {
+        # out of range, or wrong inside
+        "format-other": (_set("format", "safetensors"), "format"),
+        "format_version-2": (_set("format_version", 2), "format_version"),
+        "format_version-bool": (_set("format_version", True), "format_version"),
+        "model-path": (_set("model", "../../evil"), "evil"),
+        "step-negative": (_set("step", -1), "step"),
+        "step-2**53": (_set("step", 2**53), "step"),
+        "step-float": (_set("step", 1.5), "step"),
+        "step-bool": (_set("step", True), "step"),
+        "settings-banana": (_edit("settings", lambda s: _with(s, mode="banana")), "settings.mode"),
+        "settings-sync-0-workers": (_edit("settings", lambda s: _with(s, mode="sync", workers=0)), "settings.workers"),
+        "settings-quorum>workers": (
+            _edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=3)),
+            "settings.quorum",
+        ),
+        "settings-timeout-nan": (
+            _edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=2, sync_timeout=float("nan"))),
+            "settings.sync_timeout",
+        ),
+        "settings-timeout-negative": (
+            _edit("settings", lambda s: _with(s, mode="sync", workers=2, quorum=2, sync_timeout=-1.0)),
+            "settings.sync_timeout",
+        ),
+        "settings-max_staleness-1": (_edit("settings", lambda s: _with(s, max_staleness=-1)), "settings.max_staleness"),
+        "settings-max_staleness-str": (
+            _edit("settings", lambda s: _with(s, max_staleness="3")),
+            "settings.max_staleness",
+        ),
+        "settings-workers-2**40": (
+            _edit("settings", lambda s: _with(s, mode="sync", workers=2**40)),
+            "settings.workers",
+        ),
+        "settings-async-with-workers": (_edit("settings", lambda s: _with(s, workers=3)), "settings.mode"),
+        "settings-scaling": (
+            _edit("settings", lambda s: _with(s, staleness_scaling="square")),
+            "settings.staleness_scaling",
+        ),
+        "settings-ema-1.5": (_edit("settings", lambda s: _with(s, ema_decay=1.5)), "settings.ema"),
+        "settings-debias-str": (_edit("settings", lambda s: _with(s, ema_debias="yes")), "settings.ema_debias"),
+        "settings-unknown": (_edit("settings", lambda s: _with(s, turbo=True)), "settings.turbo"),
+        "schema-dtype-object": (_edit("schema", _leaf(dtype="object")), "object"),
+        "schema-dtype-float64": (_edit("schema", _leaf(dtype="float64")), "float32"),
+        "schema-path-nul": (_edit("schema", _leaf(path="b\x00")), "control"),
+        "schema-path-empty": (_edit("schema", _leaf(path="")), "empty path"),
+        "schema-path-twice": (_edit("schema", lambda s: [*s, s[0]]), "twice"),
+        "schema-shape-negative": (_edit("schema", _leaf(shape=[-3])), "negative"),
+        "schema-shape-float": (_edit("schema", _leaf(shape=[3.0])), "schema[0]"),
+        "schema-shape-huge-zero": (_edit("schema", _leaf(shape=[0, 2**63 - 1])), "out of range"),
+        "schema-shape-rank-65": (_edit("schema", _leaf(shape=[1] * 65)), "dimensions"),
+        "schema-leaf-extra-key": (_edit("schema", _leaf(extra=1)), "schema[0]"),
+        "schema-empty": (_set("schema", []), "no leaves"),
+        "schema-disagrees-with-tensors": (_edit("schema", _leaf(shape=[4])), "'b'"),
+        "spec-unknown-rule": (_set("spec", {"no-such-rule": {}}), "no-such-rule"),
+        "spec-nested-400": (_set("spec", _deep(400)), "nested deeper"),
+        "spec-nested-64-chains": (_set("spec", _deep(MAX_SPEC_DEPTH)), "nested deeper"),
+        "spec-other-optimizer": (_set("spec", {"sgd": {"learning_rate": 0.1}}), "optimizer state"),
+        "hyperparams-str": (_set("hyperparams", {"learning_rate": "fast"}), "hyperparams"),
+        "hyperparams-nan": (_set("hyperparams", {"learning_rate": float("nan")}), "hyperparams"),
+        "worker-last_seq-abc": (_edit("workers", _worker(last_seq="abc")), "last_seq"),
+        "worker-last_seq-negative": (_edit("workers", _worker(last_seq=-1)), "last_seq"),
+        "worker-last_seq-2**64": (_edit("workers", _worker(last_seq=2**64)), "last_seq"),
+        "worker-last_seq-bool": (_edit("workers", _worker(last_seq=True)), "last_seq"),
+        "worker-last_base_step-str": (_edit("workers", _worker(last_base_step="0")), "last_base_step"),
+        "worker-last_base_step-ahead": (_edit("workers", _worker(last_base_step=99)), "last_base_step"),
+        "worker-missing-key": (_edit("workers", lambda w: {"w1": {"last_seq": 3}}), "keys"),
+        "worker-extra-key": (_edit("workers", _worker(colour="red")), "keys"),
+        "worker-not-an-object": (_set("workers", {"w1": 3}), "w1"),
+        "worker-empty-id": (_edit("workers", lambda w: {"": w["w1"]}), "worker id"),
+        "worker-lone-surrogate-id": (
+            _set("workers", {"\ud800": {"last_seq": 1, "last_base_step": 0, "replies": []}}),
+            "worker id",
+        ),
+        "worker-replies-not-list": (_edit("workers", _worker(replies={"3": "x"})), "replies"),
+        "worker-reply-seq-above-last": (
+            _edit("workers", lambda w: {"w1": _with(w["w1"], replies=[_with(w["w1"]["replies"][-1], seq=99)])}),
+            "seq",
+        ),
+        "worker-reply-not-pushresponse": (
+            _edit(
+                "workers",
+                lambda w: {"w1": _with(w["w1"], replies=[{"seq": 3, "reply": _reply_b64(pb.PullRequest(model="x"))}])},
+            ),
+            "PushResponse",
+        ),
+        "worker-reply-garbage-bytes": (
+            _edit(
+                "workers",
+                lambda w: {
+                    "w1": _with(
+                        w["w1"],
+                        replies=[
+                            {
+                                "seq": 3,
+                                "reply": {"proto": "PushResponse", "b64": base64.b64encode(b"\xff\xff\xff").decode()},
+                            }
+                        ],
+                    )
+                },
+            ),
+            "PushResponse",
+        ),
+        "worker-reply-bad-base64": (
+            _edit(
+                "workers",
+                lambda w: {
+                    "w1": _with(w["w1"], replies=[{"seq": 3, "reply": {"proto": "PushResponse", "b64": "!!!"}}])
+                },
+            ),
+            "PushResponse",
+        ),
+        "worker-old-form-reply-not-pushresponse": (
+            _set(
+                "workers",
+                {"w1": {"last_seq": 3, "last_base_step": 2, "last_reply": _reply_b64(pb.ModelInfo(name="x"))}},
+            ),
+            "PushResponse",
+        ),
+        "worker-reply-step-str": (
+            _edit(
+                "workers",
+                lambda w: {"w1": _with(w["w1"], replies=[{"seq": 3, "reply": {"step": "3", "applied": True}}])},
+            ),
+            "step",
+        ),
+        "worker-reply-applied-int": (
+            _edit(
+                "workers", lambda w: {"w1": _with(w["w1"], replies=[{"seq": 3, "reply": {"step": 3, "applied": 1}}])}
+            ),
+            "applied",
+        ),
+        "worker-reply-extra-key": (
+            _edit(
+                "workers",
+                lambda w: {
+                    "w1": _with(
+                        w["w1"], replies=[{"seq": 3, "reply": {"step": 3, "applied": True, "duplicate": False}}]
+                    )
+                },
+            ),
+            "applied",
+        ),
+        "worker-reply-step-negative": (
+            _edit(
+                "workers",
+                lambda w: {"w1": _with(w["w1"], replies=[{"seq": 3, "reply": {"step": -1, "applied": True}}])},
+            ),
+            "reply step",
+        ),
+        "worker-old-form-reply-step-negative": (
+            _edit(
+                "workers",
+                lambda w: {
+                    "w1": _with(
+                        w["w1"],
+                        replies=[{"seq": 3, "reply": _reply_b64(pb.PushResponse(model="x", step=-5, applied=True))}],
+                    )
+                },
+            ),
+            "reply step",
+        ),
+        "worker-old-form-reply-truncated": (
+            _edit(
+                "workers",
+                lambda w: {
+                    "w1": _with(
+                        w["w1"],
+                        replies=[
+                            {
+                                "seq": 3,
+                                "reply": {
+                                    "proto": "PushResponse",
+                                    "b64": base64.b64encode(
+                                        pb.PushResponse(model="upload-base", step=3, applied=True).SerializeToString()[
+                                            :-1
+                                        ]
+                                    ).decode(),
+                                },
+                            }
+                        ],
+                    )
+                },
+            ),
+            "PushResponse",
+        ),
+        "opt_keys-wrong": (_edit("opt_keys", lambda k: k[:-1]), "opt_keys"),
+        "opt_keys-duplicate": (_edit("opt_keys", lambda k: k + k[:1]), "opt_keys"),
+        "ema_keys-without-ema": (_set("ema_keys", ["count"]), "ema_keys"),
+    }
+)
 
 
 def _tensor_case(fn: Callable[[dict], None], word: str) -> tuple[Callable, str]:
     return (lambda tensors, meta: fn(tensors)), word
 
 
-CASES.update({
-    "tensor-param-missing": _tensor_case(lambda t: t.pop("params/b"), "'b'"),
-    "tensor-param-wrong-shape": _tensor_case(lambda t: t.update({"params/b": np.ones(4, np.float32)}), "'b'"),
-    "tensor-param-float64": _tensor_case(lambda t: t.update({"params/b": np.ones(3, np.float64)}), "'b'"),
-    "tensor-unknown-group": _tensor_case(lambda t: t.update({"extra/x": np.ones(1, np.float32)}), "extra/x"),
-    "tensor-opt-wrong-shape": _tensor_case(
-        lambda t: t.update({k: np.zeros(7, np.float32) for k in [k for k in t if k.startswith("opt/") and k.endswith("/w")][:1]}),
-        "optimizer state"),  # fmt: skip
-    "tensor-hyperparam-nan": _tensor_case(
-        lambda t: t.update({"opt/hyperparams/learning_rate": np.array(np.nan, np.float32)}), "not finite"),
-})  # fmt: skip
+CASES.update(
+    {
+        "tensor-param-missing": _tensor_case(lambda t: t.pop("params/b"), "'b'"),
+        "tensor-param-wrong-shape": _tensor_case(lambda t: t.update({"params/b": np.ones(4, np.float32)}), "'b'"),
+        "tensor-param-float64": _tensor_case(lambda t: t.update({"params/b": np.ones(3, np.float64)}), "'b'"),
+        "tensor-unknown-group": _tensor_case(lambda t: t.update({"extra/x": np.ones(1, np.float32)}), "extra/x"),
+        "tensor-opt-wrong-shape": _tensor_case(
+            lambda t: t.update(
+                {k: np.zeros(7, np.float32) for k in [k for k in t if k.startswith("opt/") and k.endswith("/w")][:1]}
+            ),
+            "optimizer state",
+        ),
+        "tensor-hyperparam-nan": _tensor_case(
+            lambda t: t.update({"opt/hyperparams/learning_rate": np.array(np.nan, np.float32)}), "not finite"
+        ),
+    }
+)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -263,9 +398,20 @@ def test_refused_upload_after_the_name_is_reserved_releases_it(client, base_file
     assert client.model("reserved-then-refused").push(GRADS) == 4
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header-length-huge", "header-not-json", "header-a-list",
-                                    "metadata-not-strings", "metadata-not-json", "tensor-offsets-float",
-                                    "tensor-shape-huge-zero", "nested-json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated",
+        "header-length-huge",
+        "header-not-json",
+        "header-a-list",
+        "metadata-not-strings",
+        "metadata-not-json",
+        "tensor-offsets-float",
+        "tensor-shape-huge-zero",
+        "nested-json",
+    ],
+)
 def test_damaged_file_is_refused(client, base_file, damage):
     data = _file(*base_file)
     (n,) = struct.unpack("<Q", data[:8])
@@ -283,11 +429,14 @@ def test_damaged_file_is_refused(client, base_file, damage):
         "header-a-list": lambda: with_header([1, 2]),
         "metadata-not-strings": lambda: with_header(_with(header, __metadata__={"step": 3})),
         "metadata-not-json": lambda: with_header(_with(header, __metadata__=_with(header["__metadata__"], step="{"))),
-        "tensor-offsets-float": lambda: with_header(_with(header, **{first: _with(header[first], data_offsets=[0.0, 4.5])})),
+        "tensor-offsets-float": lambda: with_header(
+            _with(header, **{first: _with(header[first], data_offsets=[0.0, 4.5])})
+        ),
         "tensor-shape-huge-zero": lambda: with_header(_with(header, **{first: _with(header[first], shape=[0, 2**62])})),
-        "nested-json": lambda: with_header(_with(header, __metadata__=_with(header["__metadata__"],
-                                                                             spec="[" * 100_000 + "]" * 100_000))),
-    }[damage]()  # fmt: skip
+        "nested-json": lambda: with_header(
+            _with(header, __metadata__=_with(header["__metadata__"], spec="[" * 100_000 + "]" * 100_000))
+        ),
+    }[damage]()
     before = _names(client)
     with pytest.raises(OptserveError) as e:
         _upload_bytes(client, bad, "damaged")
@@ -300,8 +449,11 @@ def test_valid_upload_keeps_working(client, base_file):
     tensors, meta = base_file
     old = json.loads(json.dumps(meta))
     record = old["workers"]["w1"]
-    old["workers"]["w1"] = {"last_seq": record["last_seq"], "last_base_step": record["last_base_step"],
-                            "last_reply": record["replies"][-1]["reply"]}  # fmt: skip
+    old["workers"]["w1"] = {
+        "last_seq": record["last_seq"],
+        "last_base_step": record["last_base_step"],
+        "last_reply": record["replies"][-1]["reply"],
+    }
     info = _upload_bytes(client, _file(tensors, old), "old-form")
     m = client.model("old-form")
     retry = m.push_raw(m._push_header(None, None, "w1", 3), m._grad_leaves(GRADS, None))
@@ -318,14 +470,20 @@ def test_replies_written_as_serialized_push_responses_still_answer_retries(serve
     assert record["replies"][-1] == {"seq": 3, "reply": {"step": 3, "applied": True}}  # what servers write now
 
     def old(reply: dict) -> dict:  # what servers wrote before, for the same reply
-        return _reply_b64(pb.PushResponse(model="upload-base", step=reply["step"], applied=reply["applied"],
-                                          incarnation="an-earlier-start"))  # fmt: skip
+        return _reply_b64(
+            pb.PushResponse(
+                model="upload-base", step=reply["step"], applied=reply["applied"], incarnation="an-earlier-start"
+            )
+        )
 
     window = json.loads(json.dumps(meta))
     window["workers"]["w1"]["replies"] = [{"seq": e["seq"], "reply": old(e["reply"])} for e in record["replies"]]
     single = json.loads(json.dumps(meta))
-    single["workers"]["w1"] = {"last_seq": 3, "last_base_step": record["last_base_step"],
-                               "last_reply": old(record["replies"][-1]["reply"])}  # fmt: skip
+    single["workers"]["w1"] = {
+        "last_seq": 3,
+        "last_base_step": record["last_base_step"],
+        "last_reply": old(record["replies"][-1]["reply"]),
+    }
     for name, manifest in (("old-window", window), ("old-single", single)):
         info = _upload_bytes(client, _file(tensors, manifest), name)
         m = client.model(name)
@@ -359,8 +517,9 @@ def test_upload_header_sizes_are_checked_and_never_allocated():
     proc, address = start_server_process("--checkpoint-dir", "", "--log-level", "WARNING")
     try:
         with grpc.insecure_channel(address) as ch:
-            upload = ch.stream_unary("/optserve.v1.Optserve/Upload", request_serializer=lambda x: x,
-                                     response_deserializer=lambda x: x)  # fmt: skip
+            upload = ch.stream_unary(
+                "/optserve.v1.Optserve/Upload", request_serializer=lambda x: x, response_deserializer=lambda x: x
+            )
 
             def send(total: int, data: bytes = b"") -> grpc.StatusCode:
                 msgs = [pb.UploadRequest(header=pb.UploadHeader(name="huge", total_bytes=total)).SerializeToString()]
@@ -383,7 +542,10 @@ def test_upload_header_sizes_are_checked_and_never_allocated():
                 # refused as incomplete (or, on a host with less than 4 GiB, as too large)
                 assert send(4 << 30) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 assert max(grown()) < 256 << 20, grown()  # not even for a moment (peak)
-            assert send(4 << 30, b"\0" * (1 << 20)) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert send(4 << 30, b"\0" * (1 << 20)) in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
             assert send(2**62) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert send(2**64 - 1) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert max(grown()) < 256 << 20, grown()
@@ -436,8 +598,12 @@ def _raw_create(client: Client, name: str, leaf: pb.LeafSpec, spec: str = '{"sgd
     nbytes = leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) if leaf.dtype in DTYPES else 0
     nbytes = nbytes if nbytes < 1 << 20 else 0
     s = pb.TensorSlice(path=leaf.path, dtype=leaf.dtype, shape=leaf.shape, offset=0, length=nbytes)
-    client.call(client._create, iter([frame(pb.CreateModelRequest(header=h, slices=[s]).SerializeToString(),
-                                            [b"\0" * nbytes] if nbytes else [])]))  # fmt: skip
+    client.call(
+        client._create,
+        iter(
+            [frame(pb.CreateModelRequest(header=h, slices=[s]).SerializeToString(), [b"\0" * nbytes] if nbytes else [])]
+        ),
+    )
 
 
 @pytest.mark.parametrize("depth", [400, 480, MAX_SPEC_DEPTH])
@@ -466,8 +632,9 @@ def test_zero_size_leaf_with_huge_dimensions_is_invalid_argument_naming_the_leaf
 
 
 def test_zero_size_leaf_with_sane_dimensions_is_accepted(client):
-    m = client.create_model("zero-ok", {"e": np.zeros((0, 5), np.float32), "w": np.ones(2, np.float32)},
-                            optimizer=optim.adam(0.1))  # fmt: skip
+    m = client.create_model(
+        "zero-ok", {"e": np.zeros((0, 5), np.float32), "w": np.ones(2, np.float32)}, optimizer=optim.adam(0.1)
+    )
     assert m.push({"e": np.zeros((0, 5), np.float32), "w": np.ones(2, np.float32)}) == 1
 
 
@@ -520,7 +687,11 @@ def test_retry_of_any_recent_seq_gets_its_original_reply(client, tmp_path, mode)
     def check(model, name: str) -> None:
         for seq in range(n - REPLY_WINDOW + 1, n + 1):  # the window, oldest first and in any order
             again = _push(model, seq)
-            assert again.duplicate and (again.step, again.applied, again.model) == (first[seq].step, first[seq].applied, name)
+            assert again.duplicate and (again.step, again.applied, again.model) == (
+                first[seq].step,
+                first[seq].applied,
+                name,
+            )
         for seq in (1, n - REPLY_WINDOW):  # applied, but its reply is no longer kept
             with pytest.raises(FailedPreconditionError) as e:
                 _push(model, seq)

@@ -1,16 +1,18 @@
 """Async mode against a live server: bounded staleness, exact staleness scaling, pushes repeated with
 the same (worker_id, seq) -- also after a reply lost by cancelling the call -- applied exactly once."""
+
 from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 import pytest
 
 from optserve.client import optim
-from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 
 def _ones(n: int = 4) -> dict:
@@ -76,15 +78,17 @@ def test_reply_lost_by_cancelling_the_call_after_apply_then_retry_is_applied_onc
     g = {"w": np.ones(4, np.float32)}
     header = model._push_header(0, None, "w1", 7)
     header.pull.CopyFrom(pb.PullRequest(model=model_name, min_step=1_000, timeout_seconds=60))
-    call = client._push_pull(chunk_messages(pb.PushRequest(header=header), model._grad_leaves(g, None), 1 << 20),
-                             timeout=60)  # fmt: skip
+    call = client._push_pull(
+        chunk_messages(pb.PushRequest(header=header), model._grad_leaves(g, None), 1 << 20), timeout=60
+    )
     deadline = time.monotonic() + 20
     while model.info()["step"] != 1:
         assert time.monotonic() < deadline, "the push was not applied"
         time.sleep(0.02)
     call.cancel()
-    with pytest.raises(Exception):  # noqa: B017 - grpc's own cancellation error: the reply is lost
+    with pytest.raises(grpc.RpcError) as cancelled:  # the reply is lost
         next(iter(call))
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED, cancelled.value
     header.ClearField("pull")
     retry = model.push_raw(header, model._grad_leaves(g, None))
     assert retry.duplicate and retry.applied and retry.step == 1

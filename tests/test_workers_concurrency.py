@@ -6,6 +6,7 @@ The issue asks for about 20 s; the async run is shortened to a fixed number of p
 invariants are checked on every push either way. A count, not a duration: on a loaded machine the
 run takes longer instead of doing less than the assertions need.
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,7 +28,7 @@ def _run_threads(target, n: int, join_timeout: float) -> list[BaseException]:
     def guarded(i: int) -> None:
         try:
             target(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]
@@ -57,8 +58,9 @@ def test_sixteen_async_workers_step_equals_accepted_pushes(server, client, model
                 p = worker.push_pull(g)
                 accepted[i] += 1
                 if n % 7 == 3:  # a retry of the push just made: answered from memory
-                    reply = handle.push_raw(handle._push_header(None, None, worker.worker_id, worker.seq),
-                                            handle._grad_leaves(g, None))  # fmt: skip
+                    reply = handle.push_raw(
+                        handle._push_header(None, None, worker.worker_id, worker.seq), handle._grad_leaves(g, None)
+                    )
                     assert reply.duplicate
                     retried[i] += 1
             assert np.isfinite(p["w"]).all()

@@ -6,6 +6,7 @@ This file is also the worker program: `python tests/test_workers_processes.py RO
 lets a server timer run against that: the fast workers say READY once imported and connected and
 start together on GO, and the sync timeout runs on a clock the test moves (`manual_clock`).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import numpy as np
 
 from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError
+from optserve.client.worker import Worker
 
 SHAPE = (64, 32)
 LR = 0.5
@@ -69,23 +71,35 @@ def _straggler(target: str, model: str, wait_for_step: int) -> dict:
             late = {"rejected": False}
         except FailedPreconditionError as e:
             late = {"rejected": True, "message": e.message}
-        for attempt in range(1, 51):  # the others may complete the step between our pull and push
-            params = worker.pull()
-            caught_up_from = worker.base_step
-            try:
-                joined = worker.push(_grad(params, 9))
-                break
-            except FailedPreconditionError:
-                continue
+        attempts, caught_up_from, joined = _catch_up(worker)
         handle.pull(min_step=joined, timeout=60)
-        return {"late": late, "caught_up_from": caught_up_from, "joined": joined, "seq": worker.seq,
-                "attempts": attempt}  # fmt: skip
+        return {
+            "late": late,
+            "caught_up_from": caught_up_from,
+            "joined": joined,
+            "seq": worker.seq,
+            "attempts": attempts,
+        }
+
+
+def _catch_up(worker: Worker, tries: int = 50) -> tuple[int, int | None, int]:
+    """(attempts, base step, joined step) of the first push after a fresh pull that the server takes:
+    the others may complete the step between our pull and push."""
+    for attempt in range(1, tries + 1):
+        params = worker.pull()
+        base_step = worker.base_step
+        try:
+            joined = worker.push(_grad(params, 9))
+        except FailedPreconditionError:
+            continue
+        return attempt, base_step, joined
+    raise AssertionError(f"the straggler did not join a step in {tries} tries")
 
 
 def _dies_mid_push(target: str, model: str) -> None:
     """Streams half of a push, says so, and waits to be SIGKILLed."""
-    from optserve.wire.chunks import chunk_messages
     from optserve.v1 import optserve_pb2 as pb
+    from optserve.wire.chunks import chunk_messages
 
     def messages():
         header = pb.PushHeader(model=model, base_step=0, worker_id="victim", seq=1)
@@ -120,8 +134,9 @@ HERE = os.path.abspath(__file__)
 
 
 def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, HERE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, HERE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _expect_line(proc: subprocess.Popen, expected: str, timeout: float = 120) -> None:
@@ -131,7 +146,9 @@ def _expect_line(proc: subprocess.Popen, expected: str, timeout: float = 120) ->
     if line.strip() != expected:
         if proc.poll() is None:
             proc.kill()
-        raise AssertionError(f"expected {expected!r} from the worker, got {line!r}; stderr: {proc.stderr.read()[-3000:]}")
+        raise AssertionError(
+            f"expected {expected!r} from the worker, got {line!r}; stderr: {proc.stderr.read()[-3000:]}"
+        )
 
 
 def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
@@ -148,8 +165,15 @@ def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
 def test_quorum_three_of_four_with_a_straggler(server, client, model_name):
     from optserve.client import optim
 
-    model = client.create_model(model_name, {"w": np.zeros(SHAPE, np.float32)}, optimizer=optim.sgd(0.01),
-                                mode="sync", workers=4, quorum=3, sync_timeout=3.0)  # fmt: skip
+    model = client.create_model(
+        model_name,
+        {"w": np.zeros(SHAPE, np.float32)},
+        optimizer=optim.sgd(0.01),
+        mode="sync",
+        workers=4,
+        quorum=3,
+        sync_timeout=3.0,
+    )
     straggler = _spawn("straggler", server.address, model_name, "3")
     fast: list[subprocess.Popen] = []
     try:
@@ -187,8 +211,9 @@ def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, c
     # The sync timeout fires when the test moves this clock, never while the victim is starting.
     clock = manual_clock(aggregation)
     start = np.zeros(SHAPE, np.float32)
-    model = client.create_model(model_name, {"w": start}, optimizer=optim.sgd(LR), mode="sync", workers=3,
-                                sync_timeout=1.0)  # fmt: skip
+    model = client.create_model(
+        model_name, {"w": start}, optimizer=optim.sgd(LR), mode="sync", workers=3, sync_timeout=1.0
+    )
     # Watch the server's receiver of each push: the victim's must have taken bytes before the kill,
     # and must have been aborted (the server saw the stream die) before we count.
     receivers: list = []
@@ -215,8 +240,10 @@ def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, c
         victim = _spawn("dies", server.address, model_name)
         try:
             _expect_line(victim, "MIDPUSH")
-            _wait_until(lambda: any(w == "victim" and r.assembler.received_bytes > 0 for w, r in receivers),
-                        "the victim's chunks to reach the server")  # fmt: skip
+            _wait_until(
+                lambda: any(w == "victim" and r.assembler.received_bytes > 0 for w, r in receivers),
+                "the victim's chunks to reach the server",
+            )
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(30)
         finally:

@@ -1,5 +1,6 @@
 """The client's Worker helper: retries UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff
 and jitter, reusing the same seq, so a retried gradient is never applied twice."""
+
 from __future__ import annotations
 
 import socket
@@ -11,11 +12,14 @@ import pytest
 
 from optserve.client import Client, optim
 from optserve.client import worker as worker_module
-from optserve.client.model import Model
 from optserve.client.errors import FailedPreconditionError, UnavailableError
+from optserve.client.model import Model
 
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                  ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 def _wait_until(predicate, what: str, timeout: float = 30.0) -> None:
@@ -105,7 +109,7 @@ def test_backoff_doubles_up_to_the_cap_with_full_jitter_then_gives_up(monkeypatc
     assert len(caps) >= 5 and worker.retries == len(caps)
     expected = [min(0.01 * 2**i, 0.08) for i in range(len(caps))]
     assert caps == pytest.approx(expected)
-    assert all(0 <= w <= c for w, c in zip(waits, caps))
+    assert all(0 <= w <= c for w, c in zip(waits, caps, strict=True))
     assert len(set(waits)) > 1  # jittered
     assert slept == pytest.approx(sum(waits))  # it slept exactly the jittered waits...
     # each wait began only if its cap fit in retry_for (1 s); it gave up when the next one would not

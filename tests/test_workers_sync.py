@@ -3,19 +3,21 @@ refused or answered once, a timeout applies what has arrived, a cancelled call i
 
 (Worker processes -- the straggler and the SIGKILL mid-push -- are in test_workers_processes.py.)
 """
+
 from __future__ import annotations
 
 import time
 
+import grpc
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from optserve.client import optim
-from optserve.wire.chunks import chunk_messages
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 K = 6  # steps
 
@@ -52,7 +54,7 @@ def _reference(weights: list[float], steps: int) -> dict:
         host = {k: np.asarray(v) for k, v in params.items()}
         grads = [_grad(host, i, t) for i in range(len(weights))]
         total = np.float32(sum(weights))
-        mean = {k: sum(np.float32(w) * g[k] for w, g in zip(weights, grads)) / total for k in host}
+        mean = {k: sum(np.float32(w) * g[k] for w, g in zip(weights, grads, strict=True)) / total for k in host}
         updates, state = opt.update({k: jnp.asarray(v) for k, v in mean.items()}, state, params)
         params = optax.apply_updates(params, updates)
     return {k: np.asarray(v) for k, v in params.items()}
@@ -151,8 +153,9 @@ def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_
     from optserve.server.core import sync as aggregation
 
     clock = manual_clock(aggregation)  # the timeout fires when the test moves the clock, not between pushes
-    model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=3,
-                                sync_timeout=0.3)  # fmt: skip
+    model = client.create_model(
+        model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=3, sync_timeout=0.3
+    )
     p = model.pull()
     g0, g1 = _grad(p, 0, 0), _grad(p, 1, 0)
     with caplog.at_level("WARNING", logger="optserve.aggregation"):
@@ -179,12 +182,14 @@ def test_cancelled_push_pull_after_contribution_then_retry_counts_once(client, m
     ga, gb = _grad(p, 0, 0), _grad(p, 1, 0)
     header = model._push_header(0, None, "a", 1)
     header.pull.CopyFrom(pb.PullRequest(model=model_name))
-    call = client._push_pull(chunk_messages(pb.PushRequest(header=header), model._grad_leaves(ga, None), 1 << 20),
-                             timeout=60)  # fmt: skip
+    call = client._push_pull(
+        chunk_messages(pb.PushRequest(header=header), model._grad_leaves(ga, None), 1 << 20), timeout=60
+    )
     _wait_until(lambda: model.info()["pending_contributions"] == 1, "the contribution of 'a'")
     call.cancel()
-    with pytest.raises(Exception):  # noqa: B017 - grpc raises its own cancellation error
+    with pytest.raises(grpc.RpcError) as cancelled:  # the reply is lost
         next(iter(call))
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED, cancelled.value
     header.ClearField("pull")
     retry = model.push_raw(header, model._grad_leaves(ga, None))
     assert retry.duplicate and retry.step == 1 and model.info()["pending_contributions"] == 1

@@ -12,10 +12,18 @@ conformance case list, ``data`` the shared test data and error metric.  ``optax_
 does import optax) builds the in-process optax counterpart of a canonical spec for comparisons.
 """
 
-from . import axon, flux, objax, optax_rules  # noqa: F401  (register the rules)
-from .core import (Chain, ReferenceOptimizer, SpecError, Transform, apply_updates, build,
-                   known_rules, reference_for)
+from . import axon, flux, objax, optax_rules  # noqa: F401 - imported to register their rules
+from .core import Chain, ReferenceOptimizer, SpecError, Transform, apply_updates, build, known_rules, reference_for
 from .objax import ParamsEMA
 
-__all__ = ["Chain", "ParamsEMA", "ReferenceOptimizer", "SpecError", "Transform", "apply_updates",
-           "build", "known_rules", "reference_for"]
+__all__ = [
+    "Chain",
+    "ParamsEMA",
+    "ReferenceOptimizer",
+    "SpecError",
+    "Transform",
+    "apply_updates",
+    "build",
+    "known_rules",
+    "reference_for",
+]

@@ -14,13 +14,14 @@ import sys
 import warnings
 
 import jax
+import numpy as np
+
+from .data import make_grads, make_params
 
 jax.config.update("jax_enable_x64", True)
 
-import numpy as np  # noqa: E402
-
-from .data import make_grads, make_params  # noqa: E402
-from .optax_equiv import run_optax  # noqa: E402
+# optax (and jax.numpy) only once x64 is on: jax's flags are meant to be set before jax is used.
+from .optax_equiv import run_optax  # noqa: E402 - after jax_enable_x64
 
 
 def main(jobs_path: str, out_path: str) -> None:

@@ -14,10 +14,28 @@ the same as optax's ``scale_by_learning_rate``.  Hyperparameter names are canoni
 from __future__ import annotations
 
 from .core import REQUIRED, Chain, rule
-from .optax_rules import (AddDecayedWeights, AddNoise, Centralize, Clip, ClipByGlobalNorm,
-                          Identity, Scale, ScaleByAdam, ScaleByBelief, ScaleByRAdam, ScaleByRms,
-                          ScaleByRss, ScaleBySchedule, ScaleByStddev, ScaleByTrustRatio,
-                          ScaleByYogi, Trace, rmsprop, scale_by_learning_rate, sgd)
+from .optax_rules import (
+    AddDecayedWeights,
+    AddNoise,
+    Centralize,
+    Clip,
+    ClipByGlobalNorm,
+    Identity,
+    Scale,
+    ScaleByAdam,
+    ScaleByBelief,
+    ScaleByRAdam,
+    ScaleByRms,
+    ScaleByRss,
+    ScaleBySchedule,
+    ScaleByStddev,
+    ScaleByTrustRatio,
+    ScaleByYogi,
+    Trace,
+    rmsprop,
+    scale_by_learning_rate,
+    sgd,
+)
 from .schedules import as_schedule
 
 NAMESPACES = ("axon", "polaris")
@@ -75,8 +93,7 @@ def adam(learning_rate, b1, b2, eps, eps_root):
 @preset("adamw", learning_rate=1e-3, weight_decay=0.0, **_ADAM)
 def adamw(learning_rate, weight_decay, b1, b2, eps, eps_root):
     """u = −lr·(m̂/(√(v̂ + eps_root) + eps) + λ·p); eps_root really 1e-15 (A4)."""
-    return Chain(ScaleByAdam(b1, b2, eps, eps_root), AddDecayedWeights(weight_decay),
-                 _lr(learning_rate))
+    return Chain(ScaleByAdam(b1, b2, eps, eps_root), AddDecayedWeights(weight_decay), _lr(learning_rate))
 
 
 @preset("lamb", learning_rate=1e-2, weight_decay=0.0, min_norm=0.0, **_ADAM)
@@ -84,8 +101,12 @@ def lamb(learning_rate, weight_decay, min_norm, b1, b2, eps, eps_root):
     """r = m̂/(√(v̂ + eps_root) + eps) + λp; φ = ‖p‖/‖r‖ (norms floored at min_norm, 1 if either
     is 0); u = −lr·φ·r (A5).  Served for every rank (Nx's norm raises for rank 0 and ≥3, §4.16;
     that is a limitation, not maths)."""
-    return Chain(ScaleByAdam(b1, b2, eps, eps_root), AddDecayedWeights(weight_decay),
-                 ScaleByTrustRatio(min_norm=min_norm), _lr(learning_rate))
+    return Chain(
+        ScaleByAdam(b1, b2, eps, eps_root),
+        AddDecayedWeights(weight_decay),
+        ScaleByTrustRatio(min_norm=min_norm),
+        _lr(learning_rate),
+    )
 
 
 @preset("noisy_sgd", learning_rate=1e-2, eta=0.01, gamma=0.55, key=REQUIRED)
@@ -95,20 +116,18 @@ def noisy_sgd(learning_rate, eta, gamma, key):
     return Chain(_lr(learning_rate), AddNoiseStddev(eta, gamma, key))
 
 
-@preset("radam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0,
-        compat=False)
+@preset("radam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0, compat=False)
 def radam(learning_rate, b1, b2, eps, eps_root, threshold, compat):
     """optax radam maths; compat: ρ∞ = 2/(1−b1) − 1, first adaptive step ≈ 6890 (A7)."""
-    return Chain(ScaleByRAdam(b1, b2, eps, eps_root, threshold, rho_inf_from_b1=compat),
-                 _lr(learning_rate))
+    return Chain(ScaleByRAdam(b1, b2, eps, eps_root, threshold, rho_inf_from_b1=compat), _lr(learning_rate))
 
 
-@preset("rmsprop", learning_rate=1e-2, decay=0.9, eps=1e-8, initial_scale=0.0, centered=False,
-        momentum=None, nesterov=False)
+@preset(
+    "rmsprop", learning_rate=1e-2, decay=0.9, eps=1e-8, initial_scale=0.0, centered=False, momentum=None, nesterov=False
+)
 def rmsprop_(learning_rate, decay, eps, initial_scale, centered, momentum, nesterov):
     """Same as optax rmsprop (eps inside the sqrt, LR before the momentum trace) (A8)."""
-    return rmsprop(learning_rate, decay, eps, initial_scale, True, centered, momentum, nesterov,
-                   False)
+    return rmsprop(learning_rate, decay, eps, initial_scale, True, centered, momentum, nesterov, False)
 
 
 @preset("sgd", learning_rate=1e-2, momentum=None, nesterov=False)
@@ -117,8 +136,7 @@ def sgd_(learning_rate, momentum, nesterov):
     return sgd(learning_rate, momentum, nesterov)
 
 
-@preset("yogi", learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0,
-        initial_accumulator_value=1e-6)
+@preset("yogi", learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6)
 def yogi(learning_rate, b1, b2, eps, eps_root, initial_accumulator_value):
     """Code defaults eps = 1e-3, init = 1e-6 (not the doc's 1e-8 / 0.0) (A10, §4.7)."""
     return Chain(ScaleByYogi(b1, b2, eps, eps_root, initial_accumulator_value), _lr(learning_rate))

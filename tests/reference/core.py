@@ -19,7 +19,8 @@ Rules register themselves with :func:`rule`; :func:`build` interprets a spec.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class Chain(Transform):
 
     def update(self, updates, state, params):
         new_state = []
-        for t, s in zip(self.transforms, state):
+        for t, s in zip(self.transforms, state, strict=True):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
@@ -191,7 +192,7 @@ def split_spec(spec: Any, path: str = "spec") -> tuple[str, Any]:
     if isinstance(spec, str):
         return spec, None
     if isinstance(spec, Mapping) and len(spec) == 1:
-        (name, args), = spec.items()
+        ((name, args),) = spec.items()
         return name, args
     raise SpecError(f"{path}: a spec is a rule name or an object with exactly one key, got {spec!r}")
 
@@ -212,7 +213,7 @@ def build(spec: Any, path: str = "spec") -> Transform:
 def reference_for(spec: Any) -> ReferenceOptimizer:
     """The float64 NumPy reference for a spec, with each library's code defaults."""
     # The modules register their rules on import.
-    from . import axon, flux, objax, optax_rules  # noqa: F401
+    from . import axon, flux, objax, optax_rules  # noqa: F401 - here, not at the top: they import this module
 
     return ReferenceOptimizer(build(spec), spec)
 

@@ -31,8 +31,9 @@ def make_params(seed: int = 0, shapes=SHAPES, dtype=np.float32) -> dict[str, np.
     return out
 
 
-def make_grads(n_steps: int, seed: int = 1, shapes=SHAPES, dtype=np.float32,
-               low: float = 1e-4, high: float = 1.0) -> list[dict[str, np.ndarray]]:
+def make_grads(
+    n_steps: int, seed: int = 1, shapes=SHAPES, dtype=np.float32, low: float = 1e-4, high: float = 1.0
+) -> list[dict[str, np.ndarray]]:
     """``n_steps`` gradients: sign · 10^U(log10 low, log10 high) element-wise."""
     rng = np.random.default_rng(seed)
     grads = []

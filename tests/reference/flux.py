@@ -25,8 +25,20 @@ import math
 
 import numpy as np
 
-from .core import (REQUIRED, Chain, SpecError, Transform, full_like, leaf_norm, make_builder,
-                   register_builder, rule, split_spec, tree_map, zeros_like)
+from .core import (
+    REQUIRED,
+    Chain,
+    SpecError,
+    Transform,
+    full_like,
+    leaf_norm,
+    make_builder,
+    register_builder,
+    rule,
+    split_spec,
+    tree_map,
+    zeros_like,
+)
 from .optax_rules import Scale
 from .schedules import as_schedule
 
@@ -150,8 +162,7 @@ class RADAM(_Betas):
         rho = ri - 2 * n * b2**n / (1 - b2**n)
         if rho > 4:
             r = math.sqrt((rho - 4) * (rho - 2) * ri / ((ri - 4) * (ri - 2) * rho))
-            out = tree_map(lambda m, v: m / (1 - b1**n) / (np.sqrt(v / (1 - b2**n)) + EPS) * eta * r,
-                           m, v)
+            out = tree_map(lambda m, v: m / (1 - b1**n) / (np.sqrt(v / (1 - b2**n)) + EPS) * eta * r, m, v)
         else:
             out = tree_map(lambda m: m / (1 - b1**n) * eta, m)
         return out, (m, v)
@@ -230,8 +241,16 @@ class NADAM(_Betas):
         b1, b2 = self.b1, self.b2
         m = tree_map(lambda g, m: b1 * m + (1 - b1) * g, g, m)
         v = tree_map(lambda g, v: b2 * v + (1 - b2) * g * g, g, v)
-        out = tree_map(lambda g, m, v: (b1 * m / (1 - b1 ** (n + 1)) + (1 - b1) * g / (1 - b1**n))
-                       / (np.sqrt(v * b2 / (1 - b2**n)) + EPS) * eta, g, m, v)
+        out = tree_map(
+            lambda g, m, v: (
+                (b1 * m / (1 - b1 ** (n + 1)) + (1 - b1) * g / (1 - b1**n))
+                / (np.sqrt(v * b2 / (1 - b2**n)) + EPS)
+                * eta
+            ),
+            g,
+            m,
+            v,
+        )
         return out, (m, v)
 
 
@@ -242,8 +261,12 @@ class ExpDecay(FluxRule):
 
     def __init__(self, learning_rate, decay_rate, transition_steps, end_value):
         super().__init__(0.0)
-        self.eta0, self.decay, self.s, self.clip = (float(learning_rate), float(decay_rate),
-                                                    int(transition_steps), float(end_value))
+        self.eta0, self.decay, self.s, self.clip = (
+            float(learning_rate),
+            float(decay_rate),
+            int(transition_steps),
+            float(end_value),
+        )
 
     def step(self, g, st, p, n, eta):
         k = n // self.s
@@ -317,8 +340,7 @@ _TABLE = {
     "ADADelta": (ADADelta, dict(rho=0.9)),
     "AMSGrad": (AMSGrad, dict(learning_rate=0.001, **_BETAS)),
     "NADAM": (NADAM, dict(learning_rate=0.001, **_BETAS)),
-    "ExpDecay": (ExpDecay, dict(learning_rate=0.001, decay_rate=0.1, transition_steps=1000,
-                                end_value=1e-4)),
+    "ExpDecay": (ExpDecay, dict(learning_rate=0.001, decay_rate=0.1, transition_steps=1000, end_value=1e-4)),
     "InvDecay": (InvDecay, dict(gamma=0.001)),
     "WeightDecay": (WeightDecay, dict(weight_decay=0.0)),
     "ClipValue": (ClipValue, dict(max_delta=REQUIRED)),

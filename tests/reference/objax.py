@@ -46,10 +46,7 @@ class Momentum(_ObjaxRule):
         count, m = state
         lr = self.lr(count)
         m = tree_map(lambda g, m: g + self.mu * m, g, m)
-        if self.nesterov:
-            out = tree_map(lambda g, m: -lr * (g + self.mu * m), g, m)
-        else:
-            out = tree_map(lambda m: -lr * m, m)
+        out = tree_map(lambda g, m: -lr * (g + self.mu * m), g, m) if self.nesterov else tree_map(lambda m: -lr * m, m)
         return out, (count + 1, m)
 
 
@@ -118,8 +115,7 @@ def _adam(learning_rate, b1, b2, eps):
     return Adam(learning_rate, b1, b2, eps)
 
 
-@rule("objax:LARS", learning_rate=REQUIRED, momentum=0.9, weight_decay=1e-4,
-      trust_coefficient=1e-3, eps=1e-5)
+@rule("objax:LARS", learning_rate=REQUIRED, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-5)
 def _lars(learning_rate, momentum, weight_decay, trust_coefficient, eps):
     return LARS(learning_rate, momentum, weight_decay, trust_coefficient, eps)
 

@@ -9,8 +9,9 @@ their name; their optax equivalents are written as canonical specs in the tests)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,15 @@ import optax
 from .core import SpecError, split_spec
 
 _SCHEDULES = {
-    "constant": "constant_schedule", "constant_schedule": "constant_schedule",
+    "constant": "constant_schedule",
+    "constant_schedule": "constant_schedule",
     "exponential_decay": "exponential_decay",
-    "polynomial": "polynomial_schedule", "polynomial_schedule": "polynomial_schedule",
-    "linear": "linear_schedule", "linear_schedule": "linear_schedule",
-    "cosine_decay": "cosine_decay_schedule", "cosine_decay_schedule": "cosine_decay_schedule",
+    "polynomial": "polynomial_schedule",
+    "polynomial_schedule": "polynomial_schedule",
+    "linear": "linear_schedule",
+    "linear_schedule": "linear_schedule",
+    "cosine_decay": "cosine_decay_schedule",
+    "cosine_decay_schedule": "cosine_decay_schedule",
     "warmup_cosine_decay": "warmup_cosine_decay_schedule",
     "warmup_cosine_decay_schedule": "warmup_cosine_decay_schedule",
     "piecewise_constant": "piecewise_constant_schedule",
@@ -40,8 +45,9 @@ def optax_schedule(value: Any):
     args = dict(args or {})
     offset = int(args.pop("count_offset", 0))
     if name in ("join", "join_schedules"):
-        fn = optax.join_schedules([_as_fn(optax_schedule(s)) for s in args["schedules"]],
-                                  [int(b) for b in args["boundaries"]])
+        fn = optax.join_schedules(
+            [_as_fn(optax_schedule(s)) for s in args["schedules"]], [int(b) for b in args["boundaries"]]
+        )
     elif name == "inverse_time_decay":
         init, rate = args["init_value"], args["decay_rate"]
         steps, stair = args.get("transition_steps", 1), args.get("staircase", False)
@@ -115,8 +121,7 @@ def run_optax(spec: Any, params: Mapping[str, np.ndarray], grads_seq, dtype=None
     The whole trajectory is one jitted ``lax.scan`` (one compilation, no per-step dispatch)."""
     tx = optax_for(spec)
     p0 = {k: jnp.asarray(v, dtype=dtype) for k, v in params.items()}
-    stacked = {k: jnp.asarray(np.stack([g[k] for g in grads_seq]), dtype=p0[k].dtype)
-               for k in p0}
+    stacked = {k: jnp.asarray(np.stack([g[k] for g in grads_seq]), dtype=p0[k].dtype) for k in p0}
 
     @jax.jit
     def trajectory(p, gs):

@@ -11,8 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import (REQUIRED, Chain, SpecError, Transform, bias_correction, full_like,
-                   leaf_norm, rule, tree_map, zeros_like)
+from .core import (
+    REQUIRED,
+    Chain,
+    SpecError,
+    Transform,
+    bias_correction,
+    full_like,
+    leaf_norm,
+    rule,
+    tree_map,
+    zeros_like,
+)
 from .schedules import as_schedule, is_constant
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ def _round_to(x: np.ndarray, dtype) -> np.ndarray:
     """Round a float64 array through ``dtype`` (optax casts mu to ``mu_dtype`` after each step)."""
     if dtype is None:
         return x
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy
 
     return np.asarray(x).astype(np.dtype(dtype)).astype(np.float64)
 
@@ -241,8 +251,7 @@ class ScaleByBelief(Transform):
         b1, b2 = self.b1, self.b2
         t += 1
         m = tree_map(lambda g, m: b1 * m + (1 - b1) * g, updates, m)
-        s = tree_map(lambda g, m, s: b2 * s + (1 - b2) * (g - m) ** 2 + self.eps_root,
-                     updates, m, s)
+        s = tree_map(lambda g, m, s: b2 * s + (1 - b2) * (g - m) ** 2 + self.eps_root, updates, m, s)
 
         def u(g, m, s):
             m_hat = _nesterov_mu_hat(m, g, b1, t) if self.nesterov else bias_correction(m, b1, t)
@@ -257,8 +266,7 @@ class ScaleByRAdam(Transform):
     otherwise u = m̂  (A7, P12).  ``rho_inf_from_b1`` is the Axon/Polaris bug (§2.9):
     ρ∞ = 2/(1−b1) − 1."""
 
-    def __init__(self, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0, nesterov=False,
-                 rho_inf_from_b1=False):
+    def __init__(self, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0, nesterov=False, rho_inf_from_b1=False):
         self.b1, self.b2, self.eps, self.eps_root = map(float, (b1, b2, eps, eps_root))
         self.threshold, self.nesterov = float(threshold), bool(nesterov)
         self.rho_inf = 2.0 / (1.0 - (self.b1 if rho_inf_from_b1 else self.b2)) - 1.0
@@ -292,8 +300,7 @@ class ScaleByRms(Transform):
     """ν₀ = initial_scale; ν = decay·ν + (1−decay)·g²; ν̂ = ν/(1−decay^t) if bias_correction
     else ν; u = g/√(ν̂ + eps) (eps_in_sqrt) or g/(√ν̂ + eps)  (P13, A8, F4)."""
 
-    def __init__(self, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
-                 bias_correction=False):
+    def __init__(self, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, bias_correction=False):
         self.decay, self.eps, self.initial_scale = map(float, (decay, eps, initial_scale))
         self.eps_in_sqrt, self.bias_correction = bool(eps_in_sqrt), bool(bias_correction)
 
@@ -320,8 +327,7 @@ class ScaleByStddev(Transform):
     """μ = decay·μ + (1−decay)·g; ν = decay·ν + (1−decay)·g² (ν₀ = initial_scale);
     u = g/√(ν̂ − μ̂² + eps) (eps_in_sqrt) or g/(√(ν̂ − μ̂²) + eps)  (P17; centered rmsprop)."""
 
-    def __init__(self, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
-                 bias_correction=False):
+    def __init__(self, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, bias_correction=False):
         self.decay, self.eps, self.initial_scale = map(float, (decay, eps, initial_scale))
         self.eps_in_sqrt, self.bias_correction = bool(eps_in_sqrt), bool(bias_correction)
 
@@ -342,8 +348,7 @@ class ScaleByStddev(Transform):
         if self.eps_in_sqrt:
             out = tree_map(lambda g, m, n: g / np.sqrt(n - m * m + self.eps), updates, mu_hat, nu_hat)
         else:
-            out = tree_map(lambda g, m, n: g / (np.sqrt(n - m * m) + self.eps),
-                           updates, mu_hat, nu_hat)
+            out = tree_map(lambda g, m, n: g / (np.sqrt(n - m * m) + self.eps), updates, mu_hat, nu_hat)
         return out, (t, mu, nu)
 
 
@@ -384,8 +389,11 @@ class ScaleByYogi(Transform):
         t += 1
         m = tree_map(lambda g, m: b1 * m + (1 - b1) * g, updates, m)
         v = tree_map(lambda g, v: v - (1 - b2) * np.sign(v - g * g) * g * g, updates, v)
-        out = tree_map(lambda m, v: bias_correction(m, b1, t)
-                       / (np.sqrt(bias_correction(v, b2, t) + self.eps_root) + self.eps), m, v)
+        out = tree_map(
+            lambda m, v: bias_correction(m, b1, t) / (np.sqrt(bias_correction(v, b2, t) + self.eps_root) + self.eps),
+            m,
+            v,
+        )
         return out, (t, m, v)
 
 
@@ -393,8 +401,9 @@ class ScaleByAmsgrad(Transform):
     """m = b1·m + (1−b1)·g; v = b2·v + (1−b2)·g²; v_max = max(v_max, v̂ or v);
     u = (m̂ or m)/(√(v_max + eps_root) + eps)  (optax ``scale_by_amsgrad``, §4.12)."""
 
-    def __init__(self, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction_mu=True,
-                 bias_correction_nu=True, mu_dtype=None):
+    def __init__(
+        self, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction_mu=True, bias_correction_nu=True, mu_dtype=None
+    ):
         self.b1, self.b2, self.eps, self.eps_root = map(float, (b1, b2, eps, eps_root))
         self.bc_mu, self.bc_nu, self.mu_dtype = bool(bias_correction_mu), bool(bias_correction_nu), mu_dtype
 
@@ -409,8 +418,11 @@ class ScaleByAmsgrad(Transform):
         v = tree_map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, v)
         v_eff = tree_map(lambda v: bias_correction(v, b2, t) if self.bc_nu else v, v)
         vmax = tree_map(np.maximum, vmax, v_eff)
-        out = tree_map(lambda m, vm: (bias_correction(m, b1, t) if self.bc_mu else m)
-                       / (np.sqrt(vm + self.eps_root) + self.eps), m, vmax)
+        out = tree_map(
+            lambda m, vm: (bias_correction(m, b1, t) if self.bc_mu else m) / (np.sqrt(vm + self.eps_root) + self.eps),
+            m,
+            vmax,
+        )
         m = tree_map(lambda x: _round_to(x, self.mu_dtype), m)
         return out, (t, m, v, vmax)
 
@@ -446,8 +458,7 @@ class ScaleByAdadelta(Transform):
         e_g, e_x = state
         r = self.rho
         e_g = tree_map(lambda g, e: r * e + (1 - r) * g * g, updates, e_g)
-        out = tree_map(lambda g, eg, ex: np.sqrt(ex + self.eps) / np.sqrt(eg + self.eps) * g,
-                       updates, e_g, e_x)
+        out = tree_map(lambda g, eg, ex: np.sqrt(ex + self.eps) / np.sqrt(eg + self.eps) * g, updates, e_g, e_x)
         e_x = tree_map(lambda u, e: r * e + (1 - r) * u * u, out, e_x)
         return out, (e_g, e_x)
 
@@ -491,8 +502,7 @@ def _scale_by_radam(**kw):
     return ScaleByRAdam(**kw)
 
 
-@rule("scale_by_rms", decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
-      bias_correction=False)
+@rule("scale_by_rms", decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, bias_correction=False)
 def _scale_by_rms(**kw):
     return ScaleByRms(**kw)
 
@@ -502,8 +512,7 @@ def _scale_by_rss(**kw):
     return ScaleByRss(**kw)
 
 
-@rule("scale_by_stddev", decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
-      bias_correction=False)
+@rule("scale_by_stddev", decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, bias_correction=False)
 def _scale_by_stddev(**kw):
     return ScaleByStddev(**kw)
 
@@ -518,8 +527,16 @@ def _scale_by_yogi(**kw):
     return ScaleByYogi(**kw)
 
 
-@rule("scale_by_amsgrad", b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
-      bias_correction_mu=True, bias_correction_nu=True)
+@rule(
+    "scale_by_amsgrad",
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    bias_correction_mu=True,
+    bias_correction_nu=True,
+)
 def _scale_by_amsgrad(**kw):
     return ScaleByAmsgrad(**kw)
 
@@ -608,12 +625,10 @@ def nadam(learning_rate, nesterov, **kw):
 @rule("adamw", learning_rate=REQUIRED, weight_decay=1e-4, nesterov=False, **_ADAM_HP)
 def adamw(learning_rate, weight_decay, nesterov, **kw):
     """u = −lr·(m̂/(√(v̂+eps_root)+eps) + λ·p): decay multiplied by the LR (§4.10)."""
-    return Chain(ScaleByAdam(nesterov=nesterov, **kw), AddDecayedWeights(weight_decay),
-                 _lr(learning_rate))
+    return Chain(ScaleByAdam(nesterov=nesterov, **kw), AddDecayedWeights(weight_decay), _lr(learning_rate))
 
 
-@rule("radam", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0,
-      nesterov=False)
+@rule("radam", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0, nesterov=False)
 def radam(learning_rate, **kw):
     return Chain(ScaleByRAdam(**kw), _lr(learning_rate))
 
@@ -623,8 +638,7 @@ def adamax(learning_rate, **kw):
     return Chain(ScaleByAdamax(**kw), _lr(learning_rate))
 
 
-@rule("amsgrad", learning_rate=REQUIRED, bias_correction_mu=True, bias_correction_nu=True,
-      **_ADAM_HP)
+@rule("amsgrad", learning_rate=REQUIRED, bias_correction_mu=True, bias_correction_nu=True, **_ADAM_HP)
 def amsgrad(learning_rate, **kw):
     return Chain(ScaleByAmsgrad(**kw), _lr(learning_rate))
 
@@ -643,10 +657,19 @@ def adadelta(learning_rate, rho, eps, weight_decay):
     return Chain(AddDecayedWeights(weight_decay), ScaleByAdadelta(rho, eps), _lr(learning_rate))
 
 
-@rule("rmsprop", learning_rate=REQUIRED, decay=0.9, eps=1e-8, initial_scale=0.0,
-      eps_in_sqrt=True, centered=False, momentum=None, nesterov=False, bias_correction=False)
-def rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered, momentum, nesterov,
-            bias_correction):
+@rule(
+    "rmsprop",
+    learning_rate=REQUIRED,
+    decay=0.9,
+    eps=1e-8,
+    initial_scale=0.0,
+    eps_in_sqrt=True,
+    centered=False,
+    momentum=None,
+    nesterov=False,
+    bias_correction=False,
+)
+def rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered, momentum, nesterov, bias_correction):
     """x = −lr·g/√(ν + eps) (centered: √(ν − μ² + eps)); the LR comes *before* the momentum
     trace (A8)."""
     cls = ScaleByStddev if centered else ScaleByRms
@@ -656,27 +679,28 @@ def rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered, mom
     return Chain(*parts)
 
 
-@rule("adabelief", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16,
-      nesterov=False)
+@rule("adabelief", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, nesterov=False)
 def adabelief(learning_rate, **kw):
     return Chain(ScaleByBelief(**kw), _lr(learning_rate))
 
 
-@rule("lamb", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
-      weight_decay=0.0)
+@rule("lamb", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0)
 def lamb(learning_rate, b1, b2, eps, eps_root, weight_decay):
     """r = m̂/(√(v̂+eps_root)+eps) + λp; u = −lr·φ·r with the per-leaf trust ratio (A5)."""
-    return Chain(ScaleByAdam(b1, b2, eps, eps_root), AddDecayedWeights(weight_decay),
-                 ScaleByTrustRatio(), _lr(learning_rate))
+    return Chain(
+        ScaleByAdam(b1, b2, eps, eps_root), AddDecayedWeights(weight_decay), ScaleByTrustRatio(), _lr(learning_rate)
+    )
 
 
-@rule("lars", learning_rate=REQUIRED, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0,
-      momentum=0.9, nesterov=False)
+@rule("lars", learning_rate=REQUIRED, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0, momentum=0.9, nesterov=False)
 def lars(learning_rate, weight_decay, trust_coefficient, eps, momentum, nesterov):
     """r = g + λp; φ = tc·‖p‖/(‖r‖ + eps); LR *inside* the momentum buffer (§4.5)."""
-    return Chain(AddDecayedWeights(weight_decay),
-                 ScaleByTrustRatio(0.0, trust_coefficient, eps),
-                 _lr(learning_rate), Trace(momentum, nesterov))
+    return Chain(
+        AddDecayedWeights(weight_decay),
+        ScaleByTrustRatio(0.0, trust_coefficient, eps),
+        _lr(learning_rate),
+        Trace(momentum, nesterov),
+    )
 
 
 @rule("yogi", learning_rate=REQUIRED, b1=0.9, b2=0.999, eps=1e-3)

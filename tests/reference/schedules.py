@@ -15,8 +15,9 @@ accepted as aliases.  Formulas follow optax 0.2.8 ``optax/schedules/_schedule.py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .core import REQUIRED, SpecError, split_spec
 
@@ -40,10 +41,16 @@ def constant(value: float) -> Schedule:
     return lambda c: float(value)
 
 
-@_schedule("exponential_decay", init_value=REQUIRED, transition_steps=REQUIRED,
-           decay_rate=REQUIRED, transition_begin=0, staircase=False, end_value=None)
-def exponential_decay(init_value, transition_steps, decay_rate, transition_begin, staircase,
-                      end_value) -> Schedule:
+@_schedule(
+    "exponential_decay",
+    init_value=REQUIRED,
+    transition_steps=REQUIRED,
+    decay_rate=REQUIRED,
+    transition_begin=0,
+    staircase=False,
+    end_value=None,
+)
+def exponential_decay(init_value, transition_steps, decay_rate, transition_begin, staircase, end_value) -> Schedule:
     """d = c - transition_begin; p = d / transition_steps (floored if staircase);
     s = init if d <= 0 else init * decay_rate^p; then clipped at end_value from below when
     decay_rate < 1 (from above otherwise).  transition_steps <= 0 or decay_rate == 0 give the
@@ -65,8 +72,7 @@ def exponential_decay(init_value, transition_steps, decay_rate, transition_begin
     return s
 
 
-@_schedule("inverse_time_decay", init_value=REQUIRED, decay_rate=REQUIRED, transition_steps=1,
-           staircase=False)
+@_schedule("inverse_time_decay", init_value=REQUIRED, decay_rate=REQUIRED, transition_steps=1, staircase=False)
 def inverse_time_decay(init_value, decay_rate, transition_steps, staircase) -> Schedule:
     """s(c) = init_value / (1 + decay_rate * p), p = c / transition_steps (floored if staircase).
 
@@ -84,8 +90,15 @@ def inverse_time_decay(init_value, decay_rate, transition_steps, staircase) -> S
     return s
 
 
-@_schedule("polynomial", "polynomial_schedule", init_value=REQUIRED, end_value=REQUIRED,
-           power=REQUIRED, transition_steps=REQUIRED, transition_begin=0)
+@_schedule(
+    "polynomial",
+    "polynomial_schedule",
+    init_value=REQUIRED,
+    end_value=REQUIRED,
+    power=REQUIRED,
+    transition_steps=REQUIRED,
+    transition_begin=0,
+)
 def polynomial(init_value, end_value, power, transition_steps, transition_begin) -> Schedule:
     """k = clip(c - transition_begin, 0, T); s = (init - end) * (1 - k/T)^power + end."""
     if transition_steps <= 0:
@@ -100,15 +113,15 @@ def polynomial(init_value, end_value, power, transition_steps, transition_begin)
     return s
 
 
-@_schedule("linear", "linear_schedule", init_value=REQUIRED, end_value=REQUIRED,
-           transition_steps=REQUIRED, transition_begin=0)
+@_schedule(
+    "linear", "linear_schedule", init_value=REQUIRED, end_value=REQUIRED, transition_steps=REQUIRED, transition_begin=0
+)
 def linear(init_value, end_value, transition_steps, transition_begin) -> Schedule:
     """polynomial with power 1."""
     return polynomial(init_value, end_value, 1, transition_steps, transition_begin)
 
 
-@_schedule("cosine_decay", "cosine_decay_schedule", init_value=REQUIRED, decay_steps=REQUIRED,
-           alpha=0.0, exponent=1.0)
+@_schedule("cosine_decay", "cosine_decay_schedule", init_value=REQUIRED, decay_steps=REQUIRED, alpha=0.0, exponent=1.0)
 def cosine_decay(init_value, decay_steps, alpha, exponent) -> Schedule:
     """k = min(c, decay_steps); s = init * ((1 - alpha) * (½(1 + cos(π k / decay_steps)))^exponent
     + alpha)."""
@@ -123,24 +136,31 @@ def cosine_decay(init_value, decay_steps, alpha, exponent) -> Schedule:
     return s
 
 
-@_schedule("warmup_cosine_decay", "warmup_cosine_decay_schedule", init_value=REQUIRED,
-           peak_value=REQUIRED, warmup_steps=REQUIRED, decay_steps=REQUIRED, end_value=0.0,
-           exponent=1.0)
-def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value,
-                        exponent) -> Schedule:
+@_schedule(
+    "warmup_cosine_decay",
+    "warmup_cosine_decay_schedule",
+    init_value=REQUIRED,
+    peak_value=REQUIRED,
+    warmup_steps=REQUIRED,
+    decay_steps=REQUIRED,
+    end_value=0.0,
+    exponent=1.0,
+)
+def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent) -> Schedule:
     """join([linear(init -> peak over warmup_steps),
-             cosine_decay(peak, decay_steps - warmup_steps, alpha=end/peak, exponent)],
-            boundaries=[warmup_steps]).  alpha = 0 when peak is 0."""
+     cosine_decay(peak, decay_steps - warmup_steps, alpha=end/peak, exponent)],
+    boundaries=[warmup_steps]).  alpha = 0 when peak is 0."""
     alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
     return _join(
-        [linear(init_value, peak_value, warmup_steps, 0),
-         cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)],
+        [
+            linear(init_value, peak_value, warmup_steps, 0),
+            cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent),
+        ],
         [warmup_steps],
     )
 
 
-@_schedule("piecewise_constant", "piecewise_constant_schedule", init_value=REQUIRED,
-           boundaries_and_scales=None)
+@_schedule("piecewise_constant", "piecewise_constant_schedule", init_value=REQUIRED, boundaries_and_scales=None)
 def piecewise_constant(init_value, boundaries_and_scales) -> Schedule:
     """v = init; for each boundary b (ascending) with scale k: v *= k once c >= b.
 
@@ -168,7 +188,7 @@ def _boundary_pairs(bs) -> list[tuple[int, float]]:
 def _join(schedules: list[Schedule], boundaries: list[int]) -> Schedule:
     def s(c):
         out = schedules[0](c)
-        for b, sched in zip(boundaries, schedules[1:]):
+        for b, sched in zip(boundaries, schedules[1:], strict=False):  # unchecked lengths, as in optax
             if c >= b:
                 out = sched(c - b)
         return out

@@ -3,9 +3,9 @@
 Light on purpose: numpy, grpcio, protobuf and ml_dtypes only. jax or torch are imported only when
 the caller hands us their arrays.
 """
+
 from optserve.client import optim
 from optserve.client.client import Client
-from optserve.client.model import Model
 from optserve.client.errors import (
     AlreadyExistsError,
     CancelledError,
@@ -19,22 +19,23 @@ from optserve.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from optserve.client.model import Model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client",
-    "Model",
-    "optim",
-    "OptserveError",
-    "NotFoundError",
     "AlreadyExistsError",
-    "InvalidArgumentError",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
     "FailedPreconditionError",
+    "InvalidArgumentError",
+    "Model",
+    "NotFoundError",
+    "OptserveError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
-    "PermissionDeniedError",
     "UnavailableError",
-    "DeadlineExceededError",
-    "CancelledError",
+    "optim",
 ]

@@ -11,6 +11,7 @@ Bulky calls (create, push, pull, push_pull, download, upload) stream chunks fram
 `optserve.wire`, so payloads are never copied by protobuf; everything else uses the generated
 messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,16 @@ class Client(Connection):
         """
         leaves, structure = pytree.flatten(params)
         settings = settings_message(
-            mode=mode, workers=workers, quorum=quorum, max_staleness=max_staleness, sync_timeout=sync_timeout,
-            staleness_scaling=staleness_scaling, ema=ema, ema_debias=ema_debias, reject_nonfinite=reject_nonfinite,
-        )  # fmt: skip
+            mode=mode,
+            workers=workers,
+            quorum=quorum,
+            max_staleness=max_staleness,
+            sync_timeout=sync_timeout,
+            staleness_scaling=staleness_scaling,
+            ema=ema,
+            ema_debias=ema_debias,
+            reject_nonfinite=reject_nonfinite,
+        )
         header = pb.CreateModelHeader(
             name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=schema_of(leaves)
         )
@@ -111,8 +119,14 @@ class Client(Connection):
                 "library": r.library,
                 "doc": r.doc,
                 "hyperparams": [
-                    {"name": h.name, "default": json.loads(h.default_json or "null"), "required": h.required,
-                     "doc": h.doc, "type": h.type, "tunable": h.tunable}
+                    {
+                        "name": h.name,
+                        "default": json.loads(h.default_json or "null"),
+                        "required": h.required,
+                        "doc": h.doc,
+                        "type": h.type,
+                        "tunable": h.tunable,
+                    }
                     for h in r.hyperparams
                 ],
             }

@@ -3,6 +3,7 @@
 Each carries `.code` (a grpc.StatusCode) and `.message` (the server's text, which names the model
 and the leaf or spec field at fault).
 """
+
 from __future__ import annotations
 
 import grpc

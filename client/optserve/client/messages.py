@@ -1,5 +1,6 @@
 """The contract's messages as the Python client builds and reads them: schemas, wire dtypes,
 settings, model info (chunk streams are framed by `optserve.wire.chunks`)."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from optserve.wire import dtypes
-from optserve.wire.chunks import Cast
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire import dtypes
+from optserve.wire.chunks import Cast, WireLeaf
 
 
 def schema_of(leaves: Sequence[tuple[str, np.ndarray]]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=p, dtype=dtypes.dtype_name(a.dtype), shape=a.shape) for p, a in leaves]
 
 
-def to_wire(
-    leaves: list[tuple[str, np.ndarray]], wire_dtype: str | None
-) -> list[tuple[str, np.ndarray | Cast]]:
+def to_wire(leaves: Sequence[tuple[str, np.ndarray]], wire_dtype: str | None) -> Sequence[WireLeaf]:
     """Marks floating-point leaves for a narrower wire dtype ("bfloat16", "float16"); they are
     converted chunk by chunk while the stream is framed (`optserve.wire.chunks.Cast`)."""
     if not wire_dtype:
@@ -26,8 +25,7 @@ def to_wire(
     target = dtypes.wire_dtype(wire_dtype)
     if wire_dtype not in dtypes.FLOAT_DTYPES:
         raise ValueError(f"wire_dtype must be a floating-point dtype, got {wire_dtype!r}")
-    return [(p, Cast(a, target) if a.dtype.name in dtypes.FLOAT_DTYPES and a.dtype != target else a)
-            for p, a in leaves]  # fmt: skip
+    return [(p, Cast(a, target) if a.dtype.name in dtypes.FLOAT_DTYPES and a.dtype != target else a) for p, a in leaves]
 
 
 def info_to_dict(info: pb.ModelInfo) -> dict:
@@ -48,13 +46,11 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
     return {
         "name": info.name,
         "step": info.step,
-        "schema": [{"path": l.path, "dtype": l.dtype, "shape": tuple(l.shape)} for l in info.schema],
+        "schema": [{"path": leaf.path, "dtype": leaf.dtype, "shape": tuple(leaf.shape)} for leaf in info.schema],
         "spec": json.loads(info.optimizer_json) if info.optimizer_json else None,
         "settings": settings,
         "hyperparams": {h.name: h.value for h in info.hyperparams},
-        "workers": {
-            w.worker_id: {"last_seq": w.last_seq, "last_base_step": w.last_base_step} for w in info.workers
-        },
+        "workers": {w.worker_id: {"last_seq": w.last_seq, "last_base_step": w.last_base_step} for w in info.workers},
         "pending_contributions": info.pending_contributions,
         "counters": {f.name: getattr(c, f.name) for f in c.DESCRIPTOR.fields},
         "param_bytes": info.param_bytes,
@@ -66,10 +62,17 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
 
 
 def settings_message(
-    *, mode: str, workers: int | None, quorum: int | None, max_staleness: int | None,
-    sync_timeout: float | None, staleness_scaling: str | None, ema: float | None, ema_debias: bool,
+    *,
+    mode: str,
+    workers: int | None,
+    quorum: int | None,
+    max_staleness: int | None,
+    sync_timeout: float | None,
+    staleness_scaling: str | None,
+    ema: float | None,
+    ema_debias: bool,
     reject_nonfinite: bool = False,
-) -> pb.ModelSettings:  # fmt: skip
+) -> pb.ModelSettings:
     s = pb.ModelSettings(
         reject_nonfinite_updates=reject_nonfinite,
         mode=mode,

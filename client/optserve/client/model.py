@@ -3,11 +3,12 @@
 Bulky calls stream chunks framed by `optserve.wire`; tensors that fit in one chunk use the unary
 twins (PushOne, PullOne, PushPullOne), which cost a third of a stream in grpcio.
 """
+
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
 from optserve.wire.assembler import TensorAssembler, buffer_of
-from optserve.wire.chunks import chunk_messages
+from optserve.wire.chunks import WireLeaf, chunk_messages
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.framing import parse_message
 
@@ -47,7 +48,7 @@ class Model:
         self.client = client
         self.name = name
         self._structure = structure
-        self._schema = {l.path: l for l in info.schema} if info is not None else None
+        self._schema = {leaf.path: leaf for leaf in info.schema} if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
         self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
 
@@ -64,13 +65,13 @@ class Model:
             h.base_step = base_step
         return h
 
-    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]:
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]:
         leaves, structure = pytree.flatten(grads)
         if self._structure is None:
             self._structure = structure
         return to_wire(leaves, wire_dtype)
 
-    def _push_messages(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]]) -> tuple[bytes | None, Iterator[bytes]]:
+    def _push_messages(self, header: pb.PushHeader, leaves: Sequence[WireLeaf]) -> tuple[bytes | None, Iterator[bytes]]:
         """(the only message, or None) and the message stream: a gradient that frames into one
         message goes through a unary twin; a bigger one starts streaming after one lookahead."""
         msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
@@ -80,7 +81,9 @@ class Model:
             return first, iter((first,))
         return None, itertools.chain((first, second), msgs)
 
-    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], timeout: float | None = None) -> pb.PushResponse:
+    def push_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> pb.PushResponse:
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
             return self.client.call(self.client._push_one, only, timeout=timeout)
@@ -94,11 +97,21 @@ class Model:
         return resp.step
 
     def _pull_request(
-        self, *, min_step: int | None, timeout: float | None, ema: bool, wire_dtype: str | None,
+        self,
+        *,
+        min_step: int | None,
+        timeout: float | None,
+        ema: bool,
+        wire_dtype: str | None,
         if_newer_than: int | None,
-    ) -> pb.PullRequest:  # fmt: skip
-        req = pb.PullRequest(model=self.name, timeout_seconds=timeout or 0.0, ema=ema, wire_dtype=wire_dtype or "",
-                             max_message_bytes=self.client.max_receive_bytes)  # fmt: skip
+    ) -> pb.PullRequest:
+        req = pb.PullRequest(
+            model=self.name,
+            timeout_seconds=timeout or 0.0,
+            ema=ema,
+            wire_dtype=wire_dtype or "",
+            max_message_bytes=self.client.max_receive_bytes,
+        )
         if min_step is not None:
             req.min_step = min_step
         if if_newer_than is not None:
@@ -128,8 +141,9 @@ class Model:
         """
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
-        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype,
-                                 if_newer_than=if_newer_than)  # fmt: skip
+        req = self._pull_request(
+            min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=if_newer_than
+        )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
@@ -140,19 +154,30 @@ class Model:
         return params
 
     def push_pull(
-        self, grads: Any, *, base_step: int | None = None, weight: float | None = None,
-        wire_dtype: str | None = None, like: Any = None, out: Any = None,
-    ) -> Any:  # fmt: skip
+        self,
+        grads: Any,
+        *,
+        base_step: int | None = None,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
         """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
         header = self._push_header(base_step, weight)
-        header.pull.CopyFrom(self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype,
-                                                if_newer_than=None))  # fmt: skip
+        header.pull.CopyFrom(
+            self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
+        )
         return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like, out=out)[1]
 
     def push_pull_raw(
-        self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None, timeout: float | None = None,
+        self,
+        header: pb.PushHeader,
+        leaves: Sequence[WireLeaf],
+        like: Any = None,
+        timeout: float | None = None,
         out: Any = None,
-    ) -> tuple[pb.PushResponse, Any]:  # fmt: skip
+    ) -> tuple[pb.PushResponse, Any]:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
         only, msgs = self._push_messages(header, leaves)
@@ -171,7 +196,8 @@ class Model:
         """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
         targets = self._out_targets(out) if out is not None else None
         assembler = None
-        step, schema = -1, None
+        step = -1
+        schema: dict[str, LeafSpec] = {}  # set by the header, the first message
         for raw in replies:
             msg, payload = parse_message(raw, pb.PullResponse)
             if msg.HasField("header"):
@@ -181,7 +207,7 @@ class Model:
                 self.last_incarnation = msg.header.incarnation
                 if msg.header.not_modified:
                     return step, None
-                schema = {l.path: LeafSpec(l.path, l.dtype, tuple(l.shape)) for l in msg.header.schema}
+                schema = {leaf.path: LeafSpec(leaf.path, leaf.dtype, tuple(leaf.shape)) for leaf in msg.header.schema}
                 if targets is not None:
                     self._check_out(schema, targets)
                 assembler = _IntoArrays(schema, what=f"model {self.name!r}", targets=targets)
@@ -264,7 +290,9 @@ class Model:
 
     def checkpoints(self) -> list[dict]:
         resp = self.client.call(self.client._stub.ListCheckpoints, pb.ListCheckpointsRequest(model=self.name))
-        return [{"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints]
+        return [
+            {"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints
+        ]
 
     def restore(self, step: int = 0) -> int:
         """Restores a committed checkpoint (0: the newest that verifies); returns the model's step."""
@@ -279,7 +307,9 @@ class Model:
             for raw in self.client.stream(self.client._download, pb.DownloadRequest(model=self.name)):
                 msg, data = parse_message(raw, pb.FileChunk)
                 if msg.offset != size:
-                    raise InvalidArgumentError(f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}")
+                    raise InvalidArgumentError(
+                        f"model {self.name!r}: download chunk at offset {msg.offset}, expected {size}"
+                    )
                 f.write(data)
                 size += len(data)
             f.flush()

@@ -8,8 +8,10 @@
 Names and hyperparameters are optax's. The server validates a spec when the model is created and
 names the exact field at fault; `Client.rules()` lists every rule the server knows.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 Spec = Any  # JSON-compatible: dict, str, list, numbers, bools
@@ -30,11 +32,11 @@ def chain(*specs: Spec) -> dict:
     return {"chain": list(specs)}
 
 
-def _builder(name: str, *positional: str):
+def _builder(name: str, *positional: str) -> Callable[..., dict]:
     def build(*args: Any, **kwargs: Any) -> dict:
         if len(args) > len(positional):
             raise TypeError(f"{name}() takes at most {len(positional)} positional arguments")
-        kwargs.update(zip(positional, args))
+        kwargs.update(zip(positional, args, strict=False))  # names past the last argument stay unset
         return rule(name, **kwargs)
 
     build.__name__ = name
@@ -42,49 +44,107 @@ def _builder(name: str, *positional: str):
     return build
 
 
-_OPTIMIZERS = [
-    "sgd", "noisy_sgd", "adam", "nadam", "adamw", "radam", "adamax", "amsgrad", "adagrad",
-    "adadelta", "rmsprop", "adabelief", "lamb", "lars", "yogi",
-]  # fmt: skip
-_TRANSFORMS = {
-    "identity": (),
-    "scale": ("step_size",),
-    "scale_by_learning_rate": ("learning_rate",),
-    "scale_by_schedule": ("step_size_fn",),
-    "scale_by_adam": (),
-    "scale_by_belief": (),
-    "scale_by_radam": (),
-    "scale_by_rms": (),
-    "scale_by_rss": (),
-    "scale_by_stddev": (),
-    "scale_by_trust_ratio": (),
-    "scale_by_yogi": (),
-    "scale_by_amsgrad": (),
-    "scale_by_adamax": (),
-    "trace": ("decay",),
-    "add_decayed_weights": ("weight_decay",),
-    "add_noise": ("eta", "gamma", "seed"),
-    "centralize": (),
-    "clip": ("max_delta",),
-    "clip_by_global_norm": ("max_norm",),
-    "clip_by_leaf_norm": ("max_norm",),
-}
-_SCHEDULES = {
-    "constant_schedule": ("value",),
-    "exponential_decay": ("init_value", "transition_steps", "decay_rate"),
-    "inverse_time_decay": ("init_value", "decay_rate"),
-    "polynomial_schedule": ("init_value", "end_value", "power", "transition_steps"),
-    "linear_schedule": ("init_value", "end_value", "transition_steps"),
-    "cosine_decay_schedule": ("init_value", "decay_steps"),
-    "warmup_cosine_decay_schedule": ("init_value", "peak_value", "warmup_steps", "decay_steps"),
-    "piecewise_constant_schedule": ("init_value", "boundaries_and_scales"),
-    "join_schedules": ("schedules", "boundaries"),
-}
+# One builder per rule, written out so that type checkers and editors see each name. The
+# optimizers take their learning rate by position.
+sgd = _builder("sgd", "learning_rate")
+noisy_sgd = _builder("noisy_sgd", "learning_rate")
+adam = _builder("adam", "learning_rate")
+nadam = _builder("nadam", "learning_rate")
+adamw = _builder("adamw", "learning_rate")
+radam = _builder("radam", "learning_rate")
+adamax = _builder("adamax", "learning_rate")
+amsgrad = _builder("amsgrad", "learning_rate")
+adagrad = _builder("adagrad", "learning_rate")
+adadelta = _builder("adadelta", "learning_rate")
+rmsprop = _builder("rmsprop", "learning_rate")
+adabelief = _builder("adabelief", "learning_rate")
+lamb = _builder("lamb", "learning_rate")
+lars = _builder("lars", "learning_rate")
+yogi = _builder("yogi", "learning_rate")
 
-for _name in _OPTIMIZERS:
-    globals()[_name] = _builder(_name, "learning_rate")
-for _name, _pos in {**_TRANSFORMS, **_SCHEDULES}.items():
-    globals()[_name] = _builder(_name, *_pos)
-del _name, _pos
+# Gradient transforms.
+identity = _builder("identity")
+scale = _builder("scale", "step_size")
+scale_by_learning_rate = _builder("scale_by_learning_rate", "learning_rate")
+scale_by_schedule = _builder("scale_by_schedule", "step_size_fn")
+scale_by_adam = _builder("scale_by_adam")
+scale_by_belief = _builder("scale_by_belief")
+scale_by_radam = _builder("scale_by_radam")
+scale_by_rms = _builder("scale_by_rms")
+scale_by_rss = _builder("scale_by_rss")
+scale_by_stddev = _builder("scale_by_stddev")
+scale_by_trust_ratio = _builder("scale_by_trust_ratio")
+scale_by_yogi = _builder("scale_by_yogi")
+scale_by_amsgrad = _builder("scale_by_amsgrad")
+scale_by_adamax = _builder("scale_by_adamax")
+trace = _builder("trace", "decay")
+add_decayed_weights = _builder("add_decayed_weights", "weight_decay")
+add_noise = _builder("add_noise", "eta", "gamma", "seed")
+centralize = _builder("centralize")
+clip = _builder("clip", "max_delta")
+clip_by_global_norm = _builder("clip_by_global_norm", "max_norm")
+clip_by_leaf_norm = _builder("clip_by_leaf_norm", "max_norm")
 
-__all__ = ["rule", "preset", "chain", *_OPTIMIZERS, *_TRANSFORMS, *_SCHEDULES]
+# Schedules: usable wherever a number is.
+constant_schedule = _builder("constant_schedule", "value")
+exponential_decay = _builder("exponential_decay", "init_value", "transition_steps", "decay_rate")
+inverse_time_decay = _builder("inverse_time_decay", "init_value", "decay_rate")
+polynomial_schedule = _builder("polynomial_schedule", "init_value", "end_value", "power", "transition_steps")
+linear_schedule = _builder("linear_schedule", "init_value", "end_value", "transition_steps")
+cosine_decay_schedule = _builder("cosine_decay_schedule", "init_value", "decay_steps")
+warmup_cosine_decay_schedule = _builder(
+    "warmup_cosine_decay_schedule", "init_value", "peak_value", "warmup_steps", "decay_steps"
+)
+piecewise_constant_schedule = _builder("piecewise_constant_schedule", "init_value", "boundaries_and_scales")
+join_schedules = _builder("join_schedules", "schedules", "boundaries")
+
+__all__ = [
+    "adabelief",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "add_decayed_weights",
+    "add_noise",
+    "amsgrad",
+    "centralize",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "clip_by_leaf_norm",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay",
+    "identity",
+    "inverse_time_decay",
+    "join_schedules",
+    "lamb",
+    "lars",
+    "linear_schedule",
+    "nadam",
+    "noisy_sgd",
+    "piecewise_constant_schedule",
+    "polynomial_schedule",
+    "preset",
+    "radam",
+    "rmsprop",
+    "rule",
+    "scale",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_amsgrad",
+    "scale_by_belief",
+    "scale_by_learning_rate",
+    "scale_by_radam",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_schedule",
+    "scale_by_stddev",
+    "scale_by_trust_ratio",
+    "scale_by_yogi",
+    "sgd",
+    "trace",
+    "warmup_cosine_decay_schedule",
+    "yogi",
+]

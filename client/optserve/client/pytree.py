@@ -7,6 +7,7 @@ scalars, Python numbers, jax arrays, torch tensors). jax and torch are imported 
 handed us one of their arrays (or a pytree type only jax knows). A structure that was never seen
 comes back as nested dicts (`nested_dicts`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -129,10 +130,9 @@ def _visit(x: Any, prefix: str, leaves: list[tuple[str, np.ndarray]]) -> Any:
     if "jax" in sys.modules:  # a registered pytree node that only jax knows
         import jax
 
-        children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        if not (len(children) == 1 and children[0][1] is x):
-            return ("jax", treedef,
-                    tuple(_visit(c, join_path(prefix, _jax_key(p[-1])), leaves) for p, c in children))  # fmt: skip
+        flat, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+        if not (len(flat) == 1 and flat[0][1] is x):
+            return ("jax", treedef, tuple(_visit(c, join_path(prefix, _jax_key(p[-1])), leaves) for p, c in flat))
     raise TypeError(f"cannot send a leaf of type {type(x).__name__} at {prefix or '<root>'!r}")
 
 
@@ -164,7 +164,7 @@ def _build(node: Any, it: Iterator[np.ndarray]) -> Any:
         return None
     if tag == "dict":
         _, cls, keys, children, order = node
-        by_key = dict(zip(keys, [_build(c, it) for c in children]))
+        by_key = dict(zip(keys, [_build(c, it) for c in children], strict=True))
         d = {k: by_key[k] for k in order}
         return d if cls is dict else _rebuild_mapping(cls, d)
     if tag == "namedtuple":
@@ -189,7 +189,7 @@ def writable_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
     leaves, structure = flatten(tree)
     kinds: list[str] = []
     _leaf_kinds(structure.node, kinds)
-    for (path, a), kind in zip(leaves, kinds):
+    for (path, a), kind in zip(leaves, kinds, strict=True):
         if kind not in ("numpy", "torch") or not (a.flags.writeable and a.flags.c_contiguous):
             what = f"a {kind} leaf" if kind not in ("numpy", "torch") else "not a writable C-contiguous array"
             raise TypeError(f"leaf {path!r} cannot be written in place ({what}); use numpy arrays or CPU torch tensors")

@@ -9,6 +9,7 @@ Bulky calls (create, push, pull, push_pull, download, upload) send and receive r
 `optserve.wire`, so payloads are never copied by protobuf; everything else uses the generated
 messages (`_stub`).
 """
+
 from __future__ import annotations
 
 import os
@@ -133,10 +134,17 @@ class Connection:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise OptserveError(f"server at {self.target} not reachable within {timeout}s", grpc.StatusCode.UNAVAILABLE) from None
+            raise OptserveError(
+                f"server at {self.target} not reachable within {timeout}s", grpc.StatusCode.UNAVAILABLE
+            ) from None
 
     def server_info(self) -> dict:
         """The server's version, incarnation (new at every start), device, model count and start time."""
         i = self.call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
-        return {"version": i.version, "incarnation": i.incarnation, "device": i.device, "models": i.models,
-                "started_unix": i.started_unix}  # fmt: skip
+        return {
+            "version": i.version,
+            "incarnation": i.incarnation,
+            "device": i.device,
+            "models": i.models,
+            "started_unix": i.started_unix,
+        }

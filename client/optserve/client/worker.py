@@ -13,19 +13,20 @@ When a call fails and the server that answers afterwards is a new incarnation, t
 learns the restored step (a header-only pull) and only then resends, its gradient's base_step
 capped at that step: the state was restored from a checkpoint, possibly older than what it pulled.
 """
+
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
-import numpy as np
 
 from optserve.client.errors import OptserveError
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import WireLeaf
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -42,18 +43,36 @@ class WorkerModel(Protocol):
     client: Connection
     last_step: int
 
-    def pull(self, **kwargs: Any) -> Any: ...
+    def pull(
+        self,
+        *,
+        like: Any = ...,
+        min_step: int | None = ...,
+        timeout: float | None = ...,
+        ema: bool = ...,
+        wire_dtype: str | None = ...,
+        if_newer_than: int | None = ...,
+        out: Any = ...,
+    ) -> Any: ...
 
-    def _push_header(self, base_step: int | None, weight: float | None, worker_id: str = "",
-                     seq: int = 0) -> pb.PushHeader: ...  # fmt: skip
+    def _push_header(
+        self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
+    ) -> pb.PushHeader: ...
 
-    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> list[tuple[str, np.ndarray]]: ...
+    def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]: ...
 
-    def push_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]],
-                 timeout: float | None = None) -> pb.PushResponse: ...  # fmt: skip
+    def push_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> pb.PushResponse: ...
 
-    def push_pull_raw(self, header: pb.PushHeader, leaves: list[tuple[str, np.ndarray]], like: Any = None,
-                      timeout: float | None = None, out: Any = None) -> tuple[pb.PushResponse, Any]: ...  # fmt: skip
+    def push_pull_raw(
+        self,
+        header: pb.PushHeader,
+        leaves: Sequence[WireLeaf],
+        like: Any = None,
+        timeout: float | None = None,
+        out: Any = None,
+    ) -> tuple[pb.PushResponse, Any]: ...
 
 
 class Worker:
@@ -142,8 +161,15 @@ class Worker:
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
 
-    def push_pull(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None,
-                  like: Any = None, out: Any = None) -> Any:  # fmt: skip
+    def push_pull(
+        self,
+        grads: Any,
+        *,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)

@@ -13,6 +13,7 @@ by overriding three methods, each documented below:
 
 A hook rejects the stream by raising `self.error(...)` (a WireError naming what it is told).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -49,10 +50,11 @@ def buffer_of(array: np.ndarray | None, dtype: np.dtype, shape: tuple[int, ...])
 class Leaf:
     """One leaf being received: its wire dtype and shape, its buffer, the bytes received so far."""
 
-    __slots__ = ("path", "dtype_name", "dtype", "shape", "nbytes", "buffer", "received", "intervals", "done")
+    __slots__ = ("buffer", "done", "dtype", "dtype_name", "intervals", "nbytes", "path", "received", "shape")
 
-    def __init__(self, path: str, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int,
-                 buffer: np.ndarray):  # fmt: skip
+    def __init__(
+        self, path: str, dtype_name: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, buffer: np.ndarray
+    ):
         self.path = path
         self.dtype_name = dtype_name  # the wire dtype's name
         self.dtype = dtype

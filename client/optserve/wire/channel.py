@@ -2,6 +2,7 @@
 
 Plain data (option names and values, the service's name): grpc itself is imported by the code that
 opens the channel or the server."""
+
 from __future__ import annotations
 
 SERVICE = "optserve.v1.Optserve"

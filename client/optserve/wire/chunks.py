@@ -1,5 +1,6 @@
 """Sending: leaves split into chunks (big leaves by byte offset, small ones packed together) and
 framed as a stream of chunk messages."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ def as_bytes(array: np.ndarray) -> memoryview:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     array = np.ascontiguousarray(array)
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data
 
 
 class Cast:
@@ -47,7 +48,11 @@ class Cast:
 
     def piece(self, start: int, stop: int) -> memoryview:
         """Elements [start, stop) in the wire dtype, as bytes."""
-        return memoryview(self.array[start:stop].astype(self.dtype).view(np.uint8))
+        return self.array[start:stop].astype(self.dtype).view(np.uint8).data
+
+
+# A leaf as the framer takes it: (path, array), the array possibly marked for a narrower wire dtype.
+WireLeaf = tuple[str, np.ndarray | Cast]
 
 
 # An upper bound of what one slice costs in a message besides its payload bytes: its entry in the
@@ -59,13 +64,18 @@ _SLICE_FIXED_BYTES = 1 + 5 + (1 + 5) + (1 + 1) + (1 + 5) + (1 + 10) + (1 + 10)
 def slice_wire_bytes(path: str, dtype_name: str, shape: Sequence[int]) -> int:
     """An upper bound of one TensorSlice's serialized size inside a chunk message (any offset and
     length): what a slice list costs besides the payload."""
-    return _SLICE_FIXED_BYTES + (len(path) if path.isascii() else len(path.encode())) + len(dtype_name) + 10 * len(shape)
+    return (
+        _SLICE_FIXED_BYTES + (len(path) if path.isascii() else len(path.encode())) + len(dtype_name) + 10 * len(shape)
+    )
 
 
 def plan_chunks(
-    leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-    max_message_bytes: int | None = None, first_message_bytes: int = 0,
-) -> Iterator[tuple[list[Slice], list[memoryview]]]:  # fmt: skip
+    leaves: Sequence[WireLeaf],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    max_message_bytes: int | None = None,
+    first_message_bytes: int = 0,
+) -> Iterator[tuple[list[Slice], list[memoryview]]]:
     """Yields (slices, payload parts) per chunk: big leaves split by offset, small ones packed.
 
     Every leaf appears at least once (a zero-size leaf as one empty slice), so the receiver can tell
@@ -88,13 +98,13 @@ def plan_chunks(
     used = 0  # payload bytes of the chunk being built
     meta = first_message_bytes if bounded else 0  # its other bytes (header, slice list)
     for path, array in leaves:
-        cast = array if isinstance(array, Cast) else None
-        name = dtype_name(cast.dtype if cast else array.dtype)
+        name = dtype_name(array.dtype)
         shape = tuple(int(d) for d in array.shape)
-        if cast:
-            unit, size = cast.dtype.itemsize, cast.array.size * cast.dtype.itemsize
+        if isinstance(array, Cast):
+            cast, data = array, memoryview(b"")  # converted chunk by chunk (`Cast.piece`), never whole
+            unit, size = array.dtype.itemsize, array.array.size * array.dtype.itemsize
         else:
-            data = as_bytes(array)
+            cast, data = None, as_bytes(array)
             unit, size = 1, len(data)
         cost = slice_wire_bytes(path, name, shape) if bounded else 0
         offset = 0
@@ -114,7 +124,9 @@ def plan_chunks(
                 take = min(unit, size - offset)
             slices.append(Slice(path, name, shape, offset, take))
             if take:
-                parts.append(cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take])
+                parts.append(
+                    cast.piece(offset // unit, (offset + take) // unit) if cast else data[offset : offset + take]
+                )
             offset += take
             used += take
             meta += cost
@@ -125,9 +137,11 @@ def plan_chunks(
 
 
 def chunk_messages(
-    first: Any, leaves: Sequence[tuple[str, np.ndarray | Cast]], chunk_bytes: int,
+    first: Any,
+    leaves: Sequence[WireLeaf],
+    chunk_bytes: int,
     max_message_bytes: int | None = None,
-) -> Iterator[bytes]:  # fmt: skip
+) -> Iterator[bytes]:
     """Frames leaves as a stream of messages of `first`'s type; `first` (carrying the header fields)
     becomes the first message, holding the first chunk too, so a small tensor set is one message.
     max_message_bytes: every message, header and slice list included, stays within it (a header
@@ -137,8 +151,9 @@ def chunk_messages(
     its `slices`, `ByteSize` and `SerializeToString` are used, so this module needs no protobuf."""
     msg = first
     header_bytes = first.ByteSize() if max_message_bytes is not None else 0
-    for slices, parts in plan_chunks(leaves, chunk_bytes, max_message_bytes=max_message_bytes,
-                                     first_message_bytes=header_bytes):  # fmt: skip
+    for slices, parts in plan_chunks(
+        leaves, chunk_bytes, max_message_bytes=max_message_bytes, first_message_bytes=header_bytes
+    ):
         add = msg.slices.add
         for s in slices:
             add(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length)

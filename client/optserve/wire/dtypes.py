@@ -1,4 +1,5 @@
 """The dtypes a tensor may have on the wire: names, numpy dtypes, sizes, and what a leaf must be."""
+
 from __future__ import annotations
 
 import math

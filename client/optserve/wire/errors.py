@@ -1,4 +1,5 @@
 """The one error of the wire format."""
+
 from __future__ import annotations
 
 

@@ -11,11 +11,12 @@ a `bytes` field on every access, so the fast path never lets protobuf see the pa
 
 Other languages use the generated messages unchanged; the bytes are identical.
 """
+
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 from optserve.wire.errors import WireError
 
@@ -102,13 +103,25 @@ def split_payload(data: bytes) -> tuple[bytes, memoryview]:
 SMALL_MESSAGE_BYTES = 1 << 16  # below this, protobuf's C parser beats walking the fields in Python
 
 
+class ChunkMessage(Protocol):
+    """What this module uses of a generated chunk message class (so that it needs no protobuf)."""
+
+    DESCRIPTOR: Any
+
+    @classmethod
+    def FromString(cls, data: bytes, /) -> Self: ...
+
+
+M = TypeVar("M", bound=ChunkMessage)
+
+
 @functools.cache
-def _payload_name(message_type: type) -> str:
+def _payload_name(message_type: type[ChunkMessage]) -> str:
     """The name of field PAYLOAD_FIELD in a chunk message type ("payload", or "data" for files)."""
-    return message_type.DESCRIPTOR.fields_by_number[PAYLOAD_FIELD].name  # type: ignore[attr-defined]
+    return message_type.DESCRIPTOR.fields_by_number[PAYLOAD_FIELD].name
 
 
-def parse_message(data: bytes, message_type: Any) -> tuple[Any, memoryview]:
+def parse_message(data: bytes, message_type: type[M]) -> tuple[M, memoryview]:
     """(message, payload view) of one serialized chunk message of a generated `message_type`.
 
     Large messages go through `split_payload` (the payload is never copied); small ones are parsed
