@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     with Server(port=0, checkpoint_dir=root) as srv, srv.client(timeout=600) as client:
         client.create_model("big", {k: v[:1] for k, v in params.items()}, optimizer={"adam": {"learning_rate": 1e-3}})
         client.delete_model("big")  # (warms the service path; the real model is built in-process below)
-        model = admission.create_model(srv.store, "big", _schema(params), {"adam": {"learning_rate": 1e-3}}, _settings(),
-                                       params)  # fmt: skip
+        model = admission.create_model(
+            srv.store, "big", _schema(params), {"adam": {"learning_rate": 1e-3}}, _settings(), params
+        )
         manager = srv.checkpoints
 
         def push() -> float:

@@ -1,4 +1,5 @@
 """Models built in this process, without a server, for the unit tests of the core (test_core_*.py)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,16 +28,27 @@ def grad(value: float) -> dict[str, np.ndarray]:
     return {"w": np.full(3, value, np.float32), "n": np.zeros(2, np.int32)}
 
 
-def make_model(settings: ModelSettings | None = None, spec: dict | None = None,
-               start: Mapping[str, np.ndarray] | None = None, name: str = "m") -> Model:  # fmt: skip
+def make_model(
+    settings: ModelSettings | None = None,
+    spec: dict | None = None,
+    start: Mapping[str, np.ndarray] | None = None,
+    name: str = "m",
+) -> Model:
     """A model created through core/admission.py, as every door creates one."""
     p = dict(start if start is not None else params())
     schema = [LeafSpec(k, dtype_name(v.dtype), v.shape) for k, v in p.items()]
     return admission.create_model(ModelStore(CPU), name, schema, spec or SGD, settings or ModelSettings(), p)
 
 
-def receive(model: Model, grads: Mapping[str, np.ndarray], *, base_step: int | None = None, worker_id: str = "",
-            seq: int = 0, weight: float = 0.0):  # fmt: skip
+def receive(
+    model: Model,
+    grads: Mapping[str, np.ndarray],
+    *,
+    base_step: int | None = None,
+    worker_id: str = "",
+    seq: int = 0,
+    weight: float = 0.0,
+):
     """A push's receiver that has received all of `grads` (what the service does with a stream)."""
     receiver = model.open_push(base_step=base_step, worker_id=worker_id, seq=seq, weight=weight)
     for slices, parts in plan_chunks(list(grads.items())):

@@ -1,5 +1,6 @@
 """api/status.py and api/call_context.py without a server: every domain error has its gRPC status,
 and a call's allowed models come from its own metadata."""
+
 from __future__ import annotations
 
 import grpc
@@ -20,8 +21,9 @@ def _subclasses(cls: type) -> list[type]:
 
 def test_every_domain_error_names_a_status_the_table_maps_to_the_grpc_code_of_that_name():
     found = _subclasses(ServiceError)
-    assert {c.__name__ for c in found} >= {n for n, c in vars(errors).items() if isinstance(c, type)
-                                            and issubclass(c, ServiceError)}  # fmt: skip
+    assert {c.__name__ for c in found} >= {
+        n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, ServiceError)
+    }
     for cls in found:
         assert status.code_of(cls("x")) == grpc.StatusCode[cls.status], cls
     assert status.code_of(errors.NonFiniteUpdate("x")) == grpc.StatusCode.FAILED_PRECONDITION

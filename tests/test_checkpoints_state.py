@@ -199,8 +199,10 @@ def test_checkpoints_with_replies_as_serialized_push_responses_still_restore(tmp
     path = tmp_path / "ck" / "gamma" / "step_2" / checkpoint_files.MANIFEST
     manifest = json.loads(path.read_text())
     record = manifest["workers"]["w"]
-    assert record["replies"] == [{"seq": 1, "reply": {"step": 1, "applied": True}},
-                                 {"seq": 2, "reply": {"step": 2, "applied": True}}]  # fmt: skip
+    assert record["replies"] == [
+        {"seq": 1, "reply": {"step": 1, "applied": True}},
+        {"seq": 2, "reply": {"step": 2, "applied": True}},
+    ]
     for entry in record["replies"]:
         old = pb.PushResponse(model="gamma", step=entry["reply"]["step"], applied=True, incarnation="earlier")
         entry["reply"] = {"proto": "PushResponse", "b64": base64.b64encode(old.SerializeToString()).decode()}

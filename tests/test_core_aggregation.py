@@ -1,6 +1,7 @@
 """Async and sync aggregation (core/async_push.py, core/sync.py) behind the Model, without a server:
 staleness, quorum and weights, duplicates and the retry window, stale pushes, aborted streams,
 rounds that may not wait, dropped rounds, and sync_timeout on a clock the test moves."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """core/model.py without a server: updates, pinned snapshots, worker records, state capture and
 replacement, waits and counters, through the Model's own API."""
+
 from __future__ import annotations
 
 import dataclasses
