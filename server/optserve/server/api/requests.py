@@ -4,6 +4,7 @@ Requests arrive as raw bytes (the service registers identity deserializers); `fr
 hands protobuf only the small header and the payload stays a view into grpcio's buffer until it is
 copied, once, into the leaf's aligned buffer. Reply sizes are clamped to what gRPC clients receive.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,11 @@ def first_message(requests: Iterator[bytes], message_type: type, header_field: s
 
 
 def receive_tensors(
-    first: object, first_payload: memoryview, rest: Iterable[bytes], message_type: type, assembler: TensorAssembler,
+    first: object,
+    first_payload: memoryview,
+    rest: Iterable[bytes],
+    message_type: type,
+    assembler: TensorAssembler,
     header_field: str = "header",
 ) -> dict[str, np.ndarray]:
     """Feeds every chunk of a stream into `assembler` and returns the complete arrays."""

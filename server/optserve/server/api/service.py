@@ -6,6 +6,7 @@ gets a `CallContext` (api/call_context.py) built by its wrapper, turns errors in
 through api/status.py, and never changes state before a request has been validated completely.
 The data RPCs (Push, Pull, PushPull and their unary twins) live in api/data_plane.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -115,9 +116,17 @@ def _only(messages: Iterator[bytes]) -> bytes:
 class OptserveService:
     """Implements optserve.v1.Optserve over a ModelStore."""
 
-    def __init__(self, store: ModelStore, *, metrics: ServerMetrics, checkpoints: Any = None,
-                 tokens: Sequence[Token] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_workers: int = 64, ready: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        metrics: ServerMetrics,
+        checkpoints: Any = None,
+        tokens: Sequence[Token] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_workers: int = 64,
+        ready: bool = True,
+    ):
         """checkpoints: the CheckpointManager (None: no checkpoints); tokens: the bearer-token table
         (None: no authentication), from which each call's allowed models are resolved; max_workers:
         the server's RPC threads (bounds the calls that wait for a step, api/data_plane.py); ready:
@@ -136,8 +145,14 @@ class OptserveService:
         self.ready = threading.Event()
         if ready:
             self.ready.set()
-        self.data = DataPlane(store, metrics, incarnation=self.incarnation, chunk_bytes=chunk_bytes,
-                              max_workers=max_workers, accepting=self.accepting)  # fmt: skip
+        self.data = DataPlane(
+            store,
+            metrics,
+            incarnation=self.incarnation,
+            chunk_bytes=chunk_bytes,
+            max_workers=max_workers,
+            accepting=self.accepting,
+        )
         self.waiting = self.data.waiting
 
     def _call_context(self, rpc: str, context: grpc.ServicerContext) -> CallContext:
@@ -159,24 +174,42 @@ class OptserveService:
         h = grpc
         table = {
             "CreateModel": h.stream_unary_rpc_method_handler(self.CreateModel, raw, P.ModelInfo.SerializeToString),
-            "GetModel": h.unary_unary_rpc_method_handler(self.GetModel, _parse(P.GetModelRequest), P.ModelInfo.SerializeToString),
-            "ListModels": h.unary_unary_rpc_method_handler(self.ListModels, _parse(P.ListModelsRequest), P.ListModelsResponse.SerializeToString),
-            "DeleteModel": h.unary_unary_rpc_method_handler(self.DeleteModel, _parse(P.DeleteModelRequest), P.DeleteModelResponse.SerializeToString),
-            "SetHyperparams": h.unary_unary_rpc_method_handler(self.SetHyperparams, _parse(P.SetHyperparamsRequest), P.ModelInfo.SerializeToString),
+            "GetModel": h.unary_unary_rpc_method_handler(
+                self.GetModel, _parse(P.GetModelRequest), P.ModelInfo.SerializeToString
+            ),
+            "ListModels": h.unary_unary_rpc_method_handler(
+                self.ListModels, _parse(P.ListModelsRequest), P.ListModelsResponse.SerializeToString
+            ),
+            "DeleteModel": h.unary_unary_rpc_method_handler(
+                self.DeleteModel, _parse(P.DeleteModelRequest), P.DeleteModelResponse.SerializeToString
+            ),
+            "SetHyperparams": h.unary_unary_rpc_method_handler(
+                self.SetHyperparams, _parse(P.SetHyperparamsRequest), P.ModelInfo.SerializeToString
+            ),
             "Push": h.stream_unary_rpc_method_handler(self.Push, raw, P.PushResponse.SerializeToString),
             "Pull": h.unary_stream_rpc_method_handler(self.Pull, _parse(P.PullRequest), raw),
             "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
             "PushOne": h.unary_unary_rpc_method_handler(self.PushOne, raw, P.PushResponse.SerializeToString),
             "PullOne": h.unary_unary_rpc_method_handler(self.PullOne, _parse(P.PullRequest), raw),
             "PushPullOne": h.unary_unary_rpc_method_handler(self.PushPullOne, raw, raw),
-            "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString),
-            "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString),
-            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString),
+            "SaveCheckpoint": h.unary_unary_rpc_method_handler(
+                self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString
+            ),
+            "ListCheckpoints": h.unary_unary_rpc_method_handler(
+                self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString
+            ),
+            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(
+                self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString
+            ),
             "Download": h.unary_stream_rpc_method_handler(self.Download, _parse(P.DownloadRequest), raw),
             "Upload": h.stream_unary_rpc_method_handler(self.Upload, raw, P.ModelInfo.SerializeToString),
-            "ListRules": h.unary_unary_rpc_method_handler(self.ListRules, _parse(P.ListRulesRequest), P.ListRulesResponse.SerializeToString),
-            "GetServerInfo": h.unary_unary_rpc_method_handler(self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString),
-        }  # fmt: skip
+            "ListRules": h.unary_unary_rpc_method_handler(
+                self.ListRules, _parse(P.ListRulesRequest), P.ListRulesResponse.SerializeToString
+            ),
+            "GetServerInfo": h.unary_unary_rpc_method_handler(
+                self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString
+            ),
+        }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
     # -- models -----------------------------------------------------------------------------------
@@ -200,14 +233,21 @@ class OptserveService:
             raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
         schema = messages.schema_from_proto(name, h.schema)
         with admission.admit(self.store, name, schema, spec, settings) as admitted:
-            assembler = TensorAssembler({l.path: l for l in admitted.schema}, what=f"model {name!r}",
-                                        max_bytes=admitted.param_bytes)  # fmt: skip
+            assembler = TensorAssembler(
+                {l.path: l for l in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
+            )
             params = requests_.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)
             model = admitted.create(params)
         if self.checkpoints is not None:  # checkpoints left under its name are not its own
             self.checkpoints.adopt(model)
-        log.info("created model %r: %d leaves, %d bytes, optimizer %s, mode %s", name, len(schema),
-                 admitted.param_bytes, json.dumps(model.compiled.spec), model.settings.mode)  # fmt: skip
+        log.info(
+            "created model %r: %d leaves, %d bytes, optimizer %s, mode %s",
+            name,
+            len(schema),
+            admitted.param_bytes,
+            json.dumps(model.compiled.spec),
+            model.settings.mode,
+        )
         return self.model_info(model)
 
     @_handler
@@ -315,6 +355,10 @@ class OptserveService:
     @_handler
     def GetServerInfo(self, request: pb.GetServerInfoRequest, call: CallContext) -> pb.ServerInfo:
         d = self.store.device
-        return pb.ServerInfo(version=VERSION, incarnation=self.incarnation, device=f"{d.platform}:{d}",
-                             models=len(call.visible(self.store.names())),
-                             started_unix=self.started_unix)  # fmt: skip
+        return pb.ServerInfo(
+            version=VERSION,
+            incarnation=self.incarnation,
+            device=f"{d.platform}:{d}",
+            models=len(call.visible(self.store.names())),
+            started_unix=self.started_unix,
+        )

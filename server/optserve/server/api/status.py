@@ -4,6 +4,7 @@ Domain errors (core/errors.py) name their status; spec and wire errors are the c
 (INVALID_ARGUMENT); a grpc.RpcError raised inside a handler means the client went away
 (CANCELLED); anything else is a bug of ours (INTERNAL, logged with its traceback).
 """
+
 from __future__ import annotations
 
 import logging

@@ -21,6 +21,7 @@ bounded backoff even when the model does not change. Failures are logged and rep
 Model names and steps from clients are validated (store.check_model_name, files.check_step)
 and every path is checked to stay inside the model's directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,16 @@ class CheckpointManager:
     save's duration, size or failure is recorded there), or None.
     """
 
-    def __init__(self, checkpoint_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0, keep: int = 3,
-                 poll_seconds: float = 0.05, metrics: Any = None):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        *,
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+        keep: int = 3,
+        poll_seconds: float = 0.05,
+        metrics: Any = None,
+    ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if every_steps < 0 or every_seconds < 0:
@@ -150,8 +159,12 @@ class CheckpointManager:
                 if not model.deleted:
                     self._root.claim_locked(model, track)
             except OSError as e:
-                log.warning("model %r: could not archive the checkpoints left under its name: %s; retried at its "
-                            "first checkpoint", model.name, e)  # fmt: skip
+                log.warning(
+                    "model %r: could not archive the checkpoints left under its name: %s; retried at its "
+                    "first checkpoint",
+                    model.name,
+                    e,
+                )
 
     def save_now(self, model: Any) -> CheckpointInfo:
         """Checkpoints the model's current state; returns once committed (waits for a save in flight)."""
@@ -168,7 +181,12 @@ class CheckpointManager:
         began = time.perf_counter()
         try:
             saved = track.saved
-            if track.owned_by(model) and saved is not None and track.saved_version == version and os.path.isdir(saved.path):
+            if (
+                track.owned_by(model)
+                and saved is not None
+                and track.saved_version == version
+                and os.path.isdir(saved.path)
+            ):
                 return info_of(model.name, saved)  # nothing changed since it was written or restored
             self._root.claim_locked(model, track)
             state = snapshot.to_host()
@@ -185,13 +203,20 @@ class CheckpointManager:
             log.error("model %r: checkpoint at step %d failed: %s", model.name, track.attempted_step, e)
             if isinstance(e, ServiceError):
                 raise
-            raise CheckpointFailed(f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}") from e
+            raise CheckpointFailed(
+                f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}"
+            ) from e
         step, k = parse_name(info.name)
         track.mark_saved(model, Checkpoint(step, k, os.path.join(model_dir, info.name)), version)
         if self.metrics is not None:
             self.metrics.checkpoint(model.name, time.perf_counter() - began, info.bytes, ok=True)
-        log.info("model %r: checkpoint %s committed (%d bytes, %.2fs)", model.name, info.name, info.bytes,
-                 time.perf_counter() - began)  # fmt: skip
+        log.info(
+            "model %r: checkpoint %s committed (%d bytes, %.2fs)",
+            model.name,
+            info.name,
+            info.bytes,
+            time.perf_counter() - began,
+        )
         self._prune(model.name, model_dir)
         return info
 
@@ -211,7 +236,9 @@ class CheckpointManager:
             return False  # its newest checkpoint holds its current state
         now = time.monotonic()
         if failures:  # retried whether or not the model changes meanwhile
-            return now - track.attempted_mono >= min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(failures - 1, 16))
+            return now - track.attempted_mono >= min(
+                RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(failures - 1, 16)
+            )
         if not owned or saved is None:
             return True  # never checkpointed
         step = model.step

@@ -11,6 +11,7 @@ they are, for the next start.
 Restoring an older checkpoint on request moves the newer ones aside (`<name>.superseded-<hex>`),
 so that a restart comes back at the restored state.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,7 +80,9 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
                 state = read_checkpoint(checkpoint.path, name)
                 model = model_state.admit_state(store, name, state)
             except NOT_THE_CHECKPOINTS_FAULT as e:
-                log.error("model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir)
+                log.error(
+                    "model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir
+                )
                 return
             except Exception as e:  # noqa: BLE001 - whatever the reason, this checkpoint cannot be used
                 root.set_aside(name, checkpoint, e)
@@ -94,15 +97,26 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
         try:
             target = root.archive_locked(name, "unrestorable")
         except OSError as e:
-            log.error("model %r: no checkpoint in %s verifies; not restored, and the directory could not be moved "
-                      "to %s: %s", name, model_dir, ARCHIVE_DIR, e)  # fmt: skip
+            log.error(
+                "model %r: no checkpoint in %s verifies; not restored, and the directory could not be moved to %s: %s",
+                name,
+                model_dir,
+                ARCHIVE_DIR,
+                e,
+            )
             return
-        log.error("model %r: no checkpoint in %s verifies; not restored; the directory was moved to %s so that a "
-                  "model created under that name starts clean", name, model_dir, target)  # fmt: skip
+        log.error(
+            "model %r: no checkpoint in %s verifies; not restored; the directory was moved to %s so that a "
+            "model created under that name starts clean",
+            name,
+            model_dir,
+            target,
+        )
 
 
-def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step: int,
-                       track_for: Callable[[str], Track]) -> Any:  # fmt: skip
+def restore_on_request(
+    root: CheckpointRoot, store: ModelStore, name: str, step: int, track_for: Callable[[str], Track]
+) -> Any:
     """Replaces the model's state by the newest checkpoint of `step` (0: of any step) that
     verifies and installs (the others are moved aside as corrupt); checkpoints newer than it are
     moved aside as superseded, so that a restart comes back at this state too."""
@@ -116,12 +130,15 @@ def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step:
         try:
             root.claim_locked(model, track)
         except OSError as e:
-            raise CheckpointFailed(f"model {name!r}: not restored: could not archive the checkpoints left under "
-                                   f"its name: {e}") from None  # fmt: skip
+            raise CheckpointFailed(
+                f"model {name!r}: not restored: could not archive the checkpoints left under its name: {e}"
+            ) from None
         candidates = [c for c in committed(model_dir) if step == 0 or c.step == step]
         if not candidates:
             have = ", ".join(c.name for c in committed(model_dir)) or "none"
-            raise NotFound(f"model {name!r}: " + (f"no checkpoint at step {step} (committed: {have})" if step else "no checkpoint"))
+            raise NotFound(
+                f"model {name!r}: " + (f"no checkpoint at step {step} (committed: {have})" if step else "no checkpoint")
+            )
         reasons = []
         for checkpoint in candidates:
             try:
@@ -133,8 +150,10 @@ def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step:
                 continue
             break
         else:
-            raise FailedPrecondition(f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
-                                     f"(moved aside): {'; '.join(reasons)}")  # fmt: skip
+            raise FailedPrecondition(
+                f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
+                f"(moved aside): {'; '.join(reasons)}"
+            )
         _supersede_newer_locked(name, model_dir, checkpoint)
         track.mark_saved(model, checkpoint, model.replace_state(prepared))
     log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
@@ -155,8 +174,13 @@ def _supersede_newer_locked(name: str, model_dir: str, restored: Checkpoint) -> 
                     os.rename(aside, original)
                 except OSError as err:
                     log.error("model %r: could not move %s back to %s: %s", name, aside, original, err)
-            raise CheckpointFailed(f"model {name!r}: not restored: could not move the newer checkpoint "
-                                   f"{checkpoint.name} aside: {e}") from None  # fmt: skip
+            raise CheckpointFailed(
+                f"model {name!r}: not restored: could not move the newer checkpoint {checkpoint.name} aside: {e}"
+            ) from None
     if moved:
-        log.info("model %r: checkpoints newer than %s moved aside (superseded by the restore): %s", name,
-                 restored.name, ", ".join(os.path.basename(a) for _, a in moved))  # fmt: skip
+        log.info(
+            "model %r: checkpoints newer than %s moved aside (superseded by the restore): %s",
+            name,
+            restored.name,
+            ", ".join(os.path.basename(a) for _, a in moved),
+        )

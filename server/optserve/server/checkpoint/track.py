@@ -5,6 +5,7 @@ A model directory holds only the checkpoints of the model object that owns it (`
 checkpoints left under the name of a model that is not in memory are archived before a new model
 of that name is checkpointed (CheckpointRoot.claim_locked).
 """
+
 from __future__ import annotations
 
 import dataclasses

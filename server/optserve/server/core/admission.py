@@ -13,6 +13,7 @@
    restores. The model enters the store complete; whatever fails, the reservation is released and
    nothing remains (all or nothing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,7 @@ class Admitted:
     settings: ModelSettings
     param_bytes: int  # what the schema's parameters take: the most a client may send for them
 
-    def create(self, params: Mapping[str, np.ndarray],
-               restore: Callable[[Model], ModelState] | None = None) -> Model:  # fmt: skip
+    def create(self, params: Mapping[str, np.ndarray], restore: Callable[[Model], ModelState] | None = None) -> Model:
         """Builds the model from its parameters (one array per schema leaf, validated by the caller,
         e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
         continues from (validated against the model and put on its device), installed first."""
@@ -73,8 +73,15 @@ class Admitted:
 
 
 @contextmanager
-def admit(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings, *,
-          validate: Callable[[], None] | None = None) -> Iterator[Admitted]:  # fmt: skip
+def admit(
+    store: ModelStore,
+    name: str,
+    schema: Sequence[LeafSpec],
+    spec: Any,
+    settings: ModelSettings,
+    *,
+    validate: Callable[[], None] | None = None,
+) -> Iterator[Admitted]:
     """Checks and reserves model `name` (module docstring, steps 1 and 2); inside the block, build it
     with `Admitted.create`. The reservation is released when the block ends, whether or not it did."""
     check_model_name(name)
@@ -92,8 +99,14 @@ def admit(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, s
         store.release(name)
 
 
-def create_model(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings,
-                 params: Mapping[str, np.ndarray]) -> Model:  # fmt: skip
+def create_model(
+    store: ModelStore,
+    name: str,
+    schema: Sequence[LeafSpec],
+    spec: Any,
+    settings: ModelSettings,
+    params: Mapping[str, np.ndarray],
+) -> Model:
     """A model from parameters already in memory (benchmarks, tests), through `admit`."""
     with admit(store, name, schema, spec, settings) as admitted:
         return admitted.create(params)

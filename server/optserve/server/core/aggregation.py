@@ -13,6 +13,7 @@ through `LockedModel`, a narrow view whose mutating members are used only inside
     commit_push(r, grads) ->   [lock] aggregator.commit(r)   LockedModel.apply / record_worker ...
                                [lock] deadline timer         aggregator.time_left() / expire()
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

@@ -1,4 +1,5 @@
 """The thread that applies an aggregator's pending work when its time is up (sync_timeout)."""
+
 from __future__ import annotations
 
 import logging

@@ -13,6 +13,7 @@ writes it (jax's zero-copy device arrays keep the numpy array they alias alive t
 given back after IDLE_SECONDS without pushes: an idle server holds no gradients (the memory at
 rest that `host_memory.release_host_buffers` exists for).
 """
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ gradient put on the CPU device without a copy; a model's initial parameters) and
 its next API call. Without a release, an idle server would keep the last push's whole gradient
 (and, after creation, the initial parameters) alive: measured +0.87 GB on a 0.4 GB model.
 """
+
 from __future__ import annotations
 
 import queue

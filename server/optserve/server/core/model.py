@@ -18,6 +18,7 @@ The API, each call taking the lock itself:
 `step`, `state_version` and `deleted` read one field each (no lock); `locked()` hands the
 aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks, unit tests).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,7 +97,9 @@ class Model:
             # device_put commits the state to the device, as the step's outputs are: jit keys its
             # cache on that too, so uncommitted initial state would compile the step a second time at
             # the second push (measured: +1.3 s for 300 leaves, minutes for 10k).
-            self._opt_state = jax.device_put(own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device)
+            self._opt_state = jax.device_put(
+                own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device
+            )
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._opt_state) if hasattr(x, "nbytes"))
         self._ema_state = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
@@ -338,8 +341,9 @@ class Model:
         buffers would be unsafe: on CPU `np.asarray` aliases them and a donated update overwrites them.
         """
         with self._lock:
-            params, opt_state, ema_state = jax.device_put((self._params, self._opt_state, self._ema_state),
-                                                          may_alias=False)  # fmt: skip
+            params, opt_state, ema_state = jax.device_put(
+                (self._params, self._opt_state, self._ema_state), may_alias=False
+            )
             workers = {w: r.copy() for w, r in self._workers.items()}
             return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
 

@@ -1,5 +1,6 @@
 """What a pull sends: a snapshot's leaves as host arrays in the requested wire dtype, and the size
 bound of a one-message reply."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping

@@ -1,5 +1,6 @@
 """The jitted update of a model: optimizer step, parameter EMA and the non-finite check in one
 computation, with donated buffers."""
+
 from __future__ import annotations
 
 from typing import Any

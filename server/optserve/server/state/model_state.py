@@ -18,6 +18,7 @@ Tensor groups and keys (README, "Checkpoint format"):
 The manifest (state/manifest.py) describes the rest; state/state_file.py and checkpoint/files.py
 store both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,21 @@ class DeviceSnapshot:
         opt = dict(zip(state_paths(self.opt_state, f"model {m.name!r}"), (np.asarray(x) for x in opt_leaves)))
         ema = None
         if self.ema is not None:
-            ema = dict(zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema))))
+            ema = dict(
+                zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema)))
+            )
         return HostState(
-            name=m.name, step=self.step, schema=list(m.schema), spec=m.compiled.spec, settings=m.settings,
-            params={k: np.asarray(v) for k, v in self.params.items()}, opt=opt, ema=ema,
-            hyperparams=m.compiled.hyperparams(self.opt_state), workers=self.workers,
-        )  # fmt: skip
+            name=m.name,
+            step=self.step,
+            schema=list(m.schema),
+            spec=m.compiled.spec,
+            settings=m.settings,
+            params={k: np.asarray(v) for k, v in self.params.items()},
+            opt=opt,
+            ema=ema,
+            hyperparams=m.compiled.hyperparams(self.opt_state),
+            workers=self.workers,
+        )
 
 
 def capture(model: Model) -> DeviceSnapshot:
@@ -147,7 +157,11 @@ def prepare(model: Model, state: HostState) -> ModelState:
     _check_leaves(what, "params", model.schema, state.params)
     ema_template = model.ema_template()
     if (state.ema is None) != (ema_template is None):
-        has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
+        has = (
+            "holds a parameter EMA but the model keeps none"
+            if ema_template is None
+            else "holds no parameter EMA but the model keeps one"
+        )
         raise StateError(f"{what}: the state {has}")
     ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
@@ -161,8 +175,11 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
     """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
     client could have set anything else (CreateModel and SetHyperparams validate them)."""
     for path, a in opt.items():
-        if path.startswith("hyperparams/") and a.dtype.name in FLOAT_DTYPES \
-                and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
+        if (
+            path.startswith("hyperparams/")
+            and a.dtype.name in FLOAT_DTYPES
+            and not np.isfinite(a.astype(np.float64)).all()
+        ):
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
@@ -213,12 +230,16 @@ def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.
     missing = [p for p in paths if p not in arrays]
     extra = [p for p in arrays if p not in set(paths)]
     if missing or extra:
-        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
+        raise StateError(
+            f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
+        )
     alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == jax.tree.structure(templates[0])]
     for i, p in enumerate(paths):
         a, t = arrays[p], alternatives[0][i]
         if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
-            raise StateError(f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}")
+            raise StateError(
+                f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}"
+            )
     return jax.tree.unflatten(jax.tree.structure(templates[0]), [jax.device_put(own(arrays[p]), device) for p in paths])
 
 
@@ -226,8 +247,12 @@ def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping
     if set(arrays) != {l.path for l in schema}:
         missing = [l.path for l in schema if l.path not in arrays]
         extra = [p for p in arrays if p not in {l.path for l in schema}]
-        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
+        raise StateError(
+            f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
+        )
     for l in schema:
         a = arrays[l.path]
         if a.dtype.name != l.dtype or tuple(a.shape) != tuple(l.shape):
-            raise StateError(f"{what}: {group} leaf {l.path!r}: expected {l.dtype}{list(l.shape)}, got {a.dtype.name}{list(a.shape)}")
+            raise StateError(
+                f"{what}: {group} leaf {l.path!r}: expected {l.dtype}{list(l.shape)}, got {a.dtype.name}{list(a.shape)}"
+            )
