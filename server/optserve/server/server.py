@@ -23,15 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.client import Client
-
-from optserve.wire.channel import SERVER_OPTIONS, SERVICE
-from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 from optserve.server.api.auth import Token, TokenAuth
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.api.service import OptserveService
 from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.store import ModelStore
+from optserve.wire.channel import SERVER_OPTIONS, SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("optserve.server")
 

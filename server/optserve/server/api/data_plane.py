@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
-import weakref
 
-from optserve.wire.chunks import chunk_messages
-from optserve.server.api import messages, requests as requests_
+from optserve.server.api import messages
+from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.core import pulls
@@ -32,6 +32,7 @@ from optserve.server.core.errors import (
 from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
 

@@ -76,7 +76,7 @@ class _StateCollector(Collector):
         device = self.store.device
         try:
             stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - some backends do not implement it
+        except Exception:  # some backends do not implement it
             stats = {}
         for key, kind in (("bytes_in_use", "in_use"), ("peak_bytes_in_use", "peak"), ("bytes_limit", "limit")):
             if key in stats:

@@ -20,10 +20,8 @@ from typing import Any
 
 import grpc
 
-from optserve.wire.assembler import TensorAssembler
-from optserve.wire.channel import SERVICE
-from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
-from optserve.server.api import messages, requests as requests_, status, transfer
+from optserve.server.api import messages, status, transfer
+from optserve.server.api import requests as requests_
 from optserve.server.api.auth import Token
 from optserve.server.api.call_context import CallContext, allowed_models
 from optserve.server.api.data_plane import DataPlane
@@ -34,6 +32,9 @@ from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import SpecError, list_rules
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.channel import SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("optserve.service")
 VERSION = "0.1.0"
@@ -57,7 +58,7 @@ def _parse(message_type: type) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return message_type.FromString(data)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        except Exception as e:  # protobuf's DecodeError and friends
             return _Malformed(message_type, e)
 
     return parse
@@ -75,9 +76,9 @@ def _handler(fn: Callable) -> Callable:
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.message)
             return fn(self, request, call)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+        except Exception as e:  # every failure becomes a status
             self.metrics.failed(rpc, e, model=call.model, pushed=call.pushed)
-            if isinstance(e, grpc.RpcError) or context.is_active() is False and not isinstance(e, ServiceError):
+            if isinstance(e, grpc.RpcError) or (context.is_active() is False and not isinstance(e, ServiceError)):
                 raise
             status.abort(context, e, rpc, call.model)
 
@@ -98,7 +99,7 @@ def _stream_handler(fn: Callable) -> Callable:
             yield from fn(self, request, call)
         except GeneratorExit:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.metrics.failed(rpc, e, model=call.model, pushed=call.pushed)
             if isinstance(e, grpc.RpcError):
                 raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from optserve.wire.framing import frame
 from optserve.server.api import requests as requests_
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.server.core.model import Model
@@ -19,6 +18,7 @@ from optserve.server.state.errors import StateError
 from optserve.server.state.model_state import admit_state, capture
 from optserve.server.state.state_file import decode_file, encode_file
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.framing import frame
 
 
 def download(model: Model, chunk_bytes: int) -> Iterator[bytes]:

@@ -130,7 +130,7 @@ class CheckpointManager:
             try:
                 info = self.save_now(model)
                 log.info("model %r: final checkpoint %s (step %d)", model.name, info.name, info.step)
-            except Exception as e:  # noqa: BLE001 - reported, and the other models still get theirs
+            except Exception as e:  # reported, and the other models still get theirs
                 failure = f"model {model.name!r}: {self._lost(model)}: the final checkpoint failed: {e}"
                 log.error("%s", failure)
                 failures.append(failure)
@@ -266,7 +266,7 @@ class CheckpointManager:
         try:
             if not model.deleted:
                 self._save_locked(model, track)
-        except Exception:  # noqa: BLE001 - already logged and recorded in track.error
+        except Exception:  # already logged and recorded in track.error
             pass
         finally:
             track.save_lock.release()

@@ -55,7 +55,7 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
     os.makedirs(root.path, exist_ok=True)
     for entry in sorted(os.listdir(root.path)):
         path = os.path.join(root.path, entry)
-        if entry.startswith(DELETED_PREFIX) or TMP_MARK in entry and entry.startswith("."):
+        if entry.startswith(DELETED_PREFIX) or (TMP_MARK in entry and entry.startswith(".")):
             shutil.rmtree(path, ignore_errors=True)
             continue
         if not os.path.isdir(path) or entry == ARCHIVE_DIR:
@@ -68,7 +68,7 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
         remove_leftovers(path)
         try:
             _restore_at_start(root, store, entry, track_for(entry))
-        except Exception as e:  # noqa: BLE001 - one model's problem must not keep the others down
+        except Exception as e:  # one model's problem must not keep the others down
             log.error("model %r: could not be restored from %s: %s", entry, path, e)
 
 
@@ -84,7 +84,7 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
                     "model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir
                 )
                 return
-            except Exception as e:  # noqa: BLE001 - whatever the reason, this checkpoint cannot be used
+            except Exception as e:  # whatever the reason, this checkpoint cannot be used
                 root.set_aside(name, checkpoint, e)
                 continue
             # No call reaches the model before the server is ready, so its version is the restored state's.

@@ -33,7 +33,7 @@ IDLE_SECONDS = 2.0
 class _Kept:
     """One kept buffer: the array that owns the memory, and where the leaf's array lies in it."""
 
-    __slots__ = ("owner", "offset", "dtype", "shape")
+    __slots__ = ("dtype", "offset", "owner", "shape")
 
     def __init__(self, array: np.ndarray):
         self.owner = array.base if isinstance(array.base, np.ndarray) else array

@@ -62,7 +62,7 @@ class _HostBufferReaper:
                 outputs = self._queue.get_nowait()
             try:
                 jax.block_until_ready(outputs)
-            except Exception:  # noqa: BLE001 - donated to a later step meanwhile: that one ran after it
+            except Exception:  # donated to a later step meanwhile: that one ran after it
                 pass
             del outputs
             # The runtime releases an update's inputs just after its outputs are ready: collect now,

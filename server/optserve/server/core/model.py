@@ -34,7 +34,7 @@ import numpy as np
 
 from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
-from optserve.server.core.counters import CounterSet, Counters
+from optserve.server.core.counters import Counters, CounterSet
 from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers

@@ -70,7 +70,7 @@ class ModelStore:
         """What the device can hold at most: its memory limit where it reports one, else host memory."""
         try:
             limit = (self.device.memory_stats() or {}).get("bytes_limit")
-        except Exception:  # noqa: BLE001 - backends without memory_stats
+        except Exception:  # backends without memory_stats
             limit = None
         return int(limit) if limit else host_memory_bytes()
 

@@ -306,7 +306,7 @@ class SyncAggregator:
             self._apply(rnd, timed_out=True)
         except NonFiniteUpdate:
             pass  # dropped and logged by _apply
-        except Exception:  # noqa: BLE001 - never kill the model's timer silently; drop the round
+        except Exception:  # never kill the model's timer silently; drop the round
             log.exception("model %r: applying sync step %d by timeout failed", self.model.name, rnd.step + 1)
             self._round = Round(step=self.model.step)
 

@@ -29,8 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.wire.assembler import aligned_empty
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.model import Model, ModelState
@@ -38,6 +36,8 @@ from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
+from optserve.wire.assembler import aligned_empty
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 
 GROUPS = ("params", "opt", "ema")
 

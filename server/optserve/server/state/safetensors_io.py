@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from optserve.wire.dtypes import DTYPES, leaf_nbytes
 from optserve.server.core import schema as schemas
 from optserve.server.state.errors import StateError, is_int, show
+from optserve.wire.dtypes import DTYPES, leaf_nbytes
 
 # safetensors dtype names <-> numpy names (DTYPES)
 _ST_DTYPES = {
