@@ -236,13 +236,13 @@ def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
                     ) from None
                 failures.append(e)
     if failures and len(failures) == len(addresses):  # grpc listens if any address binds
-        e = failures[0]
-        if e.errno == errno.EACCES:
+        first = failures[0]
+        if first.errno == errno.EACCES:
             raise ConfigError(
                 f"{port_flag} {port}: permission denied (ports below 1024 need privileges); pick a port from 1024 up"
             ) from None
         raise ConfigError(
-            f"{host_flag} {host}: cannot listen there ({e.strerror}); give an address of this "
+            f"{host_flag} {host}: cannot listen there ({first.strerror}); give an address of this "
             "machine, e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
 
@@ -442,7 +442,8 @@ def admin(args: argparse.Namespace) -> int:
             if args.command == "ls":
                 for m in client.list_models():
                     print(
-                        f"{m['name']:<24} step {m['step']:<10} {m['mode']:<6} {m['leaves']} leaves, {m['param_bytes']} bytes"
+                        f"{m['name']:<24} step {m['step']:<10} {m['mode']:<6} "
+                        f"{m['leaves']} leaves, {m['param_bytes']} bytes"
                     )
             elif args.command == "info":
                 print(json.dumps(client.model(args.model).info(), indent=1, default=str))

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="optserve-demo-") as tmp, Server(port=0) as server:
         path = os.path.join(tmp, "digits.npz")
-        np.savez(path, **data)
+        np.savez(path, allow_pickle=False, **data)  # numeric arrays only: nothing to pickle
         client = server.client(timeout=60.0)
         params = demo_worker.init_params(np.random.default_rng(0), 64, args.hidden, 10)
         sync = (

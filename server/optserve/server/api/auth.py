@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ def load_tokens(path: str) -> list[Token]:
     return tokens
 
 
-def match_token(tokens: list[Token], presented: bytes) -> Token | None:
+def match_token(tokens: Sequence[Token], presented: bytes) -> Token | None:
     """Constant time per token; every token is compared, so timing does not reveal which matched."""
     found = None
     for token in tokens:

@@ -311,7 +311,8 @@ class DataPlane:
                 raise Unavailable(f"model {model.name!r}: the client went away while waiting for step {req.min_step}")
             if limit is not None and time.monotonic() - started >= limit:
                 raise DeadlineExceeded(
-                    f"model {model.name!r}: step {req.min_step} not reached within {limit:.3g}s (current step {model.step})"
+                    f"model {model.name!r}: step {req.min_step} not reached within {limit:.3g}s "
+                    f"(current step {model.step})"
                 )
         self.metrics.waited(model.name, time.monotonic() - started)
 

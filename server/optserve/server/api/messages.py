@@ -53,11 +53,11 @@ def schema_from_proto(
 ) -> list[LeafSpec]:
     """Validates a schema sent by a client (core/schema.py, check_schema)."""
     check_leaf_count(model, len(leaves), max_leaves)  # before touching a million of them
-    return check_schema(model, [(l.path, l.dtype, l.shape) for l in leaves], max_leaves=max_leaves)
+    return check_schema(model, [(leaf.path, leaf.dtype, leaf.shape) for leaf in leaves], max_leaves=max_leaves)
 
 
 def schema_to_proto(schema: Iterable[LeafSpec]) -> list[pb.LeafSpec]:
-    return [pb.LeafSpec(path=l.path, dtype=l.dtype, shape=l.shape) for l in schema]
+    return [pb.LeafSpec(path=leaf.path, dtype=leaf.dtype, shape=leaf.shape) for leaf in schema]
 
 
 def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | None = None) -> pb.ModelInfo:

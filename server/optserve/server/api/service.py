@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from optserve.server.api import messages, status, transfer
 from optserve.server.api import requests as requests_
@@ -26,6 +27,7 @@ from optserve.server.api.auth import Token
 from optserve.server.api.call_context import CallContext, allowed_models
 from optserve.server.api.data_plane import DataPlane
 from optserve.server.api.metrics import ServerMetrics
+from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core import admission
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from optserve.server.core.model import Model
@@ -47,11 +49,11 @@ def _identity(x: bytes) -> bytes:
 class _Malformed:
     """What `_parse` hands the handler instead of a request protobuf could not parse."""
 
-    def __init__(self, message_type: type, error: Exception):
+    def __init__(self, message_type: type[Message], error: Exception):
         self.message = f"{message_type.__name__}: malformed message ({error})"
 
 
-def _parse(message_type: type) -> Callable[[bytes], Any]:
+def _parse(message_type: type[Message]) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: grpc would answer INTERNAL for a deserializer's
     exception, but a malformed request is the client's fault (INVALID_ARGUMENT, see the wrappers)."""
 
@@ -122,7 +124,7 @@ class OptserveService:
         store: ModelStore,
         *,
         metrics: ServerMetrics,
-        checkpoints: Any = None,
+        checkpoints: CheckpointManager | None = None,
         tokens: Sequence[Token] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_workers: int = 64,
@@ -235,7 +237,7 @@ class OptserveService:
         schema = messages.schema_from_proto(name, h.schema)
         with admission.admit(self.store, name, schema, spec, settings) as admitted:
             assembler = TensorAssembler(
-                {l.path: l for l in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
+                {leaf.path: leaf for leaf in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
             )
             params = requests_.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)
             model = admitted.create(params)
@@ -311,7 +313,7 @@ class OptserveService:
 
     # -- checkpoints (checkpoint/manager.py) ------------------------------------------------------
 
-    def _manager(self, model: str, call: CallContext) -> Any:
+    def _manager(self, model: str, call: CallContext) -> CheckpointManager:
         check_model_name(model)  # names become paths: INVALID_ARGUMENT before anything else
         self.store.get(call.authorize(model))
         if self.checkpoints is None:

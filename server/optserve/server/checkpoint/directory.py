@@ -12,11 +12,11 @@ import os
 import secrets
 import shutil
 import time
-from typing import Any
 
 from optserve.server.checkpoint.files import ARCHIVE_DIR, CORRUPT_MARK, TMP_MARK, Checkpoint, fsync_dir, move_aside
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Model
 from optserve.server.core.store import check_model_name
 
 log = logging.getLogger("optserve.checkpoints")
@@ -64,7 +64,7 @@ class CheckpointRoot:
             os.path.basename(aside),
         )
 
-    def claim_locked(self, model: Any, track: Track) -> None:
+    def claim_locked(self, model: Model, track: Track) -> None:
         """Makes `model` the owner of its name's directory (the caller holds its save lock):
         checkpoints found there that are not its own are archived first. OSError if they cannot be."""
         if track.owned_by(model):

@@ -79,6 +79,14 @@ class Checkpoint(NamedTuple):
     def name(self) -> str:
         return os.path.basename(self.path)
 
+    @classmethod
+    def at(cls, path: str) -> Checkpoint:
+        """The committed checkpoint directory `path`; ValueError when its name is not one."""
+        key = parse_name(os.path.basename(path))
+        if key is None:
+            raise ValueError(f"{path}: not a checkpoint directory name (step_<N> or step_<N>.<k>)")
+        return cls(*key, path)
+
 
 def checkpoint_name(step: int, k: int = 0) -> str:
     return f"step_{step}" if k == 0 else f"step_{step}.{k}"
@@ -181,7 +189,8 @@ def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
 def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) -> CheckpointInfo:
     """Writes and commits `state` as `model_dir/<name>` (default `step_<step>`) with the atomic protocol."""
     name = checkpoint_name(state.step) if name is None else name
-    if parse_name(name) is None or parse_name(name)[0] != state.step:
+    parsed = parse_name(name)
+    if parsed is None or parsed[0] != state.step:
         raise ValueError(f"{name!r} is not a checkpoint name of step {state.step}")
     final = os.path.join(model_dir, name)
     if os.path.lexists(final):
@@ -285,7 +294,7 @@ def _read_checkpoint(step_dir: str, expect_model: str) -> HostState:
 def _check_params(state: HostState, where: str) -> None:
     """The parameter tensors are exactly the manifest's schema (dtype and shape): a schema that
     disagrees with its tensors is corrupt, and must not be taken for a model of another size."""
-    schema = {l.path: l for l in state.schema}
+    schema = {leaf.path: leaf for leaf in state.schema}
     extra = sorted(set(state.params) - set(schema))
     if extra:
         raise StateError(f"{where}: tensor {extra[0]!r} is not in the manifest's schema")

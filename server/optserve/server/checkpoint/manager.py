@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Protocol
 
 from optserve.server.checkpoint.directory import CheckpointRoot
 from optserve.server.checkpoint.files import (
@@ -44,13 +44,13 @@ from optserve.server.checkpoint.files import (
     fsync_dir,
     info_of,
     next_name,
-    parse_name,
     remove_tree,
     write_checkpoint,
 )
 from optserve.server.checkpoint.restore import restore_all, restore_on_request
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, NotFound, ServiceError
+from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.server.state import model_state
 
@@ -66,6 +66,12 @@ class CheckpointStatus:
 
     last_step: int  # step of its newest checkpoint, written or restored (0: none)
     last_error: str  # why its latest save failed ("": it did not)
+
+
+class SaveMetrics(Protocol):
+    """Where every save's duration, size or failure is recorded (the server's ServerMetrics)."""
+
+    def checkpoint(self, model: str, seconds: float, nbytes: int | None, ok: bool) -> None: ...
 
 
 class CheckpointManager:
@@ -84,7 +90,7 @@ class CheckpointManager:
         every_seconds: float = 0.0,
         keep: int = 3,
         poll_seconds: float = 0.05,
-        metrics: Any = None,
+        metrics: SaveMetrics | None = None,
     ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
@@ -136,7 +142,7 @@ class CheckpointManager:
                 failures.append(failure)
         return failures
 
-    def _lost(self, model: Any) -> str:
+    def _lost(self, model: Model) -> str:
         """What of the model's acknowledged state no checkpoint holds."""
         track = self._track(model.name)
         step = model.step
@@ -149,7 +155,7 @@ class CheckpointManager:
 
     # -- saving -----------------------------------------------------------------------------------
 
-    def adopt(self, model: Any) -> None:
+    def adopt(self, model: Model) -> None:
         """Called when a model is created or uploaded: checkpoints left under its name by a model not
         in memory (one that could not be restored) are archived now, so that neither a restart nor
         its first checkpoint mixes the two. A failure is logged; the first save tries again."""
@@ -166,13 +172,13 @@ class CheckpointManager:
                     e,
                 )
 
-    def save_now(self, model: Any) -> CheckpointInfo:
+    def save_now(self, model: Model) -> CheckpointInfo:
         """Checkpoints the model's current state; returns once committed (waits for a save in flight)."""
         track = self._track(model.name)
         with track.save_lock:
             return self._save_locked(model, track)
 
-    def _save_locked(self, model: Any, track: Track) -> CheckpointInfo:
+    def _save_locked(self, model: Model, track: Track) -> CheckpointInfo:
         if model.deleted:  # a save that waited for DeleteModel must not bring its directory back
             raise NotFound(f"model {model.name!r} was deleted; not checkpointed")
         model_dir = self._root.model_dir(model.name)
@@ -206,8 +212,7 @@ class CheckpointManager:
             raise CheckpointFailed(
                 f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}"
             ) from e
-        step, k = parse_name(info.name)
-        track.mark_saved(model, Checkpoint(step, k, os.path.join(model_dir, info.name)), version)
+        track.mark_saved(model, Checkpoint.at(os.path.join(model_dir, info.name)), version)
         if self.metrics is not None:
             self.metrics.checkpoint(model.name, time.perf_counter() - began, info.bytes, ok=True)
         log.info(
@@ -227,7 +232,7 @@ class CheckpointManager:
             except OSError as e:
                 log.warning("model %r: could not prune %s: %s", name, checkpoint.path, e)
 
-    def _due(self, model: Any, track: Track) -> bool:
+    def _due(self, model: Model, track: Track) -> bool:
         """Whether a periodic save of the model should start now."""
         # Read without the save lock (a save may be updating the track): each field once, into locals.
         saved, saved_version, failures = track.saved, track.saved_version, track.failures
@@ -262,7 +267,7 @@ class CheckpointManager:
                     track.save_lock.release()
                     return
 
-    def _periodic(self, model: Any, track: Track) -> None:
+    def _periodic(self, model: Model, track: Track) -> None:
         try:
             if not model.deleted:
                 self._save_locked(model, track)
@@ -282,7 +287,7 @@ class CheckpointManager:
         track = self._track(name)
         return CheckpointStatus(last_step=track.committed_step, last_error=track.error)
 
-    def restore(self, store: ModelStore, name: str, step: int) -> Any:
+    def restore(self, store: ModelStore, name: str, step: int) -> Model:
         """RestoreCheckpoint: the newest checkpoint of `step` (0: of any step) that verifies
         replaces the model's state (restore.restore_on_request)."""
         return restore_on_request(self._root, store, name, step, self._track)

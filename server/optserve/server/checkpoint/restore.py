@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
@@ -37,6 +36,7 @@ from optserve.server.checkpoint.files import (
 )
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.server.state import model_state
 from optserve.server.state.errors import StateError
@@ -116,7 +116,7 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
 
 def restore_on_request(
     root: CheckpointRoot, store: ModelStore, name: str, step: int, track_for: Callable[[str], Track]
-) -> Any:
+) -> Model:
     """Replaces the model's state by the newest checkpoint of `step` (0: of any step) that
     verifies and installs (the others are moved aside as corrupt); checkpoints newer than it are
     moved aside as superseded, so that a restart comes back at this state too."""

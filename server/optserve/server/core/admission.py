@@ -35,7 +35,7 @@ from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 
 def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOptimizer:
     """Compiles a spec for a schema; SpecError becomes INVALID_ARGUMENT naming the model and field."""
-    trainable = [l.path for l in schema if l.dtype in FLOAT_DTYPES]
+    trainable = [leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES]
     try:
         return compile_spec(spec, trainable)
     except SpecError as e:
@@ -45,7 +45,9 @@ def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOpt
 def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec]) -> int:
     """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
     (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
-    trainable = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in schema if l.dtype in FLOAT_DTYPES}
+    trainable = {
+        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype]) for leaf in schema if leaf.dtype in FLOAT_DTYPES
+    }
     shapes = jax.eval_shape(compiled.init, trainable)
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
 
@@ -86,7 +88,7 @@ def admit(
     with `Admitted.create`. The reservation is released when the block ends, whether or not it did."""
     check_model_name(name)
     settings = settings.validated(name)
-    schema = check_schema(name, [(l.path, l.dtype, l.shape) for l in schema])
+    schema = check_schema(name, [(leaf.path, leaf.dtype, leaf.shape) for leaf in schema])
     declared = schema_bytes(schema)
     store.check_can_create(name, declared)  # cheap checks first: limits before compiling
     compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received

@@ -80,7 +80,8 @@ class LockedModel(Protocol):
 class Receiver(Protocol):
     """One push stream being received: its assembler collects the chunks into private buffers."""
 
-    assembler: TensorAssembler
+    @property
+    def assembler(self) -> TensorAssembler: ...
 
     def require_completion(self, why: str) -> None:
         """Refuse the push at commit (RESOURCE_EXHAUSTED, `why`) unless the step it joins is applied

@@ -53,7 +53,9 @@ class GradientBuffers:
     """A model's reusable gradient buffers, by leaf path (only leaves of MIN_BYTES or more)."""
 
     def __init__(self, schema: list[LeafSpec]):
-        self._large = frozenset(l.path for l in schema if leaf_nbytes(DTYPES[l.dtype], l.shape) >= MIN_BYTES)
+        self._large = frozenset(
+            leaf.path for leaf in schema if leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) >= MIN_BYTES
+        )
         self._kept: dict[str, list[_Kept]] = {}
         self._lock = threading.Lock()
         self._last_use = 0.0

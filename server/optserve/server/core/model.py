@@ -82,7 +82,7 @@ class Model:
         self.name = name
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
-        self.trainable = tuple(l.path for l in schema if l.dtype in FLOAT_DTYPES)
+        self.trainable = tuple(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
         self.compiled = compiled
         self.settings = settings
         self.device = device
@@ -101,7 +101,7 @@ class Model:
                 own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device
             )
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._opt_state) if hasattr(x, "nbytes"))
-        self._ema_state = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
+        self._ema_state: ema.EmaState | None = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
             with jax.default_device(device):
                 self._ema_state = jax.device_put(ema.ema_init({k: self._params[k] for k in self.trainable}), device)
@@ -315,6 +315,7 @@ class Model:
 
     def _ema_params(self) -> Mapping[str, jax.Array]:
         """The parameter EMA (debiased as the model's settings say); non-float leaves as they are."""
+        assert self._ema_state is not None  # snapshot(ema=True) refuses a model that keeps no EMA
         value = ema.ema_value(self._ema_state, self.settings.ema_debias)
         return {k: value.get(k, v) for k, v in self._params.items()}
 
@@ -399,7 +400,8 @@ class _Locked:
         # would make every model a reference cycle, its device memory freed only by the cyclic GC
         self._model = weakref.proxy(model)
         self.name, self.settings, self.device = model.name, model.settings, model.device
-        self.schema_map, self.trainable = model.schema_map, model.trainable
+        self.schema_map: Mapping[str, LeafSpec] = model.schema_map  # read-only here (LockedModel)
+        self.trainable = model.trainable
         self.gradient_buffers = model.gradient_buffers
 
     @property

@@ -119,4 +119,4 @@ def _show(value: Any, limit: int = 120) -> str:
 
 def schema_bytes(schema: Iterable[LeafSpec]) -> int:
     """Bytes of the parameters a schema describes."""
-    return sum(leaf_nbytes(DTYPES[l.dtype], l.shape) for l in schema)
+    return sum(leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) for leaf in schema)

@@ -248,8 +248,8 @@ class SyncAggregator:
         if reply is None and pending is not None and seq < pending.seq:  # above every applied seq: never seen
             self.model.count("duplicates")
             raise FailedPrecondition(
-                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq {pending.seq} "
-                "and was never applied; push new gradients with a higher seq"
+                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq "
+                f"{pending.seq} and was never applied; push new gradients with a higher seq"
             )
         return reply
 

@@ -36,7 +36,7 @@ def to_manifest(state: HostState) -> dict:
         "format_version": FORMAT_VERSION,
         "model": state.name,
         "step": state.step,
-        "schema": [{"path": l.path, "dtype": l.dtype, "shape": list(l.shape)} for l in state.schema],
+        "schema": [{"path": leaf.path, "dtype": leaf.dtype, "shape": list(leaf.shape)} for leaf in state.schema],
         "spec": state.spec,
         "settings": state.settings.to_json(),
         "hyperparams": state.hyperparams,

@@ -83,6 +83,12 @@ def state_paths(tree: Any, what: str) -> list[str]:
     return paths
 
 
+def host_arrays(tree: Any, what: str) -> dict[str, np.ndarray]:
+    """The leaves of a pytree of device arrays as numpy, by `state_paths` (waits for each copy)."""
+    # strict: both walks flatten the same tree, so a length mismatch would be a bug, not a short state.
+    return dict(zip(state_paths(tree, what), (np.asarray(x) for x in jax.tree.leaves(tree)), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Model -> host state
 
@@ -101,13 +107,9 @@ class DeviceSnapshot:
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
         m = self.model
-        opt_leaves = jax.tree.leaves(self.opt_state)
-        opt = dict(zip(state_paths(self.opt_state, f"model {m.name!r}"), (np.asarray(x) for x in opt_leaves)))
-        ema = None
-        if self.ema is not None:
-            ema = dict(
-                zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema)))
-            )
+        what = f"model {m.name!r}"
+        opt = host_arrays(self.opt_state, what)
+        ema = None if self.ema is None else host_arrays(self.ema, what)
         return HostState(
             name=m.name,
             step=self.step,
@@ -163,7 +165,9 @@ def prepare(model: Model, state: HostState) -> ModelState:
             else "holds no parameter EMA but the model keeps one"
         )
         raise StateError(f"{what}: the state {has}")
-    ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
+    ema = None
+    if ema_template is not None and state.ema is not None:  # both or neither (checked above)
+        ema = _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
     workers = {w: r.copy() for w, r in state.workers.items()}
     dev = model.device
@@ -217,7 +221,11 @@ def opt_state_templates(model: Model) -> tuple[Any, Any]:
 
     Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
     moments of a bfloat16 parameter become float32)."""
-    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
+    shapes = {
+        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype])
+        for leaf in model.schema
+        if leaf.path in model.trainable
+    }
     init = jax.eval_shape(model.compiled.init, shapes)
     after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
     return init, after
@@ -233,26 +241,28 @@ def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.
         raise StateError(
             f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
         )
-    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == jax.tree.structure(templates[0])]
+    structure: Any = jax.tree.structure(templates[0])  # Any: jax's stubs leave PyTreeDef unresolved (no ==)
+    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == structure]
     for i, p in enumerate(paths):
         a, t = arrays[p], alternatives[0][i]
         if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
             raise StateError(
                 f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}"
             )
-    return jax.tree.unflatten(jax.tree.structure(templates[0]), [jax.device_put(own(arrays[p]), device) for p in paths])
+    return jax.tree.unflatten(structure, [jax.device_put(own(arrays[p]), device) for p in paths])
 
 
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
-    if set(arrays) != {l.path for l in schema}:
-        missing = [l.path for l in schema if l.path not in arrays]
-        extra = [p for p in arrays if p not in {l.path for l in schema}]
+    if set(arrays) != {leaf.path for leaf in schema}:
+        missing = [leaf.path for leaf in schema if leaf.path not in arrays]
+        extra = [p for p in arrays if p not in {leaf.path for leaf in schema}]
         raise StateError(
             f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
         )
-    for l in schema:
-        a = arrays[l.path]
-        if a.dtype.name != l.dtype or tuple(a.shape) != tuple(l.shape):
+    for leaf in schema:
+        a = arrays[leaf.path]
+        if a.dtype.name != leaf.dtype or tuple(a.shape) != tuple(leaf.shape):
             raise StateError(
-                f"{what}: {group} leaf {l.path!r}: expected {l.dtype}{list(l.shape)}, got {a.dtype.name}{list(a.shape)}"
+                f"{what}: {group} leaf {leaf.path!r}: expected {leaf.dtype}{list(leaf.shape)}, "
+                f"got {a.dtype.name}{list(a.shape)}"
             )
