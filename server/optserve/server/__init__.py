@@ -3,6 +3,7 @@
 `Server` runs one inside the current process; `optserve serve` runs one as a program. The import
 is lazy so that the command line and the demo's worker processes start without loading jax.
 """
+
 from typing import Any
 
 __all__ = ["Server"]

@@ -1,10 +1,11 @@
 """The `optserve` command: serve, demo, and admin commands against a running server.
 
-    optserve serve [--host 127.0.0.1] [--port 8470] [--checkpoint-dir DIR] [--device gpu:0] ...
-    optserve demo [--workers 4] [--steps 300] [--mode sync|async]
-    optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
-        [--target HOST:PORT] [--token-file F] [--tls-ca F]
+optserve serve [--host 127.0.0.1] [--port 8470] [--checkpoint-dir DIR] [--device gpu:0] ...
+optserve demo [--workers 4] [--steps 300] [--mode sync|async]
+optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
+    [--target HOST:PORT] [--token-file F] [--tls-ca F]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,53 +69,144 @@ def _log_level(text: str) -> str:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     # Every flag's help ends with its default, so `serve --help` is the reference (tests/test_cli_serve.py).
     port, count, positive = _int_at_least(0, 65535), _int_at_least(0), _int_at_least(1)
-    p = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM", description="Run an optserve server until "
-                       "SIGINT/SIGTERM; then it finishes the calls in flight and checkpoints every model.")  # fmt: skip
-    p.add_argument("--host", metavar="ADDRESS", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0: every interface (default: %(default)s)")
-    p.add_argument("--port", metavar="N", type=port, default=DEFAULT_PORT,
-                   help="gRPC port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="JAX platform or device holding the models: cpu, gpu, gpu:1 "
-                        "(default: JAX's default device, a GPU if there is one)")  # fmt: skip
-    p.add_argument("--checkpoint-dir", metavar="DIR", default="./optserve-checkpoints",
-                   help="where models are checkpointed, and restored from at start; '' disables checkpoints "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--checkpoint-every-steps", metavar="N", type=count, default=0,
-                   help="checkpoint each model every N steps; 0: off (default: %(default)s)")
-    p.add_argument("--checkpoint-every-seconds", metavar="S", type=_seconds, default=0.0,
-                   help="checkpoint each model every S seconds; 0: off (default: %(default)s)")
-    p.add_argument("--keep", metavar="N", type=positive, default=3,
-                   help="committed checkpoints kept per model (default: %(default)s)")
-    p.add_argument("--chunk-bytes", metavar="BYTES", type=positive, default=4 << 20,
-                   help="tensor payload bytes per streamed message (default: %(default)s)")
-    p.add_argument("--max-workers", metavar="N", type=positive, default=64,
-                   help="threads serving RPCs; each stream holds one while it runs (default: %(default)s)")
-    p.add_argument("--max-models", metavar="N", type=positive, default=None,
-                   help="refuse to create more models than this (default: no limit)")
-    p.add_argument("--max-model-bytes", metavar="BYTES", type=positive, default=None,
-                   help="refuse a model whose parameters and optimizer state exceed this (default: no limit)")
-    p.add_argument("--max-total-bytes", metavar="BYTES", type=positive, default=None,
-                   help="refuse a model that would take all models past this (default: no limit)")
-    p.add_argument("--token-file", metavar="FILE", default=None,
-                   help="require a bearer token from this file: one per line, TOKEN [MODEL ...] "
-                        "(default: none, no token asked)")  # fmt: skip
-    p.add_argument("--tls-cert", metavar="FILE", default=None,
-                   help="serve TLS with this PEM certificate; needs --tls-key (default: none, plaintext)")
+    p = sub.add_parser(
+        "serve",
+        help="run a server until SIGINT/SIGTERM",
+        description="Run an optserve server until "
+        "SIGINT/SIGTERM; then it finishes the calls in flight and checkpoints every model.",
+    )
+    p.add_argument(
+        "--host",
+        metavar="ADDRESS",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0: every interface (default: %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        metavar="N",
+        type=port,
+        default=DEFAULT_PORT,
+        help="gRPC port; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEVICE",
+        default=None,
+        help="JAX platform or device holding the models: cpu, gpu, gpu:1 "
+        "(default: JAX's default device, a GPU if there is one)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        default="./optserve-checkpoints",
+        help="where models are checkpointed, and restored from at start; '' disables checkpoints "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint-every-steps",
+        metavar="N",
+        type=count,
+        default=0,
+        help="checkpoint each model every N steps; 0: off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint-every-seconds",
+        metavar="S",
+        type=_seconds,
+        default=0.0,
+        help="checkpoint each model every S seconds; 0: off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep",
+        metavar="N",
+        type=positive,
+        default=3,
+        help="committed checkpoints kept per model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        metavar="BYTES",
+        type=positive,
+        default=4 << 20,
+        help="tensor payload bytes per streamed message (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-workers",
+        metavar="N",
+        type=positive,
+        default=64,
+        help="threads serving RPCs; each stream holds one while it runs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-models",
+        metavar="N",
+        type=positive,
+        default=None,
+        help="refuse to create more models than this (default: no limit)",
+    )
+    p.add_argument(
+        "--max-model-bytes",
+        metavar="BYTES",
+        type=positive,
+        default=None,
+        help="refuse a model whose parameters and optimizer state exceed this (default: no limit)",
+    )
+    p.add_argument(
+        "--max-total-bytes",
+        metavar="BYTES",
+        type=positive,
+        default=None,
+        help="refuse a model that would take all models past this (default: no limit)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help="require a bearer token from this file: one per line, TOKEN [MODEL ...] (default: none, no token asked)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="serve TLS with this PEM certificate; needs --tls-key (default: none, plaintext)",
+    )
     p.add_argument("--tls-key", metavar="FILE", default=None, help="PEM private key of --tls-cert (default: none)")
-    p.add_argument("--tls-client-ca", metavar="FILE", default=None,
-                   help="require client certificates signed by this CA (mutual TLS; needs --tls-cert) (default: none)")
-    p.add_argument("--metrics-port", metavar="N", type=port, default=None,
-                   help="serve Prometheus metrics on this port; 0 picks a free one (default: not served)")
-    p.add_argument("--metrics-host", metavar="ADDRESS", default=None,
-                   help="address for the metrics endpoint (default: --host)")
-    p.add_argument("--shutdown-grace", metavar="S", type=_seconds, default=20.0,
-                   help="seconds to finish calls in flight on SIGTERM, then the final checkpoints "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--log-level", metavar="LEVEL", type=_log_level, default="INFO",
-                   help=f"{', '.join(LOG_LEVELS)} (default: %(default)s)")
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="text, or json: one JSON object per line (default: %(default)s)")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        default=None,
+        help="require client certificates signed by this CA (mutual TLS; needs --tls-cert) (default: none)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        metavar="N",
+        type=port,
+        default=None,
+        help="serve Prometheus metrics on this port; 0 picks a free one (default: not served)",
+    )
+    p.add_argument(
+        "--metrics-host", metavar="ADDRESS", default=None, help="address for the metrics endpoint (default: --host)"
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        metavar="S",
+        type=_seconds,
+        default=20.0,
+        help="seconds to finish calls in flight on SIGTERM, then the final checkpoints (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=_log_level,
+        default="INFO",
+        help=f"{', '.join(LOG_LEVELS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text, or json: one JSON object per line (default: %(default)s)",
+    )
 
 
 def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
@@ -126,8 +218,10 @@ def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise ConfigError(f"{host_flag} {host}: cannot resolve it ({e.strerror}); give an address of this machine, "
-                          "e.g. 127.0.0.1 or 0.0.0.0") from None  # fmt: skip
+        raise ConfigError(
+            f"{host_flag} {host}: cannot resolve it ({e.strerror}); give an address of this machine, "
+            "e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     failures = []
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as s:
@@ -136,16 +230,21 @@ def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
                 s.bind(address)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise ConfigError(f"{port_flag} {port}: {host}:{port} is already in use (another server?); "
-                                      f"stop it, or pick another port (0: a free one)") from None  # fmt: skip
+                    raise ConfigError(
+                        f"{port_flag} {port}: {host}:{port} is already in use (another server?); "
+                        f"stop it, or pick another port (0: a free one)"
+                    ) from None
                 failures.append(e)
     if failures and len(failures) == len(addresses):  # grpc listens if any address binds
-        e = failures[0]
-        if e.errno == errno.EACCES:
-            raise ConfigError(f"{port_flag} {port}: permission denied (ports below 1024 need privileges); "
-                              "pick a port from 1024 up") from None  # fmt: skip
-        raise ConfigError(f"{host_flag} {host}: cannot listen there ({e.strerror}); give an address of this "
-                          "machine, e.g. 127.0.0.1 or 0.0.0.0") from None  # fmt: skip
+        first = failures[0]
+        if first.errno == errno.EACCES:
+            raise ConfigError(
+                f"{port_flag} {port}: permission denied (ports below 1024 need privileges); pick a port from 1024 up"
+            ) from None
+        raise ConfigError(
+            f"{host_flag} {host}: cannot listen there ({first.strerror}); give an address of this "
+            "machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
 
 
 def _check_checkpoint_dir(path: str) -> None:
@@ -168,8 +267,12 @@ def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
         _check_checkpoint_dir(args.checkpoint_dir)
     _check_listen("--host", args.host, "--port", args.port)
     if args.metrics_port is not None:
-        _check_listen("--metrics-host" if args.metrics_host else "--host", args.metrics_host or args.host,
-                      "--metrics-port", args.metrics_port)  # fmt: skip
+        _check_listen(
+            "--metrics-host" if args.metrics_host else "--host",
+            args.metrics_host or args.host,
+            "--metrics-port",
+            args.metrics_port,
+        )
         if args.metrics_port and args.metrics_port == args.port and (args.metrics_host or args.host) == args.host:
             raise ConfigError(f"--metrics-port {args.metrics_port}: the same as --port; give another (0: a free one)")
     from optserve.server.api import auth as security  # imports the client (numpy, ml_dtypes): after the cheap checks
@@ -204,8 +307,11 @@ def serve(args: argparse.Namespace) -> int:
             max_models=args.max_models,
             max_model_bytes=args.max_model_bytes,
             max_total_bytes=args.max_total_bytes,
-            checkpoint_options={"every_steps": args.checkpoint_every_steps, "every_seconds": args.checkpoint_every_seconds,
-                                "keep": args.keep},  # fmt: skip
+            checkpoint_options={
+                "every_steps": args.checkpoint_every_steps,
+                "every_seconds": args.checkpoint_every_seconds,
+                "keep": args.keep,
+            },
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             **options,
@@ -215,8 +321,9 @@ def serve(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         if "Failed to bind" not in str(e):  # grpc's words when the port was taken after our check
             raise
-        return _usage_error(f"--port {args.port}: cannot listen on {args.host}:{args.port}; "
-                            "pick another port (0: a free one)")  # fmt: skip
+        return _usage_error(
+            f"--port {args.port}: cannot listen on {args.host}:{args.port}; pick another port (0: a free one)"
+        )
     if args.metrics_port is not None:
         print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
     print(f"optserve listening on {args.host}:{server.port}", flush=True)
@@ -246,9 +353,13 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
     target(sub.add_parser("ls", help="list models"))
     p = target(sub.add_parser("health", help="exit 0 if the server reports SERVING (for container health checks)"))
     p.add_argument("--service", default="", help="service name to check ('' : the whole server)")
-    p.add_argument("--timeout", type=_seconds, default=5.0,
-                   help="seconds to wait for the answer; a probe's own timeout must exceed it plus this "
-                        "command's start-up, ~1-3 s (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=5.0,
+        help="seconds to wait for the answer; a probe's own timeout must exceed it plus this "
+        "command's start-up, ~1-3 s (default: %(default)s)",
+    )
     target(sub.add_parser("info", help="describe a model")).add_argument("model")
     target(sub.add_parser("save", help="checkpoint a model now")).add_argument("model")
     p = target(sub.add_parser("restore", help="restore a model from a checkpoint"))
@@ -298,8 +409,9 @@ def health(args: argparse.Namespace) -> int:
             return f.read()
 
     if args.tls_ca or args.tls_cert or args.tls_key:
-        credentials = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
-                                                   certificate_chain=read(args.tls_cert))  # fmt: skip
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.tls_ca), private_key=read(args.tls_key), certificate_chain=read(args.tls_cert)
+        )
         channel = grpc.secure_channel(args.target, credentials)
     else:
         channel = grpc.insecure_channel(args.target)
@@ -329,7 +441,10 @@ def admin(args: argparse.Namespace) -> int:
         with _client(args) as client:
             if args.command == "ls":
                 for m in client.list_models():
-                    print(f"{m['name']:<24} step {m['step']:<10} {m['mode']:<6} {m['leaves']} leaves, {m['param_bytes']} bytes")
+                    print(
+                        f"{m['name']:<24} step {m['step']:<10} {m['mode']:<6} "
+                        f"{m['leaves']} leaves, {m['param_bytes']} bytes"
+                    )
             elif args.command == "info":
                 print(json.dumps(client.model(args.model).info(), indent=1, default=str))
             elif args.command == "save":

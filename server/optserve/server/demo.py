@@ -4,6 +4,7 @@ Starts a server in this process and N worker processes that train an MLP on scik
 digits data set (no download) through it, each on its own shard, pushing gradients and pulling
 parameters. Shows live progress (step, test accuracy, throughput) and ends with a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train an MLP on digits with N worker processes through a local server")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=300, help="pushes per worker")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync",
-                   help="sync: each step averages one gradient of every worker (default); async: each push is a step")
-    p.add_argument("--quorum", type=int, default=None, help="sync: gradients that complete a step (default: all workers)")
-    p.add_argument("--sync-timeout", type=float, default=30.0,
-                   help="sync: apply what has arrived after this many seconds, so a dead worker cannot stall the rest")
+    p.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: each step averages one gradient of every worker (default); async: each push is a step",
+    )
+    p.add_argument(
+        "--quorum", type=int, default=None, help="sync: gradients that complete a step (default: all workers)"
+    )
+    p.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=30.0,
+        help="sync: apply what has arrived after this many seconds, so a dead worker cannot stall the rest",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -49,26 +60,48 @@ def run(args: argparse.Namespace) -> int:
     from optserve.server.server import Server
 
     data = _load_digits()
-    print(f"optserve demo: {args.workers} workers, {args.mode} mode, MLP 64-{args.hidden}-10 on digits "
-          f"({len(data['y_train'])} train / {len(data['y_test'])} test)", flush=True)  # fmt: skip
+    print(
+        f"optserve demo: {args.workers} workers, {args.mode} mode, MLP 64-{args.hidden}-10 on digits "
+        f"({len(data['y_train'])} train / {len(data['y_test'])} test)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="optserve-demo-") as tmp, Server(port=0) as server:
         path = os.path.join(tmp, "digits.npz")
-        np.savez(path, **data)
+        np.savez(path, allow_pickle=False, **data)  # numeric arrays only: nothing to pickle
         client = server.client(timeout=60.0)
         params = demo_worker.init_params(np.random.default_rng(0), 64, args.hidden, 10)
         sync = (
             {"mode": "sync", "workers": args.workers, "quorum": args.quorum, "sync_timeout": args.sync_timeout}
-            if args.mode == "sync" else {}
-        )  # fmt: skip
+            if args.mode == "sync"
+            else {}
+        )
         model = client.create_model("digits-mlp", params, optimizer=optim.adam(args.learning_rate), **sync)
-        print(f"server on {server.address}; model 'digits-mlp' with adam({args.learning_rate}), {args.mode} mode",
-              flush=True)  # fmt: skip
+        print(
+            f"server on {server.address}; model 'digits-mlp' with adam({args.learning_rate}), {args.mode} mode",
+            flush=True,
+        )
         start = time.monotonic()
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "optserve.server.demo_worker", "--target", server.address, "--model",
-                 "digits-mlp", "--data", path, "--index", str(i), "--workers", str(args.workers),
-                 "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "optserve.server.demo_worker",
+                    "--target",
+                    server.address,
+                    "--model",
+                    "digits-mlp",
+                    "--data",
+                    path,
+                    "--index",
+                    str(i),
+                    "--workers",
+                    str(args.workers),
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                ]
             )
             for i in range(args.workers)
         ]
@@ -103,9 +136,11 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         c = info["counters"]
-        print(f"  stale pushes rejected {c['stale_rejected']}, retries answered as duplicates {c['duplicates']}"
-              + (f", steps applied by sync timeout {c['sync_timeouts']}" if args.mode == "sync" else ""),
-              flush=True)  # fmt: skip
+        print(
+            f"  stale pushes rejected {c['stale_rejected']}, retries answered as duplicates {c['duplicates']}"
+            + (f", steps applied by sync timeout {c['sync_timeouts']}" if args.mode == "sync" else ""),
+            flush=True,
+        )
         if failed:
             print(f"workers {failed} failed", file=sys.stderr)
             return 1

@@ -3,6 +3,7 @@
 Runs as its own process (`python -m optserve.server.demo_worker`) and imports only the light client
 and numpy: the gradients are computed in plain numpy, as any framework's would be.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,15 @@ from optserve.client.errors import FailedPreconditionError
 
 def init_params(rng: np.random.Generator, n_in: int, n_hidden: int, n_out: int) -> dict:
     return {
-        "hidden": {"w": (rng.standard_normal((n_in, n_hidden)) / np.sqrt(n_in)).astype(np.float32),
-                   "b": np.zeros(n_hidden, np.float32)},
-        "out": {"w": (rng.standard_normal((n_hidden, n_out)) / np.sqrt(n_hidden)).astype(np.float32),
-                "b": np.zeros(n_out, np.float32)},
-    }  # fmt: skip
+        "hidden": {
+            "w": (rng.standard_normal((n_in, n_hidden)) / np.sqrt(n_in)).astype(np.float32),
+            "b": np.zeros(n_hidden, np.float32),
+        },
+        "out": {
+            "w": (rng.standard_normal((n_hidden, n_out)) / np.sqrt(n_hidden)).astype(np.float32),
+            "b": np.zeros(n_out, np.float32),
+        },
+    }
 
 
 def logits(params: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

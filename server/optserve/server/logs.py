@@ -1,4 +1,5 @@
 """Logging setup: one line per lifecycle event or rejected request; JSON lines with --log-format json."""
+
 from __future__ import annotations
 
 import json
@@ -40,4 +41,6 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(root.level if root.level <= logging.DEBUG else max(root.level, logging.WARNING))
+        logging.getLogger(name).setLevel(
+            root.level if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+        )

@@ -10,6 +10,7 @@
 reports NOT_SERVING until the server is ready (checkpoints restored) and again while it shuts down;
 server reflection lists the optserve service.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,15 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.client import Client
-
-from optserve.wire.channel import SERVER_OPTIONS, SERVICE
-from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 from optserve.server.api.auth import Token, TokenAuth
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.api.service import OptserveService
 from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.store import ModelStore
+from optserve.wire.channel import SERVER_OPTIONS, SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("optserve.server")
 
@@ -101,17 +101,27 @@ class Server:
         metrics_host: str | None = None,
     ):
         self.host = host
-        self.store = ModelStore(resolve_device(device), max_models=max_models, max_model_bytes=max_model_bytes,
-                                max_total_bytes=max_total_bytes)  # fmt: skip
+        self.store = ModelStore(
+            resolve_device(device),
+            max_models=max_models,
+            max_model_bytes=max_model_bytes,
+            max_total_bytes=max_total_bytes,
+        )
         self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None
         if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
             checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
         # with checkpoints, calls are UNAVAILABLE until every model is restored (ready.set() below)
-        self.service = OptserveService(self.store, metrics=self.metrics, checkpoints=checkpoints, tokens=tokens,
-                                       chunk_bytes=chunk_bytes, max_workers=max_workers,
-                                       ready=checkpoints is None)  # fmt: skip
+        self.service = OptserveService(
+            self.store,
+            metrics=self.metrics,
+            checkpoints=checkpoints,
+            tokens=tokens,
+            chunk_bytes=chunk_bytes,
+            max_workers=max_workers,
+            ready=checkpoints is None,
+        )
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(
@@ -137,14 +147,23 @@ class Server:
         if metrics_port is not None:
             self.metrics.start_http(metrics_port, metrics_host or host)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("optserve listening on %s:%d (device %s, incarnation %s)", host, self.port, self.store.device,
-                 self.service.incarnation, extra={"event": "serving"})  # fmt: skip
+        log.info(
+            "optserve listening on %s:%d (device %s, incarnation %s)",
+            host,
+            self.port,
+            self.store.device,
+            self.service.incarnation,
+            extra={"event": "serving"},
+        )
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)
         self.health.set(SERVICE, status)
-        log.info("health %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
-                 extra={"event": "health", "status": health_pb2.HealthCheckResponse.ServingStatus.Name(status)})  # fmt: skip
+        log.info(
+            "health %s",
+            health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+            extra={"event": "health", "status": health_pb2.HealthCheckResponse.ServingStatus.Name(status)},
+        )
 
     @property
     def address(self) -> str:
@@ -172,8 +191,12 @@ class Server:
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         self.metrics.stop_http()
         if failures:
-            log.error("optserve stopped; final checkpoints failed for %d model(s), acknowledged work is lost: %s",
-                      len(failures), "; ".join(failures), extra={"event": "stopped"})  # fmt: skip
+            log.error(
+                "optserve stopped; final checkpoints failed for %d model(s), acknowledged work is lost: %s",
+                len(failures),
+                "; ".join(failures),
+                extra={"event": "stopped"},
+            )
         else:
             log.info("optserve stopped", extra={"event": "stopped"})
         return failures

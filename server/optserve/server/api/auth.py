@@ -9,12 +9,13 @@ Tokens are compared in constant time (hmac.compare_digest). A missing or unknown
 UNAUTHENTICATED; a known token used on another model gets PERMISSION_DENIED. The health and
 reflection services stay open so that probes need no secret.
 """
+
 from __future__ import annotations
 
 import argparse
 import hmac
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,14 +47,15 @@ def load_tokens(path: str) -> list[Token]:
                     tokens.append(Token(words[0].encode(), frozenset(words[1:]) or None))
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ConfigError(f"--token-file {path}: cannot read it ({reason}); give a text file with "
-                          f"{TOKEN_FILE_FORMAT}") from None  # fmt: skip
+        raise ConfigError(
+            f"--token-file {path}: cannot read it ({reason}); give a text file with {TOKEN_FILE_FORMAT}"
+        ) from None
     if not tokens:
         raise ConfigError(f"--token-file {path}: no tokens in it; add {TOKEN_FILE_FORMAT}")
     return tokens
 
 
-def match_token(tokens: list[Token], presented: bytes) -> Token | None:
+def match_token(tokens: Sequence[Token], presented: bytes) -> Token | None:
     """Constant time per token; every token is compared, so timing does not reveal which matched."""
     found = None
     for token in tokens:
@@ -121,15 +123,19 @@ def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grp
     pem = {"--tls-cert": _read(cert, "--tls-cert"), "--tls-key": _read(key, "--tls-key")}
     if client_ca:
         pem["--tls-client-ca"] = _read(client_ca, "--tls-client-ca")
-    expected = {"--tls-cert": (cert, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
-                "--tls-key": (key, b"PRIVATE KEY-----", "a PEM private key"),
-                "--tls-client-ca": (client_ca, b"-----BEGIN CERTIFICATE-----", "a PEM CA certificate")}  # fmt: skip
+    expected = {
+        "--tls-cert": (cert, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+        "--tls-key": (key, b"PRIVATE KEY-----", "a PEM private key"),
+        "--tls-client-ca": (client_ca, b"-----BEGIN CERTIFICATE-----", "a PEM CA certificate"),
+    }
     for flag, (path, marker, what) in expected.items():
         if flag in pem and marker not in pem[flag]:
             raise ConfigError(f"{flag} {path}: not {what}; give {what} file")
     if b"ENCRYPTED" in pem["--tls-key"]:
-        raise ConfigError(f"--tls-key {key}: the key is encrypted, which grpc cannot use; give it unencrypted "
-                          "(openssl pkey -in KEY -out PLAIN_KEY)")  # fmt: skip
+        raise ConfigError(
+            f"--tls-key {key}: the key is encrypted, which grpc cannot use; give it unencrypted "
+            "(openssl pkey -in KEY -out PLAIN_KEY)"
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert, key, password=b"")  # a password: never an interactive prompt
@@ -155,8 +161,9 @@ def _read(path: str, flag: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror or e}); "
-                          "give the path of a readable PEM file") from None  # fmt: skip
+        raise ConfigError(
+            f"{flag} {path}: cannot read it ({e.strerror or e}); give the path of a readable PEM file"
+        ) from None
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,6 +5,7 @@ on (the models its bearer token is limited to, resolved from the call's metadata
 token table), and, as the call goes on, the model its request names and whether its push was
 counted; the wrapper reads them back when the call fails (metrics labels, logs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,9 @@ from optserve.server.api.auth import Token, bearer_token, match_token
 from optserve.server.core.errors import PermissionDenied
 
 
-def allowed_models(tokens: Sequence[Token] | None, metadata: Iterable[tuple[str, str | bytes]] | None) -> frozenset[str] | None:
+def allowed_models(
+    tokens: Sequence[Token] | None, metadata: Iterable[tuple[str, str | bytes]] | None
+) -> frozenset[str] | None:
     """The models a call may touch: None for every model (no token table, or an unscoped token).
     A call without a known token is refused by the TokenAuth interceptor before it gets here; should
     one get here anyway, it may touch no model."""

@@ -4,18 +4,19 @@ A push is read chunk by chunk into its receiver's private buffers (core/aggregat
 only once whole; a pull streams a pinned snapshot without holding the model's lock; a call that
 waits for a step holds one of a bounded number of slots, so waiters never take every RPC thread.
 """
+
 from __future__ import annotations
 
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
-import weakref
 
-from optserve.wire.chunks import chunk_messages
-from optserve.server.api import messages, requests as requests_
+from optserve.server.api import messages
+from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.core import pulls
@@ -31,6 +32,7 @@ from optserve.server.core.errors import (
 from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.chunks import chunk_messages
 
 WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
 
@@ -89,8 +91,16 @@ class Pushed(NamedTuple):
 class DataPlane:
     """The push and pull side of one service (api/service.py delegates its data RPCs here)."""
 
-    def __init__(self, store: ModelStore, metrics: ServerMetrics, *, incarnation: str, chunk_bytes: int,
-                 max_workers: int, accepting: threading.Event):  # fmt: skip
+    def __init__(
+        self,
+        store: ModelStore,
+        metrics: ServerMetrics,
+        *,
+        incarnation: str,
+        chunk_bytes: int,
+        max_workers: int,
+        accepting: threading.Event,
+    ):
         """max_workers: the server's RPC threads; calls that wait for a step are bounded by
         `waiting_call_limit(max_workers)` so that they never hold every thread. accepting: cleared
         while the server shuts down (pushes are refused, waits end)."""
@@ -108,8 +118,12 @@ class DataPlane:
 
     # -- push -------------------------------------------------------------------------------------
 
-    def receive_push(self, requests: Iterator[bytes], call: CallContext,
-                     prepare: Callable[[Model, pb.PushHeader, Receiver], None] | None = None) -> Pushed:  # fmt: skip
+    def receive_push(
+        self,
+        requests: Iterator[bytes],
+        call: CallContext,
+        prepare: Callable[[Model, pb.PushHeader, Receiver], None] | None = None,
+    ) -> Pushed:
         """Reads a whole push stream, validates it and counts it (applied, or added to the sync round).
 
         prepare(model, header, receiver): more checks of the header (PushPull's pull), called before
@@ -147,13 +161,18 @@ class DataPlane:
     def check_pull(self, model: Model, req: pb.PullRequest, single: bool) -> None:
         """Validates a pull's fields before it waits, streams or (PushPull) before its push is applied."""
         if not math.isfinite(req.timeout_seconds) or req.timeout_seconds < 0:
-            raise InvalidArgument(f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}")
+            raise InvalidArgument(
+                f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}"
+            )
         pulls.check_wire_dtype(req.wire_dtype, model.name)
         if req.ema and model.settings.ema_decay is None:
             raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
         if single:
-            requests_.check_single_reply(model.name, self._single_reply_bound(model, req.wire_dtype),
-                                         requests_.pull_message_bytes(req.max_message_bytes))  # fmt: skip
+            requests_.check_single_reply(
+                model.name,
+                self._single_reply_bound(model, req.wire_dtype),
+                requests_.pull_message_bytes(req.max_message_bytes),
+            )
 
     def _single_reply_bound(self, model: Model, wire_dtype: str) -> int:
         """Upper bound of a one-message pull reply of `model`: header (with a push reply) and tensors."""
@@ -185,9 +204,16 @@ class DataPlane:
             "--max-workers raises it); nothing was applied: retry later"
         )
 
-    def pull_stream(self, model: Model, req: pb.PullRequest, call: CallContext,
-                    push: pb.PushResponse | None = None, single: bool = False,
-                    round_dropped: Callable[[], str] | None = None, slot_held: bool = False) -> Iterator[bytes]:  # fmt: skip
+    def pull_stream(
+        self,
+        model: Model,
+        req: pb.PullRequest,
+        call: CallContext,
+        push: pb.PushResponse | None = None,
+        single: bool = False,
+        round_dropped: Callable[[], str] | None = None,
+        slot_held: bool = False,
+    ) -> Iterator[bytes]:
         """The PullResponse messages; `single`: exactly one message (the unary twins), or refused.
 
         round_dropped: for a sync PushPull, why the round its push joined was dropped ("" while it
@@ -238,13 +264,15 @@ class DataPlane:
         rebuild the schema's messages in Python (protobuf's C parser does it in microseconds)."""
         cached = self._pull_headers.get(model)
         if cached is None:
-            header = pb.PullHeader(model=model.name, schema=messages.schema_to_proto(model.schema),
-                                   incarnation=self.incarnation)  # fmt: skip
+            header = pb.PullHeader(
+                model=model.name, schema=messages.schema_to_proto(model.schema), incarnation=self.incarnation
+            )
             cached = self._pull_headers[model] = pb.PullResponse(header=header).SerializeToString()
         return pb.PullResponse.FromString(cached)
 
-    def _wait_for_step(self, model: Model, req: pb.PullRequest, call: CallContext,
-                       round_dropped: Callable[[], str] | None = None) -> None:  # fmt: skip
+    def _wait_for_step(
+        self, model: Model, req: pb.PullRequest, call: CallContext, round_dropped: Callable[[], str] | None = None
+    ) -> None:
         """Waits for req.min_step, bounded by timeout_seconds (0: the call's deadline).
 
         Waits in short slices so that a waiter whose client went away, whose model was deleted or
@@ -266,9 +294,11 @@ class DataPlane:
         while True:
             reached = model.wait_for_step(
                 req.min_step,
-                WAIT_SLICE_SECONDS if limit is None else min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0)),
+                WAIT_SLICE_SECONDS
+                if limit is None
+                else min(WAIT_SLICE_SECONDS, max(limit - (time.monotonic() - started), 0.0)),
                 give_up=None if dropped_why is None else lambda: bool(dropped_why()),
-            )  # fmt: skip
+            )
             dropped = dropped_why() if dropped_why is not None else ""
             if dropped:
                 raise FailedPrecondition(f"model {model.name!r}: waiting for step {req.min_step}: {dropped}")
@@ -281,7 +311,8 @@ class DataPlane:
                 raise Unavailable(f"model {model.name!r}: the client went away while waiting for step {req.min_step}")
             if limit is not None and time.monotonic() - started >= limit:
                 raise DeadlineExceeded(
-                    f"model {model.name!r}: step {req.min_step} not reached within {limit:.3g}s (current step {model.step})"
+                    f"model {model.name!r}: step {req.min_step} not reached within {limit:.3g}s "
+                    f"(current step {model.step})"
                 )
         self.metrics.waited(model.name, time.monotonic() - started)
 
@@ -301,7 +332,9 @@ class DataPlane:
             self.check_pull(model, header.pull, single)
             sync = model.settings.mode == "sync"
             if sync or header.pull.HasField("min_step"):  # the reply may wait: take a slot first
-                what = "this PushPull would wait for its sync round" if sync else "this PushPull may wait for its min_step"
+                what = (
+                    "this PushPull would wait for its sync round" if sync else "this PushPull may wait for its min_step"
+                )
                 if self.waiting.try_take():
                     slot.append(True)
                 elif sync:  # a push that completes its round does not wait: that one may go on
@@ -317,8 +350,15 @@ class DataPlane:
             if not pushed.response.applied:  # sync: return once the step this gradient joined is applied
                 pull.min_step = pushed.response.step
                 round_dropped = pushed.round_dropped  # None for a retry (duplicate)
-            yield from self.pull_stream(pushed.model, pull, call, push=pushed.response, single=single,
-                                        round_dropped=round_dropped, slot_held=bool(slot))  # fmt: skip
+            yield from self.pull_stream(
+                pushed.model,
+                pull,
+                call,
+                push=pushed.response,
+                single=single,
+                round_dropped=round_dropped,
+                slot_held=bool(slot),
+            )
         finally:
             if slot:
                 self.waiting.give_back()

@@ -1,5 +1,6 @@
 """Protobuf messages <-> domain types: the only place where the contract's messages are built from,
 or read into, what the core works with (settings, schemas, models, push replies, checkpoints, rules)."""
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,28 @@ from optserve.wire.dtypes import LeafSpec
 def settings_from_proto(s: pb.ModelSettings, model: str) -> ModelSettings:
     """Validates settings sent by a client; the message names the model and the field."""
     return ModelSettings(
-        mode=s.mode, workers=s.workers, quorum=s.quorum,
+        mode=s.mode,
+        workers=s.workers,
+        quorum=s.quorum,
         max_staleness=s.max_staleness if s.HasField("max_staleness") else None,
-        sync_timeout=s.sync_timeout_seconds, staleness_scaling=s.staleness_scaling,
-        ema_decay=s.ema_decay if s.HasField("ema_decay") else None, ema_debias=s.ema_debias,
+        sync_timeout=s.sync_timeout_seconds,
+        staleness_scaling=s.staleness_scaling,
+        ema_decay=s.ema_decay if s.HasField("ema_decay") else None,
+        ema_debias=s.ema_debias,
         reject_nonfinite_updates=s.reject_nonfinite_updates,
-    ).validated(model)  # fmt: skip
+    ).validated(model)
 
 
 def settings_to_proto(settings: ModelSettings) -> pb.ModelSettings:
     s = pb.ModelSettings(
-        mode=settings.mode, workers=settings.workers, quorum=settings.quorum,
-        sync_timeout_seconds=settings.sync_timeout, staleness_scaling=settings.staleness_scaling,
-        ema_debias=settings.ema_debias, reject_nonfinite_updates=settings.reject_nonfinite_updates,
-    )  # fmt: skip
+        mode=settings.mode,
+        workers=settings.workers,
+        quorum=settings.quorum,
+        sync_timeout_seconds=settings.sync_timeout,
+        staleness_scaling=settings.staleness_scaling,
+        ema_debias=settings.ema_debias,
+        reject_nonfinite_updates=settings.reject_nonfinite_updates,
+    )
     if settings.max_staleness is not None:
         s.max_staleness = settings.max_staleness
     if settings.ema_decay is not None:
@@ -39,14 +48,16 @@ def settings_to_proto(settings: ModelSettings) -> pb.ModelSettings:
     return s
 
 
-def schema_from_proto(model: str, leaves: Sequence[pb.LeafSpec], *, max_leaves: int | None = MAX_LEAVES) -> list[LeafSpec]:
+def schema_from_proto(
+    model: str, leaves: Sequence[pb.LeafSpec], *, max_leaves: int | None = MAX_LEAVES
+) -> list[LeafSpec]:
     """Validates a schema sent by a client (core/schema.py, check_schema)."""
     check_leaf_count(model, len(leaves), max_leaves)  # before touching a million of them
-    return check_schema(model, [(l.path, l.dtype, l.shape) for l in leaves], max_leaves=max_leaves)
+    return check_schema(model, [(leaf.path, leaf.dtype, leaf.shape) for leaf in leaves], max_leaves=max_leaves)
 
 
 def schema_to_proto(schema: Iterable[LeafSpec]) -> list[pb.LeafSpec]:
-    return [pb.LeafSpec(path=l.path, dtype=l.dtype, shape=l.shape) for l in schema]
+    return [pb.LeafSpec(path=leaf.path, dtype=leaf.dtype, shape=leaf.shape) for leaf in schema]
 
 
 def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | None = None) -> pb.ModelInfo:
@@ -74,30 +85,45 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
 
 
 def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
-    return pb.CheckpointInfo(model=info.model, step=info.step, name=info.name, bytes=info.bytes,
-                             created_unix=info.created_unix)  # fmt: skip
+    return pb.CheckpointInfo(
+        model=info.model, step=info.step, name=info.name, bytes=info.bytes, created_unix=info.created_unix
+    )
 
 
 def model_summary(model: Model) -> pb.ModelSummary:
-    return pb.ModelSummary(name=model.name, step=model.step, mode=model.settings.mode, leaves=len(model.schema),
-                           param_bytes=model.param_bytes)  # fmt: skip
+    return pb.ModelSummary(
+        name=model.name,
+        step=model.step,
+        mode=model.settings.mode,
+        leaves=len(model.schema),
+        param_bytes=model.param_bytes,
+    )
 
 
 def push_response(model: str, reply: PushReply, *, duplicate: bool, incarnation: str) -> pb.PushResponse:
     """The answer to a push. A retry (`duplicate`) gets the reply its original push got, marked as
     such, with this server's incarnation (the original may come from a checkpoint of an earlier start)."""
-    return pb.PushResponse(model=model, step=reply.step, applied=reply.applied, duplicate=duplicate,
-                           incarnation=incarnation)  # fmt: skip
+    return pb.PushResponse(
+        model=model, step=reply.step, applied=reply.applied, duplicate=duplicate, incarnation=incarnation
+    )
 
 
 def rule_info(rule: dict) -> pb.RuleInfo:
     """One optimizer rule of spec.list_rules() as ListRules describes it."""
     return pb.RuleInfo(
-        name=rule["name"], kind=rule.get("kind", ""), library=rule.get("library", ""), doc=rule.get("doc", ""),
+        name=rule["name"],
+        kind=rule.get("kind", ""),
+        library=rule.get("library", ""),
+        doc=rule.get("doc", ""),
         hyperparams=[
-            pb.HyperparamInfo(name=h["name"], default_json=json.dumps(h.get("default")),
-                              required=bool(h.get("required")), doc=h.get("doc", ""),
-                              type=h.get("type", ""), tunable=bool(h.get("tunable")))
+            pb.HyperparamInfo(
+                name=h["name"],
+                default_json=json.dumps(h.get("default")),
+                required=bool(h.get("required")),
+                doc=h.get("doc", ""),
+                type=h.get("type", ""),
+                tunable=bool(h.get("tunable")),
+            )
             for h in rule.get("hyperparams", [])
         ],
-    )  # fmt: skip
+    )

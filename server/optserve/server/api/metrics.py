@@ -30,6 +30,7 @@ Series (all prefixed `optserve_`):
 Labels are only ever the names of models that exist (requests naming unknown models are counted
 under model=""), so hostile clients cannot grow the label set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,7 @@ class _StateCollector(Collector):
         device = self.store.device
         try:
             stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - some backends do not implement it
+        except Exception:  # some backends do not implement it
             stats = {}
         for key, kind in (("bytes_in_use", "in_use"), ("peak_bytes_in_use", "peak"), ("bytes_limit", "limit")):
             if key in stats:
@@ -92,20 +93,41 @@ class ServerMetrics:
         r = self.registry
         self.pushes = Counter("optserve_pushes", "Pushes by model and outcome", ["model", "outcome"], registry=r)
         self.pulls = Counter("optserve_pulls", "Pulls by model and outcome", ["model", "outcome"], registry=r)
-        self.rejected = Counter("optserve_requests_rejected", "Rejected calls by RPC and status", ["rpc", "code"], registry=r)
+        self.rejected = Counter(
+            "optserve_requests_rejected", "Rejected calls by RPC and status", ["rpc", "code"], registry=r
+        )
         self.bytes_in = Counter("optserve_received_bytes", "Gradient payload bytes received", ["model"], registry=r)
         self.bytes_out = Counter("optserve_sent_bytes", "Parameter bytes sent by pulls", ["model"], registry=r)
-        self.apply_seconds = Histogram("optserve_apply_seconds", "Push received -> update applied (dispatched)",
-                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.staleness = Histogram("optserve_push_staleness_steps", "Steps a push's base_step is behind",
-                                   ["model"], buckets=STALENESS_BUCKETS, registry=r)  # fmt: skip
-        self.sync_wait = Histogram("optserve_sync_wait_seconds", "Time a pull waited for min_step",
-                                   ["model"], buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
-        self.checkpoint_seconds = Histogram("optserve_checkpoint_seconds", "Checkpoint duration",
-                                            ["model"], buckets=CHECKPOINT_BUCKETS, registry=r)  # fmt: skip
-        self.checkpoint_bytes = Histogram("optserve_checkpoint_bytes", "Checkpoint size", ["model"],
-                                          buckets=tuple(float(1 << k) for k in range(10, 41, 2)), registry=r)  # fmt: skip
-        self.checkpoint_failures = Counter("optserve_checkpoint_failures", "Checkpoints that failed", ["model"], registry=r)
+        self.apply_seconds = Histogram(
+            "optserve_apply_seconds",
+            "Push received -> update applied (dispatched)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.staleness = Histogram(
+            "optserve_push_staleness_steps",
+            "Steps a push's base_step is behind",
+            ["model"],
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
+        self.sync_wait = Histogram(
+            "optserve_sync_wait_seconds", "Time a pull waited for min_step", ["model"], buckets=WAIT_BUCKETS, registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "optserve_checkpoint_seconds", "Checkpoint duration", ["model"], buckets=CHECKPOINT_BUCKETS, registry=r
+        )
+        self.checkpoint_bytes = Histogram(
+            "optserve_checkpoint_bytes",
+            "Checkpoint size",
+            ["model"],
+            buckets=tuple(float(1 << k) for k in range(10, 41, 2)),
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "optserve_checkpoint_failures", "Checkpoints that failed", ["model"], registry=r
+        )
         self.waiting_calls = Gauge("optserve_waiting_calls", "Calls waiting for a step", registry=r)
         self.waiting_limit = Gauge("optserve_waiting_calls_limit", "Calls that may wait for a step at once", registry=r)
         r.register(_StateCollector(store))

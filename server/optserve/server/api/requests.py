@@ -4,11 +4,14 @@ Requests arrive as raw bytes (the service registers identity deserializers); `fr
 hands protobuf only the small header and the payload stays a view into grpcio's buffer until it is
 copied, once, into the leaf's aligned buffer. Reply sizes are clamped to what gRPC clients receive.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.wire.assembler import TensorAssembler
@@ -16,8 +19,11 @@ from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES
 from optserve.wire.errors import WireError
 from optserve.wire.framing import parse_message
 
+# A generated request message class (CreateModelRequest, PushRequest, UploadRequest).
+M = TypeVar("M", bound=Message)
 
-def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
+
+def parse_chunk(raw: bytes, message_type: type[M]) -> tuple[M, memoryview]:
     """(header message, payload view) of one streamed chunk; malformed bytes -> INVALID_ARGUMENT."""
     try:
         return parse_message(raw, message_type)
@@ -27,7 +33,7 @@ def parse_chunk(raw: bytes, message_type: type) -> tuple[object, memoryview]:
         raise InvalidArgument(f"{message_type.__name__}: malformed message ({e})") from None
 
 
-def first_message(requests: Iterator[bytes], message_type: type, header_field: str) -> tuple[object, memoryview]:
+def first_message(requests: Iterator[bytes], message_type: type[M], header_field: str) -> tuple[M, memoryview]:
     """The first chunk of a stream, which must carry the header."""
     raw = next(requests, None)
     if raw is None:
@@ -39,7 +45,11 @@ def first_message(requests: Iterator[bytes], message_type: type, header_field: s
 
 
 def receive_tensors(
-    first: object, first_payload: memoryview, rest: Iterable[bytes], message_type: type, assembler: TensorAssembler,
+    first: M,
+    first_payload: memoryview,
+    rest: Iterable[bytes],
+    message_type: type[M],
+    assembler: TensorAssembler,
     header_field: str = "header",
 ) -> dict[str, np.ndarray]:
     """Feeds every chunk of a stream into `assembler` and returns the complete arrays."""

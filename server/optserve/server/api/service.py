@@ -6,6 +6,7 @@ gets a `CallContext` (api/call_context.py) built by its wrapper, turns errors in
 through api/status.py, and never changes state before a request has been validated completely.
 The data RPCs (Push, Pull, PushPull and their unary twins) live in api/data_plane.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,21 +19,24 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
-from optserve.wire.assembler import TensorAssembler
-from optserve.wire.channel import SERVICE
-from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
-from optserve.server.api import messages, requests as requests_, status, transfer
+from optserve.server.api import messages, status, transfer
+from optserve.server.api import requests as requests_
 from optserve.server.api.auth import Token
 from optserve.server.api.call_context import CallContext, allowed_models
 from optserve.server.api.data_plane import DataPlane
 from optserve.server.api.metrics import ServerMetrics
+from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core import admission
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import SpecError, list_rules
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.channel import SERVICE
+from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("optserve.service")
 VERSION = "0.1.0"
@@ -45,18 +49,18 @@ def _identity(x: bytes) -> bytes:
 class _Malformed:
     """What `_parse` hands the handler instead of a request protobuf could not parse."""
 
-    def __init__(self, message_type: type, error: Exception):
+    def __init__(self, message_type: type[Message], error: Exception):
         self.message = f"{message_type.__name__}: malformed message ({error})"
 
 
-def _parse(message_type: type) -> Callable[[bytes], Any]:
+def _parse(message_type: type[Message]) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: grpc would answer INTERNAL for a deserializer's
     exception, but a malformed request is the client's fault (INVALID_ARGUMENT, see the wrappers)."""
 
     def parse(data: bytes) -> Any:
         try:
             return message_type.FromString(data)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        except Exception as e:  # protobuf's DecodeError and friends
             return _Malformed(message_type, e)
 
     return parse
@@ -74,9 +78,9 @@ def _handler(fn: Callable) -> Callable:
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.message)
             return fn(self, request, call)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+        except Exception as e:  # every failure becomes a status
             self.metrics.failed(rpc, e, model=call.model, pushed=call.pushed)
-            if isinstance(e, grpc.RpcError) or context.is_active() is False and not isinstance(e, ServiceError):
+            if isinstance(e, grpc.RpcError) or (context.is_active() is False and not isinstance(e, ServiceError)):
                 raise
             status.abort(context, e, rpc, call.model)
 
@@ -97,7 +101,7 @@ def _stream_handler(fn: Callable) -> Callable:
             yield from fn(self, request, call)
         except GeneratorExit:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.metrics.failed(rpc, e, model=call.model, pushed=call.pushed)
             if isinstance(e, grpc.RpcError):
                 raise
@@ -115,9 +119,17 @@ def _only(messages: Iterator[bytes]) -> bytes:
 class OptserveService:
     """Implements optserve.v1.Optserve over a ModelStore."""
 
-    def __init__(self, store: ModelStore, *, metrics: ServerMetrics, checkpoints: Any = None,
-                 tokens: Sequence[Token] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_workers: int = 64, ready: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        metrics: ServerMetrics,
+        checkpoints: CheckpointManager | None = None,
+        tokens: Sequence[Token] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_workers: int = 64,
+        ready: bool = True,
+    ):
         """checkpoints: the CheckpointManager (None: no checkpoints); tokens: the bearer-token table
         (None: no authentication), from which each call's allowed models are resolved; max_workers:
         the server's RPC threads (bounds the calls that wait for a step, api/data_plane.py); ready:
@@ -136,8 +148,14 @@ class OptserveService:
         self.ready = threading.Event()
         if ready:
             self.ready.set()
-        self.data = DataPlane(store, metrics, incarnation=self.incarnation, chunk_bytes=chunk_bytes,
-                              max_workers=max_workers, accepting=self.accepting)  # fmt: skip
+        self.data = DataPlane(
+            store,
+            metrics,
+            incarnation=self.incarnation,
+            chunk_bytes=chunk_bytes,
+            max_workers=max_workers,
+            accepting=self.accepting,
+        )
         self.waiting = self.data.waiting
 
     def _call_context(self, rpc: str, context: grpc.ServicerContext) -> CallContext:
@@ -159,24 +177,42 @@ class OptserveService:
         h = grpc
         table = {
             "CreateModel": h.stream_unary_rpc_method_handler(self.CreateModel, raw, P.ModelInfo.SerializeToString),
-            "GetModel": h.unary_unary_rpc_method_handler(self.GetModel, _parse(P.GetModelRequest), P.ModelInfo.SerializeToString),
-            "ListModels": h.unary_unary_rpc_method_handler(self.ListModels, _parse(P.ListModelsRequest), P.ListModelsResponse.SerializeToString),
-            "DeleteModel": h.unary_unary_rpc_method_handler(self.DeleteModel, _parse(P.DeleteModelRequest), P.DeleteModelResponse.SerializeToString),
-            "SetHyperparams": h.unary_unary_rpc_method_handler(self.SetHyperparams, _parse(P.SetHyperparamsRequest), P.ModelInfo.SerializeToString),
+            "GetModel": h.unary_unary_rpc_method_handler(
+                self.GetModel, _parse(P.GetModelRequest), P.ModelInfo.SerializeToString
+            ),
+            "ListModels": h.unary_unary_rpc_method_handler(
+                self.ListModels, _parse(P.ListModelsRequest), P.ListModelsResponse.SerializeToString
+            ),
+            "DeleteModel": h.unary_unary_rpc_method_handler(
+                self.DeleteModel, _parse(P.DeleteModelRequest), P.DeleteModelResponse.SerializeToString
+            ),
+            "SetHyperparams": h.unary_unary_rpc_method_handler(
+                self.SetHyperparams, _parse(P.SetHyperparamsRequest), P.ModelInfo.SerializeToString
+            ),
             "Push": h.stream_unary_rpc_method_handler(self.Push, raw, P.PushResponse.SerializeToString),
             "Pull": h.unary_stream_rpc_method_handler(self.Pull, _parse(P.PullRequest), raw),
             "PushPull": h.stream_stream_rpc_method_handler(self.PushPull, raw, raw),
             "PushOne": h.unary_unary_rpc_method_handler(self.PushOne, raw, P.PushResponse.SerializeToString),
             "PullOne": h.unary_unary_rpc_method_handler(self.PullOne, _parse(P.PullRequest), raw),
             "PushPullOne": h.unary_unary_rpc_method_handler(self.PushPullOne, raw, raw),
-            "SaveCheckpoint": h.unary_unary_rpc_method_handler(self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString),
-            "ListCheckpoints": h.unary_unary_rpc_method_handler(self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString),
-            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString),
+            "SaveCheckpoint": h.unary_unary_rpc_method_handler(
+                self.SaveCheckpoint, _parse(P.SaveCheckpointRequest), P.CheckpointInfo.SerializeToString
+            ),
+            "ListCheckpoints": h.unary_unary_rpc_method_handler(
+                self.ListCheckpoints, _parse(P.ListCheckpointsRequest), P.ListCheckpointsResponse.SerializeToString
+            ),
+            "RestoreCheckpoint": h.unary_unary_rpc_method_handler(
+                self.RestoreCheckpoint, _parse(P.RestoreCheckpointRequest), P.ModelInfo.SerializeToString
+            ),
             "Download": h.unary_stream_rpc_method_handler(self.Download, _parse(P.DownloadRequest), raw),
             "Upload": h.stream_unary_rpc_method_handler(self.Upload, raw, P.ModelInfo.SerializeToString),
-            "ListRules": h.unary_unary_rpc_method_handler(self.ListRules, _parse(P.ListRulesRequest), P.ListRulesResponse.SerializeToString),
-            "GetServerInfo": h.unary_unary_rpc_method_handler(self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString),
-        }  # fmt: skip
+            "ListRules": h.unary_unary_rpc_method_handler(
+                self.ListRules, _parse(P.ListRulesRequest), P.ListRulesResponse.SerializeToString
+            ),
+            "GetServerInfo": h.unary_unary_rpc_method_handler(
+                self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString
+            ),
+        }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
     # -- models -----------------------------------------------------------------------------------
@@ -200,14 +236,21 @@ class OptserveService:
             raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
         schema = messages.schema_from_proto(name, h.schema)
         with admission.admit(self.store, name, schema, spec, settings) as admitted:
-            assembler = TensorAssembler({l.path: l for l in admitted.schema}, what=f"model {name!r}",
-                                        max_bytes=admitted.param_bytes)  # fmt: skip
+            assembler = TensorAssembler(
+                {leaf.path: leaf for leaf in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
+            )
             params = requests_.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)
             model = admitted.create(params)
         if self.checkpoints is not None:  # checkpoints left under its name are not its own
             self.checkpoints.adopt(model)
-        log.info("created model %r: %d leaves, %d bytes, optimizer %s, mode %s", name, len(schema),
-                 admitted.param_bytes, json.dumps(model.compiled.spec), model.settings.mode)  # fmt: skip
+        log.info(
+            "created model %r: %d leaves, %d bytes, optimizer %s, mode %s",
+            name,
+            len(schema),
+            admitted.param_bytes,
+            json.dumps(model.compiled.spec),
+            model.settings.mode,
+        )
         return self.model_info(model)
 
     @_handler
@@ -270,7 +313,7 @@ class OptserveService:
 
     # -- checkpoints (checkpoint/manager.py) ------------------------------------------------------
 
-    def _manager(self, model: str, call: CallContext) -> Any:
+    def _manager(self, model: str, call: CallContext) -> CheckpointManager:
         check_model_name(model)  # names become paths: INVALID_ARGUMENT before anything else
         self.store.get(call.authorize(model))
         if self.checkpoints is None:
@@ -315,6 +358,10 @@ class OptserveService:
     @_handler
     def GetServerInfo(self, request: pb.GetServerInfoRequest, call: CallContext) -> pb.ServerInfo:
         d = self.store.device
-        return pb.ServerInfo(version=VERSION, incarnation=self.incarnation, device=f"{d.platform}:{d}",
-                             models=len(call.visible(self.store.names())),
-                             started_unix=self.started_unix)  # fmt: skip
+        return pb.ServerInfo(
+            version=VERSION,
+            incarnation=self.incarnation,
+            device=f"{d.platform}:{d}",
+            models=len(call.visible(self.store.names())),
+            started_unix=self.started_unix,
+        )

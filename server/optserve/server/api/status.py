@@ -4,6 +4,7 @@ Domain errors (core/errors.py) name their status; spec and wire errors are the c
 (INVALID_ARGUMENT); a grpc.RpcError raised inside a handler means the client went away
 (CANCELLED); anything else is a bug of ours (INTERNAL, logged with its traceback).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,6 +57,15 @@ def abort(context: grpc.ServicerContext, error: Exception, rpc: str, model: str)
     if isinstance(error, (ServiceError, *CLIENT_MISTAKES)):
         message = error.message if isinstance(error, ServiceError) else str(error)
         log.info("rejected %s: %s: %s", rpc, code.name, message, extra={**fields, "code": code.name})
-        context.abort(code, message)
-    log.exception("internal error in %s", rpc, extra={**fields, "event": "internal_error", "code": "INTERNAL"})
-    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(error).__name__}: {error}")
+        _end_call(context, code, message)
+    # exc_info=error: the traceback of `error` itself, whether or not this runs inside its except block.
+    log.error(
+        "internal error in %s", rpc, exc_info=error, extra={**fields, "event": "internal_error", "code": "INTERNAL"}
+    )
+    _end_call(context, grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(error).__name__}: {error}")
+
+
+def _end_call(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)  # raises: grpc ends the call with the exception it raises
+    # Never reached; says so to the type checker, which sees grpc (untyped) as Any.
+    raise AssertionError(f"grpc's ServicerContext.abort returned instead of raising ({code.name}: {message})")

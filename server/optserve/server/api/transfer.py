@@ -5,11 +5,11 @@ and the rest (step, spec, settings, hyperparameters, worker seqs and replies) in
 so `client.upload(path)` creates a model that continues exactly where the downloaded one was, and
 any safetensors reader can open it (README.md, "Checkpoint format").
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from optserve.wire.framing import frame
 from optserve.server.api import requests as requests_
 from optserve.server.core.errors import InvalidArgument, ResourceExhausted
 from optserve.server.core.model import Model
@@ -18,6 +18,7 @@ from optserve.server.state.errors import StateError
 from optserve.server.state.model_state import admit_state, capture
 from optserve.server.state.state_file import decode_file, encode_file
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.framing import frame
 
 
 def download(model: Model, chunk_bytes: int) -> Iterator[bytes]:
@@ -26,8 +27,9 @@ def download(model: Model, chunk_bytes: int) -> Iterator[bytes]:
     view = memoryview(data)
     total = len(data)
     for offset in range(0, total, chunk_bytes):
-        yield frame(pb.FileChunk(offset=offset, total_bytes=total).SerializeToString(),
-                    [view[offset : offset + chunk_bytes]])  # fmt: skip
+        yield frame(
+            pb.FileChunk(offset=offset, total_bytes=total).SerializeToString(), [view[offset : offset + chunk_bytes]]
+        )
 
 
 # Room in an uploaded file beyond its tensors: the safetensors header (the manifest, with the
@@ -62,16 +64,20 @@ def upload(store: ModelStore, requests: Iterator[bytes], *, authorize: Callable[
         raise InvalidArgument(f"{what}: header.total_bytes {total} is too small for a safetensors file")
     limit = upload_limit(store)
     if total > limit:
-        raise ResourceExhausted(f"{what}: header.total_bytes {total} exceeds the {limit} bytes this server could hold "
-                                "(its limits, or its device's memory)")  # fmt: skip
+        raise ResourceExhausted(
+            f"{what}: header.total_bytes {total} exceeds the {limit} bytes this server could hold "
+            "(its limits, or its device's memory)"
+        )
     data = bytearray()  # grows with the data received (realloc extends in place where it can)
     for raw in requests:
         msg, payload = requests_.parse_chunk(raw, pb.UploadRequest)
         if msg.HasField("header"):
             raise InvalidArgument(f"{what}: UploadRequest: a header may only appear in the first message")
         if msg.offset != len(data) or len(data) + len(payload) > total:
-            raise InvalidArgument(f"{what}: UploadRequest: chunk at offset {msg.offset} with {len(payload)} bytes; "
-                                  f"expected offset {len(data)} and at most {total} bytes in all")  # fmt: skip
+            raise InvalidArgument(
+                f"{what}: UploadRequest: chunk at offset {msg.offset} with {len(payload)} bytes; "
+                f"expected offset {len(data)} and at most {total} bytes in all"
+            )
         data += payload
     if len(data) != total:
         raise InvalidArgument(f"{what}: UploadRequest: received {len(data)} of {total} bytes")

@@ -4,6 +4,7 @@ be used again go (moved aside beside the others, or the whole model directory in
 Model names from clients are validated (store.check_model_name) and every path is checked to stay
 inside the checkpoint directory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,11 +12,11 @@ import os
 import secrets
 import shutil
 import time
-from typing import Any
 
 from optserve.server.checkpoint.files import ARCHIVE_DIR, CORRUPT_MARK, TMP_MARK, Checkpoint, fsync_dir, move_aside
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Model
 from optserve.server.core.store import check_model_name
 
 log = logging.getLogger("optserve.checkpoints")
@@ -51,12 +52,19 @@ class CheckpointRoot:
         try:
             aside = move_aside(checkpoint.path, CORRUPT_MARK)
         except OSError as e:
-            log.warning("model %r: skipping checkpoint %s: %s; could not move it aside: %s", name, checkpoint.path, reason, e)
+            log.warning(
+                "model %r: skipping checkpoint %s: %s; could not move it aside: %s", name, checkpoint.path, reason, e
+            )
             return
-        log.warning("model %r: skipping checkpoint %s: %s; moved aside to %s", name, checkpoint.path, reason,
-                    os.path.basename(aside))  # fmt: skip
+        log.warning(
+            "model %r: skipping checkpoint %s: %s; moved aside to %s",
+            name,
+            checkpoint.path,
+            reason,
+            os.path.basename(aside),
+        )
 
-    def claim_locked(self, model: Any, track: Track) -> None:
+    def claim_locked(self, model: Model, track: Track) -> None:
         """Makes `model` the owner of its name's directory (the caller holds its save lock):
         checkpoints found there that are not its own are archived first. OSError if they cannot be."""
         if track.owned_by(model):
@@ -64,8 +72,13 @@ class CheckpointRoot:
         model_dir = self.model_dir(model.name)
         if os.path.isdir(model_dir) and os.listdir(model_dir):
             target = self.archive_locked(model.name, "replaced")
-            log.warning("model %r: %s held checkpoints of an earlier model of that name (not restored); moved to %s so "
-                        "that they are neither restored nor mixed with the new model", model.name, model_dir, target)  # fmt: skip
+            log.warning(
+                "model %r: %s held checkpoints of an earlier model of that name (not restored); moved to %s so "
+                "that they are neither restored nor mixed with the new model",
+                model.name,
+                model_dir,
+                target,
+            )
         track.start_owning(model)
 
 

@@ -12,6 +12,7 @@ every file and the manifest, fsync the directory, rename it to `<name>` (never r
 one), fsync the model directory. A crash at any point leaves either the complete new checkpoint or
 none; leftover `*.tmp-*` directories are removed at start (checkpoint/manager.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,6 +78,14 @@ class Checkpoint(NamedTuple):
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
+
+    @classmethod
+    def at(cls, path: str) -> Checkpoint:
+        """The committed checkpoint directory `path`; ValueError when its name is not one."""
+        key = parse_name(os.path.basename(path))
+        if key is None:
+            raise ValueError(f"{path}: not a checkpoint directory name (step_<N> or step_<N>.<k>)")
+        return cls(*key, path)
 
 
 def checkpoint_name(step: int, k: int = 0) -> str:
@@ -151,16 +160,23 @@ def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
         model_dir = os.path.dirname(os.path.dirname(mpath))
         if model_dir not in _unchecked_logged:
             _unchecked_logged.add(model_dir)
-            log.info("%s: format_version 1 (written by an older optserve): its manifest has no checksum of its own, "
-                     "only its files are verified", mpath)  # fmt: skip
+            log.info(
+                "%s: format_version 1 (written by an older optserve): its manifest has no checksum of its own, "
+                "only its files are verified",
+                mpath,
+            )
         return manifest
     if version != MANIFEST_VERSION:
-        raise StateError(f"{mpath}: unsupported format_version {version!r} (this server reads 1 and {MANIFEST_VERSION})")
+        raise StateError(
+            f"{mpath}: unsupported format_version {version!r} (this server reads 1 and {MANIFEST_VERSION})"
+        )
     stated = manifest.get(MANIFEST_DIGEST)
     actual = manifest_digest(manifest)
     if stated != actual:
-        raise StateError(f"{mpath}: {MANIFEST_DIGEST} mismatch (stated {str(stated)[:16]}..., fields hash to "
-                         f"{actual[:16]}...): the manifest was edited or is corrupt")  # fmt: skip
+        raise StateError(
+            f"{mpath}: {MANIFEST_DIGEST} mismatch (stated {str(stated)[:16]}..., fields hash to "
+            f"{actual[:16]}...): the manifest was edited or is corrupt"
+        )
     fields = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
     fields["format_version"] = FORMAT_VERSION  # the state fields are version 1's
     return fields
@@ -173,7 +189,8 @@ def _check_manifest_digest(manifest: dict, mpath: str) -> dict:
 def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) -> CheckpointInfo:
     """Writes and commits `state` as `model_dir/<name>` (default `step_<step>`) with the atomic protocol."""
     name = checkpoint_name(state.step) if name is None else name
-    if parse_name(name) is None or parse_name(name)[0] != state.step:
+    parsed = parse_name(name)
+    if parsed is None or parsed[0] != state.step:
         raise ValueError(f"{name!r} is not a checkpoint name of step {state.step}")
     final = os.path.join(model_dir, name)
     if os.path.lexists(final):
@@ -206,8 +223,9 @@ def write_checkpoint(model_dir: str, state: HostState, name: str | None = None) 
         raise
     fsync_dir(model_dir)
     total = sum(f["bytes"] for f in manifest["files"].values()) + os.path.getsize(os.path.join(final, MANIFEST))
-    return CheckpointInfo(model=state.name, step=state.step, name=name, bytes=total,
-                          created_unix=manifest["created_unix"])  # fmt: skip
+    return CheckpointInfo(
+        model=state.name, step=state.step, name=name, bytes=total, created_unix=manifest["created_unix"]
+    )
 
 
 def read_manifest(step_dir: str) -> dict:
@@ -261,7 +279,9 @@ def _read_checkpoint(step_dir: str, expect_model: str) -> HostState:
             raise StateError(f"{path}: {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated?)")
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry.get("sha256"):
-            raise StateError(f"{path}: sha256 mismatch (file {digest[:16]}..., manifest {str(entry.get('sha256'))[:16]}...)")
+            raise StateError(
+                f"{path}: sha256 mismatch (file {digest[:16]}..., manifest {str(entry.get('sha256'))[:16]}...)"
+            )
         groups[group] = parse_safetensors(data, path)[0]
     state = from_manifest(manifest, groups, mpath)
     parsed = parse_name(os.path.basename(step_dir))
@@ -274,7 +294,7 @@ def _read_checkpoint(step_dir: str, expect_model: str) -> HostState:
 def _check_params(state: HostState, where: str) -> None:
     """The parameter tensors are exactly the manifest's schema (dtype and shape): a schema that
     disagrees with its tensors is corrupt, and must not be taken for a model of another size."""
-    schema = {l.path: l for l in state.schema}
+    schema = {leaf.path: leaf for leaf in state.schema}
     extra = sorted(set(state.params) - set(schema))
     if extra:
         raise StateError(f"{where}: tensor {extra[0]!r} is not in the manifest's schema")
@@ -283,8 +303,10 @@ def _check_params(state: HostState, where: str) -> None:
         if a is None:
             raise StateError(f"{where}: no tensor for schema leaf {path!r}")
         if a.dtype.name != leaf.dtype or tuple(a.shape) != tuple(leaf.shape):
-            raise StateError(f"{where}: tensor {path!r} is {a.dtype.name}{list(a.shape)}, the manifest's schema says "
-                             f"{leaf.dtype}{list(leaf.shape)}")  # fmt: skip
+            raise StateError(
+                f"{where}: tensor {path!r} is {a.dtype.name}{list(a.shape)}, the manifest's schema says "
+                f"{leaf.dtype}{list(leaf.shape)}"
+            )
 
 
 def committed(model_dir: str) -> list[Checkpoint]:

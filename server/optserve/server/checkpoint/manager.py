@@ -21,6 +21,7 @@ bounded backoff even when the model does not change. Failures are logged and rep
 Model names and steps from clients are validated (store.check_model_name, files.check_step)
 and every path is checked to stay inside the model's directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Protocol
 
 from optserve.server.checkpoint.directory import CheckpointRoot
 from optserve.server.checkpoint.files import (
@@ -43,13 +44,13 @@ from optserve.server.checkpoint.files import (
     fsync_dir,
     info_of,
     next_name,
-    parse_name,
     remove_tree,
     write_checkpoint,
 )
 from optserve.server.checkpoint.restore import restore_all, restore_on_request
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, NotFound, ServiceError
+from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.server.state import model_state
 
@@ -67,6 +68,12 @@ class CheckpointStatus:
     last_error: str  # why its latest save failed ("": it did not)
 
 
+class SaveMetrics(Protocol):
+    """Where every save's duration, size or failure is recorded (the server's ServerMetrics)."""
+
+    def checkpoint(self, model: str, seconds: float, nbytes: int | None, ok: bool) -> None: ...
+
+
 class CheckpointManager:
     """Saves, lists, restores and prunes the checkpoints of every model of a store.
 
@@ -75,8 +82,16 @@ class CheckpointManager:
     save's duration, size or failure is recorded there), or None.
     """
 
-    def __init__(self, checkpoint_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0, keep: int = 3,
-                 poll_seconds: float = 0.05, metrics: Any = None):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        *,
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+        keep: int = 3,
+        poll_seconds: float = 0.05,
+        metrics: SaveMetrics | None = None,
+    ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if every_steps < 0 or every_seconds < 0:
@@ -121,13 +136,13 @@ class CheckpointManager:
             try:
                 info = self.save_now(model)
                 log.info("model %r: final checkpoint %s (step %d)", model.name, info.name, info.step)
-            except Exception as e:  # noqa: BLE001 - reported, and the other models still get theirs
+            except Exception as e:  # reported, and the other models still get theirs
                 failure = f"model {model.name!r}: {self._lost(model)}: the final checkpoint failed: {e}"
                 log.error("%s", failure)
                 failures.append(failure)
         return failures
 
-    def _lost(self, model: Any) -> str:
+    def _lost(self, model: Model) -> str:
         """What of the model's acknowledged state no checkpoint holds."""
         track = self._track(model.name)
         step = model.step
@@ -140,7 +155,7 @@ class CheckpointManager:
 
     # -- saving -----------------------------------------------------------------------------------
 
-    def adopt(self, model: Any) -> None:
+    def adopt(self, model: Model) -> None:
         """Called when a model is created or uploaded: checkpoints left under its name by a model not
         in memory (one that could not be restored) are archived now, so that neither a restart nor
         its first checkpoint mixes the two. A failure is logged; the first save tries again."""
@@ -150,16 +165,20 @@ class CheckpointManager:
                 if not model.deleted:
                     self._root.claim_locked(model, track)
             except OSError as e:
-                log.warning("model %r: could not archive the checkpoints left under its name: %s; retried at its "
-                            "first checkpoint", model.name, e)  # fmt: skip
+                log.warning(
+                    "model %r: could not archive the checkpoints left under its name: %s; retried at its "
+                    "first checkpoint",
+                    model.name,
+                    e,
+                )
 
-    def save_now(self, model: Any) -> CheckpointInfo:
+    def save_now(self, model: Model) -> CheckpointInfo:
         """Checkpoints the model's current state; returns once committed (waits for a save in flight)."""
         track = self._track(model.name)
         with track.save_lock:
             return self._save_locked(model, track)
 
-    def _save_locked(self, model: Any, track: Track) -> CheckpointInfo:
+    def _save_locked(self, model: Model, track: Track) -> CheckpointInfo:
         if model.deleted:  # a save that waited for DeleteModel must not bring its directory back
             raise NotFound(f"model {model.name!r} was deleted; not checkpointed")
         model_dir = self._root.model_dir(model.name)
@@ -168,7 +187,12 @@ class CheckpointManager:
         began = time.perf_counter()
         try:
             saved = track.saved
-            if track.owned_by(model) and saved is not None and track.saved_version == version and os.path.isdir(saved.path):
+            if (
+                track.owned_by(model)
+                and saved is not None
+                and track.saved_version == version
+                and os.path.isdir(saved.path)
+            ):
                 return info_of(model.name, saved)  # nothing changed since it was written or restored
             self._root.claim_locked(model, track)
             state = snapshot.to_host()
@@ -185,13 +209,19 @@ class CheckpointManager:
             log.error("model %r: checkpoint at step %d failed: %s", model.name, track.attempted_step, e)
             if isinstance(e, ServiceError):
                 raise
-            raise CheckpointFailed(f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}") from e
-        step, k = parse_name(info.name)
-        track.mark_saved(model, Checkpoint(step, k, os.path.join(model_dir, info.name)), version)
+            raise CheckpointFailed(
+                f"model {model.name!r}: checkpoint at step {track.attempted_step} failed: {e}"
+            ) from e
+        track.mark_saved(model, Checkpoint.at(os.path.join(model_dir, info.name)), version)
         if self.metrics is not None:
             self.metrics.checkpoint(model.name, time.perf_counter() - began, info.bytes, ok=True)
-        log.info("model %r: checkpoint %s committed (%d bytes, %.2fs)", model.name, info.name, info.bytes,
-                 time.perf_counter() - began)  # fmt: skip
+        log.info(
+            "model %r: checkpoint %s committed (%d bytes, %.2fs)",
+            model.name,
+            info.name,
+            info.bytes,
+            time.perf_counter() - began,
+        )
         self._prune(model.name, model_dir)
         return info
 
@@ -202,7 +232,7 @@ class CheckpointManager:
             except OSError as e:
                 log.warning("model %r: could not prune %s: %s", name, checkpoint.path, e)
 
-    def _due(self, model: Any, track: Track) -> bool:
+    def _due(self, model: Model, track: Track) -> bool:
         """Whether a periodic save of the model should start now."""
         # Read without the save lock (a save may be updating the track): each field once, into locals.
         saved, saved_version, failures = track.saved, track.saved_version, track.failures
@@ -211,7 +241,9 @@ class CheckpointManager:
             return False  # its newest checkpoint holds its current state
         now = time.monotonic()
         if failures:  # retried whether or not the model changes meanwhile
-            return now - track.attempted_mono >= min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(failures - 1, 16))
+            return now - track.attempted_mono >= min(
+                RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(failures - 1, 16)
+            )
         if not owned or saved is None:
             return True  # never checkpointed
         step = model.step
@@ -235,11 +267,11 @@ class CheckpointManager:
                     track.save_lock.release()
                     return
 
-    def _periodic(self, model: Any, track: Track) -> None:
+    def _periodic(self, model: Model, track: Track) -> None:
         try:
             if not model.deleted:
                 self._save_locked(model, track)
-        except Exception:  # noqa: BLE001 - already logged and recorded in track.error
+        except Exception:  # already logged and recorded in track.error
             pass
         finally:
             track.save_lock.release()
@@ -255,7 +287,7 @@ class CheckpointManager:
         track = self._track(name)
         return CheckpointStatus(last_step=track.committed_step, last_error=track.error)
 
-    def restore(self, store: ModelStore, name: str, step: int) -> Any:
+    def restore(self, store: ModelStore, name: str, step: int) -> Model:
         """RestoreCheckpoint: the newest checkpoint of `step` (0: of any step) that verifies
         replaces the model's state (restore.restore_on_request)."""
         return restore_on_request(self._root, store, name, step, self._track)

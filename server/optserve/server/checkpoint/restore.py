@@ -11,13 +11,13 @@ they are, for the next start.
 Restoring an older checkpoint on request moves the newer ones aside (`<name>.superseded-<hex>`),
 so that a restart comes back at the restored state.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
@@ -36,6 +36,7 @@ from optserve.server.checkpoint.files import (
 )
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
 from optserve.server.state import model_state
 from optserve.server.state.errors import StateError
@@ -54,7 +55,7 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
     os.makedirs(root.path, exist_ok=True)
     for entry in sorted(os.listdir(root.path)):
         path = os.path.join(root.path, entry)
-        if entry.startswith(DELETED_PREFIX) or TMP_MARK in entry and entry.startswith("."):
+        if entry.startswith(DELETED_PREFIX) or (TMP_MARK in entry and entry.startswith(".")):
             shutil.rmtree(path, ignore_errors=True)
             continue
         if not os.path.isdir(path) or entry == ARCHIVE_DIR:
@@ -67,7 +68,7 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
         remove_leftovers(path)
         try:
             _restore_at_start(root, store, entry, track_for(entry))
-        except Exception as e:  # noqa: BLE001 - one model's problem must not keep the others down
+        except Exception as e:  # one model's problem must not keep the others down
             log.error("model %r: could not be restored from %s: %s", entry, path, e)
 
 
@@ -79,9 +80,11 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
                 state = read_checkpoint(checkpoint.path, name)
                 model = model_state.admit_state(store, name, state)
             except NOT_THE_CHECKPOINTS_FAULT as e:
-                log.error("model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir)
+                log.error(
+                    "model %r: not restored: %s; its checkpoints stay in %s for the next start", name, e, model_dir
+                )
                 return
-            except Exception as e:  # noqa: BLE001 - whatever the reason, this checkpoint cannot be used
+            except Exception as e:  # whatever the reason, this checkpoint cannot be used
                 root.set_aside(name, checkpoint, e)
                 continue
             # No call reaches the model before the server is ready, so its version is the restored state's.
@@ -94,15 +97,26 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
         try:
             target = root.archive_locked(name, "unrestorable")
         except OSError as e:
-            log.error("model %r: no checkpoint in %s verifies; not restored, and the directory could not be moved "
-                      "to %s: %s", name, model_dir, ARCHIVE_DIR, e)  # fmt: skip
+            log.error(
+                "model %r: no checkpoint in %s verifies; not restored, and the directory could not be moved to %s: %s",
+                name,
+                model_dir,
+                ARCHIVE_DIR,
+                e,
+            )
             return
-        log.error("model %r: no checkpoint in %s verifies; not restored; the directory was moved to %s so that a "
-                  "model created under that name starts clean", name, model_dir, target)  # fmt: skip
+        log.error(
+            "model %r: no checkpoint in %s verifies; not restored; the directory was moved to %s so that a "
+            "model created under that name starts clean",
+            name,
+            model_dir,
+            target,
+        )
 
 
-def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step: int,
-                       track_for: Callable[[str], Track]) -> Any:  # fmt: skip
+def restore_on_request(
+    root: CheckpointRoot, store: ModelStore, name: str, step: int, track_for: Callable[[str], Track]
+) -> Model:
     """Replaces the model's state by the newest checkpoint of `step` (0: of any step) that
     verifies and installs (the others are moved aside as corrupt); checkpoints newer than it are
     moved aside as superseded, so that a restart comes back at this state too."""
@@ -116,12 +130,15 @@ def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step:
         try:
             root.claim_locked(model, track)
         except OSError as e:
-            raise CheckpointFailed(f"model {name!r}: not restored: could not archive the checkpoints left under "
-                                   f"its name: {e}") from None  # fmt: skip
+            raise CheckpointFailed(
+                f"model {name!r}: not restored: could not archive the checkpoints left under its name: {e}"
+            ) from None
         candidates = [c for c in committed(model_dir) if step == 0 or c.step == step]
         if not candidates:
             have = ", ".join(c.name for c in committed(model_dir)) or "none"
-            raise NotFound(f"model {name!r}: " + (f"no checkpoint at step {step} (committed: {have})" if step else "no checkpoint"))
+            raise NotFound(
+                f"model {name!r}: " + (f"no checkpoint at step {step} (committed: {have})" if step else "no checkpoint")
+            )
         reasons = []
         for checkpoint in candidates:
             try:
@@ -133,8 +150,10 @@ def restore_on_request(root: CheckpointRoot, store: ModelStore, name: str, step:
                 continue
             break
         else:
-            raise FailedPrecondition(f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
-                                     f"(moved aside): {'; '.join(reasons)}")  # fmt: skip
+            raise FailedPrecondition(
+                f"model {name!r}: no checkpoint {f'of step {step} ' if step else ''}verifies "
+                f"(moved aside): {'; '.join(reasons)}"
+            )
         _supersede_newer_locked(name, model_dir, checkpoint)
         track.mark_saved(model, checkpoint, model.replace_state(prepared))
     log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
@@ -155,8 +174,13 @@ def _supersede_newer_locked(name: str, model_dir: str, restored: Checkpoint) -> 
                     os.rename(aside, original)
                 except OSError as err:
                     log.error("model %r: could not move %s back to %s: %s", name, aside, original, err)
-            raise CheckpointFailed(f"model {name!r}: not restored: could not move the newer checkpoint "
-                                   f"{checkpoint.name} aside: {e}") from None  # fmt: skip
+            raise CheckpointFailed(
+                f"model {name!r}: not restored: could not move the newer checkpoint {checkpoint.name} aside: {e}"
+            ) from None
     if moved:
-        log.info("model %r: checkpoints newer than %s moved aside (superseded by the restore): %s", name,
-                 restored.name, ", ".join(os.path.basename(a) for _, a in moved))  # fmt: skip
+        log.info(
+            "model %r: checkpoints newer than %s moved aside (superseded by the restore): %s",
+            name,
+            restored.name,
+            ", ".join(os.path.basename(a) for _, a in moved),
+        )

@@ -13,6 +13,7 @@
    restores. The model enters the store complete; whatever fails, the reservation is released and
    nothing remains (all or nothing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 
 def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOptimizer:
     """Compiles a spec for a schema; SpecError becomes INVALID_ARGUMENT naming the model and field."""
-    trainable = [l.path for l in schema if l.dtype in FLOAT_DTYPES]
+    trainable = [leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES]
     try:
         return compile_spec(spec, trainable)
     except SpecError as e:
@@ -44,7 +45,9 @@ def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOpt
 def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec]) -> int:
     """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
     (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
-    trainable = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in schema if l.dtype in FLOAT_DTYPES}
+    trainable = {
+        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype]) for leaf in schema if leaf.dtype in FLOAT_DTYPES
+    }
     shapes = jax.eval_shape(compiled.init, trainable)
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
 
@@ -60,8 +63,7 @@ class Admitted:
     settings: ModelSettings
     param_bytes: int  # what the schema's parameters take: the most a client may send for them
 
-    def create(self, params: Mapping[str, np.ndarray],
-               restore: Callable[[Model], ModelState] | None = None) -> Model:  # fmt: skip
+    def create(self, params: Mapping[str, np.ndarray], restore: Callable[[Model], ModelState] | None = None) -> Model:
         """Builds the model from its parameters (one array per schema leaf, validated by the caller,
         e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
         continues from (validated against the model and put on its device), installed first."""
@@ -73,13 +75,20 @@ class Admitted:
 
 
 @contextmanager
-def admit(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings, *,
-          validate: Callable[[], None] | None = None) -> Iterator[Admitted]:  # fmt: skip
+def admit(
+    store: ModelStore,
+    name: str,
+    schema: Sequence[LeafSpec],
+    spec: Any,
+    settings: ModelSettings,
+    *,
+    validate: Callable[[], None] | None = None,
+) -> Iterator[Admitted]:
     """Checks and reserves model `name` (module docstring, steps 1 and 2); inside the block, build it
     with `Admitted.create`. The reservation is released when the block ends, whether or not it did."""
     check_model_name(name)
     settings = settings.validated(name)
-    schema = check_schema(name, [(l.path, l.dtype, l.shape) for l in schema])
+    schema = check_schema(name, [(leaf.path, leaf.dtype, leaf.shape) for leaf in schema])
     declared = schema_bytes(schema)
     store.check_can_create(name, declared)  # cheap checks first: limits before compiling
     compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
@@ -92,8 +101,14 @@ def admit(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, s
         store.release(name)
 
 
-def create_model(store: ModelStore, name: str, schema: Sequence[LeafSpec], spec: Any, settings: ModelSettings,
-                 params: Mapping[str, np.ndarray]) -> Model:  # fmt: skip
+def create_model(
+    store: ModelStore,
+    name: str,
+    schema: Sequence[LeafSpec],
+    spec: Any,
+    settings: ModelSettings,
+    params: Mapping[str, np.ndarray],
+) -> Model:
     """A model from parameters already in memory (benchmarks, tests), through `admit`."""
     with admit(store, name, schema, spec, settings) as admitted:
         return admitted.create(params)

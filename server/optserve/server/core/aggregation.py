@@ -13,6 +13,7 @@ through `LockedModel`, a narrow view whose mutating members are used only inside
     commit_push(r, grads) ->   [lock] aggregator.commit(r)   LockedModel.apply / record_worker ...
                                [lock] deadline timer         aggregator.time_left() / expire()
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -79,7 +80,8 @@ class LockedModel(Protocol):
 class Receiver(Protocol):
     """One push stream being received: its assembler collects the chunks into private buffers."""
 
-    assembler: TensorAssembler
+    @property
+    def assembler(self) -> TensorAssembler: ...
 
     def require_completion(self, why: str) -> None:
         """Refuse the push at commit (RESOURCE_EXHAUSTED, `why`) unless the step it joins is applied

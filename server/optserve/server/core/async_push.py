@@ -5,6 +5,7 @@ staleness is how many steps were applied since. `max_staleness` refuses pushes b
 (FAILED_PRECONDITION: pull and recompute); `staleness_scaling="inverse"` scales an update by
 1 / (1 + staleness).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,9 +24,12 @@ class AsyncPush:
     def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int):
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
-        self.assembler = GradientAssembler(model.schema_map, what=f"model {model.name!r}",
-                                           on_complete=device_putter(self.on_device, model.device),
-                                           buffers=model.gradient_buffers.take())  # fmt: skip
+        self.assembler = GradientAssembler(
+            model.schema_map,
+            what=f"model {model.name!r}",
+            on_complete=device_putter(self.on_device, model.device),
+            buffers=model.gradient_buffers.take(),
+        )
 
     def require_completion(self, why: str) -> None:
         """Nothing to require: an async push is applied at commit, so a reply never waits for it."""
@@ -78,7 +82,9 @@ class AsyncAggregator:
         if base_step is None:
             return 0
         if base_step > model.step:
-            raise InvalidArgument(f"model {model.name!r}: base_step {base_step} is ahead of the current step {model.step}")
+            raise InvalidArgument(
+                f"model {model.name!r}: base_step {base_step} is ahead of the current step {model.step}"
+            )
         if base_step < 0:
             raise InvalidArgument(f"model {model.name!r}: base_step {base_step} is negative")
         return model.step - base_step

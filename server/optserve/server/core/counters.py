@@ -1,4 +1,5 @@
 """A model's counters (GetModel's `counters`): counted from any thread, without the model's lock."""
+
 from __future__ import annotations
 
 import dataclasses

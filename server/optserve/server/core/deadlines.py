@@ -1,6 +1,8 @@
 """The thread that applies an aggregator's pending work when its time is up (sync_timeout)."""
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,10 +47,9 @@ class DeadlineTimer:
 
     def _run(self) -> None:
         with self._wakeup:
-            try:
+            # ReferenceError: the model is gone (its aggregator's view refers to it weakly).
+            with contextlib.suppress(ReferenceError):
                 self._loop()
-            except ReferenceError:  # the model is gone (its aggregator's view refers to it weakly)
-                pass
             if self._thread is threading.current_thread():
                 self._thread = None
 

@@ -4,6 +4,7 @@ Each names the status it becomes (`status`, a gRPC status code's name); the API 
 names to gRPC codes in one table (api/status.py), so nothing below it imports grpc. Messages name
 the model and the leaf or field at fault; raising one never leaves a model half-changed.
 """
+
 from __future__ import annotations
 
 

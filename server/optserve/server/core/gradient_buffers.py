@@ -13,6 +13,7 @@ writes it (jax's zero-copy device arrays keep the numpy array they alias alive t
 given back after IDLE_SECONDS without pushes: an idle server holds no gradients (the memory at
 rest that `host_memory.release_host_buffers` exists for).
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,7 +33,7 @@ IDLE_SECONDS = 2.0
 class _Kept:
     """One kept buffer: the array that owns the memory, and where the leaf's array lies in it."""
 
-    __slots__ = ("owner", "offset", "dtype", "shape")
+    __slots__ = ("dtype", "offset", "owner", "shape")
 
     def __init__(self, array: np.ndarray):
         self.owner = array.base if isinstance(array.base, np.ndarray) else array
@@ -52,7 +53,9 @@ class GradientBuffers:
     """A model's reusable gradient buffers, by leaf path (only leaves of MIN_BYTES or more)."""
 
     def __init__(self, schema: list[LeafSpec]):
-        self._large = frozenset(l.path for l in schema if leaf_nbytes(DTYPES[l.dtype], l.shape) >= MIN_BYTES)
+        self._large = frozenset(
+            leaf.path for leaf in schema if leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) >= MIN_BYTES
+        )
         self._kept: dict[str, list[_Kept]] = {}
         self._lock = threading.Lock()
         self._last_use = 0.0

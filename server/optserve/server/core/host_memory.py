@@ -5,8 +5,10 @@ gradient put on the CPU device without a copy; a model's initial parameters) and
 its next API call. Without a release, an idle server would keep the last push's whole gradient
 (and, after creation, the initial parameters) alive: measured +0.87 GB on a 0.4 GB model.
 """
+
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -59,10 +61,8 @@ class _HostBufferReaper:
             time.sleep(self.COALESCE_SECONDS)
             while not self._queue.empty():  # only the newest matters
                 outputs = self._queue.get_nowait()
-            try:
+            with contextlib.suppress(Exception):  # donated to a later step meanwhile: that one ran after it
                 jax.block_until_ready(outputs)
-            except Exception:  # noqa: BLE001 - donated to a later step meanwhile: that one ran after it
-                pass
             del outputs
             # The runtime releases an update's inputs just after its outputs are ready: collect now,
             # and once more a moment later for a release that lands after the first collect.

@@ -18,6 +18,7 @@ The API, each call taking the lock itself:
 `step`, `state_version` and `deleted` read one field each (no lock); `locked()` hands the
 aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks, unit tests).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ import numpy as np
 
 from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
-from optserve.server.core.counters import CounterSet, Counters
+from optserve.server.core.counters import Counters, CounterSet
 from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
@@ -81,7 +82,7 @@ class Model:
         self.name = name
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
-        self.trainable = tuple(l.path for l in schema if l.dtype in FLOAT_DTYPES)
+        self.trainable = tuple(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
         self.compiled = compiled
         self.settings = settings
         self.device = device
@@ -96,9 +97,11 @@ class Model:
             # device_put commits the state to the device, as the step's outputs are: jit keys its
             # cache on that too, so uncommitted initial state would compile the step a second time at
             # the second push (measured: +1.3 s for 300 leaves, minutes for 10k).
-            self._opt_state = jax.device_put(own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device)
+            self._opt_state = jax.device_put(
+                own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device
+            )
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._opt_state) if hasattr(x, "nbytes"))
-        self._ema_state = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
+        self._ema_state: ema.EmaState | None = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
             with jax.default_device(device):
                 self._ema_state = jax.device_put(ema.ema_init({k: self._params[k] for k in self.trainable}), device)
@@ -312,6 +315,7 @@ class Model:
 
     def _ema_params(self) -> Mapping[str, jax.Array]:
         """The parameter EMA (debiased as the model's settings say); non-float leaves as they are."""
+        assert self._ema_state is not None  # snapshot(ema=True) refuses a model that keeps no EMA
         value = ema.ema_value(self._ema_state, self.settings.ema_debias)
         return {k: value.get(k, v) for k, v in self._params.items()}
 
@@ -338,8 +342,9 @@ class Model:
         buffers would be unsafe: on CPU `np.asarray` aliases them and a donated update overwrites them.
         """
         with self._lock:
-            params, opt_state, ema_state = jax.device_put((self._params, self._opt_state, self._ema_state),
-                                                          may_alias=False)  # fmt: skip
+            params, opt_state, ema_state = jax.device_put(
+                (self._params, self._opt_state, self._ema_state), may_alias=False
+            )
             workers = {w: r.copy() for w, r in self._workers.items()}
             return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
 
@@ -395,7 +400,8 @@ class _Locked:
         # would make every model a reference cycle, its device memory freed only by the cyclic GC
         self._model = weakref.proxy(model)
         self.name, self.settings, self.device = model.name, model.settings, model.device
-        self.schema_map, self.trainable = model.schema_map, model.trainable
+        self.schema_map: Mapping[str, LeafSpec] = model.schema_map  # read-only here (LockedModel)
+        self.trainable = model.trainable
         self.gradient_buffers = model.gradient_buffers
 
     @property

@@ -1,5 +1,6 @@
 """What a pull sends: a snapshot's leaves as host arrays in the requested wire dtype, and the size
 bound of a one-message reply."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -48,11 +49,10 @@ def host_leaves(
     out: list[tuple[str, np.ndarray | Cast]] = []
     for leaf in schema:
         x = arrays[leaf.path]
-        narrow = target is not None and leaf.dtype in FLOAT_DTYPES and x.dtype != target
-        if narrow and not _on_cpu(x):
-            out.append((leaf.path, np.asarray(x.astype(target))))
-        elif narrow:
+        if target is None or leaf.dtype not in FLOAT_DTYPES or x.dtype == target:
+            out.append((leaf.path, np.asarray(x)))
+        elif _on_cpu(x):
             out.append((leaf.path, Cast(np.asarray(x), target)))
         else:
-            out.append((leaf.path, np.asarray(x)))
+            out.append((leaf.path, np.asarray(x.astype(target))))
     return out

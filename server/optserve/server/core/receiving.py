@@ -7,6 +7,7 @@
 - Leaves are assembled in the buffers of earlier pushes when there are free ones
   (`GradientBuffers.take`), instead of fresh pages the OS must map and zero.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -77,7 +78,9 @@ class GradientAssembler(TensorAssembler):
         return self.error(f"leaf {path!r}: gradient has NaN or Inf")
 
 
-def device_putter(into: dict, device: jax.Device, only: frozenset[str] | None = None) -> Callable[[str, np.ndarray], None]:
+def device_putter(
+    into: dict, device: jax.Device, only: frozenset[str] | None = None
+) -> Callable[[str, np.ndarray], None]:
     """An on_complete callback for GradientAssembler that starts each finished leaf's host-to-device
     copy (asynchronous on accelerators; zero copy of the aligned buffer on CPU) while later chunks
     are still arriving. It closes over the target dict only, not over its receiver: a bound method

@@ -1,5 +1,6 @@
 """A model's schema (its leaves' paths, dtypes and shapes): the one validation of every door into a
 model (CreateModel, Upload, checkpoints, see core/admission.py), and the sanity caps it enforces."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ MAX_RANK = 64  # XLA's limit on array rank
 # non-empty leaf that large is refused by the memory limits first: RESOURCE_EXHAUSTED.)
 MAX_SHAPE_BYTES = 2**62
 # Stored as float32 by the server (jax_enable_x64 is off): refused rather than silently narrowed.
-REFUSED_DTYPES = {"float64": "the server computes in float32 (float64 parameters would be held and updated as float32); "
-                             "cast the parameters to float32"}  # fmt: skip
+REFUSED_DTYPES = {
+    "float64": "the server computes in float32 (float64 parameters would be held and updated as float32); "
+    "cast the parameters to float32"
+}
 SCHEMA_DTYPES = tuple(d for d in DTYPES if d not in REFUSED_DTYPES)
 
 
@@ -45,8 +48,9 @@ def check_leaf_count(model: str, count: int, max_leaves: int | None = MAX_LEAVES
         raise InvalidArgument(f"model {model!r}: {count} leaves, more than the {max_leaves} a model may have")
 
 
-def check_schema(model: str, leaves: Sequence[tuple[str, str, Sequence[int]]], *,
-                 max_leaves: int | None = MAX_LEAVES) -> list[LeafSpec]:  # fmt: skip
+def check_schema(
+    model: str, leaves: Sequence[tuple[str, str, Sequence[int]]], *, max_leaves: int | None = MAX_LEAVES
+) -> list[LeafSpec]:
     """Validates a schema, as (path, dtype, shape) triples with path and dtype str and shape a
     sequence of int: unique non-empty printable paths, supported dtypes, sane shapes. The one
     validation of every door into a model (CreateModel, Upload, checkpoints); INVALID_ARGUMENT
@@ -92,11 +96,16 @@ def schema_from_json(model: str, leaves: Any, *, max_leaves: int | None = MAX_LE
     check_leaf_count(model, len(leaves), max_leaves)
     triples = []
     for i, leaf in enumerate(leaves):
-        if not (isinstance(leaf, dict) and set(leaf) == {"path", "dtype", "shape"} and isinstance(leaf["path"], str)
-                and isinstance(leaf["dtype"], str) and isinstance(leaf["shape"], list)
-                and all(type(d) is int for d in leaf["shape"])):  # fmt: skip
+        if not (
+            isinstance(leaf, dict)
+            and set(leaf) == {"path", "dtype", "shape"}
+            and isinstance(leaf["path"], str)
+            and isinstance(leaf["dtype"], str)
+            and isinstance(leaf["shape"], list)
+            and all(type(d) is int for d in leaf["shape"])
+        ):
             raise InvalidArgument(
-                f"model {model!r}: schema[{i}]: expected {{\"path\": string, \"dtype\": string, \"shape\": [integers]}}, "
+                f'model {model!r}: schema[{i}]: expected {{"path": string, "dtype": string, "shape": [integers]}}, '
                 f"got {_show(leaf)}"
             )
         triples.append((leaf["path"], leaf["dtype"], leaf["shape"]))
@@ -110,4 +119,4 @@ def _show(value: Any, limit: int = 120) -> str:
 
 def schema_bytes(schema: Iterable[LeafSpec]) -> int:
     """Bytes of the parameters a schema describes."""
-    return sum(leaf_nbytes(DTYPES[l.dtype], l.shape) for l in schema)
+    return sum(leaf_nbytes(DTYPES[leaf.dtype], leaf.shape) for leaf in schema)

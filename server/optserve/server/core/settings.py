@@ -4,6 +4,7 @@ One validation (`ModelSettings.validated`) serves every door: settings sent by a
 (api/messages.py, CreateModel) and settings read from a file (`from_json`, Upload and checkpoint
 manifests), so a file cannot hold what a client could not ask for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,10 +70,16 @@ class ModelSettings:
         if ema is not None and not (0.0 <= ema < 1.0):  # NaN fails this too
             raise bad("ema", f"decay must be in [0, 1), got {ema}")
         return dataclasses.replace(
-            self, mode=mode, workers=workers, quorum=quorum, sync_timeout=float(self.sync_timeout),
-            staleness_scaling=scaling, ema_decay=None if ema is None else float(ema), ema_debias=bool(self.ema_debias),
+            self,
+            mode=mode,
+            workers=workers,
+            quorum=quorum,
+            sync_timeout=float(self.sync_timeout),
+            staleness_scaling=scaling,
+            ema_decay=None if ema is None else float(ema),
+            ema_debias=bool(self.ema_debias),
             reject_nonfinite_updates=bool(self.reject_nonfinite_updates),
-        )  # fmt: skip
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """The jitted update of a model: optimizer step, parameter EMA and the non-finite check in one
 computation, with donated buffers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -64,6 +65,7 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
         new_params = _apply_updates(params, updates, scale)
         new_ema = ema_state
         if ema_state is not None:
+            assert decay is not None  # the model keeps an EMA state exactly when its settings set ema_decay
             new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
         if not check:
             return new_params, new_opt_state, new_ema

@@ -2,6 +2,7 @@
 
 Models come in through core/admission.py only, which checks the limits kept here before anything is
 allocated and reserves the name and bytes while the model is built."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def host_memory_bytes() -> int:
 class ModelStore:
     """Name -> Model. Limits (max models, bytes) are checked before anything is allocated."""
 
-    def __init__(self, device: jax.Device, *, max_models: int | None = None, max_model_bytes: int | None = None,
-                 max_total_bytes: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        device: jax.Device,
+        *,
+        max_models: int | None = None,
+        max_model_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+    ):
         self.device = device
         self.max_models = max_models
         self.max_model_bytes = max_model_bytes
@@ -63,7 +70,7 @@ class ModelStore:
         """What the device can hold at most: its memory limit where it reports one, else host memory."""
         try:
             limit = (self.device.memory_stats() or {}).get("bytes_limit")
-        except Exception:  # noqa: BLE001 - backends without memory_stats
+        except Exception:  # backends without memory_stats
             limit = None
         return int(limit) if limit else host_memory_bytes()
 

@@ -40,6 +40,7 @@ to the same round is refused. Because pending contributions are not in the worke
 step is applied, a checkpoint (which saves the per-worker seqs) never claims a seq whose gradient
 was lost with an unfinished round.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -144,7 +145,11 @@ class SyncAggregator:
         which answers it with the original reply)."""
         assert isinstance(receiver, SyncPush)
         base_step = receiver.base_step
-        if base_step is not None and base_step < self.model.step and not self._is_retry(receiver.worker_id, receiver.seq):
+        if (
+            base_step is not None
+            and base_step < self.model.step
+            and not self._is_retry(receiver.worker_id, receiver.seq)
+        ):
             raise self._stale(base_step)
 
     def _is_retry(self, worker_id: str, seq: int) -> bool:
@@ -165,8 +170,13 @@ class SyncAggregator:
         """The round for the model's current step (a round left behind by a restore is dropped)."""
         if self._round.step != self.model.step:
             if self._round.count:
-                log.warning("model %r: dropping %d sync contributions for step %d: the model is now at step %d",
-                            self.model.name, self._round.count, self._round.step, self.model.step)  # fmt: skip
+                log.warning(
+                    "model %r: dropping %d sync contributions for step %d: the model is now at step %d",
+                    self.model.name,
+                    self._round.count,
+                    self._round.step,
+                    self.model.step,
+                )
             self._round = Round(step=self.model.step)
         return self._round
 
@@ -194,7 +204,9 @@ class SyncAggregator:
         if base_step < rnd.step:
             raise self._stale(base_step)
         if base_step > rnd.step:
-            raise InvalidArgument(f"model {model.name!r}: base_step {base_step} is ahead of the current step {rnd.step}")
+            raise InvalidArgument(
+                f"model {model.name!r}: base_step {base_step} is ahead of the current step {rnd.step}"
+            )
         if push.worker_id and push.worker_id in rnd.contributors:
             raise FailedPrecondition(
                 f"model {model.name!r}: worker {push.worker_id!r} already contributed seq "
@@ -236,8 +248,8 @@ class SyncAggregator:
         if reply is None and pending is not None and seq < pending.seq:  # above every applied seq: never seen
             self.model.count("duplicates")
             raise FailedPrecondition(
-                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq {pending.seq} "
-                "and was never applied; push new gradients with a higher seq"
+                f"model {self.model.name!r}: worker {worker_id!r} seq {seq} is older than its pending seq "
+                f"{pending.seq} and was never applied; push new gradients with a higher seq"
             )
         return reply
 
@@ -252,8 +264,10 @@ class SyncAggregator:
         try:
             model.apply(mean, 1.0)
         except NonFiniteUpdate as e:
-            why = (f"{e.message}; the sync round for step {rnd.step + 1} ({rnd.count} contributions) was dropped: "
-                   f"push again against step {rnd.step}")  # fmt: skip
+            why = (
+                f"{e.message}; the sync round for step {rnd.step + 1} ({rnd.count} contributions) was dropped: "
+                f"push again against step {rnd.step}"
+            )
             self._drops = (self._drops[0] + 1, why)
             log.warning("%s", why)
             rnd.dropped = why
@@ -266,9 +280,14 @@ class SyncAggregator:
             model.count("sync_timeouts")
             log.warning(
                 "model %r: sync step %d applied by timeout (%.3gs) with %d of %d contributions (quorum %d); "
-                "missing workers' late pushes will be stale", model.name, rnd.step + 1, self.timeout, rnd.count,
-                model.settings.workers, self.quorum,
-            )  # fmt: skip
+                "missing workers' late pushes will be stale",
+                model.name,
+                rnd.step + 1,
+                self.timeout,
+                rnd.count,
+                model.settings.workers,
+                self.quorum,
+            )
         self._round = Round(step=model.step)
 
     def time_left(self) -> float | None:
@@ -287,7 +306,7 @@ class SyncAggregator:
             self._apply(rnd, timed_out=True)
         except NonFiniteUpdate:
             pass  # dropped and logged by _apply
-        except Exception:  # noqa: BLE001 - never kill the model's timer silently; drop the round
+        except Exception:  # never kill the model's timer silently; drop the round
             log.exception("model %r: applying sync step %d by timeout failed", self.model.name, rnd.step + 1)
             self._round = Round(step=self.model.step)
 
@@ -306,8 +325,11 @@ class SyncAggregator:
     def reset(self) -> None:
         """Drops the pending round (the model's state was replaced, e.g. by a checkpoint restore)."""
         if self._round.count:
-            log.warning("model %r: dropping %d pending sync contributions: the model's state was replaced",
-                        self.model.name, self._round.count)  # fmt: skip
+            log.warning(
+                "model %r: dropping %d pending sync contributions: the model's state was replaced",
+                self.model.name,
+                self._round.count,
+            )
         self._round = Round(step=self.model.step)
 
 
@@ -320,9 +342,12 @@ class SyncPush:
         self.on_device: dict[str, jax.Array] = {}
         # NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted; each
         # complete trainable leaf starts its device transfer while later chunks arrive
-        self.assembler = GradientAssembler(model.schema_map, what=f"model {model.name!r}",
-                                           on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
-                                           buffers=model.gradient_buffers.take())  # fmt: skip
+        self.assembler = GradientAssembler(
+            model.schema_map,
+            what=f"model {model.name!r}",
+            on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
+            buffers=model.gradient_buffers.take(),
+        )
         # set by require_completion: refuse (with this message) unless this push completes its round
         self.must_complete = ""
         self.round: Round | None = None  # the round this push joined (set by commit)

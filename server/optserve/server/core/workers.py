@@ -1,4 +1,5 @@
 """What a model remembers of each worker's pushes, so that a retry gets its original answer."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ checks share.
 StateError is not a service error: each caller decides what it means (an upload's INVALID_ARGUMENT,
 a checkpoint moved aside at restore), so the state layer stays free of status codes.
 """
+
 from __future__ import annotations
 
 from typing import Any

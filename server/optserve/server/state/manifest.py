@@ -6,6 +6,7 @@ model keeps its fields as JSON strings in the safetensors `__metadata__` (state/
 Worker records (core/workers.py, with the replies a retried push gets back) are part of it, in
 their JSON form (state/worker_records.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ def to_manifest(state: HostState) -> dict:
         "format_version": FORMAT_VERSION,
         "model": state.name,
         "step": state.step,
-        "schema": [{"path": l.path, "dtype": l.dtype, "shape": list(l.shape)} for l in state.schema],
+        "schema": [{"path": leaf.path, "dtype": leaf.dtype, "shape": list(leaf.shape)} for leaf in state.schema],
         "spec": state.spec,
         "settings": state.settings.to_json(),
         "hyperparams": state.hyperparams,
@@ -73,8 +74,9 @@ def _utf8(text: str) -> bool:
 _REQUIRED_KEYS = ("model", "step", "schema", "spec", "settings", "hyperparams", "workers", "opt_keys", "ema_keys")
 
 
-def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]], where: str,
-                  model: str | None = None) -> HostState:  # fmt: skip
+def from_manifest(
+    manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]], where: str, model: str | None = None
+) -> HostState:
     """A HostState from a manifest and its tensor groups, validated as strictly as CreateModel
     validates a client's request (the same schema, settings and spec-depth checks, typed worker
     records); StateError names `where`, the model (`model`, else the manifest's name) and the field.
@@ -106,8 +108,12 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
     except SpecError as e:
         raise StateError(f"{where}: model {label!r}: optimizer {e}") from None
     hyperparams = manifest["hyperparams"]
-    if not (isinstance(hyperparams, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  and math.isfinite(v) for v in hyperparams.values())):  # fmt: skip
+    if not (
+        isinstance(hyperparams, dict)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in hyperparams.values()
+        )
+    ):
         raise StateError(f"{where}: hyperparams: expected an object of finite numbers, got {show(hyperparams)}")
     workers = _decode_workers(manifest["workers"], where, step)
     opt = groups.get("opt", {})
@@ -119,8 +125,11 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
     ema_keys = manifest["ema_keys"]
     ema = None
     if ema_keys is not None:
-        if not (isinstance(ema_keys, list) and all(isinstance(k, str) for k in ema_keys)
-                and len(set(ema_keys)) == len(ema_keys)):  # fmt: skip
+        if not (
+            isinstance(ema_keys, list)
+            and all(isinstance(k, str) for k in ema_keys)
+            and len(set(ema_keys)) == len(ema_keys)
+        ):
             raise StateError(f"{where}: ema_keys: expected null or a list of distinct strings, got {show(ema_keys)}")
         found = groups.get("ema", {})
         if set(ema_keys) != set(found):
@@ -129,7 +138,14 @@ def from_manifest(manifest: Any, groups: Mapping[str, Mapping[str, np.ndarray]],
     elif groups.get("ema"):
         raise StateError(f"{where}: EMA tensors but no ema_keys")
     return HostState(
-        name=name, step=step, schema=schema, spec=manifest["spec"], settings=settings,
-        params=dict(groups.get("params", {})), opt={k: opt[k] for k in order}, ema=ema,
-        hyperparams={k: float(v) for k, v in hyperparams.items()}, workers=workers,
-    )  # fmt: skip
+        name=name,
+        step=step,
+        schema=schema,
+        spec=manifest["spec"],
+        settings=settings,
+        params=dict(groups.get("params", {})),
+        opt={k: opt[k] for k in order},
+        ema=ema,
+        hyperparams={k: float(v) for k, v in hyperparams.items()},
+        workers=workers,
+    )

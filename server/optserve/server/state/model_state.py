@@ -18,6 +18,7 @@ Tensor groups and keys (README, "Checkpoint format"):
 The manifest (state/manifest.py) describes the rest; state/state_file.py and checkpoint/files.py
 store both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.wire.assembler import aligned_empty
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.model import Model, ModelState
@@ -37,6 +36,8 @@ from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
+from optserve.wire.assembler import aligned_empty
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 
 GROUPS = ("params", "opt", "ema")
 
@@ -82,6 +83,12 @@ def state_paths(tree: Any, what: str) -> list[str]:
     return paths
 
 
+def host_arrays(tree: Any, what: str) -> dict[str, np.ndarray]:
+    """The leaves of a pytree of device arrays as numpy, by `state_paths` (waits for each copy)."""
+    # strict: both walks flatten the same tree, so a length mismatch would be a bug, not a short state.
+    return dict(zip(state_paths(tree, what), (np.asarray(x) for x in jax.tree.leaves(tree)), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Model -> host state
 
@@ -100,16 +107,21 @@ class DeviceSnapshot:
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
         m = self.model
-        opt_leaves = jax.tree.leaves(self.opt_state)
-        opt = dict(zip(state_paths(self.opt_state, f"model {m.name!r}"), (np.asarray(x) for x in opt_leaves)))
-        ema = None
-        if self.ema is not None:
-            ema = dict(zip(state_paths(self.ema, f"model {m.name!r}"), (np.asarray(x) for x in jax.tree.leaves(self.ema))))
+        what = f"model {m.name!r}"
+        opt = host_arrays(self.opt_state, what)
+        ema = None if self.ema is None else host_arrays(self.ema, what)
         return HostState(
-            name=m.name, step=self.step, schema=list(m.schema), spec=m.compiled.spec, settings=m.settings,
-            params={k: np.asarray(v) for k, v in self.params.items()}, opt=opt, ema=ema,
-            hyperparams=m.compiled.hyperparams(self.opt_state), workers=self.workers,
-        )  # fmt: skip
+            name=m.name,
+            step=self.step,
+            schema=list(m.schema),
+            spec=m.compiled.spec,
+            settings=m.settings,
+            params={k: np.asarray(v) for k, v in self.params.items()},
+            opt=opt,
+            ema=ema,
+            hyperparams=m.compiled.hyperparams(self.opt_state),
+            workers=self.workers,
+        )
 
 
 def capture(model: Model) -> DeviceSnapshot:
@@ -147,9 +159,15 @@ def prepare(model: Model, state: HostState) -> ModelState:
     _check_leaves(what, "params", model.schema, state.params)
     ema_template = model.ema_template()
     if (state.ema is None) != (ema_template is None):
-        has = "holds a parameter EMA but the model keeps none" if ema_template is None else "holds no parameter EMA but the model keeps one"
+        has = (
+            "holds a parameter EMA but the model keeps none"
+            if ema_template is None
+            else "holds no parameter EMA but the model keeps one"
+        )
         raise StateError(f"{what}: the state {has}")
-    ema = None if ema_template is None else _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
+    ema = None
+    if ema_template is not None and state.ema is not None:  # both or neither (checked above)
+        ema = _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
     workers = {w: r.copy() for w, r in state.workers.items()}
     dev = model.device
@@ -161,8 +179,11 @@ def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:
     """Hyperparameters held in the optimizer state (tunable and injected ones) must be finite: no
     client could have set anything else (CreateModel and SetHyperparams validate them)."""
     for path, a in opt.items():
-        if path.startswith("hyperparams/") and a.dtype.name in FLOAT_DTYPES \
-                and not np.isfinite(a.astype(np.float64)).all():  # fmt: skip
+        if (
+            path.startswith("hyperparams/")
+            and a.dtype.name in FLOAT_DTYPES
+            and not np.isfinite(a.astype(np.float64)).all()
+        ):
             raise StateError(f"{what}: optimizer state leaf {path!r}: hyperparameter is not finite ({a})")
 
 
@@ -200,7 +221,11 @@ def opt_state_templates(model: Model) -> tuple[Any, Any]:
 
     Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
     moments of a bfloat16 parameter become float32)."""
-    shapes = {l.path: jax.ShapeDtypeStruct(l.shape, DTYPES[l.dtype]) for l in model.schema if l.path in model.trainable}
+    shapes = {
+        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype])
+        for leaf in model.schema
+        if leaf.path in model.trainable
+    }
     init = jax.eval_shape(model.compiled.init, shapes)
     after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
     return init, after
@@ -213,21 +238,31 @@ def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.
     missing = [p for p in paths if p not in arrays]
     extra = [p for p in arrays if p not in set(paths)]
     if missing or extra:
-        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
-    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == jax.tree.structure(templates[0])]
+        raise StateError(
+            f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
+        )
+    structure: Any = jax.tree.structure(templates[0])  # Any: jax's stubs leave PyTreeDef unresolved (no ==)
+    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == structure]
     for i, p in enumerate(paths):
         a, t = arrays[p], alternatives[0][i]
         if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
-            raise StateError(f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}")
-    return jax.tree.unflatten(jax.tree.structure(templates[0]), [jax.device_put(own(arrays[p]), device) for p in paths])
+            raise StateError(
+                f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}"
+            )
+    return jax.tree.unflatten(structure, [jax.device_put(own(arrays[p]), device) for p in paths])
 
 
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
-    if set(arrays) != {l.path for l in schema}:
-        missing = [l.path for l in schema if l.path not in arrays]
-        extra = [p for p in arrays if p not in {l.path for l in schema}]
-        raise StateError(f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"))
-    for l in schema:
-        a = arrays[l.path]
-        if a.dtype.name != l.dtype or tuple(a.shape) != tuple(l.shape):
-            raise StateError(f"{what}: {group} leaf {l.path!r}: expected {l.dtype}{list(l.shape)}, got {a.dtype.name}{list(a.shape)}")
+    if set(arrays) != {leaf.path for leaf in schema}:
+        missing = [leaf.path for leaf in schema if leaf.path not in arrays]
+        extra = [p for p in arrays if p not in {leaf.path for leaf in schema}]
+        raise StateError(
+            f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
+        )
+    for leaf in schema:
+        a = arrays[leaf.path]
+        if a.dtype.name != leaf.dtype or tuple(a.shape) != tuple(leaf.shape):
+            raise StateError(
+                f"{what}: {group} leaf {leaf.path!r}: expected {leaf.dtype}{list(leaf.shape)}, "
+                f"got {a.dtype.name}{list(a.shape)}"
+            )

@@ -4,6 +4,7 @@ The writer is safetensors' own (`safetensors.numpy.save` / `save_file`); the rea
 safetensors' numpy reader has no bfloat16 (numpy lacks it; ml_dtypes provides it), and because an
 uploaded or damaged file must be refused with a message naming the tensor at fault.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,16 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from optserve.wire.dtypes import DTYPES, leaf_nbytes
 from optserve.server.core import schema as schemas
 from optserve.server.state.errors import StateError, is_int, show
+from optserve.wire.dtypes import DTYPES, leaf_nbytes
 
 # safetensors dtype names <-> numpy names (DTYPES)
 _ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def to_specs(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -57,10 +68,15 @@ def parse_safetensors(data: bytes | bytearray | memoryview, where: str) -> tuple
             begin, end = offsets
         except (KeyError, TypeError, ValueError):
             raise StateError(f"{where}: tensor {key!r}: malformed entry {show(info)}") from None
-        if not all(is_int(x) for x in shape + offsets) or len(shape) > schemas.MAX_RANK \
-                or not schemas.shape_extent_ok(dtype, shape):  # fmt: skip
-            raise StateError(f"{where}: tensor {key!r}: shape {show(info['shape'])} or data_offsets "
-                             f"{show(info['data_offsets'])} out of range")  # fmt: skip
+        if (
+            not all(is_int(x) for x in shape + offsets)
+            or len(shape) > schemas.MAX_RANK
+            or not schemas.shape_extent_ok(dtype, shape)
+        ):
+            raise StateError(
+                f"{where}: tensor {key!r}: shape {show(info['shape'])} or data_offsets "
+                f"{show(info['data_offsets'])} out of range"
+            )
         if not 0 <= begin <= end <= len(body) or end - begin != leaf_nbytes(dtype, shape):
             raise StateError(f"{where}: tensor {key!r}: data_offsets {begin}..{end} do not fit its shape or the file")
         spans.append((begin, end, key))

@@ -4,6 +4,7 @@ Its tensors are the groups of a `HostState` under their group prefix (`params/<l
 `opt/<state path>`, `ema/<state path>`; state/model_state.py), and its `__metadata__` holds each
 manifest field (state/manifest.py) as a JSON string, so any safetensors reader can open it.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def encode_file(state: HostState) -> bytes:
     return safetensors.numpy.save(to_specs(tensors), metadata=metadata)
 
 
-def decode_file(data: bytes | bytearray | memoryview, where: str = "uploaded file", model: str | None = None) -> HostState:
+def decode_file(
+    data: bytes | bytearray | memoryview, where: str = "uploaded file", model: str | None = None
+) -> HostState:
     """A HostState from a file written by `encode_file`, validated (`manifest.from_manifest`;
     `model`: the name the model will have, for messages); StateError names the problem."""
     tensors, metadata = parse_safetensors(data, where)

@@ -10,6 +10,7 @@ The old replies are decoded here without the generated protobuf modules (this la
 speak gRPC): PushResponse is a handful of scalar fields, read by `_read_push_response` with the
 wire's varint reader (optserve.wire.framing).
 """
+
 from __future__ import annotations
 
 import base64
@@ -89,15 +90,21 @@ def _decode_reply(value: Any, where: str) -> PushReply:
         if not is_int(step) or not isinstance(applied, bool):
             raise StateError(f'{where}: expected {{"step": integer, "applied": boolean}}, got {show(value)}')
         reply = PushReply(step, applied)
-    elif (isinstance(value, dict) and set(value) == {"proto", "b64"} and value["proto"] == "PushResponse"
-            and isinstance(value["b64"], str)):  # fmt: skip
+    elif (
+        isinstance(value, dict)
+        and set(value) == {"proto", "b64"}
+        and value["proto"] == "PushResponse"
+        and isinstance(value["b64"], str)
+    ):
         try:
             reply = _read_push_response(base64.b64decode(value["b64"], validate=True))
         except (binascii.Error, ValueError) as e:  # UnicodeDecodeError is a ValueError
             raise StateError(f"{where}: not a serialized PushResponse ({type(e).__name__}: {e})") from None
     else:
-        raise StateError(f'{where}: expected {{"step": integer, "applied": boolean}} (or, from older files, '
-                         f'{{"proto": "PushResponse", "b64": string}}), got {show(value)}')  # fmt: skip
+        raise StateError(
+            f'{where}: expected {{"step": integer, "applied": boolean}} (or, from older files, '
+            f'{{"proto": "PushResponse", "b64": string}}), got {show(value)}'
+        )
     if not 0 <= reply.step <= MAX_STEP:
         raise StateError(f"{where}: reply step {reply.step} is not in [0, {MAX_STEP}]")
     return reply
@@ -133,8 +140,9 @@ def decode_worker(data: Any, where: str, step: int) -> WorkerRecord:
             raise StateError(f'{here}: expected {{"seq": integer, "reply": ...}}, got {show(entry)}')
         seq = entry["seq"]
         if not (is_int(seq) and previous < seq <= last_seq):
-            raise StateError(f"{here}.seq: expected an integer in [1, last_seq {last_seq}] above the previous one, "
-                             f"got {show(seq)}")  # fmt: skip
+            raise StateError(
+                f"{here}.seq: expected an integer in [1, last_seq {last_seq}] above the previous one, got {show(seq)}"
+            )
         record.replies[seq] = _decode_reply(entry["reply"], f"{here}.reply")
         previous = seq
     for seq in list(record.replies)[:-REPLY_WINDOW]:  # a file from a server with a larger window
