@@ -394,12 +394,16 @@ def test_periodic_checkpoints_every_n_steps(tmp_path):
         m = c.create_model("p", {"w": np.ones(3, np.float32)}, optimizer={"sgd": {"learning_rate": 0.1}})
         for _ in range(6):
             m.push({"w": np.ones(3, np.float32)})
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (not m.checkpoints() or m.checkpoints()[0]["step"] != 6):
+        # The poller saves when a model has no checkpoint yet and then whenever it is 2 steps past its
+        # last save: whenever its polls land (a loaded machine may let all 6 pushes in first), the
+        # newest periodic checkpoint ends within one step of the last push. The bound is a safety
+        # net for a hung poller, not a bet on its timing.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not m.checkpoints() or m.checkpoints()[0]["step"] < 5):
             time.sleep(0.05)
         steps = [x["step"] for x in m.checkpoints()]
-        assert steps and steps[0] == 6, steps
-        assert all(b - a >= 2 for a, b in itertools.pairwise(steps[::-1]))
+        assert steps and steps[0] >= 5, steps
+        assert all(b - a >= 2 for a, b in itertools.pairwise(steps[::-1])), steps
 
 
 def test_failed_save_is_reported(tmp_path):

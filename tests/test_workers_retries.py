@@ -125,3 +125,24 @@ def test_non_retryable_errors_are_raised_at_once(client, model_name):
     with pytest.raises(FailedPreconditionError, match="current step 1"):
         w.push({"w": np.ones(2, np.float32)})  # stale: recompute, don't retry
     assert w.retries == 0
+
+
+def test_a_worker_ahead_of_a_restored_model_caps_its_base_step_and_goes_on(tmp_path):
+    """An admin restores an older checkpoint while a worker trains: its next push names a step the
+    model no longer has (INVALID_ARGUMENT from the same incarnation). The worker learns the step and
+    resends its gradient against it, once."""
+    from optserve.server import Server
+
+    with Server(port=0, checkpoint_dir=str(tmp_path)) as srv, srv.client(timeout=60.0) as c:
+        model = c.create_model("rolled-back", {"w": np.zeros(4, np.float32)}, optimizer=optim.sgd(1.0))
+        worker = model.worker("w0")
+        worker.pull()
+        worker.push_pull({"w": np.ones(4, np.float32)})
+        assert model.save() == 1
+        worker.push_pull({"w": np.ones(4, np.float32)})
+        assert worker.base_step == 2
+        assert model.restore(1) == 1  # behind the worker now
+        params = worker.push_pull({"w": np.full(4, 2.0, np.float32)})
+        assert worker.rollbacks_seen == 1 and worker.restarts_seen == 0
+        assert model.info()["step"] == 2 and worker.base_step == 2
+        np.testing.assert_array_equal(params["w"], np.full(4, -3.0, np.float32))  # 0 - 1 - 2

@@ -104,6 +104,7 @@ class Worker:
         self.incarnation: str | None = None
         self.retries = 0
         self.restarts_seen = 0
+        self.rollbacks_seen = 0  # the server's state went back to an older step under this worker
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
@@ -115,9 +116,15 @@ class Worker:
             try:
                 return call()
             except OptserveError as e:
-                if e.code in RESTART_SYMPTOMS and self._resync_after_restart(header):
-                    continue
-                if e.code not in RETRYABLE or time.monotonic() + delay > deadline:
+                try:
+                    if e.code in RESTART_SYMPTOMS and self._resync_after_restart(header):
+                        continue
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT and self._resync_after_rollback(header):
+                        continue
+                    retry = e.code in RETRYABLE
+                except OptserveError as unsure:  # could not ask the server: a restart may be under way
+                    retry = unsure.code in RETRYABLE
+                if not retry or time.monotonic() + delay > deadline:
                     raise
             self.retries += 1
             time.sleep(random.uniform(0, delay))
@@ -128,17 +135,32 @@ class Worker:
         again and caps the pending push's base_step at it. True if it did."""
         if self.incarnation is None:
             return False
-        try:
-            now = self.model.client.server_info()["incarnation"]
-            if not now or now == self.incarnation:
-                return False
-            self.model.pull(if_newer_than=2**62)  # header only: the restored step, no tensors
-        except OptserveError:
-            return False  # still away: the caller backs off and retries
+        # An OptserveError here (the server still away or too busy to answer) reaches the caller,
+        # which backs off and retries when it is UNAVAILABLE or DEADLINE_EXCEEDED.
+        now = self.model.client.server_info()["incarnation"]
+        if not now or now == self.incarnation:
+            return False
+        self.model.pull(if_newer_than=2**62)  # header only: the restored step, no tensors
         self.incarnation, self.base_step = now, self.model.last_step
         self.restarts_seen += 1
         if header is not None and header.HasField("base_step") and header.base_step > self.base_step:
             header.base_step = self.base_step
+        return True
+
+    def _resync_after_rollback(self, header: Any) -> bool:
+        """The same server is behind the step this push was computed against: its state was replaced
+        by an older checkpoint (RestoreCheckpoint, or a restart this worker did not see because the
+        other calls of its process noticed it first). Learns the step and caps the push's base_step
+        at it, as after a restart. True if the push was ahead and is now capped."""
+        if header is None or not header.HasField("base_step"):
+            return False
+        self.model.pull(if_newer_than=2**62)  # header only: the current step, no tensors
+        step = self.model.last_step
+        if header.base_step <= step:
+            return False  # not ahead: the INVALID_ARGUMENT was about something else
+        self.base_step = header.base_step = step
+        self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
+        self.rollbacks_seen += 1
         return True
 
     def _note(self, incarnation: str, step: int) -> None:
