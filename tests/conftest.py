@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -112,3 +112,12 @@ def stop_server_process(proc: subprocess.Popen, timeout: float = 120.0) -> tuple
         proc.kill()
         _, err = proc.communicate(timeout=30)
     return proc.returncode, err or ""
+
+
+def wait_until(predicate: Callable[[], object], what: str = "the condition", timeout: float = 60.0) -> None:
+    """Polls a state the code exposes until `predicate()` holds. The bound is a safety net for a
+    hang, not a bet on timing: tests wait for events, never for the clock."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -30,6 +30,7 @@ from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
 from optserve.wire.chunks import chunk_messages
+from tests.conftest import wait_until
 
 G4 = {"w": np.ones(4, np.float32)}
 
@@ -41,14 +42,6 @@ def _raw(bytes_: bytes) -> bytes:
 def _default_channel(address: str) -> grpc.Channel:
     """A channel as another language's client opens it: no options, so 4 MiB receive limit."""
     return grpc.insecure_channel(address)
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Polls a state the server exposes until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not reached within {timeout}s"
-        time.sleep(0.01)
 
 
 def _pending(client: Client, name: str) -> int:
@@ -145,7 +138,7 @@ def test_waiting_pulls_are_bounded_and_never_starve_the_server():
                 _pull_in_thread(pull, far, outcomes, timeout=None if i % 2 else 1.0)
             ended = [outcomes.get(timeout=60) for _ in range(6)]
             assert [code for code, _ in ended] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 6, ended
-            _wait_until(lambda: _gauge(metrics_port, "optserve_waiting_calls") == 0, "waiting slots given back")
+            wait_until(lambda: _gauge(metrics_port, "optserve_waiting_calls") == 0, "waiting slots given back")
             channel.close()
     finally:
         proc.kill()
@@ -168,7 +161,7 @@ def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_compl
 
         for worker in (1, 2):
             threading.Thread(target=push_pull, args=(worker,), daemon=True).start()
-        _wait_until(lambda: srv.service.waiting.waiting == 2 and _pending(client, "bounded-sync") == 2, "2 waiting")
+        wait_until(lambda: srv.service.waiting.waiting == 2 and _pending(client, "bounded-sync") == 2, "2 waiting")
         header = model._push_header(None, None, "w3", 1)
         with pytest.raises(ResourceExhaustedError) as refused:
             model.push_pull_raw(header, [("w", np.full(4, 3, np.float32))])
@@ -191,7 +184,7 @@ def test_sync_push_pull_reply_says_applied_once_its_step_is_applied(client, mode
     threading.Thread(
         target=lambda: first.put(model.push_pull_raw(model._push_header(None, None), list(G4.items()))), daemon=True
     ).start()
-    _wait_until(lambda: _pending(client, model_name) == 1, "first contribution")
+    wait_until(lambda: _pending(client, model_name) == 1, "first contribution")
     second, _ = model.push_pull_raw(model._push_header(None, None), list(G4.items()))
     reply, params = first.get(timeout=60)
     assert (reply.step, reply.applied) == (1, True) and (second.step, second.applied) == (1, True)
@@ -392,9 +385,9 @@ def test_sync_round_with_nonfinite_mean_is_dropped_and_every_waiter_told(server,
 
     waiting_before = server.service.waiting.waiting
     threading.Thread(target=run, args=("push_pull", lambda: model.worker("a").push_pull(BAD)), daemon=True).start()
-    _wait_until(lambda: _pending(client, model_name) == 1, "a's contribution")
+    wait_until(lambda: _pending(client, model_name) == 1, "a's contribution")
     threading.Thread(target=run, args=("pull", lambda: model.pull(min_step=1, timeout=60)), daemon=True).start()
-    _wait_until(lambda: server.service.waiting.waiting == waiting_before + 2, "both waiting")
+    wait_until(lambda: server.service.waiting.waiting == waiting_before + 2, "both waiting")
     with pytest.raises(FailedPreconditionError) as e:
         model.worker("b").push(BAD)  # completes the round: its mean overflows
     assert "round for step 1" in e.value.message and "parameter 'w'" in e.value.message
@@ -408,7 +401,7 @@ def test_sync_round_with_nonfinite_mean_is_dropped_and_every_waiter_told(server,
     assert _state_bytes(server, model_name) == before
     # The workers push again against the unchanged step; a finite round is applied.
     threading.Thread(target=run, args=("again", lambda: model.worker("a").push_pull(GOOD)), daemon=True).start()
-    _wait_until(lambda: _pending(client, model_name) == 1, "a's second contribution")
+    wait_until(lambda: _pending(client, model_name) == 1, "a's second contribution")
     assert model.worker("b").push(GOOD) == 1
     assert outcomes.get(timeout=60) == ("again", "ok")
     assert model.info()["step"] == 1 and np.isfinite(model.pull()["w"]).all()

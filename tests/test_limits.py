@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -22,6 +21,7 @@ from optserve.server.core.admission import compile_for, state_bytes_for
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.channel import MAX_MESSAGE_BYTES
 from optserve.wire.dtypes import LeafSpec
+from tests.conftest import wait_until
 
 SMALL = {"w": np.zeros(64, np.float32)}  # 256 bytes of parameters; adam keeps ~2x more
 G = {"w": np.ones(64, np.float32)}
@@ -136,18 +136,10 @@ def test_cancelled_waits_free_their_threads():
         assert srv.service.waiting.limit == 1
         c.create_model("waited", SMALL, optim.sgd(0.1))
         call = c._pull(pb.PullRequest(model="waited", min_step=10**6))
-        _wait_until(lambda: srv.service.waiting.waiting == 1)
+        wait_until(lambda: srv.service.waiting.waiting == 1)
         call.cancel()
-        _wait_until(lambda: srv.service.waiting.waiting == 0)
+        wait_until(lambda: srv.service.waiting.waiting == 0)
         waiter = c._pull(pb.PullRequest(model="waited", min_step=1))
-        _wait_until(lambda: srv.service.waiting.waiting == 1)
+        wait_until(lambda: srv.service.waiting.waiting == 1)
         assert c.model("waited").push(G) == 1  # served (within the client's 30 s deadline)
         assert [pb.PullResponse.FromString(m).header.step for m in waiter][:1] == [1]
-
-
-def _wait_until(predicate, timeout: float = 30.0) -> None:
-    """Polls a state the server exposes until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)

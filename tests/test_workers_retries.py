@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -14,20 +13,13 @@ from optserve.client import Client, optim
 from optserve.client import worker as worker_module
 from optserve.client.errors import FailedPreconditionError, UnavailableError
 from optserve.client.model import Model
+from tests.conftest import wait_until
 
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
-
-
-def _wait_until(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _free_port() -> int:
@@ -50,7 +42,7 @@ def test_deadline_exceeded_at_the_sync_barrier_is_retried_with_the_same_seq(serv
         t.start()
         # Its 0.5 s deadline may also expire before the server has the gradient on a loaded machine:
         # wait for what matters, a retry answered as a duplicate of the gradient the server holds.
-        _wait_until(lambda: model.info()["counters"]["duplicates"] >= 1, "a retry answered as a duplicate")
+        wait_until(lambda: model.info()["counters"]["duplicates"] >= 1, "a retry answered as a duplicate")
         assert t.is_alive() and a.seq == 1
         info = model.info()
         assert info["pending_contributions"] == 1 and info["counters"]["duplicates"] >= 1
@@ -75,7 +67,7 @@ def test_unavailable_is_retried_until_the_server_is_up(model_name):
         out: dict = {}
         t = threading.Thread(target=lambda: out.update(step=worker.push(g)))
         t.start()
-        _wait_until(lambda: worker.retries >= 2, "the worker to retry twice")
+        wait_until(lambda: worker.retries >= 2, "the worker to retry twice")
         with Server(port=port) as srv:
             with srv.client(timeout=10) as c:
                 model = c.create_model(model_name, params, optimizer=optim.sgd(1.0))
