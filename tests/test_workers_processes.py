@@ -23,7 +23,6 @@ import numpy as np
 from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError
 from optserve.client.worker import Worker
-from tests.conftest import wait_until
 
 SHAPE = (64, 32)
 LR = 0.5
@@ -241,7 +240,7 @@ def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, c
         victim = _spawn("dies", server.address, model_name)
         try:
             _expect_line(victim, "MIDPUSH")
-            wait_until(
+            _wait_until(
                 lambda: any(w == "victim" and r.assembler.received_bytes > 0 for w, r in receivers),
                 "the victim's chunks to reach the server",
             )
@@ -264,3 +263,11 @@ def test_worker_killed_mid_push_counts_nothing_and_the_others_continue(server, c
     assert info["step"] == 1 and info["counters"]["sync_timeouts"] == 1
     assert "victim" not in info["workers"]
     np.testing.assert_allclose(got, start - LR * (g0["w"] + g1["w"]) / 2, rtol=1e-6)
+
+
+def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    # Not conftest's wait_until: this file is also the workers' script, run without the tests package.
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
