@@ -90,8 +90,20 @@ class ModelCounters(_message.Message):
     nonfinite_rejected: int
     def __init__(self, pushes_applied: _Optional[int] = ..., stale_rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., sync_timeouts: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., nonfinite_rejected: _Optional[int] = ...) -> None: ...
 
+class PackedTensor(_message.Message):
+    __slots__ = ("name", "dtype", "leaves", "elements")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    leaves: _containers.RepeatedScalarFieldContainer[str]
+    elements: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., leaves: _Optional[_Iterable[str]] = ..., elements: _Optional[int] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation")
+    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +118,7 @@ class ModelInfo(_message.Message):
     LAST_CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
@@ -120,7 +133,8 @@ class ModelInfo(_message.Message):
     last_checkpoint_step: int
     last_checkpoint_error: str
     incarnation: str
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
     __slots__ = ("name", "optimizer_json", "settings", "schema")
@@ -235,7 +249,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +258,7 @@ class PullRequest(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -252,21 +267,24 @@ class PullRequest(_message.Message):
     wire_dtype: str
     chunk_bytes: int
     max_message_bytes: int
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("model", "step", "not_modified", "schema", "incarnation")
+    __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     not_modified: bool
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
     incarnation: str
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "push", "slices", "payload")
