@@ -249,8 +249,9 @@ def test_the_reply_header_decides_the_layout_and_becomes_the_models():
     assert model._grad_leaves(PARAMS, None)[0][0] == "x"
 
 
-def test_out_the_views_of_an_earlier_pull_is_received_in_place():
-    model = make_model()
+@pytest.mark.parametrize("structure", [True, False])  # False: a handle that returns nested dicts
+def test_out_the_views_of_an_earlier_pull_is_received_in_place(structure):
+    model = make_model(structure=structure)
     first = model.read_pull_stream(reply(PARAMS, PACKING), None)[1]
     ids = {p: id(a) for p, a in pytree.flatten(first)[0]}
     base = first["b"].base

@@ -180,8 +180,10 @@ class PullReader:
         """The targets of a pull `out=` the views an earlier pull returned of its packs: each pack's
         own buffer (so it is received in place, no copy), and the loose leaves, numpy arrays of the
         parameters' dtypes and shapes. None when `out` is anything else (checked leaf by leaf then)."""
-        if structure is None or not layout.packs:
+        if not layout.packs:
             return None
+        if structure is None:  # a handle that never saw the tree: its pulls returned nested dicts
+            structure = layout.default_structure
         leaves = pytree.flatten_as(out, structure, convert=False)
         plan = layout.plan(structure) if leaves is not None else None
         if leaves is None or plan is None:
