@@ -1,0 +1,143 @@
+"""Packed tensors on the wire against a real server: a model of many small leaves pushed and pulled as
+packs gives exactly what the same calls leaf by leaf give (`Client(packed=False)`), in every wire
+dtype, through push, pull, push_pull, workers, EMA pulls and `out=`; and it costs fewer bytes."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optserve.client import optim, pytree
+
+LEAVES = 300
+
+
+def params_of(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "layers": {f"{i:03d}": {"w": rng.standard_normal(3).astype(np.float32)} for i in range(LEAVES)},
+        "scale": np.ones((), np.float32),
+        "count": np.arange(2, dtype=np.int32),  # never updated: in no pack
+    }
+
+
+def grads_of(seed: int) -> dict:
+    g = params_of(seed + 100)
+    g["count"] = np.zeros(2, np.int32)
+    return g
+
+
+def assert_same(a, b) -> None:
+    la, lb = pytree.flatten(a)[0], pytree.flatten(b)[0]
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(x, y, err_msg=path)
+
+
+@pytest.fixture(scope="module")
+def leafwise(server):
+    with server.client(timeout=60.0, packed=False) as c:
+        yield c
+
+
+@pytest.fixture
+def pair(client, leafwise, model_name):
+    """The same model twice: one used through packs, one leaf by leaf."""
+    spec = optim.adam(1e-2)
+    packed = client.create_model(f"{model_name}-p", params_of(), optimizer=spec, ema=0.5)
+    plain = leafwise.create_model(f"{model_name}-l", params_of(), optimizer=spec, ema=0.5)
+    return packed, plain
+
+
+def test_the_server_announces_packs_and_the_client_lists_them(pair):
+    packed, plain = pair
+    packing = packed.info()["packing"]
+    assert packing and plain.info()["packing"] == packing
+    in_packs = [p for pack in packing for p in pack["leaves"]]
+    assert len(in_packs) == len(set(in_packs)) and "count" not in in_packs
+    assert sum(p["elements"] for p in packing) == sum(
+        np.size(a) for p, a in pytree.flatten(params_of())[0] if p in in_packs
+    )
+    assert packed._layout is not None and packed._layout.packs and plain.packed is False
+
+
+@pytest.mark.parametrize("wire", [None, "bfloat16"])
+def test_pushes_and_pulls_through_packs_give_exactly_the_leafwise_results(pair, wire):
+    packed, plain = pair
+    for seed in range(3):
+        assert packed.push(grads_of(seed), wire_dtype=wire) == plain.push(grads_of(seed), wire_dtype=wire)
+    got, want = packed.pull(wire_dtype=wire), plain.pull(wire_dtype=wire)
+    assert_same(got, want)
+    assert not np.array_equal(got["layers"]["000"]["w"], params_of()["layers"]["000"]["w"])  # it trained
+    # Each pack came as one buffer: its leaves are views of it.
+    bases = {id(a.base) for p, a in pytree.flatten(got)[0] if p.startswith("layers/")}
+    assert len(bases) <= len(packed.info()["packing"])
+    assert_same(packed.pull(ema=True), plain.pull(ema=True))
+    assert_same(packed.pull(min_step=3, timeout=30), want)
+    if wire == "bfloat16":  # narrowed on the wire, widened once per pack
+        assert got["scale"].dtype == np.float32
+        np.testing.assert_array_equal(got["scale"], got["scale"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_push_pull_workers_and_out_through_packs(pair):
+    packed, plain = pair
+    assert_same(packed.push_pull(grads_of(0)), plain.push_pull(grads_of(0)))
+    wp, wl = packed.worker("w"), plain.worker("w")
+    wp.pull(), wl.pull()
+    assert_same(wp.push_pull(grads_of(1)), wl.push_pull(grads_of(1)))
+    assert wp.push(grads_of(2), wire_dtype="bfloat16") == wl.push(grads_of(2), wire_dtype="bfloat16")
+
+    buffers = packed.pull()
+    ids = {p: id(a) for p, a in pytree.flatten(buffers)[0]}
+    base = buffers["layers"]["000"]["w"].base
+    packed.push(grads_of(3)), plain.push(grads_of(3))
+    got = packed.pull(out=buffers)
+    assert got is buffers and {p: id(a) for p, a in pytree.flatten(got)[0]} == ids
+    assert buffers["layers"]["000"]["w"].base is base  # received into the same pack buffer
+    assert_same(got, plain.pull())
+    after = packed.push_pull(grads_of(4), out=buffers)
+    assert after is buffers
+    assert_same(after, plain.push_pull(grads_of(4)))
+    mine = pytree.unflatten(pytree.flatten(buffers)[1], [a.copy() for _, a in pytree.flatten(buffers)[0]])
+    assert_same(packed.pull(out=mine), plain.pull())  # arrays of the caller's own: leaf by leaf
+
+
+def test_a_handle_that_never_saw_the_tree_pulls_packs_into_nested_dicts(client, pair):
+    packed, plain = pair
+    handle = client.model(packed.name)
+    got = handle.pull()
+    assert_same(got, plain.pull())
+    assert handle.pull(out=got) is got
+
+
+def test_packs_cost_fewer_bytes_than_leaves(pair):
+    packed, plain = pair
+
+    def bytes_moved(model, call) -> tuple[int, int]:
+        before = model.info()["counters"]
+        call()
+        after = model.info()["counters"]
+        return after["bytes_in"] - before["bytes_in"], after["bytes_out"] - before["bytes_out"]
+
+    pushed_p, _ = bytes_moved(packed, lambda: packed.push(grads_of(0)))
+    pushed_l, _ = bytes_moved(plain, lambda: plain.push(grads_of(0)))
+    _, pulled_p = bytes_moved(packed, packed.pull)
+    _, pulled_l = bytes_moved(plain, plain.pull)
+    assert pushed_p < pushed_l and pulled_p < pulled_l
+
+
+def test_a_model_created_again_with_another_layout_is_pushed_and_pulled_by_its_new_layout(client, model_name):
+    first = {f"k{i:02d}": np.full(3, i, np.float32) for i in range(10)}
+    old = client.create_model(model_name, first, optimizer=optim.sgd(1.0))
+    old.pull()
+    client.delete_model(model_name)
+    # The same structure, half of it bfloat16 now: the packing differs (a pack holds one dtype).
+    second = {k: (v.astype(ml_dtypes.bfloat16) if i % 2 else v) for i, (k, v) in enumerate(first.items())}
+    client.create_model(model_name, second, optimizer=optim.sgd(1.0))
+    assert old.push({k: np.ones(3, np.float32) for k in first}) == 1  # refused once by its packs, then resent
+    got = old.pull()
+    for i, (k, v) in enumerate(second.items()):
+        assert got[k].dtype == v.dtype
+        np.testing.assert_array_equal(got[k].astype(np.float32), np.full(3, i - 1, np.float32))
