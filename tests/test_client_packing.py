@@ -374,3 +374,22 @@ def test_pack_views_do_not_copy():
     assert all(v.base is flat for v in views)
     flat[30] = -1
     assert views[5][0] == -1
+
+
+def test_structures_too_deep_to_compile_are_walked():
+    deep: dict = {}
+    node = deep
+    for _ in range(300):  # deeper than Python's parser nests expressions
+        node["x"] = {}
+        node = node["x"]
+    node["leaf"] = np.arange(2)
+    leaves, structure = pytree.flatten(deep)
+    for _ in range(3):
+        got = pytree.flatten_as(deep, structure)
+        assert got is not None and got[0] is leaves[0][1]
+        back = pytree.unflatten(structure, [np.ones(2)])
+        inner = back
+        for _ in range(300):
+            inner = inner["x"]
+        assert inner["leaf"].tolist() == [1, 1]
+    assert structure.compiled["unflatten"] is None

@@ -13,7 +13,7 @@ Node formats are `pytree._visit`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ class _Source:
 
     def __init__(self) -> None:
         self.names: dict[str, Any] = {}
+        self._named: dict[int, str] = {}  # id of an object -> its name
         self.lines: list[str] = []
         self.leaves = 0
 
@@ -33,8 +34,12 @@ class _Source:
         """A literal for strings and ints, else a global name bound to `value`."""
         if type(value) in (str, int):
             return repr(value)
-        name = f"_k{len(self.names)}"
-        self.names[name] = value
+        if value is dict or value is list or value is tuple:
+            return value.__name__
+        name = self._named.get(id(value))
+        if name is None:
+            name = self._named[id(value)] = f"_k{len(self.names)}"
+            self.names[name] = value  # kept alive here, so its id is not reused meanwhile
         return name
 
     def build(self, fn: str) -> Callable | None:
@@ -89,51 +94,66 @@ def _expr(node: Any, src: _Source) -> str:
 
 def compile_flatten(node: Any) -> Callable[[Any], list[Any] | None] | None:
     """A function tree -> its leaves (the caller's objects, in flatten order) when `tree` has the
-    containers and keys of `node`, else None; None if `node` cannot be compiled."""
+    containers and keys of `node`, else None (a leaf the tree lacks comes back as a non-leaf, which
+    `leaves_as_numpy` refuses); None if `node` cannot be compiled.
+
+    Two expressions and no statement per node (Python compiles a function of thousands of
+    statements slowly, and its time grows with the source's size): the checks of every container's
+    type and size, joined by `and` so that nothing is read from a node of another type (a defaultdict
+    must not grow a key it lacks: keys are read with `get`), then the list of the leaves. A container
+    is read once per expression, into the local of its depth (`(n2 := n1.get('k', _M))`), where its
+    first descendant reads it; expressions run left to right, so later siblings find it bound."""
     src = _Source()
-    src.names.update(_Mapping=Mapping, _M=_MISSING)
-    src.lines = ["def flatten(n0):"]
+    src.names["_M"] = _MISSING
+    checks: list[str] = []
     leaves: list[str] = []
     try:
-        _check(node, "n0", src, leaves, [0])
+        _emit(node, "t", True, 0, src, checks, checking=True)
+        _emit(node, "t", True, 0, src, leaves, checking=False)
     except (RecursionError, _Uncompilable):
         return None
-    src.lines.append("    return [" + ", ".join(leaves) + "]")
+    src.lines = [
+        "def flatten(t):",
+        "    try:",
+        f"        if not ({' and '.join(checks) or 'True'}): return None",
+        f"        return [{', '.join(leaves)}]",
+        "    except (TypeError, AttributeError, IndexError, KeyError):",  # not the container expected
+        "        return None",
+    ]
     return src.build("flatten")
 
 
-def _check(node: Any, var: str, src: _Source, leaves: list[str], counter: list[int]) -> None:
-    """Appends the lines that check `var` against `node` and read its children into fresh locals."""
+def _emit(node: Any, ref: str, bound: bool, depth: int, src: _Source, out: list[str], *, checking: bool) -> None:
+    """Appends the expressions of `node` to `out`: its checks, or its leaves. `ref` reads the node: a
+    bound local, or (bound False) the expression its first use binds to the local of its depth."""
     tag = node[0]
-    out = src.lines.append
-
-    def child(expr: str) -> str:
-        counter[0] += 1
-        name = f"n{counter[0]}"
-        out(f"    {name} = {expr}")
-        return name
-
     if tag == "leaf":
-        leaves.append(var)
-    elif tag == "none":
-        out(f"    if {var} is not None: return None")
-    elif tag == "dict":
-        keys, children = node[2], node[3]
-        # `type is dict` first: an ABC's isinstance costs half a microsecond
-        mapping = f"(type({var}) is dict or isinstance({var}, _Mapping))"
-        out(f"    if not {mapping} or len({var}) != {len(keys)}: return None")
-        for k, c in zip(keys, children, strict=True):
-            _check(c, child(f"{var}.get({src.ref(k)}, _M)"), src, leaves, counter)  # get: no defaultdict grows
+        if not checking:
+            out.append(ref)
+        return
+    if tag == "none":
+        if checking:
+            out.append(f"{ref} is None")
+        return
+    if tag == "dict":
+        cls = node[1]
+        children = [(f".get({src.ref(k)}, _M)", c) for k, c in zip(node[2], node[3], strict=True)]
     elif tag == "namedtuple":
-        out(f"    if type({var}) is not {src.ref(node[1])}: return None")
-        for i, c in enumerate(node[2]):
-            _check(c, child(f"{var}[{i}]"), src, leaves, counter)
+        cls, children = node[1], [(f"[{i}]", c) for i, c in enumerate(node[2])]
     elif tag in ("list", "tuple"):
-        out(f"    if type({var}) is not {tag} or len({var}) != {len(node[1])}: return None")
-        for i, c in enumerate(node[1]):
-            _check(c, child(f"{var}[{i}]"), src, leaves, counter)
+        cls, children = (list if tag == "list" else tuple), [(f"[{i}]", c) for i, c in enumerate(node[1])]
     else:
         raise _Uncompilable(tag)
+    var = ref if bound else f"n{depth}"
+    first = var if bound else f"({var} := {ref})"  # until an expression has read it
+    if checking:
+        out.extend((f"type({first}) is {src.ref(cls)}", f"len({var}) == {len(children)}"))
+        first = var
+    for access, child in children:
+        before = len(out)
+        _emit(child, first + access, False, depth + 1, src, out, checking=checking)
+        if len(out) > before:
+            first = var
 
 
 def leaves_as_numpy(
