@@ -76,6 +76,8 @@ class Server:
     server interceptors, after the token check.
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
+    packed: hold each model's alike small leaves in flat buffers (docs/design.md, "Packed layouts");
+    False keeps every leaf as itself (the comparison the packing tests make; results are the same).
 
     Everything is built here and handed over at construction: the store, the metrics (which read the
     store), the checkpoint manager (which reports to the metrics) and the service (which uses all three).
@@ -99,6 +101,7 @@ class Server:
         checkpoint_options: dict[str, Any] | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        packed: bool = True,
     ):
         self.host = host
         self.store = ModelStore(
@@ -106,6 +109,7 @@ class Server:
             max_models=max_models,
             max_model_bytes=max_model_bytes,
             max_total_bytes=max_total_bytes,
+            packed=packed,
         )
         self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None
