@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from optserve.client import optim, pytree
+from optserve.client.errors import InvalidArgumentError
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
 
@@ -170,3 +171,17 @@ def test_a_model_created_again_with_another_layout_is_pushed_and_pulled_by_its_n
     for i, (k, v) in enumerate(second.items()):
         assert got[k].dtype == v.dtype
         np.testing.assert_array_equal(got[k].astype(np.float32), np.full(3, i - 1, np.float32))
+
+
+def test_a_refused_packed_push_is_not_sent_again_when_the_packing_did_not_change(pair):
+    packed, _ = pair
+    packed.pull()
+    packed._reader.layouts._by_key.clear()  # built again when read again: another object, the same packs
+    bad = grads_of(0)
+    bad["layers"]["010"]["w"][1] = np.nan
+    sent = []
+    push_raw = packed.push_raw
+    packed.push_raw = lambda header, leaves, timeout=None: sent.append(1) or push_raw(header, leaves, timeout)  # type: ignore[method-assign]
+    with pytest.raises(InvalidArgumentError, match="layers/010/w"):
+        packed.push(bad)
+    assert len(sent) == 1 and packed.info()["step"] == 0

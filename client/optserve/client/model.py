@@ -98,9 +98,10 @@ class Model:
         return send(self._grad_leaves(grads, wire_dtype))
 
     def _refresh_layout(self, old: Layout) -> bool:
-        """Reads the model's layout again; True if it changed."""
-        self._layout = self._layout_of(self._get_info())
-        return self._layout is not old
+        """Reads the model's layout again; True if its packs changed (else the refusal was about
+        something else, e.g. a NaN, and is not worth sending again)."""
+        new = self._layout = self._layout_of(self._get_info())
+        return new is not old and (new is None or new.packs != old.packs)
 
     def _push_messages(self, header: pb.PushHeader, leaves: Sequence[WireLeaf]) -> tuple[bytes | None, Iterator[bytes]]:
         """(the only message, or None) and the message stream: a gradient that frames into one
