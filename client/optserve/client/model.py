@@ -171,6 +171,9 @@ class Model:
             itself is returned. A loop that pulls every step then reuses its memory instead of having
             the OS map and zero fresh pages for every pull (measured on a 2-core VM: ~200 ms of a
             400 MB pull). If the pull fails midway, `out` may hold a mix of old and new values.
+            The leaves of a packed tensor that a pull returns are views of one buffer per pack; an
+            `out` of exactly those arrays receives each pack straight into its buffer (no copy),
+            any other `out` is written leaf by leaf.
         """
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
