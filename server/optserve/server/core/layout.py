@@ -216,7 +216,10 @@ class StateMap:
 def state_map(buffer_tree: Any, leaf_tree: Any, layout: Layout) -> StateMap | None:
     """The StateMap between the same state over buffers and over leaves (shapes suffice, e.g.
     jax.eval_shape results), or None when they do not correspond leaf for leaf (a rule whose state
-    is not per-parameter in the way the layout assumed): then the model must not be packed."""
+    is not per-parameter in the way the layout assumed; `leaf_tree` None): then the model must not
+    be packed."""
+    if leaf_tree is None:
+        return None
     packs = {p.name: p for p in layout.packs}
     order = leaf_keys(leaf_tree)
     wanted = dict(zip(order, (tuple(x.shape) for x in jax.tree.leaves(leaf_tree)), strict=True))
@@ -243,15 +246,70 @@ def state_map(buffer_tree: Any, leaf_tree: Any, layout: Layout) -> StateMap | No
     return StateMap(tuple(entries), tuple(order), jax.tree.structure(buffer_tree))
 
 
+def leaf_form(tree: Any, layout: Layout) -> Any:
+    """The leaf form of a state pytree over the layout's buffers (shapes, e.g. jax.eval_shape
+    results): each dict entry of a pack becomes one entry per leaf of the pack, of the leaf's shape
+    (an entry without leaves, such as optax's MaskedNode, is repeated). None when an entry of a pack
+    is not one value per element of the pack: that state does not map leaf for leaf.
+
+    Derived, not traced: tracing the optimizer's init over thousands of leaves is what packing saves
+    (seconds per model at creation and at restore)."""
+    packs = {p.name: p for p in layout.packs}
+
+    class Unmapped(Exception):
+        pass
+
+    def holds_pack(x: Any) -> bool:
+        return isinstance(x, dict) and any(k in packs for k in x)
+
+    def expand(x: Any) -> Any:
+        if not holds_pack(x):
+            return x
+        out = {}
+        for k, v in x.items():
+            pack = packs.get(k)
+            if pack is None:
+                out[k] = v
+            elif not jax.tree.leaves(v):
+                out.update((leaf, v) for leaf in pack.leaves)
+            elif isinstance(v, jax.ShapeDtypeStruct) and v.shape == (pack.elements,):
+                out.update(
+                    (leaf, jax.ShapeDtypeStruct(s, v.dtype)) for leaf, s in zip(pack.leaves, pack.shapes, strict=True)
+                )
+            else:
+                raise Unmapped
+        return out
+
+    try:
+        return jax.tree.map(expand, tree, is_leaf=holds_pack)
+    except Unmapped:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Packing:
-    """A model's layout with what it needs beside it: the optimizer for its buffers, and the maps
-    of its optimizer and EMA state between buffer form and leaf form."""
+    """A model's layout with what it needs beside it: the optimizer for its buffers, its state's
+    shapes, and the maps of its optimizer and EMA state between buffer form and leaf form."""
 
     layout: Layout
     optimizer: CompiledOptimizer  # the model's spec, with masks and partitions over the buffers
+    shapes: dict[str, jax.ShapeDtypeStruct]  # the trainable buffers
+    opt_shapes: Any  # the optimizer state over the buffers after init (jax.eval_shape)
     opt_map: StateMap
     ema_map: StateMap | None  # None: the model keeps no parameter EMA
+
+    @property
+    def opt_bytes(self) -> int:
+        """Bytes of the optimizer state (what init allocates)."""
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.opt_shapes))
+
+    @functools.cached_property
+    def opt_templates(self) -> tuple[Any, Any]:
+        """The optimizer state's leaf form after init and after one update (shapes only). Both are
+        valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's moments
+        of a bfloat16 parameter become float32)."""
+        after = jax.eval_shape(lambda s, g: self.optimizer.update(g, s, g)[1], self.opt_shapes, self.shapes)
+        return leaf_form(self.opt_shapes, self.layout), leaf_form(after, self.layout)
 
 
 def plan_packing(
@@ -260,16 +318,17 @@ def plan_packing(
     """The layout of a new model and its maps; falls back to `unpacked` when packing gains nothing
     or its state does not map leaf for leaf (checked on shapes only: nothing is allocated)."""
     by_leaf = {x.path: jax.ShapeDtypeStruct(x.shape, DTYPES[x.dtype]) for x in schema}
-    trained = {k: by_leaf[k] for k in compiled.leaf_paths}
-    leaf_opt = jax.eval_shape(compiled.init, trained)
-    leaf_ema = jax.eval_shape(ema.ema_init, trained) if keeps_ema else None
     planned = plan_layout(schema, compiled) if enabled else unpacked(schema)
-    for layout in (planned, unpacked(schema)):  # the unpacked layout always maps: each entry is itself
+    for layout in (planned, unpacked(schema)) if planned.packs else (planned,):
         optimizer = for_buffers(compiled, layout.members()) if layout.packs else compiled
-        by_key = {p.name: jax.ShapeDtypeStruct((p.elements,), DTYPES[p.dtype]) for p in layout.packs}
-        by_key.update((k, by_leaf[k]) for k in layout.trainable if k in by_leaf)
-        opt_map = state_map(jax.eval_shape(optimizer.init, by_key), leaf_opt, layout)
-        ema_map = state_map(jax.eval_shape(ema.ema_init, by_key), leaf_ema, layout) if keeps_ema else None
+        shapes = {p.name: jax.ShapeDtypeStruct((p.elements,), DTYPES[p.dtype]) for p in layout.packs}
+        shapes.update((k, by_leaf[k]) for k in layout.trainable if k in by_leaf)
+        opt = jax.eval_shape(optimizer.init, shapes)
+        opt_map = state_map(opt, leaf_form(opt, layout), layout)
+        ema_map = None
+        if keeps_ema:
+            ema_state = jax.eval_shape(ema.ema_init, shapes)
+            ema_map = state_map(ema_state, leaf_form(ema_state, layout), layout)
         if opt_map is not None and (ema_map is not None or not keeps_ema):
-            return Packing(layout, optimizer, opt_map, ema_map)
+            return Packing(layout, optimizer, shapes, opt, opt_map, ema_map)
     raise AssertionError("the unpacked layout maps every state leaf to itself")

@@ -39,13 +39,13 @@ from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
-from optserve.server.core.layout import plan_packing
+from optserve.server.core.layout import Packing, leaf_form, plan_packing
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.step import MAX_STEP, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.wire.dtypes import DTYPES, LeafSpec
+from optserve.wire.dtypes import LeafSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +81,19 @@ class Model:
         compiled: CompiledOptimizer,
         settings: ModelSettings,
         device: jax.Device,
-        *,
-        packed: bool = True,
+        packing: Packing | None = None,
     ):
-        """params: one host array per schema leaf. packed: hold alike small leaves in flat buffers
-        (core/layout.py; False keeps every leaf as itself)."""
+        """params: one host array per schema leaf. packing: how to hold the leaves (core/layout.py,
+        `plan_packing`; None: planned here, alike small leaves packed)."""
         self.name = name
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
         self.compiled = compiled  # over leaves: the spec, hyperparameters, checkpoint templates
         self.settings = settings
         self.device = device
-        self.packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None, enabled=packed)
+        if packing is None:
+            packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None)
+        self.packing = packing
         self.layout = self.packing.layout
         self.trainable = self.layout.trainable  # the buffers the update rule sees
         # what a push may send: every leaf, and every pack in place of its leaves
@@ -370,11 +371,7 @@ class Model:
         model keeps none), to check a state against before `replace_state`."""
         if self.settings.ema_decay is None:
             return None
-        leaves = {
-            k: jax.ShapeDtypeStruct(self.schema_map[k].shape, DTYPES[self.schema_map[k].dtype])
-            for k in self.compiled.leaf_paths
-        }
-        return jax.eval_shape(ema.ema_init, leaves)
+        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on

@@ -20,7 +20,7 @@ import numpy as np
 
 from optserve.server.core.layout import Layout, unpacked
 from optserve.wire.assembler import Leaf, TensorAssembler, aligned_empty, buffer_of
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, all_finite
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec, all_finite
 from optserve.wire.errors import WireError
 from optserve.wire.packing import Pack
 
@@ -30,9 +30,9 @@ EARLY_DEVICE_PUT_BYTES = 1 << 20
 
 
 class _PackBuffer:
-    """A pack being received leaf by leaf: one buffer in the parameters' dtype, and the leaves still
-    to come. A leaf sent in another wire dtype is received on its own and converted into the buffer
-    when complete."""
+    """A pack being received leaf by leaf: one buffer in the wire dtype of its first leaf, and the
+    leaves still to come. A leaf sent in another wire dtype (a client that narrows some floats of a
+    push and not others) is received on its own and converted into the buffer when complete."""
 
     __slots__ = ("array", "left", "raw")
 
@@ -83,13 +83,12 @@ class GradientAssembler(TensorAssembler):
         pack, i = slot
         into = self._by_leaf.get(pack.name)
         if into is None:
-            # in the parameters' dtype: a leaf sent in another one is converted as the update would
-            # convert it (a wider one rounded, a narrower one exactly), so packing changes nothing
-            param = DTYPES[pack.dtype]
-            raw = buffer_of(self._buffers.get(pack.name), param, (pack.elements,))
+            # in the wire dtype of its first leaf, as the whole pack or the leaves of an unpacked
+            # model would reach the update (a client narrows all its floats alike)
+            raw = buffer_of(self._buffers.get(pack.name), dtype, (pack.elements,))
             if raw is None:
-                raw = aligned_empty(pack.elements * param.itemsize)
-            into = self._by_leaf[pack.name] = _PackBuffer(raw, param, pack)
+                raw = aligned_empty(pack.elements * dtype.itemsize)
+            into = self._by_leaf[pack.name] = _PackBuffer(raw, dtype, pack)
         if into.array.dtype != dtype:
             self._converted.add(path)
             return super().allocate(path, dtype, shape, nbytes)

@@ -38,7 +38,7 @@ from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
 from optserve.wire.assembler import aligned_empty
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 GROUPS = ("params", "opt", "ema")
 
@@ -222,18 +222,10 @@ def own(a: np.ndarray) -> np.ndarray:
 
 
 def opt_state_templates(model: Model) -> tuple[Any, Any]:
-    """Shapes of the model's optimizer state after init and after one update (no allocation).
-
-    Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
-    moments of a bfloat16 parameter become float32)."""
-    shapes = {
-        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype])
-        for leaf in model.schema
-        if leaf.path in set(model.compiled.leaf_paths)
-    }
-    init = jax.eval_shape(model.compiled.init, shapes)
-    after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
-    return init, after
+    """Shapes of the model's optimizer state by leaf after init and after one update (no
+    allocation). Both are valid in a checkpoint: some rules change a leaf's dtype at the first
+    update (adam's moments of a bfloat16 parameter become float32)."""
+    return model.packing.opt_templates
 
 
 def _check_tree(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray]) -> None:
