@@ -12,6 +12,7 @@ from optserve.client import optim, pytree
 from optserve.client.errors import InvalidArgumentError
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
+from optserve.wire.framing import parse_message
 
 LEAVES = 300
 
@@ -170,3 +171,24 @@ def test_a_refused_packed_push_is_not_sent_again_when_the_packing_did_not_change
     with pytest.raises(InvalidArgumentError, match="layers/010/w"):
         packed.push(bad)
     assert len(sent) == 1 and packed.info()["step"] == 0
+
+
+def test_a_packed_pull_that_names_the_layout_it_knows_gets_no_schema_back(client, pair):
+    packed, plain = pair
+    layout_id = packed._get_info().layout_id
+    assert layout_id and layout_id == plain._get_info().layout_id  # one model layout, one id
+
+    def first_header(request: pb.PullRequest) -> tuple[pb.PullHeader, int]:
+        messages = list(client._pull(request, timeout=60))
+        return parse_message(messages[0], pb.PullResponse)[0].header, sum(len(m) for m in messages)
+
+    short, short_bytes = first_header(pb.PullRequest(model=packed.name, packed=True, layout_id=layout_id))
+    full, full_bytes = first_header(pb.PullRequest(model=packed.name, packed=True, layout_id="not-" + layout_id))
+    plain_header, _ = first_header(pb.PullRequest(model=packed.name, packed=False, layout_id=layout_id))
+    assert short.layout_id == full.layout_id == plain_header.layout_id == layout_id
+    assert not short.schema and not short.packing and full.schema and full.packing and short_bytes < full_bytes
+    assert plain_header.schema and not plain_header.packing  # a plain pull always describes its leaves
+    # the handle names what it knows, and reads the short reply with it
+    request = packed._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=None, if_newer_than=None)
+    assert request.layout_id == layout_id
+    assert_same(packed.pull(), plain.pull())

@@ -80,6 +80,7 @@ class Layout:
         self.wire_schema: dict[str, LeafSpec] = {p: self.schema[p] for p in self.loose}
         self.wire_schema.update((pack.name, pack.spec) for pack in self.packs)
         self.runs = {pack.name: _runs(pack) for pack in self.packs}
+        self.layout_id = ""  # ModelInfo.layout_id of the model it describes (set by pulls.LayoutCache)
         self._plans: dict[int, tuple[pytree.Structure, Plan | None]] = {}
         self._default: pytree.Structure | None = None
 

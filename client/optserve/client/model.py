@@ -145,6 +145,9 @@ class Model:
             max_message_bytes=self.client.max_receive_bytes,
             packed=self.packed,
         )
+        if self.packed and self._layout is not None:
+            # the reply then leaves out schema and packing, which this process already holds
+            req.layout_id = self._layout.layout_id
         if min_step is not None:
             req.min_step = min_step
         if if_newer_than is not None:
@@ -233,7 +236,9 @@ class Model:
     def _read(
         self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None, packed: bool = False
     ) -> Any:
-        pulled = self._reader.read(replies, self._structure, like=like, out=out, push_reply=push_reply)
+        pulled = self._reader.read(
+            replies, self._structure, like=like, out=out, push_reply=push_reply, packed=packed, known=self._layout
+        )
         self.last_step, self.last_incarnation = pulled.step, pulled.incarnation
         if packed and pulled.layout is not None:
             self._layout = pulled.layout  # the model's packing now (a re-created model may have another)

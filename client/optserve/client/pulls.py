@@ -41,32 +41,52 @@ class _IntoArrays(TensorAssembler):
 
 class LayoutCache:
     """Layouts by the bytes of the header that described them (step and incarnation left out; the
-    model's name, schema and packing): a header seen before costs one serialization instead of
-    rebuilding the schema and plans leaf by leaf. Bounded; dict operations are atomic, so threads
-    share it without a lock (two threads may build one layout twice)."""
+    model's name, schema and packing), and by layout id: a header seen before costs one serialization
+    instead of rebuilding the schema and plans leaf by leaf, and a packed pull that names the layout
+    it knows (PullRequest.layout_id) gets a header without schema and packing, found here by its id.
+    Bounded; dict operations are atomic, so threads share it without a lock (two threads may build
+    one layout twice)."""
 
     def __init__(self, size: int = 16) -> None:
         self._by_key: dict[bytes, Layout] = {}
+        self._by_id: dict[str, Layout] = {}
         self._size = size
 
-    def of_header(self, header: pb.PullHeader) -> Layout:
-        """The Layout `header` describes. Clears its step and incarnation (read them first)."""
+    def of_header(self, header: pb.PullHeader, packed: bool, known: Layout | None = None) -> Layout:
+        """The Layout `header` describes (`packed`: the header of a packed pull, which describes the
+        model's packing; a plain pull's lists no packs, and is not the layout its id names). Clears
+        its step and incarnation (read them first). `known`: the layout the request named.
+        """
+        if not header.schema and header.layout_id:
+            if known is None or known.layout_id != header.layout_id:
+                known = self._by_id.get(header.layout_id)
+            if known is None:
+                raise WireError(
+                    f"the reply names layout {header.layout_id!r} without describing it, and it is not known"
+                )
+            return known
         header.ClearField("step")
         header.ClearField("incarnation")
-        return self._get(header.SerializeToString(), header.schema, header.packing)
+        return self._get(header.SerializeToString(), header.schema, header.packing, header.layout_id if packed else "")
 
     def of_info(self, info: pb.ModelInfo) -> Layout:
         """The Layout of a ModelInfo (the same Layout as a packed pull header of the model)."""
-        key = pb.PullHeader(model=info.name, schema=info.schema, packing=info.packing).SerializeToString()
-        return self._get(key, info.schema, info.packing)
+        key = pb.PullHeader(
+            model=info.name, schema=info.schema, packing=info.packing, layout_id=info.layout_id
+        ).SerializeToString()
+        return self._get(key, info.schema, info.packing, info.layout_id)
 
-    def _get(self, key: bytes, schema: Any, packing: Any) -> Layout:
+    def _get(self, key: bytes, schema: Any, packing: Any, layout_id: str) -> Layout:
         layout = self._by_key.get(key)
         if layout is None:
             layout = Layout.from_messages(schema, packing)
+            layout.layout_id = layout_id
             if len(self._by_key) >= self._size:  # a model has one layout (a re-created one another)
                 self._by_key.clear()
+                self._by_id.clear()
             self._by_key[key] = layout
+        if layout_id:
+            self._by_id[layout_id] = layout
         return layout
 
 
@@ -99,9 +119,12 @@ class PullReader:
         like: Any = None,
         out: Any = None,
         push_reply: list | None = None,
+        packed: bool = False,
+        known: Layout | None = None,
     ) -> Pulled:
         """Assembles a PullResponse stream into a pytree (of `like`'s structure, else `structure`, else
-        nested dicts), `out` itself when given, or None when not modified."""
+        nested dicts), `out` itself when given, or None when not modified. `packed`: the request was
+        a packed pull; `known`: the layout it named (PullRequest.layout_id)."""
         assembler: _IntoArrays | None = None
         finish_out: Any = None
         step, incarnation, layout = -1, "", None
@@ -114,7 +137,7 @@ class PullReader:
                 if msg.header.not_modified:
                     return Pulled(step, incarnation, None, None)
                 try:
-                    layout = self.layouts.of_header(msg.header)
+                    layout = self.layouts.of_header(msg.header, packed, known)
                 except WireError as e:
                     raise OptserveError(f"model {self.name!r}: pull header: {e}") from None
                 targets = None
