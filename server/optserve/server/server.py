@@ -14,6 +14,7 @@ server reflection lists the optserve service.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent import futures
 from typing import Any
 
@@ -26,7 +27,9 @@ from optserve.client import Client
 from optserve.server.api.auth import Token, TokenAuth
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.api.service import OptserveService
+from optserve.server.checkpoint.files import COMPILE_CACHE_DIR
 from optserve.server.checkpoint.manager import CheckpointManager
+from optserve.server.core import compilation
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.store import ModelStore
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
@@ -64,6 +67,12 @@ def resolve_device(name: str | None) -> jax.Device:
     return devices[i]
 
 
+def default_compile_cache(checkpoint_dir: str | None) -> str:
+    """`optserve serve`'s compilation cache when --compile-cache is not given: `.compile-cache` in
+    the checkpoint directory (never taken for a model: not a model name), or none ('')."""
+    return os.path.join(checkpoint_dir, COMPILE_CACHE_DIR) if checkpoint_dir else ""
+
+
 class Server:
     """An optserve gRPC server in this process; started on construction.
 
@@ -76,6 +85,9 @@ class Server:
     server interceptors, after the token check.
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
+    compile_cache: the directory of JAX's persistent compilation cache ('' : none), so that a
+    restarted server does not compile its models' steps again (core/compilation.py); JAX's setting is
+    the process's, so the last server started in a process decides it. None: left as it is.
 
     Everything is built here and handed over at construction: the store, the metrics (which read the
     store), the checkpoint manager (which reports to the metrics) and the service (which uses all three).
@@ -99,8 +111,11 @@ class Server:
         checkpoint_options: dict[str, Any] | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        compile_cache: str | None = None,
     ):
         self.host = host
+        if compile_cache is not None:  # before any model (restored ones too) is compiled
+            compilation.configure_cache(compile_cache)
         self.store = ModelStore(
             resolve_device(device),
             max_models=max_models,
@@ -188,6 +203,7 @@ class Server:
         for model in self.store.models():  # release pulls waiting for a step
             model.wake_waiters()
         self._grpc.stop(grace).wait(grace + 5)
+        compilation.cancel_queued_warm_ups()  # nothing pushes any more
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         self.metrics.stop_http()
         if failures:
