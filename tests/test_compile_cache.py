@@ -141,3 +141,16 @@ def test_a_sync_models_step_is_warmed_for_its_round_means(tmp_path, mode):
     finally:
         code, err = stop_server_process(proc)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("flag, expected", [(None, "DEFAULT"), ("", ""), ("none", ""), ("None", "")])
+def test_the_flag_off_and_its_default(flag, expected, tmp_path):
+    """`--compile-cache ''` or `none` turns the cache off; without the flag the default is used."""
+    import argparse
+
+    from optserve.server import cli
+
+    default = str(tmp_path / "ckpt" / ".compile-cache")
+    got = cli._compile_cache(argparse.Namespace(compile_cache=flag), default)
+    assert got == (default if expected == "DEFAULT" else expected)
+    assert os.path.isdir(default) == (expected == "DEFAULT")  # created only when used

@@ -206,7 +206,7 @@ class WarmUp:
         try:
             self._jitted.lower(*self._args).compile()
             outcome = "compiled"
-            log.info(
+            log.debug(
                 "%s: compiled in the background in %.2fs",
                 self.what,
                 time.perf_counter() - started,
