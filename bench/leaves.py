@@ -251,10 +251,12 @@ def restart_rows(models: int, leaves: int, values: int) -> list[dict]:
         finally:
             stop(proc)
         read = _read_checkpoints(root, names)
-        empty = os.path.join(root, "empty")  # the same server with nothing to restore: its start-up
-        os.makedirs(empty)
-        proc, _, _, startup = _serve("--checkpoint-dir", empty)
-        stop(proc)
+        empty = tempfile.mkdtemp(prefix="optserve-bench-empty-")  # the same server with nothing to restore
+        try:
+            proc, _, _, startup = _serve("--checkpoint-dir", empty)
+            stop(proc)
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
         rows = []
         for label, extra in (
             ("restart, compilation cache", ["--checkpoint-dir", root]),

@@ -203,8 +203,8 @@ class Server:
         for model in self.store.models():  # release pulls waiting for a step
             model.wake_waiters()
         self._grpc.stop(grace).wait(grace + 5)
-        compilation.cancel_queued_warm_ups()  # nothing pushes any more
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
+        compilation.finish_warm_ups()  # nothing pushes any more; no compilation may outlive the process
         self.metrics.stop_http()
         if failures:
             log.error(

@@ -19,6 +19,7 @@ minutes for thousands), and every process compiles again. Three things keep that
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
@@ -227,16 +228,25 @@ class WarmUp:
 
 
 class _WarmUpPool:
-    """WARM_UP_THREADS daemon threads taking warm-ups by priority (lower first), then in order."""
+    """WARM_UP_THREADS daemon threads taking warm-ups by priority (lower first), then in order.
+
+    A compilation must not be running when the interpreter exits: a daemon thread in XLA's C++ code
+    at finalization aborts the process ("terminate called ... exception not rethrown"). So an
+    exit (atexit) and a stopping server cancel the queued warm-ups and wait for the running ones.
+    """
 
     def __init__(self) -> None:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
+        self._running: set[WarmUp] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     def submit(self, warm_up: WarmUp, priority: int) -> None:
         with self._lock:
+            if not self._threads:
+                atexit.register(self.finish)
             if len(self._threads) < WARM_UP_THREADS:
                 t = threading.Thread(target=self._run, name=f"optserve-warm-up-{len(self._threads)}", daemon=True)
                 t.start()
@@ -246,10 +256,17 @@ class _WarmUpPool:
     def _run(self) -> None:
         while True:
             _, _, warm_up = self._queue.get()
-            warm_up.run()
+            with self._lock:
+                self._running.add(warm_up)
+            try:
+                warm_up.run()
+            finally:
+                with self._lock:
+                    self._running.discard(warm_up)
+                    self._idle.notify_all()
 
     def cancel_queued(self) -> None:
-        """Skips every warm-up not started yet (a stopping server: nothing will push any more)."""
+        """Skips every warm-up not started yet."""
         while True:
             try:
                 _, _, warm_up = self._queue.get_nowait()
@@ -257,13 +274,22 @@ class _WarmUpPool:
                 return
             warm_up.wait(0)
 
+    def finish(self, timeout: float = WARM_UP_WAIT_SECONDS) -> None:
+        """Cancels the queued warm-ups and waits (at most `timeout`) for the running ones to end."""
+        self.cancel_queued()
+        with self._lock:
+            if self._running:
+                log.info("waiting for %d background compilation(s) to end", len(self._running))
+            self._idle.wait_for(lambda: not self._running, timeout)
+
 
 _pool = _WarmUpPool()
 
 
-def cancel_queued_warm_ups() -> None:
-    """Skips the warm-ups not started yet (those running finish)."""
-    _pool.cancel_queued()
+def finish_warm_ups() -> None:
+    """Skips the warm-ups not started yet and waits (bounded) for those running: a stopping server
+    (nothing will push any more), before the process exits."""
+    _pool.finish()
 
 
 def _aval(x: Any) -> Any:
