@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from optserve.server.core.layout import plan_layout
 from optserve.server.core.receiving import CHECK_BLOCK_BYTES, EARLY_DEVICE_PUT_BYTES, GradientAssembler, device_putter
+from optserve.server.spec import compile_spec
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.assembler import TensorAssembler
 from optserve.wire.chunks import chunk_messages
@@ -81,3 +83,57 @@ def test_device_putter_moves_large_chosen_leaves_and_leaves_small_ones_on_the_ho
     assert set(on_device) == {"big", "small"}
     assert isinstance(on_device["big"], jax.Array) and isinstance(on_device["small"], np.ndarray)
     np.testing.assert_array_equal(np.asarray(on_device["big"]), leaves[0][1])
+
+
+# -- packed layouts (core/layout.py): a pack arrives whole or leaf by leaf ------------------------
+
+
+def _packed_layout():
+    schema = [LeafSpec(f"p{i}", "float32", (i + 1,)) for i in range(6)] + [LeafSpec("n", "int32", (2,))]
+    layout = plan_layout(schema, compile_spec({"sgd": {"learning_rate": 0.1}}, [f"p{i}" for i in range(6)]))
+    expected = {**{x.path: x for x in schema}, **{p.name: p.spec for p in layout.packs}}
+    grads = {f"p{i}": np.arange(i + 1, dtype=np.float32) + i for i in range(6)} | {"n": np.zeros(2, np.int32)}
+    return layout, expected, grads
+
+
+def _packed_result(layout, grads):
+    return {p.name: p.gather(grads) for p in layout.packs} | {"n": grads["n"]}
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_a_pack_arrives_leaf_by_leaf_whole_or_mixed_in_wire_dtypes(chunk):
+    layout, expected, grads = _packed_layout()
+    first, second = layout.packs
+    whole = [(first.name, first.gather(grads))]
+    bf16 = [(k, grads[k].astype(DTYPES["bfloat16"])) for k in second.leaves[:1]]
+    by_leaf = [(k, grads[k]) for k in second.leaves[1:]]
+    for leaves in ([(k, v) for k, v in grads.items()], whole + bf16 + by_leaf + [("n", grads["n"])]):
+        handed_on: dict[str, np.ndarray] = {}
+        asm = GradientAssembler(expected, layout, what="m", on_complete=handed_on.__setitem__)
+        out = _feed(asm, leaves, chunk)
+        want = _packed_result(layout, grads)
+        assert list(out) == list(want) and set(handed_on) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(out[k], np.float32), np.asarray(want[k], np.float32))
+
+
+def test_a_pack_and_its_leaves_are_not_both_accepted_and_a_missing_leaf_is_named():
+    layout, expected, grads = _packed_layout()
+    pack = layout.packs[0]
+    both = [(pack.name, pack.gather(grads)), (pack.leaves[0], grads[pack.leaves[0]])]
+    with pytest.raises(WireError, match="both sent"):
+        _feed(GradientAssembler(expected, layout, what="m"), both, 1 << 20)
+    partial = [(k, v) for k, v in grads.items() if k != pack.leaves[-1]]
+    with pytest.raises(WireError, match=f"missing leaf '{pack.leaves[-1]}'"):
+        _feed(GradientAssembler(expected, layout, what="m"), partial, 1 << 20)
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_nan_in_a_pack_sent_whole_names_the_leaf_that_holds_it(chunk):
+    layout, expected, grads = _packed_layout()
+    pack = layout.packs[-1]
+    grads[pack.leaves[-1]] = grads[pack.leaves[-1]].copy()
+    grads[pack.leaves[-1]][-1] = np.nan
+    leaves = [(pack.name, pack.gather(grads))]
+    with pytest.raises(WireError, match=f"leaf '{pack.leaves[-1]}': gradient has NaN or Inf"):
+        _feed(GradientAssembler(expected, layout, what="m"), leaves, chunk)

@@ -139,6 +139,11 @@ class TensorAssembler:
     # -- receiving --------------------------------------------------------------------------------
 
     @property
+    def opened(self) -> Mapping[str, Leaf]:
+        """The leaves that slices have opened so far, by path (read-only)."""
+        return self._leaves
+
+    @property
     def received_bytes(self) -> int:
         return sum(leaf.received for leaf in self._leaves.values())
 
@@ -203,19 +208,26 @@ class TensorAssembler:
         leaf.done = True
         self.completed(leaf)
 
+    def missing(self) -> list[str]:
+        """The expected leaves that no slice has opened, once the stream has ended: `finish` refuses
+        the stream when there are any. Default: every expected path. (An override for a receiver
+        whose `expected` lists alternatives, such as a pack in place of its leaves.)"""
+        return [] if self._expected is None else [p for p in self._expected if p not in self._leaves]
+
+    def result(self) -> dict[str, np.ndarray]:
+        """What `finish` returns: {path: array in its wire dtype}, in schema order if known."""
+        order = list(self._expected) if self._expected is not None else list(self._leaves)
+        return {p: self._leaves[p].array() for p in order}
+
     def finish(self) -> dict[str, np.ndarray]:
-        """Checks completeness and returns {path: array in its wire dtype}, in schema order if known."""
+        """Checks completeness and returns `result()`."""
         for path, leaf in self._leaves.items():
             if leaf.received != leaf.nbytes:
                 raise self.error(f"leaf {path!r}: received {leaf.received} of {leaf.nbytes} bytes")
             if not leaf.done:  # a zero-size leaf: complete without any bytes
                 self._complete(leaf)
-        if self._expected is not None:
-            missing = [p for p in self._expected if p not in self._leaves]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise self.error(f"missing leaf {missing[0]!r}{more}")
-            order = list(self._expected)
-        else:
-            order = list(self._leaves)
-        return {p: self._leaves[p].array() for p in order}
+        missing = self.missing()
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise self.error(f"missing leaf {missing[0]!r}{more}")
+        return self.result()

@@ -88,6 +88,8 @@ class Server:
     compile_cache: the directory of JAX's persistent compilation cache ('' : none), so that a
     restarted server does not compile its models' steps again (core/compilation.py); JAX's setting is
     the process's, so the last server started in a process decides it. None: left as it is.
+    packed: hold each model's alike small leaves in flat buffers (docs/design.md, "Packed layouts");
+    False keeps every leaf as itself (the comparison the packing tests make; results are the same).
 
     Everything is built here and handed over at construction: the store, the metrics (which read the
     store), the checkpoint manager (which reports to the metrics) and the service (which uses all three).
@@ -112,6 +114,7 @@ class Server:
         metrics_port: int | None = None,
         metrics_host: str | None = None,
         compile_cache: str | None = None,
+        packed: bool = True,
     ):
         self.host = host
         if compile_cache is not None:  # before any model (restored ones too) is compiled
@@ -121,6 +124,7 @@ class Server:
             max_models=max_models,
             max_model_bytes=max_model_bytes,
             max_total_bytes=max_total_bytes,
+            packed=packed,
         )
         self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None

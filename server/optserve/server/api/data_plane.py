@@ -112,7 +112,8 @@ class DataPlane:
         self.accepting = accepting
         self.waiting = WaitingSlots(waiting_call_limit(max_workers), on_change=metrics.waiting_calls.set)
         metrics.waiting_limit.set(self.waiting.limit)
-        self._pull_headers: weakref.WeakKeyDictionary[Model, bytes] = weakref.WeakKeyDictionary()
+        # per model: the serialized first message of a pull, plain and packed
+        self._pull_headers: weakref.WeakKeyDictionary[Model, tuple[bytes, bytes]] = weakref.WeakKeyDictionary()
         # per model and wire dtype: the bound of a one-message pull reply's slices and payload
         self._single_reply_bytes: weakref.WeakKeyDictionary[Model, dict[str, int]] = weakref.WeakKeyDictionary()
 
@@ -183,7 +184,7 @@ class DataPlane:
         if bound is None:
             # header (cached, without step) + its step, not_modified and a PushResponse (name, step,
             # flags, incarnation), each well within 64 bytes besides the name
-            header = len(self._first_pull_response(model).SerializeToString()) + len(model.name.encode()) + 128
+            header = len(self._first_pull_response(model, True).SerializeToString()) + len(model.name.encode()) + 128
             bound = bounds[wire_dtype] = pulls.single_reply_bytes(model.schema, wire_dtype, header)
         return bound
 
@@ -231,7 +232,7 @@ class DataPlane:
             chunk_bytes, bound = max_message, None
         else:
             chunk_bytes, bound = requests_.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes), max_message
-        first = self._first_pull_response(model)
+        first = self._first_pull_response(model, req.packed)
         if push is not None:
             first.push.CopyFrom(push)
         if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
@@ -243,7 +244,7 @@ class DataPlane:
         with model.snapshot(ema=req.ema) as snap:
             first.header.step = snap.step
             self._mark_applied(first, push)
-            leaves = pulls.host_leaves(model.schema, snap.arrays, req.wire_dtype, model.name)
+            leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)
             sent = 0
             for raw in chunk_messages(first, leaves, chunk_bytes, bound):
                 model.count_sent(len(raw))
@@ -258,17 +259,20 @@ class DataPlane:
         if push is not None and not push.applied and first.header.step >= push.step:
             first.push.applied = True
 
-    def _first_pull_response(self, model: Model) -> pb.PullResponse:
-        """A pull's first message with the header's constant part (name, schema, incarnation) filled
-        in: parsed from a serialization cached per model, so a pull of a many-leaf model does not
-        rebuild the schema's messages in Python (protobuf's C parser does it in microseconds)."""
+    def _first_pull_response(self, model: Model, packed: bool) -> pb.PullResponse:
+        """A pull's first message with the header's constant part (name, schema, incarnation, and for
+        a packed pull the packing) filled in: parsed from a serialization cached per model, so a pull
+        of a many-leaf model does not rebuild the schema's messages in Python (protobuf's C parser
+        does it in microseconds)."""
         cached = self._pull_headers.get(model)
         if cached is None:
             header = pb.PullHeader(
                 model=model.name, schema=messages.schema_to_proto(model.schema), incarnation=self.incarnation
             )
-            cached = self._pull_headers[model] = pb.PullResponse(header=header).SerializeToString()
-        return pb.PullResponse.FromString(cached)
+            plain = pb.PullResponse(header=header).SerializeToString()
+            header.packing.extend(messages.packing_to_proto(model.layout))
+            cached = self._pull_headers[model] = (plain, pb.PullResponse(header=header).SerializeToString())
+        return pb.PullResponse.FromString(cached[packed])
 
     def _wait_for_step(
         self, model: Model, req: pb.PullRequest, call: CallContext, round_dropped: Callable[[], str] | None = None

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from optserve.server.checkpoint.files import CheckpointInfo
 from optserve.server.checkpoint.manager import CheckpointStatus
+from optserve.server.core.layout import Layout
 from optserve.server.core.model import Model
 from optserve.server.core.schema import MAX_LEAVES, check_leaf_count, check_schema
 from optserve.server.core.settings import ModelSettings
@@ -60,6 +61,10 @@ def schema_to_proto(schema: Iterable[LeafSpec]) -> list[pb.LeafSpec]:
     return [pb.LeafSpec(path=leaf.path, dtype=leaf.dtype, shape=leaf.shape) for leaf in schema]
 
 
+def packing_to_proto(layout: Layout) -> list[pb.PackedTensor]:
+    return [pb.PackedTensor(name=p.name, dtype=p.dtype, leaves=p.leaves, elements=p.elements) for p in layout.packs]
+
+
 def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | None = None) -> pb.ModelInfo:
     """GetModel's description of a model; `checkpoints`: the checkpoint manager's (None: the server
     has no checkpoint directory, the fields stay 0 and empty)."""
@@ -78,6 +83,7 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
         param_bytes=model.param_bytes,
         state_bytes=model.state_bytes,
         incarnation=incarnation,
+        packing=packing_to_proto(model.layout),
     )
     if checkpoints is not None:
         info.last_checkpoint_step, info.last_checkpoint_error = checkpoints.last_step, checkpoints.last_error

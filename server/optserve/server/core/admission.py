@@ -21,16 +21,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import jax
 import numpy as np
 
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.schema import check_schema, schema_bytes
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import CompiledOptimizer, SpecError, compile_spec
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 
 def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOptimizer:
@@ -42,14 +42,11 @@ def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOpt
         raise InvalidArgument(f"model {name!r}: optimizer {e}") from None
 
 
-def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec]) -> int:
-    """Bytes of the optimizer state `compiled.init` would allocate for `schema`, without allocating
-    (jax.eval_shape), so that limits count parameters and state before any bytes arrive."""
-    trainable = {
-        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype]) for leaf in schema if leaf.dtype in FLOAT_DTYPES
-    }
-    shapes = jax.eval_shape(compiled.init, trainable)
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes) if hasattr(x, "dtype"))
+def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec], packed: bool = True) -> int:
+    """Bytes of the optimizer state a model of `schema` would allocate, without allocating
+    (jax.eval_shape over its layout), so that limits count parameters and state before any bytes
+    arrive."""
+    return plan_packing(schema, compiled, keeps_ema=False, enabled=packed).opt_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +59,13 @@ class Admitted:
     compiled: CompiledOptimizer
     settings: ModelSettings
     param_bytes: int  # what the schema's parameters take: the most a client may send for them
+    packing: Packing  # how the model will hold its leaves (core/layout.py)
 
     def create(self, params: Mapping[str, np.ndarray], restore: Callable[[Model], ModelState] | None = None) -> Model:
         """Builds the model from its parameters (one array per schema leaf, validated by the caller,
         e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
         continues from (validated against the model and put on its device), installed first."""
-        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.device)
+        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.device, self.packing)
         if restore is not None:
             model.replace_state(restore(model))
         self.store.add(model)
@@ -94,9 +92,10 @@ def admit(
     compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
     if validate is not None:
         validate()
-    store.reserve(name, declared + state_bytes_for(compiled, schema))
+    packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None, enabled=store.packed)
+    store.reserve(name, declared + packing.opt_bytes)
     try:
-        yield Admitted(store, name, schema, compiled, settings, declared)
+        yield Admitted(store, name, schema, compiled, settings, declared, packing)
     finally:
         store.release(name)
 

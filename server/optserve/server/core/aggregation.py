@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import jax
 
 from optserve.server.core.gradient_buffers import GradientBuffers
+from optserve.server.core.layout import Layout
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.workers import PushReply
 from optserve.wire.assembler import TensorAssembler
@@ -35,7 +36,9 @@ class LockedModel(Protocol):
     name: str
     settings: ModelSettings
     schema_map: Mapping[str, LeafSpec]
-    trainable: tuple[str, ...]
+    push_schema: Mapping[str, LeafSpec]  # every leaf, and every pack of `layout` in place of its leaves
+    layout: Layout
+    trainable: tuple[str, ...]  # the buffers the update rule sees (layout.trainable)
     device: jax.Device
     gradient_buffers: GradientBuffers
 
@@ -60,7 +63,7 @@ class LockedModel(Protocol):
         ...
 
     def apply(self, grads: Mapping[str, Any], scale: float) -> int:
-        """One update with `grads` (trainable leaves, on the device) times `scale`; returns the new
+        """One update with `grads` (by trainable buffer, on the device) times `scale`; returns the new
         step. NonFiniteUpdate when settings.reject_nonfinite_updates refuses it (state unchanged)."""
         ...
 

@@ -25,7 +25,8 @@ class AsyncPush:
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
         self.assembler = GradientAssembler(
-            model.schema_map,
+            model.push_schema,
+            model.layout,
             what=f"model {model.name!r}",
             on_complete=device_putter(self.on_device, model.device),
             buffers=model.gradient_buffers.take(),
@@ -72,7 +73,7 @@ class AsyncAggregator:
             )
         scale = 1.0 / (1.0 + staleness) if model.settings.staleness_scaling == "inverse" else 1.0
         # Already on the device (moved leaf by leaf as each completed) and checked for NaN/Inf.
-        step = model.apply({k: receiver.on_device[k] for k in model.schema_map}, scale)
+        step = model.apply({k: receiver.on_device[k] for k in model.trainable}, scale)
         reply = PushReply(step, applied=True)
         model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply)
         return reply, False

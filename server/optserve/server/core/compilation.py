@@ -300,26 +300,26 @@ def _aval(x: Any) -> Any:
     return x
 
 
-def step_grad_avals(schema: list[LeafSpec], trainable: tuple[str, ...], mode: str, device: jax.Device) -> dict:
-    """The avals of the gradients a model's step is called with, in the common case (every leaf in
-    its own dtype): async mode applies what the receiver assembled (leaves of EARLY_DEVICE_PUT_BYTES
-    and more already on the device, smaller ones as numpy arrays: core/receiving.py,
-    `device_putter`); sync mode applies the round's mean of the trainable leaves, on the device, in
-    the accumulation dtype (core/sync.py: float32, float64 for float64 leaves)."""
+def step_grad_avals(buffers: list[LeafSpec], trainable: tuple[str, ...], mode: str, device: jax.Device) -> dict:
+    """The avals of the gradients a model's step is called with, in the common case (every buffer in
+    its parameters' dtype). `buffers`: the model's buffers as leaves (`Layout.storage_schema`: each
+    pack, and each loose leaf). Async mode applies what the receiver assembled for the trainable
+    buffers (those of EARLY_DEVICE_PUT_BYTES and more already on the device, smaller ones as numpy
+    arrays: core/receiving.py, `device_putter`); sync mode applies the round's mean of the trainable
+    buffers, on the device, in the accumulation dtype (core/sync.py: float32, float64 for float64)."""
     committed = SingleDeviceSharding(device)
-    if mode == "sync":
-        return {
-            leaf.path: jax.ShapeDtypeStruct(
+    out = {}
+    for leaf in buffers:
+        if leaf.path not in trainable:
+            continue
+        if mode == "sync":
+            out[leaf.path] = jax.ShapeDtypeStruct(
                 leaf.shape, np.float64 if leaf.dtype == "float64" else np.float32, sharding=committed
             )
-            for leaf in schema
-            if leaf.path in trainable
-        }
-    out = {}
-    for leaf in schema:
-        dtype = DTYPES[leaf.dtype]
-        big = leaf_nbytes(dtype, leaf.shape) >= EARLY_DEVICE_PUT_BYTES
-        out[leaf.path] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=committed if big else None)
+        else:
+            dtype = DTYPES[leaf.dtype]
+            big = leaf_nbytes(dtype, leaf.shape) >= EARLY_DEVICE_PUT_BYTES
+            out[leaf.path] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=committed if big else None)
     return out
 
 

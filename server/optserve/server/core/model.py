@@ -40,12 +40,13 @@ from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
+from optserve.server.core.layout import Packing, leaf_form, plan_packing
 from optserve.server.core.settings import ModelSettings
-from optserve.server.core.step import MAX_STEP, make_step, own_buffers, state_leaf_names
+from optserve.server.core.step import MAX_STEP, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
+from optserve.wire.dtypes import LeafSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +54,15 @@ class Snapshot:
     """A consistent view for a pull: the arrays of one step, pinned against donation."""
 
     step: int
-    arrays: Mapping[str, jax.Array]
+    arrays: Mapping[str, jax.Array]  # by buffer (Model.layout.keys)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelState:
     """The changing part of a model (everything but name, schema, spec and settings): what
-    `capture_state` copies out and `replace_state` puts in. Arrays are on the model's device."""
+    `capture_state` copies out and `replace_state` puts in. Arrays are on the model's device, by
+    buffer (params by `Model.layout.keys`; optimizer and EMA state over the trainable buffers):
+    state/model_state.py converts to and from the leaf form of checkpoints."""
 
     step: int
     params: dict[str, jax.Array]
@@ -79,34 +82,46 @@ class Model:
         compiled: CompiledOptimizer,
         settings: ModelSettings,
         device: jax.Device,
+        packing: Packing | None = None,
     ):
+        """params: one host array per schema leaf. packing: how to hold the leaves (core/layout.py,
+        `plan_packing`; None: planned here, alike small leaves packed)."""
         self.name = name
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
-        self.trainable = tuple(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
-        self.compiled = compiled
+        self.compiled = compiled  # over leaves: the spec, hyperparameters, checkpoint templates
         self.settings = settings
         self.device = device
+        if packing is None:
+            packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None)
+        self.packing = packing
+        self.layout = self.packing.layout
+        self.trainable = self.layout.trainable  # the buffers the update rule sees
+        # what a push may send: every leaf, and every pack in place of its leaves
+        self.push_schema = {**self.schema_map, **{p.name: p.spec for p in self.layout.packs}}
         self.param_bytes = sum(np.asarray(a).nbytes for a in params.values())
         # may_alias=False: the parameters get buffers of their own. Aliasing the received host buffer
         # (zero copy on CPU) would save one copy, once, but the first donated update cannot reuse an
         # aliased buffer, and jax would keep it alive until an unrelated later call: +1 model of RSS.
+        buffers = self.layout.pack_arrays(params)
         self._params: dict[str, jax.Array] = {
-            p: jax.device_put(params[p], device, may_alias=False) for p in self.schema_map
+            k: jax.device_put(buffers[k], device, may_alias=False) for k in self.layout.keys
         }
+        del buffers
+        optimizer = self.packing.optimizer
         with jax.default_device(device):
             # device_put commits the state to the device, as the step's outputs are: jit keys its
             # cache on that too, so uncommitted initial state would compile the step a second time at
             # the second push (measured: +1.3 s for 300 leaves, minutes for 10k).
             self._opt_state = jax.device_put(
-                own_buffers(compiled.init({k: self._params[k] for k in self.trainable})), device
+                own_buffers(optimizer.init({k: self._params[k] for k in self.trainable})), device
             )
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._opt_state) if hasattr(x, "nbytes"))
         self._ema_state: ema.EmaState | None = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
             with jax.default_device(device):
                 self._ema_state = jax.device_put(ema.ema_init({k: self._params[k] for k in self.trainable}), device)
-        self._steps = {donate: make_step(compiled, self.trainable, donate, settings) for donate in (True, False)}
+        self._steps = {donate: make_step(optimizer, self.trainable, donate, settings) for donate in (True, False)}
         self._step = 0
         # Bumped (under the lock) by every change a checkpoint must hold: an update, a worker record, a
         # hyperparameter change, an installed checkpoint. Checkpoints compare it, not the step, to tell
@@ -121,7 +136,7 @@ class Model:
         self._deleted = False
         self._closing = False  # the server is shutting down: waits end
         # pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
-        self.gradient_buffers = GradientBuffers(schema)
+        self.gradient_buffers = GradientBuffers(self.layout.storage_schema(schema))
         self._view = _Locked(self)
         self._aggregator: Aggregator = (
             SyncAggregator(self._view) if settings.mode == "sync" else AsyncAggregator(self._view)
@@ -133,7 +148,9 @@ class Model:
     def _warm_up(self) -> dict:
         """Compiles the step variants in the background (core/compilation.py), so that the first push
         does not wait for XLA; `_ready(donate)` is where an update waits for that (or skips it)."""
-        grads = step_grad_avals(self.schema, self.trainable, self.settings.mode, self.device)
+        grads = step_grad_avals(
+            self.layout.storage_schema(self.schema), self.trainable, self.settings.mode, self.device
+        )
         state = (self._params, self._opt_state, self._ema_state)
         return warm_up_steps(self._steps, state, grads, f"model {self.name!r}", model_alive(self))
 
@@ -157,7 +174,9 @@ class Model:
         return self._deleted
 
     def to_device(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.device_put(arrays[k], self.device) for k in self.schema_map}
+        """A gradient given by leaf path, on the device by buffer (as pushes deliver it to `apply`;
+        for benchmarks and tests that drive updates themselves)."""
+        return {k: jax.device_put(v, self.device) for k, v in self.layout.pack_arrays(arrays).items()}
 
     # -- pushes -----------------------------------------------------------------------------------
 
@@ -225,10 +244,11 @@ class Model:
             host_buffer_reaper.after(self._params)
         if self.settings.reject_nonfinite_updates:
             # Read back before anyone is told: this waits until the update has run on the device.
-            flags = np.asarray(out[3])
+            flags, firsts = np.asarray(out[3]), np.asarray(out[4])
             if not flags.all():
                 self._count("nonfinite_rejected")
-                leaf = state_leaf_names(self.trainable, self._opt_state, self._ema_state)[int(np.argmin(flags))]
+                bad = int(np.argmin(flags))
+                leaf = nonfinite_leaf_name(self.packing, self._opt_state, self._ema_state, bad, int(firsts[bad]))
                 raise NonFiniteUpdate(
                     f"model {self.name!r}: update refused: it would make {leaf} non-finite (inf or NaN) "
                     f"(settings.reject_nonfinite_updates); parameters, optimizer state and step {self._step} are "
@@ -365,12 +385,11 @@ class Model:
             return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
 
     def ema_template(self) -> Any:
-        """The shapes and dtypes of the parameter-EMA state (None: the model keeps none), to check a
-        state against before `replace_state`."""
-        with self._lock:
-            if self._ema_state is None:
-                return None
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._ema_state)
+        """The shapes and dtypes of the parameter-EMA state by leaf, as checkpoints hold it (None: the
+        model keeps none), to check a state against before `replace_state`."""
+        if self.settings.ema_decay is None:
+            return None
+        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on
@@ -417,6 +436,8 @@ class _Locked:
         self._model = weakref.proxy(model)
         self.name, self.settings, self.device = model.name, model.settings, model.device
         self.schema_map: Mapping[str, LeafSpec] = model.schema_map  # read-only here (LockedModel)
+        self.push_schema: Mapping[str, LeafSpec] = model.push_schema
+        self.layout = model.layout
         self.trainable = model.trainable
         self.gradient_buffers = model.gradient_buffers
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.model import Model
 from optserve.wire.chunks import Cast, slice_wire_bytes
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
 from optserve.wire.framing import PAYLOAD_FIELD_BYTES
@@ -36,23 +37,39 @@ def _on_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in x.devices())
 
 
-def host_leaves(
-    schema: list[LeafSpec], arrays: Mapping[str, jax.Array], wire_dtype: str, model: str
-) -> list[tuple[str, np.ndarray | Cast]]:
-    """Device arrays as host arrays (zero copy on CPU), floats marked for the requested wire dtype.
+def _host(x: jax.Array, target: np.dtype | None, narrow: bool) -> np.ndarray | Cast:
+    """One device array on the host (zero copy on CPU), narrowed to `target` when `narrow`: chunk by
+    chunk while the reply is framed on the CPU (`Cast`), on the device elsewhere, so that only the
+    narrow bytes cross to the host."""
+    if target is None or not narrow or x.dtype == target:
+        return np.asarray(x)
+    if _on_cpu(x):
+        return Cast(np.asarray(x), target)
+    return np.asarray(x.astype(target))
 
-    On the CPU the narrowing happens chunk by chunk while the reply is framed (`Cast`); on an
-    accelerator it happens on the device, so only the narrow bytes cross to the host.
+
+def host_leaves(
+    model: Model, arrays: Mapping[str, jax.Array], wire_dtype: str, *, packed: bool = False
+) -> list[tuple[str, np.ndarray | Cast]]:
+    """A snapshot's buffers (`arrays`, by `model.layout` key) as host arrays to send, floats marked
+    for the requested wire dtype: with `packed`, each pack as one flat tensor under its name, then
+    the loose leaves; otherwise every leaf of the schema in order (a pack's leaves as views of it).
     """
-    check_wire_dtype(wire_dtype, model)
+    check_wire_dtype(wire_dtype, model.name)
     target = DTYPES.get(wire_dtype) if wire_dtype else None
-    out: list[tuple[str, np.ndarray | Cast]] = []
-    for leaf in schema:
-        x = arrays[leaf.path]
-        if target is None or leaf.dtype not in FLOAT_DTYPES or x.dtype == target:
-            out.append((leaf.path, np.asarray(x)))
-        elif _on_cpu(x):
-            out.append((leaf.path, Cast(np.asarray(x), target)))
+    layout = model.layout
+    floats = {leaf.path for leaf in model.schema if leaf.dtype in FLOAT_DTYPES}
+    if packed:
+        out: list[tuple[str, np.ndarray | Cast]] = [(p.name, _host(arrays[p.name], target, True)) for p in layout.packs]
+        out += [(k, _host(arrays[k], target, k in floats)) for k in layout.loose]
+        return out
+    if not layout.packs:
+        return [(leaf.path, _host(arrays[leaf.path], target, leaf.path in floats)) for leaf in model.schema]
+    by_leaf: dict[str, np.ndarray | Cast] = {k: _host(arrays[k], target, k in floats) for k in layout.loose}
+    for p in layout.packs:
+        host = _host(arrays[p.name], target, True)
+        if isinstance(host, Cast):
+            by_leaf.update((k, Cast(v, host.dtype)) for k, v in p.views(host.array).items())
         else:
-            out.append((leaf.path, np.asarray(x.astype(target))))
-    return out
+            by_leaf.update(p.views(host))
+    return [(leaf.path, by_leaf[leaf.path]) for leaf in model.schema]

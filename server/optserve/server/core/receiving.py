@@ -6,6 +6,9 @@
   while later chunks are still in flight.
 - Leaves are assembled in the buffers of earlier pushes when there are free ones
   (`GradientBuffers.take`), instead of fresh pages the OS must map and zero.
+- A model's packs (core/layout.py) arrive whole, as one tensor under the pack's name, or leaf by
+  leaf straight into the pack's buffer; either way the update receives one array per buffer
+  (docs/design.md, "Packed layouts").
 """
 
 from __future__ import annotations
@@ -15,41 +18,83 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from optserve.wire.assembler import Leaf, TensorAssembler, buffer_of
-from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec, all_finite
+from optserve.server.core.layout import Layout, unpacked
+from optserve.wire.assembler import Leaf, TensorAssembler, aligned_empty, buffer_of
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, all_finite
 from optserve.wire.errors import WireError
+from optserve.wire.packing import Pack
 
 CHECK_BLOCK_BYTES = 1 << 20  # copy-and-check granularity: fits in L2 with its source (a multiple of 8)
 # Leaves from this size on start their device transfer as soon as they are complete (pipelining).
 EARLY_DEVICE_PUT_BYTES = 1 << 20
 
 
+class _PackBuffer:
+    """A pack being received leaf by leaf: one buffer in the parameters' dtype, and the leaves still
+    to come. A leaf sent in another wire dtype is received on its own and converted into the buffer
+    when complete."""
+
+    __slots__ = ("array", "left", "raw")
+
+    def __init__(self, raw: np.ndarray, dtype: np.dtype, pack: Pack):
+        self.raw = raw  # flat uint8
+        self.array = raw.view(dtype)  # the pack's elements
+        self.left = len(pack.leaves)
+
+
 class GradientAssembler(TensorAssembler):
     """Assembles one push's gradient: the model's schema, floats in any float dtype on the wire
-    (the update converts), NaN and Inf refused.
+    (the update converts), NaN and Inf refused; returns one array per buffer of the layout.
 
-    on_complete: called as on_complete(path, array) the moment a leaf's last byte arrives (after its
+    expected: what a push may send (`Model.push_schema`: every leaf, and every pack in place of its
+        leaves).
+    layout: the model's (None: every leaf of `expected` as itself).
+    on_complete: called as on_complete(key, array) the moment a buffer's last byte arrives (after its
         values are checked), e.g. a `device_putter`.
-    buffers: arrays to receive leaves into instead of fresh buffers (an earlier push's, free), used
-        for each leaf whose wire dtype and shape they have and that is C-contiguous.
+    buffers: arrays to receive buffers into instead of fresh ones (an earlier push's, free), used for
+        each buffer whose wire dtype and shape they have and that is C-contiguous.
     """
 
     def __init__(
         self,
         expected: Mapping[str, LeafSpec],
+        layout: Layout | None = None,
         *,
         what: str,
         on_complete: Callable[[str, np.ndarray], None] | None = None,
         buffers: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__(expected, what=what, cast_floats=True)
+        self._layout = layout if layout is not None else unpacked(list(expected.values()))
         self._on_complete = on_complete
         self._buffers = buffers or {}
         self._check_whole: set[str] = set()  # float leaves a slice split an element of: checked once complete
+        self._by_leaf: dict[str, _PackBuffer] = {}  # packs received leaf by leaf, by pack name
+        self._converted: set[str] = set()  # packed leaves received on their own (another wire dtype)
 
     def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
-        given = buffer_of(self._buffers.get(path), dtype, shape)
-        return given if given is not None else super().allocate(path, dtype, shape, nbytes)
+        slot = self._layout.pack_of.get(path)
+        if path in self._by_leaf or (slot is not None and slot[0].name in self.opened):
+            both = path if slot is None else slot[0].name
+            raise self.error(f"packed tensor {both!r} and its leaves both sent: send one or the other")
+        if slot is None:
+            given = buffer_of(self._buffers.get(path), dtype, shape)
+            return given if given is not None else super().allocate(path, dtype, shape, nbytes)
+        pack, i = slot
+        into = self._by_leaf.get(pack.name)
+        if into is None:
+            # in the parameters' dtype: a leaf sent in another one is converted as the update would
+            # convert it (a wider one rounded, a narrower one exactly), so packing changes nothing
+            param = DTYPES[pack.dtype]
+            raw = buffer_of(self._buffers.get(pack.name), param, (pack.elements,))
+            if raw is None:
+                raw = aligned_empty(pack.elements * param.itemsize)
+            into = self._by_leaf[pack.name] = _PackBuffer(raw, param, pack)
+        if into.array.dtype != dtype:
+            self._converted.add(path)
+            return super().allocate(path, dtype, shape, nbytes)
+        start = pack.offsets[i] * dtype.itemsize
+        return into.raw[start : start + nbytes]
 
     def copy(self, leaf: Leaf, start: int, source: np.ndarray) -> None:
         """Copies whole elements and checks them for NaN/Inf block by block, each block while it is
@@ -66,15 +111,54 @@ class GradientAssembler(TensorAssembler):
             block = leaf.buffer[start + a : start + min(a + CHECK_BLOCK_BYTES, len(source))]
             block[:] = source[a : a + len(block)]
             if not all_finite(block, leaf.dtype_name):
-                raise self._nonfinite(leaf.path)
+                raise self._nonfinite(leaf, start + a, block)
 
     def completed(self, leaf: Leaf) -> None:
         if leaf.path in self._check_whole and not all_finite(leaf.buffer, leaf.dtype_name):
-            raise self._nonfinite(leaf.path)
-        if self._on_complete is not None:
-            self._on_complete(leaf.path, leaf.array())
+            raise self._nonfinite(leaf, 0, leaf.buffer)
+        slot = self._layout.pack_of.get(leaf.path)
+        if slot is None:
+            self._done(leaf.path, leaf.array())
+            return
+        pack, i = slot
+        into = self._by_leaf[pack.name]
+        if leaf.path in self._converted:
+            into.array[pack.offsets[i] : pack.offsets[i + 1]] = leaf.array().reshape(-1)
+        into.left -= 1
+        if not into.left:
+            self._done(pack.name, into.array)
 
-    def _nonfinite(self, path: str) -> WireError:
+    def _done(self, key: str, array: np.ndarray) -> None:
+        if self._on_complete is not None:
+            self._on_complete(key, array)
+
+    def missing(self) -> list[str]:
+        """Loose leaves not sent, and the leaves of each pack sent neither whole nor leaf by leaf."""
+        opened = self.opened
+        out = [k for k in self._layout.loose if k not in opened]
+        for pack in self._layout.packs:
+            if pack.name not in opened:
+                out += [leaf for leaf in pack.leaves if leaf not in opened]
+        return out
+
+    def result(self) -> dict[str, np.ndarray]:
+        """One array per buffer of the layout (a pack as its flat elements), in the wire dtype."""
+        opened = self.opened
+        out = {}
+        for pack in self._layout.packs:
+            whole = opened.get(pack.name)
+            out[pack.name] = whole.array() if whole is not None else self._by_leaf[pack.name].array
+        out.update((k, opened[k].array()) for k in self._layout.loose)
+        return out
+
+    def _nonfinite(self, leaf: Leaf, start: int, block: np.ndarray) -> WireError:
+        """The refusal naming the leaf at fault: inside a pack sent whole, the one holding the first
+        NaN or Inf of `block` (whole elements from byte `start` of the pack)."""
+        path = leaf.path
+        pack = next((p for p in self._layout.packs if p.name == path), None)
+        if pack is not None:
+            bad = ~np.isfinite(block.view(leaf.dtype).astype(np.float32))
+            path = pack.locate(start // leaf.dtype.itemsize + int(np.argmax(bad)))[0]
         return self.error(f"leaf {path!r}: gradient has NaN or Inf")
 
 

@@ -3,11 +3,14 @@ computation, with donated buffers."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from optserve.server.core.layout import Packing
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
 
@@ -24,27 +27,40 @@ def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
     return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
 
 
-def _finite_flags(trainable: dict, opt_state: Any, ema_state: Any) -> jax.Array:
-    """One bool per floating-point leaf of (trainable params, optimizer state, EMA), in the order of
-    `state_leaf_names`: whether every value of that leaf is finite."""
+def _finite_flags(trainable: dict, opt_state: Any, ema_state: Any) -> tuple[jax.Array, jax.Array]:
+    """Per floating-point buffer of (trainable params, optimizer state, EMA), in the order of
+    `nonfinite_leaf_name`: whether every value is finite, and the flat index of the first that is not
+    (0 when all are), which names the leaf at fault inside a pack."""
     leaves = [*trainable.values(), *jax.tree.leaves(opt_state), *jax.tree.leaves(ema_state)]
-    flags = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(flags) if flags else jnp.ones([0], bool)
+    bad = [~jnp.isfinite(x).reshape(-1) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not bad:
+        return jnp.ones([0], bool), jnp.zeros([0], jnp.int32)
+    return jnp.stack([~jnp.any(b) for b in bad]), jnp.stack([jnp.argmax(b).astype(jnp.int32) for b in bad])
 
 
-def state_leaf_names(trainable: tuple[str, ...], opt_state: Any, ema_state: Any) -> list[str]:
-    """Names of the leaves `_finite_flags` checks, in its order (for the refusal's message)."""
-    names = [f"parameter {p!r}" for p in trainable]
-    for what, tree in (("optimizer state", opt_state), ("EMA", ema_state)):
-        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if jnp.issubdtype(x.dtype, jnp.inexact):
-                names.append(f"{what} {jax.tree_util.keystr(path)}")
-    return names
+def nonfinite_leaf_name(packing: Packing, opt_state: Any, ema_state: Any, index: int, element: int) -> str:
+    """The leaf of `_finite_flags`'s buffer `index` that holds its flat `element`, for the refusal's
+    message: a parameter by path, or an optimizer-state or EMA leaf by its key path over leaves."""
+    layout = packing.layout
+    if index < len(layout.trainable):
+        key = layout.trainable[index]
+        pack = next((p for p in layout.packs if p.name == key), None)
+        return f"parameter {key if pack is None else pack.locate(element)[0]!r}"
+    index -= len(layout.trainable)
+    for what, tree, smap in (("optimizer state", opt_state, packing.opt_map), ("EMA", ema_state, packing.ema_map)):
+        floats = [i for i, x in enumerate(jax.tree.leaves(tree)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        if index < len(floats):
+            assert smap is not None  # a tree with leaves has its map (an EMA only when the model keeps one)
+            _, paths, shapes = smap.entries[floats[index]]
+            sizes = np.cumsum([math.prod(s) for s in shapes])
+            return f"{what} {'/'.join(paths[int(np.searchsorted(sizes, element, side='right'))])}"
+        index -= len(floats)
+    raise IndexError(index)
 
 
 def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings):
     """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state),
-    plus, with settings.reject_nonfinite_updates, a vector of per-leaf finiteness flags.
+    plus, with settings.reject_nonfinite_updates, per buffer whether it is finite and where not.
 
     grads may arrive in a narrower wire dtype; the cast to the parameter dtype happens here, fused
     into the update. Non-float leaves are carried unchanged (they are not trainable). The parameter
@@ -70,13 +86,13 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
             new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
         if not check:
             return new_params, new_opt_state, new_ema
-        flags = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
+        flags, firsts = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
         ok = jnp.all(flags)
 
         def keep(new: Any, old: Any) -> Any:
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
-        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags
+        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
 
     return jax.jit(model_update_step, donate_argnums=(0, 1, 2) if donate_params else (1,))
 

@@ -41,8 +41,11 @@ class ModelStore:
         max_models: int | None = None,
         max_model_bytes: int | None = None,
         max_total_bytes: int | None = None,
+        packed: bool = True,
     ):
+        """packed: models hold their alike small leaves in flat buffers (core/layout.py)."""
         self.device = device
+        self.packed = packed
         self.max_models = max_models
         self.max_model_bytes = max_model_bytes
         self.max_total_bytes = max_total_bytes

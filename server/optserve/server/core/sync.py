@@ -343,7 +343,8 @@ class SyncPush:
         # NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted; each
         # complete trainable leaf starts its device transfer while later chunks arrive
         self.assembler = GradientAssembler(
-            model.schema_map,
+            model.push_schema,
+            model.layout,
             what=f"model {model.name!r}",
             on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
             buffers=model.gradient_buffers.take(),

@@ -352,7 +352,8 @@ class CompiledOptimizer:
     def __init__(self, spec: Any, root: Node, slots: list[Slot], leaf_paths: Sequence[str]):
         self.spec = spec
         self.leaf_paths = list(leaf_paths)
-        self._root = root
+        self.root = root  # the parsed tree (spec/packing.py reads and relabels it)
+        self.slots = slots
         self._all = {s.key: s for s in slots}
         self._slots = {s.key: s for s in slots if s.public}
         self._by_field = {s.field: s for s in slots if s.public}
@@ -360,7 +361,7 @@ class CompiledOptimizer:
         self._static = root.build({}) if not slots else None
 
     def _inner(self, hp: dict) -> optax.GradientTransformation:
-        return self._static if self._static is not None else self._root.build(hp)
+        return self._static if self._static is not None else self.root.build(hp)
 
     def _scheduled(self, count: jax.Array, dtype: Any) -> dict:
         return {k: jnp.asarray(s.schedule(count), dtype) for k, s in self._all.items() if s.schedule}

@@ -16,6 +16,7 @@ from typing import Any
 
 from optserve.server.spec import catalog
 from optserve.server.spec.hyperparams import HP
+from optserve.server.spec.packing import packing_of
 from optserve.server.spec.registry import Rule
 
 INTRO = """\
@@ -54,6 +55,24 @@ A spec is JSON data:
   `{"partition": [{"params": ["**/bias"], "optimizer": {"sgd": {"learning_rate": 0.1}}},
   {"params": "**", "optimizer": {"adam": {"learning_rate": 1e-3}}}]}`;
 - custom transforms installed on the server (entry-point group `optserve.transforms`), by name.
+
+## Packed layouts
+
+The server holds the leaves that a spec treats alike in a few flat buffers and runs the rules on
+the buffers (docs/design.md, "Packed layouts"). Each rule below says how it treats the leaves it is
+given:
+
+- *packing: elementwise*: each element's new value depends on that element and on scalars shared
+  by all leaves (count, hyperparameters, schedules). Packed and unpacked models agree bit for bit.
+- *packing: global*: one reduction over every leaf it is given (a global norm), then element-wise
+  work. Packed, the same sum is added in another order: agreement to float32 rounding.
+- *packing: leaf*: the rule needs each leaf's own shape or statistic (a trust ratio, a per-leaf
+  norm or mean, a per-leaf noise key); every leaf that passes through it keeps its shape. Custom
+  transforms are treated so.
+
+Leaves share a buffer only when they have one dtype, at least one dimension, fewer than 1 MiB, the
+same partition group and the same value of every mask on their way, and every rule they pass
+through is elementwise or global.
 """
 
 SECTIONS = [
@@ -79,6 +98,8 @@ def _default(hp: HP) -> str:
 def render_rule(rule: Rule) -> str:
     lines = [f"### `{rule.display_name or rule.name}`", ""]
     flags = [rule.kind, f"library: {rule.library}"]
+    if rule.kind not in ("schedule", "combinator"):
+        flags.append(f"packing: {packing_of(rule)}")
     if rule.mask:
         flags.append("mask")
     if rule.aliases:

@@ -31,13 +31,14 @@ import numpy as np
 
 from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.layout import StateMap, leaf_keys
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
 from optserve.wire.assembler import aligned_empty
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 GROUPS = ("params", "opt", "ema")
 
@@ -67,26 +68,23 @@ class HostState:
         return sum(a.nbytes for g in self.tensor_groups().values() for a in g.values())
 
 
-def _key_part(k: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def state_paths(tree: Any, what: str) -> list[str]:
     """The `/`-joined key path of every leaf of a pytree, in leaf order (unique)."""
-    paths = ["/".join(_key_part(k) for k in path) for path, _ in jax.tree.flatten_with_path(tree)[0]]
+    return _unique(["/".join(path) for path in leaf_keys(tree)], what)
+
+
+def _unique(paths: list[str], what: str) -> list[str]:
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise StateError(f"{what}: two optimizer-state leaves share the key {dup!r}")
     return paths
 
 
-def host_arrays(tree: Any, what: str) -> dict[str, np.ndarray]:
-    """The leaves of a pytree of device arrays as numpy, by `state_paths` (waits for each copy)."""
-    # strict: both walks flatten the same tree, so a length mismatch would be a bug, not a short state.
-    return dict(zip(state_paths(tree, what), (np.asarray(x) for x in jax.tree.leaves(tree)), strict=True))
+def leaf_form(smap: StateMap, tree: Any, what: str) -> dict[str, np.ndarray]:
+    """A model's state pytree of device buffers (optimizer state or EMA) as host arrays of its leaf
+    form (core/layout.py, StateMap), by `state_paths` (waits for each copy; packs become views)."""
+    leaves = smap.to_leaves([np.asarray(x) for x in jax.tree.leaves(tree)])
+    return dict(zip(_unique(["/".join(p) for p in leaves], what), leaves.values(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,15 +106,18 @@ class DeviceSnapshot:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
         m = self.model
         what = f"model {m.name!r}"
-        opt = host_arrays(self.opt_state, what)
-        ema = None if self.ema is None else host_arrays(self.ema, what)
+        opt = leaf_form(m.packing.opt_map, self.opt_state, what)
+        ema = None
+        if self.ema is not None:
+            assert m.packing.ema_map is not None  # a model that keeps an EMA has its map
+            ema = leaf_form(m.packing.ema_map, self.ema, what)
         return HostState(
             name=m.name,
             step=self.step,
             schema=list(m.schema),
             spec=m.compiled.spec,
             settings=m.settings,
-            params={k: np.asarray(v) for k, v in self.params.items()},
+            params=m.layout.leaf_arrays({k: np.asarray(v) for k, v in self.params.items()}),
             opt=opt,
             ema=ema,
             hyperparams=m.compiled.hyperparams(self.opt_state),
@@ -155,7 +156,8 @@ def prepare(model: Model, state: HostState) -> ModelState:
     touches nothing of the model."""
     check_compatible(model, state)
     what = f"model {model.name!r}"
-    opt_state = _tree_from(what, "optimizer state", opt_state_templates(model), state.opt, model.device)
+    _check_tree(what, "optimizer state", opt_state_templates(model), state.opt)
+    opt_state = _buffer_form(model.packing.opt_map, state.opt, model.device)
     _check_leaves(what, "params", model.schema, state.params)
     ema_template = model.ema_template()
     if (state.ema is None) != (ema_template is None):
@@ -167,11 +169,14 @@ def prepare(model: Model, state: HostState) -> ModelState:
         raise StateError(f"{what}: the state {has}")
     ema = None
     if ema_template is not None and state.ema is not None:  # both or neither (checked above)
-        ema = _tree_from(what, "EMA state", (ema_template,), state.ema, model.device)
+        assert model.packing.ema_map is not None  # a model that keeps an EMA has its map
+        _check_tree(what, "EMA state", (ema_template,), state.ema)
+        ema = _buffer_form(model.packing.ema_map, state.ema, model.device)
     _check_hyperparams_state(what, state.opt)
     workers = {w: r.copy() for w, r in state.workers.items()}
     dev = model.device
-    params = {k: jax.device_put(own(state.params[k]), dev) for k in model.schema_map}
+    buffers = model.layout.pack_arrays(state.params)
+    params = {k: jax.device_put(own(buffers[k]), dev) for k in model.layout.keys}
     return ModelState(step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers)
 
 
@@ -217,23 +222,15 @@ def own(a: np.ndarray) -> np.ndarray:
 
 
 def opt_state_templates(model: Model) -> tuple[Any, Any]:
-    """Shapes of the model's optimizer state after init and after one update (no allocation).
-
-    Both are valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's
-    moments of a bfloat16 parameter become float32)."""
-    shapes = {
-        leaf.path: jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype])
-        for leaf in model.schema
-        if leaf.path in model.trainable
-    }
-    init = jax.eval_shape(model.compiled.init, shapes)
-    after = jax.eval_shape(lambda s, g: model.compiled.update(g, s, g)[1], init, shapes)
-    return init, after
+    """Shapes of the model's optimizer state by leaf after init and after one update (no
+    allocation). Both are valid in a checkpoint: some rules change a leaf's dtype at the first
+    update (adam's moments of a bfloat16 parameter become float32)."""
+    return model.packing.opt_templates
 
 
-def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray], device: Any) -> Any:
-    """A device pytree shaped like `templates[0]` from arrays keyed by state path; every leaf must be
-    present with the shape of the templates and the dtype of one of them, and nothing else."""
+def _check_tree(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray]) -> None:
+    """Every leaf of a state pytree shaped like `templates[0]` must be in `arrays` (by state path)
+    with the shape of the templates and the dtype of one of them, and nothing else."""
     paths = state_paths(templates[0], what)
     missing = [p for p in paths if p not in arrays]
     extra = [p for p in arrays if p not in set(paths)]
@@ -249,7 +246,13 @@ def _tree_from(what: str, group: str, templates: tuple, arrays: Mapping[str, np.
             raise StateError(
                 f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}"
             )
-    return jax.tree.unflatten(structure, [jax.device_put(own(arrays[p]), device) for p in paths])
+
+
+def _buffer_form(smap: StateMap, arrays: Mapping[str, np.ndarray], device: Any) -> Any:
+    """Checked host arrays of a state's leaf form (by state path) as the model's device pytree over
+    its buffers (packs gathered)."""
+    by_key = {path: arrays["/".join(path)] for path in smap.order}
+    return jax.tree.unflatten(smap.treedef, [jax.device_put(own(a), device) for a in smap.to_buffers(by_key)])
 
 
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
