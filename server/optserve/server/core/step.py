@@ -74,7 +74,8 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
     decay = settings.ema_decay
     check = settings.reject_nonfinite_updates
 
-    def step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
+    # The name is how core/compilation.py tells this step's compilations from others (UPDATE_STEP_FUNCTION).
+    def model_update_step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
         train = {k: params[k] for k in trainable}
         g = {k: grads[k].astype(train[k].dtype) for k in trainable}
         updates, new_opt_state = compiled.update(g, opt_state, train)
@@ -93,7 +94,7 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
 
         return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate_params else (1,))
+    return jax.jit(model_update_step, donate_argnums=(0, 1, 2) if donate_params else (1,))
 
 
 def own_buffers(tree: Any) -> Any:
