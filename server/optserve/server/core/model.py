@@ -389,7 +389,7 @@ class Model:
         model keeps none), to check a state against before `replace_state`."""
         if self.settings.ema_decay is None:
             return None
-        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)
+        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)  # shapes and dtypes
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on
