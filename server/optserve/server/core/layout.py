@@ -6,10 +6,11 @@ small operations; held as a few buffers, it costs what one leaf of the same byte
 that the spec treats alike (spec/packing.py, `signatures`) and that share a dtype are packed, in
 schema order, into buffers of at most PACK_MAX_BYTES; everything else is *loose* (kept as itself):
 leaves a rule needs whole (LAMB, centralize, ...), large leaves (no per-leaf cost worth saving, and
-a copy saved on both ends), leaves alone in their group, non-float leaves (not trained), and
-scalars (rank 0: XLA compiles their arithmetic as scalar code, which may round a division or a
-square root of Adam's differently from the same arithmetic over an array, by one ulp; measured on
-11 of the 130 conformance cases).
+a copy saved on both ends), leaves alone in their group, non-float leaves (not trained),
+bfloat16 and float16 leaves under a global norm (optax sums their squares in their own dtype, so
+another order would differ by a half-precision ulp), and scalars (rank 0: XLA compiles their
+arithmetic as scalar code, which may round a division or a square root of Adam's differently from
+the same arithmetic over an array, by one ulp; measured on 11 of the 130 conformance cases).
 
 Every group of packed leaves is split into at least two buffers. Not for speed: XLA's algebraic
 simplifier rewrites `x / s` as `x * (1 / s)` when the scalar `s` has a single consumer, so an Adam
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.server.spec.packing import for_buffers, signatures
+from optserve.server.spec.packing import for_buffers, reduces, signatures
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
 from optserve.wire.packing import Pack
 
@@ -109,7 +110,10 @@ def plan_layout(
     for leaf in schema:
         sig = sigs.get(leaf.path)
         nbytes = leaf_nbytes(DTYPES[leaf.dtype], leaf.shape)
-        if sig is not None and nbytes < leaf_max_bytes and leaf.shape:
+        # a global norm over half-precision leaves is summed in their dtype leaf by leaf (optax):
+        # packed, the same sum in another order would differ by a half-precision ulp, not float32's
+        half = leaf.dtype != "float32" and sig is not None and reduces(sig)
+        if sig is not None and nbytes < leaf_max_bytes and leaf.shape and not half:
             groups.setdefault((sig, leaf.dtype), []).append(leaf)
     taken = {leaf.path for leaves in groups.values() if len(leaves) >= MIN_PACK_LEAVES for leaf in leaves}
     names = _names({leaf.path for leaf in schema})
@@ -340,6 +344,14 @@ class Packing:
     def opt_bytes(self) -> int:
         """Bytes of the optimizer state (what init allocates)."""
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.opt_shapes))
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer state and of the parameter EMA, if the model keeps one."""
+        if self.ema_map is None:
+            return self.opt_bytes
+        ema_state = jax.eval_shape(ema.ema_init, self.shapes)
+        return self.opt_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ema_state))
 
     @functools.cached_property
     def opt_dtypes(self) -> tuple[frozenset, ...]:

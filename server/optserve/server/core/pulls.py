@@ -58,7 +58,7 @@ def host_leaves(
     check_wire_dtype(wire_dtype, model.name)
     target = DTYPES.get(wire_dtype) if wire_dtype else None
     layout = model.layout
-    floats = {leaf.path for leaf in model.schema if leaf.dtype in FLOAT_DTYPES}
+    floats = model.float_leaves
     if packed:
         out: list[tuple[str, np.ndarray | Cast]] = [(p.name, _host(arrays[p.name], target, True)) for p in layout.packs]
         out += [(k, _host(arrays[k], target, k in floats)) for k in layout.loose]
