@@ -56,8 +56,10 @@ COLUMNS = [
     "pull p50 ms",
     "push vs 1 leaf",
     "pull vs 1 leaf",
+    "server step ms",
     "optax compile s",
     "optax step ms",
+    "step vs optax",
 ]
 RESTART_COLUMNS = [
     "server",
@@ -175,11 +177,23 @@ def measure_optax(leaves: int, values: int, pushes: int) -> tuple[float, float]:
     return compile_s, _median_ms(run, pushes)
 
 
+def measure_step(leaves: int, values: int, pushes: int) -> float:
+    """The server's update alone, in this process (bench/apply.py `server_step`: the jitted step over
+    the model's packed layout, the gradient already on the device, waited for): ms, median."""
+    from apply import server_step
+
+    params, grads = _tree(leaves, values, 0.5), _tree(leaves, values, 1e-3)
+    step = server_step(SPEC, params, grads)
+    step()  # compiles
+    return _median_ms(step, pushes)
+
+
 def leaves_rows(sizes: list[int], values: int, pushes: int, baseline_max: int) -> list[dict]:
     rows = []
     for n in sizes:
         many = measure_server(n, values, pushes)
         one = measure_server(1, n * values, pushes)
+        step_ms = measure_step(n, values, pushes)
         optax_compile, optax_step = measure_optax(n, values, pushes) if n <= baseline_max else (None, None)
         for label, r in ((f"{n:,} leaves x {values}", many), (f"1 leaf x {n * values:,}", one)):
             rows.append(
@@ -191,8 +205,12 @@ def leaves_rows(sizes: list[int], values: int, pushes: int, baseline_max: int) -
                     "pull p50 ms": f"{r['pull']:.2f}",
                     "push vs 1 leaf": f"{r['push'] / one['push']:.1f}x" if r is many else "",
                     "pull vs 1 leaf": f"{r['pull'] / one['pull']:.1f}x" if r is many else "",
+                    "server step ms": f"{step_ms:.2f}" if r is many else "",
                     "optax compile s": f"{optax_compile:.2f}" if r is many and optax_compile is not None else "",
                     "optax step ms": f"{optax_step:.2f}" if r is many and optax_step is not None else "",
+                    "step vs optax": f"{optax_step / step_ms:.1f}x faster"
+                    if r is many and optax_step is not None
+                    else "",
                 }
             )
         print(table(rows[-2:], COLUMNS).split("\n", 2)[2], file=sys.stderr, flush=True)  # progress
