@@ -54,8 +54,10 @@ COLUMNS = [
     "first push s",
     "push p50 ms",
     "pull p50 ms",
+    "pull out= p50 ms",
     "push vs 1 leaf",
     "pull vs 1 leaf",
+    "pull out= vs 1 leaf",
     "server step ms",
     "optax compile s",
     "optax step ms",
@@ -145,9 +147,11 @@ def measure_server(leaves: int, values: int, pushes: int) -> dict:
             m.pull()
             push = _median_ms(lambda: m.push(grads), pushes)
             pull = _median_ms(m.pull, pushes)
+            out = m.pull()  # a training loop's `params = m.pull(out=params)`: received in place
+            pull_out = _median_ms(lambda: m.pull(out=out), pushes)
     finally:
         stop(proc)
-    return {"create": create, "first": first, "push": push, "pull": pull}
+    return {"create": create, "first": first, "push": push, "pull": pull, "pull_out": pull_out}
 
 
 def measure_optax(leaves: int, values: int, pushes: int) -> tuple[float, float]:
@@ -203,8 +207,10 @@ def leaves_rows(sizes: list[int], values: int, pushes: int, baseline_max: int) -
                     "first push s": f"{r['first']:.2f}",
                     "push p50 ms": f"{r['push']:.2f}",
                     "pull p50 ms": f"{r['pull']:.2f}",
+                    "pull out= p50 ms": f"{r['pull_out']:.2f}",
                     "push vs 1 leaf": f"{r['push'] / one['push']:.1f}x" if r is many else "",
                     "pull vs 1 leaf": f"{r['pull'] / one['pull']:.1f}x" if r is many else "",
+                    "pull out= vs 1 leaf": f"{r['pull_out'] / one['pull_out']:.1f}x" if r is many else "",
                     "server step ms": f"{step_ms:.2f}" if r is many else "",
                     "optax compile s": f"{optax_compile:.2f}" if r is many and optax_compile is not None else "",
                     "optax step ms": f"{optax_step:.2f}" if r is many and optax_step is not None else "",

@@ -207,33 +207,36 @@ def _address(a: np.ndarray) -> int:
 
 
 class HandedOut:
-    """The views of packs that pulls returned, remembered without keeping them alive (their ids and a
-    weak reference to the buffer they view), so that a pull `out=` exactly those arrays receives each
-    pack straight into its buffer instead of copying leaf by leaf."""
+    """The views of packs that the last few pulls returned (REMEMBERED per pack), remembered without
+    keeping them alive (their ids and a weak reference to the buffer they view), so that a pull
+    `out=` exactly those arrays receives each pack straight into its buffer instead of copying leaf
+    by leaf, also when other pulls came in between."""
+
+    REMEMBERED = 4
 
     def __init__(self) -> None:
-        self._packs: dict[str, tuple[Pack, weakref.ref, int, tuple[int, ...]]] = {}
+        self._packs: dict[str, list[tuple[Pack, weakref.ref, int, tuple[int, ...]]]] = {}
 
     def remember(self, pack: Pack, flat: np.ndarray, views: Sequence[np.ndarray]) -> None:
         owner = flat if flat.base is None else flat.base  # numpy views point at the array owning the memory
         if not isinstance(owner, np.ndarray) or not owner.flags.c_contiguous:
-            self._packs.pop(pack.name, None)
             return
         offset = _address(flat) - _address(owner)
-        self._packs[pack.name] = (pack, weakref.ref(owner), offset, tuple(map(id, views)))
+        entries = self._packs.setdefault(pack.name, [])
+        entries.insert(0, (pack, weakref.ref(owner), offset, tuple(map(id, views))))
+        del entries[self.REMEMBERED :]
 
     def buffer(self, pack: Pack, group: Sequence[np.ndarray]) -> np.ndarray | None:
         """The flat buffer (the pack's dtype, shape [elements]) whose views `group` is, in pack order,
-        when `group` is exactly the views an earlier pull returned of it; None otherwise."""
-        entry = self._packs.get(pack.name)
-        if entry is None:
-            return None
-        known, ref, offset, ids = entry
-        owner = ref()
-        if owner is None or (known is not pack and known != pack) or tuple(map(id, group)) != ids:
-            return None
-        if not all(a.base is owner for a in group):  # an id reused by another array
-            return None
-        dtype = dtypes.DTYPES[pack.dtype]
-        raw = owner.reshape(-1).view(np.uint8)[offset : offset + pack.elements * dtype.itemsize]
-        return raw.view(dtype)
+        when `group` is exactly the views a recent pull returned of it; None otherwise."""
+        ids = tuple(map(id, group))
+        for known, ref, offset, known_ids in self._packs.get(pack.name, ()):
+            owner = ref()
+            if owner is None or (known is not pack and known != pack) or ids != known_ids:
+                continue
+            if not all(a.base is owner for a in group):  # an id reused by another array
+                continue
+            dtype = dtypes.DTYPES[pack.dtype]
+            raw = owner.reshape(-1).view(np.uint8)[offset : offset + pack.elements * dtype.itemsize]
+            return raw.view(dtype)
+        return None
