@@ -96,6 +96,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(default: JAX's default device, a GPU if there is one)",
     )
     p.add_argument(
+        "--devices",
+        metavar="DEVICES",
+        default=None,
+        help="several devices holding every model sharded over them (a mesh): all, gpu:0-3, gpu:0,2, "
+        "cpu:0-3 (fake CPU devices need XLA_FLAGS=--xla_force_host_platform_device_count=N); not with --device",
+    )
+    p.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
         default="./optserve-checkpoints",
@@ -285,15 +292,16 @@ def serve(args: argparse.Namespace) -> int:
     line on stderr naming the flag and the fix); 1 if a final checkpoint failed at shutdown."""
     from optserve.server import logs
 
-    if args.device and args.device.lower().partition(":")[0] == "cpu":
+    asked = [x for x in (args.device, args.devices) if x]
+    if asked and all(x.lower().partition(":")[0] == "cpu" for x in asked):
         # Asked for the CPU: JAX need not probe for (and log about) accelerators it will not use.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logs.setup(args.log_level, args.log_format)
     try:
         options = _check_serve_args(args)
-        from optserve.server.server import Server, resolve_device
+        from optserve.server.server import Server, resolve_placement
 
-        resolve_device(args.device)  # before anything starts or logs: a wrong device is a usage mistake
+        resolve_placement(args.device, args.devices)  # before anything starts or logs: a usage mistake
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -302,6 +310,7 @@ def serve(args: argparse.Namespace) -> int:
             args.port,
             checkpoint_dir=args.checkpoint_dir or None,
             device=args.device,
+            devices=args.devices,
             max_workers=args.max_workers,
             chunk_bytes=args.chunk_bytes,
             max_models=args.max_models,
