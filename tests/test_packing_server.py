@@ -48,6 +48,11 @@ def _same(a, b) -> None:
 
 def test_a_packed_server_computes_what_an_unpacked_one_does(servers):
     models = [c.create_model("alike", _params(), SPEC, ema=0.9) for c in servers]
+    packing = models[0].info()["packing"]
+    assert not models[1].info()["packing"] and len(packing) == 4  # (w, b) x (2 buffers each)
+    assert sorted(leaf for p in packing for leaf in p["leaves"]) == sorted(
+        f"layer{i}/{k}" for i in range(6) for k in ("w", "b")
+    )  # the scalar and the int leaf stay loose
     for k in range(3):
         for m in models:
             m.push(_grads(k), wire_dtype="bfloat16" if k == 1 else None)

@@ -58,6 +58,10 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
         "last_checkpoint_step": info.last_checkpoint_step,
         "last_checkpoint_error": info.last_checkpoint_error or None,
         "incarnation": info.incarnation,
+        # leaves in none of these travel and are held one by one
+        "packing": [
+            {"name": p.name, "dtype": p.dtype, "leaves": list(p.leaves), "elements": p.elements} for p in info.packing
+        ],
     }
 
 

@@ -8,49 +8,50 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
-
-import numpy as np
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from optserve.client import pytree
-from optserve.client.errors import InvalidArgumentError, OptserveError
+from optserve.client.errors import InvalidArgumentError
+from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
+from optserve.client.pulls import PullReader
 from optserve.client.transport import Connection
 from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
-from optserve.wire import dtypes
-from optserve.wire.assembler import TensorAssembler, buffer_of
 from optserve.wire.chunks import WireLeaf, chunk_messages
-from optserve.wire.dtypes import LeafSpec
+from optserve.wire.errors import WireError
 from optserve.wire.framing import parse_message
 
-
-class _IntoArrays(TensorAssembler):
-    """A pull assembled in the caller's arrays (`out`): each leaf whose wire dtype and shape its
-    array has is received straight into it (others, e.g. narrowed on the wire, in fresh buffers)."""
-
-    def __init__(self, schema: dict[str, LeafSpec], *, what: str, targets: dict[str, np.ndarray] | None):
-        super().__init__(schema, what=what, cast_floats=True)
-        self._targets = targets or {}
-
-    def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
-        given = buffer_of(self._targets.get(path), dtype, shape)
-        return given if given is not None else super().allocate(path, dtype, shape, nbytes)
+T = TypeVar("T")
 
 
 class Model:
     """A handle on one model. Cheap to create; holds no server resources.
 
-    client: the connection its calls go through (a `Client`)."""
+    client: the connection its calls go through (a `Client`).
+    packed: push and pull the model's packed tensors (ModelInfo.packing) as one tensor each instead
+        of leaf by leaf (the client's `packed`, True by default). Models without packs, and servers
+        that announce none, are always sent leaf by leaf."""
 
     def __init__(self, client: Connection, name: str, structure: pytree.Structure | None, info: pb.ModelInfo | None):
         self.client = client
         self.name = name
+        self.packed: bool = getattr(client, "packed", True)
         self._structure = structure
-        self._schema = {leaf.path: leaf for leaf in info.schema} if info is not None else None
+        self._reader = PullReader(name)
+        self.last_step = -1
+        self.last_incarnation = ""
+        # The layout pushes use: the ModelInfo's, then that of every packed pull's reply.
+        self._layout: Layout | None = self._layout_of(info) if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
         self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
+
+    def _layout_of(self, info: pb.ModelInfo) -> Layout | None:
+        try:
+            return self._reader.layouts.of_info(info)
+        except WireError:  # a packing that does not fit the schema: leaf by leaf always works
+            return None
 
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self.client.target})"
@@ -66,10 +67,41 @@ class Model:
         return h
 
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]:
-        leaves, structure = pytree.flatten(grads)
-        if self._structure is None:
-            self._structure = structure
-        return to_wire(leaves, wire_dtype)
+        """The gradient as the wire carries it: with `packed` and a layout with packs, each pack as one
+        tensor (`layout.Plan.wire_leaves`), else leaf by leaf. A gradient of the structure seen before
+        is flattened without rebuilding its paths (`pytree.flatten_as`)."""
+        structure = self._structure
+        arrays = pytree.flatten_as(grads, structure) if structure is not None else None
+        if structure is None or arrays is None:
+            leaves, structure = pytree.flatten(grads)
+            if self._structure is None:
+                self._structure = structure
+            arrays = [a for _, a in leaves]
+        layout = self._layout
+        if self.packed and layout is not None and layout.packs:
+            plan = layout.plan(structure)
+            wire = plan.wire_leaves(arrays, wire_dtype) if plan is not None else None
+            if wire is not None:
+                return wire
+        return to_wire(list(zip(structure.paths, arrays, strict=True)), wire_dtype)
+
+    def _send_grads(self, grads: Any, wire_dtype: str | None, send: Callable[[Sequence[WireLeaf]], T]) -> T:
+        """send(the gradient's wire leaves). A push of packs that the server refuses as invalid is
+        sent again once if the model's packing changed meanwhile (a model deleted and created again):
+        a refused push applied nothing."""
+        layout = self._layout
+        try:
+            return send(self._grad_leaves(grads, wire_dtype))
+        except InvalidArgumentError:
+            if not (self.packed and layout is not None and layout.packs) or not self._refresh_layout(layout):
+                raise
+        return send(self._grad_leaves(grads, wire_dtype))
+
+    def _refresh_layout(self, old: Layout) -> bool:
+        """Reads the model's layout again; True if its packs changed (else the refusal was about
+        something else, e.g. a NaN, and is not worth sending again)."""
+        new = self._layout = self._layout_of(self._get_info())
+        return new is not old and (new is None or new.packs != old.packs)
 
     def _push_messages(self, header: pb.PushHeader, leaves: Sequence[WireLeaf]) -> tuple[bytes | None, Iterator[bytes]]:
         """(the only message, or None) and the message stream: a gradient that frames into one
@@ -93,8 +125,8 @@ class Model:
         self, grads: Any, *, base_step: int | None = None, weight: float | None = None, wire_dtype: str | None = None
     ) -> int:
         """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins."""
-        resp = self.push_raw(self._push_header(base_step, weight), self._grad_leaves(grads, wire_dtype))
-        return resp.step
+        header = self._push_header(base_step, weight)
+        return self._send_grads(grads, wire_dtype, lambda leaves: self.push_raw(header, leaves)).step
 
     def _pull_request(
         self,
@@ -111,7 +143,11 @@ class Model:
             ema=ema,
             wire_dtype=wire_dtype or "",
             max_message_bytes=self.client.max_receive_bytes,
+            packed=self.packed,
         )
+        if self.packed and self._layout is not None:
+            # the reply then leaves out schema and packing, which this process already holds
+            req.layout_id = self._layout.layout_id
         if min_step is not None:
             req.min_step = min_step
         if if_newer_than is not None:
@@ -138,6 +174,9 @@ class Model:
             itself is returned. A loop that pulls every step then reuses its memory instead of having
             the OS map and zero fresh pages for every pull (measured on a 2-core VM: ~200 ms of a
             400 MB pull). If the pull fails midway, `out` may hold a mix of old and new values.
+            The leaves of a packed tensor that a pull returns are views of one buffer per pack; an
+            `out` of exactly those arrays receives each pack straight into its buffer (no copy),
+            any other `out` is written leaf by leaf.
         """
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
@@ -149,9 +188,7 @@ class Model:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
             replies = self.client.stream(self.client._pull, req, timeout=deadline)
-        step, params = self.read_pull_stream(replies, like, out=out)
-        self.last_step = step
-        return params
+        return self._read(replies, like, out=out, packed=req.packed)
 
     def push_pull(
         self,
@@ -168,7 +205,7 @@ class Model:
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
-        return self.push_pull_raw(header, self._grad_leaves(grads, wire_dtype), like, out=out)[1]
+        return self._send_grads(grads, wire_dtype, lambda leaves: self.push_pull_raw(header, leaves, like, out=out))[1]
 
     def push_pull_raw(
         self,
@@ -186,86 +223,36 @@ class Model:
         else:
             replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
         box: list[pb.PushResponse] = []
-        step, params = self.read_pull_stream(replies, like, push_reply=box, out=out)
-        self.last_step = step
+        params = self._read(replies, like, push_reply=box, out=out, packed=header.pull.packed)
         return box[0], params
 
     def read_pull_stream(
         self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None
     ) -> tuple[int, Any]:
         """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
-        targets = self._out_targets(out) if out is not None else None
-        assembler = None
-        step = -1
-        schema: dict[str, LeafSpec] = {}  # set by the header, the first message
-        for raw in replies:
-            msg, payload = parse_message(raw, pb.PullResponse)
-            if msg.HasField("header"):
-                if push_reply is not None and msg.HasField("push"):
-                    push_reply.append(msg.push)
-                step = msg.header.step
-                self.last_incarnation = msg.header.incarnation
-                if msg.header.not_modified:
-                    return step, None
-                schema = {leaf.path: LeafSpec(leaf.path, leaf.dtype, tuple(leaf.shape)) for leaf in msg.header.schema}
-                if targets is not None:
-                    self._check_out(schema, targets)
-                assembler = _IntoArrays(schema, what=f"model {self.name!r}", targets=targets)
-            if assembler is None:
-                raise InvalidArgumentError(f"model {self.name!r}: pull stream did not start with a header")
-            if msg.slices:
-                assembler.add(msg.slices, payload)
-        if assembler is None:
-            raise OptserveError(f"model {self.name!r}: empty pull stream")
-        arrays = assembler.finish()
-        if targets is not None:
-            for path, a in arrays.items():  # leaves that came in another dtype were received apart
-                if a.dtype != targets[path].dtype or a.ctypes.data != targets[path].ctypes.data:
-                    np.copyto(targets[path], a, casting="unsafe")
-            return step, out
-        for path, a in arrays.items():  # undo a narrower wire dtype
-            if dtypes.dtype_name(a.dtype) != schema[path].dtype:
-                arrays[path] = a.astype(dtypes.wire_dtype(schema[path].dtype))
-        return step, self._rebuild(arrays, like)
+        params = self._read(replies, like, push_reply=push_reply, out=out)
+        return self.last_step, params
 
-    def _out_targets(self, out: Any) -> dict[str, np.ndarray]:
-        try:
-            return dict(pytree.writable_leaves(out))
-        except TypeError as e:
-            raise InvalidArgumentError(f"model {self.name!r}: out: {e}") from None
-
-    def _check_out(self, schema: dict[str, LeafSpec], targets: dict[str, np.ndarray]) -> None:
-        """`out` must have exactly the model's leaves, each with the parameter's dtype and shape."""
-        for path in targets:
-            if path not in schema:
-                raise InvalidArgumentError(f"model {self.name!r}: out leaf {path!r} is not a leaf of the model")
-        for path, spec in schema.items():
-            t = targets.get(path)
-            if t is None:
-                raise InvalidArgumentError(f"model {self.name!r}: out has no leaf {path!r}")
-            if t.shape != spec.shape or t.dtype != dtypes.wire_dtype(spec.dtype):
-                raise InvalidArgumentError(
-                    f"model {self.name!r}: out leaf {path!r} is {t.dtype.name}{list(t.shape)}, the model's "
-                    f"{spec.dtype}{list(spec.shape)}"
-                )
-
-    def _rebuild(self, arrays: dict[str, np.ndarray], like: Any) -> Any:
-        structure = pytree.flatten(like)[1] if like is not None else self._structure
-        if structure is None:
-            return pytree.nested_dicts(list(arrays.items()))
-        missing = [p for p in structure.paths if p not in arrays]
-        if missing or len(structure.paths) != len(arrays):
-            raise InvalidArgumentError(
-                f"model {self.name!r}: the structure given has {len(structure.paths)} leaves, the model "
-                f"{len(arrays)}" + (f"; no leaf {missing[0]!r} on the server" if missing else "")
-            )
-        return pytree.unflatten(structure, [arrays[p] for p in structure.paths])
+    def _read(
+        self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None, packed: bool = False
+    ) -> Any:
+        pulled = self._reader.read(
+            replies, self._structure, like=like, out=out, push_reply=push_reply, packed=packed, known=self._layout
+        )
+        self.last_step, self.last_incarnation = pulled.step, pulled.incarnation
+        if packed and pulled.layout is not None:
+            self._layout = pulled.layout  # the model's packing now (a re-created model may have another)
+        return pulled.params
 
     # -- management -------------------------------------------------------------------------------
 
+    def _get_info(self) -> pb.ModelInfo:
+        return self.client.call(self.client._stub.GetModel, pb.GetModelRequest(model=self.name))
+
     def info(self) -> dict:
-        """Step, schema, spec, settings, hyperparameters, per-worker state and counters."""
-        return info_to_dict(self.client.call(self.client._stub.GetModel, pb.GetModelRequest(model=self.name)))
+        """Step, schema, spec, settings, hyperparameters, per-worker state, counters, and the packed
+        tensors of the model's layout ("packing": name, dtype, leaves, elements of each)."""
+        return info_to_dict(self._get_info())
 
     @property
     def step(self) -> int:

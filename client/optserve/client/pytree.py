@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from optserve.client import treecode
 
 
 def escape_key(key: Any) -> str:
@@ -100,6 +102,24 @@ class Structure:
 
     node: Any
     paths: tuple[str, ...]
+    # Its flatten and unflatten compiled (`treecode`) once it is used again: "uses", "flatten", ...
+    compiled: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def fast(self, what: str) -> Any:
+        """The compiled `what` ("flatten" or "unflatten") of this structure from its second use on
+        (compiling costs about as much as one walk); None before, or when it cannot be compiled."""
+        c = self.compiled
+        if what in c:
+            return c[what]
+        uses = c.get(f"uses-{what}", 0) + 1
+        c[f"uses-{what}"] = uses
+        if uses < 2:
+            return None
+        if what == "flatten":
+            c[what] = treecode.compile_flatten(self.node)
+        else:
+            c[what] = treecode.compile_unflatten(self.node, from_numpy, _rebuild_mapping)
+        return c[what]
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -148,6 +168,61 @@ def flatten(tree: Any) -> tuple[list[tuple[str, np.ndarray]], Structure]:
     return leaves, Structure(node, tuple(paths))
 
 
+_MISSING = object()  # not a leaf of any kind: a key the tree lacks
+
+
+def flatten_as(tree: Any, structure: Structure, *, convert: bool = True) -> list[Any] | None:
+    """The leaves of `tree` in the order of `structure` when `tree` has exactly that structure (the
+    same containers with the same keys; leaves of any kind), else None (then `flatten` it). The fast
+    path of a push or pull of a structure seen before: it skips what `flatten` recomputes, sorting
+    keys and joining paths, and checks containers, not leaves.
+
+    convert: the leaves as numpy arrays (as `flatten` gives them); False: the caller's own objects."""
+    compiled = structure.fast("flatten")
+    if compiled is not None:
+        found = compiled(tree)
+        return None if found is None else treecode.leaves_as_numpy(found, convert, leaf_kind, to_numpy)
+    leaves: list[Any] = []
+    try:
+        ok = _match(structure.node, tree, leaves, convert)
+    except (KeyError, IndexError, TypeError):
+        return None
+    return leaves if ok else None
+
+
+def _match(node: Any, x: Any, leaves: list[Any], convert: bool) -> bool:
+    """Appends x's leaves if x has the structure `node` (a plain recursive function: see `_visit`)."""
+    tag = node[0]
+    if tag == "leaf":
+        if type(x) is np.ndarray or not convert:
+            leaves.append(x)
+            return leaf_kind(x) is not None if not convert else True
+        kind = leaf_kind(x)
+        if kind is None:
+            return False
+        leaves.append(to_numpy(x, kind))
+        return True
+    if tag == "dict":
+        keys, children = node[2], node[3]
+        if not isinstance(x, Mapping) or len(x) != len(keys):
+            return False
+        # get, not x[k]: a defaultdict must not grow a key it lacks
+        return all(_match(c, x.get(k, _MISSING), leaves, convert) for k, c in zip(keys, children, strict=True))
+    if tag == "none":
+        return x is None
+    if tag == "namedtuple":
+        return type(x) is node[1] and all(_match(c, v, leaves, convert) for c, v in zip(node[2], x, strict=True))
+    if tag in ("list", "tuple"):
+        children = node[1]
+        return (
+            type(x).__name__ == tag
+            and isinstance(x, (list, tuple))
+            and len(x) == len(children)
+            and all(_match(c, v, leaves, convert) for c, v in zip(children, x, strict=True))
+        )
+    return False  # a node only jax knows: `flatten` asks jax
+
+
 def _jax_key(entry: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
@@ -159,13 +234,14 @@ def _build(node: Any, it: Iterator[np.ndarray]) -> Any:
     """Rebuilds one node, taking leaves from `it` (a plain recursive function: see `_visit`)."""
     tag = node[0]
     if tag == "leaf":
-        return from_numpy(next(it), node[1])
+        return next(it) if node[1] == "numpy" else from_numpy(next(it), node[1])
     if tag == "none":
         return None
     if tag == "dict":
         _, cls, keys, children, order = node
-        by_key = dict(zip(keys, [_build(c, it) for c in children], strict=True))
-        d = {k: by_key[k] for k in order}
+        d = dict(zip(keys, [_build(c, it) for c in children], strict=True))
+        if order != keys:  # the caller's order, not the sorted one
+            d = {k: d[k] for k in order}
         return d if cls is dict else _rebuild_mapping(cls, d)
     if tag == "namedtuple":
         _, cls, children = node
@@ -206,6 +282,9 @@ def _leaf_kinds(node: Any, kinds: list[str]) -> None:
 
 def unflatten(structure: Structure, leaves: Sequence[np.ndarray]) -> Any:
     """Rebuilds the pytree recorded in `structure` from leaves given in its path order."""
+    compiled = structure.fast("unflatten")
+    if compiled is not None:
+        return compiled(leaves)
     return _build(structure.node, iter(leaves))
 
 

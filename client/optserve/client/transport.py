@@ -60,7 +60,9 @@ class Connection:
     target: "host:port". token: bearer token sent on every call. tls: True, a CA file, or
     {"ca": ..., "cert": ..., "key": ...} for mutual TLS. timeout: default deadline in seconds for
     each call (None: no deadline). chunk_bytes: payload bytes per streamed message. options: more
-    grpc channel options (after the defaults, so they win).
+    grpc channel options (after the defaults, so they win). packed: push and pull the packed tensors
+    of a model's layout (ModelInfo.packing) as one tensor each, not leaf by leaf; False sends every
+    leaf alone, as clients did before packed layouts (each `Model` has its own `packed` too).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Connection:
         timeout: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        packed: bool = True,
     ):
         if not isinstance(target, str) or not target:
             raise ValueError("target must be 'host:port'")
@@ -80,6 +83,7 @@ class Connection:
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self.packed = packed
         opts = [*CHANNEL_OPTIONS, *options]
         # Told to the server in every pull (PullRequest.max_message_bytes) so that its replies use
         # what this channel accepts; the last setting of the option wins, as in grpc.

@@ -59,7 +59,11 @@ class WorkerModel(Protocol):
         self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
     ) -> pb.PushHeader: ...
 
+    packed: bool
+
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]: ...
+
+    def _send_grads(self, grads: Any, wire_dtype: str | None, send: Callable[[Sequence[WireLeaf]], T]) -> T: ...
 
     def push_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
@@ -178,8 +182,9 @@ class Worker:
         """Pushes a gradient computed against the last pulled parameters; returns the server's step."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
-        leaves = self.model._grad_leaves(grads, wire_dtype)
-        reply = self._retrying(lambda: self.model.push_raw(header, leaves), header)
+        reply = self.model._send_grads(
+            grads, wire_dtype, lambda leaves: self._retrying(lambda: self.model.push_raw(header, leaves), header)
+        )
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
 
@@ -195,8 +200,13 @@ class Worker:
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
-        header.pull.CopyFrom(pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or ""))
-        leaves = self.model._grad_leaves(grads, wire_dtype)
-        reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header)
+        header.pull.CopyFrom(
+            pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or "", packed=self.model.packed)
+        )
+        reply, params = self.model._send_grads(
+            grads,
+            wire_dtype,
+            lambda leaves: self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header),
+        )
         self._note(reply.incarnation, self.model.last_step)
         return params

@@ -112,8 +112,8 @@ class DataPlane:
         self.accepting = accepting
         self.waiting = WaitingSlots(waiting_call_limit(max_workers), on_change=metrics.waiting_calls.set)
         metrics.waiting_limit.set(self.waiting.limit)
-        # per model: the serialized first message of a pull, plain and packed
-        self._pull_headers: weakref.WeakKeyDictionary[Model, tuple[bytes, bytes]] = weakref.WeakKeyDictionary()
+        # per model: the serialized first message of a pull: plain, packed, packed to a client that knows the layout
+        self._pull_headers: weakref.WeakKeyDictionary[Model, tuple[bytes, bytes, bytes]] = weakref.WeakKeyDictionary()
         # per model and wire dtype: the bound of a one-message pull reply's slices and payload
         self._single_reply_bytes: weakref.WeakKeyDictionary[Model, dict[str, int]] = weakref.WeakKeyDictionary()
 
@@ -184,7 +184,9 @@ class DataPlane:
         if bound is None:
             # header (cached, without step) + its step, not_modified and a PushResponse (name, step,
             # flags, incarnation), each well within 64 bytes besides the name
-            header = len(self._first_pull_response(model, True).SerializeToString()) + len(model.name.encode()) + 128
+            header = (
+                len(self._first_pull_response(model, True, "").SerializeToString()) + len(model.name.encode()) + 128
+            )
             bound = bounds[wire_dtype] = pulls.single_reply_bytes(model.schema, wire_dtype, header)
         return bound
 
@@ -232,7 +234,7 @@ class DataPlane:
             chunk_bytes, bound = max_message, None
         else:
             chunk_bytes, bound = requests_.pull_chunk_bytes(req.chunk_bytes, self.chunk_bytes), max_message
-        first = self._first_pull_response(model, req.packed)
+        first = self._first_pull_response(model, req.packed, req.layout_id)
         if push is not None:
             first.push.CopyFrom(push)
         if req.HasField("if_newer_than") and model.step <= req.if_newer_than:
@@ -259,20 +261,25 @@ class DataPlane:
         if push is not None and not push.applied and first.header.step >= push.step:
             first.push.applied = True
 
-    def _first_pull_response(self, model: Model, packed: bool) -> pb.PullResponse:
-        """A pull's first message with the header's constant part (name, schema, incarnation, and for
-        a packed pull the packing) filled in: parsed from a serialization cached per model, so a pull
-        of a many-leaf model does not rebuild the schema's messages in Python (protobuf's C parser
-        does it in microseconds)."""
+    def _first_pull_response(self, model: Model, packed: bool, known_layout: str) -> pb.PullResponse:
+        """A pull's first message with the header's constant part filled in: name, incarnation, layout
+        id, and the schema (and for a packed pull the packing) unless the packed pull's client knows
+        the layout (PullRequest.layout_id). Parsed from serializations cached per model, so a pull of
+        a many-leaf model does not rebuild the schema's messages in Python (protobuf's C parser does
+        it in microseconds)."""
         cached = self._pull_headers.get(model)
         if cached is None:
-            header = pb.PullHeader(
-                model=model.name, schema=messages.schema_to_proto(model.schema), incarnation=self.incarnation
-            )
+            header = pb.PullHeader(model=model.name, incarnation=self.incarnation, layout_id=messages.layout_id(model))
+            short = pb.PullResponse(header=header).SerializeToString()
+            header.schema.extend(messages.schema_to_proto(model.schema))
             plain = pb.PullResponse(header=header).SerializeToString()
             header.packing.extend(messages.packing_to_proto(model.layout))
-            cached = self._pull_headers[model] = (plain, pb.PullResponse(header=header).SerializeToString())
-        return pb.PullResponse.FromString(cached[packed])
+            full = pb.PullResponse(header=header).SerializeToString()
+            cached = self._pull_headers[model] = (plain, full, short)
+        plain, full, short = cached
+        if not packed:
+            return pb.PullResponse.FromString(plain)
+        return pb.PullResponse.FromString(short if known_layout == messages.layout_id(model) else full)
 
     def _wait_for_step(
         self, model: Model, req: pb.PullRequest, call: CallContext, round_dropped: Callable[[], str] | None = None

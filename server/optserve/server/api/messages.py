@@ -3,7 +3,9 @@ or read into, what the core works with (settings, schemas, models, push replies,
 
 from __future__ import annotations
 
+import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 
 from optserve.server.checkpoint.files import CheckpointInfo
@@ -65,6 +67,19 @@ def packing_to_proto(layout: Layout) -> list[pb.PackedTensor]:
     return [pb.PackedTensor(name=p.name, dtype=p.dtype, leaves=p.leaves, elements=p.elements) for p in layout.packs]
 
 
+_LAYOUT_IDS: weakref.WeakKeyDictionary[Model, str] = weakref.WeakKeyDictionary()
+
+
+def layout_id(model: Model) -> str:
+    """ModelInfo.layout_id: a digest of the model's schema and packing as the contract writes them
+    (computed once per model)."""
+    known = _LAYOUT_IDS.get(model)
+    if known is None:
+        header = pb.PullHeader(schema=schema_to_proto(model.schema), packing=packing_to_proto(model.layout))
+        known = _LAYOUT_IDS[model] = hashlib.sha256(header.SerializeToString(deterministic=True)).hexdigest()[:32]
+    return known
+
+
 def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | None = None) -> pb.ModelInfo:
     """GetModel's description of a model; `checkpoints`: the checkpoint manager's (None: the server
     has no checkpoint directory, the fields stay 0 and empty)."""
@@ -84,6 +99,7 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
         state_bytes=model.state_bytes,
         incarnation=incarnation,
         packing=packing_to_proto(model.layout),
+        layout_id=layout_id(model),
     )
     if checkpoints is not None:
         info.last_checkpoint_step, info.last_checkpoint_error = checkpoints.last_step, checkpoints.last_error
