@@ -40,7 +40,7 @@ from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, leaf_form, plan_packing
-from optserve.server.core.placement import Placement
+from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
@@ -357,6 +357,15 @@ class Model:
         assert self._ema_state is not None  # snapshot(ema=True) refuses a model that keeps no EMA
         value = ema.ema_value(self._ema_state, self.settings.ema_debias)
         return {k: value.get(k, v) for k, v in self._params.items()}
+
+    # -- devices ------------------------------------------------------------------------------------
+
+    def placement_info(self) -> tuple[list[BufferInfo], list[int]]:
+        """Each buffer's sharding and bytes per device, and the bytes the whole model (parameters,
+        optimizer and EMA state) holds on each device of the server (core/placement.py)."""
+        with self._lock:  # shapes and shardings only: the arrays' data are not read
+            trees = (self._params, self._opt_state, self._ema_state)
+            return self.placement.describe(self._params, trees[1:]), self.placement.device_bytes(trees)
 
     # -- hyperparameters --------------------------------------------------------------------------
 

@@ -63,6 +63,17 @@ class BufferPlacement:
         return "replicated" if self.axis is None else f"split axis {self.axis} over {devices}"
 
 
+@dataclasses.dataclass(frozen=True)
+class BufferInfo:
+    """What info() says of one buffer (ModelInfo.placement)."""
+
+    name: str
+    sharding: str
+    param_bytes_per_device: int
+    state_bytes_per_device: int
+    padding: int
+
+
 class Placement:
     """The devices a server's models live on: one device, or a 1-D mesh of several."""
 
@@ -180,17 +191,41 @@ class ModelPlacement:
                 return array[: b.elements]
         return array
 
-    def bytes_per_device(self, tree: Any) -> list[int]:
-        """Bytes that the arrays of `tree` (jax arrays) hold on each device, in device order."""
+    def device_bytes(self, tree: Any) -> list[int]:
+        """Bytes that the arrays of `tree` hold on each device of the placement, in its order (from
+        shapes and shardings: no data is read)."""
         index = {d: i for i, d in enumerate(self.placement.devices)}
         out = [0] * len(index)
         for x in jax.tree.leaves(tree):
             if isinstance(x, jax.Array):
-                for shard in x.addressable_shards:
-                    i = index.get(shard.device)
-                    if i is not None:
-                        out[i] += math.prod(shard.data.shape) * x.dtype.itemsize
+                for device, nbytes in _held(x).items():
+                    if device in index:
+                        out[index[device]] += nbytes
         return out
+
+    def describe(self, params: Mapping[str, jax.Array], states: Sequence[Any]) -> list[BufferInfo]:
+        """Per buffer: its sharding, and the bytes of it and of the state following it that each
+        device holding them holds (the largest share), for info()."""
+        state_bytes = dict.fromkeys(self.buffers, 0)
+        for tree in states:
+            if tree is None:
+                continue
+            paths, leaves, _ = _flatten(tree)
+            for path, x in zip(paths, leaves, strict=True):
+                b = self._state_buffer(path, tuple(x.shape)) if isinstance(x, jax.Array) else None
+                if b is not None:
+                    state_bytes[b.key] += max(_held(x).values(), default=0)
+        n = self.placement.count
+        return [
+            BufferInfo(
+                k,
+                b.describe(n),
+                max(_held(params[k]).values(), default=0) if k in params else 0,
+                state_bytes[k],
+                b.padding,
+            )
+            for k, b in self.buffers.items()
+        ]
 
     def zero_padding(self, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Inside the step: padded packs' padding set back to zero (module docstring)."""
@@ -202,6 +237,15 @@ class ModelPlacement:
                 x, real = out[k], b.shape[0] - b.padding
                 out[k] = jnp.where(jnp.arange(x.shape[0]) < real, x, jnp.zeros((), x.dtype))
         return out
+
+
+def _held(x: jax.Array) -> dict[jax.Device, int]:
+    """Bytes of `x` on each device that holds a part of it (from its sharding: reads no data)."""
+    out: dict[jax.Device, int] = {}
+    for device, index in x.sharding.devices_indices_map(tuple(x.shape)).items():
+        elements = math.prod(len(range(*i.indices(n))) for i, n in zip(index, x.shape, strict=True))
+        out[device] = elements * x.dtype.itemsize
+    return out
 
 
 def _flatten(tree: Any) -> tuple[list[tuple[str, ...]], list[Any], Any]:

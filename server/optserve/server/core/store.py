@@ -103,6 +103,14 @@ class ModelStore:
                 f"model {name!r}: {declared_bytes} more bytes would exceed the server's limit of {self.max_total_bytes}"
             )
 
+    def device_bytes(self) -> list[int]:
+        """Bytes of every model held on each device, in the placement's order."""
+        out = [0] * self.placement.count
+        for m in self.models():
+            for i, n in enumerate(m.placement_info()[1]):
+                out[i] += n
+        return out
+
     def describe_devices(self) -> str:
         """'device TFRT_CPU_0', or 'devices gpu:0-3' for a mesh (in messages and logs)."""
         devices = self.placement.devices
