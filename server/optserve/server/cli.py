@@ -100,7 +100,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="DEVICES",
         default=None,
         help="several devices holding every model sharded over them (a mesh): all, gpu:0-3, gpu:0,2, "
-        "cpu:0-3 (fake CPU devices need XLA_FLAGS=--xla_force_host_platform_device_count=N); not with --device",
+        "cpu:0-3 with XLA_FLAGS=--xla_force_host_platform_device_count=N for fake CPU devices; not with --device "
+        "(default: one device, --device)",
     )
     p.add_argument(
         "--checkpoint-dir",
