@@ -52,13 +52,7 @@ def child(platform: str, devices: int, sizes: list[int], repeats: int) -> list[d
         g = model.to_device(grads)
         del grads
 
-        def step() -> None:
-            with model.locked() as m:
-                m.apply(g, 1.0)
-            with model.snapshot() as snap:
-                jax.block_until_ready(snap.arrays)
-
-        seconds = median_seconds(step, repeats)
+        seconds = median_seconds(lambda model=model, g=g: _step(model, g), repeats)
         row = {
             "platform": platform,
             "devices": devices,
@@ -74,6 +68,16 @@ def child(platform: str, devices: int, sizes: list[int], repeats: int) -> list[d
         rows.append(row)
         del model, store, g
     return rows
+
+
+def _step(model, g) -> None:
+    """One update on a gradient already on the devices, waited for (as bench/apply.py times it)."""
+    import jax
+
+    with model.locked() as m:
+        m.apply(g, 1.0)
+    with model.snapshot() as snap:
+        jax.block_until_ready(snap.arrays)
 
 
 def copy_bandwidth(devices: list, elements: int, repeats: int) -> float:
