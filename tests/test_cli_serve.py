@@ -37,6 +37,8 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
     d = tmp_path_factory.mktemp("mistakes")
     (d / "empty-tokens").write_text("# only a comment\n\n")
     (d / "a-file").write_text("not a directory")
+    (d / "ckpt-with-cache-file").mkdir()
+    (d / "ckpt-with-cache-file" / ".compile-cache").write_text("not a directory")
     busy = socket.socket()  # a port in use: listening, and kept open for the module
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -69,6 +71,17 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
             "writable directory",
         ),
         "host not on this machine": (["--host", "192.0.2.1"], "--host", "address of this machine"),
+        "compile cache is a file": (["--compile-cache", str(d / "a-file")], "--compile-cache", "writable directory"),
+        "compile cache under a file": (
+            ["--compile-cache", str(d / "a-file" / "sub")],
+            "--compile-cache",
+            "or '' for none",
+        ),
+        "default compile cache is a file": (
+            ["--checkpoint-dir", str(d / "ckpt-with-cache-file")],
+            "--compile-cache (default, in --checkpoint-dir)",
+            "writable directory",
+        ),
     }
     busy.close()
 
@@ -109,6 +122,9 @@ CASES = [
     "checkpoint dir is a file",
     "checkpoint dir under a file",
     "host not on this machine",
+    "compile cache is a file",
+    "compile cache under a file",
+    "default compile cache is a file",
 ]
 
 

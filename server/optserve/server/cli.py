@@ -111,6 +111,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="JAX's persistent compilation cache: compiled update steps are kept there, so that a restarted "
+        "server, or another with the same model layouts, does not compile them again; trusted like the "
+        "checkpoints (whoever writes to it can run code in the server); '' or none disables it "
+        "(default: DIR/.compile-cache of --checkpoint-dir, none without checkpoints)",
+    )
+    p.add_argument(
         "--checkpoint-every-steps",
         metavar="N",
         type=count,
@@ -255,18 +264,34 @@ def _check_listen(host_flag: str, host: str, port_flag: str, port: int) -> None:
         ) from None
 
 
-def _check_checkpoint_dir(path: str) -> None:
-    """The checkpoint directory exists (created if missing), and can be listed and written."""
-    fix = "give a writable directory (created if missing), or '' for no checkpoints"
+def _check_writable_dir(flag: str, path: str, fix: str) -> None:
+    """The directory exists (created if missing), and can be listed and written."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--checkpoint-dir {path}: exists and is not a directory; {fix}")
+        raise ConfigError(f"{flag} {path}: exists and is not a directory; {fix}")
     try:
         os.makedirs(path, exist_ok=True)
         os.listdir(path)
         with tempfile.TemporaryFile(dir=path, prefix=".optserve-write-check-"):
             pass
     except OSError as e:
-        raise ConfigError(f"--checkpoint-dir {path}: {e.strerror or e}; {fix}") from None
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}; {fix}") from None
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    _check_writable_dir(
+        "--checkpoint-dir", path, "give a writable directory (created if missing), or '' for no checkpoints"
+    )
+
+
+def _compile_cache(args: argparse.Namespace, default: str) -> str:
+    """The compilation cache directory ('' : none), checked like --checkpoint-dir; `default` is the
+    one under the checkpoint directory, used when the flag is not given."""
+    path = default if args.compile_cache is None else args.compile_cache
+    if path.strip().lower() in ("", "none"):
+        return ""
+    flag = "--compile-cache" if args.compile_cache is not None else "--compile-cache (default, in --checkpoint-dir)"
+    _check_writable_dir(flag, path, "give a writable directory (created if missing), or '' for none")
+    return path
 
 
 def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,9 +325,10 @@ def serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_level, args.log_format)
     try:
         options = _check_serve_args(args)
-        from optserve.server.server import Server, resolve_placement
+        from optserve.server.server import Server, default_compile_cache, resolve_placement
 
         resolve_placement(args.device, args.devices)  # before anything starts or logs: a usage mistake
+        compile_cache = _compile_cache(args, default_compile_cache(args.checkpoint_dir or None))
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -324,6 +350,7 @@ def serve(args: argparse.Namespace) -> int:
             },
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            compile_cache=compile_cache,
             **options,
         )
     except ConfigError as e:

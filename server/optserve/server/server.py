@@ -14,6 +14,7 @@ server reflection lists the optserve service.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent import futures
 from typing import Any
 
@@ -26,7 +27,9 @@ from optserve.client import Client
 from optserve.server.api.auth import Token, TokenAuth
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.api.service import OptserveService
+from optserve.server.checkpoint.files import COMPILE_CACHE_DIR
 from optserve.server.checkpoint.manager import CheckpointManager
+from optserve.server.core import compilation
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
@@ -130,6 +133,12 @@ def resolve_placement(device: str | None, devices: str | None) -> Placement:
     return Placement(resolve_devices(devices) if devices else [resolve_device(device)])
 
 
+def default_compile_cache(checkpoint_dir: str | None) -> str:
+    """`optserve serve`'s compilation cache when --compile-cache is not given: `.compile-cache` in
+    the checkpoint directory (never taken for a model: not a model name), or none ('')."""
+    return os.path.join(checkpoint_dir, COMPILE_CACHE_DIR) if checkpoint_dir else ""
+
+
 class Server:
     """An optserve gRPC server in this process; started on construction.
 
@@ -144,6 +153,9 @@ class Server:
     server interceptors, after the token check.
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
+    compile_cache: the directory of JAX's persistent compilation cache ('' : none), so that a
+    restarted server does not compile its models' steps again (core/compilation.py); JAX's setting is
+    the process's, so the last server started in a process decides it. None: left as it is.
     packed: hold each model's alike small leaves in flat buffers (docs/design.md, "Packed layouts");
     False keeps every leaf as itself (the comparison the packing tests make; results are the same).
 
@@ -170,9 +182,12 @@ class Server:
         checkpoint_options: dict[str, Any] | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        compile_cache: str | None = None,
         packed: bool = True,
     ):
         self.host = host
+        if compile_cache is not None:  # before any model (restored ones too) is compiled
+            compilation.configure_cache(compile_cache)
         self.store = ModelStore(
             resolve_placement(device, devices),
             max_models=max_models,
@@ -262,6 +277,7 @@ class Server:
             model.wake_waiters()
         self._grpc.stop(grace).wait(grace + 5)
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
+        compilation.finish_warm_ups()  # nothing pushes any more; no compilation may outlive the process
         self.metrics.stop_http()
         if failures:
             log.error(

@@ -27,6 +27,14 @@ Series (all prefixed `optserve_`):
                                          series per device of --devices)
     device_memory_bytes{device,kind}     from jax's memory_stats() where the device reports them (GPU,
                                          TPU); on CPU the models' bytes above are the figure
+    compilations_total{kind}             XLA compilations in this process (kind: update_step, a model's
+                                         jitted update; other), not counting those the persistent
+                                         compilation cache served (core/compilation.py)
+    compile_cache_hits_total{kind}       executables read from the persistent compilation cache instead
+    compile_seconds_total{kind}          time spent in both
+    compile_cache_writes_total           executables written to the persistent compilation cache
+    warm_ups_total{outcome}              background compilations of models' steps: compiled, skipped
+                                         (a push came first, or the model was deleted), failed
     plus the standard process_* series (resident memory, CPU, open files).
 
 Labels are only ever the names of models that exist (requests naming unknown models are counted
@@ -40,10 +48,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from optserve.server.api.status import status_name
+from optserve.server.core import compilation
 
 log = logging.getLogger("optserve.metrics")
 
@@ -88,6 +97,34 @@ class _StateCollector(Collector):
             if key in stats:
                 memory.add_metric([str(device), kind], stats[key])
         yield memory
+
+
+class _CompileCollector(Collector):
+    """Compilation counts (core/compilation.py), read at scrape time. They are the process's: a
+    second server in the same process reports the same figures."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = compilation.stats()
+        for name, doc, values in (
+            ("optserve_compilations", "XLA compilations not served by the compilation cache", stats.compilations),
+            ("optserve_compile_cache_hits", "Executables read from the persistent compilation cache", stats.cache_hits),
+            ("optserve_compile_seconds", "Seconds compiling or reading the compilation cache", stats.seconds),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, value in values.items():
+                family.add_metric([kind], value)
+            yield family
+        yield CounterMetricFamily(
+            "optserve_compile_cache_writes",
+            "Executables written to the persistent compilation cache",
+            value=stats.cache_writes,
+        )
+        warm_ups = CounterMetricFamily(
+            "optserve_warm_ups", "Background compilations of models' update steps", labels=["outcome"]
+        )
+        for outcome, value in stats.warm_ups.items():
+            warm_ups.add_metric([outcome], value)
+        yield warm_ups
 
 
 class ServerMetrics:
@@ -137,6 +174,8 @@ class ServerMetrics:
         self.waiting_calls = Gauge("optserve_waiting_calls", "Calls waiting for a step", registry=r)
         self.waiting_limit = Gauge("optserve_waiting_calls_limit", "Calls that may wait for a step at once", registry=r)
         r.register(_StateCollector(store))
+        r.register(_CompileCollector())
+        compilation.install_listeners()
         ProcessCollector(registry=r)
         self._http: Any = None
         self.port: int | None = None

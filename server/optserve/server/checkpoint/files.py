@@ -50,6 +50,7 @@ CORRUPT_MARK = ".corrupt-"  # does not verify or does not install: kept aside fo
 SUPERSEDED_MARK = ".superseded-"  # newer than a checkpoint restored on request: kept for manual recovery
 DELETED_PREFIX = ".deleted-"  # not a valid model name, so never mistaken for one
 ARCHIVE_DIR = ".archive"  # checkpoints of deleted models (DeleteModel without delete_checkpoints)
+COMPILE_CACHE_DIR = ".compile-cache"  # `optserve serve`'s default compilation cache (core/compilation.py)
 
 
 class CheckpointFailed(ServiceError):

@@ -24,6 +24,7 @@ import jax
 from optserve.server.checkpoint.directory import CheckpointRoot, remove_leftovers
 from optserve.server.checkpoint.files import (
     ARCHIVE_DIR,
+    COMPILE_CACHE_DIR,
     DELETED_PREFIX,
     SUPERSEDED_MARK,
     TMP_MARK,
@@ -58,7 +59,7 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
         if entry.startswith(DELETED_PREFIX) or (TMP_MARK in entry and entry.startswith(".")):
             shutil.rmtree(path, ignore_errors=True)
             continue
-        if not os.path.isdir(path) or entry == ARCHIVE_DIR:
+        if not os.path.isdir(path) or entry in (ARCHIVE_DIR, COMPILE_CACHE_DIR):
             continue
         try:
             root.model_dir(entry)

@@ -34,6 +34,7 @@ import numpy as np
 
 from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
+from optserve.server.core.compilation import model_alive, step_grad_avals, warm_up_steps
 from optserve.server.core.counters import Counters, CounterSet
 from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
@@ -151,6 +152,21 @@ class Model:
         )
         # applies the aggregator's pending work when its time is up (sync_timeout)
         self._timer = DeadlineTimer(threading.Condition(self._lock), self._aggregator, f"optserve-sync-timeout-{name}")
+        self._warm_ups = self._warm_up()
+
+    def _warm_up(self) -> dict:
+        """Compiles the step variants in the background (core/compilation.py), so that the first push
+        does not wait for XLA; `_ready(donate)` is where an update waits for that (or skips it)."""
+        grads = step_grad_avals(
+            self.layout.storage_schema(self.schema), self.trainable, self.settings.mode, self.placement
+        )
+        state = (self._params, self._opt_state, self._ema_state)
+        return warm_up_steps(self._steps, state, grads, f"model {self.name!r}", model_alive(self))
+
+    def _ready(self, donate: bool) -> None:
+        """Waits (bounded) for the warm-up of that step variant if it is compiling, rather than compile it
+        a second time beside it; one still queued is cancelled, and the caller compiles."""
+        self._warm_ups[donate].wait()
 
     # -- plain reads ------------------------------------------------------------------------------
 
@@ -199,6 +215,7 @@ class Model:
         """Counts a completely received push (`grads`: what its assembler returned): applied (async)
         or added to the current round (sync). Returns (reply, duplicate)."""
         self.gradient_buffers.keep(grads)
+        self._ready(True)  # outside the lock: pulls go on while the step compiles
         with self._lock:
             try:
                 return self._aggregator.commit(receiver)
@@ -239,6 +256,7 @@ class Model:
         update would make the state non-finite; the state is then bitwise what it was (make_step).
         """
         donate = self._pins.get(self._step, 0) == 0
+        self._ready(donate)
         # np.float32, not jnp.float32: jit's C++ fast path takes a numpy scalar in microseconds, while
         # building a jax scalar first costs ~60 us, a third of a small model's whole update.
         out = self._steps[donate](self._params, self._opt_state, self._ema_state, dict(grads), np.float32(scale))

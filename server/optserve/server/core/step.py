@@ -86,7 +86,8 @@ def make_step(
     decay = settings.ema_decay
     check = settings.reject_nonfinite_updates
 
-    def step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
+    # The name is how core/compilation.py tells this step's compilations from others (UPDATE_STEP_FUNCTION).
+    def model_update_step(params: dict, opt_state: Any, ema_state: Any, grads: dict, scale: jax.Array):
         train = {k: params[k] for k in trainable}
         g = {k: grads[k].astype(train[k].dtype) for k in trainable}
         updates, new_opt_state = compiled.update(g, opt_state, train)
@@ -109,13 +110,13 @@ def make_step(
 
     donate = (0, 1, 2) if donate_params else (1,)
     if shardings is None:
-        return jax.jit(step, donate_argnums=donate)
+        return jax.jit(model_update_step, donate_argnums=donate)
     s = shardings
     scalar = s.placement.placement.replicated()
     grads = {k: s.params[k] for k in trainable}
     out = (s.params, s.opt_state, s.ema_state) + ((scalar, scalar) if check else ())
     return jax.jit(
-        step,
+        model_update_step,
         donate_argnums=donate,
         in_shardings=(s.params, s.opt_state, s.ema_state, grads, scalar),
         out_shardings=out,

@@ -237,7 +237,8 @@ def _check_tree(what: str, group: str, templates: tuple, arrays: Mapping[str, np
     with the shape of the templates and the dtype of one of them, and nothing else."""
     paths = state_paths(templates[0], what)
     missing = [p for p in paths if p not in arrays]
-    extra = [p for p in arrays if p not in set(paths)]
+    known = set(paths)
+    extra = [p for p in arrays if p not in known]
     if missing or extra:
         raise StateError(
             f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
@@ -264,7 +265,8 @@ def _buffer_form(smap: StateMap, arrays: Mapping[str, np.ndarray], placement: Mo
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
     if set(arrays) != {leaf.path for leaf in schema}:
         missing = [leaf.path for leaf in schema if leaf.path not in arrays]
-        extra = [p for p in arrays if p not in {leaf.path for leaf in schema}]
+        known = {leaf.path for leaf in schema}
+        extra = [p for p in arrays if p not in known]
         raise StateError(
             f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
         )
