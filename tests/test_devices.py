@@ -232,3 +232,13 @@ def test_bad_devices_are_one_line_and_exit_2(args, says):
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], run.stderr
+
+
+def test_the_metrics_give_the_bytes_each_device_holds():
+    server = Server(port=0)
+    try:
+        info = server.client(timeout=60.0).create_model("held", {"w": np.ones((8, 4), np.float32)}, ADAM).info()
+        held = server.metrics.registry.get_sample_value("optserve_device_bytes", {"device": "cpu:0"})
+        assert held == info["param_bytes"] + info["state_bytes"] == info["device_bytes"][0]
+    finally:
+        server.stop()
