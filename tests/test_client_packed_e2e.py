@@ -192,3 +192,32 @@ def test_a_packed_pull_that_names_the_layout_it_knows_gets_no_schema_back(client
     request = packed._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=None, if_newer_than=None)
     assert request.layout_id == layout_id
     assert_same(packed.pull(), plain.pull())
+
+
+def test_packs_of_a_stale_layout_are_refused_and_the_handle_resends_by_the_new_one(client, model_name):
+    """A model created again with another spec may have packs of the same names, dtypes and sizes
+    holding other leaves: a push names the layout its packs come from (PushHeader.layout_id), so a
+    stale handle's packs are refused before anything is applied, and the handle resends by the new
+    layout."""
+    params = {f"l{i}": np.zeros(4, np.float32) for i in range(8)}
+
+    def spec(decayed):
+        return {"adamw": {"learning_rate": 1.0, "weight_decay": 0.0, "mask": decayed}}
+
+    old = client.create_model(model_name, params, spec(["l0", "l1", "l2", "l3"]))
+    client.delete_model(model_name)
+    new = client.create_model(model_name, params, spec(["l0", "l2", "l4", "l6"]))
+    old_packs = [list(p.leaves) for p in old._layout.packs]  # what the stale handle still holds
+    assert old_packs != [p["leaves"] for p in new.info()["packing"]]
+    g = {k: np.zeros(4, np.float32) for k in params}
+    g["l1"][:] = 1.0
+
+    for layout_id in ("", "another layout"):  # a raw push of a pack: without the id, or with another
+        leaves = [(name, np.zeros(8, np.float32)) for name in ("@pack0", "@pack1", "@pack2", "@pack3")]
+        header = pb.PushHeader(model=model_name, layout_id=layout_id)
+        with pytest.raises(InvalidArgumentError, match="layout"):
+            old.push_raw(header, leaves)
+    assert new.step == 0
+    assert old.push(g) == 1  # refused by the server as of another layout, resent by the new one
+    got = new.pull()
+    assert got["l1"][0] < 0 and all(not got[k].any() for k in params if k != "l1")

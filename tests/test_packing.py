@@ -76,14 +76,48 @@ def test_element_wise_rules_are_packed_and_rules_that_need_leaves_are_not():
     assert _model({"chain": [{"centralize": {}}, {"sgd": {"learning_rate": 0.1}}]}, True).layout.packs == ()
 
 
-def test_masks_and_partitions_pack_only_leaves_treated_alike():
-    spec = {
+# Four leaves of each conformance shape: every group of a mask or partition is large enough to pack.
+SHAPES_MANY = {**SHAPES, **{f"copy{i}/{k}": s for i in range(3) for k, s in SHAPES.items()}}
+MASKED_SPECS = {
+    "partition_sgd_adamw_mask": {
         "partition": [
-            {"params": ["**/bias", "bias"], "optimizer": {"sgd": {"learning_rate": 0.1}}},
+            {"params": ["**/bias", "bias"], "optimizer": {"sgd": {"learning_rate": 0.1, "momentum": 0.9}}},
             {"params": "**", "optimizer": {"adamw": {"learning_rate": 0.01, "mask": ["**/kernel", "kernel"]}}},
         ]
-    }
-    layout = _model(spec, True).layout
+    },
+    "masked_clip_tunable_adam": {
+        "chain": [
+            {"clip": {"max_delta": 0.05, "mask": ["**/conv", "conv"]}},
+            {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}},
+        ]
+    },
+    "global_norm_partition_flux": {
+        "chain": [
+            {"clip_by_global_norm": {"max_norm": 0.5}},
+            {"partition": [{"params": ["**/conv", "conv"], "optimizer": "flux:ADAM"},
+                           {"params": "**", "optimizer": {"rmsprop": {"learning_rate": 0.01}}}]},
+        ]
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_SPECS))
+def test_masks_and_partitions_are_packed_and_agree(name):
+    spec = MASKED_SPECS[name]
+    runs = []
+    for packed in (True, False):
+        model = _model(spec, packed, ModelSettings(ema_decay=0.9), SHAPES_MANY)
+        for g in make_grads(STEPS, 1, SHAPES_MANY):
+            push(model, g)
+        runs.append((model, capture(model).to_host()))
+    (packed_model, got), (_, want) = runs
+    assert len(packed_model.layout.packs) >= 4
+    _assert_same(got, want, exact="global" not in name)
+
+
+def test_masks_and_partitions_pack_only_leaves_treated_alike():
+    layout = _model(MASKED_SPECS["partition_sgd_adamw_mask"], True, shapes=SHAPES_MANY).layout
+    assert len(layout.packs) == 6  # (biases: sgd; kernels: adamw decayed; convs: adamw) x 2 buffers
     for pack in layout.packs:
         kinds = {leaf.rsplit("/", 1)[-1] for leaf in pack.leaves}
         # a bias (sgd), a kernel (adamw, decayed) and the others (adamw, not decayed) never share a pack
@@ -162,3 +196,18 @@ def test_a_refused_update_names_the_packed_leaf_at_fault():
     with pytest.raises(NonFiniteUpdate, match="parameter 'extra/kernel'"):
         push(model, g)
     assert model.step == 0
+
+
+def test_half_precision_leaves_under_a_global_norm_stay_loose():
+    """optax sums a bfloat16 leaf's squares in bfloat16: packed, the same sum in another order would
+    differ by a bfloat16 ulp, so such leaves keep their shape (float32 ones are packed)."""
+    schema = [LeafSpec(f"h{i}", "bfloat16", (7,)) for i in range(6)] + [
+        LeafSpec(f"f{i}", "float32", (7,)) for i in range(6)
+    ]
+    paths = [x.path for x in schema]
+    clipped = plan_layout(
+        schema, compile_spec({"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, "flux:ADAM"]}, paths)
+    )
+    assert sorted(leaf for p in clipped.packs for leaf in p.leaves) == [f"f{i}" for i in range(6)]
+    plain = plan_layout(schema, compile_spec("flux:ADAM", paths))
+    assert sorted(leaf for p in plain.packs for leaf in p.leaves) == sorted(paths)

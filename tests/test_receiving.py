@@ -137,3 +137,19 @@ def test_nan_in_a_pack_sent_whole_names_the_leaf_that_holds_it(chunk):
     leaves = [(pack.name, pack.gather(grads))]
     with pytest.raises(WireError, match=f"leaf '{pack.leaves[-1]}': gradient has NaN or Inf"):
         _feed(GradientAssembler(expected, layout, what="m"), leaves, chunk)
+
+
+@pytest.mark.parametrize("first", ["float16", "bfloat16"])
+def test_a_pack_whose_leaves_come_in_mixed_wire_dtypes_keeps_each_value_as_its_own_dtype_has_it(first):
+    """A narrow first leaf must not narrow the float32 leaves after it (no 1e5 overflowing float16,
+    no 1.001 rounded to bfloat16): the pack switches to the parameters' dtype."""
+    layout, expected, grads = _packed_layout()
+    pack = layout.packs[0]
+    sent = dict(grads)
+    sent[pack.leaves[0]] = grads[pack.leaves[0]].astype(DTYPES[first])
+    sent[pack.leaves[1]] = np.full_like(grads[pack.leaves[1]], 1e5 + 0.125)
+    for chunk in (3, 1 << 20):
+        out = _feed(GradientAssembler(expected, layout, what="m"), list(sent.items()), chunk)
+        assert out[pack.name].dtype == np.float32
+        want = np.concatenate([np.asarray(sent[k], np.float32).reshape(-1) for k in pack.leaves])
+        np.testing.assert_array_equal(out[pack.name], want)

@@ -67,9 +67,14 @@ class Model:
         return h
 
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]:
-        """The gradient as the wire carries it: with `packed` and a layout with packs, each pack as one
-        tensor (`layout.Plan.wire_leaves`), else leaf by leaf. A gradient of the structure seen before
-        is flattened without rebuilding its paths (`pytree.flatten_as`)."""
+        """The gradient as the wire carries it (`_wire_grads`; a push that sends it names the layout)."""
+        return self._wire_grads(grads, wire_dtype)[0]
+
+    def _wire_grads(self, grads: Any, wire_dtype: str | None) -> tuple[Sequence[WireLeaf], str]:
+        """The gradient as the wire carries it, and the layout id its packs come from ("" when it
+        sends none): with `packed` and a layout with packs, each pack as one tensor
+        (`layout.Plan.wire_leaves`), else leaf by leaf. A gradient of the structure seen before is
+        flattened without rebuilding its paths (`pytree.flatten_as`)."""
         structure = self._structure
         arrays = pytree.flatten_as(grads, structure) if structure is not None else None
         if structure is None or arrays is None:
@@ -82,20 +87,25 @@ class Model:
             plan = layout.plan(structure)
             wire = plan.wire_leaves(arrays, wire_dtype) if plan is not None else None
             if wire is not None:
-                return wire
-        return to_wire(list(zip(structure.paths, arrays, strict=True)), wire_dtype)
+                return wire, layout.layout_id
+        return to_wire(list(zip(structure.paths, arrays, strict=True)), wire_dtype), ""
 
-    def _send_grads(self, grads: Any, wire_dtype: str | None, send: Callable[[Sequence[WireLeaf]], T]) -> T:
-        """send(the gradient's wire leaves). A push of packs that the server refuses as invalid is
-        sent again once if the model's packing changed meanwhile (a model deleted and created again):
-        a refused push applied nothing."""
+    def _send_grads(
+        self, grads: Any, wire_dtype: str | None, header: pb.PushHeader, send: Callable[[Sequence[WireLeaf]], T]
+    ) -> T:
+        """send(the gradient's wire leaves), `header` naming the layout its packs come from
+        (PushHeader.layout_id). A push of packs that the server refuses as invalid (a model deleted and
+        created again with another layout) is sent again once if the model's packing changed
+        meanwhile: a refused push applied nothing."""
         layout = self._layout
         try:
-            return send(self._grad_leaves(grads, wire_dtype))
+            leaves, header.layout_id = self._wire_grads(grads, wire_dtype)
+            return send(leaves)
         except InvalidArgumentError:
             if not (self.packed and layout is not None and layout.packs) or not self._refresh_layout(layout):
                 raise
-        return send(self._grad_leaves(grads, wire_dtype))
+        leaves, header.layout_id = self._wire_grads(grads, wire_dtype)
+        return send(leaves)
 
     def _refresh_layout(self, old: Layout) -> bool:
         """Reads the model's layout again; True if its packs changed (else the refusal was about
@@ -126,7 +136,7 @@ class Model:
     ) -> int:
         """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins."""
         header = self._push_header(base_step, weight)
-        return self._send_grads(grads, wire_dtype, lambda leaves: self.push_raw(header, leaves)).step
+        return self._send_grads(grads, wire_dtype, header, lambda leaves: self.push_raw(header, leaves)).step
 
     def _pull_request(
         self,
@@ -205,7 +215,9 @@ class Model:
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
-        return self._send_grads(grads, wire_dtype, lambda leaves: self.push_pull_raw(header, leaves, like, out=out))[1]
+        return self._send_grads(
+            grads, wire_dtype, header, lambda leaves: self.push_pull_raw(header, leaves, like, out=out)
+        )[1]
 
     def push_pull_raw(
         self,

@@ -63,7 +63,19 @@ class WorkerModel(Protocol):
 
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]: ...
 
-    def _send_grads(self, grads: Any, wire_dtype: str | None, send: Callable[[Sequence[WireLeaf]], T]) -> T: ...
+    def _send_grads(
+        self, grads: Any, wire_dtype: str | None, header: pb.PushHeader, send: Callable[[Sequence[WireLeaf]], T]
+    ) -> T: ...
+
+    def _pull_request(
+        self,
+        *,
+        min_step: int | None,
+        timeout: float | None,
+        ema: bool,
+        wire_dtype: str | None,
+        if_newer_than: int | None,
+    ) -> pb.PullRequest: ...
 
     def push_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
@@ -183,7 +195,10 @@ class Worker:
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         reply = self.model._send_grads(
-            grads, wire_dtype, lambda leaves: self._retrying(lambda: self.model.push_raw(header, leaves), header)
+            grads,
+            wire_dtype,
+            header,
+            lambda leaves: self._retrying(lambda: self.model.push_raw(header, leaves), header),
         )
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
@@ -201,11 +216,12 @@ class Worker:
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
         header.pull.CopyFrom(
-            pb.PullRequest(model=self.model.name, wire_dtype=wire_dtype or "", packed=self.model.packed)
+            self.model._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
         reply, params = self.model._send_grads(
             grads,
             wire_dtype,
+            header,
             lambda leaves: self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header),
         )
         self._note(reply.incarnation, self.model.last_step)

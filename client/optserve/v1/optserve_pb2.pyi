@@ -229,20 +229,22 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
     seq: int
     weight: float
     pull: PullRequest
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+    layout_id: str
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")

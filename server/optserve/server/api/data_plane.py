@@ -137,7 +137,14 @@ class DataPlane:
         base_step = h.base_step if h.HasField("base_step") else None
         if h.worker_id and h.seq < 1:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
-        receiver = model.open_push(base_step=base_step, worker_id=h.worker_id, seq=h.seq, weight=h.weight)
+        if h.layout_id and h.layout_id != messages.layout_id(model):
+            raise InvalidArgument(
+                f"model {model.name!r}: the push's packed tensors are of layout {h.layout_id!r}, the model's is "
+                f"{messages.layout_id(model)!r} (it was created again): read its packing again and resend"
+            )
+        receiver = model.open_push(
+            base_step=base_step, worker_id=h.worker_id, seq=h.seq, weight=h.weight, packs=bool(h.layout_id)
+        )
         try:
             if prepare is not None:
                 prepare(model, h, receiver)

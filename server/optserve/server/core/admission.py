@@ -93,7 +93,7 @@ def admit(
     if validate is not None:
         validate()
     packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None, enabled=store.packed)
-    store.reserve(name, declared + packing.opt_bytes)
+    store.reserve(name, declared + packing.state_bytes)
     try:
         yield Admitted(store, name, schema, compiled, settings, declared, packing)
     finally:

@@ -110,8 +110,11 @@ class Aggregator(Protocol):
     # whether `screen` has anything to refuse before a push's bytes arrive (sync: stale pushes)
     screens_pushes: bool
 
-    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> Receiver:
-        """A receiver for one push stream; INVALID_ARGUMENT for arguments no state can make valid."""
+    def open_push(
+        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+    ) -> Receiver:
+        """A receiver for one push stream; INVALID_ARGUMENT for arguments no state can make valid.
+        packs: the push may send the packs of the model's layout in place of their leaves."""
         ...
 
     def screen(self, receiver: Receiver) -> None:

@@ -21,7 +21,7 @@ from optserve.server.core.workers import PushReply
 class AsyncPush:
     """One push in async mode: assembled in its own buffers, applied at commit (all or nothing)."""
 
-    def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int):
+    def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, packs: bool = False):
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
         self.on_device: dict[str, jax.Array] = {}
         self.assembler = GradientAssembler(
@@ -30,6 +30,7 @@ class AsyncPush:
             what=f"model {model.name!r}",
             on_complete=device_putter(self.on_device, model.placement),
             buffers=model.gradient_buffers.take(),
+            packs=packs,
         )
 
     def require_completion(self, why: str) -> None:
@@ -50,8 +51,10 @@ class AsyncAggregator:
     def __init__(self, model: LockedModel):
         self.model = model
 
-    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> AsyncPush:
-        return AsyncPush(self.model, base_step, worker_id, seq)
+    def open_push(
+        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+    ) -> AsyncPush:
+        return AsyncPush(self.model, base_step, worker_id, seq, packs)
 
     def screen(self, receiver: Receiver) -> None:
         """Nothing is known against an async push before it arrives."""

@@ -6,10 +6,11 @@ small operations; held as a few buffers, it costs what one leaf of the same byte
 that the spec treats alike (spec/packing.py, `signatures`) and that share a dtype are packed, in
 schema order, into buffers of at most PACK_MAX_BYTES; everything else is *loose* (kept as itself):
 leaves a rule needs whole (LAMB, centralize, ...), large leaves (no per-leaf cost worth saving, and
-a copy saved on both ends), leaves alone in their group, non-float leaves (not trained), and
-scalars (rank 0: XLA compiles their arithmetic as scalar code, which may round a division or a
-square root of Adam's differently from the same arithmetic over an array, by one ulp; measured on
-11 of the 130 conformance cases).
+a copy saved on both ends), leaves alone in their group, non-float leaves (not trained),
+bfloat16 and float16 leaves under a global norm (optax sums their squares in their own dtype, so
+another order would differ by a half-precision ulp), and scalars (rank 0: XLA compiles their
+arithmetic as scalar code, which may round a division or a square root of Adam's differently from
+the same arithmetic over an array, by one ulp; measured on 11 of the 130 conformance cases).
 
 Every group of packed leaves is split into at least two buffers. Not for speed: XLA's algebraic
 simplifier rewrites `x / s` as `x * (1 / s)` when the scalar `s` has a single consumer, so an Adam
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.server.spec.packing import for_buffers, signatures
+from optserve.server.spec.packing import for_buffers, reduces, signatures
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
 from optserve.wire.packing import Pack
 
@@ -109,7 +110,10 @@ def plan_layout(
     for leaf in schema:
         sig = sigs.get(leaf.path)
         nbytes = leaf_nbytes(DTYPES[leaf.dtype], leaf.shape)
-        if sig is not None and nbytes < leaf_max_bytes and leaf.shape:
+        # a global norm over half-precision leaves is summed in their dtype leaf by leaf (optax):
+        # packed, the same sum in another order would differ by a half-precision ulp, not float32's
+        half = leaf.dtype != "float32" and sig is not None and reduces(sig)
+        if sig is not None and nbytes < leaf_max_bytes and leaf.shape and not half:
             groups.setdefault((sig, leaf.dtype), []).append(leaf)
     taken = {leaf.path for leaves in groups.values() if len(leaves) >= MIN_PACK_LEAVES for leaf in leaves}
     names = _names({leaf.path for leaf in schema})
@@ -186,6 +190,35 @@ class StateMap:
     order: tuple[tuple[str, ...], ...]  # the leaf form's key paths, in its leaf order
     treedef: Any  # the buffer form's pytree structure
 
+    @functools.cached_property
+    def names(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """The leaf form's `/`-joined key paths (as checkpoints name them), in its order: the buffer
+        form's leaf that holds each, and its shape."""
+        where = {
+            path: (i, shape)
+            for i, (_, paths, shapes) in enumerate(self.entries)
+            for path, shape in zip(paths, shapes, strict=True)
+        }
+        return {"/".join(path): where[path] for path in self.order}
+
+    def check(self, arrays: Mapping[str, np.ndarray], dtypes: Sequence[frozenset], group: str) -> str:
+        """What is wrong with `arrays` as this state's leaf form, a message naming `group` and the
+        leaf ("" when nothing): every leaf present with its shape and one of the dtypes `dtypes`
+        allows for the buffer-form leaf holding it, and nothing else."""
+        names = self.names
+        missing = next((n for n in names if n not in arrays), None)
+        if missing is not None:
+            return f"{group}: missing leaf {missing!r}"
+        extra = next((n for n in arrays if n not in names), None)
+        if extra is not None:
+            return f"{group}: unexpected leaf {extra!r}"
+        for name, (i, shape) in names.items():
+            a = arrays[name]
+            if tuple(a.shape) != shape or a.dtype not in dtypes[i]:
+                want = "|".join(sorted(d.name for d in dtypes[i]))
+                return f"{group} leaf {name!r}: expected {want}{list(shape)}, got {a.dtype}{list(a.shape)}"
+        return ""
+
     def to_leaves(self, buffers: Sequence[np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
         """Host leaves of the buffer form (in its leaf order) -> by key path of the leaf form (views),
         in the leaf form's order."""
@@ -246,6 +279,15 @@ def state_map(buffer_tree: Any, leaf_tree: Any, layout: Layout) -> StateMap | No
     return StateMap(tuple(entries), tuple(order), jax.tree.structure(buffer_tree))
 
 
+class _Shaped:
+    """A leaf's shape and dtype (what leaf_form needs of jax.ShapeDtypeStruct, built 20x faster)."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any):
+        self.shape, self.dtype = shape, dtype
+
+
 def leaf_form(tree: Any, layout: Layout) -> Any:
     """The leaf form of a state pytree over the layout's buffers (shapes, e.g. jax.eval_shape
     results): each dict entry of a pack becomes one entry per leaf of the pack, of the leaf's shape
@@ -303,13 +345,32 @@ class Packing:
         """Bytes of the optimizer state (what init allocates)."""
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.opt_shapes))
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer state and of the parameter EMA, if the model keeps one."""
+        if self.ema_map is None:
+            return self.opt_bytes
+        ema_state = jax.eval_shape(ema.ema_init, self.shapes)
+        return self.opt_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ema_state))
+
     @functools.cached_property
-    def opt_templates(self) -> tuple[Any, Any]:
-        """The optimizer state's leaf form after init and after one update (shapes only). Both are
-        valid in a checkpoint: some rules change a leaf's dtype at the first update (adam's moments
-        of a bfloat16 parameter become float32)."""
+    def opt_dtypes(self) -> tuple[frozenset, ...]:
+        """Per leaf of the optimizer state's buffer form, the dtypes a checkpoint may hold it in: its
+        dtype after init and after one update (some rules change it at the first update: adam's
+        moments of a bfloat16 parameter become float32)."""
         after = jax.eval_shape(lambda s, g: self.optimizer.update(g, s, g)[1], self.opt_shapes, self.shapes)
-        return leaf_form(self.opt_shapes, self.layout), leaf_form(after, self.layout)
+        init = jax.tree.leaves(self.opt_shapes)
+        structure: Any = jax.tree.structure(self.opt_shapes)  # Any: jax's stubs leave PyTreeDef unresolved (no ==)
+        if jax.tree.structure(after) != structure:
+            return tuple(frozenset({x.dtype}) for x in init)
+        return tuple(frozenset({x.dtype, y.dtype}) for x, y in zip(init, jax.tree.leaves(after), strict=True))
+
+    @functools.cached_property
+    def ema_dtypes(self) -> tuple[frozenset, ...]:
+        """Per leaf of the EMA state's buffer form, its dtype (empty: the model keeps no EMA)."""
+        if self.ema_map is None:
+            return ()
+        return tuple(frozenset({x.dtype}) for x in jax.tree.leaves(jax.eval_shape(ema.ema_init, self.shapes)))
 
 
 def plan_packing(

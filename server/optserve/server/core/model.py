@@ -47,7 +47,7 @@ from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfin
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
-from optserve.wire.dtypes import LeafSpec
+from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Model:
         self.name = name
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
+        self.float_leaves = frozenset(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
         self.compiled = compiled  # over leaves: the spec, hyperparameters, checkpoint templates
         self.settings = settings
         devices = device if isinstance(device, Placement) else Placement([device])
@@ -201,11 +202,16 @@ class Model:
 
     # -- pushes -----------------------------------------------------------------------------------
 
-    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> Receiver:
+    def open_push(
+        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+    ) -> Receiver:
         """A receiver for one push stream; its assembler collects the chunks, `commit_push` counts it.
-        A push already known to be refused (sync: stale) is refused here, before its bytes."""
+        A push already known to be refused (sync: stale) is refused here, before its bytes. packs: the
+        push may send packs of the model's layout (it named the layout; core/receiving.py)."""
         release_host_buffers()  # finished updates' inputs go before this push allocates its own
-        receiver = self._aggregator.open_push(base_step=base_step, worker_id=worker_id, seq=seq, weight=weight)
+        receiver = self._aggregator.open_push(
+            base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs
+        )
         if self._aggregator.screens_pushes and base_step is not None:
             with self._lock:
                 self._aggregator.screen(receiver)
@@ -421,7 +427,7 @@ class Model:
         model keeps none), to check a state against before `replace_state`."""
         if self.settings.ema_decay is None:
             return None
-        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)
+        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)  # shapes and dtypes
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on

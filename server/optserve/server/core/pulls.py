@@ -58,7 +58,7 @@ def host_leaves(
     check_wire_dtype(wire_dtype, model.name)
     target = DTYPES.get(wire_dtype) if wire_dtype else None
     layout = model.layout
-    floats = {leaf.path for leaf in model.schema if leaf.dtype in FLOAT_DTYPES}
+    floats = model.float_leaves
     placement = model.placement
 
     def host_pack(name: str) -> np.ndarray | Cast:

@@ -21,7 +21,7 @@ import numpy as np
 from optserve.server.core.layout import Layout, unpacked
 from optserve.server.core.placement import ModelPlacement
 from optserve.wire.assembler import Leaf, TensorAssembler, aligned_empty, buffer_of
-from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec, all_finite
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, all_finite
 from optserve.wire.errors import WireError
 from optserve.wire.packing import Pack
 
@@ -31,9 +31,16 @@ EARLY_DEVICE_PUT_BYTES = 1 << 20
 
 
 class _PackBuffer:
-    """A pack being received leaf by leaf: one buffer in the wire dtype of its first leaf, and the
-    leaves still to come. A leaf sent in another wire dtype (a client that narrows some floats of a
-    push and not others) is received on its own and converted into the buffer when complete."""
+    """A pack being received leaf by leaf: one buffer, and the leaves still to come.
+
+    The buffer is in the wire dtype of the first leaf, as the whole pack or the leaves of an
+    unpacked model would reach the update when a client narrows all its floats alike. A leaf in
+    another wire dtype (a client that narrows some floats of a push and not others) switches the
+    buffer to the parameters' dtype, converting what arrived so far: each value then becomes what
+    the update's own conversion of that leaf would make of it, never a narrower one (no float32
+    gradient rounded to bfloat16 or overflowing float16). A leaf whose bytes do not lie in the
+    buffer (its own wire dtype, or received into the buffer before the switch) is converted into
+    it once complete."""
 
     __slots__ = ("array", "left", "raw")
 
@@ -41,6 +48,20 @@ class _PackBuffer:
         self.raw = raw  # flat uint8
         self.array = raw.view(dtype)  # the pack's elements
         self.left = len(pack.leaves)
+
+    def widen(self, pack: Pack) -> None:
+        """Switches to the parameters' dtype, converting every element received so far."""
+        param = DTYPES[pack.dtype]
+        self.raw = aligned_empty(pack.elements * param.itemsize)
+        widened = self.raw.view(param)
+        widened[...] = self.array  # numpy converts with round to nearest even, as XLA's convert does
+        self.array = widened
+
+    def holds(self, buffer: np.ndarray) -> bool:
+        """Whether `buffer` (a leaf's bytes) lies in this pack's current buffer."""
+        start = buffer.__array_interface__["data"][0]
+        base = self.raw.__array_interface__["data"][0]
+        return base <= start and start + buffer.nbytes <= base + self.raw.nbytes
 
 
 class GradientAssembler(TensorAssembler):
@@ -54,6 +75,9 @@ class GradientAssembler(TensorAssembler):
         values are checked), e.g. a `device_putter`.
     buffers: arrays to receive buffers into instead of fresh ones (an earlier push's, free), used for
         each buffer whose wire dtype and shape they have and that is C-contiguous.
+    packs: whether a pack may be sent whole (a push names the layout its packs come from,
+        PushHeader.layout_id; without it a pack name is refused, so that a client holding another
+        layout's packs can never have them applied to the wrong leaves).
     """
 
     def __init__(
@@ -64,14 +88,15 @@ class GradientAssembler(TensorAssembler):
         what: str,
         on_complete: Callable[[str, np.ndarray], None] | None = None,
         buffers: Mapping[str, np.ndarray] | None = None,
+        packs: bool = True,
     ):
         super().__init__(expected, what=what, cast_floats=True)
+        self._packs_allowed = packs
         self._layout = layout if layout is not None else unpacked(list(expected.values()))
         self._on_complete = on_complete
         self._buffers = buffers or {}
         self._check_whole: set[str] = set()  # float leaves a slice split an element of: checked once complete
         self._by_leaf: dict[str, _PackBuffer] = {}  # packs received leaf by leaf, by pack name
-        self._converted: set[str] = set()  # packed leaves received on their own (another wire dtype)
 
     def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
         slot = self._layout.pack_of.get(path)
@@ -79,6 +104,10 @@ class GradientAssembler(TensorAssembler):
             both = path if slot is None else slot[0].name
             raise self.error(f"packed tensor {both!r} and its leaves both sent: send one or the other")
         if slot is None:
+            if not self._packs_allowed and path not in self._layout.paths:
+                raise self.error(
+                    f"packed tensor {path!r} sent without PushHeader.layout_id (the layout its packs come from)"
+                )
             given = buffer_of(self._buffers.get(path), dtype, shape)
             return given if given is not None else super().allocate(path, dtype, shape, nbytes)
         pack, i = slot
@@ -91,8 +120,10 @@ class GradientAssembler(TensorAssembler):
                 raw = aligned_empty(pack.elements * dtype.itemsize)
             into = self._by_leaf[pack.name] = _PackBuffer(raw, dtype, pack)
         if into.array.dtype != dtype:
-            self._converted.add(path)
-            return super().allocate(path, dtype, shape, nbytes)
+            if into.array.dtype != DTYPES[pack.dtype]:
+                into.widen(pack)
+            if into.array.dtype != dtype:  # received on its own, converted into the pack when complete
+                return super().allocate(path, dtype, shape, nbytes)
         start = pack.offsets[i] * dtype.itemsize
         return into.raw[start : start + nbytes]
 
@@ -122,7 +153,7 @@ class GradientAssembler(TensorAssembler):
             return
         pack, i = slot
         into = self._by_leaf[pack.name]
-        if leaf.path in self._converted:
+        if not into.holds(leaf.buffer):
             into.array[pack.offsets[i] : pack.offsets[i + 1]] = leaf.array().reshape(-1)
         into.left -= 1
         if not into.left:

@@ -136,9 +136,11 @@ class SyncAggregator:
 
     # -- receiving ---------------------------------------------------------------------------------
 
-    def open_push(self, *, base_step: int | None, worker_id: str, seq: int, weight: float) -> SyncPush:
+    def open_push(
+        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+    ) -> SyncPush:
         """A receiver for one push stream (no lock held: touches nothing shared)."""
-        return SyncPush(self, base_step, worker_id, seq, check_weight(self.model.name, weight))
+        return SyncPush(self, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
 
     def screen(self, receiver: Receiver) -> None:
         """A push already known to be stale is refused before its bytes (a retry must reach commit,
@@ -336,7 +338,9 @@ class SyncAggregator:
 class SyncPush:
     """One push stream in sync mode: staged privately, folded into the round only at commit."""
 
-    def __init__(self, aggregator: SyncAggregator, base_step: int | None, worker_id: str, seq: int, weight: float):
+    def __init__(
+        self, aggregator: SyncAggregator, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool
+    ):
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
         model = aggregator.model
         self.on_device: dict[str, jax.Array] = {}
@@ -348,6 +352,7 @@ class SyncPush:
             what=f"model {model.name!r}",
             on_complete=device_putter(self.on_device, model.placement, frozenset(model.trainable)),
             buffers=model.gradient_buffers.take(),
+            packs=packs,
         )
         # set by require_completion: refuse (with this message) unless this push completes its round
         self.must_complete = ""

@@ -67,6 +67,11 @@ def signatures(compiled: CompiledOptimizer) -> dict[str, tuple | None]:
     return {leaf: _signature(compiled.root, leaf, ()) for leaf in compiled.leaf_paths}
 
 
+def reduces(signature: tuple) -> bool:
+    """Whether a leaf of this signature passes through a GLOBAL rule (a sum over leaves)."""
+    return any(len(entry) == 3 and entry[2] == GLOBAL for entry in signature)
+
+
 def for_buffers(compiled: CompiledOptimizer, members: Mapping[str, Sequence[str]]) -> CompiledOptimizer:
     """`compiled` for a model held in buffers: `members` maps each buffer's key to the leaves it
     holds (alike by `signatures`; a leaf kept as itself is its own one member). Same rules, slots
@@ -76,9 +81,10 @@ def for_buffers(compiled: CompiledOptimizer, members: Mapping[str, Sequence[str]
 
 def _signature(node: Node, leaf: str, path: tuple) -> tuple | None:
     if isinstance(node, RuleNode):
-        if packing_of(node.rule) == LEAF:
+        kind = packing_of(node.rule)
+        if kind == LEAF:
             return None
-        return ((path, None if node.mask is None else bool(node.mask[leaf])),)
+        return ((path, None if node.mask is None else bool(node.mask[leaf]), kind),)
     if isinstance(node, ComboNode):
         out: tuple = ()
         for i, child in enumerate(node.children):

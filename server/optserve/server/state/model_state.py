@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -81,7 +81,9 @@ def _unique(paths: list[str], what: str) -> list[str]:
     return paths
 
 
-def leaf_form(smap: StateMap, tree: Any, what: str, placement: ModelPlacement | None = None) -> dict[str, np.ndarray]:
+def host_leaf_form(
+    smap: StateMap, tree: Any, what: str, placement: ModelPlacement | None = None
+) -> dict[str, np.ndarray]:
     """A model's state pytree of device buffers (optimizer state or EMA) as host arrays of its leaf
     form (core/layout.py, StateMap), by `state_paths` (waits for each copy, gathering a sharded one
     once; packs become views, without the padding a mesh holds them with)."""
@@ -111,11 +113,11 @@ class DeviceSnapshot:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
         m = self.model
         what = f"model {m.name!r}"
-        opt = leaf_form(m.packing.opt_map, self.opt_state, what, m.placement)
+        opt = host_leaf_form(m.packing.opt_map, self.opt_state, what, m.placement)
         ema = None
         if self.ema is not None:
             assert m.packing.ema_map is not None  # a model that keeps an EMA has its map
-            ema = leaf_form(m.packing.ema_map, self.ema, what, m.placement)
+            ema = host_leaf_form(m.packing.ema_map, self.ema, what, m.placement)
         return HostState(
             name=m.name,
             step=self.step,
@@ -161,22 +163,21 @@ def prepare(model: Model, state: HostState) -> ModelState:
     touches nothing of the model."""
     check_compatible(model, state)
     what = f"model {model.name!r}"
-    _check_tree(what, "optimizer state", opt_state_templates(model), state.opt)
-    opt_state = _buffer_form(model.packing.opt_map, state.opt, model.placement)
+    packing = model.packing
+    _check_state(what, "optimizer state", packing.opt_map, packing.opt_dtypes, state.opt)
+    opt_state = _buffer_form(packing.opt_map, state.opt, model.placement)
     _check_leaves(what, "params", model.schema, state.params)
-    ema_template = model.ema_template()
-    if (state.ema is None) != (ema_template is None):
+    if (state.ema is None) != (packing.ema_map is None):
         has = (
             "holds a parameter EMA but the model keeps none"
-            if ema_template is None
+            if packing.ema_map is None
             else "holds no parameter EMA but the model keeps one"
         )
         raise StateError(f"{what}: the state {has}")
     ema = None
-    if ema_template is not None and state.ema is not None:  # both or neither (checked above)
-        assert model.packing.ema_map is not None  # a model that keeps an EMA has its map
-        _check_tree(what, "EMA state", (ema_template,), state.ema)
-        ema = _buffer_form(model.packing.ema_map, state.ema, model.placement)
+    if packing.ema_map is not None and state.ema is not None:  # both or neither (checked above)
+        _check_state(what, "EMA state", packing.ema_map, packing.ema_dtypes, state.ema)
+        ema = _buffer_form(packing.ema_map, state.ema, model.placement)
     _check_hyperparams_state(what, state.opt)
     workers = {w: r.copy() for w, r in state.workers.items()}
     buffers = model.layout.pack_arrays(state.params)
@@ -225,32 +226,14 @@ def own(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def opt_state_templates(model: Model) -> tuple[Any, Any]:
-    """Shapes of the model's optimizer state by leaf after init and after one update (no
-    allocation). Both are valid in a checkpoint: some rules change a leaf's dtype at the first
-    update (adam's moments of a bfloat16 parameter become float32)."""
-    return model.packing.opt_templates
-
-
-def _check_tree(what: str, group: str, templates: tuple, arrays: Mapping[str, np.ndarray]) -> None:
-    """Every leaf of a state pytree shaped like `templates[0]` must be in `arrays` (by state path)
-    with the shape of the templates and the dtype of one of them, and nothing else."""
-    paths = state_paths(templates[0], what)
-    missing = [p for p in paths if p not in arrays]
-    known = set(paths)
-    extra = [p for p in arrays if p not in known]
-    if missing or extra:
-        raise StateError(
-            f"{what}: {group}: " + (f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}")
-        )
-    structure: Any = jax.tree.structure(templates[0])  # Any: jax's stubs leave PyTreeDef unresolved (no ==)
-    alternatives = [jax.tree.leaves(t) for t in templates if jax.tree.structure(t) == structure]
-    for i, p in enumerate(paths):
-        a, t = arrays[p], alternatives[0][i]
-        if tuple(a.shape) != tuple(t.shape) or all(a.dtype != alt[i].dtype for alt in alternatives):
-            raise StateError(
-                f"{what}: {group} leaf {p!r}: expected {t.dtype}{list(t.shape)}, got {a.dtype}{list(a.shape)}"
-            )
+def _check_state(
+    what: str, group: str, smap: StateMap, dtypes: Sequence[frozenset], arrays: Mapping[str, np.ndarray]
+) -> None:
+    """The leaf form of an optimizer or EMA state must have every leaf of the model's, with its
+    shape and an allowed dtype, and nothing else (StateMap.check)."""
+    wrong = smap.check(arrays, dtypes, group)
+    if wrong:
+        raise StateError(f"{what}: {wrong}")
 
 
 def _buffer_form(smap: StateMap, arrays: Mapping[str, np.ndarray], placement: ModelPlacement) -> Any:
