@@ -62,6 +62,18 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
         "packing": [
             {"name": p.name, "dtype": p.dtype, "leaves": list(p.leaves), "elements": p.elements} for p in info.packing
         ],
+        # each buffer (pack or leaf) on the server's devices, and the model's bytes on each device
+        "placement": [
+            {
+                "name": b.name,
+                "sharding": b.sharding,
+                "param_bytes_per_device": b.param_bytes_per_device,
+                "state_bytes_per_device": b.state_bytes_per_device,
+                "padding": b.padding,
+            }
+            for b in info.placement
+        ],
+        "device_bytes": list(info.device_bytes),
     }
 
 

@@ -143,7 +143,8 @@ class Connection:
             ) from None
 
     def server_info(self) -> dict:
-        """The server's version, incarnation (new at every start), device, model count and start time."""
+        """The server's version, incarnation (new at every start), device, model count, start time,
+        and the devices the models live on with the bytes each holds."""
         i = self.call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
         return {
             "version": i.version,
@@ -151,4 +152,6 @@ class Connection:
             "device": i.device,
             "models": i.models,
             "started_unix": i.started_unix,
+            "devices": list(i.devices),
+            "device_bytes": list(i.device_bytes),
         }

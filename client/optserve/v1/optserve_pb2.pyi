@@ -103,7 +103,7 @@ class PackedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., leaves: _Optional[_Iterable[str]] = ..., elements: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id")
+    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id", "placement", "device_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class ModelInfo(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PACKING_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
@@ -136,7 +138,23 @@ class ModelInfo(_message.Message):
     incarnation: str
     packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
     layout_id: str
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ...) -> None: ...
+    placement: _containers.RepeatedCompositeFieldContainer[BufferPlacement]
+    device_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BufferPlacement(_message.Message):
+    __slots__ = ("name", "sharding", "param_bytes_per_device", "state_bytes_per_device", "padding")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARDING_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sharding: str
+    param_bytes_per_device: int
+    state_bytes_per_device: int
+    padding: int
+    def __init__(self, name: _Optional[str] = ..., sharding: _Optional[str] = ..., param_bytes_per_device: _Optional[int] = ..., state_bytes_per_device: _Optional[int] = ..., padding: _Optional[int] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
     __slots__ = ("name", "optimizer_json", "settings", "schema")
@@ -425,15 +443,19 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "incarnation", "device", "models", "started_unix")
+    __slots__ = ("version", "incarnation", "device", "models", "started_unix", "devices", "device_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     incarnation: str
     device: str
     models: int
     started_unix: float
-    def __init__(self, version: _Optional[str] = ..., incarnation: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[int] = ..., started_unix: _Optional[float] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    device_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[str] = ..., incarnation: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[int] = ..., started_unix: _Optional[float] = ..., devices: _Optional[_Iterable[str]] = ..., device_bytes: _Optional[_Iterable[int]] = ...) -> None: ...

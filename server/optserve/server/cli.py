@@ -96,6 +96,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(default: JAX's default device, a GPU if there is one)",
     )
     p.add_argument(
+        "--devices",
+        metavar="DEVICES",
+        default=None,
+        help="several devices holding every model sharded over them (a mesh): all, gpu:0-3, gpu:0,2, "
+        "cpu:0-3 with XLA_FLAGS=--xla_force_host_platform_device_count=N for fake CPU devices; not with --device "
+        "(default: one device, --device)",
+    )
+    p.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
         default="./optserve-checkpoints",
@@ -310,15 +318,16 @@ def serve(args: argparse.Namespace) -> int:
     line on stderr naming the flag and the fix); 1 if a final checkpoint failed at shutdown."""
     from optserve.server import logs
 
-    if args.device and args.device.lower().partition(":")[0] == "cpu":
+    asked = [x for x in (args.device, args.devices) if x]
+    if asked and all(x.lower().partition(":")[0] == "cpu" for x in asked):
         # Asked for the CPU: JAX need not probe for (and log about) accelerators it will not use.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logs.setup(args.log_level, args.log_format)
     try:
         options = _check_serve_args(args)
-        from optserve.server.server import Server, default_compile_cache, resolve_device
+        from optserve.server.server import Server, default_compile_cache, resolve_placement
 
-        resolve_device(args.device)  # before anything starts or logs: a wrong device is a usage mistake
+        resolve_placement(args.device, args.devices)  # before anything starts or logs: a usage mistake
         compile_cache = _compile_cache(args, default_compile_cache(args.checkpoint_dir or None))
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -328,6 +337,7 @@ def serve(args: argparse.Namespace) -> int:
             args.port,
             checkpoint_dir=args.checkpoint_dir or None,
             device=args.device,
+            devices=args.devices,
             max_workers=args.max_workers,
             chunk_bytes=args.chunk_bytes,
             max_models=args.max_models,

@@ -31,6 +31,7 @@ from optserve.server.checkpoint.files import COMPILE_CACHE_DIR
 from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core import compilation
 from optserve.server.core.errors import ConfigError
+from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
@@ -67,6 +68,71 @@ def resolve_device(name: str | None) -> jax.Device:
     return devices[i]
 
 
+def resolve_devices(spec: str) -> list[jax.Device]:
+    """The devices of `--devices`: 'all' (every device of JAX's default platform), a platform
+    ('gpu': all of its devices), a range ('gpu:0-3'), or a comma list ('gpu:0,2', 'cpu:0-1,cpu:3').
+    One platform, no device twice. A mistake is a ConfigError naming --devices and the fix.
+
+    Several CPU devices exist only when XLA is told to make them
+    (XLA_FLAGS=--xla_force_host_platform_device_count=N): fake devices sharing the host's cores,
+    for tests (correctness, not speed)."""
+    text = spec.strip().lower()
+    if text == "all":
+        return list(jax.devices())
+    out: list[jax.Device] = []
+    platform = ""
+    for item in (x.strip() for x in text.split(",")):
+        head, colon, index = item.partition(":")
+        if not colon and (head.isdigit() or "-" in head) and platform:
+            index = head  # 'gpu:0,2': a bare index continues the platform before it
+        else:
+            platform = {"cuda": "gpu", "rocm": "gpu"}.get(head, head)
+        if platform not in ("cpu", "gpu", "tpu"):
+            raise ConfigError(
+                f"--devices {spec}: {item!r} is not a JAX platform; use all, or cpu, gpu or tpu with optional "
+                "indices (gpu:0-3, gpu:0,2)"
+            )
+        try:
+            have = jax.devices(platform)
+        except RuntimeError:
+            raise ConfigError(
+                f"--devices {spec}: JAX finds no {platform} device here (it has {jax.default_backend()}); "
+                f"use --devices {jax.default_backend()}:..., or install jax with {platform} support"
+            ) from None
+        first, dash, last = index.partition("-")
+        if index and not (first.isdigit() and (not dash or last.isdigit())):
+            raise ConfigError(f"--devices {spec}: {item!r}: indices are a number or a range, e.g. {platform}:0-3")
+        lo, hi = (int(first), int(last) if dash else int(first)) if index else (0, len(have) - 1)
+        if lo > hi:
+            raise ConfigError(f"--devices {spec}: {item!r}: a range goes up, e.g. {platform}:{hi}-{lo}")
+        if hi >= len(have):
+            fake = (
+                f"; for fake CPU devices set XLA_FLAGS=--xla_force_host_platform_device_count={hi + 1}"
+                if platform == "cpu"
+                else ""
+            )
+            raise ConfigError(
+                f"--devices {spec}: {item!r}: there are {len(have)} {platform} device(s), "
+                f"{platform}:0 to {platform}:{len(have) - 1}{fake}"
+            )
+        for d in have[lo : hi + 1]:
+            if d in out:
+                raise ConfigError(f"--devices {spec}: {platform}:{have.index(d)} is named twice")
+            out.append(d)
+    if len({d.platform for d in out}) > 1:
+        raise ConfigError(f"--devices {spec}: the devices of one mesh must be of one platform")
+    return out
+
+
+def resolve_placement(device: str | None, devices: str | None) -> Placement:
+    """The placement of `device` (one, or JAX's default) or `devices` (a mesh); not both."""
+    if device and devices:
+        raise ConfigError(
+            f"--device {device} and --devices {devices}: give one (--device for one device, --devices for several)"
+        )
+    return Placement(resolve_devices(devices) if devices else [resolve_device(device)])
+
+
 def default_compile_cache(checkpoint_dir: str | None) -> str:
     """`optserve serve`'s compilation cache when --compile-cache is not given: `.compile-cache` in
     the checkpoint directory (never taken for a model: not a model name), or none ('')."""
@@ -77,7 +143,9 @@ class Server:
     """An optserve gRPC server in this process; started on construction.
 
     host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
-    are checkpointed and restored from (None: no checkpoints). device: JAX device for the models.
+    are checkpointed and restored from (None: no checkpoints). device: JAX device for the models;
+    devices: or several, which hold every model sharded over a 1-D mesh (`resolve_devices`;
+    docs/design.md, "Devices and meshes"); not both.
     max_workers: threads serving RPCs (each stream holds one while it runs; calls waiting for a step
     are bounded below it, see data_plane.waiting_call_limit, so that the rest stay free for others).
     tokens: bearer tokens (api/auth.py; None: no authentication): calls without a known one are
@@ -102,6 +170,7 @@ class Server:
         *,
         checkpoint_dir: str | None = None,
         device: str | None = None,
+        devices: str | None = None,
         max_workers: int = 64,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_models: int | None = None,
@@ -120,7 +189,7 @@ class Server:
         if compile_cache is not None:  # before any model (restored ones too) is compiled
             compilation.configure_cache(compile_cache)
         self.store = ModelStore(
-            resolve_device(device),
+            resolve_placement(device, devices),
             max_models=max_models,
             max_model_bytes=max_model_bytes,
             max_total_bytes=max_total_bytes,
@@ -167,10 +236,10 @@ class Server:
             self.metrics.start_http(metrics_port, metrics_host or host)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "optserve listening on %s:%d (device %s, incarnation %s)",
+            "optserve listening on %s:%d (%s, incarnation %s)",
             host,
             self.port,
-            self.store.device,
+            self.store.describe_devices(),
             self.service.incarnation,
             extra={"event": "serving"},
         )

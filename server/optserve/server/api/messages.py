@@ -101,6 +101,18 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
         packing=packing_to_proto(model.layout),
         layout_id=layout_id(model),
     )
+    buffers, device_bytes = model.placement_info()
+    info.placement.extend(
+        pb.BufferPlacement(
+            name=b.name,
+            sharding=b.sharding,
+            param_bytes_per_device=b.param_bytes_per_device,
+            state_bytes_per_device=b.state_bytes_per_device,
+            padding=b.padding,
+        )
+        for b in buffers
+    )
+    info.device_bytes.extend(device_bytes)
     if checkpoints is not None:
         info.last_checkpoint_step, info.last_checkpoint_error = checkpoints.last_step, checkpoints.last_error
     return info

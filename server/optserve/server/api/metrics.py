@@ -23,6 +23,8 @@ Series (all prefixed `optserve_`):
                                          they are refused with RESOURCE_EXHAUSTED)
     checkpoint_seconds{model}, checkpoint_bytes{model}, checkpoint_failures_total{model}
     models, model_step{model}, model_bytes{model,kind=params|state}
+    device_bytes{device}                 bytes of all models held on each device ("cpu:0", "gpu:3"; one
+                                         series per device of --devices)
     device_memory_bytes{device,kind}     from jax's memory_stats() where the device reports them (GPU,
                                          TPU); on CPU the models' bytes above are the figure
     compilations_total{kind}             XLA compilations in this process (kind: update_step, a model's
@@ -79,6 +81,10 @@ class _StateCollector(Collector):
             size.add_metric([m.name, "state"], m.state_bytes)
         yield step
         yield size
+        held = GaugeMetricFamily("optserve_device_bytes", "Bytes of all models held on each device", labels=["device"])
+        for device, nbytes in zip(self.store.placement.devices, self.store.device_bytes(), strict=True):
+            held.add_metric([f"{device.platform}:{device.id}"], nbytes)
+        yield held
         memory = GaugeMetricFamily(
             "optserve_device_memory_bytes", "Accelerator memory as the device reports it", labels=["device", "kind"]
         )

@@ -364,4 +364,6 @@ class OptserveService:
             device=f"{d.platform}:{d}",
             models=len(call.visible(self.store.names())),
             started_unix=self.started_unix,
+            devices=[f"{x.platform}:{x.id}" for x in self.store.placement.devices],
+            device_bytes=self.store.device_bytes(),
         )

@@ -65,7 +65,7 @@ class Admitted:
         """Builds the model from its parameters (one array per schema leaf, validated by the caller,
         e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
         continues from (validated against the model and put on its device), installed first."""
-        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.device, self.packing)
+        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.placement, self.packing)
         if restore is not None:
             model.replace_state(restore(model))
         self.store.add(model)

@@ -23,6 +23,7 @@ import jax
 
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.layout import Layout
+from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.workers import PushReply
 from optserve.wire.assembler import TensorAssembler
@@ -39,7 +40,8 @@ class LockedModel(Protocol):
     push_schema: Mapping[str, LeafSpec]  # every leaf, and every pack of `layout` in place of its leaves
     layout: Layout
     trainable: tuple[str, ...]  # the buffers the update rule sees (layout.trainable)
-    device: jax.Device
+    device: jax.Device  # the first of its devices (the only one without a mesh)
+    placement: ModelPlacement  # where its buffers live (core/placement.py)
     gradient_buffers: GradientBuffers
 
     @property

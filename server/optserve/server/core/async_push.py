@@ -28,7 +28,7 @@ class AsyncPush:
             model.push_schema,
             model.layout,
             what=f"model {model.name!r}",
-            on_complete=device_putter(self.on_device, model.device),
+            on_complete=device_putter(self.on_device, model.placement),
             buffers=model.gradient_buffers.take(),
             packs=packs,
         )

@@ -36,6 +36,7 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import SingleDeviceSharding
 
+from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.receiving import EARLY_DEVICE_PUT_BYTES
 from optserve.wire.dtypes import DTYPES, LeafSpec, leaf_nbytes
 
@@ -300,13 +301,21 @@ def _aval(x: Any) -> Any:
     return x
 
 
-def step_grad_avals(buffers: list[LeafSpec], trainable: tuple[str, ...], mode: str, device: jax.Device) -> dict:
+def step_grad_avals(
+    buffers: list[LeafSpec], trainable: tuple[str, ...], mode: str, device: jax.Device | ModelPlacement
+) -> dict:
     """The avals of the gradients a model's step is called with, in the common case (every buffer in
     its parameters' dtype). `buffers`: the model's buffers as leaves (`Layout.storage_schema`: each
     pack, and each loose leaf). Async mode applies what the receiver assembled for the trainable
     buffers (those of EARLY_DEVICE_PUT_BYTES and more already on the device, smaller ones as numpy
     arrays: core/receiving.py, `device_putter`); sync mode applies the round's mean of the trainable
-    buffers, on the device, in the accumulation dtype (core/sync.py: float32, float64 for float64)."""
+    buffers, on the device, in the accumulation dtype (core/sync.py: float32, float64 for float64).
+    `device`: the model's device, or its placement: on a mesh every gradient buffer arrives on the
+    devices with its parameter's sharding and device shape (a pack padded; core/placement.py)."""
+    if isinstance(device, ModelPlacement):
+        if device.sharded:
+            return _mesh_grad_avals(buffers, trainable, mode, device)
+        device = device.placement.device
     committed = SingleDeviceSharding(device)
     out = {}
     for leaf in buffers:
@@ -320,6 +329,16 @@ def step_grad_avals(buffers: list[LeafSpec], trainable: tuple[str, ...], mode: s
             dtype = DTYPES[leaf.dtype]
             big = leaf_nbytes(dtype, leaf.shape) >= EARLY_DEVICE_PUT_BYTES
             out[leaf.path] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=committed if big else None)
+    return out
+
+
+def _mesh_grad_avals(buffers: list[LeafSpec], trainable: tuple[str, ...], mode: str, placement: ModelPlacement) -> dict:
+    out = {}
+    for leaf in buffers:
+        if leaf.path in trainable:
+            b = placement.buffers[leaf.path]
+            dtype = (np.float64 if leaf.dtype == "float64" else np.float32) if mode == "sync" else DTYPES[leaf.dtype]
+            out[leaf.path] = jax.ShapeDtypeStruct(b.shape, dtype, sharding=b.sharding)
     return out
 
 

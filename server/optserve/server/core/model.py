@@ -41,8 +41,9 @@ from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, leaf_form, plan_packing
+from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.settings import ModelSettings
-from optserve.server.core.step import MAX_STEP, make_step, nonfinite_leaf_name, own_buffers
+from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
@@ -81,10 +82,11 @@ class Model:
         params: Mapping[str, np.ndarray],
         compiled: CompiledOptimizer,
         settings: ModelSettings,
-        device: jax.Device,
+        device: jax.Device | Placement,
         packing: Packing | None = None,
     ):
-        """params: one host array per schema leaf. packing: how to hold the leaves (core/layout.py,
+        """params: one host array per schema leaf. device: the device, or the devices (a mesh,
+        core/placement.py) holding the model. packing: how to hold the leaves (core/layout.py,
         `plan_packing`; None: planned here, alike small leaves packed)."""
         self.name = name
         self.schema = schema
@@ -92,37 +94,44 @@ class Model:
         self.float_leaves = frozenset(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
         self.compiled = compiled  # over leaves: the spec, hyperparameters, checkpoint templates
         self.settings = settings
-        self.device = device
+        devices = device if isinstance(device, Placement) else Placement([device])
+        self.device = devices.device  # the first (the only one without a mesh)
         if packing is None:
             packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None)
         self.packing = packing
         self.layout = self.packing.layout
+        self.placement = devices.for_model(self.layout, schema)  # where each buffer lives, and how
         self.trainable = self.layout.trainable  # the buffers the update rule sees
         # what a push may send: every leaf, and every pack in place of its leaves
         self.push_schema = {**self.schema_map, **{p.name: p.spec for p in self.layout.packs}}
         self.param_bytes = sum(np.asarray(a).nbytes for a in params.values())
-        # may_alias=False: the parameters get buffers of their own. Aliasing the received host buffer
+        # put: may_alias=False: the parameters get buffers of their own. Aliasing the received host buffer
         # (zero copy on CPU) would save one copy, once, but the first donated update cannot reuse an
         # aliased buffer, and jax would keep it alive until an unrelated later call: +1 model of RSS.
         buffers = self.layout.pack_arrays(params)
         self._params: dict[str, jax.Array] = {
-            k: jax.device_put(buffers[k], device, may_alias=False) for k in self.layout.keys
+            k: self.placement.put(k, buffers[k], may_alias=False) for k in self.layout.keys
         }
         del buffers
         optimizer = self.packing.optimizer
-        with jax.default_device(device):
-            # device_put commits the state to the device, as the step's outputs are: jit keys its
-            # cache on that too, so uncommitted initial state would compile the step a second time at
-            # the second push (measured: +1.3 s for 300 leaves, minutes for 10k).
-            self._opt_state = jax.device_put(
-                own_buffers(optimizer.init({k: self._params[k] for k in self.trainable})), device
-            )
+        trained = {k: self._params[k] for k in self.trainable}
+        self._opt_state = self._init_state(lambda t: own_buffers(optimizer.init(t)), trained)
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self._opt_state) if hasattr(x, "nbytes"))
         self._ema_state: ema.EmaState | None = None  # parameter EMA (spec/ema.py), kept when settings.ema_decay is set
         if settings.ema_decay is not None:
-            with jax.default_device(device):
-                self._ema_state = jax.device_put(ema.ema_init({k: self._params[k] for k in self.trainable}), device)
-        self._steps = {donate: make_step(optimizer, self.trainable, donate, settings) for donate in (True, False)}
+            self._ema_state = self._init_state(ema.ema_init, trained)
+        self.step_shardings: StepShardings | None = None  # None: one device (core/placement.py)
+        if self.placement.sharded:
+            self.step_shardings = StepShardings(
+                self.placement,
+                self.placement.shardings(self.layout.keys),
+                self.placement.state_shardings(self._opt_state),
+                None if self._ema_state is None else self.placement.state_shardings(self._ema_state),
+            )
+        self._steps = {
+            donate: make_step(optimizer, self.trainable, donate, settings, self.step_shardings)
+            for donate in (True, False)
+        }
         self._step = 0
         # Bumped (under the lock) by every change a checkpoint must hold: an update, a worker record, a
         # hyperparameter change, an installed checkpoint. Checkpoints compare it, not the step, to tell
@@ -150,7 +159,7 @@ class Model:
         """Compiles the step variants in the background (core/compilation.py), so that the first push
         does not wait for XLA; `_ready(donate)` is where an update waits for that (or skips it)."""
         grads = step_grad_avals(
-            self.layout.storage_schema(self.schema), self.trainable, self.settings.mode, self.device
+            self.layout.storage_schema(self.schema), self.trainable, self.settings.mode, self.placement
         )
         state = (self._params, self._opt_state, self._ema_state)
         return warm_up_steps(self._steps, state, grads, f"model {self.name!r}", model_alive(self))
@@ -177,7 +186,19 @@ class Model:
     def to_device(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """A gradient given by leaf path, on the device by buffer (as pushes deliver it to `apply`;
         for benchmarks and tests that drive updates themselves)."""
-        return {k: jax.device_put(v, self.device) for k, v in self.layout.pack_arrays(arrays).items()}
+        return {k: self.placement.put(k, v) for k, v in self.layout.pack_arrays(arrays).items()}
+
+    def _init_state(self, init: Callable[[Any], Any], trained: dict[str, jax.Array]) -> Any:
+        """A state's init over the trainable buffers, committed to the model's devices as the
+        step's outputs are (jit keys its cache on that too: uncommitted initial state would compile
+        the step a second time at the second push; measured +1.3 s for 300 leaves, minutes for 10k).
+        On a mesh, init runs as one program whose outputs follow their parameters' shardings."""
+        if not self.placement.sharded:
+            with jax.default_device(self.device):
+                return jax.device_put(init(trained), self.device)
+        shardings = self.placement.state_shardings(jax.eval_shape(init, trained))
+        # own_buffers again: a jitted init may forward one input or constant to two outputs
+        return own_buffers(jax.jit(init, out_shardings=shardings)(trained))
 
     # -- pushes -----------------------------------------------------------------------------------
 
@@ -361,6 +382,15 @@ class Model:
         value = ema.ema_value(self._ema_state, self.settings.ema_debias)
         return {k: value.get(k, v) for k, v in self._params.items()}
 
+    # -- devices ------------------------------------------------------------------------------------
+
+    def placement_info(self) -> tuple[list[BufferInfo], list[int]]:
+        """Each buffer's sharding and bytes per device, and the bytes the whole model (parameters,
+        optimizer and EMA state) holds on each device of the server (core/placement.py)."""
+        with self._lock:  # shapes and shardings only: the arrays' data are not read
+            trees = (self._params, self._opt_state, self._ema_state)
+            return self.placement.describe(self._params, trees[1:]), self.placement.device_bytes(trees)
+
     # -- hyperparameters --------------------------------------------------------------------------
 
     def hyperparams(self) -> dict[str, float]:
@@ -370,6 +400,8 @@ class Model:
     def set_hyperparams(self, values: Mapping[str, float]) -> dict[str, float]:
         with self._lock:
             self._opt_state = self.compiled.set_hyperparams(self._opt_state, dict(values))
+            if self.step_shardings is not None:  # the new values where the step expects them
+                self._opt_state = jax.device_put(self._opt_state, self.step_shardings.opt_state)
             self._state_version += 1
             return self.compiled.hyperparams(self._opt_state)
 
@@ -441,6 +473,7 @@ class _Locked:
         # would make every model a reference cycle, its device memory freed only by the cyclic GC
         self._model = weakref.proxy(model)
         self.name, self.settings, self.device = model.name, model.settings, model.device
+        self.placement = model.placement
         self.schema_map: Mapping[str, LeafSpec] = model.schema_map  # read-only here (LockedModel)
         self.push_schema: Mapping[str, LeafSpec] = model.push_schema
         self.layout = model.layout

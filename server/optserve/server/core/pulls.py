@@ -59,15 +59,24 @@ def host_leaves(
     target = DTYPES.get(wire_dtype) if wire_dtype else None
     layout = model.layout
     floats = model.float_leaves
+    placement = model.placement
+
+    def host_pack(name: str) -> np.ndarray | Cast:
+        """A pack on the host without the padding a mesh may hold it with (core/placement.py)."""
+        host = _host(arrays[name], target, True)
+        if isinstance(host, Cast):
+            return Cast(placement.host(name, host.array), host.dtype)
+        return placement.host(name, host)
+
     if packed:
-        out: list[tuple[str, np.ndarray | Cast]] = [(p.name, _host(arrays[p.name], target, True)) for p in layout.packs]
+        out: list[tuple[str, np.ndarray | Cast]] = [(p.name, host_pack(p.name)) for p in layout.packs]
         out += [(k, _host(arrays[k], target, k in floats)) for k in layout.loose]
         return out
     if not layout.packs:
         return [(leaf.path, _host(arrays[leaf.path], target, leaf.path in floats)) for leaf in model.schema]
     by_leaf: dict[str, np.ndarray | Cast] = {k: _host(arrays[k], target, k in floats) for k in layout.loose}
     for p in layout.packs:
-        host = _host(arrays[p.name], target, True)
+        host = host_pack(p.name)
         if isinstance(host, Cast):
             by_leaf.update((k, Cast(v, host.dtype)) for k, v in p.views(host.array).items())
         else:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from optserve.server.core.layout import Layout, unpacked
+from optserve.server.core.placement import ModelPlacement
 from optserve.wire.assembler import Leaf, TensorAssembler, aligned_empty, buffer_of
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, all_finite
 from optserve.wire.errors import WireError
@@ -193,19 +194,27 @@ class GradientAssembler(TensorAssembler):
 
 
 def device_putter(
-    into: dict, device: jax.Device, only: frozenset[str] | None = None
+    into: dict, device: jax.Device | ModelPlacement, only: frozenset[str] | None = None
 ) -> Callable[[str, np.ndarray], None]:
     """An on_complete callback for GradientAssembler that starts each finished leaf's host-to-device
     copy (asynchronous on accelerators; zero copy of the aligned buffer on CPU) while later chunks
     are still arriving. It closes over the target dict only, not over its receiver: a bound method
     would make receiver -> assembler -> callback -> receiver a reference cycle, keeping whole
     gradients alive until the cyclic garbage collector runs. `only`: the leaves to move (others,
-    e.g. non-float leaves that take no part in the update, are left on the host)."""
+    e.g. non-float leaves that take no part in the update, are left on the host). `device`: a
+    device, or a model's placement: on a mesh every buffer goes straight to the devices that hold
+    its slices, padded as the model holds it (core/placement.py)."""
+    placement = device if isinstance(device, ModelPlacement) else None
+    target = device.placement.device if isinstance(device, ModelPlacement) else device
 
     def put(path: str, array: np.ndarray) -> None:
-        if only is None or path in only:
-            # Small leaves go to the jitted step as numpy arrays: its C++ dispatch transfers them in
-            # microseconds, where jax.device_put's Python path costs more than a small model's update.
-            into[path] = jax.device_put(array, device) if array.nbytes >= EARLY_DEVICE_PUT_BYTES else array
+        if only is not None and path not in only:
+            return
+        if placement is not None and placement.sharded:
+            into[path] = placement.put(path, array)
+            return
+        # Small leaves go to the jitted step as numpy arrays: its C++ dispatch transfers them in
+        # microseconds, where jax.device_put's Python path costs more than a small model's update.
+        into[path] = jax.device_put(array, target) if array.nbytes >= EARLY_DEVICE_PUT_BYTES else array
 
     return put

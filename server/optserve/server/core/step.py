@@ -3,6 +3,7 @@ computation, with donated buffers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optserve.server.core.layout import Packing
+from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer, ema
 
@@ -58,7 +60,13 @@ def nonfinite_leaf_name(packing: Packing, opt_state: Any, ema_state: Any, index:
     raise IndexError(index)
 
 
-def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings):
+def make_step(
+    compiled: CompiledOptimizer,
+    trainable: tuple[str, ...],
+    donate_params: bool,
+    settings: ModelSettings,
+    shardings: StepShardings | None = None,
+):
     """The jitted update: (params, opt_state, ema_state, grads, scale) -> (params, opt_state, ema_state),
     plus, with settings.reject_nonfinite_updates, per buffer whether it is finite and where not.
 
@@ -70,6 +78,10 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
     reject_nonfinite_updates: when any new floating-point value is not finite, every output is the
     corresponding input (a select inside the computation, bit for bit), so the donated buffers are
     still valid and the caller only has to read the flags back to know whether to count the step.
+
+    shardings: on a mesh (core/placement.py), the step is one SPMD program with these in and out
+    shardings (the state keeps its sharding from step to step, a padded pack's padding is set back
+    to zero); None on one device: jitted without, as it always was.
     """
     decay = settings.ema_decay
     check = settings.reject_nonfinite_updates
@@ -80,6 +92,8 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
         g = {k: grads[k].astype(train[k].dtype) for k in trainable}
         updates, new_opt_state = compiled.update(g, opt_state, train)
         new_params = _apply_updates(params, updates, scale)
+        if shardings is not None:
+            new_params = shardings.placement.zero_padding(new_params)
         new_ema = ema_state
         if ema_state is not None:
             assert decay is not None  # the model keeps an EMA state exactly when its settings set ema_decay
@@ -94,7 +108,30 @@ def make_step(compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_pa
 
         return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
 
-    return jax.jit(model_update_step, donate_argnums=(0, 1, 2) if donate_params else (1,))
+    donate = (0, 1, 2) if donate_params else (1,)
+    if shardings is None:
+        return jax.jit(model_update_step, donate_argnums=donate)
+    s = shardings
+    scalar = s.placement.placement.replicated()
+    grads = {k: s.params[k] for k in trainable}
+    out = (s.params, s.opt_state, s.ema_state) + ((scalar, scalar) if check else ())
+    return jax.jit(
+        model_update_step,
+        donate_argnums=donate,
+        in_shardings=(s.params, s.opt_state, s.ema_state, grads, scalar),
+        out_shardings=out,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """The shardings of a model's step on a mesh: parameters by buffer key, optimizer and EMA state
+    as pytrees of shardings (ModelPlacement.state_shardings; None: the model keeps no EMA)."""
+
+    placement: ModelPlacement
+    params: dict[str, Any]
+    opt_state: Any
+    ema_state: Any
 
 
 def own_buffers(tree: Any) -> Any:

@@ -5,6 +5,7 @@ allocated and reserves the name and bytes while the model is built."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -13,6 +14,7 @@ import jax
 
 from optserve.server.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.core.model import Model
+from optserve.server.core.placement import Placement
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -36,15 +38,17 @@ class ModelStore:
 
     def __init__(
         self,
-        device: jax.Device,
+        device: jax.Device | Placement,
         *,
         max_models: int | None = None,
         max_model_bytes: int | None = None,
         max_total_bytes: int | None = None,
         packed: bool = True,
     ):
-        """packed: models hold their alike small leaves in flat buffers (core/layout.py)."""
-        self.device = device
+        """device: the device models live on, or the devices (a mesh: core/placement.py).
+        packed: models hold their alike small leaves in flat buffers (core/layout.py)."""
+        self.placement = device if isinstance(device, Placement) else Placement([device])
+        self.device = self.placement.device  # the first (the only one without a mesh)
         self.packed = packed
         self.max_models = max_models
         self.max_model_bytes = max_model_bytes
@@ -70,12 +74,12 @@ class ModelStore:
         return sum(m.param_bytes + m.state_bytes for m in list(self._models.values())) + sum(self._reserved.values())
 
     def capacity_bytes(self) -> int:
-        """What the device can hold at most: its memory limit where it reports one, else host memory."""
-        try:
-            limit = (self.device.memory_stats() or {}).get("bytes_limit")
-        except Exception:  # backends without memory_stats
-            limit = None
-        return int(limit) if limit else host_memory_bytes()
+        """What the devices can hold at most: their memory limits where they report them, else host
+        memory (fake CPU devices of one host share it)."""
+        limits: list[int] = []
+        with contextlib.suppress(Exception):  # backends without memory_stats
+            limits = [int((d.memory_stats() or {}).get("bytes_limit") or 0) for d in self.placement.devices]
+        return sum(limits) if limits and all(limits) else host_memory_bytes()
 
     def check_can_create(self, name: str, declared_bytes: int) -> None:
         """Raises before any bytes are received if the model could not be created."""
@@ -92,12 +96,27 @@ class ModelStore:
         if declared_bytes > self.capacity_bytes():  # without a configured limit: never try the impossible
             raise ResourceExhausted(
                 f"model {name!r}: {declared_bytes} bytes declared, more than the {self.capacity_bytes()} bytes of "
-                f"memory of device {self.device}"
+                f"memory of {self.describe_devices()}"
             )
         if self.max_total_bytes is not None and self.total_bytes() + declared_bytes > self.max_total_bytes:
             raise ResourceExhausted(
                 f"model {name!r}: {declared_bytes} more bytes would exceed the server's limit of {self.max_total_bytes}"
             )
+
+    def device_bytes(self) -> list[int]:
+        """Bytes of every model held on each device, in the placement's order."""
+        out = [0] * self.placement.count
+        for m in self.models():
+            for i, n in enumerate(m.placement_info()[1]):
+                out[i] += n
+        return out
+
+    def describe_devices(self) -> str:
+        """'device TFRT_CPU_0', or 'devices gpu:0-3' for a mesh (in messages and logs)."""
+        devices = self.placement.devices
+        if len(devices) == 1:
+            return f"device {devices[0]}"
+        return f"{len(devices)} {devices[0].platform} devices ({', '.join(str(d.id) for d in devices)})"
 
     def reserve(self, name: str, declared_bytes: int) -> None:
         """Claims a name while its parameters stream in, so two creates cannot both succeed."""

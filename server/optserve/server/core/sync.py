@@ -350,7 +350,7 @@ class SyncPush:
             model.push_schema,
             model.layout,
             what=f"model {model.name!r}",
-            on_complete=device_putter(self.on_device, model.device, frozenset(model.trainable)),
+            on_complete=device_putter(self.on_device, model.placement, frozenset(model.trainable)),
             buffers=model.gradient_buffers.take(),
             packs=packs,
         )

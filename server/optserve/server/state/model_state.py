@@ -33,6 +33,7 @@ from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.layout import StateMap, leaf_keys
 from optserve.server.core.model import Model, ModelState
+from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
@@ -80,10 +81,16 @@ def _unique(paths: list[str], what: str) -> list[str]:
     return paths
 
 
-def host_leaf_form(smap: StateMap, tree: Any, what: str) -> dict[str, np.ndarray]:
+def host_leaf_form(
+    smap: StateMap, tree: Any, what: str, placement: ModelPlacement | None = None
+) -> dict[str, np.ndarray]:
     """A model's state pytree of device buffers (optimizer state or EMA) as host arrays of its leaf
-    form (core/layout.py, StateMap), by `state_paths` (waits for each copy; packs become views)."""
-    leaves = smap.to_leaves([np.asarray(x) for x in jax.tree.leaves(tree)])
+    form (core/layout.py, StateMap), by `state_paths` (waits for each copy, gathering a sharded one
+    once; packs become views, without the padding a mesh holds them with)."""
+    host = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    if placement is not None:
+        host = [placement.state_host(path, a) for (path, _, _), a in zip(smap.entries, host, strict=True)]
+    leaves = smap.to_leaves(host)
     return dict(zip(_unique(["/".join(p) for p in leaves], what), leaves.values(), strict=True))
 
 
@@ -106,18 +113,18 @@ class DeviceSnapshot:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
         m = self.model
         what = f"model {m.name!r}"
-        opt = host_leaf_form(m.packing.opt_map, self.opt_state, what)
+        opt = host_leaf_form(m.packing.opt_map, self.opt_state, what, m.placement)
         ema = None
         if self.ema is not None:
             assert m.packing.ema_map is not None  # a model that keeps an EMA has its map
-            ema = host_leaf_form(m.packing.ema_map, self.ema, what)
+            ema = host_leaf_form(m.packing.ema_map, self.ema, what, m.placement)
         return HostState(
             name=m.name,
             step=self.step,
             schema=list(m.schema),
             spec=m.compiled.spec,
             settings=m.settings,
-            params=m.layout.leaf_arrays({k: np.asarray(v) for k, v in self.params.items()}),
+            params=m.layout.leaf_arrays({k: m.placement.host(k, np.asarray(v)) for k, v in self.params.items()}),
             opt=opt,
             ema=ema,
             hyperparams=m.compiled.hyperparams(self.opt_state),
@@ -158,7 +165,7 @@ def prepare(model: Model, state: HostState) -> ModelState:
     what = f"model {model.name!r}"
     packing = model.packing
     _check_state(what, "optimizer state", packing.opt_map, packing.opt_dtypes, state.opt)
-    opt_state = _buffer_form(packing.opt_map, state.opt, model.device)
+    opt_state = _buffer_form(packing.opt_map, state.opt, model.placement)
     _check_leaves(what, "params", model.schema, state.params)
     if (state.ema is None) != (packing.ema_map is None):
         has = (
@@ -170,12 +177,11 @@ def prepare(model: Model, state: HostState) -> ModelState:
     ema = None
     if packing.ema_map is not None and state.ema is not None:  # both or neither (checked above)
         _check_state(what, "EMA state", packing.ema_map, packing.ema_dtypes, state.ema)
-        ema = _buffer_form(packing.ema_map, state.ema, model.device)
+        ema = _buffer_form(packing.ema_map, state.ema, model.placement)
     _check_hyperparams_state(what, state.opt)
     workers = {w: r.copy() for w, r in state.workers.items()}
-    dev = model.device
     buffers = model.layout.pack_arrays(state.params)
-    params = {k: jax.device_put(own(buffers[k]), dev) for k in model.layout.keys}
+    params = {k: model.placement.put(k, own(buffers[k])) for k in model.layout.keys}
     return ModelState(step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers)
 
 
@@ -230,11 +236,13 @@ def _check_state(
         raise StateError(f"{what}: {wrong}")
 
 
-def _buffer_form(smap: StateMap, arrays: Mapping[str, np.ndarray], device: Any) -> Any:
+def _buffer_form(smap: StateMap, arrays: Mapping[str, np.ndarray], placement: ModelPlacement) -> Any:
     """Checked host arrays of a state's leaf form (by state path) as the model's device pytree over
-    its buffers (packs gathered)."""
+    its buffers (packs gathered), each leaf placed as the model's step expects it (core/placement.py)."""
     by_key = {path: arrays["/".join(path)] for path in smap.order}
-    return jax.tree.unflatten(smap.treedef, [jax.device_put(own(a), device) for a in smap.to_buffers(by_key)])
+    buffers = smap.to_buffers(by_key)
+    put = [placement.put_state(path, own(a)) for (path, _, _), a in zip(smap.entries, buffers, strict=True)]
+    return jax.tree.unflatten(smap.treedef, put)
 
 
 def _check_leaves(what: str, group: str, schema: list[LeafSpec], arrays: Mapping[str, np.ndarray]) -> None:
