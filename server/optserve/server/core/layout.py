@@ -61,6 +61,11 @@ class Layout:
         return (*(p.name for p in self.packs), *self.loose)
 
     @functools.cached_property
+    def pack_named(self) -> dict[str, Pack]:
+        """Pack name -> pack."""
+        return {p.name: p for p in self.packs}
+
+    @functools.cached_property
     def pack_of(self) -> dict[str, tuple[Pack, int]]:
         """Leaf path -> its pack and its index there, for packed leaves."""
         return {leaf: (p, i) for p in self.packs for i, leaf in enumerate(p.leaves)}
@@ -253,7 +258,7 @@ def state_map(buffer_tree: Any, leaf_tree: Any, layout: Layout) -> StateMap | No
     be packed."""
     if leaf_tree is None:
         return None
-    packs = {p.name: p for p in layout.packs}
+    packs = layout.pack_named
     order = leaf_keys(leaf_tree)
     wanted = dict(zip(order, (tuple(x.shape) for x in jax.tree.leaves(leaf_tree)), strict=True))
     entries = []
@@ -296,7 +301,7 @@ def leaf_form(tree: Any, layout: Layout) -> Any:
 
     Derived, not traced: tracing the optimizer's init over thousands of leaves is what packing saves
     (seconds per model at creation and at restore)."""
-    packs = {p.name: p for p in layout.packs}
+    packs = layout.pack_named
 
     class Unmapped(Exception):
         pass

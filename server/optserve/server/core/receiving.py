@@ -104,7 +104,7 @@ class GradientAssembler(TensorAssembler):
             both = path if slot is None else slot[0].name
             raise self.error(f"packed tensor {both!r} and its leaves both sent: send one or the other")
         if slot is None:
-            if not self._packs_allowed and path not in self._layout.paths:
+            if not self._packs_allowed and path in self._layout.pack_named:
                 raise self.error(
                     f"packed tensor {path!r} sent without PushHeader.layout_id (the layout its packs come from)"
                 )
@@ -186,7 +186,7 @@ class GradientAssembler(TensorAssembler):
         """The refusal naming the leaf at fault: inside a pack sent whole, the one holding the first
         NaN or Inf of `block` (whole elements from byte `start` of the pack)."""
         path = leaf.path
-        pack = next((p for p in self._layout.packs if p.name == path), None)
+        pack = self._layout.pack_named.get(path)
         if pack is not None:
             bad = ~np.isfinite(block.view(leaf.dtype).astype(np.float32))
             path = pack.locate(start // leaf.dtype.itemsize + int(np.argmax(bad)))[0]

@@ -46,7 +46,7 @@ def nonfinite_leaf_name(packing: Packing, opt_state: Any, ema_state: Any, index:
     layout = packing.layout
     if index < len(layout.trainable):
         key = layout.trainable[index]
-        pack = next((p for p in layout.packs if p.name == key), None)
+        pack = layout.pack_named.get(key)
         return f"parameter {key if pack is None else pack.locate(element)[0]!r}"
     index -= len(layout.trainable)
     for what, tree, smap in (("optimizer state", opt_state, packing.opt_map), ("EMA", ema_state, packing.ema_map)):
