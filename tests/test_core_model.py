@@ -135,14 +135,12 @@ def test_hyperparameter_changes_are_state_changes():
     np.testing.assert_array_equal(weights(model), params()["w"] - 0.25)
 
 
-def test_the_ema_template_describes_the_ema_state_without_its_values():
-    assert make_model().ema_template() is None
+def test_the_packing_describes_the_ema_state_without_its_values():
+    assert make_model().packing.ema_map is None
     model = make_model(ModelSettings(ema_decay=0.5))
-    template = model.ema_template()
     state, _ = model.capture_state()
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state.ema_state)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), template) == shapes
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(template))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), model.packing.ema_shapes) == shapes
 
 
 def test_replace_state_takes_worker_records_as_given_and_keeps_no_reference_to_them():

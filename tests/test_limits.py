@@ -17,7 +17,8 @@ from optserve.client import (
     optim,
 )
 from optserve.server import Server
-from optserve.server.core.admission import compile_for, state_bytes_for
+from optserve.server.core.admission import compile_for
+from optserve.server.core.layout import plan_packing
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.channel import MAX_MESSAGE_BYTES
 from optserve.wire.dtypes import LeafSpec
@@ -28,7 +29,7 @@ G = {"w": np.ones(64, np.float32)}
 # What the server will count for one SMALL adam model, estimated without allocating (the test
 # checks below that the estimate equals what the created model holds).
 _SCHEMA = [LeafSpec("w", "float32", (64,))]
-PER_MODEL = 256 + state_bytes_for(compile_for("x", optim.adam(0.1), _SCHEMA), _SCHEMA)
+PER_MODEL = 256 + plan_packing(_SCHEMA, compile_for("x", optim.adam(0.1), _SCHEMA), keeps_ema=False).state_bytes
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,6 @@ def compile_for(name: str, spec: Any, schema: Sequence[LeafSpec]) -> CompiledOpt
         raise InvalidArgument(f"model {name!r}: optimizer {e}") from None
 
 
-def state_bytes_for(compiled: CompiledOptimizer, schema: Sequence[LeafSpec], packed: bool = True) -> int:
-    """Bytes of the optimizer state a model of `schema` would allocate, without allocating
-    (jax.eval_shape over its layout), so that limits count parameters and state before any bytes
-    arrive."""
-    return plan_packing(schema, compiled, keeps_ema=False, enabled=packed).opt_bytes
-
-
 @dataclasses.dataclass(frozen=True)
 class Admitted:
     """A model that passed every check and holds its reservation: `create` builds it."""

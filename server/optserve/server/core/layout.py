@@ -344,6 +344,7 @@ class Packing:
     opt_shapes: Any  # the optimizer state over the buffers after init (jax.eval_shape)
     opt_map: StateMap
     ema_map: StateMap | None  # None: the model keeps no parameter EMA
+    ema_shapes: Any  # the EMA state over the buffers (jax.eval_shape); None without an EMA
 
     @property
     def opt_bytes(self) -> int:
@@ -353,10 +354,8 @@ class Packing:
     @property
     def state_bytes(self) -> int:
         """Bytes of the optimizer state and of the parameter EMA, if the model keeps one."""
-        if self.ema_map is None:
-            return self.opt_bytes
-        ema_state = jax.eval_shape(ema.ema_init, self.shapes)
-        return self.opt_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ema_state))
+        leaves = jax.tree.leaves(self.ema_shapes)  # [] without an EMA
+        return self.opt_bytes + sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
 
     @functools.cached_property
     def opt_dtypes(self) -> tuple[frozenset, ...]:
@@ -373,9 +372,7 @@ class Packing:
     @functools.cached_property
     def ema_dtypes(self) -> tuple[frozenset, ...]:
         """Per leaf of the EMA state's buffer form, its dtype (empty: the model keeps no EMA)."""
-        if self.ema_map is None:
-            return ()
-        return tuple(frozenset({x.dtype}) for x in jax.tree.leaves(jax.eval_shape(ema.ema_init, self.shapes)))
+        return tuple(frozenset({x.dtype}) for x in jax.tree.leaves(self.ema_shapes))
 
 
 def plan_packing(
@@ -391,10 +388,10 @@ def plan_packing(
         shapes.update((k, by_leaf[k]) for k in layout.trainable if k in by_leaf)
         opt = jax.eval_shape(optimizer.init, shapes)
         opt_map = state_map(opt, leaf_form(opt, layout), layout)
-        ema_map = None
+        ema_map = ema_state = None
         if keeps_ema:
             ema_state = jax.eval_shape(ema.ema_init, shapes)
             ema_map = state_map(ema_state, leaf_form(ema_state, layout), layout)
         if opt_map is not None and (ema_map is not None or not keeps_ema):
-            return Packing(layout, optimizer, shapes, opt, opt_map, ema_map)
+            return Packing(layout, optimizer, shapes, opt, opt_map, ema_map, ema_state)
     raise AssertionError("the unpacked layout maps every state leaf to itself")

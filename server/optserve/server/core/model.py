@@ -13,7 +13,7 @@ The API, each call taking the lock itself:
   `dropped_rounds` (lock-free);
 - pulls: `snapshot`, `wait_for_step`, `notify_waiters`;
 - hyperparameters: `hyperparams`, `set_hyperparams`;
-- persistence: `capture_state`, `replace_state`, `ema_template`;
+- persistence: `capture_state`, `replace_state`;
 - bookkeeping: `counters`, `count_received`, `count_sent`; lifecycle: `wake_waiters`, `mark_deleted`.
 `step`, `state_version` and `deleted` read one field each (no lock); `locked()` hands the
 aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks, unit tests).
@@ -40,7 +40,7 @@ from optserve.server.core.deadlines import DeadlineTimer
 from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
-from optserve.server.core.layout import Packing, leaf_form, plan_packing
+from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
@@ -421,13 +421,6 @@ class Model:
             )
             workers = {w: r.copy() for w, r in self._workers.items()}
             return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
-
-    def ema_template(self) -> Any:
-        """The shapes and dtypes of the parameter-EMA state by leaf, as checkpoints hold it (None: the
-        model keeps none), to check a state against before `replace_state`."""
-        if self.settings.ema_decay is None:
-            return None
-        return leaf_form(jax.eval_shape(ema.ema_init, self.packing.shapes), self.layout)  # shapes and dtypes
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on

@@ -31,7 +31,7 @@ import numpy as np
 
 from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
-from optserve.server.core.layout import StateMap, leaf_keys
+from optserve.server.core.layout import StateMap
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
@@ -69,29 +69,18 @@ class HostState:
         return sum(a.nbytes for g in self.tensor_groups().values() for a in g.values())
 
 
-def state_paths(tree: Any, what: str) -> list[str]:
-    """The `/`-joined key path of every leaf of a pytree, in leaf order (unique)."""
-    return _unique(["/".join(path) for path in leaf_keys(tree)], what)
-
-
-def _unique(paths: list[str], what: str) -> list[str]:
-    if len(set(paths)) != len(paths):
-        dup = next(p for p in paths if paths.count(p) > 1)
-        raise StateError(f"{what}: two optimizer-state leaves share the key {dup!r}")
-    return paths
-
-
 def host_leaf_form(
     smap: StateMap, tree: Any, what: str, placement: ModelPlacement | None = None
 ) -> dict[str, np.ndarray]:
     """A model's state pytree of device buffers (optimizer state or EMA) as host arrays of its leaf
-    form (core/layout.py, StateMap), by `state_paths` (waits for each copy, gathering a sharded one
+    form (core/layout.py, StateMap), by state path (waits for each copy, gathering a sharded one
     once; packs become views, without the padding a mesh holds them with)."""
     host = [np.asarray(x) for x in jax.tree.leaves(tree)]
     if placement is not None:
         host = [placement.state_host(path, a) for (path, _, _), a in zip(smap.entries, host, strict=True)]
-    leaves = smap.to_leaves(host)
-    return dict(zip(_unique(["/".join(p) for p in leaves], what), leaves.values(), strict=True))
+    if len(smap.names) != len(smap.order):  # two key paths that join to one name
+        raise StateError(f"{what}: two optimizer-state leaves share a key once joined with '/'")
+    return dict(zip(smap.names, smap.to_leaves(host).values(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
