@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,25 +44,55 @@ def model_name(request) -> str:
 
 def start_server_process(*args: str, env: dict | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Starts `optserve serve --port 0 ...` and waits (bounded) for its 'listening on' line."""
+    proc, address, _ = _start(list(args), env, timeout)
+    return proc, address
+
+
+def start_server_with_metrics(
+    *args: str, env: dict | None = None, timeout: float = 120.0, keep_stderr: bool = True
+) -> tuple[subprocess.Popen, str, int]:
+    """`start_server_process` with `--metrics-port 0`: (process, address, metrics port), the port read
+    from the line the server prints before it listens. keep_stderr=False: its log goes nowhere (a
+    test that makes it log many lines and never reads them must not fill the pipe)."""
+    return _start(["--metrics-port", "0", *args], env, timeout, keep_stderr)
+
+
+def _start(
+    args: list[str], env: dict | None, timeout: float, keep_stderr: bool = True
+) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
     )
-    deadline = time.monotonic() + timeout
+    deadline, metrics_port = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
             continue
-        m = re.match(r"optserve listening on (\S+):(\d+)", line)
-        if m:
-            return proc, f"{m.group(1)}:{m.group(2)}"
+        if m := re.match(r"optserve metrics on \S+:(\d+)", line):
+            metrics_port = int(m.group(1))
+        if m := re.match(r"optserve listening on (\S+):(\d+)", line):
+            return proc, f"{m.group(1)}:{m.group(2)}", metrics_port
     proc.kill()
     raise TimeoutError("server did not print its listening line in time")
+
+
+def assert_same_tree(a, b) -> None:
+    """Two pulled pytrees of nested dicts hold the same arrays (dtype and values, bit for bit), in any
+    key order (an uploaded model has no client-side structure: its order is the schema's)."""
+    assert isinstance(a, dict) == isinstance(b, dict)
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    else:
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class ManualClock:

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 
 from optserve.client import Client
-from tests.conftest import stop_server_process, wait_until
+from tests.conftest import start_server_with_metrics, stop_server_process, wait_until
 
 SPEC = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, {"adam": {"learning_rate": 1e-3}}]}
 PARAMS = {f"layer{i}/w": np.full(8, i, np.float32) for i in range(6)} | {"big": np.zeros(300_000, np.float32)}
@@ -24,28 +21,6 @@ PARAMS = {f"layer{i}/w": np.full(8, i, np.float32) for i in range(6)} | {"big": 
 
 def _grads(k: float) -> dict[str, np.ndarray]:
     return {name: np.full(a.shape, 0.01 * (k + 1), np.float32) for name, a in PARAMS.items()}
-
-
-def _serve(*args: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str, int]:
-    """`optserve serve --port 0 --metrics-port 0 ...`: (process, address, metrics port), from the
-    lines it prints once listening (bounded)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline, metrics_port = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()}")
-        if m := re.match(r"optserve metrics on \S+:(\d+)", line):
-            metrics_port = int(m.group(1))
-        if m := re.match(r"optserve listening on (\S+):(\d+)", line):
-            return proc, f"{m.group(1)}:{m.group(2)}", metrics_port
-    proc.kill()
-    raise TimeoutError("server did not print its listening line in time")
 
 
 def _counts(metrics_port: int) -> dict[str, float]:
@@ -72,7 +47,7 @@ def test_restart_with_the_cache_compiles_no_update_step(tmp_path):
     same directory, it restores the model, and neither the warm-up nor the first push compiles the
     update step: both are served by the cache."""
     root = str(tmp_path / "ckpt")
-    proc, target, metrics = _serve("--checkpoint-dir", root)
+    proc, target, metrics = start_server_with_metrics("--checkpoint-dir", root)
     try:
         with Client(target, timeout=120.0) as c:
             m = c.create_model("m", PARAMS, optimizer=SPEC)
@@ -88,7 +63,7 @@ def test_restart_with_the_cache_compiles_no_update_step(tmp_path):
     assert code == 0, err
     assert os.listdir(os.path.join(root, ".compile-cache"))
 
-    proc, target, metrics = _serve("--checkpoint-dir", root)
+    proc, target, metrics = start_server_with_metrics("--checkpoint-dir", root)
     try:
         with Client(target, timeout=120.0) as c:
             assert [x["name"] for x in c.list_models()] == ["m"]  # the cache directory is not a model
@@ -111,7 +86,7 @@ def test_restart_with_the_cache_compiles_no_update_step(tmp_path):
 def test_a_new_models_step_is_compiled_once_in_the_background(tmp_path):
     """Without a cache: the step is compiled by the warm-up once the model exists (the
     metric says so before any push), and the first push reuses it instead of compiling again."""
-    proc, target, metrics = _serve("--checkpoint-dir", "")
+    proc, target, metrics = start_server_with_metrics("--checkpoint-dir", "")
     try:
         with Client(target, timeout=120.0) as c:
             m = c.create_model("m", PARAMS, optimizer=SPEC)
@@ -132,7 +107,7 @@ def test_a_new_models_step_is_compiled_once_in_the_background(tmp_path):
 def test_a_sync_models_step_is_warmed_for_its_round_means(tmp_path, mode):
     """In sync mode the step gets the round's mean (float32, on the device): the warm-up compiles for
     that, and the round's update compiles no step."""
-    proc, target, metrics = _serve("--checkpoint-dir", "")
+    proc, target, metrics = start_server_with_metrics("--checkpoint-dir", "")
     try:
         with Client(target, timeout=120.0) as c:
             m = c.create_model("s", PARAMS, optimizer=SPEC, mode=mode, workers=1)

@@ -8,13 +8,9 @@ Raw grpcio channels with DEFAULT options stand in for grpc-js / grpc-go / grpc-j
 
 from __future__ import annotations
 
-import os
 import queue
 import re
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -30,7 +26,7 @@ from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.channel import DEFAULT_RECEIVE_LIMIT, MAX_MESSAGE_BYTES, method
 from optserve.wire.chunks import chunk_messages
-from tests.conftest import wait_until
+from tests.conftest import start_server_with_metrics, wait_until
 
 G4 = {"w": np.ones(4, np.float32)}
 
@@ -60,29 +56,6 @@ def _push_messages(
 # -- waiting calls are bounded: health and every other call keep answering ------------------------
 
 
-def _start_server_with_metrics(*args: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str, int]:
-    """`optserve serve --port 0 --metrics-port 0 ...`: (process, address, metrics port), from the
-    lines it prints once listening (bounded)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ),
-    )
-    deadline, metrics_port = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}")
-        if m := re.match(r"optserve metrics on \S+:(\d+)", line):
-            metrics_port = int(m.group(1))
-        if m := re.match(r"optserve listening on (\S+):(\d+)", line):
-            return proc, f"{m.group(1)}:{m.group(2)}", metrics_port
-    proc.kill()
-    raise TimeoutError("server did not print its listening line in time")
-
-
 def _gauge(metrics_port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
         text = r.read().decode()
@@ -105,8 +78,8 @@ def _pull_in_thread(
 
 
 def test_waiting_pulls_are_bounded_and_never_starve_the_server():
-    proc, address, metrics_port = _start_server_with_metrics(
-        "--max-workers", "8", "--checkpoint-dir", "", "--log-level", "WARNING"
+    proc, address, metrics_port = start_server_with_metrics(
+        "--max-workers", "8", "--checkpoint-dir", "", "--log-level", "WARNING", keep_stderr=False
     )
     try:
         with Client(address, timeout=30) as client:

@@ -19,7 +19,7 @@ import pytest
 
 from optserve.client import Client
 from optserve.server import Server
-from tests.conftest import start_server_process
+from tests.conftest import assert_same_tree, start_server_process
 from tests.reference.cases import CASES, EMA_CASES
 
 FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -54,16 +54,6 @@ def _grads(k: int) -> dict:
     g = _params(100 + k)
     g["steps"] = np.zeros(3, np.int32)
     return g
-
-
-def _same(a, b) -> None:
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b)
-        for k in a:
-            _same(a[k], b[k])
-    else:
-        assert np.asarray(a).dtype == np.asarray(b).dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -118,7 +108,7 @@ def test_a_four_device_server_reports_its_devices_and_splits_adam_state_evenly(s
         c.delete_model("even")
 
 
-def test_four_devices_and_one_compute_the_same(servers):
+def test_four_devices_and_one_compute_theassert_same_tree(servers):
     four, one, _ = servers
     spec = {"chain": [{"clip": {"max_delta": 1.0}}, {"adamw": {"learning_rate": 0.01, "mask": ["**/w"]}}]}
     models = [c.create_model("same", _params(), spec, ema=0.9) for c in (four, one)]
@@ -128,12 +118,12 @@ def test_four_devices_and_one_compute_the_same(servers):
     for k in range(3):
         for m in models:
             m.push(_grads(k), wire_dtype="bfloat16" if k == 1 else None)
-    _same(models[0].pull(), models[1].pull())
-    _same(models[0].pull(ema=True), models[1].pull(ema=True))
-    _same(models[0].pull(wire_dtype="bfloat16"), models[1].pull(wire_dtype="bfloat16"))
+    assert_same_tree(models[0].pull(), models[1].pull())
+    assert_same_tree(models[0].pull(ema=True), models[1].pull(ema=True))
+    assert_same_tree(models[0].pull(wire_dtype="bfloat16"), models[1].pull(wire_dtype="bfloat16"))
 
     leafwise = Client(four.target, packed=False, timeout=120.0).model("same")  # every leaf a view of its pack
-    _same(leafwise.pull(), one.model("same").pull())
+    assert_same_tree(leafwise.pull(), one.model("same").pull())
 
 
 def test_sync_rounds_sum_on_four_devices_as_on_one(servers):
@@ -145,7 +135,7 @@ def test_sync_rounds_sum_on_four_devices_as_on_one(servers):
             for i, w in enumerate(workers):
                 w.push(_grads(2 * k + i), weight=i + 1.0)
         assert m.pull(min_step=2, timeout=60)["big"].shape == (1 << 14, 20)
-    _same(models[0].pull(), models[1].pull())
+    assert_same_tree(models[0].pull(), models[1].pull())
 
 
 def test_saved_on_four_devices_restores_on_one_and_on_two(servers, tmp_path):
@@ -158,7 +148,7 @@ def test_saved_on_four_devices_restores_on_one_and_on_two(servers, tmp_path):
     model.push(_grads(5))
     after = model.pull()
     assert model.restore(2) == 2
-    _same(model.pull(), want)
+    assert_same_tree(model.pull(), want)
     for devices in (1, 2):
         copy = tmp_path / f"on{devices}"
         shutil.copytree(ckpt, copy)
@@ -167,10 +157,10 @@ def test_saved_on_four_devices_restores_on_one_and_on_two(servers, tmp_path):
         try:
             restored = Client(address, timeout=120.0).model("moved")
             assert restored.info()["step"] == 2 and len(restored.info()["device_bytes"]) == devices
-            _same(restored.pull(), want)
-            _same(restored.pull(ema=True), want_ema)
+            assert_same_tree(restored.pull(), want)
+            assert_same_tree(restored.pull(ema=True), want_ema)
             restored.push(_grads(5))  # and it goes on as the original does
-            _same(restored.pull(), after)
+            assert_same_tree(restored.pull(), after)
         finally:
             _stop(proc)
     four.delete_model("moved", delete_checkpoints=True)
@@ -182,13 +172,13 @@ def test_a_one_device_download_uploads_into_four_devices_and_back(servers, tmp_p
     source.push(_grads(0))
     source.download(tmp_path / "one.safetensors")
     moved = four.upload(tmp_path / "one.safetensors", "up")
-    _same(moved.pull(), source.pull())
+    assert_same_tree(moved.pull(), source.pull())
     for m in (moved, source):
         m.push(_grads(1))
-    _same(moved.pull(), source.pull())
+    assert_same_tree(moved.pull(), source.pull())
     moved.download(tmp_path / "four.safetensors")
     back = one.upload(tmp_path / "four.safetensors", "back")
-    _same(back.pull(), source.pull())
+    assert_same_tree(back.pull(), source.pull())
 
 
 @pytest.mark.parametrize("part", range(3))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from optserve.server import Server
+from tests.conftest import assert_same_tree
 
 SPEC = {"chain": [{"clip": {"max_delta": 1.0}}, {"adamw": {"learning_rate": 0.01, "mask": ["**/w"]}}]}
 
@@ -35,17 +36,6 @@ def servers():
         unpacked.stop()
 
 
-def _same(a, b) -> None:
-    assert isinstance(a, dict) == isinstance(b, dict)
-    if isinstance(a, dict):  # (an uploaded model has no client-side structure: its order is the schema's)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            _same(a[k], b[k])
-    else:
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert np.asarray(a).dtype == np.asarray(b).dtype
-
-
 def test_a_packed_server_computes_what_an_unpacked_one_does(servers):
     models = [c.create_model("alike", _params(), SPEC, ema=0.9) for c in servers]
     packing = models[0].info()["packing"]
@@ -56,9 +46,9 @@ def test_a_packed_server_computes_what_an_unpacked_one_does(servers):
     for k in range(3):
         for m in models:
             m.push(_grads(k), wire_dtype="bfloat16" if k == 1 else None)
-    _same(models[0].pull(), models[1].pull())
-    _same(models[0].pull(ema=True), models[1].pull(ema=True))
-    _same(models[0].pull(wire_dtype="bfloat16"), models[1].pull(wire_dtype="bfloat16"))
+    assert_same_tree(models[0].pull(), models[1].pull())
+    assert_same_tree(models[0].pull(ema=True), models[1].pull(ema=True))
+    assert_same_tree(models[0].pull(wire_dtype="bfloat16"), models[1].pull(wire_dtype="bfloat16"))
 
 
 def test_sync_rounds_sum_packs_as_they_sum_leaves(servers):
@@ -69,7 +59,7 @@ def test_sync_rounds_sum_packs_as_they_sum_leaves(servers):
             for i, w in enumerate(workers):
                 w.push(_grads(2 * k + i), weight=i + 1.0)
         assert m.pull(min_step=2, timeout=60)["layer0"]["w"].shape == (3, 4)
-    _same(models[0].pull(), models[1].pull())
+    assert_same_tree(models[0].pull(), models[1].pull())
 
 
 def test_downloads_and_checkpoints_move_between_packed_and_unpacked_servers(servers, tmp_path):
@@ -78,16 +68,16 @@ def test_downloads_and_checkpoints_move_between_packed_and_unpacked_servers(serv
         unpacked.push(_grads(k))
     unpacked.download(tmp_path / "unpacked.safetensors")
     into_packed = servers[0].upload(tmp_path / "unpacked.safetensors", "from-unpacked")
-    _same(into_packed.pull(), unpacked.pull())
-    _same(into_packed.pull(ema=True), unpacked.pull(ema=True))
+    assert_same_tree(into_packed.pull(), unpacked.pull())
+    assert_same_tree(into_packed.pull(ema=True), unpacked.pull(ema=True))
     # both continue alike, and the packed one's file goes back bit for bit
     into_packed.push(_grads(7))
     unpacked.push(_grads(7))
-    _same(into_packed.pull(), unpacked.pull())
+    assert_same_tree(into_packed.pull(), unpacked.pull())
     into_packed.download(tmp_path / "packed.safetensors")
     back = servers[1].upload(tmp_path / "packed.safetensors", "from-packed")
-    _same(back.pull(), into_packed.pull())
-    _same(back.pull(ema=True), into_packed.pull(ema=True))
+    assert_same_tree(back.pull(), into_packed.pull())
+    assert_same_tree(back.pull(ema=True), into_packed.pull(ema=True))
     del packed
 
 
@@ -101,10 +91,10 @@ def test_a_checkpoint_of_an_unpacked_server_restores_into_a_packed_one(tmp_path)
         want, want_ema = m.pull(), m.pull(ema=True)
     with Server(port=0, checkpoint_dir=ckpt) as srv, srv.client(timeout=60.0) as c:
         m = c.model("ck")
-        _same(m.pull(), want)
-        _same(m.pull(ema=True), want_ema)
+        assert_same_tree(m.pull(), want)
+        assert_same_tree(m.pull(ema=True), want_ema)
         m.push(_grads(9))
         m.save()
         want = m.pull()
     with Server(port=0, checkpoint_dir=ckpt, packed=False) as srv, srv.client(timeout=60.0) as c:
-        _same(c.model("ck").pull(), want)
+        assert_same_tree(c.model("ck").pull(), want)
