@@ -14,28 +14,66 @@ messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from optserve.client import pytree
+from optserve.client.errors import FailedPreconditionError, NotFoundError, OptserveError
 from optserve.client.messages import schema_of, settings_message
 from optserve.client.model import Model
+from optserve.client.sharded import Fanout, ShardedModel
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
 from optserve.wire.framing import frame
+from optserve.wire.shards import Piece, ShardMap
+
+
+def _rows(array: Any, piece: Piece) -> Any:
+    """The piece's rows of a whole leaf (a view), or the leaf itself when the piece is all of it."""
+    if array.ndim == 0 or (piece.start == 0 and piece.stop == array.shape[0]):
+        return array
+    return array[piece.start : piece.stop]
 
 
 class Client(Connection):
     """A connection to an optserve server, with the calls that create, find and delete models.
 
-    target: "host:port". token: bearer token sent on every call. tls: True, a CA file, or
+    target: "host:port", or a list of them: the servers a model may be spread over (`create_model`
+    places it over all of them, or the first `shards`; the first is the one the other calls use).
+    token: bearer token sent on every call (the same for every server). tls: True, a CA file, or
     {"ca": ..., "cert": ..., "key": ...} for mutual TLS. timeout: default deadline in seconds for
     each call (None: no deadline). chunk_bytes: payload bytes per streamed message. The channel
     itself (`call`, `stream`, `close`, `wait_ready`, `server_info`) is `transport.Connection`'s.
     """
+
+    def __init__(self, target: str | Sequence[str], **kwargs: Any):
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets:
+            raise ValueError("target must be 'host:port' or a non-empty list of them")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets must be distinct, got {targets}")
+        super().__init__(targets[0], **kwargs)
+        self.targets = targets
+        self._shard_connections: dict[str, Connection] = {targets[0]: self}
+
+    def connection(self, target: str) -> Connection:
+        """The connection to `target` (this client's own for its first target; others are opened
+        once, with this client's settings, and closed with it)."""
+        conn = self._shard_connections.get(target)
+        if conn is None:
+            conn = self._shard_connections[target] = self.sibling(target)
+        return conn
+
+    def close(self) -> None:
+        for target, conn in list(self._shard_connections.items()):
+            if conn is not self:
+                conn.close()
+            del self._shard_connections[target]
+        super().close()
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -54,11 +92,17 @@ class Client(Connection):
         ema: float | None = None,
         ema_debias: bool = False,
         reject_nonfinite: bool = False,
-    ) -> Model:
+        shards: int | None = None,
+        split_bytes: int | None = None,
+    ) -> Any:
         """Creates a model from initial parameters (any pytree) and an optimizer spec.
 
         reject_nonfinite: refuse (FailedPreconditionError, state unchanged) any update that would make
         parameters, optimizer state or EMA non-finite; each push then waits for its update to run.
+        shards: spread the model over this client's first `shards` targets (default: all of them);
+            1 (or a client of one target): an ordinary `Model` on the first. Over several, a
+            `ShardedModel` (docs/design.md, "Shards"): the first server places the leaves
+            (PlanShards), leaves larger than `split_bytes` (default 4 MiB) split by rows.
         """
         leaves, structure = pytree.flatten(params)
         settings = settings_message(
@@ -72,17 +116,106 @@ class Client(Connection):
             ema_debias=ema_debias,
             reject_nonfinite=reject_nonfinite,
         )
+        shards = len(self.targets) if shards is None else shards
+        if not 1 <= shards <= len(self.targets):
+            raise ValueError(f"shards must be between 1 and the {len(self.targets)} targets, got {shards}")
         header = pb.CreateModelHeader(
             name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=schema_of(leaves)
         )
-        msgs = chunk_messages(pb.CreateModelRequest(header=header), leaves, self.chunk_bytes)
-        info = self.call(self._create, msgs)
-        return Model(self, name, structure, info)
+        if shards == 1:
+            msgs = chunk_messages(pb.CreateModelRequest(header=header), leaves, self.chunk_bytes)
+            return Model(self, name, structure, self.call(self._create, msgs))
+        plan = pb.PlanShardsRequest(
+            name=name,
+            optimizer_json=header.optimizer_json,
+            settings=settings,
+            schema=header.schema,
+            targets=self.targets[:shards],
+            split_bytes=split_bytes or 0,
+        )
+        shard_map_msg = self.call(self._stub.PlanShards, plan)
+        return self._create_shards(header, dict(leaves), shard_map_msg, structure)
 
-    def model(self, name: str) -> Model:
-        """A handle on an existing model (raises NotFoundError if there is none)."""
+    def _create_shards(
+        self, header: pb.CreateModelHeader, leaves: dict[str, Any], shard_map_msg: pb.ShardMap, structure: Any
+    ) -> ShardedModel:
+        """Creates each shard of a placed model with its part; if any fails, deletes the shards
+        already created (all or nothing) and raises the failure, naming the shard."""
+        shard_map = ShardMap.from_message(shard_map_msg)
+        conns = [self.connection(t) for t in shard_map.targets]
+        fanout = Fanout(header.name, shard_map.targets)
+
+        def create(i: int) -> pb.ModelInfo:
+            h = pb.CreateModelHeader()
+            h.CopyFrom(header)
+            part = [(leaf.spec.path, p) for leaf, p in shard_map.pieces_of(i)]
+            del h.schema[:]
+            h.schema.extend(schema_of([(path, _rows(leaves[path], leaf_piece)) for path, leaf_piece in part]))
+            h.shard.CopyFrom(pb.ShardOf(map=shard_map_msg, index=i))
+            arrays = [(path, _rows(leaves[path], leaf_piece)) for path, leaf_piece in part]
+            msgs = chunk_messages(pb.CreateModelRequest(header=h), arrays, conns[i].chunk_bytes)
+            return conns[i].call(conns[i]._create, msgs)
+
+        try:
+            infos = fanout.run(create)
+        except OptserveError:
+            # the creates that succeeded are found by asking: delete exactly those of this placement
+            self._delete_placement(header.name, shard_map, conns)
+            fanout.close()
+            raise
+        fanout.close()
+        models = [Model(c, header.name, None, info) for c, info in zip(conns, infos, strict=True)]
+        return ShardedModel(header.name, shard_map, models, structure)
+
+    def _delete_placement(self, name: str, shard_map: ShardMap, conns: list[Connection]) -> None:
+        for conn in conns:
+            try:
+                info = conn.call(conn._stub.GetModel, pb.GetModelRequest(model=name))
+                if info.HasField("shard") and info.shard.map.model_id == shard_map.model_id:
+                    conn.call(conn._stub.DeleteModel, pb.DeleteModelRequest(model=name))
+            except OptserveError:
+                pass  # not created there (or the server is away: nothing of it was acknowledged)
+
+    def model(self, name: str) -> Any:
+        """A handle on an existing model (raises NotFoundError if there is none): a `Model`, or a
+        `ShardedModel` when the server holds one shard of a model spread over several (found through
+        the shard map it keeps; every shard is asked and must hold the same placement)."""
         info = self.call(self._stub.GetModel, pb.GetModelRequest(model=name))
-        return Model(self, name, None, info)
+        if not info.HasField("shard") or len(info.shard.map.targets) == 1:
+            return Model(self, name, None, info)
+        return self._open_shards(name, info)
+
+    def _open_shards(self, name: str, first: pb.ModelInfo) -> ShardedModel:
+        shard_map = ShardMap.from_message(first.shard.map)
+        conns = [self.connection(t) for t in shard_map.targets]
+        fanout = Fanout(name, shard_map.targets)
+
+        def get(i: int) -> pb.ModelInfo:
+            info = conns[i].call(conns[i]._stub.GetModel, pb.GetModelRequest(model=name))
+            s = info.shard
+            if not info.HasField("shard") or s.index != i or s.map.model_id != shard_map.model_id:
+                raise FailedPreconditionError(
+                    f"model {name!r}: the shard map names {shard_map.targets[i]} as shard {i} of placement "
+                    f"{shard_map.model_id}, but that server holds "
+                    + (
+                        "an unsharded model of that name"
+                        if not info.HasField("shard")
+                        else f"shard {s.index} of placement {s.map.model_id}"
+                    )
+                )
+            if s.map.version != shard_map.version:
+                raise FailedPreconditionError(
+                    f"model {name!r}: shard {i} ({shard_map.targets[i]}) has map version {s.map.version}, "
+                    f"another shard {shard_map.version} (a resharding under way?)"
+                )
+            return info
+
+        try:
+            infos = fanout.run(get)
+        finally:
+            fanout.close()
+        models = [Model(c, name, None, info) for c, info in zip(conns, infos, strict=True)]
+        return ShardedModel(name, shard_map, models, None)
 
     def list_models(self) -> list[dict]:
         resp = self.call(self._stub.ListModels, pb.ListModelsRequest())
@@ -92,7 +225,25 @@ class Client(Connection):
         ]
 
     def delete_model(self, name: str, *, delete_checkpoints: bool = False) -> None:
-        self.call(self._stub.DeleteModel, pb.DeleteModelRequest(model=name, delete_checkpoints=delete_checkpoints))
+        """Deletes a model; a sharded one on every shard its map names (each shard all or nothing;
+        a failure names the shard, and deleting again finishes the others)."""
+        info = self.call(self._stub.GetModel, pb.GetModelRequest(model=name))
+        req = pb.DeleteModelRequest(model=name, delete_checkpoints=delete_checkpoints)
+        if not info.HasField("shard"):
+            self.call(self._stub.DeleteModel, req)
+            return
+        shard_map = ShardMap.from_message(info.shard.map)
+        fanout = Fanout(name, shard_map.targets)
+
+        def delete(i: int) -> None:
+            conn = self.connection(shard_map.targets[i])
+            with contextlib.suppress(NotFoundError):  # deleted by an earlier, interrupted delete
+                conn.call(conn._stub.DeleteModel, req)
+
+        try:
+            fanout.run(delete)
+        finally:
+            fanout.close()
 
     def upload(self, path: str | os.PathLike, name: str | None = None) -> Model:
         """Creates a model from a file written by `Model.download`."""

@@ -74,6 +74,15 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
             for b in info.placement
         ],
         "device_bytes": list(info.device_bytes),
+        # a shard of a model over several servers: which one, of which placement (else None)
+        "shard": None
+        if not info.HasField("shard")
+        else {
+            "index": info.shard.index,
+            "model_id": info.shard.map.model_id,
+            "version": info.shard.map.version,
+            "targets": list(info.shard.map.targets),
+        },
     }
 
 

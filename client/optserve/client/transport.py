@@ -81,6 +81,10 @@ class Connection:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.target = target
+        # what `sibling` connects with: the same credentials, deadline, sizes and options
+        self._settings = dict(
+            token=token, tls=tls, timeout=timeout, chunk_bytes=chunk_bytes, options=options, packed=packed
+        )
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.packed = packed
@@ -123,6 +127,11 @@ class Connection:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    def sibling(self, target: str) -> Connection:
+        """A new connection to `target` with this one's token, TLS, deadline, sizes and options (the
+        other shards of a model over several servers)."""
+        return Connection(target, **self._settings)
 
     def close(self) -> None:
         self._channel.close()

@@ -103,7 +103,7 @@ class PackedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., leaves: _Optional[_Iterable[str]] = ..., elements: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id", "placement", "device_bytes")
+    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id", "placement", "device_bytes", "shard")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class ModelInfo(_message.Message):
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
@@ -140,7 +141,64 @@ class ModelInfo(_message.Message):
     layout_id: str
     placement: _containers.RepeatedCompositeFieldContainer[BufferPlacement]
     device_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    shard: ShardOf
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
+
+class ShardMap(_message.Message):
+    __slots__ = ("model_id", "version", "targets", "split_bytes", "leaves")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    version: int
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    split_bytes: int
+    leaves: _containers.RepeatedCompositeFieldContainer[ShardedLeaf]
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., split_bytes: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[ShardedLeaf, _Mapping]]] = ...) -> None: ...
+
+class ShardedLeaf(_message.Message):
+    __slots__ = ("leaf", "pieces")
+    LEAF_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    leaf: LeafSpec
+    pieces: _containers.RepeatedCompositeFieldContainer[LeafPiece]
+    def __init__(self, leaf: _Optional[_Union[LeafSpec, _Mapping]] = ..., pieces: _Optional[_Iterable[_Union[LeafPiece, _Mapping]]] = ...) -> None: ...
+
+class LeafPiece(_message.Message):
+    __slots__ = ("shard", "start", "stop")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    start: int
+    stop: int
+    def __init__(self, shard: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class ShardOf(_message.Message):
+    __slots__ = ("map", "index")
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    map: ShardMap
+    index: int
+    def __init__(self, map: _Optional[_Union[ShardMap, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
+
+class PlanShardsRequest(_message.Message):
+    __slots__ = ("name", "optimizer_json", "settings", "schema", "targets", "split_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    optimizer_json: str
+    settings: ModelSettings
+    schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    split_bytes: int
+    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., targets: _Optional[_Iterable[str]] = ..., split_bytes: _Optional[int] = ...) -> None: ...
 
 class BufferPlacement(_message.Message):
     __slots__ = ("name", "sharding", "param_bytes_per_device", "state_bytes_per_device", "padding")
@@ -157,16 +215,18 @@ class BufferPlacement(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sharding: _Optional[str] = ..., param_bytes_per_device: _Optional[int] = ..., state_bytes_per_device: _Optional[int] = ..., padding: _Optional[int] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
-    __slots__ = ("name", "optimizer_json", "settings", "schema")
+    __slots__ = ("name", "optimizer_json", "settings", "schema", "shard")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     optimizer_json: str
     settings: ModelSettings
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
-    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ...) -> None: ...
+    shard: ShardOf
+    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")

@@ -124,6 +124,11 @@ class OptserveStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.PlanShards = channel.unary_unary(
+                '/optserve.v1.Optserve/PlanShards',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.ShardMap.FromString,
+                _registered_method=True)
 
 
 class OptserveServicer:
@@ -268,6 +273,16 @@ class OptserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanShards(self, request, context):
+        """Places a model over several servers (docs/design.md, "Shards"): which leaves each shard holds,
+        large leaves split by rows. Validates the spec, settings and schema as CreateModel does (and
+        refuses what a sharded model cannot yet compute exactly) without creating anything; the client
+        then creates the model on each shard with the map (CreateModelHeader.shard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +375,11 @@ def add_OptserveServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.GetServerInfoRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.ServerInfo.SerializeToString,
+            ),
+            'PlanShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanShards,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.ShardMap.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -848,6 +868,33 @@ class Optserve:
             '/optserve.v1.Optserve/GetServerInfo',
             optserve_dot_v1_dot_optserve__pb2.GetServerInfoRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optserve/PlanShards',
+            optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.ShardMap.FromString,
             options,
             channel_credentials,
             insecure,

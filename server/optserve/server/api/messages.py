@@ -10,13 +10,17 @@ from collections.abc import Iterable, Sequence
 
 from optserve.server.checkpoint.files import CheckpointInfo
 from optserve.server.checkpoint.manager import CheckpointStatus
+from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.layout import Layout
 from optserve.server.core.model import Model
 from optserve.server.core.schema import MAX_LEAVES, check_leaf_count, check_schema
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.sharding import Shard
 from optserve.server.core.workers import PushReply
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.dtypes import LeafSpec
+from optserve.wire.errors import WireError
+from optserve.wire.shards import ShardMap
 
 
 def settings_from_proto(s: pb.ModelSettings, model: str) -> ModelSettings:
@@ -115,7 +119,38 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
     info.device_bytes.extend(device_bytes)
     if checkpoints is not None:
         info.last_checkpoint_step, info.last_checkpoint_error = checkpoints.last_step, checkpoints.last_error
+    if model.shard is not None:
+        info.shard.CopyFrom(shard_to_proto(model.shard))
     return info
+
+
+def shard_map_from_proto(model: str, m: pb.ShardMap) -> ShardMap:
+    """A shard map sent by a client, checked (`ShardMap.check`); INVALID_ARGUMENT names the field."""
+    schema_from_proto(model, [leaf.leaf for leaf in m.leaves])  # paths, dtypes and shapes as a schema's
+    try:
+        return ShardMap.from_message(m, f"model {model!r}: shard map")
+    except WireError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def shard_map_to_proto(shard_map: ShardMap) -> pb.ShardMap:
+    return pb.ShardMap(
+        model_id=shard_map.model_id,
+        version=shard_map.version,
+        targets=shard_map.targets,
+        split_bytes=shard_map.split_bytes,
+        leaves=[
+            pb.ShardedLeaf(
+                leaf=pb.LeafSpec(path=leaf.spec.path, dtype=leaf.spec.dtype, shape=leaf.spec.shape),
+                pieces=[pb.LeafPiece(shard=p.shard, start=p.start, stop=p.stop) for p in leaf.pieces],
+            )
+            for leaf in shard_map.leaves
+        ],
+    )
+
+
+def shard_to_proto(shard: Shard) -> pb.ShardOf:
+    return pb.ShardOf(map=shard_map_to_proto(shard.map), index=shard.index)
 
 
 def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:

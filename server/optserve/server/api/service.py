@@ -28,9 +28,10 @@ from optserve.server.api.call_context import CallContext, allowed_models
 from optserve.server.api.data_plane import DataPlane
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.checkpoint.manager import CheckpointManager
-from optserve.server.core import admission
+from optserve.server.core import admission, sharding
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from optserve.server.core.model import Model
+from optserve.server.core.sharding import Shard
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import SpecError, list_rules
 from optserve.v1 import optserve_pb2 as pb
@@ -108,6 +109,17 @@ def _stream_handler(fn: Callable) -> Callable:
             status.abort(context, e, rpc, call.model)
 
     return wrapper
+
+
+def _spec_of(name: str, optimizer_json: str) -> Any:
+    """The optimizer spec of a request (JSON text); INVALID_ARGUMENT naming the model if there is none
+    or it is not JSON."""
+    if not optimizer_json:
+        raise InvalidArgument(f"model {name!r}: optimizer_json: an optimizer spec is required")
+    try:
+        return json.loads(optimizer_json)
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: hostile nesting depth
+        raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
 
 
 def _only(messages: Iterator[bytes]) -> bytes:
@@ -212,6 +224,9 @@ class OptserveService:
             "GetServerInfo": h.unary_unary_rpc_method_handler(
                 self.GetServerInfo, _parse(P.GetServerInfoRequest), P.ServerInfo.SerializeToString
             ),
+            "PlanShards": h.unary_unary_rpc_method_handler(
+                self.PlanShards, _parse(P.PlanShardsRequest), P.ShardMap.SerializeToString
+            ),
         }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
@@ -228,14 +243,12 @@ class OptserveService:
         h = first.header
         name = call.authorize(h.name)
         settings = messages.settings_from_proto(h.settings, name)
-        if not h.optimizer_json:
-            raise InvalidArgument(f"model {name!r}: optimizer_json: an optimizer spec is required")
-        try:
-            spec = json.loads(h.optimizer_json)
-        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: hostile nesting depth
-            raise InvalidArgument(f"model {name!r}: optimizer_json is not valid JSON: {e}") from None
+        spec = _spec_of(name, h.optimizer_json)
         schema = messages.schema_from_proto(name, h.schema)
-        with admission.admit(self.store, name, schema, spec, settings) as admitted:
+        shard = None
+        if h.HasField("shard"):
+            shard = Shard(messages.shard_map_from_proto(name, h.shard.map), h.shard.index)
+        with admission.admit(self.store, name, schema, spec, settings, shard=shard) as admitted:
             assembler = TensorAssembler(
                 {leaf.path: leaf for leaf in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
             )
@@ -252,6 +265,17 @@ class OptserveService:
             model.settings.mode,
         )
         return self.model_info(model)
+
+    @_handler
+    def PlanShards(self, request: pb.PlanShardsRequest, call: CallContext) -> pb.ShardMap:
+        name = call.authorize(request.name)
+        check_model_name(name)
+        settings = messages.settings_from_proto(request.settings, name)
+        spec = _spec_of(name, request.optimizer_json)
+        schema = messages.schema_from_proto(name, request.schema)
+        compiled = admission.compile_for(name, spec, schema)
+        shard_map = sharding.plan(name, compiled, settings, schema, list(request.targets), request.split_bytes)
+        return messages.shard_map_to_proto(shard_map)
 
     @_handler
     def GetModel(self, request: pb.GetModelRequest, call: CallContext) -> pb.ModelInfo:

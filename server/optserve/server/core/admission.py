@@ -28,6 +28,7 @@ from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.schema import check_schema, schema_bytes
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.sharding import Shard, check_shard, for_shard
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import CompiledOptimizer, SpecError, compile_spec
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
@@ -53,12 +54,15 @@ class Admitted:
     settings: ModelSettings
     param_bytes: int  # what the schema's parameters take: the most a client may send for them
     packing: Packing  # how the model will hold its leaves (core/layout.py)
+    shard: Shard | None  # which shard of a model over several servers it is (core/sharding.py)
 
     def create(self, params: Mapping[str, np.ndarray], restore: Callable[[Model], ModelState] | None = None) -> Model:
         """Builds the model from its parameters (one array per schema leaf, validated by the caller,
         e.g. by the assembler that received them) and registers it; `restore(model)`: the state it
         continues from (validated against the model and put on its device), installed first."""
-        model = Model(self.name, self.schema, params, self.compiled, self.settings, self.store.placement, self.packing)
+        model = Model(
+            self.name, self.schema, params, self.compiled, self.settings, self.store.placement, self.packing, self.shard
+        )
         if restore is not None:
             model.replace_state(restore(model))
         self.store.add(model)
@@ -74,21 +78,27 @@ def admit(
     settings: ModelSettings,
     *,
     validate: Callable[[], None] | None = None,
+    shard: Shard | None = None,
 ) -> Iterator[Admitted]:
     """Checks and reserves model `name` (module docstring, steps 1 and 2); inside the block, build it
-    with `Admitted.create`. The reservation is released when the block ends, whether or not it did."""
+    with `Admitted.create`. The reservation is released when the block ends, whether or not it did.
+    `shard`: the model is that shard of a model over several servers; `schema` is the shard's part,
+    and the spec is compiled over the whole model's, then restricted (core/sharding.py)."""
     check_model_name(name)
     settings = settings.validated(name)
     schema = check_schema(name, [(leaf.path, leaf.dtype, leaf.shape) for leaf in schema])
     declared = schema_bytes(schema)
     store.check_can_create(name, declared)  # cheap checks first: limits before compiling
-    compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
+    if shard is None:
+        compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
+    else:
+        compiled = for_shard(name, compile_for(name, spec, check_shard(name, schema, shard)), settings, shard)
     if validate is not None:
         validate()
     packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None, enabled=store.packed)
     store.reserve(name, declared + packing.state_bytes)
     try:
-        yield Admitted(store, name, schema, compiled, settings, declared, packing)
+        yield Admitted(store, name, schema, compiled, settings, declared, packing, shard)
     finally:
         store.release(name)
 

@@ -43,6 +43,7 @@ from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper,
 from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.sharding import Shard
 from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
@@ -84,11 +85,14 @@ class Model:
         settings: ModelSettings,
         device: jax.Device | Placement,
         packing: Packing | None = None,
+        shard: Shard | None = None,
     ):
         """params: one host array per schema leaf. device: the device, or the devices (a mesh,
         core/placement.py) holding the model. packing: how to hold the leaves (core/layout.py,
-        `plan_packing`; None: planned here, alike small leaves packed)."""
+        `plan_packing`; None: planned here, alike small leaves packed). shard: which shard of a
+        model over several servers this is (core/sharding.py; None: the whole model)."""
         self.name = name
+        self.shard = shard
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
         self.float_leaves = frozenset(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)

@@ -51,6 +51,37 @@ _PER_LEAF = frozenset(
 )
 
 
+# Rules whose result for a leaf depends on the other leaves of the tree it is given, not only on
+# statistics of them: a per-leaf random key split from one key in leaf order.
+_LEAF_ORDER = frozenset(
+    {"noisy_sgd", "add_noise", *(f"{lib}:{name}" for lib in ("axon", "polaris") for name in ("noisy_sgd", "add_noise"))}
+)
+
+
+def rules_of(compiled: CompiledOptimizer) -> list[Rule]:
+    """Every rule of the spec, in spec order (inside chains and partitions)."""
+    out: list[Rule] = []
+
+    def visit(node: Node) -> None:
+        if isinstance(node, RuleNode):
+            out.append(node.rule)
+        elif isinstance(node, ComboNode):
+            for child in node.children:
+                visit(child)
+        else:
+            for _, child in node.groups:
+                visit(child)
+
+    visit(compiled.root)
+    return out
+
+
+def depends_on_leaf_order(rule: Rule) -> bool:
+    """Whether `rule` gives a leaf a result that depends on which other leaves it is given and in
+    what order (a random key split once per leaf), or may (a custom transform)."""
+    return rule.kind == "custom" or rule.name in _LEAF_ORDER
+
+
 def packing_of(rule: Rule) -> str:
     """How `rule` treats the leaves it is given: ELEMENTWISE, GLOBAL or LEAF (module docstring).
     Custom transforms are LEAF: the server cannot know what they compute across elements."""

@@ -18,12 +18,15 @@ import numpy as np
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.schema import schema_from_json
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.sharding import Shard
 from optserve.server.core.step import MAX_STEP
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.spec import SpecError, check_spec_depth
 from optserve.server.state.errors import StateError, is_int, show
 from optserve.server.state.model_state import HostState
 from optserve.server.state.worker_records import decode_worker, encode_worker
+from optserve.wire.errors import WireError
+from optserve.wire.shards import ShardMap
 
 FORMAT = "optserve-state"
 FORMAT_VERSION = 1
@@ -43,6 +46,8 @@ def to_manifest(state: HostState) -> dict:
         "workers": {w: encode_worker(r) for w, r in state.workers.items()},
         "opt_keys": list(state.opt),
         "ema_keys": None if state.ema is None else list(state.ema),
+        # absent for a whole model (files written before models could be sharded have none)
+        **({} if state.shard is None else {"shard": {"index": state.shard.index, "map": state.shard.map.to_json()}}),
     }
 
 
@@ -148,4 +153,19 @@ def from_manifest(
         ema=ema,
         hyperparams={k: float(v) for k, v in hyperparams.items()},
         workers=workers,
+        shard=_decode_shard(manifest.get("shard"), where),
     )
+
+
+def _decode_shard(data: Any, where: str) -> Shard | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not is_int(data.get("index")):
+        raise StateError(f"{where}: shard: expected an object with an integer index, got {show(data)}")
+    try:
+        shard_map = ShardMap.from_json(data.get("map"), f"{where}: shard.map")
+    except WireError as e:
+        raise StateError(str(e)) from None
+    if not 0 <= data["index"] < shard_map.shards:
+        raise StateError(f"{where}: shard.index {data['index']} is not one of the map's {shard_map.shards} shards")
+    return Shard(shard_map, data["index"])

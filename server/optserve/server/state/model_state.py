@@ -35,6 +35,7 @@ from optserve.server.core.layout import StateMap
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.sharding import Shard
 from optserve.server.core.store import ModelStore
 from optserve.server.core.workers import WorkerRecord
 from optserve.server.state.errors import StateError
@@ -58,6 +59,7 @@ class HostState:
     ema: dict[str, np.ndarray] | None  # state path -> leaf of the EMA state, in leaf order
     hyperparams: dict[str, float]
     workers: dict[str, WorkerRecord]  # worker_id -> its record (validated; JSON form: state/worker_records.py)
+    shard: Shard | None = None  # which shard of a model over several servers (core/sharding.py)
 
     def tensor_groups(self) -> dict[str, dict[str, np.ndarray]]:
         groups = {"params": self.params, "opt": self.opt}
@@ -118,6 +120,7 @@ class DeviceSnapshot:
             ema=ema,
             hyperparams=m.compiled.hyperparams(self.opt_state),
             workers=self.workers,
+            shard=m.shard,
         )
 
 
@@ -145,6 +148,10 @@ def check_compatible(model: Model, state: HostState) -> None:
         raise StateError(f"{what}: the checkpoint's optimizer spec differs from the model's")
     if state.settings != model.settings:
         raise StateError(f"{what}: the checkpoint's settings differ from the model's")
+    if (model.shard is None) != (state.shard is None) or (
+        model.shard is not None and not model.shard.same_placement(state.shard)
+    ):
+        raise StateError(f"{what}: the checkpoint belongs to another shard placement than the model's")
 
 
 def prepare(model: Model, state: HostState) -> ModelState:
@@ -204,7 +211,9 @@ def admit_state(store: ModelStore, name: str, state: HostState) -> Model:
         except StateError as e:
             raise InvalidArgument(str(e)) from None
 
-    with admission.admit(store, name, state.schema, state.spec, state.settings, validate=check_params) as admitted:
+    with admission.admit(
+        store, name, state.schema, state.spec, state.settings, validate=check_params, shard=state.shard
+    ) as admitted:
         return admitted.create({k: own(v) for k, v in state.params.items()}, restore=restore)
 
 

@@ -1,0 +1,447 @@
+"""`ShardedModel`: one model over several servers, driven from the client (docs/design.md, "Shards").
+
+Each shard server holds an ordinary model of the same name with some of the leaves: whole leaves,
+and row ranges of large ones under the leaf's path (`optserve.wire.shards`). A ShardedModel holds a
+`Model` per shard and sends every call to all of them at once (grpc releases the GIL while a call
+waits): a push gives each shard its part of the gradient; a pull gathers every part into one pytree,
+each shard writing its rows of a split leaf straight into that leaf's array.
+
+What makes the shards one model:
+- every push reaches every shard, under one (worker_id, seq) with a `ShardedWorker`, so a retry
+  after a partial failure is applied only by the shards that missed it (the others answer it as a
+  duplicate);
+- a gradient is checked whole before any shard sees it (leaves, shapes, finite values), so input
+  one shard would refuse is refused before another could apply its part;
+- a pull returns one step on every shard: a shard behind the others is asked again for the step
+  the others are at (`PullRequest.min_step`), a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from optserve.client import pytree
+from optserve.client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    OptserveError,
+    UnavailableError,
+)
+from optserve.client.model import Model
+from optserve.client.worker import Worker
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
+from optserve.wire.shards import ShardMap
+
+T = TypeVar("T")
+
+
+def _swap(pull: Callable[[int, int], int], step: int, shard: int) -> int:
+    return pull(shard, step)
+
+
+# Pulls of a shard that is behind the others before a pull gives up (UnavailableError: retry).
+CONSISTENT_PULL_ATTEMPTS = 8
+
+
+class Fanout:
+    """Runs one call per shard in parallel and names the shard whose call failed."""
+
+    def __init__(self, name: str, targets: Sequence[str]):
+        self.targets = list(targets)
+        self._pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix=f"optserve-{name}")
+
+    def run(self, call: Callable[[int], T], shards: Sequence[int] | None = None) -> list[T]:
+        """[call(shard) for each of `shards` (default: every shard)], run in parallel. Waits for every
+        call; if any failed, raises the first failure (in shard order) with its shard named."""
+        shards = list(range(len(self.targets))) if shards is None else list(shards)
+        if len(shards) == 1:
+            return [self._named(call, shards[0])]
+        futures = [self._pool.submit(self._named, call, s) for s in shards]
+        errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
+        return [f.result() for f in futures]
+
+    def _named(self, call: Callable[[int], T], shard: int) -> T:
+        try:
+            return call(shard)
+        except OptserveError as e:
+            if e.message.startswith("shard "):
+                raise
+            raise type(e)(f"shard {shard} ({self.targets[shard]}): {e.message}", e.code) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class ShardedModel:
+    """A handle on a model held by several servers, with `Model`'s calls and their meaning.
+
+    Made by `Client.create_model` on a client of several targets, or by `Client.model(name)` on any
+    one shard (the others are found in the shard map every shard keeps)."""
+
+    def __init__(self, name: str, shard_map: ShardMap, shards: Sequence[Model], structure: pytree.Structure | None):
+        self.name = name
+        self.shard_map = shard_map
+        self.shards = list(shards)
+        self.fanout = Fanout(name, [m.client.target for m in self.shards])
+        self._structure = structure
+        self._schema = {leaf.spec.path: leaf for leaf in shard_map.leaves}
+        # per shard, in its schema order: (leaf path, rows of the whole leaf or None: all of it)
+        self._parts = [
+            [(leaf.spec.path, slice(p.start, p.stop) if leaf.split else None) for leaf, p in shard_map.pieces_of(i)]
+            for i in range(shard_map.shards)
+        ]
+        self.last_step = -1
+        self.last_incarnation = ""
+
+    def __repr__(self) -> str:
+        return f"ShardedModel({self.name!r} on {len(self.shards)} shards: {', '.join(self.fanout.targets)})"
+
+    @property
+    def client(self) -> Any:
+        return self.shards[0].client
+
+    # -- splitting and gathering ------------------------------------------------------------------
+
+    def _leaves(self, tree: Any, what: str) -> dict[str, np.ndarray]:
+        """The leaves of `tree` by path (the structure seen first is reused as Model does)."""
+        structure = self._structure
+        arrays = pytree.flatten_as(tree, structure) if structure is not None else None
+        if structure is None or arrays is None:
+            leaves, structure = pytree.flatten(tree)
+            if self._structure is None:
+                self._structure = structure
+            return dict(leaves)
+        return dict(zip(structure.paths, arrays, strict=True))
+
+    def _check_grads(self, leaves: dict[str, np.ndarray]) -> None:
+        """Refuses, before any shard sees it, a gradient that a shard would refuse after another
+        applied its part: leaves missing or unknown, shapes, non-finite values."""
+        where = f"model {self.name!r}"
+        for path in leaves:
+            if path not in self._schema:
+                raise InvalidArgumentError(f"{where}: unexpected leaf {path!r} (not in the model's schema)")
+        for path, leaf in self._schema.items():
+            a = leaves.get(path)
+            if a is None:
+                raise InvalidArgumentError(f"{where}: missing leaf {path!r}")
+            if tuple(a.shape) != leaf.spec.shape:
+                raise InvalidArgumentError(
+                    f"{where}: leaf {path!r}: shape {list(a.shape)}, the model's is {list(leaf.spec.shape)}"
+                )
+            if leaf.spec.dtype in FLOAT_DTYPES and a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InvalidArgumentError(f"{where}: leaf {path!r}: non-finite gradient (NaN or Inf)")
+
+    def _split(self, leaves: dict[str, np.ndarray]) -> list[dict]:
+        """Each shard's part of a tree given by path: nested dicts of its leaves and row ranges
+        (views, never copies)."""
+        return [
+            pytree.nested_dicts([(path, leaves[path] if rows is None else leaves[path][rows]) for path, rows in part])
+            for part in self._parts
+        ]
+
+    def _targets(self, out: Any, wire_dtype: str | None) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """Where a pull writes: `out`'s arrays when given (pytree.writable_leaves), else new arrays of
+        the model's dtypes; and each shard's part of them (row ranges as views)."""
+        if out is not None:
+            arrays = dict(pytree.writable_leaves(out))
+            self._check_out(arrays)
+        else:
+            arrays = {path: np.empty(leaf.spec.shape, DTYPES[leaf.spec.dtype]) for path, leaf in self._schema.items()}
+        return arrays, self._split(arrays)
+
+    def _check_out(self, arrays: dict[str, np.ndarray]) -> None:
+        where = f"model {self.name!r}: out"
+        for path, leaf in self._schema.items():
+            a = arrays.get(path)
+            if a is None or tuple(a.shape) != leaf.spec.shape:
+                got = "missing" if a is None else f"shape {list(a.shape)}"
+                raise ValueError(f"{where}: leaf {path!r}: {got}, the model's is {list(leaf.spec.shape)}")
+
+    def _result(self, arrays: dict[str, np.ndarray], like: Any, out: Any) -> Any:
+        if out is not None:
+            return out
+        structure = pytree.flatten(like)[1] if like is not None else self._structure
+        if structure is not None and set(structure.paths) == set(arrays):
+            return pytree.unflatten(structure, [arrays[p] for p in structure.paths])
+        return pytree.nested_dicts(list(arrays.items()))
+
+    def _consistent(
+        self,
+        steps: list[int],
+        pull: Callable[[int, int], int],
+    ) -> int:
+        """Brings every shard's part to one step: `pull(shard, step)` pulls shard's part again at
+        least at `step` and returns the step it got. Returns the common step."""
+        for _ in range(CONSISTENT_PULL_ATTEMPTS):
+            target = max(steps)
+            behind = [i for i, s in enumerate(steps) if s != target]
+            if not behind:
+                return target
+            got = self.fanout.run(functools.partial(_swap, pull, target), behind)
+            for i, s in zip(behind, got, strict=True):
+                steps[i] = s
+        raise UnavailableError(
+            f"model {self.name!r}: its shards kept moving during the pull (steps {steps} after "
+            f"{CONSISTENT_PULL_ATTEMPTS} attempts); retry"
+        )
+
+    # -- data path --------------------------------------------------------------------------------
+
+    def push(
+        self, grads: Any, *, base_step: int | None = None, weight: float | None = None, wire_dtype: str | None = None
+    ) -> int:
+        """Sends a gradient pytree, each shard its part. Returns (async) the step after the update
+        (the largest of the shards'), (sync) the step it joins."""
+        leaves = self._leaves(grads, "gradient")
+        self._check_grads(leaves)
+        parts = self._split(leaves)
+        steps = self.fanout.run(
+            lambda i: self.shards[i].push(parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype)
+        )
+        return max(steps)
+
+    def pull(
+        self,
+        *,
+        like: Any = None,
+        min_step: int | None = None,
+        timeout: float | None = None,
+        ema: bool = False,
+        wire_dtype: str | None = None,
+        if_newer_than: int | None = None,
+        out: Any = None,
+    ) -> Any:
+        """The parameters of one step of every shard, as one pytree (arguments as `Model.pull`)."""
+        if out is not None and like is not None:
+            raise ValueError("pass `like` or `out`, not both")
+        arrays, parts = self._targets(out, wire_dtype)
+
+        def pull_one(i: int, step: int | None, newer: int | None) -> int | None:
+            m = self.shards[i]
+            got = m.pull(
+                min_step=step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=newer, out=parts[i]
+            )
+            return None if got is None else m.last_step
+
+        got = self.fanout.run(lambda i: pull_one(i, min_step, if_newer_than))
+        if all(s is None for s in got):
+            self._note()
+            return None
+        # a shard that had nothing newer while another had: pull its part after all
+        steps = [-1 if s is None else s for s in got]
+
+        def again(i: int, step: int) -> int:
+            s = pull_one(i, step, None)
+            assert s is not None  # a pull without if_newer_than always returns the parameters
+            return s
+
+        self._consistent(steps, again)
+        self._note()
+        return self._result(arrays, like, out)
+
+    def _note(self) -> None:
+        self.last_step = max(m.last_step for m in self.shards)
+        self.last_incarnation = ",".join(m.last_incarnation for m in self.shards)
+
+    def push_pull(
+        self,
+        grads: Any,
+        *,
+        base_step: int | None = None,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
+        """Pushes a gradient and returns the parameters of one step of every shard after it."""
+        leaves = self._leaves(grads, "gradient")
+        self._check_grads(leaves)
+        grad_parts = self._split(leaves)
+        arrays, parts = self._targets(out, wire_dtype)
+
+        def one(i: int) -> int:
+            m = self.shards[i]
+            m.push_pull(grad_parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, out=parts[i])
+            return m.last_step
+
+        steps = self.fanout.run(one)
+        self._consistent(steps, lambda i, step: self._pull_part(i, step, wire_dtype, parts[i]))
+        self._note()
+        return self._result(arrays, like, out)
+
+    def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
+        m = self.shards[i]
+        m.pull(min_step=step, wire_dtype=wire_dtype, out=out)
+        return m.last_step
+
+    # -- management -------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """`Model.info()` of the whole model: the schema of every leaf, bytes summed over the shards,
+        the step of the shard furthest behind, and "shards": each shard's target, step, leaves (with
+        the rows of split ones) and bytes."""
+        infos = self.fanout.run(lambda i: self.shards[i].info())
+        whole = dict(infos[0])
+        whole["schema"] = [
+            {"path": leaf.spec.path, "dtype": leaf.spec.dtype, "shape": leaf.spec.shape}
+            for leaf in self.shard_map.leaves
+        ]
+        whole["step"] = min(i["step"] for i in infos)
+        for key in ("param_bytes", "state_bytes"):
+            whole[key] = sum(i[key] for i in infos)
+        whole["shard"] = None
+        whole["shard_map"] = {
+            "model_id": self.shard_map.model_id,
+            "version": self.shard_map.version,
+            "split_bytes": self.shard_map.split_bytes,
+        }
+        whole["shards"] = [
+            {
+                "index": n,
+                "target": self.fanout.targets[n],
+                "step": i["step"],
+                "incarnation": i["incarnation"],
+                "leaves": [
+                    {"path": path, "rows": None if rows is None else (rows.start, rows.stop)}
+                    for path, rows in self._parts[n]
+                ],
+                "param_bytes": i["param_bytes"],
+                "state_bytes": i["state_bytes"],
+                "last_checkpoint_step": i["last_checkpoint_step"],
+            }
+            for n, i in enumerate(infos)
+        ]
+        return whole
+
+    @property
+    def step(self) -> int:
+        return self.info()["step"]
+
+    def set_hyperparams(self, **values: float) -> dict:
+        """Changes tunable hyperparameters on every shard (each validates them the same way)."""
+        return self.fanout.run(lambda i: self.shards[i].set_hyperparams(**values))[0]
+
+    def worker(self, worker_id: str, **kwargs: Any) -> ShardedWorker:
+        return ShardedWorker(self, worker_id, **kwargs)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> int:
+        """A checkpoint on every shard; returns its step, the same on all. FailedPreconditionError if
+        the shards were at different steps (pushes in flight): no step is then complete on all."""
+        steps = self.fanout.run(lambda i: self.shards[i].save())
+        if len(set(steps)) != 1:
+            raise FailedPreconditionError(
+                f"model {self.name!r}: the shards saved steps {steps}: no step is complete on every shard "
+                "(save while no push is in flight, e.g. between sync rounds)"
+            )
+        return steps[0]
+
+    def checkpoints(self) -> list[dict]:
+        """The checkpoints complete on every shard (the same step on each), bytes summed."""
+        lists = self.fanout.run(lambda i: self.shards[i].checkpoints())
+        common = set.intersection(*({c["step"] for c in cs} for cs in lists))
+        out = []
+        for c in lists[0]:
+            if c["step"] in common:
+                size = sum(x["bytes"] for cs in lists for x in cs if x["step"] == c["step"])
+                out.append({**c, "bytes": size})
+        return out
+
+    def restore(self, step: int = 0) -> int:
+        """Restores every shard to one committed step (0: the newest complete on all shards)."""
+        if not step:
+            steps = [c["step"] for c in self.checkpoints()]
+            if not steps:
+                raise FailedPreconditionError(f"model {self.name!r}: no checkpoint is complete on every shard")
+            step = max(steps)
+        got = self.fanout.run(lambda i: self.shards[i].restore(step))
+        return got[0]
+
+    def download(self, path: str | os.PathLike) -> int:
+        raise NotImplementedError("download of a sharded model")
+
+    def close(self) -> None:
+        self.fanout.close()
+
+
+class ShardedWorker:
+    """`Worker` for a sharded model: one Worker per shard under the same worker_id, their seqs in
+    step, so each push is one (worker_id, seq) on every shard; each retries its own shard."""
+
+    def __init__(self, model: ShardedModel, worker_id: str, **kwargs: Any):
+        self.model = model
+        self.worker_id = worker_id
+        self.workers = [Worker(m, worker_id, **kwargs) for m in model.shards]
+
+    def __repr__(self) -> str:
+        return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
+
+    @property
+    def seq(self) -> int:
+        return self.workers[0].seq
+
+    @property
+    def retries(self) -> int:
+        return sum(w.retries for w in self.workers)
+
+    @property
+    def restarts_seen(self) -> int:
+        return sum(w.restarts_seen for w in self.workers)
+
+    def pull(self, *, out: Any = None, like: Any = None, wire_dtype: str | None = None, **kwargs: Any) -> Any:
+        m = self.model
+        arrays, parts = m._targets(out, wire_dtype)
+
+        def one(i: int) -> int:
+            self.workers[i].pull(out=parts[i], wire_dtype=wire_dtype, **kwargs)
+            return self.workers[i].model.last_step
+
+        steps = m.fanout.run(one)
+        m.last_step = m._consistent(steps, lambda i, step: self._pull_part(i, step, wire_dtype, parts[i]))
+        return m._result(arrays, like, out)
+
+    def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
+        w = self.workers[i]
+        w.pull(min_step=step, wire_dtype=wire_dtype, out=out)
+        return w.model.last_step
+
+    def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
+        m = self.model
+        leaves = m._leaves(grads, "gradient")
+        m._check_grads(leaves)
+        parts = m._split(leaves)
+        steps = m.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
+        return max(steps)
+
+    def push_pull(
+        self,
+        grads: Any,
+        *,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
+        m = self.model
+        leaves = m._leaves(grads, "gradient")
+        m._check_grads(leaves)
+        grad_parts = m._split(leaves)
+        arrays, parts = m._targets(out, wire_dtype)
+
+        def one(i: int) -> int:
+            self.workers[i].push_pull(grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i])
+            return self.workers[i].model.last_step
+
+        steps = m.fanout.run(one)
+        m.last_step = m._consistent(steps, lambda i, step: self._pull_part(i, step, wire_dtype, parts[i]))
+        return m._result(arrays, like, out)
