@@ -181,9 +181,15 @@ KUBERNETES_VERSION = "1.35"
 
 
 def validate(doc: dict) -> None:
-    """Validates `doc` against the API's schema, strict: an unknown field fails as a wrong type does."""
-    used = kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    assert used == KUBERNETES_VERSION, f"validated against {used}, not {KUBERNETES_VERSION}"
+    """Validates `doc` against the API's schema, strict: an unknown field fails as a wrong type does.
+    AssertionError naming the object, the field's path and what is wrong."""
+    what = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+    try:
+        used = kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        raise AssertionError(f"{what}: {path}: {e.message} (Kubernetes {e.version})") from None
+    assert used == KUBERNETES_VERSION, f"{what}: validated against {used}, not {KUBERNETES_VERSION}"
 
 
 # Merge keys of the lists a strategic merge patch merges item by item (the others it replaces).
@@ -247,7 +253,7 @@ def test_validation_refuses_a_broken_copy(manifests, where, field, value):
     for key in where:
         node = node[key]
     node[field] = value
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(AssertionError, match=rf"StatefulSet optserve: .*{field}"):
         validate(broken)
 
 
