@@ -1,10 +1,15 @@
 """The Kubernetes manifests and the Dockerfile agree with the CLI: every server argument parses with
 `optserve serve`'s own parser; ports, probes, mount paths, Secret keys and the termination grace
-period match what the server is told; hadolint finds nothing in the Dockerfile."""
+period match what the server is told; hadolint finds nothing in the Dockerfile. Every manifest is
+valid against the Kubernetes API's schema (kubernetes-validate, offline), and the StatefulSet runs
+its replicas as shards (deploy/README.md, "Sharded deployment"): each with a stable DNS name from
+the headless Service and a volume of its own, named as the documented worker targets say."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import glob
 import json
 import os
 import re
@@ -12,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -112,8 +118,7 @@ def test_service_routes_to_the_named_ports(manifests):
         assert svc["spec"]["selector"].items() <= labels.items()
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in names, port
-    (main,) = [s for s in services if s["metadata"]["name"] == "optserve"]
-    assert {p["name"]: p["port"] for p in main["spec"]["ports"]} == {
+    assert {p["name"]: p["port"] for p in governing_service(manifests)["spec"]["ports"]} == {
         "grpc": manifests["args"].port,
         "metrics": manifests["args"].metrics_port,
     }
@@ -167,6 +172,172 @@ def test_grpc_probes_have_timeouts_that_hold(manifests):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe].get("timeoutSeconds", 1) >= GRPC_PROBE_MIN_TIMEOUT, (probe, c[probe])
         assert c[probe].get("periodSeconds", 10) >= c[probe].get("timeoutSeconds", 1), (probe, c[probe])
+
+
+# The Kubernetes release the manifests are validated against: the oldest minor still maintained
+# upstream when this was written (1.35; 1.37 was the newest). Every field the manifests use is GA
+# there (gRPC probes since 1.27, the StatefulSet's volume claim retention policy since 1.32).
+KUBERNETES_VERSION = "1.35"
+
+
+def validate(doc: dict) -> None:
+    """Validates `doc` against the API's schema, strict: an unknown field fails as a wrong type does.
+    AssertionError naming the object, the field's path and what is wrong."""
+    what = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+    try:
+        used = kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        raise AssertionError(f"{what}: {path}: {e.message} (Kubernetes {e.version})") from None
+    assert used == KUBERNETES_VERSION, f"{what}: validated against {used}, not {KUBERNETES_VERSION}"
+
+
+# Merge keys of the lists a strategic merge patch merges item by item (the others it replaces).
+MERGE_KEYS = {"containers": "name", "volumes": "name", "volumeMounts": "mountPath", "ports": "containerPort"}
+
+
+def strategic_merge(base: object, patch: object, field: str = "") -> object:
+    """What `kubectl patch` makes of `base` with `patch` (the subset of strategic merge the TLS
+    patch uses): maps merge, null deletes, keyed lists merge by key, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = strategic_merge(base[k], v, k) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
+        key = MERGE_KEYS[field]
+        merged = {item[key]: item for item in base}
+        for item in patch:
+            merged[item[key]] = strategic_merge(merged[item[key]], item) if item[key] in merged else item
+        return list(merged.values())
+    return patch
+
+
+def manifest_files() -> list[str]:
+    """Every manifest under deploy/ (relative to it), but the patch, which is not a whole object."""
+    paths = glob.glob(os.path.join(DEPLOY, "**", "*.yaml"), recursive=True)
+    return sorted(os.path.relpath(p, DEPLOY) for p in paths if not p.endswith("-patch.yaml"))
+
+
+@pytest.mark.parametrize("path", manifest_files())
+def test_manifest_is_valid_kubernetes(path):
+    docs = load(path)
+    assert docs, path
+    for doc in docs:
+        validate(doc)
+
+
+def test_tls_patched_statefulset_is_valid_kubernetes(manifests):
+    (patch,) = load("tls/statefulset-patch.yaml")
+    patched = strategic_merge(manifests["sts"], patch)
+    (c,) = patched["spec"]["template"]["spec"]["containers"]
+    assert "grpc" not in c["readinessProbe"] and c["readinessProbe"]["exec"]  # the merge did its work
+    validate(patched)
+
+
+@pytest.mark.parametrize(
+    "where, field, value",
+    [
+        (("spec",), "podManagmentPolicy", "Parallel"),  # misspelled
+        (("spec", "template", "spec", "containers", 0), "readinesProbe", {"grpc": {"port": 8470}}),
+        (("spec",), "replicas", "three"),
+        (("spec", "volumeClaimTemplates", 0, "spec"), "accessModes", "ReadWriteOnce"),  # not a list
+    ],
+)
+def test_validation_refuses_a_broken_copy(manifests, where, field, value):
+    broken = copy.deepcopy(manifests["sts"])
+    node = broken
+    for key in where:
+        node = node[key]
+    node[field] = value
+    with pytest.raises(AssertionError, match=rf"StatefulSet optserve: .*{field}"):
+        validate(broken)
+
+
+def governing_service(manifests: dict) -> dict:
+    """The Service the StatefulSet names its pods after (serviceName)."""
+    name = manifests["sts"]["spec"]["serviceName"]
+    (service,) = [s for s in by_kind(manifests["docs"], "Service") if s["metadata"]["name"] == name]
+    return service
+
+
+def test_replicas_are_shards_named_by_the_headless_service(manifests):
+    sts = manifests["sts"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    headless = governing_service(manifests)
+    assert headless["spec"]["clusterIP"] == "None"  # one DNS record per pod, no virtual IP
+    assert headless["spec"]["selector"].items() <= labels.items()  # selects exactly these pods
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # names resolve while a shard restores
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"  # all shards start together
+    assert sts["spec"]["replicas"] >= 1  # the shard count (deploy/README.md's example names each shard)
+    # No ClusterIP Service in front of the shards: it would send each connection to any one shard.
+    assert all(s["spec"].get("clusterIP") == "None" for s in by_kind(manifests["docs"], "Service"))
+
+
+def test_each_shard_has_its_own_checkpoint_volume(manifests):
+    sts, c, args = manifests["sts"], manifests["container"], manifests["args"]
+    pod = sts["spec"]["template"]["spec"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    name = claim["metadata"]["name"]
+    # The checkpoint mount comes from the claim template (a claim per pod), not from a pod volume,
+    # which every replica would share.
+    assert next(m for m in c["volumeMounts"] if m["mountPath"] == args.checkpoint_dir)["name"] == name
+    assert name not in {v["name"] for v in pod.get("volumes", [])}
+    assert not [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    retention = sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}  # checkpoints outlive pods
+
+
+# A shard's address as documented: <statefulset>-<ordinal>.<service>[.<namespace>.svc[.cluster.local]]:<port>,
+# where the ordinal and the namespace may be placeholders (`{i}`, `<i>`, `<namespace>`, `{ns}`).
+PLACEHOLDER = r"(?:\{\w+\}|<\w+>)"
+TARGET = re.compile(
+    rf"\b([a-z][a-z0-9-]*?)-(\d+|{PLACEHOLDER})\.([a-z][a-z0-9-]*)"
+    rf"(?:\.(?:[a-z][a-z0-9-]*|{PLACEHOLDER})\.svc(?:\.cluster\.local)?)?:(\d+)\b"
+)
+TARGET_DOCS = ("deploy/README.md", "README.md", "deploy/statefulset.yaml", "deploy/service.yaml")
+
+
+def target_problems(text: str, sts: str, service: str, port: int, replicas: int) -> tuple[list[str], list[str]]:
+    """(the ordinals of the targets in `text`, what is wrong with those targets)."""
+    found = TARGET.findall(text)
+    problems = [
+        f"{pod}-{ordinal}.{svc}:{p}: not {sts}-<ordinal < {replicas}>.{service}:{port}"
+        for pod, ordinal, svc, p in found
+        if (pod, svc, int(p)) != (sts, service, port) or (ordinal.isdigit() and int(ordinal) >= replicas)
+    ]
+    return [ordinal for _, ordinal, _, _ in found], problems
+
+
+def test_documented_worker_targets_match_the_service(manifests):
+    sts = manifests["sts"]
+    headless = governing_service(manifests)
+    (grpc_port,) = [p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_port == manifests["args"].port
+    expected = (sts["metadata"]["name"], headless["metadata"]["name"], grpc_port, sts["spec"]["replicas"])
+    ordinals = {}
+    for path in TARGET_DOCS:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            ordinals[path], problems = target_problems(f.read(), *expected)
+        assert not problems, f"{path}: " + "; ".join(problems)
+    # The Client([...]) example of deploy/README.md names every shard.
+    assert {str(i) for i in range(sts["spec"]["replicas"])} <= set(ordinals["deploy/README.md"]), ordinals
+    # The check sees wrong names, ports and ordinals.
+    wrong = "optserve-0.optserve:8470 optserve-1.optserve-headless.ml.svc:9470 optserve-{i}.optserve-headless:8470"
+    wrong += " optserve-3.optserve-headless.<namespace>.svc.cluster.local:8470"
+    should = "not optserve-<ordinal < 3>.optserve-headless:8470"
+    assert target_problems(wrong, *expected) == (
+        ["0", "1", "{i}", "3"],
+        [
+            f"optserve-0.optserve:8470: {should}",
+            f"optserve-1.optserve-headless:9470: {should}",
+            f"optserve-3.optserve-headless:8470: {should}",
+        ],
+    )
 
 
 def dockerfile() -> str:
