@@ -47,14 +47,21 @@ def _swap(pull: Callable[[int, int], int], step: int, shard: int) -> int:
 
 # Pulls of a shard that is behind the others before a pull gives up (UnavailableError: retry).
 CONSISTENT_PULL_ATTEMPTS = 8
+# Threads that may call one ShardedModel at once (beyond that, calls queue for its fan-out threads).
+CONCURRENT_CALLERS = 16
 
 
 class Fanout:
-    """Runs one call per shard in parallel and names the shard whose call failed."""
+    """Runs one call per shard in parallel and names the shard whose call failed.
 
-    def __init__(self, name: str, targets: Sequence[str]):
+    callers: how many threads may fan out through it at once. Calls may wait on each other (a sync
+    round waits for every worker's push), so each caller needs threads of its own: a `ShardedWorker`
+    has its own Fanout, a `ShardedModel` one for this many concurrent callers (threads start lazily).
+    """
+
+    def __init__(self, name: str, targets: Sequence[str], callers: int = 1):
         self.targets = list(targets)
-        self._pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix=f"optserve-{name}")
+        self._pool = ThreadPoolExecutor(max_workers=len(targets) * callers, thread_name_prefix=f"optserve-{name}")
 
     def run(self, call: Callable[[int], T], shards: Sequence[int] | None = None) -> list[T]:
         """[call(shard) for each of `shards` (default: every shard)], run in parallel. Waits for every
@@ -91,7 +98,7 @@ class ShardedModel:
         self.name = name
         self.shard_map = shard_map
         self.shards = list(shards)
-        self.fanout = Fanout(name, [m.client.target for m in self.shards])
+        self.fanout = Fanout(name, [m.client.target for m in self.shards], callers=CONCURRENT_CALLERS)
         self._structure = structure
         self._schema = {leaf.spec.path: leaf for leaf in shard_map.leaves}
         # per shard, in its schema order: (leaf path, rows of the whole leaf or None: all of it)
@@ -174,19 +181,17 @@ class ShardedModel:
             return pytree.unflatten(structure, [arrays[p] for p in structure.paths])
         return pytree.nested_dicts(list(arrays.items()))
 
-    def _consistent(
-        self,
-        steps: list[int],
-        pull: Callable[[int, int], int],
-    ) -> int:
+    def _consistent(self, steps: list[int], pull: Callable[[int, int], int], fanout: Fanout | None = None) -> int:
         """Brings every shard's part to one step: `pull(shard, step)` pulls shard's part again at
-        least at `step` and returns the step it got. Returns the common step."""
+        least at `step` and returns the step it got (through `fanout`, default the model's).
+        Returns the common step."""
+        fanout = fanout or self.fanout
         for _ in range(CONSISTENT_PULL_ATTEMPTS):
             target = max(steps)
             behind = [i for i, s in enumerate(steps) if s != target]
             if not behind:
                 return target
-            got = self.fanout.run(functools.partial(_swap, pull, target), behind)
+            got = fanout.run(functools.partial(_swap, pull, target), behind)
             for i, s in zip(behind, got, strict=True):
                 steps[i] = s
         raise UnavailableError(
@@ -382,6 +387,7 @@ class ShardedWorker:
         self.model = model
         self.worker_id = worker_id
         self.workers = [Worker(m, worker_id, **kwargs) for m in model.shards]
+        self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
 
     def __repr__(self) -> str:
         return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
@@ -406,8 +412,10 @@ class ShardedWorker:
             self.workers[i].pull(out=parts[i], wire_dtype=wire_dtype, **kwargs)
             return self.workers[i].model.last_step
 
-        steps = m.fanout.run(one)
-        m.last_step = m._consistent(steps, lambda i, step: self._pull_part(i, step, wire_dtype, parts[i]))
+        steps = self.fanout.run(one)
+        m.last_step = m._consistent(
+            steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+        )
         return m._result(arrays, like, out)
 
     def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
@@ -420,7 +428,7 @@ class ShardedWorker:
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
         parts = m._split(leaves)
-        steps = m.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
+        steps = self.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
         return max(steps)
 
     def push_pull(
@@ -442,6 +450,8 @@ class ShardedWorker:
             self.workers[i].push_pull(grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i])
             return self.workers[i].model.last_step
 
-        steps = m.fanout.run(one)
-        m.last_step = m._consistent(steps, lambda i, step: self._pull_part(i, step, wire_dtype, parts[i]))
+        steps = self.fanout.run(one)
+        m.last_step = m._consistent(
+            steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+        )
         return m._result(arrays, like, out)

@@ -35,6 +35,7 @@ class LockedModel(Protocol):
     member is used only while the model's lock is held (inside the Model's calls to the aggregator)."""
 
     name: str
+    label: str  # "model 'm'", or "model 'm' (shard 1 of 3)": how messages name it
     settings: ModelSettings
     schema_map: Mapping[str, LeafSpec]
     push_schema: Mapping[str, LeafSpec]  # every leaf, and every pack of `layout` in place of its leaves

@@ -27,7 +27,7 @@ class AsyncPush:
         self.assembler = GradientAssembler(
             model.push_schema,
             model.layout,
-            what=f"model {model.name!r}",
+            what=model.label,
             on_complete=device_putter(self.on_device, model.placement),
             buffers=model.gradient_buffers.take(),
             packs=packs,

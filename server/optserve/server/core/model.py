@@ -93,6 +93,11 @@ class Model:
         model over several servers this is (core/sharding.py; None: the whole model)."""
         self.name = name
         self.shard = shard
+        # how messages about what a push sends name the model: a shard says which (a leaf it lacks
+        # may be another shard's)
+        self.label = (
+            f"model {name!r}" if shard is None else f"model {name!r} (shard {shard.index} of {shard.map.shards})"
+        )
         self.schema = schema
         self.schema_map = {leaf.path: leaf for leaf in schema}
         self.float_leaves = frozenset(leaf.path for leaf in schema if leaf.dtype in FLOAT_DTYPES)
@@ -470,6 +475,7 @@ class _Locked:
         # would make every model a reference cycle, its device memory freed only by the cyclic GC
         self._model = weakref.proxy(model)
         self.name, self.settings, self.device = model.name, model.settings, model.device
+        self.label = model.label
         self.placement = model.placement
         self.schema_map: Mapping[str, LeafSpec] = model.schema_map  # read-only here (LockedModel)
         self.push_schema: Mapping[str, LeafSpec] = model.push_schema

@@ -349,7 +349,7 @@ class SyncPush:
         self.assembler = GradientAssembler(
             model.push_schema,
             model.layout,
-            what=f"model {model.name!r}",
+            what=model.label,
             on_complete=device_putter(self.on_device, model.placement, frozenset(model.trainable)),
             buffers=model.gradient_buffers.take(),
             packs=packs,
