@@ -89,7 +89,7 @@ def _transformer() -> list[LeafSpec]:
             LeafSpec(f"blocks/{b}/mlp/out", "float32", (3072, 768)),
         ]
         schema += [LeafSpec(f"blocks/{b}/{n}", "float32", (768,)) for n in ("ln1", "ln2", "bias")]
-    return schema + [LeafSpec("final_ln", "float32", (768,))]
+    return [*schema, LeafSpec("final_ln", "float32", (768,))]
 
 
 @pytest.mark.parametrize("shards", [2, 3, 4, 5, 7, 8])
@@ -256,7 +256,7 @@ def test_delete_removes_every_shard(sharded_client, targets, model_name):
 
 def test_specs_and_settings_a_sharded_model_cannot_compute_exactly_are_refused(sharded_client, model_name):
     chain = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
-    with pytest.raises(InvalidArgumentError, match="clip_by_global_norm.*every leaf"):
+    with pytest.raises(InvalidArgumentError, match=r"clip_by_global_norm.*every leaf"):
         sharded_client.create_model(model_name, _params(), chain)
     with pytest.raises(InvalidArgumentError, match="quorum == workers"):
         sharded_client.create_model(model_name, _params(), ADAM, mode="sync", workers=3, quorum=2)
@@ -313,7 +313,7 @@ def test_a_shard_created_with_a_schema_that_is_not_its_part_is_refused(sharded_c
         schema=[pb.LeafSpec(path="a", dtype="float32", shape=[4]), pb.LeafSpec(path="b", dtype="float32", shape=[2])],
         shard=pb.ShardOf(map=shard_map, index=0),
     )
-    with pytest.raises(InvalidArgumentError, match="shard 0 .*the shard map gives"):
+    with pytest.raises(InvalidArgumentError, match=r"shard 0 .*the shard map gives"):
         sharded_client.call(sharded_client._create, iter([pb.CreateModelRequest(header=header).SerializeToString()]))
     header.shard.index = 7
     with pytest.raises(InvalidArgumentError, match="shard index 7"):
