@@ -327,3 +327,42 @@ def test_a_map_naming_a_server_that_does_not_hold_the_shard_is_refused(sharded_c
         c.create_model(model_name, {"x": np.zeros(3, np.float32)}, ADAM)
     with Client(targets[0]) as c, pytest.raises(FailedPreconditionError, match=r"shard 1 .*unsharded model"):
         c.model(model_name)
+
+
+# -- checkpoints of one step on every shard ------------------------------------------------------
+
+
+def test_a_save_of_a_step_waits_for_it_and_a_step_left_behind_is_refused(whole_client, model_name):
+    m = whole_client.create_model(model_name, _params(), ADAM)
+    done: list[int] = []
+    saver = threading.Thread(target=lambda: done.append(m.save(step=2, timeout=60)))
+    saver.start()
+    m.push(_grads(1))
+    m.push(_grads(2))
+    saved = m.pull()  # step 2: what the save must hold, whatever comes after
+    m.push(_grads(3))
+    saver.join(timeout=120)
+    assert done == [2]
+    with pytest.raises(FailedPreconditionError, match="step 1 cannot be saved: the model is at step 3"):
+        m.save(step=1)
+    assert m.restore(2) == 2
+    assert_same_tree(m.pull(), saved)
+
+
+def test_shard_behind_the_others_without_pushes_to_replay_brings_every_shard_back(sharded_client, model_name):
+    sm = sharded_client.create_model(model_name, _params(), ADAM, split_bytes=SPLIT)
+    worker = sm.worker("w", replay_window=0, catch_up_wait=0.2)
+    worker.pull()
+    worker.push_pull(_grads(1))
+    assert sm.save() == 1
+    saved = sm.pull()
+    worker.push_pull(_grads(2))
+    sm.shards[1].restore(1)  # shard 1 alone went back (as a restart from its checkpoint would)
+    # its step never comes back (nothing to replay): every shard goes back to step 1
+    with pytest.raises(FailedPreconditionError, match="every shard went back to step 1"):
+        worker.push_pull(_grads(3))
+    assert worker.realigned == 1
+    assert [s["step"] for s in sm.info()["shards"]] == [1, 1, 1]
+    assert_same_tree(worker.pull(), saved)
+    worker.push_pull(_grads(2))
+    assert [s["step"] for s in sm.info()["shards"]] == [2, 2, 2]

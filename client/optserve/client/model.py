@@ -283,9 +283,15 @@ class Model:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def save(self) -> int:
-        """Takes a checkpoint now; returns its step once it is committed to disk."""
-        return self.client.call(self.client._stub.SaveCheckpoint, pb.SaveCheckpointRequest(model=self.name)).step
+    def save(self, step: int | None = None, timeout: float | None = None) -> int:
+        """Takes a checkpoint now, or with `step` of exactly that step (waiting up to `timeout`
+        seconds, default 60, for the model to get there: SaveCheckpointRequest.step); returns its
+        step once it is committed to disk."""
+        req = pb.SaveCheckpointRequest(model=self.name, timeout_seconds=timeout or 0.0)
+        if step is not None:
+            req.step = step
+        wait = None if timeout is None and step is None else (timeout or 60.0) + (self.client.timeout or 30.0)
+        return self.client.call(self.client._stub.SaveCheckpoint, req, timeout=wait).step
 
     def checkpoints(self) -> list[dict]:
         resp = self.client.call(self.client._stub.ListCheckpoints, pb.ListCheckpointsRequest(model=self.name))
@@ -293,9 +299,10 @@ class Model:
             {"step": c.step, "name": c.name, "bytes": c.bytes, "created_unix": c.created_unix} for c in resp.checkpoints
         ]
 
-    def restore(self, step: int = 0) -> int:
-        """Restores a committed checkpoint (0: the newest that verifies); returns the model's step."""
-        req = pb.RestoreCheckpointRequest(model=self.name, step=step)
+    def restore(self, step: int = 0, tag: str = "") -> int:
+        """Restores a committed checkpoint (0: the newest that verifies); returns the model's step.
+        tag: a restore with the tag of the model's last restore does nothing (RestoreCheckpointRequest.tag)."""
+        req = pb.RestoreCheckpointRequest(model=self.name, step=step, tag=tag)
         return self.client.call(self.client._stub.RestoreCheckpoint, req).step
 
     def download(self, path: str | os.PathLike) -> int:

@@ -18,9 +18,10 @@ What makes the shards one model:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ from optserve.client.errors import (
     UnavailableError,
 )
 from optserve.client.model import Model
-from optserve.client.worker import Worker
+from optserve.client.worker import ServerMovedError, Worker
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
 from optserve.wire.shards import ShardMap
 
@@ -46,9 +47,14 @@ def _swap(pull: Callable[[int, int], int], step: int, shard: int) -> int:
 
 
 # Pulls of a shard that is behind the others before a pull gives up (UnavailableError: retry).
-CONSISTENT_PULL_ATTEMPTS = 8
+CONSISTENT_PULL_ATTEMPTS = 16
 # Threads that may call one ShardedModel at once (beyond that, calls queue for its fan-out threads).
 CONCURRENT_CALLERS = 16
+# Pushes each worker of a sharded model keeps to replay to a shard that restarted behind them (copies:
+# this many gradients' worth of memory; `model.worker(id, replay_window=0)` keeps none).
+REPLAY_WINDOW = 4
+# Seconds a worker's pull waits for a shard behind the others before it checks whether it restarted.
+LAGGING_SHARD_WAIT = 5.0
 
 
 class Fanout:
@@ -70,10 +76,10 @@ class Fanout:
         if len(shards) == 1:
             return [self._named(call, shards[0])]
         futures = [self._pool.submit(self._named, call, s) for s in shards]
-        errors = [f.exception() for f in futures]
-        for e in errors:
-            if e is not None:
-                raise e
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        # a shard that restarted behind the others decides what happens next (ShardedWorker)
+        for e in sorted(errors, key=lambda e: not isinstance(e, ServerMovedError)):
+            raise e
         return [f.result() for f in futures]
 
     def _named(self, call: Callable[[int], T], shard: int) -> T:
@@ -340,16 +346,32 @@ class ShardedModel:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def save(self) -> int:
-        """A checkpoint on every shard; returns its step, the same on all. FailedPreconditionError if
-        the shards were at different steps (pushes in flight): no step is then complete on all."""
-        steps = self.fanout.run(lambda i: self.shards[i].save())
-        if len(set(steps)) != 1:
-            raise FailedPreconditionError(
-                f"model {self.name!r}: the shards saved steps {steps}: no step is complete on every shard "
-                "(save while no push is in flight, e.g. between sync rounds)"
-            )
-        return steps[0]
+    def _steps(self, fanout: Fanout | None = None) -> list[int]:
+        """Each shard's step now (header-only pulls)."""
+
+        def step(i: int) -> int:
+            self.shards[i].pull(if_newer_than=2**62)
+            return self.shards[i].last_step
+
+        return (fanout or self.fanout).run(step)
+
+    def save(self, timeout: float | None = None) -> int:
+        """A checkpoint of one step on every shard: the step of the shard furthest ahead, which each
+        shard saves when it gets there (SaveCheckpointRequest.step, waiting up to `timeout` seconds,
+        default 60). Returns that step once every shard has committed it. A shard that moved past it
+        meanwhile (pushes in flight) makes it try again at the new step, up to 16 times."""
+        for _ in range(CONSISTENT_PULL_ATTEMPTS):
+            step = max(self._steps())
+            try:
+                self.fanout.run(functools.partial(self._save_shard, step, timeout))
+                return step
+            except FailedPreconditionError as e:
+                if "cannot be saved" not in e.message:
+                    raise
+        raise UnavailableError(f"model {self.name!r}: its shards kept moving past the step to save; retry")
+
+    def _save_shard(self, step: int, timeout: float | None, shard: int) -> int:
+        return self.shards[shard].save(step, timeout)
 
     def checkpoints(self) -> list[dict]:
         """The checkpoints complete on every shard (the same step on each), bytes summed."""
@@ -362,15 +384,24 @@ class ShardedModel:
                 out.append({**c, "bytes": size})
         return out
 
-    def restore(self, step: int = 0) -> int:
-        """Restores every shard to one committed step (0: the newest complete on all shards)."""
+    def restore(self, step: int = 0, tag: str = "", fanout: Fanout | None = None) -> int:
+        """Restores every shard to one committed step (0: the newest complete on all shards).
+        tag: RestoreCheckpointRequest.tag (`realign` passes one)."""
         if not step:
             steps = [c["step"] for c in self.checkpoints()]
             if not steps:
                 raise FailedPreconditionError(f"model {self.name!r}: no checkpoint is complete on every shard")
             step = max(steps)
-        got = self.fanout.run(lambda i: self.shards[i].restore(step))
-        return got[0]
+        return (fanout or self.fanout).run(lambda i: self.shards[i].restore(step, tag))[0]
+
+    def realign(self, fanout: Fanout | None = None) -> int:
+        """Brings every shard back to the newest step checkpointed on all of them, after a shard
+        restarted behind the others (it lost steps the others hold: a SIGKILL) or went back. Tagged
+        with the shards' incarnations, so that the workers that noticed the same restart restore
+        each shard once (RestoreCheckpointRequest.tag). Returns the step."""
+        fanout = fanout or self.fanout
+        incarnations = fanout.run(lambda i: self.shards[i].client.server_info()["incarnation"])
+        return self.restore(0, tag="realign:" + ",".join(incarnations), fanout=fanout)
 
     def download(self, path: str | os.PathLike) -> int:
         raise NotImplementedError("download of a sharded model")
@@ -386,7 +417,12 @@ class ShardedWorker:
     def __init__(self, model: ShardedModel, worker_id: str, **kwargs: Any):
         self.model = model
         self.worker_id = worker_id
-        self.workers = [Worker(m, worker_id, **kwargs) for m in model.shards]
+        # a shard that restarted behind the others is caught up by each worker replaying the pushes
+        # it lost (replay.py); only when that cannot be done does every shard go back to one
+        # checkpointed step (ShardedModel.realign), and the caller pulls again
+        kwargs.setdefault("replay_window", REPLAY_WINDOW)
+        self.workers = [Worker(m, worker_id, follow_restarts=False, **kwargs) for m in model.shards]
+        self.realigned = 0
         self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
 
     def __repr__(self) -> str:
@@ -404,6 +440,22 @@ class ShardedWorker:
     def restarts_seen(self) -> int:
         return sum(w.restarts_seen for w in self.workers)
 
+    @contextlib.contextmanager
+    def _realigning(self) -> Iterator[None]:
+        """When a shard restarted behind the others or went back during the block: brings every shard
+        back to one step and raises FailedPreconditionError (pull, then push again)."""
+        try:
+            yield
+        except ServerMovedError as e:
+            step = self.model.realign(self.fanout)
+            self.realigned += 1
+            for w in self.workers:
+                w.base_step = None
+                w.incarnation = None
+            raise FailedPreconditionError(
+                f"model {self.model.name!r}: every shard went back to step {step} ({e.message}); pull and push again"
+            ) from None
+
     def pull(self, *, out: Any = None, like: Any = None, wire_dtype: str | None = None, **kwargs: Any) -> Any:
         m = self.model
         arrays, parts = m._targets(out, wire_dtype)
@@ -412,15 +464,18 @@ class ShardedWorker:
             self.workers[i].pull(out=parts[i], wire_dtype=wire_dtype, **kwargs)
             return self.workers[i].model.last_step
 
-        steps = self.fanout.run(one)
-        m.last_step = m._consistent(
-            steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
-        )
+        with self._realigning():
+            steps = self.fanout.run(one)
+            m.last_step = m._consistent(
+                steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+            )
         return m._result(arrays, like, out)
 
     def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
         w = self.workers[i]
-        w.pull(min_step=step, wire_dtype=wire_dtype, out=out)
+        # a shard that does not get there soon may have restarted behind: the Worker retries a
+        # DEADLINE_EXCEEDED after checking for that (ServerMovedError), else waits again
+        w.pull(min_step=step, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype, out=out)
         return w.model.last_step
 
     def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
@@ -428,7 +483,8 @@ class ShardedWorker:
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
         parts = m._split(leaves)
-        steps = self.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
+        with self._realigning():
+            steps = self.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
         return max(steps)
 
     def push_pull(
@@ -450,8 +506,15 @@ class ShardedWorker:
             self.workers[i].push_pull(grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i])
             return self.workers[i].model.last_step
 
-        steps = self.fanout.run(one)
-        m.last_step = m._consistent(
-            steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
-        )
+        with self._realigning():
+            steps = self.fanout.run(one)
+            try:
+                m.last_step = m._consistent(
+                    steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+                )
+            except UnavailableError as e:  # the push stands on every shard: it must not be sent again
+                raise FailedPreconditionError(
+                    f"{e.message}; the push (worker {self.worker_id!r}, seq {self.seq}) was applied on every shard: "
+                    "pull the parameters, do not push it again"
+                ) from None
         return m._result(arrays, like, out)

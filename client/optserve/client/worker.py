@@ -23,7 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from optserve.client.errors import OptserveError
+from optserve.client.errors import FailedPreconditionError, OptserveError
+from optserve.client.replay import ReplayLog
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import WireLeaf
@@ -33,6 +34,12 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Failures after which the worker checks whether the server restarted (a push against a step the
 # restored state has not reached yet is INVALID_ARGUMENT, a sync push against it FAILED_PRECONDITION).
 RESTART_SYMPTOMS = (*RETRYABLE, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class ServerMovedError(FailedPreconditionError):
+    """Raised instead of resynchronizing (a Worker made with follow_restarts=False): the server
+    restarted behind the step this worker last pulled, or its state went back under the worker. The
+    caller decides what the model does (a `ShardedWorker` brings every shard back to one step)."""
 
 
 class WorkerModel(Protocol):
@@ -107,6 +114,9 @@ class Worker:
         backoff: float = 0.05,
         max_backoff: float = 2.0,
         first_seq: int = 1,
+        follow_restarts: bool = True,
+        replay_window: int = 0,
+        catch_up_wait: float = 30.0,
     ):
         if not worker_id:
             raise ValueError("worker_id must be a non-empty string")
@@ -121,6 +131,13 @@ class Worker:
         self.retries = 0
         self.restarts_seen = 0
         self.rollbacks_seen = 0  # the server's state went back to an older step under this worker
+        # False (the Workers of a ShardedWorker): a server that restarted behind this worker is caught
+        # up by replaying its pushes (replay.py) and waited for (up to catch_up_wait seconds) while
+        # the other workers replay theirs; when that cannot be done, ServerMovedError
+        self.follow_restarts = follow_restarts
+        self.replays = ReplayLog(replay_window)
+        self.catch_up_wait = catch_up_wait
+        self.replayed = 0
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
@@ -138,6 +155,8 @@ class Worker:
                     if e.code == grpc.StatusCode.INVALID_ARGUMENT and self._resync_after_rollback(header):
                         continue
                     retry = e.code in RETRYABLE
+                except ServerMovedError:
+                    raise
                 except OptserveError as unsure:  # could not ask the server: a restart may be under way
                     retry = unsure.code in RETRYABLE
                 if not retry or time.monotonic() + delay > deadline:
@@ -157,6 +176,11 @@ class Worker:
         if not now or now == self.incarnation:
             return False
         self.model.pull(if_newer_than=2**62)  # header only: the restored step, no tensors
+        if not self.follow_restarts:
+            self._catch_up(self.model.last_step)
+            self.incarnation = now
+            self.restarts_seen += 1
+            return True
         self.incarnation, self.base_step = now, self.model.last_step
         self.restarts_seen += 1
         if header is not None and header.HasField("base_step") and header.base_step > self.base_step:
@@ -174,10 +198,42 @@ class Worker:
         step = self.model.last_step
         if header.base_step <= step:
             return False  # not ahead: the INVALID_ARGUMENT was about something else
+        if not self.follow_restarts:  # behind: catching up (other workers replaying), or gone back
+            self._wait_for(header.base_step)
+            return True
         self.base_step = header.base_step = step
         self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
         self.rollbacks_seen += 1
         return True
+
+    def _catch_up(self, restored: int) -> None:
+        """A server restarted at step `restored`: replays this worker's pushes it lost, then waits for
+        the step this worker's next push is computed against (the other workers replay theirs).
+        ServerMovedError when it cannot be caught up (a lost push no longer kept, or the step not
+        reached in catch_up_wait seconds)."""
+        lost = self.replays.lost_after(restored)
+        if lost is None:
+            raise ServerMovedError(
+                f"model {self.model.name!r}: the server restarted at step {restored} and lost pushes of worker "
+                f"{self.worker_id!r} older than the {self.replays.size} it keeps"
+            )
+        self.replays.replay(lost, self.model.push_raw, self._wait_for)
+        self.replayed += len(lost)
+        if self.base_step is not None:
+            self._wait_for(self.base_step)
+
+    def _wait_for(self, step: int) -> None:
+        """Waits (header-only pulls) until the server is at `step`; ServerMovedError if it is not
+        within catch_up_wait seconds."""
+        try:
+            self.model.pull(if_newer_than=2**62, min_step=step, timeout=self.catch_up_wait)
+        except OptserveError as e:
+            if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise ServerMovedError(
+                f"model {self.model.name!r}: the server did not get back to step {step} in {self.catch_up_wait}s "
+                f"({e.message})"
+            ) from None
 
     def _note(self, incarnation: str, step: int) -> None:
         self.incarnation = incarnation or self.incarnation
@@ -194,12 +250,13 @@ class Worker:
         """Pushes a gradient computed against the last pulled parameters; returns the server's step."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
-        reply = self.model._send_grads(
-            grads,
-            wire_dtype,
-            header,
-            lambda leaves: self._retrying(lambda: self.model.push_raw(header, leaves), header),
-        )
+
+        def send(leaves: Sequence[WireLeaf]) -> pb.PushResponse:
+            reply = self._retrying(lambda: self.model.push_raw(header, leaves), header)
+            self.replays.record(header, leaves, reply.step)
+            return reply
+
+        reply = self.model._send_grads(grads, wire_dtype, header, send)
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
 
@@ -218,11 +275,12 @@ class Worker:
         header.pull.CopyFrom(
             self.model._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
-        reply, params = self.model._send_grads(
-            grads,
-            wire_dtype,
-            header,
-            lambda leaves: self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header),
-        )
+
+        def send(leaves: Sequence[WireLeaf]) -> tuple[pb.PushResponse, Any]:
+            reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header)
+            self.replays.record(header, leaves, reply.step)
+            return reply, params
+
+        reply, params = self.model._send_grads(grads, wire_dtype, header, send)
         self._note(reply.incarnation, self.model.last_step)
         return params

@@ -385,10 +385,14 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ..., slices: _Optional[_Iterable[_Union[TensorSlice, _Mapping]]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "step", "timeout_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    step: int
+    timeout_seconds: float
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("model", "step", "name", "bytes", "created_unix")
@@ -417,12 +421,14 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
 
 class RestoreCheckpointRequest(_message.Message):
-    __slots__ = ("model", "step")
+    __slots__ = ("model", "step", "tag")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    tag: str
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("model",)

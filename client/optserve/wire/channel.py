@@ -34,6 +34,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # grpc sets SO_REUSEPORT by default: a second server on the same port would start and take half
+    # of the first one's connections, and a server asking for port 0 could be given a port another
+    # server holds (two shards of one model answering for each other). One port, one server.
+    ("grpc.so_reuseport", 0),
     *KEEPALIVE,
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -346,7 +347,11 @@ class OptserveService:
 
     @_handler
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, call: CallContext) -> pb.CheckpointInfo:
-        info = self._manager(request.model, call).save_now(self.store.get(request.model))
+        manager, model = self._manager(request.model, call), self.store.get(request.model)
+        if not (math.isfinite(request.timeout_seconds) and request.timeout_seconds >= 0):
+            raise InvalidArgument(f"model {request.model!r}: timeout_seconds must be a finite number >= 0")
+        at_step = request.step if request.HasField("step") else None
+        info = manager.save_now(model, at_step, request.timeout_seconds or 60.0)
         return messages.checkpoint_info(info)
 
     @_handler
@@ -356,7 +361,7 @@ class OptserveService:
 
     @_handler
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest, call: CallContext) -> pb.ModelInfo:
-        model = self._manager(request.model, call).restore(self.store, request.model, request.step)
+        model = self._manager(request.model, call).restore(self.store, request.model, request.step, request.tag)
         return self.model_info(model)
 
     @_stream_handler

@@ -50,7 +50,7 @@ from optserve.server.checkpoint.files import (
 from optserve.server.checkpoint.restore import restore_all, restore_on_request
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import FailedPrecondition, NotFound, ServiceError
-from optserve.server.core.model import Model
+from optserve.server.core.model import Model, ModelState
 from optserve.server.core.store import ModelStore
 from optserve.server.state import model_state
 
@@ -172,17 +172,31 @@ class CheckpointManager:
                     e,
                 )
 
-    def save_now(self, model: Model) -> CheckpointInfo:
-        """Checkpoints the model's current state; returns once committed (waits for a save in flight)."""
+    def save_now(self, model: Model, at_step: int | None = None, timeout: float = 60.0) -> CheckpointInfo:
+        """Checkpoints the model's current state, or with `at_step` the state of exactly that step
+        (waiting up to `timeout` seconds for the model to reach it: the shards of a model over
+        several servers save one step, core/sharding.py); returns once committed (waits for a save
+        in flight)."""
         track = self._track(model.name)
         with track.save_lock:
-            return self._save_locked(model, track)
+            return self._save_locked(model, track, at_step, timeout)
 
-    def _save_locked(self, model: Model, track: Track) -> CheckpointInfo:
+    def _capture(self, model: Model, at_step: int | None, timeout: float) -> tuple[ModelState, int]:
+        if at_step is not None:
+            return model.capture_at(at_step, timeout)
+        if model.shard is not None:  # the step multiple the shards all capture, when one waits
+            kept = model.take_captured()
+            if kept is not None:
+                return kept
+        return model.capture_state()
+
+    def _save_locked(
+        self, model: Model, track: Track, at_step: int | None = None, timeout: float = 60.0
+    ) -> CheckpointInfo:
         if model.deleted:  # a save that waited for DeleteModel must not bring its directory back
             raise NotFound(f"model {model.name!r} was deleted; not checkpointed")
         model_dir = self._root.model_dir(model.name)
-        snapshot, version = model_state.capture_versioned(model)
+        snapshot, version = model_state.snapshot_of(model, self._capture(model, at_step, timeout))
         track.attempted_step, track.attempted_mono = snapshot.step, time.monotonic()
         began = time.perf_counter()
         try:
@@ -249,7 +263,12 @@ class CheckpointManager:
         step = model.step
         if step == saved.step:
             return True  # changed without an update (hyperparameters): no step will come to count
-        if self.every_steps and abs(step - saved.step) >= self.every_steps:
+        if model.shard is not None:
+            # a shard saves the multiples of every_steps, captured as the model leaves them (_poll
+            # sets capture_every), so that every shard of the model holds checkpoints of the same steps
+            if model.has_captured():
+                return True
+        elif self.every_steps and abs(step - saved.step) >= self.every_steps:
             return True
         return bool(self.every_seconds) and now - track.attempted_mono >= self.every_seconds
 
@@ -258,6 +277,8 @@ class CheckpointManager:
         while not self._stop.wait(self.poll_seconds):
             store = self._store
             for model in store.models() if store is not None else ():
+                if model.shard is not None:
+                    model.capture_every = self.every_steps
                 track = self._track(model.name)
                 if not self._due(model, track) or not track.save_lock.acquire(blocking=False):
                     continue
@@ -287,10 +308,10 @@ class CheckpointManager:
         track = self._track(name)
         return CheckpointStatus(last_step=track.committed_step, last_error=track.error)
 
-    def restore(self, store: ModelStore, name: str, step: int) -> Model:
+    def restore(self, store: ModelStore, name: str, step: int, tag: str = "") -> Model:
         """RestoreCheckpoint: the newest checkpoint of `step` (0: of any step) that verifies
-        replaces the model's state (restore.restore_on_request)."""
-        return restore_on_request(self._root, store, name, step, self._track)
+        replaces the model's state (restore.restore_on_request; `tag`: RestoreCheckpointRequest.tag)."""
+        return restore_on_request(self._root, store, name, step, self._track, tag)
 
     def delete_model(self, store: ModelStore, name: str, *, delete_checkpoints: bool) -> None:
         """DeleteModel, all or nothing: the model's checkpoints are moved out of the way first (to

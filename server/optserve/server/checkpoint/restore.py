@@ -116,11 +116,12 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
 
 
 def restore_on_request(
-    root: CheckpointRoot, store: ModelStore, name: str, step: int, track_for: Callable[[str], Track]
+    root: CheckpointRoot, store: ModelStore, name: str, step: int, track_for: Callable[[str], Track], tag: str = ""
 ) -> Model:
     """Replaces the model's state by the newest checkpoint of `step` (0: of any step) that
     verifies and installs (the others are moved aside as corrupt); checkpoints newer than it are
-    moved aside as superseded, so that a restart comes back at this state too."""
+    moved aside as superseded, so that a restart comes back at this state too. A non-empty `tag`
+    equal to the model's last restore's does nothing (RestoreCheckpointRequest.tag)."""
     model_dir = root.model_dir(name)
     check_step(step, name)
     model = store.get(name)
@@ -128,6 +129,8 @@ def restore_on_request(
     with track.save_lock:  # not while one of its saves is in flight
         if model.deleted:
             raise NotFound(f"model {name!r} not found")
+        if tag and model.restore_tag == tag:
+            return model
         try:
             root.claim_locked(model, track)
         except OSError as e:
@@ -157,6 +160,7 @@ def restore_on_request(
             )
         _supersede_newer_locked(name, model_dir, checkpoint)
         track.mark_saved(model, checkpoint, model.replace_state(prepared))
+        model.restore_tag = tag
     log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
     return model
 

@@ -37,7 +37,7 @@ from optserve.server.core.async_push import AsyncAggregator
 from optserve.server.core.compilation import model_alive, step_grad_avals, warm_up_steps
 from optserve.server.core.counters import Counters, CounterSet
 from optserve.server.core.deadlines import DeadlineTimer
-from optserve.server.core.errors import FailedPrecondition, NonFiniteUpdate
+from optserve.server.core.errors import DeadlineExceeded, FailedPrecondition, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, plan_packing
@@ -152,6 +152,13 @@ class Model:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # waits for a step
         self._pins: dict[int, int] = {}
+        # Captures of the state of exact steps (`capture_at`): steps a save waits for, and states
+        # captured as the model left such a step (or, with `capture_every`, each multiple of it: the
+        # shards of a model over several servers checkpoint the same steps, core/sharding.py).
+        self._capture_steps: set[int] = set()
+        self._captured: dict[int, tuple[ModelState, int]] = {}
+        self.capture_every = 0
+        self.restore_tag = ""  # the tag of the last RestoreCheckpoint (checkpoint/restore.py)
         self._deleted = False
         self._closing = False  # the server is shutting down: waits end
         # pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
@@ -270,6 +277,7 @@ class Model:
         With settings.reject_nonfinite_updates, raises NonFiniteUpdate (FAILED_PRECONDITION) when the
         update would make the state non-finite; the state is then bitwise what it was (make_step).
         """
+        self._capture_leaving_locked()
         donate = self._pins.get(self._step, 0) == 0
         self._ready(donate)
         # np.float32, not jnp.float32: jit's C++ fast path takes a numpy scalar in microseconds, while
@@ -425,11 +433,64 @@ class Model:
         buffers would be unsafe: on CPU `np.asarray` aliases them and a donated update overwrites them.
         """
         with self._lock:
-            params, opt_state, ema_state = jax.device_put(
-                (self._params, self._opt_state, self._ema_state), may_alias=False
-            )
-            workers = {w: r.copy() for w, r in self._workers.items()}
-            return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
+            return self._capture_locked()
+
+    def _capture_locked(self) -> tuple[ModelState, int]:
+        params, opt_state, ema_state = jax.device_put((self._params, self._opt_state, self._ema_state), may_alias=False)
+        workers = {w: r.copy() for w, r in self._workers.items()}
+        return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
+
+    def _capture_leaving_locked(self) -> None:
+        """Before an update moves the model past its step: captures that step's state if a save
+        waits for it (`capture_at`) or it is a multiple of `capture_every`. Only the two newest
+        captures are kept (each holds a copy of the state until a save writes it)."""
+        step = self._step
+        if step in self._capture_steps or (self.capture_every and step and step % self.capture_every == 0):
+            self._capture_steps.discard(step)
+            self._captured[step] = self._capture_locked()
+            for old in sorted(self._captured)[:-2]:
+                del self._captured[old]
+
+    def capture_at(self, step: int, timeout: float) -> tuple[ModelState, int]:
+        """The state of exactly `step` (as `capture_state`): now if the model is there, else when it
+        gets there (waiting up to `timeout` seconds: DeadlineExceeded), or as captured when it left
+        it; FailedPrecondition if the model is past it and no capture holds it."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            try:
+                while True:
+                    if self._step == step:
+                        return self._capture_locked()
+                    kept = self._captured.pop(step, None)
+                    if kept is not None:
+                        return kept
+                    if self._step > step:
+                        raise FailedPrecondition(
+                            f"model {self.name!r}: step {step} cannot be saved: the model is at step {self._step}"
+                        )
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._deleted or self._closing:
+                        raise DeadlineExceeded(
+                            f"model {self.name!r}: step {step} not reached (the model is at step {self._step})"
+                        )
+                    self._capture_steps.add(step)
+                    self._changed.wait(remaining)
+            finally:
+                self._capture_steps.discard(step)
+
+    def take_captured(self) -> tuple[ModelState, int] | None:
+        """The newest state captured on leaving a multiple of `capture_every` (and forgets the
+        older ones), or None."""
+        with self._lock:
+            if not self._captured:
+                return None
+            newest = max(self._captured)
+            kept = self._captured.pop(newest)
+            self._captured.clear()
+            return kept
+
+    def has_captured(self) -> bool:
+        return bool(self._captured)
 
     def replace_state(self, state: ModelState) -> int:
         """Replaces the whole changing state by one already validated against this model and put on
@@ -442,6 +503,7 @@ class Model:
                 self._ema_state = state.ema_state
             self._workers = {w: r.copy() for w, r in state.workers.items()}
             self._counters.reset()  # counters count since creation or restore
+            self._captured.clear()  # states of the history this one replaces
             self._aggregator.reset()
             self._state_version += 1
             self._changed.notify_all()

@@ -131,7 +131,13 @@ def capture(model: Model) -> DeviceSnapshot:
 
 def capture_versioned(model: Model) -> tuple[DeviceSnapshot, int]:
     """`capture(model)` and the model's `state_version` it holds, taken together under the lock."""
-    state, version = model.capture_state()
+    return snapshot_of(model, model.capture_state())
+
+
+def snapshot_of(model: Model, captured: tuple[ModelState, int]) -> tuple[DeviceSnapshot, int]:
+    """A state the model captured (`Model.capture_state`, `capture_at`, `take_captured`) as a
+    snapshot, with the `state_version` it holds."""
+    state, version = captured
     return DeviceSnapshot(model, state.step, state.params, state.opt_state, state.ema_state, state.workers), version
 
 
