@@ -15,7 +15,8 @@ includes the whole cost of fanning out; K shards are `Client(first K targets)` w
 (b) Aggregate: per shard count in turn (a model of its own, created after the last is deleted),
     `--workers` processes, each its own worker (a `ShardedWorker` when sharded) doing push_pull in
     a loop, async; all do `--warmup` round trips on one signal and time `--rounds` each on the
-    next; pushes/s = every timed push / (last end - first start).
+    next; pushes/s = every timed push / (last end - first start). "re-pulls per push": the pulls a
+    ShardedWorker adds so that a push_pull returns one step of every shard (`count_repulls`).
 (c) Fan-out cost: (a)'s 2-shard time over its 1-shard time (the same bytes, one server against two).
 
 Every ratio is against the 1-shard figure of the same run. Nothing depends on the core count:
@@ -52,6 +53,7 @@ COLUMNS = [
     "pushes/s (W workers)",
     "pushes/s vs 1 shard",
     "grad MB/s pushed",
+    "re-pulls per push",
 ]
 FANOUT_COLUMNS = ["params", "1 server ms", "2 shards ms", "2 shards / 1", "sharded client's gradient check ms"]
 RUNTIME_BYTES = 300e6  # an idle `optserve serve` process (jax, grpc), and a bit of slack
@@ -140,6 +142,23 @@ def open_model(target: str, name: str) -> Any:
     return Client(target, timeout=600).model(name)
 
 
+def count_repulls(worker: Any) -> list[int]:
+    """A counter of the pulls a ShardedWorker adds to make a push_pull return one step of every
+    shard: with other workers' pushes in between, the shards answer at different steps and those
+    behind are pulled again (client/optserve/client/sharded.py, `ShardedModel._consistent`).
+    An unsharded Worker has none."""
+    counter = [0]
+    if hasattr(worker, "_pull_part"):
+        pull_part = worker._pull_part
+
+        def counted(*args: Any) -> Any:
+            counter[0] += 1
+            return pull_part(*args)
+
+        worker._pull_part = counted
+    return counter
+
+
 def worker_main(spec: dict) -> None:
     """One worker process: READY after its first pull, then on each GO from stdin: the warm-up
     (WARM when done), the timed loop (its span on the machine's monotonic clock)."""
@@ -151,13 +170,15 @@ def worker_main(spec: dict) -> None:
     sys.stdin.readline()
     for _ in range(spec["warmup"]):
         worker.push_pull(grads, out=out)
+    repulls = count_repulls(worker)
     print("WARM", flush=True)
     sys.stdin.readline()
     start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
     for _ in range(spec["rounds"]):
         worker.push_pull(grads, out=out)
     end = time.monotonic()
-    print(json.dumps({"start": start, "end": end, "pushes": spec["rounds"], "rss": peak_rss()}), flush=True)
+    result = {"start": start, "end": end, "pushes": spec["rounds"], "repulls": repulls[0], "rss": peak_rss()}
+    print(json.dumps(result), flush=True)
     model.client.close()
 
 
@@ -168,8 +189,9 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def aggregate(target: str, name: str, n: int, workers: int, rounds: int, warmup: int) -> tuple[float, float]:
-    """(pushes/s of `workers` processes started together, their largest peak RSS in bytes)."""
+def aggregate(target: str, name: str, n: int, workers: int, rounds: int, warmup: int) -> dict:
+    """{"rate": pushes/s of `workers` processes started together, "repulls": the sharded client's
+    extra pulls per push, "rss": the largest worker's peak RSS in bytes}."""
     procs = []
     try:
         for i in range(workers):
@@ -196,7 +218,12 @@ def aggregate(target: str, name: str, n: int, workers: int, rounds: int, warmup:
                 p.kill()
             p.wait(30)
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
-    return sum(r["pushes"] for r in results) / span, max(r["rss"] for r in results)
+    pushes = sum(r["pushes"] for r in results)
+    return {
+        "rate": pushes / span,
+        "repulls": sum(r["repulls"] for r in results) / pushes,
+        "rss": max(r["rss"] for r in results),
+    }
 
 
 def create(targets: list[str], k: int, n: int, split_bytes: int | None) -> Any:
@@ -255,19 +282,20 @@ def measure_size(n: int, shard_counts: list[int], args: argparse.Namespace) -> t
     try:
         one = one_worker(targets, n, shard_counts, args)
         # (b): one model at a time (the next is created after the last is deleted)
-        rates, worker_rss = {}, 0.0
+        runs = {}
         for k in shard_counts:
             model = create(targets, k, n, args.split_bytes)
             try:
-                rates[k], rss = aggregate(targets[0], model.name, n, args.workers, args.rounds, args.warmup)
+                runs[k] = aggregate(targets[0], model.name, n, args.workers, args.rounds, args.warmup)
             finally:
                 drop(model)
-            worker_rss = max(worker_rss, rss)
             print(f"  {label(n)}: {k} shard(s) done", file=sys.stderr, flush=True)
         server_rss = [peak_rss(p.pid) for p, _ in servers]
     finally:
         for p, _ in servers:
             stop(p)
+    rates = {k: r["rate"] for k, r in runs.items()}
+    worker_rss = max(r["rss"] for r in runs.values())
     base_t, base_r = one[1], rates[1]
     rows = [
         {
@@ -279,6 +307,7 @@ def measure_size(n: int, shard_counts: list[int], args: argparse.Namespace) -> t
             f"pushes/s ({args.workers} workers)": f"{rates[k]:.2f}",
             "pushes/s vs 1 shard": f"{rates[k] / base_r:.2f}x",
             "grad MB/s pushed": f"{rates[k] * grad_bytes / 1e6:.3g}",
+            "re-pulls per push": f"{runs[k]['repulls']:.2f}",
         }
         for k in shard_counts
     ]
