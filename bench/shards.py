@@ -16,7 +16,9 @@ includes the whole cost of fanning out; K shards are `Client(first K targets)` w
     `--workers` processes, each its own worker (a `ShardedWorker` when sharded) doing push_pull in
     a loop, async; all do `--warmup` round trips on one signal and time `--rounds` each on the
     next; pushes/s = every timed push / (last end - first start). "re-pulls per push": the pulls a
-    ShardedWorker adds so that a push_pull returns one step of every shard (`count_repulls`).
+    ShardedWorker adds so that a push_pull returns one step of every shard (`count_repulls`);
+    "pulls given up": push_pulls whose push every shard applied but whose pull found no common
+    step within its attempts (UnavailableError, "kept moving"), counted and not retried.
 (c) Fan-out cost: (a)'s 2-shard time over its 1-shard time (the same bytes, one server against two).
 
 Every ratio is against the 1-shard figure of the same run. Nothing depends on the core count:
@@ -54,6 +56,7 @@ COLUMNS = [
     "pushes/s vs 1 shard",
     "grad MB/s pushed",
     "re-pulls per push",
+    "pulls given up",
 ]
 FANOUT_COLUMNS = ["params", "1 server ms", "2 shards ms", "2 shards / 1", "sharded client's gradient check ms"]
 RUNTIME_BYTES = 300e6  # an idle `optserve serve` process (jax, grpc), and a bit of slack
@@ -162,6 +165,8 @@ def count_repulls(worker: Any) -> list[int]:
 def worker_main(spec: dict) -> None:
     """One worker process: READY after its first pull, then on each GO from stdin: the warm-up
     (WARM when done), the timed loop (its span on the machine's monotonic clock)."""
+    from optserve.client.errors import UnavailableError
+
     model = open_model(spec["target"], spec["name"])
     grads = model_params(spec["n"], fill=1e-3 * (spec["index"] + 1))
     worker = model.worker(f"bench-{spec['index']}")
@@ -174,10 +179,25 @@ def worker_main(spec: dict) -> None:
     print("WARM", flush=True)
     sys.stdin.readline()
     start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    given_up = 0
     for _ in range(spec["rounds"]):
-        worker.push_pull(grads, out=out)
+        try:
+            worker.push_pull(grads, out=out)
+        except UnavailableError as e:
+            # every shard applied the push; only the pull after it found no step common to all
+            # shards within its attempts (`ShardedModel._consistent`): counted, not hidden
+            if "kept moving" not in e.message:
+                raise
+            given_up += 1
     end = time.monotonic()
-    result = {"start": start, "end": end, "pushes": spec["rounds"], "repulls": repulls[0], "rss": peak_rss()}
+    result = {
+        "start": start,
+        "end": end,
+        "pushes": spec["rounds"],
+        "repulls": repulls[0],
+        "given_up": given_up,
+        "rss": peak_rss(),
+    }
     print(json.dumps(result), flush=True)
     model.client.close()
 
@@ -186,7 +206,10 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
         raise TimeoutError(f"worker {proc.pid} did not answer in {timeout:.0f}s")
-    return proc.stdout.readline().strip()
+    line = proc.stdout.readline().strip()
+    if not line:
+        raise RuntimeError(f"worker {proc.pid} exited ({proc.wait(30)}) without answering (its stderr is above)")
+    return line
 
 
 def aggregate(target: str, name: str, n: int, workers: int, rounds: int, warmup: int) -> dict:
@@ -222,6 +245,7 @@ def aggregate(target: str, name: str, n: int, workers: int, rounds: int, warmup:
     return {
         "rate": pushes / span,
         "repulls": sum(r["repulls"] for r in results) / pushes,
+        "given_up": sum(r["given_up"] for r in results),
         "rss": max(r["rss"] for r in results),
     }
 
@@ -308,6 +332,7 @@ def measure_size(n: int, shard_counts: list[int], args: argparse.Namespace) -> t
             "pushes/s vs 1 shard": f"{rates[k] / base_r:.2f}x",
             "grad MB/s pushed": f"{rates[k] * grad_bytes / 1e6:.3g}",
             "re-pulls per push": f"{runs[k]['repulls']:.2f}",
+            "pulls given up": f"{runs[k]['given_up']} of {args.workers * args.rounds}",
         }
         for k in shard_counts
     ]
