@@ -107,16 +107,16 @@ def count(tree: Any) -> int:
 
 
 def estimated_peak_bytes(n: int, shard_counts: list[int], workers: int) -> float:
-    """A generous estimate of the run's peak memory over every process, from a measured 100M run
-    (P = 4n bytes): a model holds 3P in its server (parameters, Adam's two moments), a push_pull in
-    flight about 2.75P more there (gradient, pull copies), a client process its gradient and `out=`
-    arrays. (a) keeps a model of every shard count, one push in flight, this process's parameters
-    (until created), gradient and one `out=` per model; (b) one model with every worker's push in
-    flight, each worker's gradient and `out=`, this process's gradient."""
+    """A generous estimate of the run's peak memory over every process (P = 4n bytes), from the
+    peaks of a 100M run (BENCHMARKS.md, "Shards"): a model holds 3P in its servers (parameters,
+    Adam's two moments), each push_pull in flight about 2P more there (its gradient, the pull's
+    copy), a worker process 3.5P (gradient, `out=`, the transport's buffers). (a) keeps a model of
+    every shard count, one push in flight, this process's parameters (until created), gradient
+    and one `out=` per model; (b) one model with every worker's push in flight."""
     p = 4.0 * n
     runtime = RUNTIME_BYTES * max(shard_counts)
-    one_worker = runtime + 3 * p * len(shard_counts) + 2.75 * p + p * (2 + len(shard_counts)) + WORKER_BYTES
-    aggregate = runtime + 3 * p + workers * (2.75 * p + 2 * p + WORKER_BYTES) + p + WORKER_BYTES
+    one_worker = runtime + 3 * p * len(shard_counts) + 2 * p + p * (2 + len(shard_counts)) + WORKER_BYTES
+    aggregate = runtime + 3 * p + workers * (2 * p + 3.5 * p + WORKER_BYTES) + p + WORKER_BYTES
     return max(one_worker, aggregate)
 
 
