@@ -74,8 +74,12 @@ def run_sharded(case, shards: int = 3) -> tuple[ShardMap, list[HostState]]:
         ) as admitted:
             models.append(admitted.create(part_of(shard_map, i, params)))
     for g in make_grads(STEPS, 1, SHARD_SHAPES):
+        # what a client sends with each push when the spec starts with clip_by_global_norm
+        norm_sq = (
+            sum(float(np.square(a, dtype=np.float64).sum()) for a in g.values()) if shard_map.global_norm else None
+        )
         for i, m in enumerate(models):
-            push(m, part_of(shard_map, i, g))
+            push(m, part_of(shard_map, i, g), global_norm_sq=norm_sq)
     return shard_map, [capture(m).to_host() for m in models]
 
 

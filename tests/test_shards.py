@@ -180,6 +180,29 @@ def test_ema_pulls_and_hyperparameters(sharded_client, whole_client, model_name)
     assert_same_tree(sm.pull(), wm.pull())
 
 
+@pytest.mark.parametrize("max_norm", [{"max_norm": 0.5}, {"max_norm": 0.5, "tunable": ["max_norm"]}, {"max_norm": 1e6}])
+def test_clip_by_global_norm_over_the_shards_matches_the_whole_model(
+    sharded_client, whole_client, model_name, max_norm
+):
+    spec = {"chain": [{"clip_by_global_norm": max_norm}, ADAM]}
+    sm, wm = _pair(sharded_client, whole_client, model_name, spec)
+    assert sm.shard_map.global_norm
+    for seed in range(3):
+        a, b = sm.push_pull(_grads(seed)), wm.push_pull(_grads(seed))
+    for k in ("embed", "out"):  # the clip factor rounds differently (t * (m / n) against t / n * m)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+    w = sm.worker("w")
+    w.pull()
+    w.push_pull(_grads(5), wire_dtype="bfloat16")
+    wm.push_pull(_grads(5), wire_dtype="bfloat16")
+    np.testing.assert_allclose(sm.pull()["embed"], wm.pull()["embed"], rtol=1e-5, atol=1e-6)
+    # a push without the norm is refused by a shard before anything is applied
+    part = sm._split(sm._leaves(_grads(1), "gradient"))[0]
+    with pytest.raises(InvalidArgumentError, match=r"global_norm_sq must be the whole gradient's squared norm"):
+        sm.shards[0].push(part)
+    assert [s["step"] for s in sm.info()["shards"]] == [4, 4, 4]
+
+
 def test_sync_rounds_match_the_whole_model(sharded_client, whole_client, model_name):
     sm, wm = _pair(sharded_client, whole_client, model_name, mode="sync", workers=2)
 
@@ -255,9 +278,12 @@ def test_delete_removes_every_shard(sharded_client, targets, model_name):
 
 
 def test_specs_and_settings_a_sharded_model_cannot_compute_exactly_are_refused(sharded_client, model_name):
-    chain = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
-    with pytest.raises(InvalidArgumentError, match=r"clip_by_global_norm.*every leaf"):
+    chain = {"chain": [ADAM, {"clip_by_global_norm": {"max_norm": 1.0}}]}
+    with pytest.raises(InvalidArgumentError, match=r"clip_by_global_norm.*only as the first rule of its chain"):
         sharded_client.create_model(model_name, _params(), chain)
+    clip_first = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
+    with pytest.raises(InvalidArgumentError, match=r"in sync mode: it clips the round's mean gradient"):
+        sharded_client.create_model(model_name, _params(), clip_first, mode="sync", workers=2)
     with pytest.raises(InvalidArgumentError, match="quorum == workers"):
         sharded_client.create_model(model_name, _params(), ADAM, mode="sync", workers=3, quorum=2)
     with pytest.raises(InvalidArgumentError, match="reject_nonfinite"):

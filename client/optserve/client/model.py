@@ -59,11 +59,18 @@ class Model:
     # -- data path --------------------------------------------------------------------------------
 
     def _push_header(
-        self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
+        self,
+        base_step: int | None,
+        weight: float | None,
+        worker_id: str = "",
+        seq: int = 0,
+        global_norm_sq: float | None = None,
     ) -> pb.PushHeader:
         h = pb.PushHeader(model=self.name, worker_id=worker_id, seq=seq, weight=weight or 0.0)
         if base_step is not None:
             h.base_step = base_step
+        if global_norm_sq is not None:
+            h.global_norm_sq = global_norm_sq
         return h
 
     def _grad_leaves(self, grads: Any, wire_dtype: str | None) -> Sequence[WireLeaf]:
@@ -132,10 +139,17 @@ class Model:
         return self.client.call(self.client._push, msgs, timeout=timeout)
 
     def push(
-        self, grads: Any, *, base_step: int | None = None, weight: float | None = None, wire_dtype: str | None = None
+        self,
+        grads: Any,
+        *,
+        base_step: int | None = None,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        global_norm_sq: float | None = None,
     ) -> int:
-        """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins."""
-        header = self._push_header(base_step, weight)
+        """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins.
+        global_norm_sq: PushHeader.global_norm_sq (a `ShardedModel` sends it to its shards)."""
+        header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
         return self._send_grads(grads, wire_dtype, header, lambda leaves: self.push_raw(header, leaves)).step
 
     def _pull_request(
@@ -209,9 +223,10 @@ class Model:
         wire_dtype: str | None = None,
         like: Any = None,
         out: Any = None,
+        global_norm_sq: float | None = None,
     ) -> Any:
         """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
-        header = self._push_header(base_step, weight)
+        header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )

@@ -153,6 +153,21 @@ class ShardedModel:
             if leaf.spec.dtype in FLOAT_DTYPES and a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidArgumentError(f"{where}: leaf {path!r}: non-finite gradient (NaN or Inf)")
 
+    def _norm_sq(self, leaves: dict[str, np.ndarray], wire_dtype: str | None) -> float | None:
+        """The whole gradient's squared norm, when the spec starts with clip_by_global_norm
+        (ShardMap.global_norm), from the values as the shards receive them (after `wire_dtype`)."""
+        if not self.shard_map.global_norm:
+            return None
+        total = 0.0
+        for path, leaf in self._schema.items():
+            if leaf.spec.dtype not in FLOAT_DTYPES:
+                continue
+            a = leaves[path]
+            if wire_dtype:
+                a = a.astype(DTYPES[wire_dtype])
+            total += float(np.square(a, dtype=np.float64).sum())
+        return total
+
     def _split(self, leaves: dict[str, np.ndarray]) -> list[dict]:
         """Each shard's part of a tree given by path: nested dicts of its leaves and row ranges
         (views, never copies)."""
@@ -214,9 +229,11 @@ class ShardedModel:
         (the largest of the shards'), (sync) the step it joins."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
-        parts = self._split(leaves)
+        parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
         steps = self.fanout.run(
-            lambda i: self.shards[i].push(parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype)
+            lambda i: self.shards[i].push(
+                parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq
+            )
         )
         return max(steps)
 
@@ -276,12 +293,19 @@ class ShardedModel:
         """Pushes a gradient and returns the parameters of one step of every shard after it."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
-        grad_parts = self._split(leaves)
+        grad_parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
         arrays, parts = self._targets(out, wire_dtype)
 
         def one(i: int) -> int:
             m = self.shards[i]
-            m.push_pull(grad_parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, out=parts[i])
+            m.push_pull(
+                grad_parts[i],
+                base_step=base_step,
+                weight=weight,
+                wire_dtype=wire_dtype,
+                out=parts[i],
+                global_norm_sq=norm_sq,
+            )
             return m.last_step
 
         steps = self.fanout.run(one)
@@ -482,9 +506,11 @@ class ShardedWorker:
         m = self.model
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
-        parts = m._split(leaves)
+        parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
         with self._realigning():
-            steps = self.fanout.run(lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype))
+            steps = self.fanout.run(
+                lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
+            )
         return max(steps)
 
     def push_pull(
@@ -499,11 +525,13 @@ class ShardedWorker:
         m = self.model
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
-        grad_parts = m._split(leaves)
+        grad_parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
         arrays, parts = m._targets(out, wire_dtype)
 
         def one(i: int) -> int:
-            self.workers[i].push_pull(grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i])
+            self.workers[i].push_pull(
+                grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i], global_norm_sq=norm_sq
+            )
             return self.workers[i].model.last_step
 
         with self._realigning():

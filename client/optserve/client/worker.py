@@ -63,7 +63,12 @@ class WorkerModel(Protocol):
     ) -> Any: ...
 
     def _push_header(
-        self, base_step: int | None, weight: float | None, worker_id: str = "", seq: int = 0
+        self,
+        base_step: int | None,
+        weight: float | None,
+        worker_id: str = "",
+        seq: int = 0,
+        global_norm_sq: float | None = None,
     ) -> pb.PushHeader: ...
 
     packed: bool
@@ -246,10 +251,17 @@ class Worker:
         self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
         return params
 
-    def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
+    def push(
+        self,
+        grads: Any,
+        *,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        global_norm_sq: float | None = None,
+    ) -> int:
         """Pushes a gradient computed against the last pulled parameters; returns the server's step."""
         self.seq += 1
-        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
+        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq, global_norm_sq)
 
         def send(leaves: Sequence[WireLeaf]) -> pb.PushResponse:
             reply = self._retrying(lambda: self.model.push_raw(header, leaves), header)
@@ -268,10 +280,11 @@ class Worker:
         wire_dtype: str | None = None,
         like: Any = None,
         out: Any = None,
+        global_norm_sq: float | None = None,
     ) -> Any:
         """Pushes a gradient and returns the parameters after its step, in one round trip."""
         self.seq += 1
-        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq)
+        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq, global_norm_sq)
         header.pull.CopyFrom(
             self.model._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )

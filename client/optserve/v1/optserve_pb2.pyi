@@ -145,18 +145,20 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("model_id", "version", "targets", "split_bytes", "leaves")
+    __slots__ = ("model_id", "version", "targets", "split_bytes", "leaves", "global_norm")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_NORM_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     targets: _containers.RepeatedScalarFieldContainer[str]
     split_bytes: int
     leaves: _containers.RepeatedCompositeFieldContainer[ShardedLeaf]
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., split_bytes: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[ShardedLeaf, _Mapping]]] = ...) -> None: ...
+    global_norm: bool
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., split_bytes: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[ShardedLeaf, _Mapping]]] = ..., global_norm: _Optional[bool] = ...) -> None: ...
 
 class ShardedLeaf(_message.Message):
     __slots__ = ("leaf", "pieces")
@@ -289,7 +291,7 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +299,7 @@ class PushHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
@@ -304,7 +307,8 @@ class PushHeader(_message.Message):
     weight: float
     pull: PullRequest
     layout_id: str
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ...) -> None: ...
+    global_norm_sq: float
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")

@@ -63,6 +63,7 @@ class ShardMap:
         shard created or restored from another placement is recognized as a stranger.
     version: 1 when placed; each resharding of the model raises it.
     split_bytes: the threshold leaves were split at.
+    global_norm: every push must carry its whole gradient's squared norm (PushHeader.global_norm_sq).
     """
 
     model_id: str
@@ -70,6 +71,8 @@ class ShardMap:
     targets: tuple[str, ...]
     leaves: tuple[ShardedLeaf, ...]
     split_bytes: int = DEFAULT_SPLIT_BYTES
+    # the spec starts with clip_by_global_norm: pushes carry the whole gradient's squared norm
+    global_norm: bool = False
 
     @property
     def shards(self) -> int:
@@ -142,6 +145,7 @@ class ShardMap:
             "version": self.version,
             "targets": list(self.targets),
             "split_bytes": self.split_bytes,
+            "global_norm": self.global_norm,
             "leaves": [
                 {
                     "path": leaf.spec.path,
@@ -169,6 +173,7 @@ class ShardMap:
                 for leaf in m.leaves
             ),
             split_bytes=m.split_bytes,
+            global_norm=m.global_norm,
         )
         shard_map.check(where)
         return shard_map
@@ -190,6 +195,7 @@ class ShardMap:
                 tuple(_text(t) for t in data["targets"]),
                 leaves,
                 _count(data["split_bytes"]),
+                bool(data.get("global_norm", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise WireError(f"{where}: malformed ({type(e).__name__}: {e})") from None
@@ -240,6 +246,7 @@ def place(
     split_bytes: int = DEFAULT_SPLIT_BYTES,
     whole: Collection[str] = (),
     version: int = 1,
+    global_norm: bool = False,
 ) -> ShardMap:
     """Places `schema` over `targets` by bytes.
 
@@ -286,6 +293,7 @@ def place(
         tuple(targets),
         tuple(ShardedLeaf(leaf, pieces[leaf.path]) for leaf in schema),
         split_bytes,
+        global_norm,
     )
     shard_map.check("placement")
     return shard_map

@@ -143,7 +143,12 @@ class DataPlane:
                 f"{messages.layout_id(model)!r} (it was created again): read its packing again and resend"
             )
         receiver = model.open_push(
-            base_step=base_step, worker_id=h.worker_id, seq=h.seq, weight=h.weight, packs=bool(h.layout_id)
+            base_step=base_step,
+            worker_id=h.worker_id,
+            seq=h.seq,
+            weight=h.weight,
+            packs=bool(h.layout_id),
+            global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,
         )
         try:
             if prepare is not None:

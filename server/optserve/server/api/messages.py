@@ -139,6 +139,7 @@ def shard_map_to_proto(shard_map: ShardMap) -> pb.ShardMap:
         version=shard_map.version,
         targets=shard_map.targets,
         split_bytes=shard_map.split_bytes,
+        global_norm=shard_map.global_norm,
         leaves=[
             pb.ShardedLeaf(
                 leaf=pb.LeafSpec(path=leaf.spec.path, dtype=leaf.spec.dtype, shape=leaf.spec.shape),

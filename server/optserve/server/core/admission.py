@@ -92,7 +92,7 @@ def admit(
     if shard is None:
         compiled = compile_for(name, spec, schema)  # a bad spec is refused before any bytes are received
     else:
-        compiled = for_shard(name, compile_for(name, spec, check_shard(name, schema, shard)), settings, shard)
+        compiled, shard = for_shard(name, compile_for(name, spec, check_shard(name, schema, shard)), settings, shard)
     if validate is not None:
         validate()
     packing = plan_packing(schema, compiled, keeps_ema=settings.ema_decay is not None, enabled=store.packed)

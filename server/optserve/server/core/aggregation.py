@@ -70,6 +70,11 @@ class LockedModel(Protocol):
         step. NonFiniteUpdate when settings.reject_nonfinite_updates refuses it (state unchanged)."""
         ...
 
+    def clip_factor(self, global_norm_sq: float | None) -> float:
+        """What a shard whose spec starts with clip_by_global_norm scales a push's gradient by, given
+        the whole gradient's squared norm (core/sharding.py, GlobalClip); 1.0 for any other model."""
+        ...
+
     def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
         """Remembers an applied push of a worker ('' : anonymous, nothing to remember)."""
         ...

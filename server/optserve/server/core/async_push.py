@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument
@@ -18,11 +20,20 @@ from optserve.server.core.receiving import GradientAssembler, device_putter
 from optserve.server.core.workers import PushReply
 
 
+@jax.jit
+def _scaled(grads: dict[str, jax.Array], factor: jax.Array) -> dict[str, jax.Array]:
+    # in float32 (a bfloat16 gradient too: the update would widen it anyway, and the unsharded model
+    # clips the widened values)
+    return {k: g.astype(jnp.promote_types(g.dtype, jnp.float32)) * factor for k, g in grads.items()}
+
+
 class AsyncPush:
     """One push in async mode: assembled in its own buffers, applied at commit (all or nothing)."""
 
     def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, packs: bool = False):
         self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
+        # a shard's: the whole gradient's squared norm (PushHeader.global_norm_sq; core/sharding.py)
+        self.global_norm_sq: float | None = None
         self.on_device: dict[str, jax.Array] = {}
         self.assembler = GradientAssembler(
             model.push_schema,
@@ -76,7 +87,11 @@ class AsyncAggregator:
             )
         scale = 1.0 / (1.0 + staleness) if model.settings.staleness_scaling == "inverse" else 1.0
         # Already on the device (moved leaf by leaf as each completed) and checked for NaN/Inf.
-        step = model.apply({k: receiver.on_device[k] for k in model.trainable}, scale)
+        grads = {k: receiver.on_device[k] for k in model.trainable}
+        factor = model.clip_factor(receiver.global_norm_sq)
+        if factor != 1.0:  # a shard's part of a gradient clipped by its whole norm
+            grads = _scaled(grads, np.float32(factor))
+        step = model.apply(grads, scale)
         reply = PushReply(step, applied=True)
         model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply)
         return reply, False

@@ -22,6 +22,7 @@ aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import weakref
@@ -37,7 +38,7 @@ from optserve.server.core.async_push import AsyncAggregator
 from optserve.server.core.compilation import model_alive, step_grad_avals, warm_up_steps
 from optserve.server.core.counters import Counters, CounterSet
 from optserve.server.core.deadlines import DeadlineTimer
-from optserve.server.core.errors import DeadlineExceeded, FailedPrecondition, NonFiniteUpdate
+from optserve.server.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NonFiniteUpdate
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, plan_packing
@@ -219,15 +220,33 @@ class Model:
     # -- pushes -----------------------------------------------------------------------------------
 
     def open_push(
-        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+        self,
+        *,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool = False,
+        global_norm_sq: float | None = None,
     ) -> Receiver:
         """A receiver for one push stream; its assembler collects the chunks, `commit_push` counts it.
         A push already known to be refused (sync: stale) is refused here, before its bytes. packs: the
-        push may send packs of the model's layout (it named the layout; core/receiving.py)."""
+        push may send packs of the model's layout (it named the layout; core/receiving.py).
+        global_norm_sq: the whole gradient's squared norm, which a shard whose spec starts with
+        clip_by_global_norm requires (core/sharding.py); ignored by other models."""
+        clip = self.shard.clip if self.shard is not None else None
+        if clip is not None and (global_norm_sq is None or not (math.isfinite(global_norm_sq) and global_norm_sq >= 0)):
+            got = "none" if global_norm_sq is None else repr(global_norm_sq)
+            raise InvalidArgument(
+                f"{self.label}: global_norm_sq must be the whole gradient's squared norm (finite, >= 0), got {got}: "
+                f"the spec starts with {clip.rule!r}, which scales by the norm over every shard's leaves"
+            )
         release_host_buffers()  # finished updates' inputs go before this push allocates its own
         receiver = self._aggregator.open_push(
             base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs
         )
+        if clip is not None:
+            receiver.global_norm_sq = global_norm_sq  # type: ignore[attr-defined]  # async only (sharding.py)
         if self._aggregator.screens_pushes and base_step is not None:
             with self._lock:
                 self._aggregator.screen(receiver)
@@ -562,6 +581,13 @@ class _Locked:
 
     def check_step_room(self, step: int) -> None:
         self._model._check_step_room(step)
+
+    def clip_factor(self, global_norm_sq: float | None) -> float:
+        shard = self._model.shard
+        if shard is None or shard.clip is None or global_norm_sq is None:
+            return 1.0
+        model = self._model
+        return shard.clip.factor(global_norm_sq, lambda: model.compiled.hyperparams(model._opt_state))
 
     def apply(self, grads: Mapping[str, Any], scale: float) -> int:
         return self._model._apply_locked(grads, scale)

@@ -5,35 +5,64 @@ A shard is an ordinary model holding some of the model's leaves (whole leaves, a
 large ones under the leaf's path) plus the shard map (`optserve.wire.shards`). Its spec is read
 over the whole model (a mask or partition names leaves of every shard) and then restricted to the
 shard's leaves, so each shard applies exactly what the unsharded model applies to those leaves.
-That holds for every rule that works leaf by leaf or element by element. What would need the
-shards to exchange values before they apply is refused at placement and at creation, with the
-reason (`check_shardable`): a reduction over every leaf (clip_by_global_norm), a random key split
-over the leaves in order, a custom transform the server cannot inspect, sync rounds that each
-shard could close with other contributors (quorum below workers, a sync timeout), and
-reject_nonfinite_updates (one shard could refuse an update the others apply).
+That holds for every rule that works leaf by leaf or element by element. clip_by_global_norm at
+the head of the chain of an async model works too (`GlobalClip`): the client, which holds the
+whole gradient, sends its squared norm with every push (PushHeader.global_norm_sq), and each shard
+scales its part by the factor the rule would apply. What would need the shards to exchange values
+before they apply is refused at placement and at creation, with the reason (`check_shardable`):
+any other reduction over every leaf, a random key split over the leaves in order, a custom
+transform the server cannot inspect, sync rounds that each shard could close with other
+contributors (quorum below workers, a sync timeout) or whose mean gradient's norm no client holds,
+and reject_nonfinite_updates (one shard could refuse an update the others apply).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import optax
 
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer
 from optserve.server.spec import packing as spec_packing
+from optserve.server.spec.compiler import ComboNode, RuleNode, Slot
+from optserve.server.spec.schedules import ScheduleValue
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.shards import DEFAULT_SPLIT_BYTES, ShardMap, place
 
 
 @dataclass(frozen=True)
+class GlobalClip:
+    """clip_by_global_norm at the head of a sharded model's chain: a push's gradient part is scaled
+    by `factor` (optax's: 1 below max_norm, else max_norm / norm) before the chain, in which the
+    rule itself is the identity. The norm is the whole gradient's, sent by the client."""
+
+    rule: str
+    max_norm: float | None  # a constant
+    slot: str | None  # else the state key of its tunable value
+
+    def factor(self, norm_sq: float, hyperparams: Callable[[], Mapping[str, float]]) -> float:
+        """The scale of the gradient for a push whose whole gradient has this squared norm."""
+        max_norm = hyperparams()[self.slot] if self.slot is not None else self.max_norm
+        assert max_norm is not None  # one of the two is set (_clip_of)
+        norm = math.sqrt(norm_sq)
+        return 1.0 if norm < max_norm else float(max_norm) / norm
+
+
+@dataclass(frozen=True)
 class Shard:
-    """This model is shard `index` of the model that `map` places."""
+    """This model is shard `index` of the model that `map` places; `clip`: its GlobalClip, derived
+    from the spec when it is admitted (not part of the map)."""
 
     map: ShardMap
     index: int
+    clip: GlobalClip | None = None
 
     @property
     def target(self) -> str:
@@ -55,11 +84,13 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
     if shards <= 1:
         return
     why = f"model {name!r}: a model over {shards} shards"
+    head = _head_clip(compiled)
     for rule in spec_packing.rules_of(compiled):
-        if spec_packing.packing_of(rule) == spec_packing.GLOBAL:
+        if spec_packing.packing_of(rule) == spec_packing.GLOBAL and (head is None or rule is not head.rule):
             raise InvalidArgument(
-                f"{why} cannot use {rule.name!r}: it reduces over every leaf, and the shards do not "
-                "exchange partial sums yet (use one server for this spec)"
+                f"{why} can use {rule.name!r} only as the first rule of its chain, unmasked, with a constant or "
+                "tunable max_norm (each push then carries its whole gradient's norm); here it reduces over values "
+                "the shards would have to exchange (use one server for this spec)"
             )
         if spec_packing.depends_on_leaf_order(rule):
             what = "a custom transform" if rule.kind == "custom" else "it splits one random key over the leaves"
@@ -71,6 +102,11 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
         )
     if settings.sync_timeout:
         raise InvalidArgument(f"{why} cannot use sync_timeout: each shard could close a round with other contributors")
+    if head is not None and settings.mode == "sync":
+        raise InvalidArgument(
+            f"{why} cannot use {head.rule.name!r} in sync mode: it clips the round's mean gradient, whose norm "
+            "no client holds"
+        )
     if settings.reject_nonfinite_updates:
         raise InvalidArgument(
             f"{why} cannot use reject_nonfinite_updates: one shard could refuse an update the others apply"
@@ -100,6 +136,7 @@ def plan(
             model_id=uuid.uuid4().hex,
             split_bytes=split_bytes or DEFAULT_SPLIT_BYTES,
             whole=kept_whole(compiled),
+            global_norm=len(targets) > 1 and _head_clip(compiled) is not None,
         )
     except WireError as e:
         raise InvalidArgument(f"model {name!r}: {e}") from None
@@ -127,9 +164,50 @@ def check_shard(name: str, schema: Sequence[LeafSpec], shard: Shard) -> list[Lea
     return shard.map.schema()
 
 
-def for_shard(name: str, compiled: CompiledOptimizer, settings: ModelSettings, shard: Shard) -> CompiledOptimizer:
-    """The spec compiled over the whole model, restricted to the leaves of `shard`, once the spec
-    and settings allow the placement (`check_shardable`, and no split leaf that a rule needs whole)."""
+def _head_clip(compiled: CompiledOptimizer) -> RuleNode | None:
+    """The spec's clip_by_global_norm (GLOBAL) node when it is the first rule of the top chain (or
+    the whole spec), unmasked, with a max_norm that is not scheduled; else None."""
+    root = compiled.root
+    node = root.children[0] if isinstance(root, ComboNode) and root.rule.name == "chain" and root.children else root
+    if not isinstance(node, RuleNode) or spec_packing.packing_of(node.rule) != spec_packing.GLOBAL:
+        return None
+    value = node.args.get("max_norm")
+    if node.mask is not None or isinstance(value, ScheduleValue) or (isinstance(value, Slot) and value.schedule):
+        return None
+    return node
+
+
+def _identity(**_: object) -> optax.GradientTransformation:
+    return optax.identity()  # the same (empty) state as clip_by_global_norm's
+
+
+def _clip_of(compiled: CompiledOptimizer) -> tuple[CompiledOptimizer, GlobalClip | None]:
+    """`compiled` with its head clip_by_global_norm made the identity, and the GlobalClip that
+    replaces it (the same spec, slots and state structure: checkpoints keep their keys)."""
+    node = _head_clip(compiled)
+    if node is None:
+        return compiled, None
+    value = node.args.get("max_norm")
+    if isinstance(value, Slot):
+        clip = GlobalClip(node.rule.name, None, value.key)
+    else:
+        default = next((h.default for h in node.rule.hyperparams if h.name == "max_norm"), 1.0)
+        clip = GlobalClip(node.rule.name, float(value if value is not None else default), None)
+    identity = dataclasses.replace(node, rule=dataclasses.replace(node.rule, build=_identity))
+    root = compiled.root
+    if isinstance(root, ComboNode) and root.children and root.children[0] is node:
+        root = dataclasses.replace(root, children=[identity, *root.children[1:]])
+    else:
+        root = identity
+    return CompiledOptimizer(compiled.spec, root, compiled.slots, compiled.leaf_paths), clip
+
+
+def for_shard(
+    name: str, compiled: CompiledOptimizer, settings: ModelSettings, shard: Shard
+) -> tuple[CompiledOptimizer, Shard]:
+    """The spec compiled over the whole model, restricted to the leaves of `shard` (a head
+    clip_by_global_norm made a `GlobalClip`, returned in the shard), once the spec and settings
+    allow the placement (`check_shardable`, and no split leaf that a rule needs whole)."""
     check_shardable(name, compiled, settings, shard.map.shards)
     whole = kept_whole(compiled)
     for leaf in shard.map.leaves:
@@ -138,4 +216,14 @@ def for_shard(name: str, compiled: CompiledOptimizer, settings: ModelSettings, s
                 f"model {name!r}: shard map splits leaf {leaf.spec.path!r}, but its update rule needs the whole leaf"
             )
     mine = [leaf.spec.path for leaf, _ in shard.map.pieces_of(shard.index) if leaf.spec.dtype in FLOAT_DTYPES]
-    return spec_packing.for_buffers(compiled, {path: [path] for path in mine})
+    restricted = spec_packing.for_buffers(compiled, {path: [path] for path in mine})
+    if shard.map.shards == 1:
+        return restricted, shard
+    restricted, clip = _clip_of(restricted)
+    if (clip is not None) != shard.map.global_norm:
+        raise InvalidArgument(
+            f"model {name!r}: shard map says global_norm={shard.map.global_norm}, but the spec "
+            + ("starts" if clip is not None else "does not start")
+            + " with clip_by_global_norm"
+        )
+    return restricted, dataclasses.replace(shard, clip=clip)
