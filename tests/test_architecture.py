@@ -54,6 +54,10 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     ("optserve.server.cli", "optserve.client"): "the client, only for the admin commands",
     ("optserve.server.cli", "optserve.server.spec"): "the spec compiler (jax, optax), only for `optserve rules`",
     ("optserve.server.cli", "optserve.server.demo"): "the demo (scikit-learn), only for `optserve demo`",
+    (
+        "optserve.server.cli",
+        "optserve.server.checkpoint.resharding",
+    ): "jax and the spec compiler, only for `optserve reshard`",
     # `optserve demo` checks for scikit-learn before it loads jax and starts anything.
     ("optserve.server.demo", "optserve.server.server"): "jax and the server, after the scikit-learn check",
     ("optserve.server.demo", "optserve.client.optim"): "loaded with the server, after the scikit-learn check",

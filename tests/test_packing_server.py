@@ -98,3 +98,22 @@ def test_a_checkpoint_of_an_unpacked_server_restores_into_a_packed_one(tmp_path)
         want = m.pull()
     with Server(port=0, checkpoint_dir=ckpt, packed=False) as srv, srv.client(timeout=60.0) as c:
         assert_same_tree(c.model("ck").pull(), want)
+
+
+def test_a_pack_of_one_leaf_restores_in_its_buffer_form(servers, tmp_path):
+    """Four alike leaves make two packs; here one of them holds a single leaf ("out"). Its optimizer
+    state must come back from a file as the pack's 1-D buffer, not in the leaf's own shape (every
+    push after an upload or a restore failed with INTERNAL: incompatible shapes)."""
+    rng = np.random.default_rng(0)
+    params = {
+        "block": {"w": rng.normal(size=(8, 8)).astype(np.float32), "b": np.zeros(8, np.float32)},
+        "embed": rng.normal(size=(100, 8)).astype(np.float32),
+        "out": rng.normal(size=(37, 9)).astype(np.float32),
+    }
+    model = servers[0].create_model("one-leaf-pack", params, {"adam": {"learning_rate": 0.01}}, ema=0.9)
+    assert ["out"] in [p["leaves"] for p in model.info()["packing"]]
+    model.push(params)
+    model.download(tmp_path / "m.safetensors")
+    uploaded = servers[0].upload(tmp_path / "m.safetensors", "one-leaf-pack-2")
+    assert_same_tree(uploaded.push_pull(params), model.push_pull(params))
+    assert_same_tree(uploaded.pull(ema=True), model.pull(ema=True))

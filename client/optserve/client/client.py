@@ -17,17 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from optserve.client import pytree
-from optserve.client.errors import FailedPreconditionError, NotFoundError, OptserveError
-from optserve.client.messages import schema_of, settings_message
+from optserve.client import pytree, state_file
+from optserve.client.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, OptserveError
+from optserve.client.messages import schema_of, settings_from_json, settings_message
 from optserve.client.model import Model
 from optserve.client.sharded import Fanout, ShardedModel
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
+from optserve.wire import resharding
 from optserve.wire.chunks import chunk_messages
+from optserve.wire.errors import WireError
 from optserve.wire.framing import frame
 from optserve.wire.shards import Piece, ShardMap
 
@@ -37,6 +39,30 @@ def _rows(array: Any, piece: Piece) -> Any:
     if array.ndim == 0 or (piece.start == 0 and piece.stop == array.shape[0]):
         return array
     return array[piece.start : piece.stop]
+
+
+def _upload_messages(name: str, size: int, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    """An Upload stream: the header, then the file's bytes chunk by chunk with their offsets."""
+    yield pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=size)).SerializeToString()
+    offset = 0
+    for chunk in chunks:
+        yield frame(pb.UploadRequest(offset=offset).SerializeToString(), [chunk])
+        offset += len(chunk)
+
+
+def _shard_file_message(path: str | os.PathLike, manifest: dict) -> str:
+    where = os.fspath(path)
+    try:
+        found = resharding.shard_of(manifest, where)
+    except WireError as e:
+        return str(e)
+    assert found is not None
+    index, shard_map = found
+    return (
+        f"{where}: holds shard {index} of {shard_map.shards} of model {manifest.get('model')!r} (placement "
+        f"{shard_map.model_id}), not a whole model: download the sharded model with ShardedModel.download "
+        "(Client(any_shard).model(name) finds every shard) and upload that file"
+    )
 
 
 class Client(Connection):
@@ -245,20 +271,84 @@ class Client(Connection):
         finally:
             fanout.close()
 
-    def upload(self, path: str | os.PathLike, name: str | None = None) -> Model:
-        """Creates a model from a file written by `Model.download`."""
-        size = os.path.getsize(path)
+    def upload(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        *,
+        shards: int | None = None,
+        split_bytes: int | None = None,
+    ) -> Any:
+        """Creates a model from a file written by `Model.download` or `ShardedModel.download`; it
+        continues exactly where the downloaded model was, whatever the shard counts of both
+        (README.md, "Sharded models").
 
-        def messages() -> Iterator[bytes]:
-            yield pb.UploadRequest(header=pb.UploadHeader(name=name or "", total_bytes=size)).SerializeToString()
+        shards: place it over this client's first `shards` targets (default: all of them), as
+            `create_model` does (PlanShards, `split_bytes`): the file is split into each shard's part
+            (`optserve.wire.resharding.split`), uploaded to every shard at once, all or nothing (a
+            failed shard: the others created are deleted, and the failure names the shard); returns a
+            `ShardedModel`. 1, or a client of one target: the file is sent as it is to the first
+            target; returns a `Model`.
+        A file of one shard (a shard's own `Model.download`) is not a whole model and is refused
+        (InvalidArgumentError): download the sharded model with `ShardedModel.download` instead."""
+        shards = len(self.targets) if shards is None else shards
+        if not 1 <= shards <= len(self.targets):
+            raise ValueError(f"shards must be between 1 and the {len(self.targets)} targets, got {shards}")
+        metadata = state_file.read_metadata(path)
+        if metadata is not None and metadata.get("shard") is not None:
+            raise InvalidArgumentError(_shard_file_message(path, metadata))
+        if shards == 1:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
-                offset = 0
-                while chunk := f.read(self.chunk_bytes):
-                    yield frame(pb.UploadRequest(offset=offset).SerializeToString(), [chunk])
-                    offset += len(chunk)
+                info = self.call(
+                    self._upload, _upload_messages(name or "", size, iter(lambda: f.read(self.chunk_bytes), b""))
+                )
+            return Model(self, info.name, None, info)
+        return self._upload_shards(path, name, shards, split_bytes)
 
-        info = self.call(self._upload, messages())
-        return Model(self, info.name, None, info)
+    def _upload_shards(
+        self, path: str | os.PathLike, name: str | None, shards: int, split_bytes: int | None
+    ) -> ShardedModel:
+        state = state_file.read_state(path)
+        manifest = state[1]
+        name = name or manifest.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"{os.fspath(path)}: the manifest names no model; pass name=")
+        try:
+            plan = pb.PlanShardsRequest(
+                name=name,
+                optimizer_json=json.dumps(manifest["spec"]),
+                settings=settings_from_json(manifest["settings"]),
+                schema=[pb.LeafSpec(path=d["path"], dtype=d["dtype"], shape=d["shape"]) for d in manifest["schema"]],
+                targets=self.targets[:shards],
+                split_bytes=split_bytes or 0,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidArgumentError(f"{os.fspath(path)}: malformed manifest ({type(e).__name__}: {e})") from None
+        shard_map_msg = self.call(self._stub.PlanShards, plan)
+        shard_map = ShardMap.from_message(shard_map_msg)
+        try:
+            parts = resharding.split(state, shard_map)
+        except WireError as e:
+            raise InvalidArgumentError(f"{os.fspath(path)}: {e}") from None
+        conns = [self.connection(t) for t in shard_map.targets]
+        fanout = Fanout(name, shard_map.targets)
+
+        def upload(i: int) -> pb.ModelInfo:
+            data = memoryview(state_file.encode_state(parts[i]))
+            step = conns[i].chunk_bytes
+            chunks = (data[at : at + step] for at in range(0, len(data), step))
+            return conns[i].call(conns[i]._upload, _upload_messages(name, len(data), chunks))
+
+        try:
+            infos = fanout.run(upload)
+        except OptserveError:
+            self._delete_placement(name, shard_map, conns)  # the shards of this placement created so far
+            raise
+        finally:
+            fanout.close()
+        models = [Model(c, name, None, info) for c, info in zip(conns, infos, strict=True)]
+        return ShardedModel(name, shard_map, models, None)
 
     def rules(self) -> list[dict]:
         """Every rule, preset, schedule and custom transform the server knows."""

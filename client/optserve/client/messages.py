@@ -112,3 +112,19 @@ def settings_message(
     if ema is not None:
         s.ema_decay = ema
     return s
+
+
+def settings_from_json(settings: dict) -> pb.ModelSettings:
+    """The settings of a state file's manifest (the server's `ModelSettings.to_json`; a field a file
+    lacks takes its default) as the contract's message."""
+    return settings_message(
+        mode=settings.get("mode", "async"),
+        workers=settings.get("workers"),
+        quorum=settings.get("quorum"),
+        max_staleness=settings.get("max_staleness"),
+        sync_timeout=settings.get("sync_timeout"),
+        staleness_scaling=settings.get("staleness_scaling"),
+        ema=settings.get("ema_decay"),
+        ema_debias=settings.get("ema_debias", True),
+        reject_nonfinite=settings.get("reject_nonfinite_updates", False),
+    )

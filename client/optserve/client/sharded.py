@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 
-from optserve.client import pytree
+from optserve.client import pytree, state_file
 from optserve.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -36,7 +37,9 @@ from optserve.client.errors import (
 )
 from optserve.client.model import Model
 from optserve.client.worker import ServerMovedError, Worker
+from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
+from optserve.wire.errors import WireError
 from optserve.wire.shards import ShardMap
 
 T = TypeVar("T")
@@ -428,7 +431,21 @@ class ShardedModel:
         return self.restore(0, tag="realign:" + ",".join(incarnations), fanout=fanout)
 
     def download(self, path: str | os.PathLike) -> int:
-        raise NotImplementedError("download of a sharded model")
+        """Writes the whole model's state into one file, as `Model.download` does for an unsharded
+        model (no "shard" in it; README.md, "Sharded models"); returns its size in bytes. Every
+        shard's file is downloaded at once and gathered (`optserve.wire.resharding.gather`).
+        FailedPreconditionError naming the tensor or field and the shards when they do not hold one
+        state (at different steps: download while no push is in flight, e.g. between sync rounds)."""
+        where = os.path.dirname(os.path.abspath(path))
+        with tempfile.TemporaryDirectory(prefix=".optserve-download-", dir=where) as tmp:
+            files = [os.path.join(tmp, f"shard-{i}.safetensors") for i in range(len(self.shards))]
+            self.fanout.run(lambda i: self.shards[i].download(files[i]))
+            states = [state_file.read_state(f) for f in files]
+        try:
+            whole = resharding.gather(states, self.fanout.targets)
+        except WireError as e:
+            raise FailedPreconditionError(str(e)) from None
+        return state_file.write_state(path, whole)
 
     def close(self) -> None:
         self.fanout.close()

@@ -1,5 +1,6 @@
 """The one way a model comes into being: CreateModel, Upload and restore at start all go through
-`admit` (and so will resharding), so every door validates and checks limits in the same order.
+`admit` (and so does resharding, through Upload and restore), so every door validates and checks
+limits in the same order.
 
 1. Everything that can be checked without allocating, cheapest first: the name and the limits for
    the parameters' bytes (`ModelStore.check_can_create`), the settings and the schema (validated

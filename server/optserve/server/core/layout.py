@@ -243,10 +243,11 @@ class StateMap:
         """Host leaves by key path of the leaf form -> the buffer form's leaves, in its order (each
         buffer gathered with one copy)."""
         out = []
-        for _, paths, shapes in self.entries:
-            if len(paths) == 1 and leaves[paths[0]].shape == shapes[0]:
-                out.append(leaves[paths[0]])
+        for key, paths, _ in self.entries:
+            if paths == (key,):  # a loose leaf, or state that is not per-parameter: itself
+                out.append(leaves[key])
                 continue
+            # a pack, 1-D, even when it holds a single leaf (whose own shape is not the buffer's)
             out.append(np.concatenate([leaves[p].reshape(-1) for p in paths]))
         return out
 
