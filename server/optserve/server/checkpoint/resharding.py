@@ -198,7 +198,7 @@ def _check_installs(state: HostState) -> None:
             compiled = compile_for(name, state.spec, schema)
         else:
             whole = sharding.check_shard(name, schema, state.shard)
-            compiled = sharding.for_shard(name, compile_for(name, state.spec, whole), settings, state.shard)
+            compiled, _ = sharding.for_shard(name, compile_for(name, state.spec, whole), settings, state.shard)
     except InvalidArgument as e:
         raise ReshardError(e.message) from None
     for leaf in schema:
