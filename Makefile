@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint fmt venv proto bench clean
+.PHONY: demo test lint fmt venv proto bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
@@ -41,5 +41,26 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# bench/peers.py: optserve beside a Ray actor parameter server and a torch.distributed.rpc one. Ray
+# and torch are heavy and never the package's dependencies: they live in their own environment,
+# .venv-bench, with optserve installed editable. torch's CPU wheels when their index is reachable,
+# else PyPI's. Flags for the script: make bench-peers PEERS_ARGS="--rounds 3 --workers 1".
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PEERS_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q --timeout 15 --retries 1 --index-url $(TORCH_CPU_INDEX) torch \
+		|| $(BENCH_VENV)/bin/python -m pip install -q torch
+	$(BENCH_VENV)/bin/python -m pip install -q ray -e '.[server]'
+	rm -f $(BENCH_VENV)/.installed-*; touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/peers.py $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -82,6 +82,18 @@ def mistakes(tmp_path_factory, pki) -> dict[str, tuple[list[str], str, str]]:  #
             "--compile-cache (default, in --checkpoint-dir)",
             "writable directory",
         ),
+        "no TCP and no Unix socket": (["--no-tcp"], "--no-tcp", "--unix-socket PATH"),
+        "Unix socket in a missing directory": (
+            ["--unix-socket", str(d / "no-such-dir" / "s.sock")],
+            "--unix-socket",
+            "create it",
+        ),
+        "Unix socket path too long": (["--unix-socket", str(d / ("x" * 120))], "--unix-socket", "shorter path"),
+        "Unix socket is a directory": (
+            ["--unix-socket", str(d / "ckpt-with-cache-file")],
+            "--unix-socket",
+            "remove it",
+        ),
     }
     busy.close()
 
@@ -125,6 +137,10 @@ CASES = [
     "compile cache is a file",
     "compile cache under a file",
     "default compile cache is a file",
+    "no TCP and no Unix socket",
+    "Unix socket in a missing directory",
+    "Unix socket path too long",
+    "Unix socket is a directory",
 ]
 
 

@@ -21,7 +21,7 @@ import grpc
 from optserve.client.errors import OptserveError, from_rpc_error
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
-from optserve.wire.channel import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method
+from optserve.wire.channel import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method, tls_options
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
 
@@ -57,12 +57,15 @@ def _credentials(tls: Any) -> grpc.ChannelCredentials:
 class Connection:
     """A channel to an optserve server.
 
-    target: "host:port". token: bearer token sent on every call. tls: True, a CA file, or
-    {"ca": ..., "cert": ..., "key": ...} for mutual TLS. timeout: default deadline in seconds for
-    each call (None: no deadline). chunk_bytes: payload bytes per streamed message. options: more
-    grpc channel options (after the defaults, so they win). packed: push and pull the packed tensors
-    of a model's layout (ModelInfo.packing) as one tensor each, not leaf by leaf; False sends every
-    leaf alone, as clients did before packed layouts (each `Model` has its own `packed` too).
+    target: "host:port", or "unix:///abs/path" for a server's Unix socket on this host (`optserve
+    serve --unix-socket`; grpc's own target syntax, so "unix:relative/path" works too; TLS over it
+    checks the server's certificate against "localhost", wire/channel.py). token: bearer token
+    sent on every call. tls: True, a CA file, or {"ca": ..., "cert": ..., "key": ...} for mutual
+    TLS. timeout: default deadline in seconds for each call (None: no deadline). chunk_bytes:
+    payload bytes per streamed message. options: more grpc channel options (after the defaults, so
+    they win). packed: push and pull the packed tensors of a model's layout (ModelInfo.packing) as
+    one tensor each, not leaf by leaf; False sends every leaf alone, as clients did before packed
+    layouts (each `Model` has its own `packed` too).
     """
 
     def __init__(
@@ -77,7 +80,10 @@ class Connection:
         packed: bool = True,
     ):
         if not isinstance(target, str) or not target:
-            raise ValueError("target must be 'host:port'")
+            raise ValueError("target must be 'host:port' or 'unix:///path'")
+        if target.startswith("unix://") and not target.startswith("unix:///"):
+            # grpc would read what follows // as an authority and fail every call with UNAVAILABLE
+            raise ValueError(f"target {target!r}: a Unix socket target is unix:///ABSOLUTE/PATH (three slashes)")
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.target = target
@@ -88,7 +94,7 @@ class Connection:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.packed = packed
-        opts = [*CHANNEL_OPTIONS, *options]
+        opts = [*CHANNEL_OPTIONS, *(tls_options(target) if tls else ()), *options]
         # Told to the server in every pull (PullRequest.max_message_bytes) so that its replies use
         # what this channel accepts; the last setting of the option wins, as in grpc.
         receive = [v for k, v in opts if k == "grpc.max_receive_message_length"]

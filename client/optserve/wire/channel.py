@@ -41,6 +41,16 @@ SERVER_OPTIONS = [
     *KEEPALIVE,
 ]
 
+# grpc makes a `unix:` target's authority its percent-encoded path, which no certificate names; over
+# a Unix socket, TLS checks the server's certificate against this name instead (a certificate for a
+# host lists it; `grpc.ssl_target_name_override` in a client's options chooses another).
+UNIX_TLS_NAME = "localhost"
+
+
+def tls_options(target: str) -> list[tuple[str, str]]:
+    """The channel options a TLS channel to `target` needs before the caller's own."""
+    return [("grpc.ssl_target_name_override", UNIX_TLS_NAME)] if target.startswith("unix:") else []
+
 
 def method(name: str) -> str:
     return f"/{SERVICE}/{name}"

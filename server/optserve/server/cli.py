@@ -1,9 +1,9 @@
 """The `optserve` command: serve, demo, and admin commands against a running server.
 
-optserve serve [--host 127.0.0.1] [--port 8470] [--checkpoint-dir DIR] [--device gpu:0] ...
+optserve serve [--host 127.0.0.1] [--port 8470] [--unix-socket PATH [--no-tcp]] [--checkpoint-dir DIR] ...
 optserve demo [--workers 4] [--steps 300] [--mode sync|async]
 optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
-    [--target HOST:PORT] [--token-file F] [--tls-ca F]
+    [--target HOST:PORT | unix:///PATH] [--token-file F] [--tls-ca F]
 optserve reshard --model NAME --from DIR [DIR ...] --to DIR [DIR ...] [--targets HOST:PORT,...] [--step N]
 """
 
@@ -22,7 +22,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from optserve.server import unix_socket
 from optserve.server.core.errors import ConfigError
+from optserve.wire.channel import tls_options
 
 DEFAULT_PORT = 8470
 
@@ -88,6 +90,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         type=port,
         default=DEFAULT_PORT,
         help="gRPC port; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        default=None,
+        help="also listen on a Unix domain socket there (clients: unix:///PATH), created owner-only (0600) and "
+        "removed on exit; a stale socket left by a killed server is replaced, one another server listens on "
+        "is refused; tokens, TLS and limits apply as on TCP (default: none)",
+    )
+    p.add_argument(
+        "--no-tcp",
+        action="store_true",
+        help="listen only on --unix-socket, not on --host/--port (default: TCP as well)",
     )
     p.add_argument(
         "--device",
@@ -299,7 +314,12 @@ def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
     """Checks what can be checked before the server starts; returns security's Server options."""
     if args.checkpoint_dir:
         _check_checkpoint_dir(args.checkpoint_dir)
-    _check_listen("--host", args.host, "--port", args.port)
+    if args.no_tcp and not args.unix_socket:
+        raise ConfigError("--no-tcp: then the server needs --unix-socket PATH to listen on; give one, or drop --no-tcp")
+    if args.unix_socket is not None:
+        unix_socket.check(args.unix_socket)  # again in Server, just before it binds
+    if not args.no_tcp:
+        _check_listen("--host", args.host, "--port", args.port)
     if args.metrics_port is not None:
         _check_listen(
             "--metrics-host" if args.metrics_host else "--host",
@@ -307,7 +327,8 @@ def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
             "--metrics-port",
             args.metrics_port,
         )
-        if args.metrics_port and args.metrics_port == args.port and (args.metrics_host or args.host) == args.host:
+        same_host = (args.metrics_host or args.host) == args.host
+        if args.metrics_port and not args.no_tcp and args.metrics_port == args.port and same_host:
             raise ConfigError(f"--metrics-port {args.metrics_port}: the same as --port; give another (0: a free one)")
     from optserve.server.api import auth as security  # imports the client (numpy, ml_dtypes): after the cheap checks
 
@@ -335,7 +356,8 @@ def serve(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         server = Server(
             args.host,
-            args.port,
+            None if args.no_tcp else args.port,
+            unix_socket=args.unix_socket,
             checkpoint_dir=args.checkpoint_dir or None,
             device=args.device,
             devices=args.devices,
@@ -364,7 +386,10 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.metrics_port is not None:
         print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
-    print(f"optserve listening on {args.host}:{server.port}", flush=True)
+    if not args.no_tcp:
+        print(f"optserve listening on {args.host}:{server.port}", flush=True)
+    if args.unix_socket:
+        print(f"optserve listening on {unix_socket.target(args.unix_socket)}", flush=True)
     while not stop.wait(0.5):
         pass
     # Server.stop returns the final checkpoints that failed (acknowledged steps lost): not a clean exit.
@@ -381,7 +406,11 @@ def _usage_error(message: str) -> int:
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:
     def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="server HOST:PORT")
+        p.add_argument(
+            "--target",
+            default=f"127.0.0.1:{DEFAULT_PORT}",
+            help="server HOST:PORT, or unix:///PATH of its --unix-socket",
+        )
         p.add_argument("--token-file", default=None, help="file whose first token is sent")
         p.add_argument("--tls-ca", default=None, help="CA file: connect with TLS")
         p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
@@ -450,7 +479,7 @@ def health(args: argparse.Namespace) -> int:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=read(args.tls_ca), private_key=read(args.tls_key), certificate_chain=read(args.tls_cert)
         )
-        channel = grpc.secure_channel(args.target, credentials)
+        channel = grpc.secure_channel(args.target, credentials, options=tls_options(args.target))
     else:
         channel = grpc.insecure_channel(args.target)
     with channel:

@@ -6,6 +6,8 @@
         client = server.client()
         ...
 
+    Server(port=None, unix_socket="/run/optserve.sock")    # a Unix socket only (unix_socket.py)
+
 `optserve serve` runs the same object until SIGINT/SIGTERM. The standard gRPC health service
 reports NOT_SERVING until the server is ready (checkpoints restored) and again while it shuts down;
 server reflection lists the optserve service.
@@ -33,6 +35,7 @@ from optserve.server.core import compilation
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
+from optserve.server.unix_socket import UnixSocket
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
 
@@ -142,7 +145,10 @@ def default_compile_cache(checkpoint_dir: str | None) -> str:
 class Server:
     """An optserve gRPC server in this process; started on construction.
 
-    host/port: where to listen (port 0 picks a free port; see `.port`). checkpoint_dir: where models
+    host/port: where to listen (port 0 picks a free port; see `.port`; None: no TCP, only the Unix
+    socket). unix_socket: also (or only) listen on a Unix domain socket at this path, owner-only,
+    a stale one replaced, another server's refused, removed at stop (unix_socket.py); tokens, TLS
+    and limits apply to it as to TCP. checkpoint_dir: where models
     are checkpointed and restored from (None: no checkpoints). device: JAX device for the models;
     devices: or several, which hold every model sharded over a 1-D mesh (`resolve_devices`;
     docs/design.md, "Devices and meshes"); not both.
@@ -166,8 +172,9 @@ class Server:
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 0,
+        port: int | None = 0,
         *,
+        unix_socket: str | None = None,
         checkpoint_dir: str | None = None,
         device: str | None = None,
         devices: str | None = None,
@@ -185,7 +192,13 @@ class Server:
         compile_cache: str | None = None,
         packed: bool = True,
     ):
+        if port is None and not unix_socket:
+            raise ConfigError(
+                "--no-tcp (port=None) without --unix-socket (unix_socket=PATH): nothing to listen on; "
+                "give a socket path"
+            )
         self.host = host
+        self.unix_socket = UnixSocket(unix_socket) if unix_socket else None
         if compile_cache is not None:  # before any model (restored ones too) is compiled
             compilation.configure_cache(compile_cache)
         self.store = ModelStore(
@@ -220,25 +233,36 @@ class Server:
         self._grpc.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        address = f"{host}:{port}"
-        if server_credentials is not None:
-            self.port = self._grpc.add_secure_port(address, server_credentials)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
-        self._grpc.start()
+
+        def add_port(address: str) -> int:
+            if server_credentials is not None:
+                return self._grpc.add_secure_port(address, server_credentials)
+            return self._grpc.add_insecure_port(address)
+
+        self.port: int | None = None
         self._stopped = False
-        if checkpoints is not None:
-            checkpoints.start(self.store)  # restores every model before we report SERVING
-            self.service.ready.set()
-        if metrics_port is not None:
-            self.metrics.start_http(metrics_port, metrics_host or host)
+        try:
+            if self.unix_socket is not None:  # first: it refuses a live socket before anything listens
+                self.unix_socket.bind(add_port)
+            if port is not None:
+                self.port = add_port(f"{host}:{port}")
+                if not self.port:
+                    raise OSError(f"cannot listen on {host}:{port}")
+            self._grpc.start()
+            if checkpoints is not None:
+                checkpoints.start(self.store)  # restores every model before we report SERVING
+                self.service.ready.set()
+            if metrics_port is not None:
+                self.metrics.start_http(metrics_port, metrics_host or host)
+        except BaseException:
+            self._grpc.stop(None)
+            if self.unix_socket is not None:  # no socket file outlives a server that did not start
+                self.unix_socket.remove()
+            raise
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "optserve listening on %s:%d (%s, incarnation %s)",
-            host,
-            self.port,
+            "optserve listening on %s (%s, incarnation %s)",
+            " and ".join(self.addresses),
             self.store.describe_devices(),
             self.service.incarnation,
             extra={"event": "serving"},
@@ -254,12 +278,20 @@ class Server:
         )
 
     @property
+    def addresses(self) -> list[str]:
+        """Where it listens, as client targets: "host:port" for TCP, "unix:///path" for the socket."""
+        tcp = [f"{self.host}:{self.port}"] if self.port is not None else []
+        return tcp + ([self.unix_socket.target] if self.unix_socket is not None else [])
+
+    @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The TCP "host:port", or the Unix socket's "unix:///path" when there is no TCP listener."""
+        return self.addresses[0]
 
     def client(self, **kwargs: Any) -> Client:
-        """A Client connected to this server."""
-        return Client(self.address, **kwargs)
+        """A Client connected to this server: over its Unix socket if it has one (same host, and
+        cheaper than TCP), else over TCP."""
+        return Client(self.unix_socket.target if self.unix_socket is not None else self.address, **kwargs)
 
     def stop(self, grace: float = 10.0) -> list[str]:
         """Stops accepting pushes, finishes the calls in flight (up to `grace` s), checkpoints, stops.
@@ -276,6 +308,8 @@ class Server:
         for model in self.store.models():  # release pulls waiting for a step
             model.wake_waiters()
         self._grpc.stop(grace).wait(grace + 5)
+        if self.unix_socket is not None:
+            self.unix_socket.remove()
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         compilation.finish_warm_ups()  # nothing pushes any more; no compilation may outlive the process
         self.metrics.stop_http()
