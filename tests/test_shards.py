@@ -16,7 +16,7 @@ from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.shards import Piece, ShardedLeaf, ShardMap, balance, place
-from tests.conftest import assert_same_tree
+from tests.conftest import assert_same_tree, wait_until
 
 ADAM = {"adam": {"learning_rate": 0.01}}
 SPLIT = 1024  # bytes: "embed" and "out" split over the shards in these tests
@@ -392,3 +392,23 @@ def test_shard_behind_the_others_without_pushes_to_replay_brings_every_shard_bac
     assert_same_tree(worker.pull(), saved)
     worker.push_pull(_grads(2))
     assert [s["step"] for s in sm.info()["shards"]] == [2, 2, 2]
+
+
+def test_a_pull_of_an_exact_step_gets_that_step_however_fast_the_model_moves_on(servers, whole_client, model_name):
+    m = whole_client.create_model(model_name, _params(), ADAM)
+    m.push(_grads(1))
+    got: list = []
+    puller = threading.Thread(target=lambda: got.append(m.pull(exact_step=2, timeout=60)))
+    puller.start()
+    held = servers[3].store.get(model_name)
+    wait_until(lambda: held._expected, "the pull of step 2 to be registered")  # then it cannot miss it
+    m.push(_grads(2))
+    at_two = m.pull()
+    m.push(_grads(3))
+    m.push(_grads(4))
+    puller.join(timeout=120)
+    assert len(got) == 1
+    assert_same_tree(got[0], at_two)
+    with pytest.raises(FailedPreconditionError, match="step 1 is gone: the model is at step 4"):
+        m.pull(exact_step=1)
+    assert_same_tree(m.pull(exact_step=4), m.pull())

@@ -160,6 +160,7 @@ class Model:
         ema: bool,
         wire_dtype: str | None,
         if_newer_than: int | None,
+        exact_step: int | None = None,
     ) -> pb.PullRequest:
         req = pb.PullRequest(
             model=self.name,
@@ -176,6 +177,8 @@ class Model:
             req.min_step = min_step
         if if_newer_than is not None:
             req.if_newer_than = if_newer_than
+        if exact_step is not None:
+            req.exact_step = exact_step
         return req
 
     def pull(
@@ -188,10 +191,12 @@ class Model:
         wire_dtype: str | None = None,
         if_newer_than: int | None = None,
         out: Any = None,
+        exact_step: int | None = None,
     ) -> Any:
         """Fetches the parameters as a pytree (the structure of `like`, of the create/push, or nested dicts).
 
         min_step: wait (up to `timeout` seconds) until the model reaches that step.
+        exact_step: the parameters of exactly that step (waited for like min_step; PullRequest.exact_step).
         if_newer_than: return None when the model's step is not greater than this.
         out: a pytree of writable numpy arrays (or CPU torch tensors) with the model's leaves, dtypes
             and shapes, e.g. the previous pull's result: the parameters are written into it and `out`
@@ -205,7 +210,12 @@ class Model:
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
         req = self._pull_request(
-            min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=if_newer_than
+            min_step=min_step,
+            timeout=timeout,
+            ema=ema,
+            wire_dtype=wire_dtype,
+            if_newer_than=if_newer_than,
+            exact_step=exact_step,
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
         if self._params_fit_one_chunk:

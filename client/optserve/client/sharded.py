@@ -36,7 +36,7 @@ from optserve.client.errors import (
     UnavailableError,
 )
 from optserve.client.model import Model
-from optserve.client.worker import ServerMovedError, Worker
+from optserve.client.worker import ServerMovedError, Worker, WorkerModel
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
 from optserve.wire.errors import WireError
@@ -47,6 +47,19 @@ T = TypeVar("T")
 
 def _swap(pull: Callable[[int, int], int], step: int, shard: int) -> int:
     return pull(shard, step)
+
+
+def _exactly(pull: Callable[[int | None, int | None], Any], model: WorkerModel, step: int) -> int:
+    """Pulls a shard's part at exactly `step` (PullRequest.exact_step: a shard behind gets there and
+    keeps it for this pull however fast it moves on); a shard already past it, at its newest step.
+    Returns the step pulled."""
+    try:
+        pull(step, None)
+    except FailedPreconditionError as e:
+        if "is gone" not in e.message:
+            raise
+        pull(None, step)
+    return model.last_step
 
 
 # Pulls of a shard that is behind the others before a pull gives up (UnavailableError: retry).
@@ -271,9 +284,13 @@ class ShardedModel:
         steps = [-1 if s is None else s for s in got]
 
         def again(i: int, step: int) -> int:
-            s = pull_one(i, step, None)
-            assert s is not None  # a pull without if_newer_than always returns the parameters
-            return s
+            return _exactly(
+                lambda exact, least: self.shards[i].pull(
+                    exact_step=exact, min_step=least, timeout=timeout, ema=ema, wire_dtype=wire_dtype, out=parts[i]
+                ),
+                self.shards[i],
+                step,
+            )
 
         self._consistent(steps, again)
         self._note()
@@ -318,8 +335,9 @@ class ShardedModel:
 
     def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
         m = self.shards[i]
-        m.pull(min_step=step, wire_dtype=wire_dtype, out=out)
-        return m.last_step
+        return _exactly(
+            lambda exact, least: m.pull(exact_step=exact, min_step=least, wire_dtype=wire_dtype, out=out), m, step
+        )
 
     # -- management -------------------------------------------------------------------------------
 
@@ -516,8 +534,13 @@ class ShardedWorker:
         w = self.workers[i]
         # a shard that does not get there soon may have restarted behind: the Worker retries a
         # DEADLINE_EXCEEDED after checking for that (ServerMovedError), else waits again
-        w.pull(min_step=step, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype, out=out)
-        return w.model.last_step
+        return _exactly(
+            lambda exact, least: w.pull(
+                exact_step=exact, min_step=least, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype, out=out
+            ),
+            w.model,
+            step,
+        )
 
     def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
         m = self.model

@@ -60,6 +60,7 @@ class WorkerModel(Protocol):
         wire_dtype: str | None = ...,
         if_newer_than: int | None = ...,
         out: Any = ...,
+        exact_step: int | None = ...,
     ) -> Any: ...
 
     def _push_header(
@@ -87,6 +88,7 @@ class WorkerModel(Protocol):
         ema: bool,
         wire_dtype: str | None,
         if_newer_than: int | None,
+        exact_step: int | None = None,
     ) -> pb.PullRequest: ...
 
     def push_raw(

@@ -335,7 +335,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class PullRequest(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXACT_STEP_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -356,7 +357,8 @@ class PullRequest(_message.Message):
     max_message_bytes: int
     packed: bool
     layout_id: str
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ...) -> None: ...
+    exact_step: int
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id")

@@ -29,7 +29,7 @@ from optserve.server.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from optserve.server.core.model import Model
+from optserve.server.core.model import ExpectedStep, Model
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
@@ -235,6 +235,29 @@ class DataPlane:
         was not); slot_held: the caller already holds a waiting slot (PushPull takes it before its push).
         """
         self.check_pull(model, req, single)
+        exact = model.expect_step(req.exact_step, ema=req.ema) if req.HasField("exact_step") else None
+        try:
+            yield from self._pull_messages(model, req, call, push, single, round_dropped, slot_held, exact)
+        finally:
+            if exact is not None:
+                model.forget_step(exact)
+
+    def _pull_messages(
+        self,
+        model: Model,
+        req: pb.PullRequest,
+        call: CallContext,
+        push: pb.PushResponse | None,
+        single: bool,
+        round_dropped: Callable[[], str] | None,
+        slot_held: bool,
+        exact: ExpectedStep | None,
+    ) -> Iterator[bytes]:
+        if exact is not None and (not req.HasField("min_step") or req.min_step < exact.step):
+            wait = pb.PullRequest()
+            wait.CopyFrom(req)
+            wait.min_step = exact.step  # the step is waited for as a min_step is
+            req = wait
         if req.HasField("min_step") and model.step < req.min_step:
             if slot_held:
                 self._wait_for_step(model, req, call, round_dropped)
@@ -255,7 +278,7 @@ class DataPlane:
             yield from chunk_messages(first, [], chunk_bytes, bound)
             self.metrics.pulled(model.name, "not_modified", 0)
             return
-        with model.snapshot(ema=req.ema) as snap:
+        with model.snapshot(ema=req.ema) if exact is None else model.snapshot_of(exact) as snap:
             first.header.step = snap.step
             self._mark_applied(first, push)
             leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)

@@ -52,6 +52,17 @@ from optserve.server.spec import CompiledOptimizer, ema
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 
+class ExpectedStep:
+    """A pull waiting for exactly one step (`Model.expect_step`): filled with copies of the
+    parameters (or EMA) if the model leaves that step while it waits."""
+
+    __slots__ = ("arrays", "ema", "step")
+
+    def __init__(self, step: int, ema: bool):
+        self.step, self.ema = step, ema
+        self.arrays: Mapping[str, jax.Array] | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """A consistent view for a pull: the arrays of one step, pinned against donation."""
@@ -160,6 +171,7 @@ class Model:
         self._captured: dict[int, tuple[ModelState, int]] = {}
         self.capture_every = 0
         self.restore_tag = ""  # the tag of the last RestoreCheckpoint (checkpoint/restore.py)
+        self._expected: dict[int, list[ExpectedStep]] = {}  # pulls of an exact step (expect_step)
         self._deleted = False
         self._closing = False  # the server is shutting down: waits end
         # pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
@@ -412,6 +424,43 @@ class Model:
                 else:
                     del self._pins[step]
 
+    def expect_step(self, step: int, *, ema: bool = False) -> ExpectedStep:
+        """Registers a pull of exactly `step` (PullRequest.exact_step) before it waits for it, so that
+        the model keeps that step's values for it if it moves on meanwhile; FailedPrecondition if the
+        model is already past it. Release it with `forget_step`."""
+        with self._lock:
+            if self._step > step:
+                raise FailedPrecondition(f"{self.label}: step {step} is gone: the model is at step {self._step}")
+            pull = ExpectedStep(step, ema)
+            self._expected.setdefault(step, []).append(pull)
+            return pull
+
+    def forget_step(self, pull: ExpectedStep) -> None:
+        with self._lock:
+            waiting = self._expected.get(pull.step, [])
+            if pull in waiting:
+                waiting.remove(pull)
+            if not waiting:
+                self._expected.pop(pull.step, None)
+
+    @contextmanager
+    def snapshot_of(self, pull: ExpectedStep) -> Iterator[Snapshot]:
+        """The values of the step `pull` waited for (after a wait for it as min_step): those kept when
+        the model left it, else the live ones pinned as `snapshot` pins them; FailedPrecondition if
+        the model went back past it (a restore)."""
+        if pull.arrays is not None:
+            with self._lock:
+                self._count("pulls")
+            yield Snapshot(pull.step, pull.arrays)
+            return
+        with self.snapshot(ema=pull.ema) as snap:
+            if pull.arrays is not None:  # left it between the wait and the snapshot
+                yield Snapshot(pull.step, pull.arrays)
+            elif snap.step != pull.step:
+                raise FailedPrecondition(f"{self.label}: step {pull.step} is gone: the model is at step {snap.step}")
+            else:
+                yield snap
+
     def _ema_params(self) -> Mapping[str, jax.Array]:
         """The parameter EMA (debiased as the model's settings say); non-float leaves as they are."""
         assert self._ema_state is not None  # snapshot(ema=True) refuses a model that keeps no EMA
@@ -464,6 +513,9 @@ class Model:
         waits for it (`capture_at`) or it is a multiple of `capture_every`. Only the two newest
         captures are kept (each holds a copy of the state until a save writes it)."""
         step = self._step
+        for pull in self._expected.get(step, ()):
+            if pull.arrays is None:  # fresh copies: the update about to run donates the live buffers
+                pull.arrays = jax.device_put(self._ema_params() if pull.ema else self._params, may_alias=False)
         if step in self._capture_steps or (self.capture_every and step and step % self.capture_every == 0):
             self._capture_steps.discard(step)
             self._captured[step] = self._capture_locked()
