@@ -8,12 +8,20 @@ import json
 
 import pytest
 
+from tests.core_helpers import donating_step_only
 from tests.reference.cases import CASES, EMA_CASES
 from tests.shard_compare import compare
 
 # the rules core/sharding.py refuses over several shards: a reduction over every leaf other than a
 # clip_by_global_norm at the head of the chain (none in the conformance cases)
 REFUSED_RULES: tuple[str, ...] = ()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _donating_step_only():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("optserve.server.core.model.warm_up_steps", donating_step_only)
+        yield
 
 
 @pytest.mark.parametrize("case", [*CASES, *EMA_CASES], ids=lambda c: c.id)
