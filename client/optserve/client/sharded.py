@@ -40,7 +40,7 @@ from optserve.client.worker import ServerMovedError, Worker, WorkerModel
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
 from optserve.wire.errors import WireError
-from optserve.wire.shards import ShardMap
+from optserve.wire.shards import ShardMap, row_slices
 
 T = TypeVar("T")
 
@@ -124,10 +124,7 @@ class ShardedModel:
         self._structure = structure
         self._schema = {leaf.spec.path: leaf for leaf in shard_map.leaves}
         # per shard, in its schema order: (leaf path, rows of the whole leaf or None: all of it)
-        self._parts = [
-            [(leaf.spec.path, slice(p.start, p.stop) if leaf.split else None) for leaf, p in shard_map.pieces_of(i)]
-            for i in range(shard_map.shards)
-        ]
+        self._parts = [row_slices(shard_map, i) for i in range(shard_map.shards)]
         self.last_step = -1
         self.last_incarnation = ""
 
