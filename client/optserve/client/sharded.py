@@ -36,6 +36,7 @@ from optserve.client.errors import (
     UnavailableError,
 )
 from optserve.client.model import Model
+from optserve.client.rounds import Relays, decides_rounds, relay
 from optserve.client.worker import ServerMovedError, Worker, WorkerModel
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
@@ -127,6 +128,7 @@ class ShardedModel:
         self._parts = [row_slices(shard_map, i) for i in range(shard_map.shards)]
         self.last_step = -1
         self.last_incarnation = ""
+        self._decides_rounds: bool | None = None
 
     def __repr__(self) -> str:
         return f"ShardedModel({self.name!r} on {len(self.shards)} shards: {', '.join(self.fanout.targets)})"
@@ -134,6 +136,20 @@ class ShardedModel:
     @property
     def client(self) -> Any:
         return self.shards[0].client
+
+    @property
+    def decides_rounds(self) -> bool:
+        """Whether shard 0 decides the sync rounds, which the workers relay (client/rounds.py)."""
+        if self._decides_rounds is None:
+            settings = self.shards[0].info()["settings"]
+            self._decides_rounds = decides_rounds(settings, len(self.shards), self.shard_map.global_norm)
+        return self._decides_rounds
+
+    def relay(self, step: int, fanout: Fanout | None = None) -> list[tuple[str, int]]:
+        """Relays shard 0's decision of the sync round that makes `step` to the other shards (waiting
+        for shard 0 to close it); returns its contributors (worker_id, seq) in order."""
+        fan = fanout or self.fanout
+        return relay(self.shards, lambda call, shards: fan.run(call, shards), step, self.shard_map.global_norm)
 
     # -- splitting and gathering ------------------------------------------------------------------
 
@@ -480,6 +496,19 @@ class ShardedWorker:
         self.workers = [Worker(m, worker_id, follow_restarts=False, **kwargs) for m in model.shards]
         self.realigned = 0
         self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
+        # where shard 0 decides the sync rounds, each push relays its round's decision (rounds.py)
+        self.relays = Relays(f"{model.name}-{worker_id}")
+        self._relay_fanout = Fanout(f"{model.name}-{worker_id}-rounds", model.fanout.targets, callers=2)
+
+    def _relay_round(self) -> None:
+        """Where shard 0 decides the sync rounds: relays, in the background, the decision of the
+        round this worker's next push joins (pulling first if it never did, for that push's base_step)."""
+        if not self.model.decides_rounds:
+            return
+        if self.workers[0].base_step is None:
+            self.pull()
+        step = (self.workers[0].base_step or 0) + 1
+        self.relays.start(lambda: self.model.relay(step, self._relay_fanout), step)
 
     def __repr__(self) -> str:
         return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
@@ -544,6 +573,7 @@ class ShardedWorker:
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
         parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
+        self._relay_round()
         with self._realigning():
             steps = self.fanout.run(
                 lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
@@ -564,6 +594,7 @@ class ShardedWorker:
         m._check_grads(leaves)
         grad_parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
         arrays, parts = m._targets(out, wire_dtype)
+        self._relay_round()
 
         def one(i: int) -> int:
             self.workers[i].push_pull(
