@@ -14,16 +14,28 @@ and sends the total back, upon which each shard applies.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
+
+import grpc
 
 from optserve.client.errors import OptserveError
+from optserve.client.worker import RETRYABLE
+
+T = TypeVar("T")
 
 log = logging.getLogger("optserve.client")
 
 # Seconds a relay waits for shard 0 to close a round, or a shard for a contribution it was told of.
 ROUND_WAIT = 60.0
+# Seconds a relay keeps trying a shard that is away, slow, or behind (restarted, being caught up).
+RELAY_FOR = 180.0
+# Rounds whose contributors shard 0 keeps (core/shard_rounds.py, HISTORY): a shard further behind
+# cannot be caught up by relays.
+KEPT_ROUNDS = 64
 # Relays one worker may have running at once (each waits for its round; a push_pull's returns with it).
 CONCURRENT_RELAYS = 4
 
@@ -47,10 +59,16 @@ def relay(
     """Asks shard 0 for the contributors of the round that makes `step` (waiting for it to close),
     sends them to every other shard (`run(call, shards)` calls them in parallel), and with a head
     clip sends every shard the total of their partial squared norms. Returns the contributors."""
-    first = shards[0].decide_round(step, timeout=timeout)
+    deadline = time.monotonic() + RELAY_FOR
+    first = _persisting(lambda: shards[0].decide_round(step, timeout=timeout), shards[0], step, deadline)
     contributors = [tuple(c) for c in first["contributors"]]
     others = list(range(1, len(shards)))
-    outs = run(lambda i: shards[i].decide_round(step, contributors, timeout=timeout), others)
+    outs = run(
+        lambda i: _persisting(
+            lambda: shards[i].decide_round(step, contributors, timeout=timeout), shards[i], step, deadline
+        ),
+        others,
+    )
     if clips:
         partials = [first["partial_norm_sq"], *(o["partial_norm_sq"] for o in outs)]
         if any(p is None for p in partials):
@@ -59,10 +77,43 @@ def relay(
         for p in partials:  # in shard order: every relayer sends the very same total
             total += p
         run(
-            lambda i: shards[i].decide_round(step, contributors, global_norm_sq=total, timeout=timeout),
+            lambda i: _persisting(
+                lambda: shards[i].decide_round(step, contributors, global_norm_sq=total, timeout=timeout),
+                shards[i],
+                step,
+                deadline,
+            ),
             range(len(shards)),
         )
     return contributors
+
+
+def _persisting(call: Callable[[], T], shard: Any, step: int, deadline: float) -> T:
+    """`call()`, again (with backoff, until `deadline`) while the shard is away (UNAVAILABLE), slow
+    (DEADLINE_EXCEEDED: a named contribution not there yet) or behind the round (it restarted and is
+    being caught up: replay.py): a relay that gave up then would leave that round undecided there."""
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except OptserveError as e:
+            if e.code not in RETRYABLE and not (
+                e.code == grpc.StatusCode.FAILED_PRECONDITION and "no sync round" in e.message and _behind(shard, step)
+            ):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(random.uniform(0, delay))
+        delay = min(delay * 2, 2.0)
+
+
+def _behind(shard: Any, step: int) -> bool:
+    """Whether the shard has yet to get to the round that makes `step` (header-only pull)."""
+    try:
+        shard.pull(if_newer_than=2**62)
+    except OptserveError:
+        return True
+    return shard.last_step < step - 1
 
 
 class Relays:

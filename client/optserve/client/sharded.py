@@ -36,7 +36,7 @@ from optserve.client.errors import (
     UnavailableError,
 )
 from optserve.client.model import Model
-from optserve.client.rounds import Relays, decides_rounds, relay
+from optserve.client.rounds import KEPT_ROUNDS, Relays, decides_rounds, relay
 from optserve.client.worker import ServerMovedError, Worker, WorkerModel
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
@@ -145,11 +145,16 @@ class ShardedModel:
             self._decides_rounds = decides_rounds(settings, len(self.shards), self.shard_map.global_norm)
         return self._decides_rounds
 
-    def relay(self, step: int, fanout: Fanout | None = None) -> list[tuple[str, int]]:
+    def relay(self, step: int, fanout: Fanout | None = None, sequential: bool = False) -> list[tuple[str, int]]:
         """Relays shard 0's decision of the sync round that makes `step` to the other shards (waiting
-        for shard 0 to close it); returns its contributors (worker_id, seq) in order."""
+        for shard 0 to close it), through `fanout` or one shard after another; returns its
+        contributors (worker_id, seq) in order."""
         fan = fanout or self.fanout
-        return relay(self.shards, lambda call, shards: fan.run(call, shards), step, self.shard_map.global_norm)
+
+        def run(call: Callable[[int], T], shards: Sequence[int]) -> list[T]:
+            return [call(i) for i in shards] if sequential else fan.run(call, shards)
+
+        return relay(self.shards, run, step, self.shard_map.global_norm)
 
     # -- splitting and gathering ------------------------------------------------------------------
 
@@ -499,6 +504,26 @@ class ShardedWorker:
         # where shard 0 decides the sync rounds, each push relays its round's decision (rounds.py)
         self.relays = Relays(f"{model.name}-{worker_id}")
         self._relay_fanout = Fanout(f"{model.name}-{worker_id}-rounds", model.fanout.targets, callers=2)
+        for i, w in enumerate(self.workers[1:], start=1):
+            w.on_catch_up = functools.partial(self._catch_up_rounds, i)
+
+    def _catch_up_rounds(self, shard: int, step: int) -> None:
+        """A follower shard that restarted behind the others is being caught up (replay.py) to `step`:
+        where shard 0 decides the sync rounds, it gets there only by being told each round's
+        contributors (shard 0 keeps those of its last rounds), so this relays them, one round after
+        another, each once every worker has replayed its part. A failure is left to the caller's wait
+        (which falls back to `realign`)."""
+        if not self.model.decides_rounds:
+            return
+        model = self.workers[shard].model
+        for _ in range(KEPT_ROUNDS + 1):
+            try:
+                model.pull(if_newer_than=2**62)  # header only: where the shard is
+                if model.last_step >= step:
+                    return
+                self.model.relay(model.last_step + 1, sequential=True)
+            except OptserveError:
+                return
 
     def _relay_round(self) -> None:
         """Where shard 0 decides the sync rounds: relays, in the background, the decision of the

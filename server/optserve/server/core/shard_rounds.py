@@ -27,6 +27,7 @@ contribution answers its retries, and becomes the worker's record only when its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -42,6 +43,8 @@ from optserve.server.core.async_push import _scaled
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from optserve.server.core.sync import SyncPush, _first, _fold_jit, _mean_jit, check_weight
 from optserve.server.core.workers import PushReply
+
+log = logging.getLogger("optserve.aggregation")
 
 HISTORY = 64  # closed rounds whose decision a shard keeps, to answer a decision relayed late
 
@@ -356,7 +359,10 @@ class ShardRounds:
         rnd = self._current()
         if rnd.deadline is None or rnd.decided is not None or not rnd.staged or time.monotonic() < rnd.deadline:
             return
-        self._decide_locally(rnd)
+        try:
+            self._decide_locally(rnd)
+        except Exception:  # never kill the model's timer silently; the round stays decided, unapplied
+            log.exception("%s: closing the sync round for step %d by timeout failed", self.model.label, rnd.step + 1)
 
     def pending(self) -> int:
         return len(self._current().staged)
