@@ -281,11 +281,6 @@ def test_specs_and_settings_a_sharded_model_cannot_compute_exactly_are_refused(s
     chain = {"chain": [ADAM, {"clip_by_global_norm": {"max_norm": 1.0}}]}
     with pytest.raises(InvalidArgumentError, match=r"clip_by_global_norm.*only as the first rule of its chain"):
         sharded_client.create_model(model_name, _params(), chain)
-    clip_first = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
-    with pytest.raises(InvalidArgumentError, match=r"in sync mode: it clips the round's mean gradient"):
-        sharded_client.create_model(model_name, _params(), clip_first, mode="sync", workers=2)
-    with pytest.raises(InvalidArgumentError, match="quorum == workers"):
-        sharded_client.create_model(model_name, _params(), ADAM, mode="sync", workers=3, quorum=2)
     with pytest.raises(InvalidArgumentError, match="reject_nonfinite"):
         sharded_client.create_model(model_name, _params(), ADAM, reject_nonfinite=True)
     assert model_name not in {m["name"] for m in sharded_client.list_models()}

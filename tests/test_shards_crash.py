@@ -101,8 +101,15 @@ def _finish(procs: list[subprocess.Popen]) -> list[dict]:
     return out
 
 
+ADAM = {"adam": {"learning_rate": 0.05}}
+# a head clip_by_global_norm in sync mode: shard 0 decides each round, the workers relay it, and the
+# restarted shard is caught up by relayed decisions too (docs/design.md, "Sync rounds")
+CLIP_ADAM = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
+
+
 @pytest.mark.timeout(900)
-def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_path):
+@pytest.mark.parametrize("spec", [ADAM, CLIP_ADAM], ids=["adam", "decided_by_shard_0"])
+def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_path, spec):
     from optserve.client import Client
     from tests.conftest import start_server_process, stop_server_process, wait_until
 
@@ -118,7 +125,6 @@ def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_
     targets = [t for _, t in shards]
     workers: list[subprocess.Popen] = []
     try:
-        spec = {"adam": {"learning_rate": 0.05}}
         with Client(targets, timeout=60) as c, Client(twin_target, timeout=60) as t:
             sm = c.create_model("m", params, spec, mode="sync", workers=2, split_bytes=SPLIT)
             assert any(leaf.split for leaf in sm.shard_map.leaves)

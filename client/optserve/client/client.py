@@ -22,9 +22,10 @@ from typing import Any
 
 from optserve.client import pytree, state_file
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, OptserveError
+from optserve.client.fanout import Fanout
 from optserve.client.messages import schema_of, settings_from_json, settings_message
 from optserve.client.model import Model
-from optserve.client.sharded import Fanout, ShardedModel
+from optserve.client.sharded import ShardedModel
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import resharding

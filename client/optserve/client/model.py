@@ -306,6 +306,29 @@ class Model:
         """A Worker: push/pull/push_pull that track base_step and a retry-safe sequence number."""
         return Worker(self, worker_id, **kwargs)
 
+    def decide_round(
+        self,
+        step: int,
+        contributors: Sequence[tuple[str, int]] = (),
+        *,
+        global_norm_sq: float | None = None,
+        timeout: float = 60.0,
+    ) -> dict:
+        """DecideRound on this shard (client/rounds.py): asks (no contributors; shard 0) or relays the
+        contributors of the sync round that makes `step`, waiting up to `timeout` seconds. Returns
+        {"step", "contributors": [(worker_id, seq)], "partial_norm_sq" (or None), "applied"}."""
+        req = pb.RoundDecision(model=self.name, step=step, timeout_seconds=timeout)
+        req.contributors.extend(pb.RoundContributor(worker_id=w, seq=s) for w, s in contributors)
+        if global_norm_sq is not None:
+            req.global_norm_sq = global_norm_sq
+        out = self.client.call(self.client._stub.DecideRound, req, timeout=timeout + (self.client.timeout or 30.0))
+        return {
+            "step": out.step,
+            "contributors": [(c.worker_id, c.seq) for c in out.contributors],
+            "partial_norm_sq": out.partial_norm_sq if out.HasField("partial_norm_sq") else None,
+            "applied": out.applied,
+        }
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self, step: int | None = None, timeout: float | None = None) -> int:

@@ -18,12 +18,10 @@ What makes the shards one model:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -32,82 +30,18 @@ from optserve.client import pytree, state_file
 from optserve.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
-    OptserveError,
     UnavailableError,
 )
+from optserve.client.fanout import CONCURRENT_CALLERS, CONSISTENT_PULL_ATTEMPTS, Fanout, pull_exactly, swap
 from optserve.client.model import Model
-from optserve.client.worker import ServerMovedError, Worker, WorkerModel
+from optserve.client.rounds import decides_rounds, relay
+from optserve.client.sharded_worker import ShardedWorker
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
 from optserve.wire.errors import WireError
 from optserve.wire.shards import ShardMap, row_slices
 
 T = TypeVar("T")
-
-
-def _swap(pull: Callable[[int, int], int], step: int, shard: int) -> int:
-    return pull(shard, step)
-
-
-def _exactly(pull: Callable[[int | None, int | None], Any], model: WorkerModel, step: int) -> int:
-    """Pulls a shard's part at exactly `step` (PullRequest.exact_step: a shard behind gets there and
-    keeps it for this pull however fast it moves on); a shard already past it, at its newest step.
-    Returns the step pulled."""
-    try:
-        pull(step, None)
-    except FailedPreconditionError as e:
-        if "is gone" not in e.message:
-            raise
-        pull(None, step)
-    return model.last_step
-
-
-# Pulls of a shard that is behind the others before a pull gives up (UnavailableError: retry).
-CONSISTENT_PULL_ATTEMPTS = 16
-# Threads that may call one ShardedModel at once (beyond that, calls queue for its fan-out threads).
-CONCURRENT_CALLERS = 16
-# Pushes each worker of a sharded model keeps to replay to a shard that restarted behind them (copies:
-# this many gradients' worth of memory; `model.worker(id, replay_window=0)` keeps none).
-REPLAY_WINDOW = 4
-# Seconds a worker's pull waits for a shard behind the others before it checks whether it restarted.
-LAGGING_SHARD_WAIT = 5.0
-
-
-class Fanout:
-    """Runs one call per shard in parallel and names the shard whose call failed.
-
-    callers: how many threads may fan out through it at once. Calls may wait on each other (a sync
-    round waits for every worker's push), so each caller needs threads of its own: a `ShardedWorker`
-    has its own Fanout, a `ShardedModel` one for this many concurrent callers (threads start lazily).
-    """
-
-    def __init__(self, name: str, targets: Sequence[str], callers: int = 1):
-        self.targets = list(targets)
-        self._pool = ThreadPoolExecutor(max_workers=len(targets) * callers, thread_name_prefix=f"optserve-{name}")
-
-    def run(self, call: Callable[[int], T], shards: Sequence[int] | None = None) -> list[T]:
-        """[call(shard) for each of `shards` (default: every shard)], run in parallel. Waits for every
-        call; if any failed, raises the first failure (in shard order) with its shard named."""
-        shards = list(range(len(self.targets))) if shards is None else list(shards)
-        if len(shards) == 1:
-            return [self._named(call, shards[0])]
-        futures = [self._pool.submit(self._named, call, s) for s in shards]
-        errors = [e for e in (f.exception() for f in futures) if e is not None]
-        # a shard that restarted behind the others decides what happens next (ShardedWorker)
-        for e in sorted(errors, key=lambda e: not isinstance(e, ServerMovedError)):
-            raise e
-        return [f.result() for f in futures]
-
-    def _named(self, call: Callable[[int], T], shard: int) -> T:
-        try:
-            return call(shard)
-        except OptserveError as e:
-            if e.message.startswith("shard "):
-                raise
-            raise type(e)(f"shard {shard} ({self.targets[shard]}): {e.message}", e.code) from None
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
 
 
 class ShardedModel:
@@ -127,6 +61,7 @@ class ShardedModel:
         self._parts = [row_slices(shard_map, i) for i in range(shard_map.shards)]
         self.last_step = -1
         self.last_incarnation = ""
+        self._decides_rounds: bool | None = None
 
     def __repr__(self) -> str:
         return f"ShardedModel({self.name!r} on {len(self.shards)} shards: {', '.join(self.fanout.targets)})"
@@ -134,6 +69,25 @@ class ShardedModel:
     @property
     def client(self) -> Any:
         return self.shards[0].client
+
+    @property
+    def decides_rounds(self) -> bool:
+        """Whether shard 0 decides the sync rounds, which the workers relay (client/rounds.py)."""
+        if self._decides_rounds is None:
+            settings = self.shards[0].info()["settings"]
+            self._decides_rounds = decides_rounds(settings, len(self.shards), self.shard_map.global_norm)
+        return self._decides_rounds
+
+    def relay(self, step: int, fanout: Fanout | None = None, sequential: bool = False) -> list[tuple[str, int]]:
+        """Relays shard 0's decision of the sync round that makes `step` to the other shards (waiting
+        for shard 0 to close it), through `fanout` or one shard after another; returns its
+        contributors (worker_id, seq) in order."""
+        fan = fanout or self.fanout
+
+        def run(call: Callable[[int], T], shards: Sequence[int]) -> list[T]:
+            return [call(i) for i in shards] if sequential else fan.run(call, shards)
+
+        return relay(self.shards, run, step, self.shard_map.global_norm)
 
     # -- splitting and gathering ------------------------------------------------------------------
 
@@ -225,7 +179,7 @@ class ShardedModel:
             behind = [i for i, s in enumerate(steps) if s != target]
             if not behind:
                 return target
-            got = fanout.run(functools.partial(_swap, pull, target), behind)
+            got = fanout.run(functools.partial(swap, pull, target), behind)
             for i, s in zip(behind, got, strict=True):
                 steps[i] = s
         raise UnavailableError(
@@ -281,7 +235,7 @@ class ShardedModel:
         steps = [-1 if s is None else s for s in got]
 
         def again(i: int, step: int) -> int:
-            return _exactly(
+            return pull_exactly(
                 lambda exact, least: self.shards[i].pull(
                     exact_step=exact, min_step=least, timeout=timeout, ema=ema, wire_dtype=wire_dtype, out=parts[i]
                 ),
@@ -332,7 +286,7 @@ class ShardedModel:
 
     def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
         m = self.shards[i]
-        return _exactly(
+        return pull_exactly(
             lambda exact, least: m.pull(exact_step=exact, min_step=least, wire_dtype=wire_dtype, out=out), m, step
         )
 
@@ -464,122 +418,3 @@ class ShardedModel:
 
     def close(self) -> None:
         self.fanout.close()
-
-
-class ShardedWorker:
-    """`Worker` for a sharded model: one Worker per shard under the same worker_id, their seqs in
-    step, so each push is one (worker_id, seq) on every shard; each retries its own shard."""
-
-    def __init__(self, model: ShardedModel, worker_id: str, **kwargs: Any):
-        self.model = model
-        self.worker_id = worker_id
-        # a shard that restarted behind the others is caught up by each worker replaying the pushes
-        # it lost (replay.py); only when that cannot be done does every shard go back to one
-        # checkpointed step (ShardedModel.realign), and the caller pulls again
-        kwargs.setdefault("replay_window", REPLAY_WINDOW)
-        self.workers = [Worker(m, worker_id, follow_restarts=False, **kwargs) for m in model.shards]
-        self.realigned = 0
-        self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
-
-    def __repr__(self) -> str:
-        return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
-
-    @property
-    def seq(self) -> int:
-        return self.workers[0].seq
-
-    @property
-    def retries(self) -> int:
-        return sum(w.retries for w in self.workers)
-
-    @property
-    def restarts_seen(self) -> int:
-        return sum(w.restarts_seen for w in self.workers)
-
-    @contextlib.contextmanager
-    def _realigning(self) -> Iterator[None]:
-        """When a shard restarted behind the others or went back during the block: brings every shard
-        back to one step and raises FailedPreconditionError (pull, then push again)."""
-        try:
-            yield
-        except ServerMovedError as e:
-            step = self.model.realign(self.fanout)
-            self.realigned += 1
-            for w in self.workers:
-                w.base_step = None
-                w.incarnation = None
-            raise FailedPreconditionError(
-                f"model {self.model.name!r}: every shard went back to step {step} ({e.message}); pull and push again"
-            ) from None
-
-    def pull(self, *, out: Any = None, like: Any = None, wire_dtype: str | None = None, **kwargs: Any) -> Any:
-        m = self.model
-        arrays, parts = m._targets(out, wire_dtype)
-
-        def one(i: int) -> int:
-            self.workers[i].pull(out=parts[i], wire_dtype=wire_dtype, **kwargs)
-            return self.workers[i].model.last_step
-
-        with self._realigning():
-            steps = self.fanout.run(one)
-            m.last_step = m._consistent(
-                steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
-            )
-        return m._result(arrays, like, out)
-
-    def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
-        w = self.workers[i]
-        # a shard that does not get there soon may have restarted behind: the Worker retries a
-        # DEADLINE_EXCEEDED after checking for that (ServerMovedError), else waits again
-        return _exactly(
-            lambda exact, least: w.pull(
-                exact_step=exact, min_step=least, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype, out=out
-            ),
-            w.model,
-            step,
-        )
-
-    def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
-        m = self.model
-        leaves = m._leaves(grads, "gradient")
-        m._check_grads(leaves)
-        parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
-        with self._realigning():
-            steps = self.fanout.run(
-                lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
-            )
-        return max(steps)
-
-    def push_pull(
-        self,
-        grads: Any,
-        *,
-        weight: float | None = None,
-        wire_dtype: str | None = None,
-        like: Any = None,
-        out: Any = None,
-    ) -> Any:
-        m = self.model
-        leaves = m._leaves(grads, "gradient")
-        m._check_grads(leaves)
-        grad_parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
-        arrays, parts = m._targets(out, wire_dtype)
-
-        def one(i: int) -> int:
-            self.workers[i].push_pull(
-                grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i], global_norm_sq=norm_sq
-            )
-            return self.workers[i].model.last_step
-
-        with self._realigning():
-            steps = self.fanout.run(one)
-            try:
-                m.last_step = m._consistent(
-                    steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
-                )
-            except UnavailableError as e:  # the push stands on every shard: it must not be sent again
-                raise FailedPreconditionError(
-                    f"{e.message}; the push (worker {self.worker_id!r}, seq {self.seq}) was applied on every shard: "
-                    "pull the parameters, do not push it again"
-                ) from None
-        return m._result(arrays, like, out)

@@ -145,6 +145,10 @@ class Worker:
         self.replays = ReplayLog(replay_window)
         self.catch_up_wait = catch_up_wait
         self.replayed = 0
+        # a ShardedWorker's: called with the step this worker waits for its server to get back to
+        # while catching it up, for what the server needs besides the replays to get there (the
+        # decisions of sync rounds that shard 0 takes: client/rounds.py)
+        self.on_catch_up: Callable[[int], None] | None = None
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
@@ -232,6 +236,8 @@ class Worker:
     def _wait_for(self, step: int) -> None:
         """Waits (header-only pulls) until the server is at `step`; ServerMovedError if it is not
         within catch_up_wait seconds."""
+        if self.on_catch_up is not None:
+            self.on_catch_up(step)
         try:
             self.model.pull(if_newer_than=2**62, min_step=step, timeout=self.catch_up_wait)
         except OptserveError as e:

@@ -390,6 +390,42 @@ class PullResponse(_message.Message):
     payload: bytes
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ..., slices: _Optional[_Iterable[_Union[TensorSlice, _Mapping]]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
+class RoundContributor(_message.Message):
+    __slots__ = ("worker_id", "seq")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    seq: int
+    def __init__(self, worker_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class RoundDecision(_message.Message):
+    __slots__ = ("model", "step", "contributors", "global_norm_sq", "timeout_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    contributors: _containers.RepeatedCompositeFieldContainer[RoundContributor]
+    global_norm_sq: float
+    timeout_seconds: float
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., global_norm_sq: _Optional[float] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class RoundOutcome(_message.Message):
+    __slots__ = ("model", "step", "contributors", "partial_norm_sq", "applied")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    contributors: _containers.RepeatedCompositeFieldContainer[RoundContributor]
+    partial_norm_sq: float
+    applied: bool
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., partial_norm_sq: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
+
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("model", "step", "timeout_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -129,6 +129,11 @@ class OptserveStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.ShardMap.FromString,
                 _registered_method=True)
+        self.DecideRound = channel.unary_unary(
+                '/optserve.v1.Optserve/DecideRound',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.RoundDecision.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.RoundOutcome.FromString,
+                _registered_method=True)
 
 
 class OptserveServicer:
@@ -283,6 +288,24 @@ class OptserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideRound(self, request, context):
+        """The contributors of one sync round of a model over several shards, so that every shard
+        averages the same workers' gradients (docs/design.md, "Shards", "Sync rounds"). Shard 0 closes
+        each round itself (quorum or sync_timeout); the other shards keep each contribution apart until
+        a client relays shard 0's decision to them with this call. Asked of shard 0 without
+        contributors: waits (timeout_seconds) until that round is closed and returns its contributors.
+        Sent with contributors: records them (the first decision of a step; an identical one again is
+        a no-op, a different one FAILED_PRECONDITION, nothing changed), waits for the named
+        contributions the shard has not received yet, and applies the round (or, for a spec starting
+        with clip_by_global_norm, returns this shard's partial_norm_sq and applies once it is sent the
+        total in global_norm_sq). Only models over several shards in sync mode with quorum below
+        workers, a sync_timeout or a head clip_by_global_norm take decisions (FAILED_PRECONDITION
+        otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -380,6 +403,11 @@ def add_OptserveServicer_to_server(servicer, server):
                     servicer.PlanShards,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.ShardMap.SerializeToString,
+            ),
+            'DecideRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideRound,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.RoundDecision.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.RoundOutcome.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -895,6 +923,33 @@ class Optserve:
             '/optserve.v1.Optserve/PlanShards',
             optserve_dot_v1_dot_optserve__pb2.PlanShardsRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.ShardMap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Optserve/DecideRound',
+            optserve_dot_v1_dot_optserve__pb2.RoundDecision.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.RoundOutcome.FromString,
             options,
             channel_credentials,
             insecure,

@@ -203,7 +203,7 @@ class DataPlane:
         return bound
 
     @contextmanager
-    def _waiting_slot(self, model: Model, what: str) -> Iterator[None]:
+    def waiting_slot(self, model: Model, what: str) -> Iterator[None]:
         """Holds one of the bounded slots for calls that wait for a step, or refuses the call."""
         if not self.waiting.try_take():
             raise ResourceExhausted(self._too_many_waiting(model, what))
@@ -262,7 +262,7 @@ class DataPlane:
             if slot_held:
                 self._wait_for_step(model, req, call, round_dropped)
             else:
-                with self._waiting_slot(model, f"this pull would wait for step {req.min_step}"):
+                with self.waiting_slot(model, f"this pull would wait for step {req.min_step}"):
                     self._wait_for_step(model, req, call, round_dropped)
         max_message = requests_.pull_message_bytes(req.max_message_bytes)
         if single:  # check_pull made sure that everything fits in one message

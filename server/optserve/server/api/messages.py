@@ -15,6 +15,7 @@ from optserve.server.core.layout import Layout
 from optserve.server.core.model import Model
 from optserve.server.core.schema import MAX_LEAVES, check_leaf_count, check_schema
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.shard_rounds import Decision
 from optserve.server.core.sharding import Shard
 from optserve.server.core.workers import PushReply
 from optserve.v1 import optserve_pb2 as pb
@@ -197,3 +198,11 @@ def rule_info(rule: dict) -> pb.RuleInfo:
             for h in rule.get("hyperparams", [])
         ],
     )
+
+
+def round_outcome(model: str, decision: Decision) -> pb.RoundOutcome:
+    out = pb.RoundOutcome(model=model, step=decision.step, applied=decision.applied)
+    out.contributors.extend(pb.RoundContributor(worker_id=w, seq=s) for w, s in decision.contributors)
+    if decision.partial_norm_sq is not None:
+        out.partial_norm_sq = decision.partial_norm_sq
+    return out

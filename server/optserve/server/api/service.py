@@ -228,6 +228,9 @@ class OptserveService:
             "PlanShards": h.unary_unary_rpc_method_handler(
                 self.PlanShards, _parse(P.PlanShardsRequest), P.ShardMap.SerializeToString
             ),
+            "DecideRound": h.unary_unary_rpc_method_handler(
+                self.DecideRound, _parse(P.RoundDecision), P.RoundOutcome.SerializeToString
+            ),
         }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
@@ -277,6 +280,20 @@ class OptserveService:
         compiled = admission.compile_for(name, spec, schema)
         shard_map = sharding.plan(name, compiled, settings, schema, list(request.targets), request.split_bytes)
         return messages.shard_map_to_proto(shard_map)
+
+    @_handler
+    def DecideRound(self, request: pb.RoundDecision, call: CallContext) -> pb.RoundOutcome:
+        model = self.store.get(call.authorize(request.model))
+        timeout = request.timeout_seconds
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise InvalidArgument(f"{model.label}: timeout_seconds must be finite and >= 0, got {timeout}")
+        limit = timeout or call.time_remaining()
+        contributors = [(c.worker_id, c.seq) for c in request.contributors]
+        norm_sq = request.global_norm_sq if request.HasField("global_norm_sq") else None
+        # a decision may wait (for shard 0's close, or for a contribution): it holds a waiting slot
+        with self.data.waiting_slot(model, f"this DecideRound may wait for the round of step {request.step}"):
+            decision = model.decide_round(request.step, contributors, norm_sq, limit)
+        return messages.round_outcome(model.name, decision)
 
     @_handler
     def GetModel(self, request: pb.GetModelRequest, call: CallContext) -> pb.ModelInfo:

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,6 +44,7 @@ from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper,
 from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.settings import ModelSettings
+from optserve.server.core.shard_rounds import Decision, ShardRounds, decides_rounds
 from optserve.server.core.sharding import Shard
 from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
 from optserve.server.core.sync import SyncAggregator
@@ -177,9 +178,7 @@ class Model:
         # pushes assemble large leaves in the buffers of earlier pushes (gradient_buffers.py)
         self.gradient_buffers = GradientBuffers(self.layout.storage_schema(schema))
         self._view = _Locked(self)
-        self._aggregator: Aggregator = (
-            SyncAggregator(self._view) if settings.mode == "sync" else AsyncAggregator(self._view)
-        )
+        self._aggregator: Aggregator = _aggregator_of(self._view, settings, shard)
         # applies the aggregator's pending work when its time is up (sync_timeout)
         self._timer = DeadlineTimer(threading.Condition(self._lock), self._aggregator, f"optserve-sync-timeout-{name}")
         self._warm_ups = self._warm_up()
@@ -287,6 +286,39 @@ class Model:
             states = {w: (r.last_seq, r.last_base_step) for w, r in self._workers.items()}
             states.update(self._aggregator.pending_workers())
         return [(w, seq, base) for w, (seq, base) in sorted(states.items())]
+
+    def decide_round(
+        self, step: int, contributors: Sequence[tuple[str, int]], global_norm_sq: float | None, timeout: float | None
+    ) -> Decision:
+        """DecideRound: the round that makes `step`, asked about (shard 0) or decided (core/shard_rounds.py),
+        waiting up to `timeout` seconds (None: unbounded) for shard 0 to close it or for the named
+        contributions to arrive. DEADLINE_EXCEEDED past it; what was recorded stays."""
+        rounds = self._aggregator
+        if not isinstance(rounds, ShardRounds):
+            raise FailedPrecondition(
+                f"{self.label}: takes no round decisions (only the shards of a sync model over several servers with "
+                "quorum below workers, a sync_timeout or a head clip_by_global_norm do)"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                try:
+                    decision = rounds.decide(step, contributors, global_norm_sq)
+                finally:
+                    self._timer.watch_locked()
+                if decision is not None:
+                    return decision
+                if self._deleted or self._closing:
+                    raise FailedPrecondition(f"{self.label} was deleted or its server is stopping")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    missing = rounds.missing(step)
+                    what = f"the contributions {missing} it names" if missing else "shard 0 to close that round"
+                    raise DeadlineExceeded(
+                        f"{self.label}: round for step {step}: waited {timeout:.3g}s for {what} (current step "
+                        f"{self._step})"
+                    )
+                self._changed.wait(0.25 if left is None else min(left, 0.25))
 
     def dropped_rounds(self) -> tuple[int, str]:
         """(sync rounds dropped so far by reject_nonfinite_updates, why the last one was). Without
@@ -597,6 +629,16 @@ class Model:
     def _end_locked(self) -> None:
         self._changed.notify_all()
         self._timer.stop_locked()
+
+
+def _aggregator_of(view: LockedModel, settings: ModelSettings, shard: Shard | None) -> Aggregator:
+    """Async, sync, or sync rounds decided by shard 0 (core/shard_rounds.py)."""
+    if settings.mode != "sync":
+        return AsyncAggregator(view)
+    clips = shard is not None and shard.clip is not None
+    if shard is not None and decides_rounds(settings, shard.map.shards, clips):
+        return ShardRounds(view, leader=shard.index == 0, clips=clips)
+    return SyncAggregator(view)
 
 
 class _Locked:

@@ -11,9 +11,10 @@ whole gradient, sends its squared norm with every push (PushHeader.global_norm_s
 scales its part by the factor the rule would apply. What would need the shards to exchange values
 before they apply is refused at placement and at creation, with the reason (`check_shardable`):
 any other reduction over every leaf, a random key split over the leaves in order, a custom
-transform the server cannot inspect, sync rounds that each shard could close with other
-contributors (quorum below workers, a sync timeout) or whose mean gradient's norm no client holds,
-and reject_nonfinite_updates (one shard could refuse an update the others apply).
+transform the server cannot inspect, and reject_nonfinite_updates (one shard could refuse an update
+the others apply). Sync rounds that each shard could close with other contributors (quorum below
+workers, a sync_timeout), or whose mean gradient a head clip_by_global_norm clips, are decided by
+shard 0 and relayed by the clients (core/shard_rounds.py).
 """
 
 from __future__ import annotations
@@ -95,18 +96,6 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
         if spec_packing.depends_on_leaf_order(rule):
             what = "a custom transform" if rule.kind == "custom" else "it splits one random key over the leaves"
             raise InvalidArgument(f"{why} cannot use {rule.name!r}: {what} (use one server for this spec)")
-    if settings.mode == "sync" and settings.quorum and settings.quorum < (settings.workers or 0):
-        raise InvalidArgument(
-            f"{why} needs quorum == workers in sync mode: with quorum {settings.quorum} of "
-            f"{settings.workers} each shard could close a round with other contributors"
-        )
-    if settings.sync_timeout:
-        raise InvalidArgument(f"{why} cannot use sync_timeout: each shard could close a round with other contributors")
-    if head is not None and settings.mode == "sync":
-        raise InvalidArgument(
-            f"{why} cannot use {head.rule.name!r} in sync mode: it clips the round's mean gradient, whose norm "
-            "no client holds"
-        )
     if settings.reject_nonfinite_updates:
         raise InvalidArgument(
             f"{why} cannot use reject_nonfinite_updates: one shard could refuse an update the others apply"

@@ -140,7 +140,7 @@ class SyncAggregator:
         self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
     ) -> SyncPush:
         """A receiver for one push stream (no lock held: touches nothing shared)."""
-        return SyncPush(self, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
+        return SyncPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
 
     def screen(self, receiver: Receiver) -> None:
         """A push already known to be stale is refused before its bytes (a retry must reach commit,
@@ -338,11 +338,8 @@ class SyncAggregator:
 class SyncPush:
     """One push stream in sync mode: staged privately, folded into the round only at commit."""
 
-    def __init__(
-        self, aggregator: SyncAggregator, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool
-    ):
+    def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool):
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
-        model = aggregator.model
         self.on_device: dict[str, jax.Array] = {}
         # NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted; each
         # complete trainable leaf starts its device transfer while later chunks arrive

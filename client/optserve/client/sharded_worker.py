@@ -1,0 +1,203 @@
+"""`ShardedWorker`: a `Worker` for a model over several servers (docs/design.md, "Shards"): one
+Worker per shard under one worker_id, their seqs in step, so that each push is one (worker_id, seq)
+on every shard and each Worker retries its own shard; a shard that restarted behind the others is
+caught up by replays (replay.py), and where shard 0 decides the sync rounds every push relays its
+round's decision to the other shards (rounds.py, "Sync rounds" in the design)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from optserve.client.errors import FailedPreconditionError, OptserveError, UnavailableError
+from optserve.client.fanout import LAGGING_SHARD_WAIT, REPLAY_WINDOW, Fanout, pull_exactly
+from optserve.client.rounds import KEPT_ROUNDS, Relays
+from optserve.client.worker import ServerMovedError, Worker
+
+
+class ShardedModelView(Protocol):
+    """What a ShardedWorker uses of its `ShardedModel` (client/sharded.py, which builds it)."""
+
+    name: str
+    shards: list[Any]  # a Model per shard
+    fanout: Fanout
+    last_step: int
+
+    @property
+    def decides_rounds(self) -> bool: ...
+
+    def relay(self, step: int, fanout: Fanout | None = None, sequential: bool = False) -> list[tuple[str, int]]: ...
+
+    def realign(self, fanout: Fanout | None = None) -> int: ...
+
+    def _leaves(self, tree: Any, what: str) -> dict[str, np.ndarray]: ...
+
+    def _check_grads(self, leaves: dict[str, np.ndarray]) -> None: ...
+
+    def _norm_sq(self, leaves: dict[str, np.ndarray], wire_dtype: str | None) -> float | None: ...
+
+    def _split(self, leaves: dict[str, np.ndarray]) -> list[dict]: ...
+
+    def _targets(self, out: Any, wire_dtype: str | None) -> tuple[dict[str, np.ndarray], list[dict]]: ...
+
+    def _result(self, arrays: dict[str, np.ndarray], like: Any, out: Any) -> Any: ...
+
+    def _consistent(self, steps: list[int], pull: Callable[[int, int], int], fanout: Fanout | None = None) -> int: ...
+
+
+class ShardedWorker:
+    """`Worker` for a sharded model: one Worker per shard under the same worker_id, their seqs in
+    step, so each push is one (worker_id, seq) on every shard; each retries its own shard."""
+
+    def __init__(self, model: ShardedModelView, worker_id: str, **kwargs: Any):
+        self.model = model
+        self.worker_id = worker_id
+        # a shard that restarted behind the others is caught up by each worker replaying the pushes
+        # it lost (replay.py); only when that cannot be done does every shard go back to one
+        # checkpointed step (ShardedModel.realign), and the caller pulls again
+        kwargs.setdefault("replay_window", REPLAY_WINDOW)
+        self.workers = [Worker(m, worker_id, follow_restarts=False, **kwargs) for m in model.shards]
+        self.realigned = 0
+        self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
+        # where shard 0 decides the sync rounds, each push relays its round's decision (rounds.py)
+        self.relays = Relays(f"{model.name}-{worker_id}")
+        self._relay_fanout = Fanout(f"{model.name}-{worker_id}-rounds", model.fanout.targets, callers=2)
+        for i, w in enumerate(self.workers[1:], start=1):
+            w.on_catch_up = functools.partial(self._catch_up_rounds, i)
+
+    def _catch_up_rounds(self, shard: int, step: int) -> None:
+        """A follower shard that restarted behind the others is being caught up (replay.py) to `step`:
+        where shard 0 decides the sync rounds, it gets there only by being told each round's
+        contributors (shard 0 keeps those of its last rounds), so this relays them, one round after
+        another, each once every worker has replayed its part. A failure is left to the caller's wait
+        (which falls back to `realign`)."""
+        if not self.model.decides_rounds:
+            return
+        model = self.workers[shard].model
+        for _ in range(KEPT_ROUNDS + 1):
+            try:
+                model.pull(if_newer_than=2**62)  # header only: where the shard is
+                if model.last_step >= step:
+                    return
+                self.model.relay(model.last_step + 1, sequential=True)
+            except OptserveError:
+                return
+
+    def _relay_round(self) -> None:
+        """Where shard 0 decides the sync rounds: relays, in the background, the decision of the
+        round this worker's next push joins (pulling first if it never did, for that push's base_step)."""
+        if not self.model.decides_rounds:
+            return
+        if self.workers[0].base_step is None:
+            self.pull()
+        step = (self.workers[0].base_step or 0) + 1
+        self.relays.start(lambda: self.model.relay(step, self._relay_fanout), step)
+
+    def __repr__(self) -> str:
+        return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
+
+    @property
+    def seq(self) -> int:
+        return self.workers[0].seq
+
+    @property
+    def retries(self) -> int:
+        return sum(w.retries for w in self.workers)
+
+    @property
+    def restarts_seen(self) -> int:
+        return sum(w.restarts_seen for w in self.workers)
+
+    @contextlib.contextmanager
+    def _realigning(self) -> Iterator[None]:
+        """When a shard restarted behind the others or went back during the block: brings every shard
+        back to one step and raises FailedPreconditionError (pull, then push again)."""
+        try:
+            yield
+        except ServerMovedError as e:
+            step = self.model.realign(self.fanout)
+            self.realigned += 1
+            for w in self.workers:
+                w.base_step = None
+                w.incarnation = None
+            raise FailedPreconditionError(
+                f"model {self.model.name!r}: every shard went back to step {step} ({e.message}); pull and push again"
+            ) from None
+
+    def pull(self, *, out: Any = None, like: Any = None, wire_dtype: str | None = None, **kwargs: Any) -> Any:
+        m = self.model
+        arrays, parts = m._targets(out, wire_dtype)
+
+        def one(i: int) -> int:
+            self.workers[i].pull(out=parts[i], wire_dtype=wire_dtype, **kwargs)
+            return self.workers[i].model.last_step
+
+        with self._realigning():
+            steps = self.fanout.run(one)
+            m.last_step = m._consistent(
+                steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+            )
+        return m._result(arrays, like, out)
+
+    def _pull_part(self, i: int, step: int, wire_dtype: str | None, out: Any) -> int:
+        w = self.workers[i]
+        # a shard that does not get there soon may have restarted behind: the Worker retries a
+        # DEADLINE_EXCEEDED after checking for that (ServerMovedError), else waits again
+        return pull_exactly(
+            lambda exact, least: w.pull(
+                exact_step=exact, min_step=least, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype, out=out
+            ),
+            w.model,
+            step,
+        )
+
+    def push(self, grads: Any, *, weight: float | None = None, wire_dtype: str | None = None) -> int:
+        m = self.model
+        leaves = m._leaves(grads, "gradient")
+        m._check_grads(leaves)
+        parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
+        self._relay_round()
+        with self._realigning():
+            steps = self.fanout.run(
+                lambda i: self.workers[i].push(parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
+            )
+        return max(steps)
+
+    def push_pull(
+        self,
+        grads: Any,
+        *,
+        weight: float | None = None,
+        wire_dtype: str | None = None,
+        like: Any = None,
+        out: Any = None,
+    ) -> Any:
+        m = self.model
+        leaves = m._leaves(grads, "gradient")
+        m._check_grads(leaves)
+        grad_parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
+        arrays, parts = m._targets(out, wire_dtype)
+        self._relay_round()
+
+        def one(i: int) -> int:
+            self.workers[i].push_pull(
+                grad_parts[i], weight=weight, wire_dtype=wire_dtype, out=parts[i], global_norm_sq=norm_sq
+            )
+            return self.workers[i].model.last_step
+
+        with self._realigning():
+            steps = self.fanout.run(one)
+            try:
+                m.last_step = m._consistent(
+                    steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
+                )
+            except UnavailableError as e:  # the push stands on every shard: it must not be sent again
+                raise FailedPreconditionError(
+                    f"{e.message}; the push (worker {self.worker_id!r}, seq {self.seq}) was applied on every shard: "
+                    "pull the parameters, do not push it again"
+                ) from None
+        return m._result(arrays, like, out)

@@ -1,0 +1,393 @@
+"""Sync rounds that every shard of a model closes with the same contributors (docs/design.md,
+"Shards", "Sync rounds").
+
+With quorum below workers or a sync_timeout, a shard left to itself would close each round with the
+first pushes it happens to see, and the shards of one model could average different workers'
+gradients. So shard 0 decides for all of them: it closes its rounds as core/sync.py does (the
+quorum-th contribution, or the timeout) and keeps the contributors of each, in order (`Decision`).
+The other shards (followers) keep each contribution apart (`Staged`: never folded into a sum
+before the round's contributors are known) and close a round only when a client relays shard 0's
+decision to them (DecideRound); contributions the decision leaves out are dropped, their pushes
+answered as stale, as shard 0 answered them. Every shard sums the chosen gradients in shard 0's
+order, so each holds the same round as the unsharded model fed those pushes in that order.
+
+clip_by_global_norm at the head of the chain (core/sharding.py, GlobalClip) clips the round's mean
+gradient by the whole model's norm: once a shard holds its part of the mean it reports the sum of
+its squares (`partial_norm_sq`) and waits; a client adds up every shard's and sends the total back
+with the decision, and each shard scales its part by the rule's factor and applies. Shard 0 then
+waits for the total as well, so that no shard applies what another might not.
+
+Decisions are idempotent: the first one a shard receives for a step is kept (with those of the last
+`HISTORY` closed rounds), an identical one again is answered from it, a different one is refused
+(FAILED_PRECONDITION) and changes nothing. Anonymous pushes (no worker_id) cannot be named in a
+decision and are refused. Exactly once per (worker_id, seq) holds as in core/sync.py: a staged
+contribution answers its retries, and becomes the worker's record only when its round is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optserve.server.core.aggregation import LockedModel, Receiver
+from optserve.server.core.async_push import _scaled
+from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from optserve.server.core.sync import SyncPush, _first, _fold_jit, _mean_jit, check_weight
+from optserve.server.core.workers import PushReply
+
+log = logging.getLogger("optserve.aggregation")
+
+HISTORY = 64  # closed rounds whose decision a shard keeps, to answer a decision relayed late
+
+
+@jax.jit
+def _sum_sq(grads: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.sum(jnp.square(g.astype(jnp.float32))) for k, g in grads.items()}
+
+
+@dataclasses.dataclass
+class Staged:
+    """One contribution received for the open round, kept apart until the round's contributors are known."""
+
+    seq: int
+    base_step: int
+    weight: float
+    reply: PushReply
+    grads: dict[str, jax.Array]
+    dropped: str = ""  # why it was left out of its round ("" while it may still count)
+
+
+@dataclasses.dataclass
+class OpenRound:
+    step: int  # the model step the gradients were computed against; the round makes step + 1
+    staged: dict[str, Staged] = dataclasses.field(default_factory=dict)  # in order of arrival
+    decided: tuple[tuple[str, int], ...] | None = None  # the contributors (worker_id, seq), in order
+    mean: dict[str, jax.Array] | None = None  # once every decided contribution is summed
+    partial_norm_sq: float | None = None  # of this shard's part of `mean` (head clip only)
+    deadline: float | None = None  # shard 0 with sync_timeout: when it closes the round
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What DecideRound answers: a round's contributors and where this shard stands with it."""
+
+    step: int  # the step the round makes
+    contributors: tuple[tuple[str, int], ...]
+    partial_norm_sq: float | None
+    applied: bool
+    global_norm_sq: float | None = None  # the total it was applied with (head clip only)
+
+
+class ShardPush(SyncPush):
+    """A sync push to a shard whose rounds shard 0 decides; `dropped_check` reports its own exclusion."""
+
+    staged: Staged | None = None
+
+    def dropped_check(self) -> Callable[[], str] | None:
+        staged = self.staged
+        if staged is None:
+            return None
+        return lambda: staged.dropped
+
+
+class ShardRounds:
+    """The sync rounds of one shard of a model whose rounds shard 0 decides; the model calls it with
+    its lock held, as any aggregator (core/aggregation.py), and `decide` for DecideRound."""
+
+    screens_pushes = True
+
+    def __init__(self, model: LockedModel, leader: bool, clips: bool):
+        self.model = model
+        self.leader = leader  # shard 0: closes its rounds itself
+        self.clips = clips  # the spec starts with clip_by_global_norm: apply once the total norm is known
+        self.quorum = model.settings.quorum or model.settings.workers
+        self.timeout = model.settings.sync_timeout if leader else 0.0
+        self._round = OpenRound(step=model.step)
+        self._closed: OrderedDict[int, Decision] = OrderedDict()
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    def open_push(
+        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+    ) -> ShardPush:
+        if not worker_id:
+            raise InvalidArgument(
+                f"{self.model.label}: a sync push to a model over several shards needs a worker_id (shard 0's "
+                "decision names each round's contributors by worker_id and seq)"
+            )
+        return ShardPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
+
+    def screen(self, receiver: Receiver) -> None:
+        assert isinstance(receiver, ShardPush)
+        base = receiver.base_step
+        if base is not None and base < self.model.step and not self._is_retry(receiver.worker_id, receiver.seq):
+            raise self._stale(base, f"which was already applied; the current step is {self.model.step}")
+
+    def _is_retry(self, worker_id: str, seq: int) -> bool:
+        staged = self._current().staged.get(worker_id)
+        return (staged is not None and seq <= staged.seq) or seq <= self.model.last_applied_seq(worker_id)
+
+    def _stale(self, base_step: int, why: str) -> FailedPrecondition:
+        m = self.model
+        m.count("stale_rejected")
+        return FailedPrecondition(
+            f"{m.label}: sync push computed against step {base_step}, {why}: pull step {base_step + 1} or later "
+            "and push against it"
+        )
+
+    def _current(self) -> OpenRound:
+        """The round for the model's current step (one left behind by a restore is dropped)."""
+        if self._round.step != self.model.step:
+            self._drop_all("the model's state was replaced")
+            self._round = OpenRound(step=self.model.step)
+        return self._round
+
+    def commit(self, receiver: Receiver) -> tuple[PushReply, bool]:
+        push = receiver
+        assert isinstance(push, ShardPush)
+        model = self.model
+        rnd = self._current()
+        pending = rnd.staged.get(push.worker_id)
+        if pending is not None and push.seq == pending.seq:
+            model.count("duplicates")
+            return pending.reply, True
+        applied = model.applied_reply(push.worker_id, push.seq)
+        if applied is not None:
+            return applied, True
+        base = rnd.step if push.base_step is None else push.base_step
+        if base < rnd.step:
+            raise self._stale(base, f"which was already applied; the current step is {rnd.step}")
+        if base > rnd.step:
+            raise InvalidArgument(f"{model.label}: base_step {base} is ahead of the current step {rnd.step}")
+        if pending is not None:
+            raise FailedPrecondition(
+                f"{model.label}: worker {push.worker_id!r} already contributed seq {pending.seq} to step "
+                f"{rnd.step + 1}; wait for step {rnd.step + 1}, pull it and push against it"
+            )
+        named = dict(rnd.decided) if rnd.decided is not None else None
+        if named is not None and named.get(push.worker_id) != push.seq:
+            raise self._stale(base, f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
+        if model.deleted:
+            raise FailedPrecondition(f"{model.label} was deleted")
+        model.check_step_room(rnd.step)
+        closes = self.leader and named is None and len(rnd.staged) + 1 >= self.quorum
+        applies_now = closes and not self.clips
+        if push.must_complete and not applies_now:
+            raise ResourceExhausted(push.must_complete)
+        grads = {k: push.on_device[k] for k in model.trainable}
+        reply = PushReply(rnd.step + 1, applied=applies_now)
+        push.staged = rnd.staged[push.worker_id] = Staged(push.seq, base, push.weight, reply, grads)
+        if closes:
+            self._decide_locally(rnd)
+        else:
+            if self.timeout > 0 and rnd.deadline is None and self.leader:
+                rnd.deadline = time.monotonic() + self.timeout
+            self._try_close(rnd)
+        model.notify_waiters()  # a DecideRound may be waiting for this contribution or this close
+        return reply, False
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    def _decide_locally(self, rnd: OpenRound) -> None:
+        """Shard 0 closes its round with what it has staged, in order of arrival."""
+        rnd.decided = tuple((w, s.seq) for w, s in rnd.staged.items())
+        self._try_close(rnd)
+        self.model.notify_waiters()
+
+    def _try_close(self, rnd: OpenRound) -> None:
+        """Once the contributors are known and all received: sums them in the decision's order and
+        applies (or, with a head clip, computes this shard's partial squared norm and waits)."""
+        if rnd.decided is None or rnd.mean is not None:
+            return
+        if any(w not in rnd.staged for w, _ in rnd.decided):
+            return
+        for w in [w for w in rnd.staged if w not in dict(rnd.decided)]:
+            self._drop(rnd.staged.pop(w), f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
+        sums, total = None, 0.0
+        for w, _ in rnd.decided:
+            s = rnd.staged[w]
+            weight = jnp.float32(s.weight)
+            sums = _first(s.grads, weight) if sums is None else _fold_jit(sums, s.grads, weight)
+            total += s.weight
+            s.grads = {}
+        rnd.mean = _mean_jit(sums, jnp.float32(total))
+        if not self.clips:
+            self._apply(rnd, None)
+        else:
+            rnd.partial_norm_sq = float(sum(np.float64(v) for v in jax.device_get(_sum_sq(rnd.mean)).values()))
+
+    def _apply(self, rnd: OpenRound, global_norm_sq: float | None) -> None:
+        model = self.model
+        assert rnd.mean is not None and rnd.decided is not None
+        grads = rnd.mean
+        if global_norm_sq is not None:
+            factor = model.clip_factor(global_norm_sq)
+            if factor != 1.0:
+                grads = _scaled(grads, np.float32(factor))
+        model.apply(grads, 1.0)
+        for w, _ in rnd.decided:
+            s = rnd.staged[w]
+            model.record_worker(w, s.seq, s.base_step, s.reply)
+        if len(rnd.decided) < self.quorum:
+            model.count("sync_timeouts")
+        self._closed[rnd.step + 1] = Decision(rnd.step + 1, rnd.decided, rnd.partial_norm_sq, True, global_norm_sq)
+        while len(self._closed) > HISTORY:
+            self._closed.popitem(last=False)
+        self._round = OpenRound(step=model.step)
+
+    def _drop(self, staged: Staged, why: str) -> None:
+        self.model.count("stale_rejected")
+        staged.dropped = f"{self.model.label}: sync push computed against step {staged.base_step}, {why}"
+        staged.grads = {}
+
+    def _drop_all(self, why: str) -> None:
+        for s in self._round.staged.values():
+            if not s.dropped:
+                s.dropped = f"{self.model.label}: {why}; push again"
+                s.grads = {}
+        self.model.notify_waiters()
+
+    # -- decisions (DecideRound) -------------------------------------------------------------------
+
+    def decide(
+        self, step: int, contributors: Sequence[tuple[str, int]], global_norm_sq: float | None
+    ) -> Decision | None:
+        """A decision for the round that makes `step`, or a question about it (shard 0, no
+        contributors). Returns where this shard stands, or None while it must wait (shard 0 has not
+        closed the round; a named contribution has not arrived). Bad input changes nothing."""
+        model = self.model
+        named = tuple((str(w), int(s)) for w, s in contributors)
+        if global_norm_sq is not None and not (math.isfinite(global_norm_sq) and global_norm_sq >= 0):
+            raise InvalidArgument(f"{model.label}: round for step {step}: global_norm_sq must be finite and >= 0")
+        if not named and not self.leader:
+            raise InvalidArgument(
+                f"{model.label}: a decision for step {step} must name its contributors (only shard 0 is asked)"
+            )
+        done = self._closed.get(step)
+        if done is not None:
+            self._check_same(step, done.contributors, named)
+            if global_norm_sq is not None and done.global_norm_sq is not None and global_norm_sq != done.global_norm_sq:
+                raise FailedPrecondition(
+                    f"{model.label}: round for step {step} was applied with global_norm_sq {done.global_norm_sq!r}, "
+                    f"this decision says {global_norm_sq!r}"
+                )
+            return done
+        rnd = self._current()
+        if step != rnd.step + 1:
+            raise FailedPrecondition(
+                f"{model.label}: no sync round for step {step}: this shard is at step {rnd.step} (its open round "
+                f"makes step {rnd.step + 1}; the decisions of its last {HISTORY} rounds are kept)"
+            )
+        if rnd.decided is None:
+            if not named:
+                return None  # shard 0's round still open: wait
+            if self.leader:
+                raise FailedPrecondition(
+                    f"{model.label}: round for step {step} is still open on shard 0, which decides its contributors"
+                )
+            self._check_contributors(step, named)
+            rnd.decided = named
+            for w in [w for w in rnd.staged if w not in dict(named)]:
+                self._drop(rnd.staged.pop(w), f"whose round (step {step}) shard 0 closed without this push")
+            model.notify_waiters()
+        else:
+            self._check_same(step, rnd.decided, named)
+        self._try_close(rnd)
+        done = self._closed.get(step)
+        if done is not None:
+            return done
+        if rnd.mean is None:
+            return None if named else Decision(step, rnd.decided, None, False)
+        if global_norm_sq is not None and self.clips:
+            self._apply(rnd, global_norm_sq)
+            return self._closed[step]
+        return Decision(step, rnd.decided, rnd.partial_norm_sq, False)
+
+    def missing(self, step: int) -> list[tuple[str, int]]:
+        """The decided contributions of the open round not received yet (for a wait's message)."""
+        rnd = self._round
+        if rnd.decided is None or rnd.step + 1 != step:
+            return []
+        return [(w, s) for w, s in rnd.decided if w not in rnd.staged]
+
+    def _check_same(self, step: int, have: tuple[tuple[str, int], ...], named: tuple[tuple[str, int], ...]) -> None:
+        if named and named != have:
+            raise FailedPrecondition(
+                f"{self.model.label}: round for step {step} was decided with contributors {_names(have)}, this "
+                f"decision names {_names(named)}; nothing changed"
+            )
+
+    def _check_contributors(self, step: int, named: tuple[tuple[str, int], ...]) -> None:
+        model = self.model
+        ids = [w for w, _ in named]
+        if any(not w for w in ids) or len(set(ids)) != len(ids) or len(ids) > (model.settings.workers or len(ids)):
+            raise InvalidArgument(
+                f"{model.label}: round for step {step}: contributors must be distinct, non-empty worker ids, at most "
+                f"{model.settings.workers}; got {_names(named)}"
+            )
+        for w, seq in named:
+            staged = self._round.staged.get(w)
+            if staged is not None and staged.seq != seq:
+                raise FailedPrecondition(
+                    f"{model.label}: round for step {step}: decision names worker {w!r} seq {seq}, this shard holds "
+                    f"its seq {staged.seq} for that round; nothing changed"
+                )
+            if staged is None and seq <= model.last_applied_seq(w):
+                raise FailedPrecondition(
+                    f"{model.label}: round for step {step}: decision names worker {w!r} seq {seq}, which this shard "
+                    "already applied in an earlier round; nothing changed"
+                )
+
+    # -- the rest of the aggregator protocol ---------------------------------------------------------
+
+    def time_left(self) -> float | None:
+        rnd = self._current()
+        if rnd.deadline is None or rnd.decided is not None or not rnd.staged:
+            return None
+        return rnd.deadline - time.monotonic()
+
+    def expire(self) -> None:
+        rnd = self._current()
+        if rnd.deadline is None or rnd.decided is not None or not rnd.staged or time.monotonic() < rnd.deadline:
+            return
+        try:
+            self._decide_locally(rnd)
+        except Exception:  # never kill the model's timer silently; the round stays decided, unapplied
+            log.exception("%s: closing the sync round for step %d by timeout failed", self.model.label, rnd.step + 1)
+
+    def pending(self) -> int:
+        return len(self._current().staged)
+
+    def pending_workers(self) -> dict[str, tuple[int, int]]:
+        return {w: (s.seq, s.base_step) for w, s in self._current().staged.items()}
+
+    def drops(self) -> tuple[int, str]:
+        return 0, ""  # reject_nonfinite_updates is refused over several shards (core/sharding.py)
+
+    def reset(self) -> None:
+        self._drop_all("the model's state was replaced")
+        self._round = OpenRound(step=self.model.step)
+        self._closed.clear()
+
+
+def _names(contributors: Sequence[tuple[str, int]]) -> str:
+    return "[" + ", ".join(f"{w}#{s}" for w, s in contributors) + "]"
+
+
+def decides_rounds(settings: Any, shards: int, clips: bool) -> bool:
+    """Whether a shard's sync rounds are decided by shard 0: only where a shard left to itself could
+    close a round with other contributors than another (quorum below workers, a sync_timeout), or
+    clip the round's mean by a norm it cannot know alone."""
+    if shards <= 1 or settings.mode != "sync":
+        return False
+    quorum = settings.quorum or settings.workers
+    return quorum < settings.workers or settings.sync_timeout > 0 or clips
