@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from optserve.client import pytree
+from optserve.client import shared_memory as shared
 from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
@@ -133,6 +134,15 @@ class Model:
     def push_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse:
+        shm = self.client.shared_memory
+        if shm is not None:
+            with shm.region(shared.wire_bytes(leaves)) as region:
+                if region is not None:
+                    try:
+                        message = shared.push_message(header, leaves, region, f"model {self.name!r}")
+                        return self.client.call(self.client._push_one, message, timeout=timeout)
+                    finally:
+                        header.ClearField("shared_memory")
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
             return self.client.call(self.client._push_one, only, timeout=timeout)
@@ -218,6 +228,14 @@ class Model:
             exact_step=exact_step,
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
+        shm = self.client.shared_memory
+        size = self._pull_bytes(wire_dtype) if shm is not None else 0
+        if shm is not None and size:
+            with shm.region(size) as region:
+                if region is not None:
+                    view = shared.pull_span(req, region, 0, size)
+                    reply = self.client.call(self.client._pull_one, req, timeout=deadline)
+                    return self._read((reply,), like, out=out, packed=req.packed, shared_view=view)
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
@@ -254,6 +272,24 @@ class Model:
     ) -> tuple[pb.PushResponse, Any]:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
+        shm = self.client.shared_memory
+        size = self._pull_bytes(header.pull.wire_dtype) if shm is not None else 0
+        if shm is not None and size:
+            at = shared.align(shared.wire_bytes(leaves))
+            with shm.region(at + size) as region:
+                if region is not None:
+                    try:
+                        view = shared.pull_span(header.pull, region, at, size)
+                        message = shared.push_message(header, leaves, region, f"model {self.name!r}")
+                        reply = self.client.call(self.client._push_pull_one, message, timeout=timeout)
+                    finally:
+                        header.ClearField("shared_memory")
+                        header.pull.ClearField("shared_memory")
+                    box_: list[pb.PushResponse] = []
+                    params = self._read(
+                        (reply,), like, push_reply=box_, out=out, packed=header.pull.packed, shared_view=view
+                    )
+                    return box_[0], params
         only, msgs = self._push_messages(header, leaves)
         if only is not None and self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
@@ -270,11 +306,30 @@ class Model:
         params = self._read(replies, like, push_reply=push_reply, out=out)
         return self.last_step, params
 
+    def _pull_bytes(self, wire_dtype: str | None) -> int:
+        """The bytes of a pull's tensors in `wire_dtype` (0 while the model's layout is not known:
+        such a pull uses the byte stream)."""
+        layout = self._layout
+        return 0 if layout is None else shared.pull_bytes(layout.schema.values(), wire_dtype)
+
     def _read(
-        self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None, packed: bool = False
+        self,
+        replies: Iterable[bytes],
+        like: Any,
+        push_reply: list | None = None,
+        out: Any = None,
+        packed: bool = False,
+        shared_view: Any = None,
     ) -> Any:
         pulled = self._reader.read(
-            replies, self._structure, like=like, out=out, push_reply=push_reply, packed=packed, known=self._layout
+            replies,
+            self._structure,
+            like=like,
+            out=out,
+            push_reply=push_reply,
+            packed=packed,
+            known=self._layout,
+            shared=shared_view,
         )
         self.last_step, self.last_incarnation = pulled.step, pulled.incarnation
         if packed and pulled.layout is not None:
