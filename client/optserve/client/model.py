@@ -233,9 +233,9 @@ class Model:
         if shm is not None and size:
             with shm.region(size) as region:
                 if region is not None:
-                    view = shared.pull_span(req, region, 0, size)
+                    shared.pull_span(req, region, 0, size)
                     reply = self.client.call(self.client._pull_one, req, timeout=deadline)
-                    return self._read((reply,), like, out=out, packed=req.packed, shared_view=view)
+                    return self._read((reply,), like, out=out, packed=req.packed, shared_view=region.view(0, size))
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
@@ -279,7 +279,7 @@ class Model:
             with shm.region(at + size) as region:
                 if region is not None:
                     try:
-                        view = shared.pull_span(header.pull, region, at, size)
+                        shared.pull_span(header.pull, region, at, size)
                         message = shared.push_message(header, leaves, region, f"model {self.name!r}")
                         reply = self.client.call(self.client._push_pull_one, message, timeout=timeout)
                     finally:
@@ -287,7 +287,12 @@ class Model:
                         header.pull.ClearField("shared_memory")
                     box_: list[pb.PushResponse] = []
                     params = self._read(
-                        (reply,), like, push_reply=box_, out=out, packed=header.pull.packed, shared_view=view
+                        (reply,),
+                        like,
+                        push_reply=box_,
+                        out=out,
+                        packed=header.pull.packed,
+                        shared_view=region.view(at, size),
                     )
                     return box_[0], params
         only, msgs = self._push_messages(header, leaves)

@@ -83,13 +83,13 @@ def push_message(header: pb.PushHeader, leaves: Sequence[WireLeaf], region: Regi
     return msg.SerializeToString()
 
 
-def pull_span(req: pb.PullRequest, region: Region, offset: int, length: int) -> np.ndarray:
-    """Names [offset, offset + length) of `region` in `req` (PullRequest.shared_memory); the view the
-    reply's tensors will be read from."""
+def pull_span(req: pb.PullRequest, region: Region, offset: int, length: int) -> None:
+    """Names [offset, offset + length) of `region` in `req` (PullRequest.shared_memory). The caller
+    takes the view of it (`Region.view`) only once the reply is there: a failed call's traceback,
+    which callers may keep, then holds no view that would keep the region mapped."""
     req.shared_memory.CopyFrom(
         pb.SharedMemorySpan(session=region.session, region=region.id, offset=offset, length=length)
     )
-    return region.array[offset : offset + length]
 
 
 class Region:
@@ -101,6 +101,9 @@ class Region:
         self.size = size
         self._map = mapping
         self.array = np.frombuffer(mapping, dtype=np.uint8)
+
+    def view(self, offset: int, length: int) -> np.ndarray:
+        return self.array[offset : offset + length]
 
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)
@@ -224,7 +227,7 @@ class SharedMemory:
                 return None
             return Region(self._session, int(answer["region"]), size, mapping)
         finally:
-            os.close(fd)  # both mappings keep the memory; no fd stays open
+            os.close(fd)  # the mappings keep the memory (each with the duplicate fd Python's mmap holds)
 
     def _release(self, region: Region) -> None:
         self._region = None

@@ -81,12 +81,12 @@ class SharedMemorySocket:
                 pass
         except OSError:
             pass  # the client went away
-        finally:
-            if session is not None:
-                self.regions.close_session(session)
+        finally:  # the connection first: once its session is gone, nothing of it is left open
+            conn.close()
             with self._lock:
                 self._conns.discard(conn)
-            conn.close()
+            if session is not None:
+                self.regions.close_session(session)
 
     def _hello(self, conn: socket.socket) -> Session | None:
         try:
@@ -135,6 +135,11 @@ class SharedMemorySocket:
         finally:
             close_all(fds)  # a mapped region needs no fd
         return True
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
 
     def stop(self) -> None:
         """Stops listening, closes every session and unmaps its regions."""

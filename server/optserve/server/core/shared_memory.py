@@ -5,10 +5,10 @@ A session is one side socket connection (server/optserve/server/shared_memory_so
 is random (128 bits) and known only to the client that opened it; a data call names a region by
 (session key, region id), so one client can never name another's region. A region is mapped once,
 when it is registered, after its fd was checked (a memfd of the declared size, sealed against
-shrinking and growing, fully allocated), and its fd is closed at once: the server holds no fd per
-region. The session's regions are unmapped when its connection closes (the client exited or was
-killed); a call still reading one keeps its mapping alive until it returns (the views it holds),
-never a dangling pointer.
+shrinking and growing, fully allocated); the fd it came with is closed at once (Python's mmap keeps
+its own duplicate, closed when the region is unmapped). The session's regions are unmapped when its
+connection closes (the client exited or was killed); a call still reading one keeps its mapping
+alive until it returns (the views it holds), never a dangling pointer.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class SharedRegions:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._closing = 0  # sessions gone from the table whose regions are still being unmapped
         self.spans_used = 0  # requests that named a span (tests tell the paths apart by it)
 
     def open_session(self, uid: int) -> Session:
@@ -91,9 +92,12 @@ class SharedRegions:
             self._sessions.pop(session.key, None)
             regions = list(session.regions.values())
             session.regions.clear()
-            self._changed.notify_all()
+            self._closing += 1
         for region in regions:
             _unmap(region)
+        with self._lock:
+            self._closing -= 1
+            self._changed.notify_all()
 
     def close_all(self) -> None:
         with self._lock:
@@ -108,9 +112,14 @@ class SharedRegions:
 
     def wait_sessions(self, count: int, timeout: float) -> bool:
         """Waits (bounded) until exactly `count` sessions are open: what tests wait for after they
-        kill a client, instead of sleeping."""
+        kill a client, instead of sleeping), their regions unmapped."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._sessions) == count, timeout)
+            return self._changed.wait_for(lambda: len(self._sessions) == count and not self._closing, timeout)
+
+    def wait_closed(self, key: str, timeout: float) -> bool:
+        """Waits (bounded) until session `key` is closed and its regions unmapped."""
+        with self._changed:
+            return self._changed.wait_for(lambda: key not in self._sessions and not self._closing, timeout)
 
     def span(self, key: str, rid: int, offset: int, length: int, model: str) -> np.ndarray:
         """The flat uint8 view of a request's span: PERMISSION_DENIED for a session key or region that
