@@ -376,3 +376,22 @@ def test_mmap_of_a_sealed_memfd_survives_its_fd():
     m[:4] = b"abcd"
     assert m[:4] == b"abcd"
     m.close()
+
+
+def test_too_little_shared_memory_falls_back_to_the_byte_stream(srv, model_name, monkeypatch, caplog):
+    """A container whose shared memory cannot hold the region: said once, the byte stream instead."""
+    import optserve.client.shared_memory as client_shm
+
+    def no_room(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(client_shm.os, "posix_fallocate", no_room)
+    used = _used(srv)
+    with Client(srv.address, timeout=60, shared_memory_min_bytes=0) as c, caplog.at_level(logging.INFO):
+        m = c.create_model(model_name, W, optim.sgd(0.1))
+        m.push(_grads(0))
+        m.push(_grads(1))
+        assert m.info()["step"] == 2
+    said = [r.message for r in caplog.records if "shared memory not used" in r.message]
+    assert len(said) == 1 and "No space left on device" in said[0]
+    assert _used(srv) == used

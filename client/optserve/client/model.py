@@ -47,6 +47,7 @@ class Model:
         self._layout: Layout | None = self._layout_of(info) if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
         self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
+        self._pull_sizes: dict[tuple[str, str], int] = {}  # (layout id, wire dtype) -> a pull's tensor bytes
 
     def _layout_of(self, info: pb.ModelInfo) -> Layout | None:
         try:
@@ -135,7 +136,7 @@ class Model:
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse:
         shm = self.client.shared_memory
-        if shm is not None:
+        if shm is not None and not shm.unavailable:
             with shm.region(shared.wire_bytes(leaves)) as region:
                 if region is not None:
                     try:
@@ -229,7 +230,7 @@ class Model:
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
         shm = self.client.shared_memory
-        size = self._pull_bytes(wire_dtype) if shm is not None else 0
+        size = self._pull_bytes(wire_dtype) if shm is not None and not shm.unavailable else 0
         if shm is not None and size:
             with shm.region(size) as region:
                 if region is not None:
@@ -273,7 +274,7 @@ class Model:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
         shm = self.client.shared_memory
-        size = self._pull_bytes(header.pull.wire_dtype) if shm is not None else 0
+        size = self._pull_bytes(header.pull.wire_dtype) if shm is not None and not shm.unavailable else 0
         if shm is not None and size:
             at = shared.align(shared.wire_bytes(leaves))
             with shm.region(at + size) as region:
@@ -315,7 +316,15 @@ class Model:
         """The bytes of a pull's tensors in `wire_dtype` (0 while the model's layout is not known:
         such a pull uses the byte stream)."""
         layout = self._layout
-        return 0 if layout is None else shared.pull_bytes(layout.schema.values(), wire_dtype)
+        if layout is None:
+            return 0
+        key = (layout.layout_id, wire_dtype or "")
+        size = self._pull_sizes.get(key)
+        if size is None:  # once per layout and wire dtype: a schema walk costs per leaf
+            if len(self._pull_sizes) > 8:
+                self._pull_sizes.clear()
+            size = self._pull_sizes[key] = shared.pull_bytes(layout.schema.values(), wire_dtype)
+        return size
 
     def _read(
         self,
