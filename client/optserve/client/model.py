@@ -135,15 +135,9 @@ class Model:
     def push_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse:
-        shm = self.client.shared_memory
-        if shm is not None and not shm.unavailable:
-            with shm.region(shared.wire_bytes(leaves)) as region:
-                if region is not None:
-                    try:
-                        message = shared.push_message(header, leaves, region, f"model {self.name!r}")
-                        return self.client.call(self.client._push_one, message, timeout=timeout)
-                    finally:
-                        header.ClearField("shared_memory")
+        reply = shared.push(self.client, header, leaves, f"model {self.name!r}", timeout)
+        if reply is not None:
+            return reply
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
             return self.client.call(self.client._push_one, only, timeout=timeout)
@@ -229,14 +223,15 @@ class Model:
             exact_step=exact_step,
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
-        shm = self.client.shared_memory
-        size = self._pull_bytes(wire_dtype) if shm is not None and not shm.unavailable else 0
-        if shm is not None and size:
-            with shm.region(size) as region:
-                if region is not None:
-                    shared.pull_span(req, region, 0, size)
-                    reply = self.client.call(self.client._pull_one, req, timeout=deadline)
-                    return self._read((reply,), like, out=out, packed=req.packed, shared_view=region.view(0, size))
+        used, params = shared.pull(
+            self.client,
+            req,
+            self._pull_bytes(wire_dtype),
+            deadline,
+            lambda reply, view: self._read((reply,), like, out=out, packed=req.packed, shared_view=view),
+        )
+        if used:
+            return params
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
@@ -273,35 +268,25 @@ class Model:
     ) -> tuple[pb.PushResponse, Any]:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
-        shm = self.client.shared_memory
-        size = self._pull_bytes(header.pull.wire_dtype) if shm is not None and not shm.unavailable else 0
-        if shm is not None and size:
-            at = shared.align(shared.wire_bytes(leaves))
-            with shm.region(at + size) as region:
-                if region is not None:
-                    try:
-                        shared.pull_span(header.pull, region, at, size)
-                        message = shared.push_message(header, leaves, region, f"model {self.name!r}")
-                        reply = self.client.call(self.client._push_pull_one, message, timeout=timeout)
-                    finally:
-                        header.ClearField("shared_memory")
-                        header.pull.ClearField("shared_memory")
-                    box_: list[pb.PushResponse] = []
-                    params = self._read(
-                        (reply,),
-                        like,
-                        push_reply=box_,
-                        out=out,
-                        packed=header.pull.packed,
-                        shared_view=region.view(at, size),
-                    )
-                    return box_[0], params
+        box: list[pb.PushResponse] = []
+        used, params = shared.push_pull(
+            self.client,
+            header,
+            leaves,
+            self._pull_bytes(header.pull.wire_dtype),
+            f"model {self.name!r}",
+            timeout,
+            lambda reply, view: self._read(
+                (reply,), like, push_reply=box, out=out, packed=header.pull.packed, shared_view=view
+            ),
+        )
+        if used:
+            return box[0], params
         only, msgs = self._push_messages(header, leaves)
         if only is not None and self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
         else:
             replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
-        box: list[pb.PushResponse] = []
         params = self._read(replies, like, push_reply=box, out=out, packed=header.pull.packed)
         return box[0], params
 
@@ -313,10 +298,10 @@ class Model:
         return self.last_step, params
 
     def _pull_bytes(self, wire_dtype: str | None) -> int:
-        """The bytes of a pull's tensors in `wire_dtype` (0 while the model's layout is not known:
-        such a pull uses the byte stream)."""
-        layout = self._layout
-        if layout is None:
+        """The bytes of a pull's tensors in `wire_dtype`; 0 without shared memory, or while the
+        model's layout is not known (such a pull uses the byte stream)."""
+        layout, shm = self._layout, self.client.shared_memory
+        if layout is None or shm is None or shm.unavailable:
             return 0
         key = (layout.layout_id, wire_dtype or "")
         size = self._pull_sizes.get(key)

@@ -26,7 +26,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from optserve.wire.shared_memory import (
 )
 
 log = logging.getLogger("optserve.client")
+T = TypeVar("T")
 
 DEFAULT_MIN_BYTES = 256 << 10  # smaller calls gain nothing from shared memory: one message is as fast
 GROWTH_GRANULE = 1 << 20  # region sizes are whole MiB, so that slightly larger calls reuse a region
@@ -90,6 +91,66 @@ def pull_span(req: pb.PullRequest, region: Region, offset: int, length: int) -> 
     req.shared_memory.CopyFrom(
         pb.SharedMemorySpan(session=region.session, region=region.id, offset=offset, length=length)
     )
+
+
+# -- the calls (`Model` hands them its connection; each returns "not used" when the region is not
+# available, and the caller goes on with the byte stream) ------------------------------------------
+
+
+def push(conn: Any, header: pb.PushHeader, leaves: Sequence[WireLeaf], what: str, timeout: float | None) -> Any:
+    """PushOne through `conn`'s region (a `transport.Connection`); None when not used."""
+    shm: SharedMemory | None = conn.shared_memory
+    if shm is None or shm.unavailable:
+        return None
+    with shm.region(wire_bytes(leaves)) as region:
+        if region is None:
+            return None
+        try:
+            return conn.call(conn._push_one, push_message(header, leaves, region, what), timeout=timeout)
+        finally:  # a retry of the same header over the byte stream must carry no span
+            header.ClearField("shared_memory")
+
+
+def pull(
+    conn: Any, req: pb.PullRequest, size: int, timeout: float | None, read: Callable[[bytes, np.ndarray], T]
+) -> tuple[bool, T | None]:
+    """PullOne into `conn`'s region, `size` bytes of tensors; (used, read(reply, view)). The reply is
+    read while the region is still this call's."""
+    shm: SharedMemory | None = conn.shared_memory
+    if shm is None or not size:
+        return False, None
+    with shm.region(size) as region:
+        if region is None:
+            return False, None
+        pull_span(req, region, 0, size)
+        reply = conn.call(conn._pull_one, req, timeout=timeout)
+        return True, read(reply, region.view(0, size))
+
+
+def push_pull(
+    conn: Any,
+    header: pb.PushHeader,
+    leaves: Sequence[WireLeaf],
+    size: int,
+    what: str,
+    timeout: float | None,
+    read: Callable[[bytes, np.ndarray], T],
+) -> tuple[bool, T | None]:
+    """PushPullOne: the gradient at the start of the region, the parameters (`size` bytes) after it."""
+    shm: SharedMemory | None = conn.shared_memory
+    if shm is None or not size:
+        return False, None
+    at = align(wire_bytes(leaves))
+    with shm.region(at + size) as region:
+        if region is None:
+            return False, None
+        try:
+            pull_span(header.pull, region, at, size)
+            reply = conn.call(conn._push_pull_one, push_message(header, leaves, region, what), timeout=timeout)
+        finally:
+            header.ClearField("shared_memory")
+            header.pull.ClearField("shared_memory")
+        return True, read(reply, region.view(at, size))
 
 
 class Region:

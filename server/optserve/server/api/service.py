@@ -407,5 +407,5 @@ class OptserveService:
             device_bytes=self.store.device_bytes(),
             shared_memory_socket=self.shared_memory_socket,
             host_id=self.host_id,
-            uid=os.getuid(),
+            uid=os.getuid() if self.shared_memory_socket else 0,
         )
