@@ -395,3 +395,63 @@ def test_too_little_shared_memory_falls_back_to_the_byte_stream(srv, model_name,
     said = [r.message for r in caplog.records if "shared memory not used" in r.message]
     assert len(said) == 1 and "No space left on device" in said[0]
     assert _used(srv) == used
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [("uid", os.getuid() + 1, "runs as uid"), ("host_id", "another-boot-id", "another host")],
+)
+def test_another_uid_or_host_falls_back_to_the_byte_stream(srv, model_name, caplog, field, value, why):
+    used = _used(srv)
+    with Client(srv.address, timeout=60, shared_memory_min_bytes=0) as c, caplog.at_level(logging.INFO):
+        assert c.shared_memory is not None
+        ask = c.shared_memory._server_info
+
+        def elsewhere() -> pb.ServerInfo:  # what a server of another uid or host would say
+            info = ask()
+            setattr(info, field, value)
+            return info
+
+        c.shared_memory._server_info = elsewhere
+        m = c.create_model(model_name, W, optim.sgd(0.1))
+        assert_same_tree(m.push_pull(_grads(0)), m.pull())
+        m.push(_grads(1))
+    said = [r.message for r in caplog.records if "shared memory not used" in r.message]
+    assert len(said) == 1 and why in said[0]
+    assert _used(srv) == used
+
+
+def test_a_session_the_server_forgot_falls_back_and_negotiates_again(srv, model_name):
+    with Client(srv.address, timeout=60, shared_memory_min_bytes=0) as c:
+        m = c.create_model(model_name, W, optim.sgd(0.1))
+        m.push(_grads(0))
+        assert c.shared_memory is not None and c.shared_memory._region is not None
+        key = c.shared_memory._region.session
+        regions = srv.shared_memory.regions
+        regions.close_session(regions._sessions[key])  # as if the server had restarted under the client
+        m.push(_grads(1))  # PERMISSION_DENIED before anything was applied: resent over the byte stream
+        assert m.info()["step"] == 2 and c.shared_memory._region is None
+        used = _used(srv)
+        m.push(_grads(2))  # a new session
+        assert _used(srv) == used + 1 and c.shared_memory._region.session != key and m.info()["step"] == 3
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
+def test_a_peer_of_another_uid_is_refused_by_the_kernel_s_word(srv):
+    """SO_PEERCRED: the uid is the kernel's, whatever the peer says."""
+    code = (
+        "import os, socket, sys, json\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.settimeout(30)\n"
+        "s.connect('\\0' + sys.argv[1])\n"
+        "s.send(json.dumps({'op': 'hello', 'token': ''}).encode())\n"
+        "print(s.recv(4096).decode())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, srv.shared_memory.name[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert '"ok": false' in r.stdout and "uid 65534 is not the server's uid" in r.stdout

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from optserve.client.errors import OptserveError
+from optserve.client.errors import OptserveError, PermissionDeniedError
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import WireLeaf
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
@@ -107,6 +107,9 @@ def push(conn: Any, header: pb.PushHeader, leaves: Sequence[WireLeaf], what: str
             return None
         try:
             return conn.call(conn._push_one, push_message(header, leaves, region, what), timeout=timeout)
+        except PermissionDeniedError as e:
+            shm.forget(e)
+            return None
         finally:  # a retry of the same header over the byte stream must carry no span
             header.ClearField("shared_memory")
 
@@ -123,7 +126,12 @@ def pull(
         if region is None:
             return False, None
         pull_span(req, region, 0, size)
-        reply = conn.call(conn._pull_one, req, timeout=timeout)
+        try:
+            reply = conn.call(conn._pull_one, req, timeout=timeout)
+        except PermissionDeniedError as e:
+            shm.forget(e)
+            req.ClearField("shared_memory")
+            return False, None
         return True, read(reply, region.view(0, size))
 
 
@@ -147,6 +155,9 @@ def push_pull(
         try:
             pull_span(header.pull, region, at, size)
             reply = conn.call(conn._push_pull_one, push_message(header, leaves, region, what), timeout=timeout)
+        except PermissionDeniedError as e:
+            shm.forget(e)
+            return False, None
         finally:
             header.ClearField("shared_memory")
             header.pull.ClearField("shared_memory")
@@ -308,6 +319,15 @@ class SharedMemory:
             self._sock.close()
             self._sock = None
         self._session = ""
+
+    def forget(self, error: PermissionDeniedError) -> None:
+        """After a call the server refused: a session it no longer knows (it restarted between this
+        client's check of the side socket and the call) is dropped, so that the caller resends over
+        the byte stream (the span is resolved before anything is applied, so nothing was) and the
+        next call negotiates again; any other refusal (the token's models) is the caller's."""
+        if "shared memory:" not in str(error):
+            raise error
+        self._drop()
 
     def close(self) -> None:
         with self._lock:

@@ -72,6 +72,8 @@ class SharedMemorySocket:
             pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != self._uid:
                 log.warning("shared memory: refused pid %d of uid %d (not the server's uid)", pid, uid)
+                _, fds = receive_message(conn)  # its hello, read so that the refusal is not lost to a reset
+                close_all(fds)
                 send_message(conn, {"ok": False, "error": f"uid {uid} is not the server's uid"})
                 return
             session = self._hello(conn)
@@ -79,8 +81,8 @@ class SharedMemorySocket:
                 return
             while self._handle(conn, session):
                 pass
-        except OSError:
-            pass  # the client went away
+        except (OSError, WireError):
+            pass  # the client went away, or sent what is not a message
         finally:  # the connection first: once its session is gone, nothing of it is left open
             conn.close()
             with self._lock:
@@ -90,10 +92,11 @@ class SharedMemorySocket:
 
     def _hello(self, conn: socket.socket) -> Session | None:
         try:
-            message, _ = receive_message(conn)
+            message, fds = receive_message(conn)
         except WireError as e:
             send_message(conn, {"ok": False, "error": str(e)})
             return None
+        close_all(fds)  # a hello carries none
         if message is None:
             return None
         if message.get("op") != "hello":
