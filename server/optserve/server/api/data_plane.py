@@ -15,9 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-import numpy as np
-
-from optserve.server.api import messages
+from optserve.server.api import messages, shared_spans
 from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
 from optserve.server.api.metrics import ServerMetrics
@@ -35,9 +33,7 @@ from optserve.server.core.model import ExpectedStep, Model
 from optserve.server.core.shared_memory import SharedRegions
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
-from optserve.wire.chunks import WireLeaf, chunk_messages
-from optserve.wire.errors import WireError
-from optserve.wire.shared_memory import slices_fit, write_leaves
+from optserve.wire.chunks import chunk_messages
 
 WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
 
@@ -145,7 +141,7 @@ class DataPlane:
         if h.worker_id and h.seq < 1:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
         if h.HasField("shared_memory"):  # validated before anything is opened
-            payload = self._push_span(h.shared_memory, first, payload, model)
+            payload = shared_spans.push_payload(self.shared, h.shared_memory, first, payload, model)
         if h.layout_id and h.layout_id != messages.layout_id(model):
             raise InvalidArgument(
                 f"model {model.name!r}: the push's packed tensors are of layout {h.layout_id!r}, the model's is "
@@ -178,53 +174,6 @@ class DataPlane:
         response = messages.push_response(model.name, reply, duplicate=duplicate, incarnation=self.incarnation)
         return Pushed(model, h, response, receiver.dropped_check())
 
-    # -- shared memory (docs/design.md, "Shared memory") -------------------------------------------
-
-    def _shared_span(self, span: pb.SharedMemorySpan, model: Model) -> np.ndarray:
-        if self.shared is None:
-            raise FailedPrecondition(
-                f"model {model.name!r}: this server offers no shared memory (optserve serve --shared-memory); "
-                "use the byte stream"
-            )
-        return self.shared.span(span.session, span.region, span.offset, span.length, model.name)
-
-    def _push_span(
-        self, span: pb.SharedMemorySpan, first: pb.PushRequest, payload: memoryview, model: Model
-    ) -> memoryview:
-        """The push's bytes in its region, in place of the first message's payload. The receiver
-        copies them out (checking NaN and Inf as it copies) before the reply: the update never reads
-        memory the client can still write."""
-        if len(payload):
-            raise InvalidArgument(f"model {model.name!r}: a push with shared_memory must carry no payload")
-        view = self._shared_span(span, model)
-        try:
-            slices_fit(first.slices, len(view), f"model {model.name!r}")
-        except WireError as e:
-            raise InvalidArgument(str(e)) from None
-        return view[: sum(int(s.length) for s in first.slices)].data
-
-    def _check_pull_span(self, model: Model, req: pb.PullRequest) -> None:
-        view = self._shared_span(req.shared_memory, model)
-        past = pulls.first_leaf_past(model.schema, req.wire_dtype, len(view))
-        if past is not None:
-            raise InvalidArgument(
-                f"model {model.name!r}: leaf {past[0]!r} does not fit in the shared-memory span: the parameters "
-                f"need {past[1]} bytes up to it, the span has {len(view)}"
-            )
-
-    def _shared_reply(self, model: Model, req: pb.PullRequest, first: pb.PullResponse, leaves: list[WireLeaf]) -> bytes:
-        """Writes a pull's tensors into the request's span and returns the one reply message."""
-        view = self._shared_span(req.shared_memory, model)
-        try:
-            slices = write_leaves(leaves, view, f"model {model.name!r}")
-        except WireError as e:
-            raise InvalidArgument(str(e)) from None
-        first.header.shared_memory = True
-        first.slices.extend(
-            pb.TensorSlice(path=s.path, dtype=s.dtype, shape=s.shape, offset=s.offset, length=s.length) for s in slices
-        )
-        return first.SerializeToString()
-
     # -- pull -------------------------------------------------------------------------------------
 
     def check_pull(self, model: Model, req: pb.PullRequest, single: bool) -> None:
@@ -237,7 +186,7 @@ class DataPlane:
         if req.ema and model.settings.ema_decay is None:
             raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
         if req.HasField("shared_memory"):  # one message of slices, the tensors in the span
-            self._check_pull_span(model, req)
+            shared_spans.check_pull(self.shared, model, req)
         elif single:
             requests_.check_single_reply(
                 model.name,
@@ -341,7 +290,7 @@ class DataPlane:
             self._mark_applied(first, push)
             leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)
             if req.HasField("shared_memory"):
-                raw = self._shared_reply(model, req, first, leaves)
+                raw = shared_spans.pull_reply(self.shared, model, req, first, leaves)
                 model.count_sent(len(raw))
                 self.metrics.pulled(model.name, "ok", len(raw))
                 yield raw
