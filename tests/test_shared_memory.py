@@ -26,7 +26,7 @@ from optserve.server import Server
 from optserve.server.api.auth import Token
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.shared_memory import abstract_address, receive_message, send_message
-from tests.conftest import assert_same_tree, stop_server_process, wait_until
+from tests.conftest import assert_same_tree, start_server_process, stop_server_process, wait_until
 from tests.test_unix_socket import _serve
 
 RNG = np.random.default_rng(0)
@@ -455,3 +455,32 @@ def test_a_peer_of_another_uid_is_refused_by_the_kernel_s_word(srv):
     )
     assert r.returncode == 0, r.stderr
     assert '"ok": false' in r.stdout and "uid 65534 is not the server's uid" in r.stdout
+
+
+def test_a_model_over_several_devices(model_name):
+    """Buffers split over a mesh (padded where a leaf does not divide): pushed into and pulled out
+    of the region as over the byte stream (docs/design.md, "Devices and meshes")."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc, address = start_server_process("--devices", "all", "--shared-memory", env=env)
+    params = {**W, "odd": np.linspace(0, 1, 1001, dtype=np.float32), "big": np.ones((513, 64), np.float32)}
+
+    def grads(seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        out = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in params.items()}
+        out["steps"] = np.zeros(4, np.int32)
+        return out
+
+    try:
+        with (
+            Client(address, timeout=120, shared_memory_min_bytes=0) as c,
+            Client(address, timeout=120, shared_memory=False) as p,
+        ):
+            assert c.server_info()["devices"] == ["cpu:0", "cpu:1"]
+            a = c.create_model(f"{model_name}-shm", params, optim.adam(0.01))
+            b = p.create_model(f"{model_name}-tcp", params, optim.adam(0.01))
+            for seed, wire in enumerate((None, "bfloat16")):
+                assert_same_tree(a.push_pull(grads(seed), wire_dtype=wire), b.push_pull(grads(seed), wire_dtype=wire))
+            assert_same_tree(a.pull(), b.pull())
+            assert c.shared_memory is not None and c.shared_memory._region is not None
+    finally:
+        stop_server_process(proc)
