@@ -461,7 +461,7 @@ def test_a_model_over_several_devices(model_name):
     """Buffers split over a mesh (padded where a leaf does not divide): pushed into and pulled out
     of the region as over the byte stream (docs/design.md, "Devices and meshes")."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    proc, address = start_server_process("--devices", "all", "--shared-memory", env=env)
+    proc, address = start_server_process("--devices", "all", "--shared-memory", "--checkpoint-dir", "", env=env)
     params = {**W, "odd": np.linspace(0, 1, 1001, dtype=np.float32), "big": np.ones((513, 64), np.float32)}
 
     def grads(seed: int) -> dict:

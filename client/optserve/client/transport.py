@@ -156,9 +156,9 @@ class Connection:
         return Connection(target, **self._settings)
 
     def close(self) -> None:
+        self._channel.close()  # first: it cancels calls in flight, which hold the region
         if self.shared_memory is not None:
             self.shared_memory.close()
-        self._channel.close()
 
     def __enter__(self) -> Self:
         return self
