@@ -2,7 +2,7 @@
 
     make bench-peers PEERS_ARGS="..."     # creates .venv-bench (ray, torch, optserve) and runs this
     python bench/peers.py [--params 10000000] [--leaves 4] [--workers 1,4] [--rounds 7] [--runs 3]
-                          [--targets ray,torch,tcp,tcp-bf16,unix] [--warmup 2]
+                          [--targets ray,torch,tcp,tcp-bf16,unix,shm] [--warmup 2]
 
 Every target holds `--params` float32 parameters in `--leaves` leaves with Adam (lr 1e-3); each of
 `--workers` worker processes pushes a full gradient and gets the full parameters back per round:
@@ -22,7 +22,10 @@ Every target holds `--params` float32 parameters in `--leaves` leaves with Adam 
   trainer's step may change while it is sent).
 - tcp, tcp-bf16, unix, unix-bf16: one `optserve serve` process (`--unix-socket`), an async model per
   target, workers calling `Worker.push_pull(grads, out=params)` over TCP (float32 or bfloat16 on
-  the wire both ways) or the Unix socket.
+  the wire both ways) or the Unix socket, with shared memory off in the client.
+- shm, shm-bf16: the same server (it runs with `--shared-memory`), workers connected over TCP with
+  shared memory on: each worker's gradient is written into its memfd region and the parameters come
+  back through it (docs/design.md, "Shared memory"); bf16: converted on the way in and out.
 
 A round is every worker's push + pull started at once; its time is the slowest worker's, measured
 in the worker. Rounds alternate between the targets (the order rotating every round), so that a
@@ -52,8 +55,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, optserve_server, stop, table
 
-TARGETS = ("ray", "torch", "tcp", "tcp-bf16", "unix", "unix-bf16")
-DEFAULT_TARGETS = "ray,torch,tcp,tcp-bf16,unix"
+TARGETS = ("ray", "torch", "tcp", "tcp-bf16", "unix", "unix-bf16", "shm", "shm-bf16")
+DEFAULT_TARGETS = "ray,torch,tcp,tcp-bf16,unix,shm"
 LEARNING_RATE = 1e-3
 # FUSED: Ray's and torch's servers use torch's fused CPU Adam, its fastest (10M parameters on the 2-core
 # VM: 9 ms a step, against 24-50 ms for the default for-loop and 57 ms for foreach; optserve's jitted
@@ -95,7 +98,7 @@ def optserve_worker(config: dict) -> None:
     from optserve.client import Client
 
     wire = config["wire_dtype"]
-    with Client(config["target"], timeout=600) as client:
+    with Client(config["target"], timeout=600, shared_memory=config["shared_memory"]) as client:
         worker = client.model(config["model"]).worker(f"peer-{config['index']}")
         grads = {f"leaf{i}": g for i, g in enumerate(gradients(config["shapes"], config["index"]))}
         params = worker.pull(wire_dtype=wire)
@@ -350,12 +353,18 @@ def open_target(name: str, shapes, workers: int, server: dict, log) -> object:
     from optserve.client import Client, optim
 
     transport, _, wire = name.partition("-")
-    target = server["tcp"] if transport == "tcp" else server["unix"]
+    target = server["unix"] if transport == "unix" else server["tcp"]
     model = f"peers-{name}-{workers}"
     with Client(server["tcp"], timeout=600) as client:
         params = {f"leaf{i}": g * 0 for i, g in enumerate(gradients(shapes, 0))}
         client.create_model(model, params, optim.adam(LEARNING_RATE))
-    config = {"target": target, "model": model, "shapes": shapes, "wire_dtype": "bfloat16" if wire else None}
+    config = {
+        "target": target,
+        "model": model,
+        "shapes": shapes,
+        "wire_dtype": "bfloat16" if wire else None,
+        "shared_memory": transport == "shm",
+    }
     return ProcessTarget([Child("optserve", {**config, "index": i}, log) for i in range(workers)])
 
 
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if any(t not in ("ray", "torch") for t in args.targets):
                 path = os.path.join(tmp, "optserve.sock")
-                proc, address = optserve_server("--unix-socket", path)
+                proc, address = optserve_server("--unix-socket", path, "--shared-memory")
                 server = {"tcp": address, "unix": f"unix://{path}"}
             results = {n: measure(args, args.targets, n, server, log) for n in args.workers}
         except BaseException:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from optserve.client import pytree
+from optserve.client import shared_memory as shared
 from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
@@ -46,6 +47,7 @@ class Model:
         self._layout: Layout | None = self._layout_of(info) if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
         self._params_fit_one_chunk = info is not None and info.param_bytes <= client.chunk_bytes
+        self._pull_sizes: dict[tuple[str, str], int] = {}  # (layout id, wire dtype) -> a pull's tensor bytes
 
     def _layout_of(self, info: pb.ModelInfo) -> Layout | None:
         try:
@@ -133,6 +135,9 @@ class Model:
     def push_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> pb.PushResponse:
+        reply = shared.push(self.client, header, leaves, f"model {self.name!r}", timeout)
+        if reply is not None:
+            return reply
         only, msgs = self._push_messages(header, leaves)
         if only is not None:
             return self.client.call(self.client._push_one, only, timeout=timeout)
@@ -218,6 +223,15 @@ class Model:
             exact_step=exact_step,
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
+        used, params = shared.pull(
+            self.client,
+            req,
+            self._pull_bytes(wire_dtype),
+            deadline,
+            lambda reply, view: self._read((reply,), like, out=out, packed=req.packed, shared_view=view),
+        )
+        if used:
+            return params
         if self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._pull_one, req, timeout=deadline),)
         else:
@@ -254,12 +268,25 @@ class Model:
     ) -> tuple[pb.PushResponse, Any]:
         if not header.pull.max_message_bytes:  # replies as large as this channel receives
             header.pull.max_message_bytes = self.client.max_receive_bytes
+        box: list[pb.PushResponse] = []
+        used, params = shared.push_pull(
+            self.client,
+            header,
+            leaves,
+            self._pull_bytes(header.pull.wire_dtype),
+            f"model {self.name!r}",
+            timeout,
+            lambda reply, view: self._read(
+                (reply,), like, push_reply=box, out=out, packed=header.pull.packed, shared_view=view
+            ),
+        )
+        if used:
+            return box[0], params
         only, msgs = self._push_messages(header, leaves)
         if only is not None and self._params_fit_one_chunk:
             replies: Iterable[bytes] = (self.client.call(self.client._push_pull_one, only, timeout=timeout),)
         else:
             replies = self.client.stream(self.client._push_pull, msgs, timeout=timeout)
-        box: list[pb.PushResponse] = []
         params = self._read(replies, like, push_reply=box, out=out, packed=header.pull.packed)
         return box[0], params
 
@@ -270,11 +297,38 @@ class Model:
         params = self._read(replies, like, push_reply=push_reply, out=out)
         return self.last_step, params
 
+    def _pull_bytes(self, wire_dtype: str | None) -> int:
+        """The bytes of a pull's tensors in `wire_dtype`; 0 without shared memory, or while the
+        model's layout is not known (such a pull uses the byte stream)."""
+        layout, shm = self._layout, self.client.shared_memory
+        if layout is None or shm is None or shm.unavailable:
+            return 0
+        key = (layout.layout_id, wire_dtype or "")
+        size = self._pull_sizes.get(key)
+        if size is None:  # once per layout and wire dtype: a schema walk costs per leaf
+            if len(self._pull_sizes) > 8:
+                self._pull_sizes.clear()
+            size = self._pull_sizes[key] = shared.pull_bytes(layout.schema.values(), wire_dtype)
+        return size
+
     def _read(
-        self, replies: Iterable[bytes], like: Any, push_reply: list | None = None, out: Any = None, packed: bool = False
+        self,
+        replies: Iterable[bytes],
+        like: Any,
+        push_reply: list | None = None,
+        out: Any = None,
+        packed: bool = False,
+        shared_view: Any = None,
     ) -> Any:
         pulled = self._reader.read(
-            replies, self._structure, like=like, out=out, push_reply=push_reply, packed=packed, known=self._layout
+            replies,
+            self._structure,
+            like=like,
+            out=out,
+            push_reply=push_reply,
+            packed=packed,
+            known=self._layout,
+            shared=shared_view,
         )
         self.last_step, self.last_incarnation = pulled.step, pulled.incarnation
         if packed and pulled.layout is not None:

@@ -121,15 +121,22 @@ class PullReader:
         push_reply: list | None = None,
         packed: bool = False,
         known: Layout | None = None,
+        shared: np.ndarray | None = None,
     ) -> Pulled:
         """Assembles a PullResponse stream into a pytree (of `like`'s structure, else `structure`, else
         nested dicts), `out` itself when given, or None when not modified. `packed`: the request was
-        a packed pull; `known`: the layout it named (PullRequest.layout_id)."""
+        a packed pull; `known`: the layout it named (PullRequest.layout_id); `shared`: the span of
+        the request's PullRequest.shared_memory, where a reply that says so has its tensors."""
         assembler: _IntoArrays | None = None
         finish_out: Any = None
         step, incarnation, layout = -1, "", None
         for raw in replies:
             msg, payload = parse_message(raw, pb.PullResponse)
+            if msg.HasField("header") and msg.header.shared_memory:
+                if shared is None or len(payload):
+                    raise OptserveError(f"model {self.name!r}: a shared-memory reply to a pull that named no span")
+                msg.header.ClearField("shared_memory")  # the layout cache keys on the header's bytes
+                payload = shared[: sum(int(s.length) for s in msg.slices)].data
             if msg.HasField("header"):
                 if push_reply is not None and msg.HasField("push"):
                     push_reply.append(msg.push)

@@ -19,6 +19,7 @@ from typing import Any, Self
 import grpc
 
 from optserve.client.errors import OptserveError, from_rpc_error
+from optserve.client.shared_memory import DEFAULT_MIN_BYTES, SharedMemory
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.wire.channel import CHANNEL_OPTIONS, DEFAULT_RECEIVE_LIMIT, method, tls_options
@@ -65,7 +66,10 @@ class Connection:
     payload bytes per streamed message. options: more grpc channel options (after the defaults, so
     they win). packed: push and pull the packed tensors of a model's layout (ModelInfo.packing) as
     one tensor each, not leaf by leaf; False sends every leaf alone, as clients did before packed
-    layouts (each `Model` has its own `packed` too).
+    layouts (each `Model` has its own `packed` too). shared_memory: move the tensors of pushes and
+    pulls of at least `shared_memory_min_bytes` through shared memory when the server offers it and
+    is on this host with this uid (docs/design.md, "Shared memory"); otherwise, and with False, the
+    byte stream.
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class Connection:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
         packed: bool = True,
+        shared_memory: bool = True,
+        shared_memory_min_bytes: int = DEFAULT_MIN_BYTES,
     ):
         if not isinstance(target, str) or not target:
             raise ValueError("target must be 'host:port' or 'unix:///path'")
@@ -89,7 +95,14 @@ class Connection:
         self.target = target
         # what `sibling` connects with: the same credentials, deadline, sizes and options
         self._settings = dict(
-            token=token, tls=tls, timeout=timeout, chunk_bytes=chunk_bytes, options=options, packed=packed
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            chunk_bytes=chunk_bytes,
+            options=options,
+            packed=packed,
+            shared_memory=shared_memory,
+            shared_memory_min_bytes=shared_memory_min_bytes,
         )
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -116,6 +129,9 @@ class Connection:
         self._push_pull = ch.stream_stream(method("PushPull"), _identity, _identity)
         self._upload = ch.stream_unary(method("Upload"), _identity, pb.ModelInfo.FromString)
         self._download = ch.unary_stream(method("Download"), pb.DownloadRequest.SerializeToString, _identity)
+        self.shared_memory = (
+            SharedMemory(target, self._server_info_message, token, shared_memory_min_bytes) if shared_memory else None
+        )
 
     def call(self, fn: Any, request: Any, *, timeout: float | None = None) -> Any:
         """Invokes a unary or stream-unary callable, raising OptserveError subclasses."""
@@ -140,7 +156,9 @@ class Connection:
         return Connection(target, **self._settings)
 
     def close(self) -> None:
-        self._channel.close()
+        self._channel.close()  # first: it cancels calls in flight, which hold the region
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     def __enter__(self) -> Self:
         return self
@@ -157,10 +175,13 @@ class Connection:
                 f"server at {self.target} not reachable within {timeout}s", grpc.StatusCode.UNAVAILABLE
             ) from None
 
+    def _server_info_message(self) -> pb.ServerInfo:
+        return self.call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+
     def server_info(self) -> dict:
         """The server's version, incarnation (new at every start), device, model count, start time,
         and the devices the models live on with the bytes each holds."""
-        i = self.call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+        i = self._server_info_message()
         return {
             "version": i.version,
             "incarnation": i.incarnation,
@@ -169,4 +190,7 @@ class Connection:
             "started_unix": i.started_unix,
             "devices": list(i.devices),
             "device_bytes": list(i.device_bytes),
+            "shared_memory_socket": i.shared_memory_socket,
+            "host_id": i.host_id,
+            "uid": i.uid,
         }

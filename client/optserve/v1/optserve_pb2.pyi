@@ -16,6 +16,18 @@ class LeafSpec(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class SharedMemorySpan(_message.Message):
+    __slots__ = ("session", "region", "offset", "length")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    region: int
+    offset: int
+    length: int
+    def __init__(self, session: _Optional[str] = ..., region: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
 class TensorSlice(_message.Message):
     __slots__ = ("path", "dtype", "shape", "offset", "length")
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -291,7 +303,7 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +312,7 @@ class PushHeader(_message.Message):
     PULL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
@@ -308,7 +321,8 @@ class PushHeader(_message.Message):
     pull: PullRequest
     layout_id: str
     global_norm_sq: float
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ...) -> None: ...
+    shared_memory: SharedMemorySpan
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")
@@ -335,7 +349,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +361,7 @@ class PullRequest(_message.Message):
     PACKED_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     EXACT_STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -358,10 +373,11 @@ class PullRequest(_message.Message):
     packed: bool
     layout_id: str
     exact_step: int
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ...) -> None: ...
+    shared_memory: SharedMemorySpan
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id")
+    __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +385,7 @@ class PullHeader(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PACKING_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     not_modified: bool
@@ -376,7 +393,8 @@ class PullHeader(_message.Message):
     incarnation: str
     packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
     layout_id: str
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "push", "slices", "payload")
@@ -551,7 +569,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "incarnation", "device", "models", "started_unix", "devices", "device_bytes")
+    __slots__ = ("version", "incarnation", "device", "models", "started_unix", "devices", "device_bytes", "shared_memory_socket", "host_id", "uid")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -559,6 +577,9 @@ class ServerInfo(_message.Message):
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     version: str
     incarnation: str
     device: str
@@ -566,4 +587,7 @@ class ServerInfo(_message.Message):
     started_unix: float
     devices: _containers.RepeatedScalarFieldContainer[str]
     device_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[str] = ..., incarnation: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[int] = ..., started_unix: _Optional[float] = ..., devices: _Optional[_Iterable[str]] = ..., device_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    shared_memory_socket: str
+    host_id: str
+    uid: int
+    def __init__(self, version: _Optional[str] = ..., incarnation: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[int] = ..., started_unix: _Optional[float] = ..., devices: _Optional[_Iterable[str]] = ..., device_bytes: _Optional[_Iterable[int]] = ..., shared_memory_socket: _Optional[str] = ..., host_id: _Optional[str] = ..., uid: _Optional[int] = ...) -> None: ...

@@ -100,6 +100,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "is refused; tokens, TLS and limits apply as on TCP (default: none)",
     )
     p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="let clients on this host with this server's uid (and token) move tensors through shared memory: "
+        "memfd regions registered over a side socket in the abstract namespace (nothing on disk, nothing "
+        "left after a kill); clients use it on their own and fall back to the byte stream (default: off)",
+    )
+    p.add_argument(
         "--no-tcp",
         action="store_true",
         help="listen only on --unix-socket, not on --host/--port (default: TCP as well)",
@@ -374,6 +381,7 @@ def serve(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             compile_cache=compile_cache,
+            shared_memory=args.shared_memory,
             **options,
         )
     except ConfigError as e:
@@ -390,6 +398,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"optserve listening on {args.host}:{server.port}", flush=True)
     if args.unix_socket:
         print(f"optserve listening on {unix_socket.target(args.unix_socket)}", flush=True)
+    if server.shared_memory is not None:
+        print(f"optserve shared memory on {server.shared_memory.name}", flush=True)
     while not stop.wait(0.5):
         pass
     # Server.stop returns the final checkpoints that failed (acknowledged steps lost): not a clean exit.

@@ -35,6 +35,7 @@ from optserve.server.core import compilation
 from optserve.server.core.errors import ConfigError
 from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
+from optserve.server.shared_memory_socket import SharedMemorySocket
 from optserve.server.unix_socket import UnixSocket
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
@@ -191,6 +192,7 @@ class Server:
         metrics_host: str | None = None,
         compile_cache: str | None = None,
         packed: bool = True,
+        shared_memory: bool = False,
     ):
         if port is None and not unix_socket:
             raise ConfigError(
@@ -213,6 +215,8 @@ class Server:
         if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
             checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
+        # Same-host clients' memfd regions (docs/design.md, "Shared memory"): off unless asked for.
+        self.shared_memory = SharedMemorySocket(tokens) if shared_memory else None
         # with checkpoints, calls are UNAVAILABLE until every model is restored (ready.set() below)
         self.service = OptserveService(
             self.store,
@@ -222,6 +226,8 @@ class Server:
             chunk_bytes=chunk_bytes,
             max_workers=max_workers,
             ready=checkpoints is None,
+            shared=self.shared_memory.regions if self.shared_memory is not None else None,
+            shared_memory_socket=self.shared_memory.name if self.shared_memory is not None else "",
         )
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -258,6 +264,8 @@ class Server:
             self._grpc.stop(None)
             if self.unix_socket is not None:  # no socket file outlives a server that did not start
                 self.unix_socket.remove()
+            if self.shared_memory is not None:
+                self.shared_memory.stop()
             raise
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -310,6 +318,8 @@ class Server:
         self._grpc.stop(grace).wait(grace + 5)
         if self.unix_socket is not None:
             self.unix_socket.remove()
+        if self.shared_memory is not None:  # after the calls: none still reads a region
+            self.shared_memory.stop()
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         compilation.finish_warm_ups()  # nothing pushes any more; no compilation may outlive the process
         self.metrics.stop_http()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from optserve.server.api import messages
+from optserve.server.api import messages, shared_spans
 from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
 from optserve.server.api.metrics import ServerMetrics
@@ -30,6 +30,7 @@ from optserve.server.core.errors import (
     Unavailable,
 )
 from optserve.server.core.model import ExpectedStep, Model
+from optserve.server.core.shared_memory import SharedRegions
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
@@ -100,6 +101,7 @@ class DataPlane:
         chunk_bytes: int,
         max_workers: int,
         accepting: threading.Event,
+        shared: SharedRegions | None = None,
     ):
         """max_workers: the server's RPC threads; calls that wait for a step are bounded by
         `waiting_call_limit(max_workers)` so that they never hold every thread. accepting: cleared
@@ -110,6 +112,7 @@ class DataPlane:
         self.chunk_bytes = chunk_bytes
         self.max_workers = max_workers
         self.accepting = accepting
+        self.shared = shared
         self.waiting = WaitingSlots(waiting_call_limit(max_workers), on_change=metrics.waiting_calls.set)
         metrics.waiting_limit.set(self.waiting.limit)
         # per model: the serialized first message of a pull: plain, packed, packed to a client that knows the layout
@@ -137,6 +140,8 @@ class DataPlane:
         base_step = h.base_step if h.HasField("base_step") else None
         if h.worker_id and h.seq < 1:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
+        if h.HasField("shared_memory"):  # validated before anything is opened
+            payload = shared_spans.push_payload(self.shared, h.shared_memory, first, payload, model)
         if h.layout_id and h.layout_id != messages.layout_id(model):
             raise InvalidArgument(
                 f"model {model.name!r}: the push's packed tensors are of layout {h.layout_id!r}, the model's is "
@@ -180,7 +185,9 @@ class DataPlane:
         pulls.check_wire_dtype(req.wire_dtype, model.name)
         if req.ema and model.settings.ema_decay is None:
             raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
-        if single:
+        if req.HasField("shared_memory"):  # one message of slices, the tensors in the span
+            shared_spans.check_pull(self.shared, model, req)
+        elif single:
             requests_.check_single_reply(
                 model.name,
                 self._single_reply_bound(model, req.wire_dtype),
@@ -282,6 +289,12 @@ class DataPlane:
             first.header.step = snap.step
             self._mark_applied(first, push)
             leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)
+            if req.HasField("shared_memory"):
+                raw = shared_spans.pull_reply(self.shared, model, req, first, leaves)
+                model.count_sent(len(raw))
+                self.metrics.pulled(model.name, "ok", len(raw))
+                yield raw
+                return
             sent = 0
             for raw in chunk_messages(first, leaves, chunk_bytes, bound):
                 model.count_sent(len(raw))

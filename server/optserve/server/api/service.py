@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -33,12 +34,14 @@ from optserve.server.core import admission, sharding
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from optserve.server.core.model import Model
 from optserve.server.core.sharding import Shard
+from optserve.server.core.shared_memory import SharedRegions
 from optserve.server.core.store import ModelStore, check_model_name
 from optserve.server.spec import SpecError, list_rules
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.assembler import TensorAssembler
 from optserve.wire.channel import SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
+from optserve.wire.shared_memory import host_id
 
 log = logging.getLogger("optserve.service")
 VERSION = "0.1.0"
@@ -142,11 +145,15 @@ class OptserveService:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_workers: int = 64,
         ready: bool = True,
+        shared: SharedRegions | None = None,
+        shared_memory_socket: str = "",
     ):
         """checkpoints: the CheckpointManager (None: no checkpoints); tokens: the bearer-token table
         (None: no authentication), from which each call's allowed models are resolved; max_workers:
         the server's RPC threads (bounds the calls that wait for a step, api/data_plane.py); ready:
-        False while the server restores checkpoints (every call is UNAVAILABLE until `ready.set()`)."""
+        False while the server restores checkpoints (every call is UNAVAILABLE until `ready.set()`);
+        shared, shared_memory_socket: the regions and address of the shared-memory side socket
+        (server/optserve/server/shared_memory_socket.py; None and "": the server offers none)."""
         self.store = store
         self.metrics = metrics
         self.checkpoints = checkpoints
@@ -168,7 +175,10 @@ class OptserveService:
             chunk_bytes=chunk_bytes,
             max_workers=max_workers,
             accepting=self.accepting,
+            shared=shared,
         )
+        self.shared_memory_socket = shared_memory_socket
+        self.host_id = host_id() if shared_memory_socket else ""
         self.waiting = self.data.waiting
 
     def _call_context(self, rpc: str, context: grpc.ServicerContext) -> CallContext:
@@ -412,4 +422,7 @@ class OptserveService:
             started_unix=self.started_unix,
             devices=[f"{x.platform}:{x.id}" for x in self.store.placement.devices],
             device_bytes=self.store.device_bytes(),
+            shared_memory_socket=self.shared_memory_socket,
+            host_id=self.host_id,
+            uid=os.getuid() if self.shared_memory_socket else 0,
         )

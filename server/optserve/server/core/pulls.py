@@ -33,6 +33,18 @@ def single_reply_bytes(schema: Iterable[LeafSpec], wire_dtype: str, header_bytes
     return total
 
 
+def first_leaf_past(schema: Iterable[LeafSpec], wire_dtype: str, length: int) -> tuple[str, int] | None:
+    """The first leaf (and the bytes needed up to its end) whose bytes in the wire dtype, laid one
+    after the other, end past `length`; None when all of them fit (a shared-memory pull's span)."""
+    total = 0
+    for leaf in schema:
+        dtype = leaf.dtype if not wire_dtype or leaf.dtype not in FLOAT_DTYPES else wire_dtype
+        total += leaf_nbytes(DTYPES[dtype], leaf.shape)
+        if total > length:
+            return leaf.path, total
+    return None
+
+
 def _on_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in x.devices())
 
