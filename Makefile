@@ -19,9 +19,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/optserve demo
 
-# CI runs this (.ci/run): lint first, so that a finding fails fast, then the suite.
+# CI runs this (.ci/run): lint first, so that a finding fails fast, then the suite, a file per
+# pytest-xdist worker (--dist loadfile keeps each module's shared servers in one process). Most tests
+# wait on servers and subprocesses, so two workers use two cores where one leaves them half idle.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The configuration of all three is in pyproject.toml.
 lint: $(STAMP)

@@ -232,3 +232,26 @@ def test_the_metrics_give_the_bytes_each_device_holds():
         assert held == info["param_bytes"] + info["state_bytes"] == info["device_bytes"][0]
     finally:
         server.stop()
+
+
+def test_a_model_over_two_shards_one_of_them_on_four_devices_computes_what_one_server_does(servers):
+    """Each shard server may itself hold its part over a mesh (issue 14 with shards, docs/design.md
+    "Shards"): shard 0 is the 4-device server, shard 1 the one-device one, and the twin an unsharded
+    model on the one-device server. The large leaves are split by rows over both shards, so shard 0
+    holds row ranges of them spread again over its 4 devices."""
+    four, one, _ = servers
+    sharded = Client([four.target, one.target], timeout=120.0)
+    sm = sharded.create_model("meshshards", _params(), ADAM, ema=0.9, split_bytes=1 << 20)
+    twin = one.create_model("meshtwin", _params(), ADAM, ema=0.9)
+    held = {leaf["path"]: leaf["rows"] for leaf in sm.info()["shards"][0]["leaves"]}
+    assert held["big"] == (0, 1 << 13) and held["odd"] is not None  # row ranges of both split leaves
+    on_mesh = {b["name"]: b["sharding"] for b in sm.shards[0].info()["placement"]}
+    # its rows of "big" and "odd" (640 KiB each) are packed with its small leaves, each pack split over 4
+    assert {s for n, s in on_mesh.items() if n.startswith("@")} == {"split axis 0 over 4"}, on_mesh
+    for k in range(3):
+        for m in (sm, twin):
+            m.push(_grads(k), wire_dtype="bfloat16" if k == 1 else None)
+    assert_same_tree(sm.pull(), twin.pull())
+    assert_same_tree(sm.pull(ema=True), twin.pull(ema=True))
+    sharded.delete_model("meshshards")
+    one.delete_model("meshtwin")

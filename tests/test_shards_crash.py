@@ -5,7 +5,9 @@ a restart lost redone from the same state (sync mode makes the gradients determi
 
 This file is also the worker program: `python tests/test_shards_crash.py TARGETS MODEL INDEX STEPS`
 (TARGETS comma-separated; it imports only the light client). It says READY once connected and
-starts on GO, so no test bets on how fast processes start.
+starts on GO, so no test bets on how fast processes start; it says GATE before its last steps and
+waits for a second GO, so the shard is always killed before the workers are done, however slow the
+test is to see the checkpoint it waits for.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +28,7 @@ SHAPES = {"w": (48, 16), "v": (10, 3)}
 SPLIT = 1024  # bytes: "w" (3 KiB) is split over the shards
 STEPS = 16
 KILL_AT = 4
+GATE_BEFORE_END = 3  # steps the workers take only after the restart (module docstring)
 
 
 def _grad(params: dict, index: int) -> dict:
@@ -44,12 +48,17 @@ def _work(targets: list[str], model: str, index: int, steps: int) -> dict:
         if sys.stdin.readline().strip() != "GO":
             raise SystemExit("no GO from the test")
         went_back = 0
-        while worker.model.last_step < steps:
-            try:
-                params = worker.push_pull(_grad(params, index))
-            except FailedPreconditionError:  # stale, or every shard went back: start from the model's state
-                went_back += 1
-                params = worker.pull()
+        for until in (steps - GATE_BEFORE_END, steps):
+            if until == steps:
+                print("GATE", flush=True)
+                if sys.stdin.readline().strip() != "GO":
+                    raise SystemExit("no second GO from the test")
+            while worker.model.last_step < until:
+                try:
+                    params = worker.push_pull(_grad(params, index))
+                except FailedPreconditionError:  # stale, or every shard went back: start from the model's state
+                    went_back += 1
+                    params = worker.pull()
         return {"step": worker.model.last_step, "went_back": went_back}
 
 
@@ -83,6 +92,14 @@ def _go(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.stdin.write("GO\n")
         p.stdin.flush()
+
+
+def _at_gate(procs: list[subprocess.Popen], timeout: float = 400) -> None:
+    """Waits (bounded) until every worker has said GATE."""
+    for p in procs:
+        ready, _, _ = select.select([p.stdout], [], [], timeout)
+        line = p.stdout.readline().strip() if ready else "(nothing)"
+        assert line == "GATE", f"worker said {line!r}: {p.stderr.read() if p.poll() is not None else ''}"
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[dict]:
@@ -136,6 +153,8 @@ def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_
             shards[1][0].kill()  # SIGKILL: no final checkpoint; the steps since the last are lost
             shards[1][0].wait(timeout=60)
             shards[1] = start_server_process(*shard_args(1))
+            _at_gate(workers)  # the last steps come after the restart, and catch the shard up
+            _go(workers)
             results = _finish(workers)
             assert all(r["step"] == STEPS for r in results), results
             found = Client(targets[0], timeout=60).model("m")
