@@ -289,6 +289,7 @@ def test_exit_status_says_whether_the_final_checkpoints_failed(monkeypatch, caps
 
         def __init__(self, *args, **kwargs):
             self.port = 1
+            self.shared_memory = None  # not asked for (--shared-memory)
             os.kill(os.getpid(), signal.SIGTERM)  # handled by serve's handler: the loop ends
 
         def stop(self, grace: float):
