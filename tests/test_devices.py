@@ -243,9 +243,12 @@ def test_a_model_over_two_shards_one_of_them_on_four_devices_computes_what_one_s
     sharded = Client([four.target, one.target], timeout=120.0)
     sm = sharded.create_model("meshshards", _params(), ADAM, ema=0.9, split_bytes=1 << 20)
     twin = one.create_model("meshtwin", _params(), ADAM, ema=0.9)
-    held = {leaf["path"]: leaf["rows"] for leaf in sm.info()["shards"][0]["leaves"]}
+    info = sm.info()
+    assert "placement" not in info and len(info["shards"][0]["device_bytes"]) == 4
+    assert len(info["shards"][1]["device_bytes"]) == 1
+    held = {leaf["path"]: leaf["rows"] for leaf in info["shards"][0]["leaves"]}
     assert held["big"] == (0, 1 << 13) and held["odd"] is not None  # row ranges of both split leaves
-    on_mesh = {b["name"]: b["sharding"] for b in sm.shards[0].info()["placement"]}
+    on_mesh = {b["name"]: b["sharding"] for b in info["shards"][0]["placement"]}
     # its rows of "big" and "odd" (640 KiB each) are packed with its small leaves, each pack split over 4
     assert {s for n, s in on_mesh.items() if n.startswith("@")} == {"split axis 0 over 4"}, on_mesh
     for k in range(3):

@@ -42,6 +42,8 @@ from optserve.wire.errors import WireError
 from optserve.wire.shards import ShardMap, row_slices
 
 T = TypeVar("T")
+# Model.info() keys that describe how one server holds its part (ShardedModel.info)
+_PER_SHARD = ("packing", "placement", "device_bytes")
 
 
 class ShardedModel:
@@ -295,9 +297,10 @@ class ShardedModel:
     def info(self) -> dict:
         """`Model.info()` of the whole model: the schema of every leaf, bytes summed over the shards,
         the step of the shard furthest behind, and "shards": each shard's target, step, leaves (with
-        the rows of split ones) and bytes."""
+        the rows of split ones), bytes, and how its server holds them ("packing", "placement" over its
+        devices, "device_bytes"), which say nothing of the whole model and so are only there."""
         infos = self.fanout.run(lambda i: self.shards[i].info())
-        whole = dict(infos[0])
+        whole = {k: v for k, v in infos[0].items() if k not in _PER_SHARD}
         whole["schema"] = [
             {"path": leaf.spec.path, "dtype": leaf.spec.dtype, "shape": leaf.spec.shape}
             for leaf in self.shard_map.leaves
@@ -324,6 +327,7 @@ class ShardedModel:
                 "param_bytes": i["param_bytes"],
                 "state_bytes": i["state_bytes"],
                 "last_checkpoint_step": i["last_checkpoint_step"],
+                **{k: i[k] for k in _PER_SHARD},
             }
             for n, i in enumerate(infos)
         ]
