@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -24,6 +25,20 @@ def server() -> Iterator:
     srv = Server(port=0)
     yield srv
     srv.stop(grace=1.0)
+
+
+@contextlib.contextmanager
+def in_process_servers(checkpoint_dirs: Sequence[str | None]) -> Iterator[list]:
+    """Servers in this process (127.0.0.1, free ports), one per checkpoint directory (None: none),
+    stopped on exit: the shard servers and the whole model's server of the shard tests."""
+    from optserve.server import Server
+
+    srvs = [Server(port=0, checkpoint_dir=d) for d in checkpoint_dirs]
+    try:
+        yield srvs
+    finally:
+        for s in srvs:
+            s.stop(grace=1.0)
 
 
 @pytest.fixture(scope="module")

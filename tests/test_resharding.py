@@ -25,7 +25,7 @@ from optserve.wire import resharding
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.shards import place
-from tests.conftest import assert_same_tree
+from tests.conftest import assert_same_tree, in_process_servers
 
 ADAM = {"adam": {"learning_rate": 0.01, "tunable": ["learning_rate"]}}
 SPLIT = 1024  # bytes: "embed" and "out" are split over the shards, so every shard holds several leaves
@@ -87,10 +87,8 @@ def roots(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def servers(roots):
     """Five shard servers and one for the whole model, each with its checkpoint directory."""
-    srvs = [Server(port=0, checkpoint_dir=r) for r in roots]
-    yield srvs
-    for s in srvs:
-        s.stop(grace=1.0)
+    with in_process_servers(roots) as srvs:
+        yield srvs
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import pytest
 from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.client.sharded import ShardedModel
-from optserve.server import Server
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.shards import Piece, ShardedLeaf, ShardMap, balance, place
-from tests.conftest import assert_same_tree, wait_until
+from tests.conftest import assert_same_tree, in_process_servers, wait_until
 
 ADAM = {"adam": {"learning_rate": 0.01}}
 SPLIT = 1024  # bytes: "embed" and "out" split over the shards in these tests
@@ -48,10 +47,8 @@ def _grads(seed: int) -> dict:
 def servers(tmp_path_factory):
     """Three shard servers and one for the whole model, each with its checkpoint directory."""
     root = tmp_path_factory.mktemp("shards")
-    srvs = [Server(port=0, checkpoint_dir=str(root / f"s{i}")) for i in range(4)]
-    yield srvs
-    for s in srvs:
-        s.stop(grace=1.0)
+    with in_process_servers([str(root / f"s{i}") for i in range(4)]) as srvs:
+        yield srvs
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.client.state_file import read_state
-from optserve.server import Server
+from tests.conftest import in_process_servers
 from tests.reference.cases import CASES
 from tests.shard_sync_data import WEIGHTS, grads, params
 
@@ -41,10 +41,9 @@ CASES_SYNC = [
 
 @pytest.fixture(scope="module")
 def servers():
-    srvs = [Server(port=0) for _ in range(4)]
-    yield srvs
-    for s in srvs:
-        s.stop(grace=1.0)
+    """Three shard servers and one for the whole model."""
+    with in_process_servers([None] * 4) as srvs:
+        yield srvs
 
 
 @pytest.fixture(scope="module")
