@@ -33,6 +33,7 @@ def _worker(target: str, model: str, index: int, steps: int, retry_for: float, s
     with Client(target, timeout=10.0) as client:
         worker = client.model(model).worker(f"w{index}", retry_for=retry_for, max_backoff=0.25)
         worker.pull()
+        print("READY", flush=True)  # connected: from here on its calls retry across restarts
         for _ in range(steps):
             if stop_file and os.path.exists(stop_file):
                 break
@@ -90,12 +91,21 @@ def _read(path: str) -> str:
 
 
 def _spawn_worker(target: str, index: int, steps: int, retry_for: float, stop_file: str = "") -> subprocess.Popen:
-    return subprocess.Popen(
+    """A worker process, returned once it has said READY (connected and pulled; bounded wait), so
+    that no server is killed while a worker is still starting (its first call does not retry)."""
+    proc = subprocess.Popen(
         [sys.executable, HERE, target, "m", str(index), str(steps), str(retry_for), stop_file],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    ready, _, _ = select.select([proc.stdout], [], [], 300)
+    line = proc.stdout.readline().strip() if ready else "(nothing)"
+    if line != "READY":
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"worker {index} said {line!r}: {err[-3000:]}")
+    return proc
 
 
 def _committed(model_dir: str) -> list[int]:
@@ -215,10 +225,9 @@ def test_sigterm_writes_a_final_checkpoint_of_the_last_applied_step(tmp_path):
                 optimizer={"adam": {"learning_rate": 0.01}},
             )
             worker = _spawn_worker(target, 0, 100_000, 3.0)
-            until = time.monotonic() + 60
-            while m.step < 20 and time.monotonic() < until:
-                time.sleep(0.02)
-            assert m.step >= 20
+            from tests.conftest import wait_until  # here: this file is also the worker program
+
+            wait_until(lambda: m.step >= 20, "20 steps of training", 300)
         server.send_signal(signal.SIGTERM)  # during training
         assert server.wait(timeout=60) == 0
         out, _ = worker.communicate(timeout=60)  # it gives up retrying after 3 s
