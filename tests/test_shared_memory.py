@@ -10,6 +10,7 @@ import gc
 import logging
 import mmap
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -286,7 +287,7 @@ def test_the_token_is_required_when_the_server_has_one(model_name, caplog):
 # -- kill -9 ------------------------------------------------------------------------------------
 
 CHILD = """
-import sys, time, numpy as np
+import sys, numpy as np
 from optserve.client import Client
 target, name, point = sys.argv[1:4]
 c = Client(target, timeout=60, shared_memory_min_bytes=0)
@@ -296,9 +297,9 @@ if point == "mid-push":  # a gradient half written into the region, never announ
     with c.shared_memory.region(1) as region:
         region.array[: 4096] = 0x7F
         print(point, flush=True)
-        time.sleep(600)
+        sys.stdin.read()  # parked here until the test kills it (no clock)
 print(point, flush=True)
-time.sleep(600)
+sys.stdin.read()  # parked here until the test kills it (no clock)
 """
 
 
@@ -310,10 +311,15 @@ def test_a_killed_client_leaves_nothing_in_the_server(srv, shm, model_name, poin
     shm_entries = set(os.listdir("/dev/shm"))
     maps, memfds = len(_memfd_maps()), _memfd_fds()
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, srv.address, model_name, point], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, srv.address, model_name, point],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == point
+        assert child.stdout is not None
+        said, _, _ = select.select([child.stdout], [], [], 300)  # bounded: a hang, not a timing bet
+        assert said and child.stdout.readline().strip() == point
         assert srv.shared_memory.regions.session_count == 2 and len(_memfd_maps()) == maps + 1
     finally:
         child.send_signal(signal.SIGKILL)
