@@ -306,6 +306,9 @@ sys.stdin.read()  # parked here until the test kills it (no clock)
 @pytest.mark.parametrize("point", ["registered", "mid-push"])
 def test_a_killed_client_leaves_nothing_in_the_server(srv, shm, model_name, point):
     shm.create_model(model_name, W, optim.sgd(0.1))
+    # The module's client connects its side socket on its first push; pushing here (to another
+    # model) makes this test independent of the tests that ran before it.
+    shm.create_model(f"{model_name}-connected", W, optim.sgd(0.1)).push(_grads(0))
     wait_until(lambda: srv.shared_memory.connections == 1, "only the module's client to be connected")
     assert srv.shared_memory.regions.wait_sessions(1, 60)
     shm_entries = set(os.listdir("/dev/shm"))
