@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import numpy as np
+
 from optserve.server.api import messages, shared_spans
 from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
@@ -154,6 +156,7 @@ class DataPlane:
             weight=h.weight,
             packs=bool(h.layout_id),
             global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,
+            rows=[(r.path, np.array(r.ids, np.int64)) for r in h.rows],
         )
         try:
             if prepare is not None:
