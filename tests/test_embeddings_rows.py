@@ -10,7 +10,6 @@ import pytest
 from optserve.client import InvalidArgumentError, Rows, optim
 from optserve.server.core import compilation
 from optserve.v1 import optserve_pb2 as pb
-from optserve.wire.chunks import chunk_messages
 
 LAZY = {"lazy_adam": {"learning_rate": 0.05}}
 
