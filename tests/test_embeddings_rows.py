@@ -95,7 +95,7 @@ def test_bad_rows_are_refused_naming_model_and_leaf_and_change_nothing(client, m
 def test_client_refuses_ids_that_are_not_integers():
     with pytest.raises(TypeError):
         Rows(np.array([1.0]), np.zeros((1, 3), np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="values must have shape"):
         Rows(np.array([1, 2]), np.zeros((3, 3), np.float32))
 
 
