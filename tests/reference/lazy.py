@@ -42,7 +42,7 @@ class RowwiseAdagrad:
 
     def push(self, ids, values) -> None:
         r, g = segment_sum(ids, values)
-        self.a[r] += np.mean(g.reshape(len(r), -1) ** 2, axis=1)
+        self.a[r] += np.mean(g.reshape(len(r), int(np.prod(g.shape[1:]))) ** 2, axis=1)
         self.p[r] -= self.lr * g / (np.sqrt(self.a[r]) + self.eps).reshape(-1, *([1] * (g.ndim - 1)))
 
 

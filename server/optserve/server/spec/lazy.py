@@ -41,7 +41,7 @@ def scale_by_lazy_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8) -> optax
     """Adam with TF LazyAdam's / MXNet's bias correction folded into the step size, row-local.
 
     m = b1·m + (1−b1)·g; v = b2·v + (1−b2)·g²; u = √(1−b2ᵗ)/(1−b1ᵗ) · m/(√v + eps)
-    (eps added to the uncorrected √v: "epsilon hat" of Kingma & Ba §2; the positive direction).
+    (eps added to the uncorrected √v: "epsilon hat" of Kingma & Ba, section 2; the positive direction).
 
     Args:
       b1, b2: decay rates of the moments.
@@ -49,7 +49,7 @@ def scale_by_lazy_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8) -> optax
 
     References:
       TensorFlow Addons ``tfa.optimizers.LazyAdam`` (``_resource_apply_sparse``); MXNet
-      ``adam_update(lazy_update=True)``; Kingma & Ba, "Adam", ICLR 2015, end of §2.
+      ``adam_update(lazy_update=True)``; Kingma & Ba, "Adam", ICLR 2015, end of section 2.
     """
 
     def init_fn(params):
