@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
+
+import numpy as np
 
 from optserve.client import pytree
 from optserve.client import shared_memory as shared
@@ -17,7 +19,7 @@ from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
 from optserve.client.pulls import PullReader
-from optserve.client.tables import Rows
+from optserve.client.tables import Rows, read_rows, row_selections
 from optserve.client.transport import Connection
 from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
@@ -278,15 +280,48 @@ class Model:
         like: Any = None,
         out: Any = None,
         global_norm_sq: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
-        """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
+        """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull).
+        rows: return only these rows ({path: ids}, as `pull_rows`), e.g. those of the next batch."""
         header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
+        if rows is not None:
+            header.pull.CopyFrom(pb.PullRequest(wire_dtype=wire_dtype or "", rows=row_selections(rows)))
+            header.pull.max_message_bytes = self.client.max_receive_bytes
+
+            def send(leaves: Sequence[WireLeaf]) -> dict[str, np.ndarray]:
+                msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
+                box: list[pb.PushResponse] = []
+                step, got = read_rows(self.client.stream(self.client._push_pull, msgs), self.name, box)
+                self.last_step = step
+                return got
+
+            return self._send_grads(grads, wire_dtype, header, send)
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
         return self._send_grads(
             grads, wire_dtype, header, lambda leaves: self.push_pull_raw(header, leaves, like, out=out)
         )[1]
+
+    def pull_rows(
+        self,
+        rows: Mapping[str, Any],
+        *,
+        min_step: int | None = None,
+        timeout: float | None = None,
+        ema: bool = False,
+        wire_dtype: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Some rows of some leaves: `pull_rows({"embed": ids})` -> {"embed": array [k, *row_shape]},
+        row i of each being row ids[i] (PullRequest.rows). Leaves by path ("a/b" for {"a": {"b": ...}})."""
+        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=None)
+        req.packed, req.layout_id = False, ""
+        req.rows.extend(row_selections(rows))
+        deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
+        step, got = read_rows(self.client.stream(self.client._pull, req, timeout=deadline), self.name)
+        self.last_step = step
+        return got
 
     def push_pull_raw(
         self,

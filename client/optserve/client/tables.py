@@ -7,13 +7,17 @@ draws the values: proto LeafInit), `Rows` in the gradient of a push (proto RowSp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from optserve.client.errors import OptserveError
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
+from optserve.wire.assembler import TensorAssembler
+from optserve.wire.errors import WireError
+from optserve.wire.framing import parse_message
 
 INITIALIZERS = ("zeros", "constant", "normal", "truncated_normal", "uniform")
 
@@ -93,3 +97,33 @@ class Rows:
 
 
 TABLE_LEAVES = (Init, Rows)
+
+
+def row_selections(rows: Mapping[str, Any]) -> list[pb.RowSelection]:
+    """PullRequest.rows of `pull_rows({path: ids})` (ids: any integers, sent as int64)."""
+    out = []
+    for path, ids in rows.items():
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise TypeError(f"pull_rows: ids of {path!r} must be integers of shape [k], got {ids.dtype} {ids.shape}")
+        out.append(pb.RowSelection(path=path, ids=ids.astype(np.int64, copy=False)))
+    return out
+
+
+def read_rows(
+    replies: Iterable[bytes], model: str, push_reply: list | None = None
+) -> tuple[int, dict[str, np.ndarray]]:
+    """(step, {path: [k, *row_shape] array}) of the reply to a pull of rows (PullRequest.rows)."""
+    assembler = TensorAssembler(None, what=f"model {model!r}")
+    step = -1
+    for raw in replies:
+        msg, payload = parse_message(raw, pb.PullResponse)
+        if msg.HasField("header"):
+            step = msg.header.step
+            if push_reply is not None and msg.HasField("push"):
+                push_reply.append(msg.push)
+        try:
+            assembler.add(msg.slices, payload)
+        except WireError as e:
+            raise OptserveError(f"model {model!r}: pull of rows: {e}") from None
+    return step, assembler.finish()

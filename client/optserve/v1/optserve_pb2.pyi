@@ -381,7 +381,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory", "rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +394,7 @@ class PullRequest(_message.Message):
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     EXACT_STEP_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -406,7 +407,16 @@ class PullRequest(_message.Message):
     layout_id: str
     exact_step: int
     shared_memory: SharedMemorySpan
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ...) -> None: ...
+
+class RowSelection(_message.Message):
+    __slots__ = ("path", "ids")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id", "shared_memory")

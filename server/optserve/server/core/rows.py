@@ -69,18 +69,20 @@ def check_rows(
     schema: Mapping[str, LeafSpec],
     packed: Mapping[str, object],
     lazy: frozenset[str],
+    what: str = "row-sparse gradient",
 ) -> dict[str, RowGradient]:
     """The row-sparse leaves of one push, validated; INVALID_ARGUMENT naming the model (`label`)
     and the leaf otherwise. packed: the leaves held in packed tensors (refused: send them dense).
-    lazy: the leaves whose rule is lazy and whose update may be row by row."""
+    lazy: the leaves whose rule is lazy and whose update may be row by row. what: how messages name
+    the request (a pull of rows uses this check too: `check_row_pull`)."""
     out: dict[str, RowGradient] = {}
     for path, ids in rows:
-        where = f"{label}: row-sparse gradient of leaf {path!r}"
+        where = f"{label}: {what} of leaf {path!r}"
         leaf = schema.get(path)
         if leaf is None:
             raise InvalidArgument(f"{where}: no such leaf in the schema")
         if path in out:
-            raise InvalidArgument(f"{where}: named twice in PushHeader.rows")
+            raise InvalidArgument(f"{where}: named twice")
         if leaf.dtype not in FLOAT_DTYPES:
             raise InvalidArgument(f"{where}: the leaf is {leaf.dtype}, not floating-point (it is never updated)")
         if not leaf.shape:
@@ -98,3 +100,12 @@ def check_rows(
                 raise InvalidArgument(f"{where}: id {bad} is outside the leaf's rows [0, {leaf.shape[0]})")
         out[path] = RowGradient(leaf, ids, path in lazy)
     return out
+
+
+def check_row_pull(
+    label: str, rows: Sequence[tuple[str, np.ndarray]], schema: Mapping[str, LeafSpec]
+) -> list[tuple[str, np.ndarray]]:
+    """A pull's rows (PullRequest.rows), validated as a push's are (any leaf with rows, packed or
+    not): (path, ids) in request order."""
+    checked = check_rows(label, rows, schema, {}, frozenset(), what="pull of rows")
+    return [(path, r.ids) for path, r in checked.items()]
