@@ -12,7 +12,8 @@ from optserve.client import Init, InvalidArgumentError, Rows
 def test_pull_rows_of_a_loose_and_a_packed_leaf(client, model_name):
     params = {
         "table": Init((100, 3), "float32", "normal", seed=4),
-        "small": {"a": np.arange(8, dtype=np.float32).reshape(4, 2), "b": np.ones(4, np.float32)},
+        # four alike small leaves: packed into one buffer (core/layout.py, MIN_PACK_LEAVES)
+        "small": {"a": np.arange(8, dtype=np.float32).reshape(4, 2), **{k: np.ones(4, np.float32) for k in "bcd"}},
     }
     spec = {
         "partition": [

@@ -115,3 +115,15 @@ def test_padded_row_counts_compile_a_bounded_number_of_times(client, model_name)
     assert len(set(sizes.tolist())) > 100
     assert 2 <= compiled <= 7, compiled  # buckets 8, 16, ..., 512 (the first one compiled already)
     assert model.info()["step"] == 201
+
+
+def test_rows_on_a_packed_leaf_are_sent_dense_by_the_client(client, model_name):
+    params = {k: np.ones((6, 2), np.float32) for k in "abcd"}  # alike small leaves: one pack
+    sparse = client.create_model(model_name + "-s", params, optim.adam(0.1))
+    dense = client.create_model(model_name + "-d", params, optim.adam(0.1))
+    assert "a" in {leaf for pack in sparse.info()["packing"] for leaf in pack["leaves"]}
+    rows = Rows([4, 1, 4], np.arange(6, dtype=np.float32).reshape(3, 2))
+    zeros = {k: np.zeros((6, 2), np.float32) for k in "bcd"}
+    sparse.push({"a": rows, **zeros})
+    dense.push({"a": rows.densify((6, 2), np.float32), **zeros})
+    np.testing.assert_array_equal(sparse.pull()["a"], dense.pull()["a"])
