@@ -55,3 +55,14 @@ def test_bad_row_pulls_are_refused_and_a_push_pull_applies_nothing(client, model
         model.push_pull({"table": Rows([1], np.ones((1, 2), np.float32))}, rows={"table": ids})
     assert model.info()["step"] == 0
     np.testing.assert_array_equal(model.pull()["table"], np.zeros((20, 2), np.float32))
+
+
+def test_worker_push_pull_returns_rows_and_tracks_its_step(client, model_name):
+    model = client.create_model(
+        model_name, {"table": np.zeros((20, 2), np.float32)}, {"sparse_sgd": {"learning_rate": 1.0}}
+    )
+    worker = model.worker("w0")
+    worker.pull()
+    got = worker.push_pull({"table": Rows([4], np.ones((1, 2), np.float32))}, rows={"table": [4, 5]})
+    np.testing.assert_array_equal(got["table"], [[-1.0, -1.0], [0.0, 0.0]])
+    assert worker.base_step == 1 and worker.seq == 1

@@ -286,17 +286,11 @@ class Model:
         rows: return only these rows ({path: ids}, as `pull_rows`), e.g. those of the next batch."""
         header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
         if rows is not None:
-            header.pull.CopyFrom(pb.PullRequest(wire_dtype=wire_dtype or "", rows=row_selections(rows)))
-            header.pull.max_message_bytes = self.client.max_receive_bytes
+            header.pull.CopyFrom(self.rows_pull(rows, wire_dtype))
 
-            def send(leaves: Sequence[WireLeaf]) -> dict[str, np.ndarray]:
-                msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
-                box: list[pb.PushResponse] = []
-                step, got = read_rows(self.client.stream(self.client._push_pull, msgs), self.name, box)
-                self.last_step = step
-                return got
-
-            return self._send_grads(grads, wire_dtype, header, send)
+            return self._send_grads(
+                grads, wire_dtype, header, lambda leaves: self.push_pull_rows_raw(header, leaves)[1]
+            )
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
@@ -322,6 +316,22 @@ class Model:
         step, got = read_rows(self.client.stream(self.client._pull, req, timeout=deadline), self.name)
         self.last_step = step
         return got
+
+    def rows_pull(self, rows: Mapping[str, Any], wire_dtype: str | None) -> pb.PullRequest:
+        """PushHeader.pull of a push_pull that returns rows (PullRequest.rows)."""
+        req = pb.PullRequest(wire_dtype=wire_dtype or "", rows=row_selections(rows))
+        req.max_message_bytes = self.client.max_receive_bytes
+        return req
+
+    def push_pull_rows_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> tuple[pb.PushResponse, dict[str, np.ndarray]]:
+        """A PushPull whose pull asks for rows (header.pull.rows): (the push's reply, the rows)."""
+        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
+        box: list[pb.PushResponse] = []
+        step, got = read_rows(self.client.stream(self.client._push_pull, msgs, timeout=timeout), self.name, box)
+        self.last_step = step
+        return box[0], got
 
     def push_pull_raw(
         self,

@@ -16,6 +16,7 @@ read; `RowGradient.receive` turns the received values into what the update takes
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,35 @@ MIN_BUCKET = 8  # the smallest padded row count: tiny pushes share one compilati
 def bucket(k: int) -> int:
     """The padded row count of a push of k distinct rows: the next power of two, at least MIN_BUCKET."""
     return max(MIN_BUCKET, 1 << max(k - 1, 0).bit_length())
+
+
+def segment_sum(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids in ascending order, each one's rows summed in float32 in the order given).
+
+    The same sums, bit for bit, as `np.add.at` into zeros (what a client that densifies the rows
+    computes: tables.Rows.densify), at a fraction of its cost (np.add.at takes ~5 ms for 4096 rows
+    of 64): a stable sort brings each id's rows together in their order, and the n-th rows of every
+    id are added in one vectorized step per n (few steps: repeats are rare in a batch)."""
+    values = values.astype(np.float32, copy=False)
+    summed_shape = values.shape[1:]
+    if not len(ids):
+        return ids.astype(np.int64), np.zeros((0, *summed_shape), np.float32)
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    first = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    starts = np.flatnonzero(first)
+    summed = np.zeros((len(starts), *summed_shape), np.float32)
+    if len(starts) == len(ids):  # no repeats: one addition to zero each, as np.add.at makes
+        summed += values[order]
+        return ordered, summed
+    segment = np.cumsum(first) - 1
+    rank = np.arange(len(ids)) - starts[segment]  # the how-manyth row of its id
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(rank))))
+    for lo, hi in itertools.pairwise(bounds):
+        pick = by_rank[lo:hi]  # rows of distinct ids, each its id's n-th
+        summed[segment[pick]] += values[order[pick]]
+    return ordered[starts], summed
 
 
 @dataclasses.dataclass
@@ -47,9 +77,7 @@ class RowGradient:
     def receive(self, values: np.ndarray) -> np.ndarray:
         """What the update takes for this leaf (module docstring), in float32."""
         row_shape = tuple(self.leaf.shape[1:])
-        uniq, inverse = np.unique(self.ids, return_inverse=True)
-        summed = np.zeros((len(uniq), *row_shape), np.float32)
-        np.add.at(summed, inverse, values.astype(np.float32, copy=False))
+        uniq, summed = segment_sum(self.ids, values)
         if not self.lazy:
             dense = np.zeros(tuple(self.leaf.shape), np.float32)
             dense[uniq] = summed
