@@ -104,6 +104,12 @@ class WorkerModel(Protocol):
         out: Any = None,
     ) -> tuple[pb.PushResponse, Any]: ...
 
+    def rows_pull(self, rows: Any, wire_dtype: str | None) -> pb.PullRequest: ...
+
+    def push_pull_rows_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> tuple[pb.PushResponse, Any]: ...
+
 
 class Worker:
     """push / pull / push_pull for one worker of a model.
