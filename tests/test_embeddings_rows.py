@@ -131,7 +131,7 @@ def test_rows_on_a_packed_leaf_are_sent_dense_by_the_client(client, model_name):
 
 def test_sync_mode_takes_rows_densely_even_under_a_lazy_rule(client, model_name):
     """A sync round averages dense gradients: rows are densified on arrival (docs/optimizers.md,
-    "Row-sparse gradients"), so a lazy rule then sees every row as touched."""
+    "Row-sparse gradients (embedding tables)"), so a lazy rule then sees every row as touched."""
     params = {"table": np.ones((8, 2), np.float32)}
     sparse = client.create_model(model_name + "-s", params, LAZY, mode="sync", workers=1)
     dense = client.create_model(model_name + "-d", params, LAZY, mode="sync", workers=1)
