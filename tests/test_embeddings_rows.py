@@ -73,6 +73,7 @@ def _raw_push(model, rows, table_rows):
         ([pb.RowSparseGradient(path="count", ids=[0])], None, "not floating-point"),
         ([pb.RowSparseGradient(path="nope", ids=[0])], None, "no such leaf"),
         ([pb.RowSparseGradient(path="table", ids=[1])] * 2, np.zeros((1, 3), np.float32), "named twice"),
+        ([pb.RowSparseGradient(path="table", ids=[1])], np.full((1, 3), np.nan, np.float32), "NaN or Inf"),
     ],
 )
 @pytest.mark.parametrize("spec", [optim.adam(0.05), LAZY])
