@@ -45,6 +45,13 @@ def test_split_table_matches_the_whole_one(servers, model_name):
         np.testing.assert_array_equal(a["w"], b["w"])
         ids = np.array([199, 0, 150, 3, 3])
         np.testing.assert_array_equal(sharded.pull_rows({"table": ids})["table"], a["table"][ids])
+        g = {"table": Rows([0, 199], np.ones((2, 4), np.float32)), "w": np.ones(3, np.float32)}
+        got = sharded.push_pull(g, rows={"table": ids})
+        np.testing.assert_allclose(got["table"], whole.push_pull(g, rows={"table": ids})["table"], rtol=1e-6, atol=1e-7)
+        low = sharded.push_pull(g, rows={"table": [1, 2]})  # rows of one shard: the other only pushes
+        np.testing.assert_allclose(
+            low["table"], whole.push_pull(g, rows={"table": [1, 2]})["table"], rtol=1e-6, atol=1e-7
+        )
 
 
 def test_checkpoint_of_an_initialized_table_restores_bitwise(servers, model_name):

@@ -156,6 +156,14 @@ class ShardedModel:
     def pull_rows(self, rows: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
         """`Model.pull_rows` over the shards: each id asked of the shard that holds its row (each
         shard's rows at that shard's current step)."""
+        asked, where = self._route_rows(rows)
+        wanted = [i for i in range(len(self.shards)) if asked[i]]
+        got = self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted)
+        return _merge_rows(rows, where, dict(zip(wanted, got, strict=True)))
+
+    def _route_rows(self, rows: Mapping[str, Any]) -> tuple[list[dict[str, np.ndarray]], dict]:
+        """Each shard's ids of a pull of rows (counted from its piece's start), and where each
+        shard's answer goes: {path: [(shard, mask over the asked ids)]}."""
         asked: list[dict[str, np.ndarray]] = [{} for _ in self.shards]
         where: dict[str, list[tuple[int, np.ndarray]]] = {}
         for path, ids in rows.items():
@@ -167,19 +175,7 @@ class ShardedModel:
                 mask = (ids >= piece.start) & (ids < piece.stop) if leaf.split else np.ones(len(ids), bool)
                 asked[piece.shard][path] = ids[mask] - (piece.start if leaf.split else 0)
                 where.setdefault(path, []).append((piece.shard, mask))
-        wanted = [i for i in range(len(self.shards)) if asked[i]]
-        got = dict(
-            zip(wanted, self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted), strict=True)
-        )
-        out = {}
-        for path, ids in rows.items():
-            parts = where[path]
-            first = got[parts[0][0]][path]
-            result = np.empty((len(np.asarray(ids)), *first.shape[1:]), first.dtype)
-            for shard, mask in parts:
-                result[mask] = got[shard][path]
-            out[path] = result
-        return out
+        return asked, where
 
     def _targets(self, out: Any, wire_dtype: str | None) -> tuple[dict[str, np.ndarray], list[dict]]:
         """Where a pull writes: `out`'s arrays when given (pytree.writable_leaves), else new arrays of
@@ -298,11 +294,35 @@ class ShardedModel:
         wire_dtype: str | None = None,
         like: Any = None,
         out: Any = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
-        """Pushes a gradient and returns the parameters of one step of every shard after it."""
+        """Pushes a gradient and returns the parameters of one step of every shard after it; with
+        `rows` ({path: ids}), only those rows, each from its shard after that shard's update."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
         grad_parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
+        if rows is not None:
+            asked, where = self._route_rows(rows)
+
+            def with_rows(i: int) -> dict[str, np.ndarray]:
+                m = self.shards[i]
+                if not asked[i]:
+                    m.push(
+                        grad_parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq
+                    )
+                    return {}
+                return m.push_pull(  # type: ignore[no-any-return]  # with rows: a dict of arrays
+                    grad_parts[i],
+                    base_step=base_step,
+                    weight=weight,
+                    wire_dtype=wire_dtype,
+                    rows=asked[i],
+                    global_norm_sq=norm_sq,
+                )
+
+            got = self.fanout.run(with_rows)
+            self._note()
+            return _merge_rows(rows, where, dict(enumerate(got)))
         arrays, parts = self._targets(out, wire_dtype)
 
         def one(i: int) -> int:
@@ -481,3 +501,16 @@ def _check_rows(where: str, path: str, a: Rows, spec: LeafSpec) -> None:
         raise InvalidArgumentError(f"{where}: leaf {path!r}: an id is outside the leaf's rows [0, {spec.shape[0]})")
     if a.values.dtype.kind == "f" and not np.isfinite(a.values).all():
         raise InvalidArgumentError(f"{where}: leaf {path!r}: non-finite gradient (NaN or Inf)")
+
+
+def _merge_rows(rows: Mapping[str, Any], where: dict, got: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The shards' answers to a routed pull of rows (`ShardedModel._route_rows`) in the asked order."""
+    out = {}
+    for path, ids in rows.items():
+        parts = where[path]
+        first = got[parts[0][0]][path]
+        result = np.empty((len(np.asarray(ids)), *first.shape[1:]), first.dtype)
+        for shard, mask in parts:
+            result[mask] = got[shard][path]
+        out[path] = result
+    return out
