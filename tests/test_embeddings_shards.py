@@ -65,3 +65,16 @@ def test_checkpoint_of_an_initialized_table_restores_bitwise(servers, model_name
         again = model.pull()
         for k in saved:
             np.testing.assert_array_equal(again[k], saved[k])
+
+
+def test_sharded_worker_push_pull_of_rows(servers, model_name):
+    with Client([s.address for s in servers], timeout=60) as both:
+        sharded = both.create_model(model_name, _params(), SPEC, split_bytes=1024)
+        before = sharded.pull()["table"]
+        worker = sharded.worker("w0")
+        worker.pull()
+        g = {"table": Rows([0, 199], np.ones((2, 4), np.float32)), "w": np.ones(3, np.float32)}
+        got = worker.push_pull(g, rows={"table": [199, 50]})
+        assert not np.array_equal(got["table"][0], before[199])
+        np.testing.assert_array_equal(got["table"][1], before[50])  # untouched under lazy_adam
+        np.testing.assert_array_equal(got["table"], sharded.pull()["table"][[199, 50]])

@@ -36,7 +36,7 @@ from optserve.client.fanout import CONCURRENT_CALLERS, CONSISTENT_PULL_ATTEMPTS,
 from optserve.client.model import Model
 from optserve.client.rounds import decides_rounds, relay
 from optserve.client.sharded_worker import ShardedWorker
-from optserve.client.tables import Rows
+from optserve.client.tables import Rows, merge_rows
 from optserve.wire import resharding
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.wire.errors import WireError
@@ -159,7 +159,7 @@ class ShardedModel:
         asked, where = self._route_rows(rows)
         wanted = [i for i in range(len(self.shards)) if asked[i]]
         got = self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted)
-        return _merge_rows(rows, where, dict(zip(wanted, got, strict=True)))
+        return merge_rows(rows, where, dict(zip(wanted, got, strict=True)))
 
     def _route_rows(self, rows: Mapping[str, Any]) -> tuple[list[dict[str, np.ndarray]], dict]:
         """Each shard's ids of a pull of rows (counted from its piece's start), and where each
@@ -322,7 +322,7 @@ class ShardedModel:
 
             got = self.fanout.run(with_rows)
             self._note()
-            return _merge_rows(rows, where, dict(enumerate(got)))
+            return merge_rows(rows, where, dict(enumerate(got)))
         arrays, parts = self._targets(out, wire_dtype)
 
         def one(i: int) -> int:
@@ -501,16 +501,3 @@ def _check_rows(where: str, path: str, a: Rows, spec: LeafSpec) -> None:
         raise InvalidArgumentError(f"{where}: leaf {path!r}: an id is outside the leaf's rows [0, {spec.shape[0]})")
     if a.values.dtype.kind == "f" and not np.isfinite(a.values).all():
         raise InvalidArgumentError(f"{where}: leaf {path!r}: non-finite gradient (NaN or Inf)")
-
-
-def _merge_rows(rows: Mapping[str, Any], where: dict, got: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The shards' answers to a routed pull of rows (`ShardedModel._route_rows`) in the asked order."""
-    out = {}
-    for path, ids in rows.items():
-        parts = where[path]
-        first = got[parts[0][0]][path]
-        result = np.empty((len(np.asarray(ids)), *first.shape[1:]), first.dtype)
-        for shard, mask in parts:
-            result[mask] = got[shard][path]
-        out[path] = result
-    return out

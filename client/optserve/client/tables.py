@@ -127,3 +127,17 @@ def read_rows(
         except WireError as e:
             raise OptserveError(f"model {model!r}: pull of rows: {e}") from None
     return step, assembler.finish()
+
+
+def merge_rows(rows: Mapping[str, Any], where: dict, got: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The shards' answers to a routed pull of rows (client/sharded.py, `ShardedModel._route_rows`),
+    in the order the rows were asked."""
+    out = {}
+    for path, ids in rows.items():
+        parts = where[path]
+        first = got[parts[0][0]][path]
+        result = np.empty((len(np.asarray(ids)), *first.shape[1:]), first.dtype)
+        for shard, mask in parts:
+            result[mask] = got[shard][path]
+        out[path] = result
+    return out
