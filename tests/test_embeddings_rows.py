@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optserve.client import InvalidArgumentError, Rows, optim
+from optserve.client import Init, InvalidArgumentError, Rows, optim
 from optserve.server.core import compilation
 from optserve.v1 import optserve_pb2 as pb
 
@@ -91,6 +91,14 @@ def test_bad_rows_are_refused_naming_model_and_leaf_and_change_nothing(client, m
     assert model.info()["step"] == step
     for k in before:
         np.testing.assert_array_equal(after[k], before[k])
+
+
+def test_client_refuses_rows_as_parameters_and_init_as_gradient(client, model_name):
+    with pytest.raises(TypeError, match="Rows is a gradient"):
+        client.create_model(model_name, {"t": Rows([0], np.zeros((1, 2), np.float32))}, optim.sgd(0.1))
+    model = client.create_model(model_name, {"t": np.zeros((3, 2), np.float32)}, optim.sgd(0.1))
+    with pytest.raises(TypeError, match="Init declares a parameter"):
+        model.push({"t": Init((3, 2))})
 
 
 def test_client_refuses_ids_that_are_not_integers():

@@ -26,7 +26,7 @@ from optserve.client.fanout import Fanout
 from optserve.client.messages import schema_of, settings_from_json, settings_message
 from optserve.client.model import Model
 from optserve.client.sharded import ShardedModel
-from optserve.client.tables import Init
+from optserve.client.tables import Init, Rows
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import resharding
@@ -147,6 +147,9 @@ class Client(Connection):
         """
         leaves, structure = pytree.flatten(params)
         as_any: list[tuple[str, Any]] = list(leaves)  # Init leaves among the arrays (tables.py)
+        for path, a in as_any:
+            if isinstance(a, Rows):
+                raise TypeError(f"leaf {path!r}: Rows is a gradient; parameters are arrays or Init declarations")
         settings = settings_message(
             mode=mode,
             workers=workers,

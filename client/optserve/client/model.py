@@ -19,7 +19,7 @@ from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
 from optserve.client.pulls import PullReader
-from optserve.client.tables import Rows, read_rows, row_selections
+from optserve.client.tables import Init, Rows, read_rows, row_selections
 from optserve.client.transport import Connection
 from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
@@ -97,6 +97,9 @@ class Model:
                 self._structure = structure
             arrays = [a for _, a in leaves]
         layout = self._layout
+        if any(type(a) is Init for a in arrays):
+            path = next(p for p, a in zip(structure.paths, arrays, strict=True) if type(a) is Init)
+            raise TypeError(f"leaf {path!r}: Init declares a parameter; a gradient is an array or Rows")
         if any(type(a) is Rows for a in arrays):
             return self._row_sparse(structure.paths, arrays, wire_dtype, rows)
         if self.packed and layout is not None and layout.packs:
