@@ -150,7 +150,7 @@ class Server:
     socket). unix_socket: also (or only) listen on a Unix domain socket at this path, owner-only,
     a stale one replaced, another server's refused, removed at stop (unix_socket.py); tokens, TLS
     and limits apply to it as to TCP. checkpoint_dir: where models
-    are checkpointed and restored from (None: no checkpoints). device: JAX device for the models;
+    are checkpointed and restored from (None or '': no checkpoints). device: JAX device for the models;
     devices: or several, which hold every model sharded over a 1-D mesh (`resolve_devices`;
     docs/design.md, "Devices and meshes"); not both.
     max_workers: threads serving RPCs (each stream holds one while it runs; calls waiting for a step
@@ -212,7 +212,9 @@ class Server:
         )
         self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None
-        if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
+        # '' is no checkpoints, as `serve --checkpoint-dir ''` (not the working directory). The manager
+        # reports periodic, explicit and final saves alike to the metrics.
+        if checkpoint_dir:
             checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
         self.checkpoints = checkpoints
         # Same-host clients' memfd regions (docs/design.md, "Shared memory"): off unless asked for.
