@@ -221,6 +221,7 @@ class Server:
         checkpoints = None
         if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
             checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
+            self.metrics.watch_checkpoints(checkpoints)
         self.checkpoints = checkpoints
         # Same-host clients' memfd regions (docs/design.md, "Shared memory"): off unless asked for.
         self.shared_memory = SharedMemorySocket(tokens) if shared_memory else None

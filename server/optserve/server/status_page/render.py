@@ -72,8 +72,10 @@ def chart(title: str, series: Sequence[tuple[str, str, Sequence[float]]], unit: 
     top = max(values, default=0.0) or 1.0
     lines = []
     for _, colour, vs in series:
-        if len(vs) < 2:
+        if not vs:
             continue
+        if len(vs) == 1:  # one interval so far: a flat line across
+            vs = [vs[0], vs[0]]
         step = CHART_WIDTH / (len(vs) - 1)
         points = " ".join(
             f"{i * step:.1f},{CHART_HEIGHT - 2 - v / top * (CHART_HEIGHT - 4):.1f}" for i, v in enumerate(vs)
@@ -204,7 +206,7 @@ def _detail(m: dict[str, Any]) -> str:
             ],
             unit="bytes",
         )
-        if len(points) >= 2
+        if points
         else '<p class="muted">charts appear after a few seconds of samples</p>'
     )
     minutes = len(points) * m["history"]["interval_s"] / 60
