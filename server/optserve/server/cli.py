@@ -4,6 +4,7 @@ optserve serve [--host 127.0.0.1] [--port 8470] [--unix-socket PATH [--no-tcp]] 
 optserve demo [--workers 4] [--steps 300] [--mode sync|async]
 optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
     [--target HOST:PORT | unix:///PATH] [--token-file F] [--tls-ca F]
+optserve top [--url http://HOST:STATUS_PORT] [--token-file F] [--once]
 optserve reshard --model NAME --from DIR [DIR ...] --to DIR [DIR ...] [--targets HOST:PORT,...] [--step N]
 """
 
@@ -575,6 +576,21 @@ def admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_top(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "top", help="watch a server's models and workers in the terminal, refreshed in place (needs --status-port)"
+    )
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:9480",
+        help="the server's status page: http://HOST:PORT of its --status-port (default: %(default)s)",
+    )
+    p.add_argument("--token-file", default=None, help="file whose first token is sent (Authorization: Bearer)")
+    p.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--model", default=None, help="whose workers to list (default: the first model)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (scripts, pipes)")
+
+
 def _targets(text: str) -> list[str]:
     targets = [t.strip() for t in text.split(",")]
     for t in targets:
@@ -691,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_parser(sub)
     _add_admin(sub)
+    _add_top(sub)
     reshard_parser = _add_reshard(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -699,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         return reshard(args, reshard_parser)
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "top":
+        from optserve.server import top  # rich: loaded only for `optserve top`
+
+        return top.run(args)
     return admin(args)
 
 

@@ -36,7 +36,7 @@ from optserve.server.core.errors import ConfigError
 from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
 from optserve.server.shared_memory_socket import SharedMemorySocket
-from optserve.server.status_page import History, StatusPage
+from optserve.server.status_page.page import History, StatusPage
 from optserve.server.status_page.report import Sources
 from optserve.server.unix_socket import UnixSocket
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE

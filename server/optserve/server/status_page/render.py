@@ -90,7 +90,7 @@ def chart(title: str, series: Sequence[tuple[str, str, Sequence[float]]], unit: 
     )
 
 
-def _errors(m: dict[str, Any]) -> tuple[int, str]:
+def error_summary(m: dict[str, Any]) -> tuple[int, str]:
     """(how many, what) of a model's errors, for the summary's cell."""
     e = m["errors"]
     parts = {
@@ -125,7 +125,7 @@ def _summary(models: list[dict[str, Any]]) -> str:
     rows = []
     for m in models:
         r = m["rates"]
-        count, text = _errors(m)
+        count, text = error_summary(m)
         rows.append(
             f'<tr class="model" data-model="{esc(m["name"])}"><td class=name><a href="#model-{quote(m["name"])}">'
             f"{esc(m['name'])}</a></td><td>{esc(m['mode'])}</td><td class=step>{m['step']}</td>"
@@ -212,7 +212,7 @@ def _detail(m: dict[str, Any]) -> str:
     minutes = len(points) * m["history"]["interval_s"] / 60
     settings = ", ".join(f"{k}={v}" for k, v in m["settings"].items() if v not in (None, 0, 0.0, "none", False))
     c = m["counters"]
-    _, errors = _errors(m)
+    _, errors = error_summary(m)
     checkpoint_error = m["errors"]["checkpoint_error"]
     return (
         f'<section class="model-detail" id="model-{esc(quote(m["name"]))}" data-model="{esc(m["name"])}">'
