@@ -209,7 +209,7 @@ def _detail(m: dict[str, Any]) -> str:
         if points
         else '<p class="muted">charts appear after a few seconds of samples</p>'
     )
-    minutes = len(points) * m["history"]["interval_s"] / 60
+    span = human_seconds(len(points) * m["history"]["interval_s"])
     settings = ", ".join(f"{k}={v}" for k, v in m["settings"].items() if v not in (None, 0, 0.0, "none", False))
     c = m["counters"]
     _, errors = error_summary(m)
@@ -218,7 +218,7 @@ def _detail(m: dict[str, Any]) -> str:
         f'<section class="model-detail" id="model-{esc(quote(m["name"]))}" data-model="{esc(m["name"])}">'
         f"<h2>{esc(m['name'])} <span class=muted>step {m['step']}, {esc(m['mode'])}, {m['leaves']} leaves, "
         f"{human_bytes(m['param_bytes'])} params + {human_bytes(m['state_bytes'])} state</span></h2>"
-        f'<div class="charts">{charts}</div><div class="muted">last {minutes:.1f} min</div>'
+        f'<div class="charts">{charts}</div><div class="muted">the last {span}</div>'
         f"<div>settings: {esc(settings) or 'defaults'}; pending contributions {m['pending_contributions']}</div>"
         f"<div>totals: {m['pushes']} pushes, {c['pushes_applied']} updates, {c['pulls']} pulls, "
         f"{human_bytes(c['bytes_in'])} in, {human_bytes(c['bytes_out'])} out, {c['duplicates']} duplicates</div>"
