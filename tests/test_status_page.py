@@ -31,6 +31,7 @@ def srv(tmp_path_factory):
         alpha = c.create_model("alpha", W, optim.sgd(0.1))
         c.create_model("beta", W, optim.adam(1e-3), mode="sync", workers=2)
         w1, w2 = alpha.worker("w-1"), alpha.worker("<w-2>")  # an id that must be escaped in HTML
+        s.status.history.chart_every = 1  # a chart point per sample: the two below make one
         s.status.history.sample()
         for _ in range(3):
             w1.push(G)
@@ -78,8 +79,8 @@ def test_the_json_reports_the_server_models_and_workers(srv):
     assert workers["w-1"]["pushes"] == 3 and workers["w-1"]["last_seq"] == 3 and workers["w-1"]["duplicates"] == 0
     assert workers["w-1"]["last_push_age_s"] >= 0 and workers["w-1"]["live"] is None
     # samples were taken before and after the pushes (and maybe by the sampler's thread between them)
-    points = alpha["history"]["points"]
-    assert any(p["steps_per_s"] > 0 for p in points) and any(p["bytes_in_per_s"] > 0 for p in points)
+    points = alpha["history"]
+    assert any(x > 0 for x in points["steps_per_s"]) and any(x > 0 for x in points["bytes_in_per_s"])
     assert alpha["checkpoint"] is not None and alpha["shard"] is None
     assert alpha["errors"]["rejected_pushes"] == {}
 
@@ -203,7 +204,7 @@ def test_a_sharded_model_shows_its_shard_map():
             }
         ],
         "shard": shard,
-        "history": {"interval_s": 1.0, "points": []},
+        "history": {"interval_s": 5.0, "steps_per_s": [], "bytes_in_per_s": [], "bytes_out_per_s": []},
     }
     server = {
         "version": "v",
@@ -223,11 +224,12 @@ def test_a_sharded_model_shows_its_shard_map():
 
 def test_the_history_is_bounded_and_rates_never_go_negative(srv):
     model = srv.store.get("alpha")
-    history = History(lambda: [model], samples=3)
-    for t in range(5):
+    history = History(lambda: [model], interval=1.0, chart_every=2, chart_points=3)
+    for t in range(20):
         history.sample(now=float(t))
-    assert len(history.series(model)) == 2  # 3 samples kept: 2 intervals
-    assert all(r.steps == 0 and r.bytes_in == 0 for _, r in history.series(model))
+    series = history.series(model)
+    assert len(series) == 3 and history.point_seconds == 2.0  # the newest 3 points kept, of 2 samples each
+    assert all(p.steps == 0 and p.bytes_in == 0 for p in series)
 
 
 def test_worker_tallies_are_bounded():

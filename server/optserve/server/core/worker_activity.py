@@ -19,7 +19,7 @@ from collections import OrderedDict
 MAX_WORKERS = 4096
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class WorkerSeen:
     """One worker as its pushes showed it."""
 
@@ -63,4 +63,7 @@ class WorkerActivity:
     def workers(self) -> dict[str, WorkerSeen]:
         """A copy, by worker id."""
         with self._lock:
-            return {w: dataclasses.replace(s) for w, s in self._workers.items()}
+            return {
+                w: WorkerSeen(s.pushes, s.duplicates, s.last_push_unix, s.last_staleness)
+                for w, s in self._workers.items()
+            }

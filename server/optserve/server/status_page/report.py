@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ from optserve.server.api.service import VERSION
 from optserve.server.checkpoint.manager import CheckpointManager
 from optserve.server.core.model import Model
 from optserve.server.core.store import ModelStore
-from optserve.server.status_page.history import History, Rates
+from optserve.server.status_page.history import ChartPoint, History, Rates
 from optserve.wire.dtypes import leaf_nbytes, wire_dtype
 
 REPORT_VERSION = 1
@@ -54,14 +55,40 @@ def membership_of(model: Model) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else dict(vars(found))
 
 
+def _round(x: float) -> float:
+    """Two decimals: what a person reads, and a smaller JSON."""
+    return round(x, 2)
+
+
 def _rates(r: Rates) -> dict[str, float]:
     return {
-        "steps_per_s": r.steps,
-        "pushes_per_s": r.pushes,
-        "pulls_per_s": r.pulls,
-        "bytes_in_per_s": r.bytes_in,
-        "bytes_out_per_s": r.bytes_out,
+        "steps_per_s": _round(r.steps),
+        "pushes_per_s": _round(r.pushes),
+        "pulls_per_s": _round(r.pulls),
+        "bytes_in_per_s": _round(r.bytes_in),
+        "bytes_out_per_s": _round(r.bytes_out),
     }
+
+
+# What never changes for a model object (its settings, spec, schema, placement and shard map are
+# fixed when it is built; a restore replaces values, not these), computed at its first report.
+_STATIC: weakref.WeakKeyDictionary[Model, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _static(model: Model) -> dict[str, Any]:
+    known = _STATIC.get(model)
+    if known is None:
+        known = _STATIC[model] = {
+            "mode": model.settings.mode,
+            "param_bytes": model.param_bytes,
+            "state_bytes": model.state_bytes,
+            "leaves": len(model.schema),
+            "spec": model.compiled.spec,
+            "settings": model.settings.to_json(),
+            "shard": _shard_map(model),
+            "device_bytes": model.placement_info()[1],
+        }
+    return known
 
 
 def _rejections(metrics: ServerMetrics) -> dict[str, dict[str, dict[str, int]]]:
@@ -94,7 +121,7 @@ def _workers(model: Model, now: float, membership: dict[str, Any] | None) -> lis
                 "pushes": activity.pushes if activity else 0,
                 "duplicates": activity.duplicates if activity else 0,
                 "last_push_unix": activity.last_push_unix if activity else None,
-                "last_push_age_s": max(now - activity.last_push_unix, 0.0) if activity else None,
+                "last_push_age_s": _round(max(now - activity.last_push_unix, 0.0)) if activity else None,
                 "staleness": activity.last_staleness if activity else None,
             }
         )
@@ -124,6 +151,12 @@ def _shard_map(model: Model) -> dict[str, Any] | None:
     }
 
 
+def _history(series: list[ChartPoint], seconds: float) -> dict[str, Any]:
+    """The chart points, column by column (oldest first; the last is the newest complete interval)."""
+    steps, bytes_in, bytes_out = (list(column) for column in zip(*series, strict=True)) if series else ([], [], [])
+    return {"interval_s": seconds, "steps_per_s": steps, "bytes_in_per_s": bytes_in, "bytes_out_per_s": bytes_out}
+
+
 def _model(model: Model, sources: Sources, rejected: dict[str, dict[str, int]], now: float) -> dict[str, Any]:
     counters = model.counters()
     checkpoint = None
@@ -137,19 +170,20 @@ def _model(model: Model, sources: Sources, rejected: dict[str, dict[str, int]], 
         }
     membership = membership_of(model)
     history = sources.history
+    static = _static(model)
     return {
         "name": model.name,
         "step": model.step,
-        "mode": model.settings.mode,
+        "mode": static["mode"],
         "rates": _rates(history.rates(model)),
         "pushes": model.activity.total_pushes(),
-        "counters": dataclasses.asdict(counters),
+        "counters": dict(vars(counters)),
         "pending_contributions": model.pending_contributions(),
-        "param_bytes": model.param_bytes,
-        "state_bytes": model.state_bytes,
-        "leaves": len(model.schema),
-        "spec": model.compiled.spec,
-        "settings": model.settings.to_json(),
+        "param_bytes": static["param_bytes"],
+        "state_bytes": static["state_bytes"],
+        "leaves": static["leaves"],
+        "spec": static["spec"],
+        "settings": static["settings"],
         "checkpoint": checkpoint,
         "errors": {
             "stale_rejected": counters.stale_rejected,
@@ -161,14 +195,8 @@ def _model(model: Model, sources: Sources, rejected: dict[str, dict[str, int]], 
         },
         "membership": membership,
         "workers": _workers(model, now, membership),
-        "shard": _shard_map(model),
-        "history": {
-            "interval_s": history.interval,
-            "points": [
-                {"t": t, "steps_per_s": r.steps, "bytes_in_per_s": r.bytes_in, "bytes_out_per_s": r.bytes_out}
-                for t, r in history.series(model)
-            ],
-        },
+        "shard": static["shard"],
+        "history": _history(history.series(model), history.point_seconds),
     }
 
 
@@ -180,9 +208,13 @@ def _process_rss() -> int | None:
         return None
 
 
-def _devices(store: ModelStore) -> list[dict[str, Any]]:
+def _devices(store: ModelStore, models: list[Model]) -> list[dict[str, Any]]:
+    held_bytes = [0] * store.placement.count
+    for m in models:  # store.device_bytes() without asking every model again (_static)
+        for i, n in enumerate(_static(m)["device_bytes"]):
+            held_bytes[i] += n
     out = []
-    for device, held in zip(store.placement.devices, store.device_bytes(), strict=True):
+    for device, held in zip(store.placement.devices, held_bytes, strict=True):
         try:
             stats = device.memory_stats() or {}
         except Exception:  # some backends do not implement it
@@ -204,7 +236,8 @@ def build(sources: Sources, allowed: Iterable[str] | None = None) -> dict[str, A
     learns nothing of other models, not even how many there are."""
     now = time.time()
     visible = None if allowed is None else frozenset(allowed)
-    models = [m for m in sources.store.models() if visible is None or m.name in visible]
+    every = sources.store.models()
+    models = [m for m in every if visible is None or m.name in visible]
     models.sort(key=lambda m: m.name)
     rejected = _rejections(sources.metrics)
     return {
@@ -215,7 +248,7 @@ def build(sources: Sources, allowed: Iterable[str] | None = None) -> dict[str, A
             "started_unix": sources.started_unix,
             "uptime_s": max(now - sources.started_unix, 0.0),
             "now_unix": now,
-            "devices": _devices(sources.store),
+            "devices": _devices(sources.store, every) if visible is None else _devices(sources.store, models),
             "process_rss_bytes": _process_rss(),
             "models": len(models),
             "model_bytes": sum(m.param_bytes + m.state_bytes for m in models),

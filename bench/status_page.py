@@ -1,0 +1,148 @@
+"""The status page (issue 18): how fast /status and /status.json answer with 100 models and 1,000
+workers, and whether a browser polling them every second slows pushes.
+
+One `optserve serve --status-port 0` process; this process creates `--models` small models and has
+`--workers` distinct worker ids push once each (spread over the models), so that every model has
+worker rows. Then:
+
+1. latency: `--requests` GETs of /status and of /status.json, alternating (median, p95, max, size);
+2. pushes: one worker pushes a small gradient to one model in a loop for `--seconds`, in phases
+   without a poller (the baseline), with a poller that GETs /status and /status.json every second
+   (what a browser tab and a dashboard do), and without again; pushes/s per phase and the ratio of
+   the poller's phase to the mean of the two baselines around it.
+
+    python bench/status_page.py [--models 100] [--workers 1000] [--requests 40] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, stop
+
+
+def start_server() -> tuple[subprocess.Popen, str, str]:
+    """(process, gRPC address, status URL): its lines read until both are known (bounded)."""
+    args = [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--status-port", "0"]
+    args += ["--checkpoint-dir", "", "--log-level", "WARNING"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    address = status = ""
+    deadline = time.monotonic() + 120
+    while not (address and status) and time.monotonic() < deadline:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        if m := re.search(r"optserve status on (http://\S+)/status", line):
+            status = m.group(1)
+        if m := re.search(r"optserve listening on (\S+:\d+)", line):
+            address = m.group(1)
+    if not (address and status):
+        proc.kill()
+        raise TimeoutError("the server did not start in 120 s")
+    return proc, address, status
+
+
+def get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return len(r.read())
+
+
+def latency(url: str, requests: int) -> dict:
+    sizes, times = [], []
+    get(url)  # warm-up
+    for _ in range(requests):
+        t = time.perf_counter()
+        sizes.append(get(url))
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {
+        "median ms": 1e3 * statistics.median(times),
+        "p95 ms": 1e3 * times[int(0.95 * (len(times) - 1))],
+        "max ms": 1e3 * times[-1],
+        "size KiB": statistics.median(sizes) / 1024,
+    }
+
+
+def push_rate(worker, grad: dict, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        worker.push(grad)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+class Poller:
+    """GETs the page and its JSON once a second, as a browser tab and a dashboard would."""
+
+    def __init__(self, status: str):
+        self.status, self.stop, self.polls = status, threading.Event(), 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            get(f"{self.status}/status")
+            get(f"{self.status}/status.json")
+            self.polls += 1
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    from optserve.client import Client, optim
+
+    proc, address, status = start_server()
+    try:
+        with Client(address, timeout=300) as client:
+            params = {"w": np.zeros(16, np.float32)}
+            grad = {"w": np.full(16, 1e-3, np.float32)}
+            models = [client.create_model(f"model-{i:03d}", params, optim.adam(1e-3)) for i in range(args.models)]
+            t = time.perf_counter()
+            for i in range(args.workers):
+                models[i % len(models)].worker(f"worker-{i:04d}").push(grad)
+            print(f"{machine()}")
+            print(f"{args.models} models, {args.workers} workers (one push each, {time.perf_counter() - t:.1f} s)")
+            time.sleep(2.5)  # a few of the history's samples, so the page draws its charts (not timed)
+            for path in ("/status", "/status.json"):
+                row = latency(status + path, args.requests)
+                print(f"GET {path:<13} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()))
+            hot = models[0].worker("hot")
+            push_rate(hot, grad, 1.0)  # warm-up
+            before = push_rate(hot, grad, args.seconds)
+            with Poller(status) as poller:
+                polled = push_rate(hot, grad, args.seconds)
+            after = push_rate(hot, grad, args.seconds)
+            baseline = (before + after) / 2
+            print(
+                f"pushes/s: no poller {before:.0f}, poller every 1 s {polled:.0f} ({poller.polls} polls), "
+                f"no poller {after:.0f}; with / without {polled / baseline:.3f}"
+            )
+    finally:
+        stop(proc)
+
+
+if __name__ == "__main__":
+    main()
