@@ -6,12 +6,13 @@ One `optserve serve --status-port 0` process; this process creates `--models` sm
 worker rows. Then:
 
 1. latency: `--requests` GETs of /status and of /status.json, alternating (median, p95, max, size);
-2. pushes: one worker pushes a small gradient to one model in a loop for `--seconds`, in phases
-   without a poller (the baseline), with a poller that GETs /status and /status.json every second
-   (what a browser tab and a dashboard do), and without again; pushes/s per phase and the ratio of
-   the poller's phase to the mean of the two baselines around it.
+2. pushes: one worker pushes a small gradient to one model in a loop, in `--rounds` pairs of
+   phases of `--seconds` each, without a poller (the baseline) and with a poller that GETs /status
+   and /status.json every second (what a browser tab and a dashboard do), the order alternating
+   from round to round so that a slow spell of a shared machine hits both alike; median pushes/s
+   of each, and their ratio.
 
-    python bench/status_page.py [--models 100] [--workers 1000] [--requests 40] [--seconds 10]
+    python bench/status_page.py [--models 100] [--workers 1000] [--requests 40] [--seconds 5] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -54,23 +55,29 @@ def start_server() -> tuple[subprocess.Popen, str, str]:
     return proc, address, status
 
 
-def get(url: str) -> int:
+def get(url: str) -> tuple[int, float]:
+    """(bytes, the server's own milliseconds from its Server-Timing header: report + render)."""
     with urllib.request.urlopen(url, timeout=60) as r:
-        return len(r.read())
+        body = r.read()
+        spent = sum(float(x) for x in re.findall(r"dur=([0-9.]+)", r.headers.get("Server-Timing", "")))
+        return len(body), spent
 
 
 def latency(url: str, requests: int) -> dict:
-    sizes, times = [], []
+    sizes, times, server = [], [], []
     get(url)  # warm-up
     for _ in range(requests):
         t = time.perf_counter()
-        sizes.append(get(url))
+        size, spent = get(url)
         times.append(time.perf_counter() - t)
+        sizes.append(size)
+        server.append(spent)
     times.sort()
     return {
         "median ms": 1e3 * statistics.median(times),
         "p95 ms": 1e3 * times[int(0.95 * (len(times) - 1))],
         "max ms": 1e3 * times[-1],
+        "server median ms": statistics.median(server),
         "size KiB": statistics.median(sizes) / 1024,
     }
 
@@ -110,7 +117,8 @@ def main() -> None:
     p.add_argument("--models", type=int, default=100)
     p.add_argument("--workers", type=int, default=1000)
     p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
     from optserve.client import Client, optim
 
@@ -123,7 +131,7 @@ def main() -> None:
             t = time.perf_counter()
             for i in range(args.workers):
                 models[i % len(models)].worker(f"worker-{i:04d}").push(grad)
-            print(f"{machine()}")
+            print(f"{machine()}; load average {os.getloadavg()[0]:.1f}")
             print(f"{args.models} models, {args.workers} workers (one push each, {time.perf_counter() - t:.1f} s)")
             time.sleep(2.5)  # a few of the history's samples, so the page draws its charts (not timed)
             for path in ("/status", "/status.json"):
@@ -131,14 +139,20 @@ def main() -> None:
                 print(f"GET {path:<13} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()))
             hot = models[0].worker("hot")
             push_rate(hot, grad, 1.0)  # warm-up
-            before = push_rate(hot, grad, args.seconds)
-            with Poller(status) as poller:
-                polled = push_rate(hot, grad, args.seconds)
-            after = push_rate(hot, grad, args.seconds)
-            baseline = (before + after) / 2
+            plain, polled, polls = [], [], 0
+            for r in range(args.rounds):
+                for with_poller in (r % 2 == 1, r % 2 == 0):
+                    if with_poller:
+                        with Poller(status) as poller:
+                            polled.append(push_rate(hot, grad, args.seconds))
+                        polls += poller.polls
+                    else:
+                        plain.append(push_rate(hot, grad, args.seconds))
+            a, b = statistics.median(plain), statistics.median(polled)
             print(
-                f"pushes/s: no poller {before:.0f}, poller every 1 s {polled:.0f} ({poller.polls} polls), "
-                f"no poller {after:.0f}; with / without {polled / baseline:.3f}"
+                f"pushes/s (median of {args.rounds} phases of {args.seconds:g} s): no poller {a:.0f} "
+                f"[{', '.join(f'{x:.0f}' for x in plain)}], poller every 1 s {b:.0f} "
+                f"[{', '.join(f'{x:.0f}' for x in polled)}] ({polls} polls); with / without {b / a:.3f}"
             )
     finally:
         stop(proc)

@@ -97,6 +97,7 @@ def test_a_retried_push_counts_as_a_duplicate_of_its_worker(srv):
 def test_the_page_shows_every_model_its_step_charts_and_workers(srv):
     code, headers, body = get(srv, "/status")
     assert code == 200 and headers["Content-Type"].startswith("text/html")
+    assert re.fullmatch(r"report;dur=[0-9.]+, render;dur=[0-9.]+", headers["Server-Timing"]), headers
     text = body.decode()
     assert '<meta http-equiv="refresh" content="5">' in text
     row = re.search(r'<tr class="model" data-model="alpha">.*?<td class=step>(\d+)</td>', text)

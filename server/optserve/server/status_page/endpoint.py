@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -136,19 +137,23 @@ def _handler_class(endpoint: StatusEndpoint) -> type[BaseHTTPRequestHandler]:
             if url.path in ("/", "/status/"):
                 self._send(302, "text/plain", b"", {"Location": "/status" + (f"?{url.query}" if url.query else "")})
                 return
+            started = time.perf_counter()
             try:
                 report = endpoint.build(allowed)
             except Exception:
                 log.exception("status report failed")
                 self._send(500, "text/plain; charset=utf-8", b"the status report failed; see the server's log\n")
                 return
+            built = time.perf_counter()
             if url.path == "/status.json":
-                self._send(200, "application/json", json.dumps(report).encode())
-                return
-            refresh = _refresh(query)
-            json_href = "/status.json" + (f"?{urlencode(keep)}" if keep else "")
-            body = render.page(report, refresh=refresh, json_href=json_href).encode()
-            self._send(200, "text/html; charset=utf-8", body)
+                body, content_type = json.dumps(report).encode(), "application/json"
+            else:
+                json_href = "/status.json" + (f"?{urlencode(keep)}" if keep else "")
+                body = render.page(report, refresh=_refresh(query), json_href=json_href).encode()
+                content_type = "text/html; charset=utf-8"
+            # what the server spent (a browser's developer tools show it; bench/status_page.py reads it)
+            timing = f"report;dur={1e3 * (built - started):.2f}, render;dur={1e3 * (time.perf_counter() - built):.2f}"
+            self._send(200, content_type, body, {"Server-Timing": timing})
 
         def _send(self, code: int, content_type: str, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(code)
