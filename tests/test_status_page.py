@@ -239,3 +239,20 @@ def test_worker_tallies_are_bounded():
         activity.pushed(f"w{i}", duplicate=False, staleness=0, now=float(i))
     activity.pushed("", duplicate=False, staleness=None)  # anonymous: only the total
     assert sorted(activity.workers()) == ["w2", "w3", "w4"] and activity.total_pushes() == 6
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "8471", "--status-port", "8471"], "--status-port 8471: the same as --port"),
+        (
+            ["--metrics-port", "9481", "--status-port", "9481", "--status-host", "0.0.0.0"],
+            "--status-host 0.0.0.0: the status page shares --metrics-port 9481",
+        ),
+    ],
+)
+def test_status_flags_that_cannot_work_are_one_line(flags, message, capsys):
+    from optserve.server import cli
+
+    assert cli.main(["serve", "--checkpoint-dir", "", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -426,10 +426,9 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.metrics_port is not None:
         print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
-    if server.status_port is not None:
-        host = (
-            args.status_host or (args.metrics_host if server.status_port == server.metrics.port else None) or args.host
-        )
+    if args.status_port is not None:
+        shared = bool(args.status_port) and args.status_port == args.metrics_port
+        host = args.status_host or (args.metrics_host if shared else None) or args.host
         print(f"optserve status on http://{host}:{server.status_port}/status", flush=True)
     if not args.no_tcp:
         print(f"optserve listening on {args.host}:{server.port}", flush=True)
