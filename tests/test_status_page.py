@@ -256,3 +256,21 @@ def test_status_flags_that_cannot_work_are_one_line(flags, message, capsys):
 
     assert cli.main(["serve", "--checkpoint-dir", "", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_shard_reports_the_shard_map():
+    """A model over two servers: each shard's report has the map (leaves and bytes per shard)."""
+    from optserve.client import Client
+
+    with Server(port=0, status_port=0) as first, Server(port=0) as second:
+        params = {"big": np.zeros((64, 8), np.float32), "a": np.zeros(4, np.float32), "b": np.zeros(3, np.float32)}
+        with Client([first.address, second.address], timeout=60) as c:
+            c.create_model("split", params, optim.sgd(0.1), split_bytes=1024)
+        with urllib.request.urlopen(f"http://127.0.0.1:{first.status_port}/status.json", timeout=30) as r:
+            (model,) = json.loads(r.read())["models"]
+        shard = model["shard"]
+        assert shard["index"] == 0 and shard["shards"] == 2 and shard["split_leaves"] == 1, shard
+        assert [p["target"] for p in shard["map"]] == [first.address, second.address]
+        assert sum(p["bytes"] for p in shard["map"]) == 64 * 8 * 4 + 4 * 4 + 3 * 4, shard
+        with urllib.request.urlopen(f"http://127.0.0.1:{first.status_port}/status", timeout=30) as r:
+            assert '<table class="shard-map">' in r.read().decode()
