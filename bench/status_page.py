@@ -10,7 +10,9 @@ worker rows. Then:
    phases of `--seconds` each, without a poller (the baseline) and with a poller that GETs /status
    and /status.json every second (what a browser tab and a dashboard do), the order alternating
    from round to round so that a slow spell of a shared machine hits both alike; median pushes/s
-   of each, and their ratio.
+   of each, and their ratio;
+3. what each push pays for the page: the per-worker tally (core/worker_activity.py), timed in this
+   process against an empty call, with 1,000 workers known.
 
     python bench/status_page.py [--models 100] [--workers 1000] [--requests 40] [--seconds 5] [--rounds 4]
 """
@@ -112,6 +114,27 @@ class Poller:
         self.thread.join(timeout=120)
 
 
+def tally_cost(pushes: int = 200_000) -> float:
+    """Microseconds a push spends in WorkerActivity.pushed, beyond an empty call."""
+    from optserve.server.core.worker_activity import WorkerActivity
+
+    activity = WorkerActivity()
+    ids = [f"worker-{i:04d}" for i in range(1000)]
+
+    def nothing(worker_id: str, *, duplicate: bool, staleness: int | None) -> None:
+        pass
+
+    def loop(fn) -> float:
+        t = time.perf_counter()
+        for i in range(pushes):
+            fn(ids[i % 1000], duplicate=False, staleness=1)
+        return time.perf_counter() - t
+
+    spent = statistics.median(loop(activity.pushed) for _ in range(5))
+    empty = statistics.median(loop(nothing) for _ in range(5))
+    return 1e6 * (spent - empty) / pushes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=int, default=100)
@@ -156,6 +179,7 @@ def main() -> None:
             )
     finally:
         stop(proc)
+    print(f"worker tally per push: {tally_cost():.2f} us")
 
 
 if __name__ == "__main__":

@@ -274,3 +274,15 @@ def test_a_shard_reports_the_shard_map():
         assert sum(p["bytes"] for p in shard["map"]) == 64 * 8 * 4 + 4 * 4 + 3 * 4, shard
         with urllib.request.urlopen(f"http://127.0.0.1:{first.status_port}/status", timeout=30) as r:
             assert '<table class="shard-map">' in r.read().decode()
+
+
+def test_membership_slots_in_when_a_model_keeps_it(srv, monkeypatch):
+    """Issue 18's scope 1 (leases) is built elsewhere: once a model exposes `membership`, the report
+    and the page show the epoch and each worker's live/expired without other changes here."""
+    model = srv.store.get("alpha")
+    monkeypatch.setattr(model, "membership", lambda: {"epoch": 3, "live": {"w-1": True, "<w-2>": False}}, raising=False)
+    alpha = report(srv)["models"][0]
+    assert alpha["membership"] == {"epoch": 3, "live": {"w-1": True, "<w-2>": False}}
+    assert {w["id"]: w["live"] for w in alpha["workers"]} == {"w-1": True, "<w-2>": False}
+    text = get(srv, "/status")[2].decode()
+    assert "membership epoch 3" in text and '<span class="bad">expired</span>' in text

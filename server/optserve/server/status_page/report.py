@@ -45,14 +45,21 @@ class Sources:
 
 
 def membership_of(model: Model) -> dict[str, Any] | None:
-    """Issue 18, scope 1 (worker leases and the membership epoch) slots in here: a model that keeps
-    membership gives `{"epoch": int, "live": {worker_id: bool}}` from its `membership()`; until then
-    None, and the page says that leases are not tracked."""
+    """Where issue 18's scope 1 (worker leases and the membership epoch) slots into the page.
+
+    A model that keeps membership exposes `membership` (a method or an attribute) giving
+    `{"epoch": int, "live": {worker_id: bool}}`, or an object with those attributes; the report then
+    carries it as is, each worker row's `live` is read from it, and the page and `optserve top` show
+    live/expired and the epoch. Until then this is None, `live` is null, and the page says that
+    leases are not tracked."""
     membership = getattr(model, "membership", None)
     if membership is None:
         return None
-    found = membership()
-    return found if isinstance(found, dict) else dict(vars(found))
+    found = membership() if callable(membership) else membership
+    if found is None:
+        return None
+    data = found if isinstance(found, dict) else dict(vars(found))
+    return {"epoch": data.get("epoch"), "live": dict(data.get("live") or {})}
 
 
 def _round(x: float) -> float:
