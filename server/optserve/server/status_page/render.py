@@ -241,6 +241,7 @@ def page(report: dict[str, Any], *, refresh: int, json_href: str) -> str:
         for d in s["devices"]
     )
     meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    reloads = f"reloads every {refresh} s" if refresh else "does not reload (?refresh=S to)"
     models = report["models"]
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["now_unix"]))
     return (
@@ -250,6 +251,6 @@ def page(report: dict[str, Any], *, refresh: int, json_href: str) -> str:
         f'<div class="server">up {human_seconds(s["uptime_s"])}, incarnation {esc(s["incarnation"][:12])}, '
         f"{s['models']} models, {human_bytes(s['model_bytes'])} of models, process memory "
         f"{human_bytes(s['process_rss_bytes'])}</div><div>devices: {devices}</div>"
-        f'<div class="muted">{when}; reloads every {refresh} s; <a href="{esc(json_href)}">status.json</a></div>'
+        f'<div class="muted">{when}; {reloads}; <a href="{esc(json_href)}">status.json</a></div>'
         f"<h2>models</h2>{_summary(models)}{''.join(_detail(m) for m in models)}</body></html>"
     )
