@@ -65,3 +65,34 @@ def test_an_unreachable_page_is_one_line():
         done = top("--url", f"http://127.0.0.1:{s.getsockname()[1]}", "--once")
     assert done.returncode == 1 and "cannot reach it" in done.stderr and "--status-port" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_without_once_it_refreshes_in_place_until_interrupted(srv, monkeypatch):
+    """The Live loop: frames replace each other on a terminal; Ctrl-C (here: the third fetch) ends it
+    with status 0. time.sleep is skipped: the loop's pace is not what is tested."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from optserve.server import top as top_module
+
+    fetched = []
+    real_fetch = top_module.fetch
+
+    def fetch(url, token, timeout=10.0):
+        if len(fetched) == 2:
+            raise KeyboardInterrupt
+        fetched.append(real_fetch(url, token, timeout))
+        return fetched[-1]
+
+    monkeypatch.setattr(top_module, "fetch", fetch)
+    monkeypatch.setattr(top_module.time, "sleep", lambda s: None)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    args = argparse.Namespace(url=f"http://127.0.0.1:{srv.status_port}", token_file=None, interval=2.0, model=None)
+    args.once = False
+    monkeypatch.setattr(top_module, "_token", lambda path: "top-secret")
+    assert top_module.run(args, console) == 0
+    assert len(fetched) == 2 and "watched" in out.getvalue()
+    assert "\x1b[1A" in out.getvalue()  # cursor up: the second frame was drawn over the first
