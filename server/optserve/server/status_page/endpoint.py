@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ class StatusEndpoint:
     def start(self, port: int, host: str = "127.0.0.1") -> int:
         """Listens on host:port (0: a free port); returns the port."""
         handler = _handler_class(self)
-        self._http = ThreadingHTTPServer((host, port), handler)
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer  # "::", "::1"
+        self._http = server_class((host, port), handler)
         self._http.daemon_threads = True
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="optserve-status-http", daemon=True)
@@ -95,6 +97,10 @@ class StatusEndpoint:
         if found is None:
             return False, frozenset()
         return True, found.models
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def _handler_class(endpoint: StatusEndpoint) -> type[BaseHTTPRequestHandler]:
