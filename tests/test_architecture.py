@@ -58,6 +58,7 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
         "optserve.server.cli",
         "optserve.server.checkpoint.resharding",
     ): "jax and the spec compiler, only for `optserve reshard`",
+    ("optserve.server.cli", "optserve.server.top"): "rich, only for `optserve top`",
     # `optserve demo` checks for scikit-learn before it loads jax and starts anything.
     ("optserve.server.demo", "optserve.server.server"): "jax and the server, after the scikit-learn check",
     ("optserve.server.demo", "optserve.client.optim"): "loaded with the server, after the scikit-learn check",
