@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ class _Flat:
     def leaves(self, tree: Any, what: str) -> list[Any]:
         """The leaves of `tree`, which must have the parameters' structure and hold concrete arrays."""
         leaves, treedef = jax.tree_util.tree_flatten(tree)
-        if treedef != self.treedef:
+        if cast(Any, treedef) != self.treedef:
             raise ValueError(f"the {what} do not have the structure of the parameters: {treedef} vs {self.treedef}")
         for name, leaf in zip(self.names, leaves, strict=True):
             if isinstance(leaf, jax.core.Tracer):

@@ -94,7 +94,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.names = [n for n, _ in named]
         self.tensors = [t for _, t in named]
         self.model = self._open(optimizer, create_options)
-        self.worker: Worker = self.model.worker(worker_id or f"torch-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        worker_id = worker_id or f"torch-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker: Worker = self.model.worker(worker_id)
         self._params = [HostMirror(t) for t in self.tensors]
         self._grads: list[HostMirror | None] = [None] * len(self.tensors)  # staging of gradients not on the CPU
         self._zeros: dict[int, np.ndarray] = {}
