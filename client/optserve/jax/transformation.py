@@ -121,6 +121,15 @@ class RemoteTransformation:
         updates = jax.tree_util.tree_map(lambda n, p: (n - p).astype(jnp.asarray(p).dtype), new, params)
         return updates, RemoteState(step=step)
 
+    def pull(self, like: Any) -> Any:
+        """The server's parameters in the structure of `like` (evaluation, a worker joining late)."""
+        flat = _Flat(like)
+        pulled = self.client.model(self.name).pull()
+        missing = sorted(set(flat.names) - set(pulled))
+        if missing:
+            raise ValueError(f"model {self.name!r} has no leaf {missing[0]!r} (it has {sorted(pulled)[:8]})")
+        return jax.tree_util.tree_unflatten(flat.treedef, [jnp.asarray(pulled[n]) for n in flat.names])
+
     def step(self, params: Any, grads: Any) -> Any:
         """Pushes `grads`, returns the server's parameters after the update (exactly)."""
         return self._push_pull(grads, params)[0]
