@@ -20,6 +20,11 @@ import torch
 def numpy_view(t: torch.Tensor) -> np.ndarray | None:
     """The tensor's memory as a writable numpy array, or None when it cannot be viewed (not on the
     CPU, not contiguous, or a dtype numpy lacks)."""
+    if not t.requires_grad and t.is_contiguous():  # a gradient: the common case, one call
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError):  # on a device, or bfloat16: the general path below
+            pass
     if t.device.type != "cpu" or not t.is_contiguous():
         return None
     t = t.detach()
@@ -44,6 +49,7 @@ class HostMirror:
         if view is not None:
             self.stage: torch.Tensor | None = None
             self.array = view
+            self.ptr = like.data_ptr()
         else:
             pin = like.device.type == "cuda" and torch.cuda.is_available()
             self.stage = torch.empty(self.shape, dtype=like.dtype, pin_memory=pin)
@@ -51,10 +57,11 @@ class HostMirror:
             if staged is None:
                 raise TypeError(f"a tensor of dtype {like.dtype} cannot be sent to an optserve server")
             self.array = staged
+            self.ptr = -1
 
     def views(self, t: torch.Tensor) -> bool:
         """Whether `array` is `t`'s own memory (a pull into it needs no copy back)."""
-        return self.stage is None and t.data_ptr() == self.array.__array_interface__["data"][0]
+        return t.data_ptr() == self.ptr
 
     def fits(self, t: torch.Tensor) -> bool:
         """Whether this mirror still serves `t` (False once `t.data` was replaced by other memory,

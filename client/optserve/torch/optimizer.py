@@ -99,6 +99,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._params = [HostMirror(t) for t in self.tensors]
         self._grads: list[HostMirror | None] = [None] * len(self.tensors)  # staging of gradients not on the CPU
         self._zeros: dict[int, np.ndarray] = {}
+        self._out_arrays: dict[str, np.ndarray] | None = None
+        self._staged: list[tuple[HostMirror, torch.Tensor]] = []
         self.last_step = -1
         self.pull()
 
@@ -120,16 +122,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # -- the data path ----------------------------------------------------------------------------
 
     def _out(self) -> dict[str, np.ndarray]:
-        """The host arrays pulls write into (a parameter whose memory moved gets a new mirror)."""
+        """The host arrays pulls write into, the same dict from step to step while no parameter's
+        memory moved (one that did, `p.data = ...`, gets a new mirror)."""
+        changed = self._out_arrays is None
         for i, t in enumerate(self.tensors):
             if not self._params[i].fits(t):
                 self._params[i] = HostMirror(t)
-        return {n: m.array for n, m in zip(self.names, self._params, strict=True)}
+                changed = True
+        if changed or self._out_arrays is None:
+            self._out_arrays = {n: m.array for n, m in zip(self.names, self._params, strict=True)}
+            self._staged = [(m, t) for m, t in zip(self._params, self.tensors, strict=True) if m.stage is not None]
+        return self._out_arrays
 
     def _written_back(self) -> None:
-        with torch.no_grad():
-            for m, t in zip(self._params, self.tensors, strict=True):
-                m.to_device(t)
+        """Copies the pulled parameters of tensors that are not their own host arrays (CUDA)."""
+        if self._staged:
+            with torch.no_grad():
+                for m, t in self._staged:
+                    m.to_device(t)
 
     def pull(self) -> None:
         """Overwrites the parameters with the server's (the constructor does it once)."""
@@ -154,10 +164,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     stage = self._grads[i] = HostMirror(g)
                 view = stage.from_device(g)
             grads[n] = view
-        synchronize(t.grad for t in self.tensors if t.grad is not None)
+        if self._staged:
+            synchronize(t.grad for t in self.tensors if t.grad is not None)
         return grads
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Pushes the gradients and writes the updated parameters into the tensors (one round trip;
         in sync mode it returns once the round this push joined is applied)."""
@@ -165,8 +175,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = self._gradients()
-        self.worker.push_pull(grads, out=self._out(), wire_dtype=self.wire_dtype)
+        out = self._out()
+        self.worker.push_pull(self._gradients(), out=out, wire_dtype=self.wire_dtype)
         self.last_step = self.model.last_step
         self._written_back()
         return loss
