@@ -13,7 +13,7 @@ median seconds per whole step and steps/s of each, and the overhead that matters
 its optimizer step against the raw push_pull of the same gradients (target <= 1.1x), as the median
 ratio of --runs runs with their range.
 
-    python bench/dropins.py                     # the example's CNN (41k parameters)
+    python bench/dropins.py                     # the example's CNN (38k parameters)
     python bench/dropins.py --model mlp --steps 40   # a 5.8M-parameter MLP (23 MB per push and pull)
 """
 

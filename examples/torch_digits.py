@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import time
@@ -90,6 +91,27 @@ def worker(rank: int, args: argparse.Namespace, target: str) -> None:
                 )
 
 
+def run_workers(procs: list, timeout: float) -> list[int]:
+    """Starts the worker processes and waits for them, at most `timeout` seconds; the ranks of
+    those that failed (or were still running then). When one fails the others are stopped: in sync
+    mode they would wait for its pushes until sync_timeout at every step."""
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    while any(proc.exitcode is None for proc in procs):
+        left = deadline - time.monotonic()
+        if left > 0:
+            multiprocessing.connection.wait([proc.sentinel for proc in procs if proc.exitcode is None], left)
+        if left <= 0 or any(proc.exitcode not in (None, 0) for proc in procs):
+            if left <= 0:
+                print(f"workers still running after {timeout:.0f} s: stopping them", file=sys.stderr)
+            for proc in procs:
+                if proc.exitcode is None:
+                    proc.terminate()
+                proc.join()
+    return [r for r, proc in enumerate(procs) if proc.exitcode != 0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2, choices=range(1, 9), metavar="N")
@@ -98,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--timeout", type=float, default=600.0, help="stop the workers after this many seconds")
     p.add_argument("--target", help="an optserve server (HOST:PORT); default: one started in this process")
     args = p.parse_args(argv)
 
@@ -121,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=worker, args=(r, args, target)) for r in range(args.workers)]
-            for proc in procs:
-                proc.start()
-            for proc in procs:
-                proc.join()
+            failed = run_workers(procs, args.timeout)
             elapsed = time.perf_counter() - start
-            failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
             if failed:
                 print(f"workers {failed} failed", file=sys.stderr)
                 return 1

@@ -14,23 +14,22 @@ from tests.conftest import ROOT
 
 
 def _run(script: str, *args: str) -> str:
+    # the example stops its workers after --timeout seconds and says so: its output then shows where
+    # they were (the suite shares 2 cores, and a loaded machine makes this take minutes)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", script), *args],
+        [sys.executable, os.path.join(ROOT, "examples", script), *args, "--timeout", "240"],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=290,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-@pytest.mark.parametrize(
-    "script, mode, extra",
-    [("torch_digits.py", "sync", "torch"), ("flax_digits.py", "async", "flax")],
-)
-def test_example_trains_to_095_test_accuracy(script, mode, extra):
-    pytest.importorskip(extra)
+# torch in sync mode (deterministic: each step the mean of both workers' gradients), flax in async
+@pytest.mark.parametrize("script, mode", [("torch_digits.py", "sync"), ("flax_digits.py", "async")])
+def test_example_trains_to_095_test_accuracy(script, mode):
     out = _run(script, "--workers", "2", "--steps", "150", "--mode", mode, "--log-every", "50")
     progress = re.findall(
         r"^step +(\d+)/150 +server step +(\d+) +loss [0-9.]+ +batch acc [0-9.]+ +[0-9.]+ steps/s", out, re.M

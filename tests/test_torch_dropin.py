@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from optserve.client import NotFoundError, OptserveError, optim
-
-torch = pytest.importorskip("torch")
-from optserve.torch import RemoteOptimizer  # noqa: E402 (torch first: skipped without the extra)
+from optserve.torch import RemoteOptimizer
 
 STEPS = 12
 
@@ -151,3 +150,42 @@ def test_bad_input_is_refused_with_the_model_and_leaf_named(client, model_name):
     opt = RemoteOptimizer(_net().named_parameters(), client, model_name)
     with pytest.raises(ValueError, match="not a RemoteOptimizer state_dict"):
         opt.load_state_dict(torch.optim.SGD(_net().parameters(), lr=0.1).state_dict())
+
+
+def test_tensors_that_are_not_their_own_host_array_are_staged_and_copied_back(client, model_name):
+    """The path CUDA tensors take (a host staging tensor, copied back in place), on the CPU with a
+    non-contiguous parameter; plain tensors in param groups are named by position."""
+    w = torch.nn.Parameter(torch.arange(12, dtype=torch.float32).reshape(4, 3).t())  # (3, 4), not contiguous
+    b = torch.nn.Parameter(torch.zeros(3))
+    ptr = w.data_ptr()
+    opt = RemoteOptimizer([{"params": [w, b], "lr": 123.0}], client, model_name, optim.sgd(0.5))
+    assert opt.names == ["0", "1"] and not w.is_contiguous()
+    w.grad, b.grad = torch.ones(3, 4), torch.ones(3)
+    opt.step()
+    expected = torch.arange(12, dtype=torch.float32).reshape(4, 3).t() - 0.5
+    assert w.data_ptr() == ptr and torch.equal(w.detach(), expected)
+    np.testing.assert_array_equal(client.model(model_name).pull()["0"], expected.numpy())
+
+
+def test_optimizers_created_at_once_all_attach_to_one_model(client, model_name):
+    """Workers starting together: one creates, the others wait for the model it is creating."""
+    import threading
+
+    nets = [_net(seed) for seed in range(4)]
+    errors: list[BaseException] = []
+
+    def start(net: torch.nn.Module) -> None:
+        try:
+            RemoteOptimizer(net.named_parameters(), client, model_name, optim.sgd(0.1))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(net,)) for net in nets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    for net in nets[1:]:
+        for a, b in zip(nets[0].parameters(), net.parameters(), strict=True):
+            assert torch.equal(a, b)

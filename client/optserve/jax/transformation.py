@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.client import AlreadyExistsError, Client
+from optserve.client import Client
+from optserve.client.attach import create_or_attach
 from optserve.client.worker import Worker
 
 
@@ -90,13 +91,7 @@ class RemoteTransformation:
         then moves `params` to the server's parameters)."""
         self._flat = _Flat(params)
         arrays = self._flat.arrays(params, "parameters")
-        if self.optimizer is None:
-            model = self.client.model(self.name)
-        else:
-            try:
-                model = self.client.create_model(self.name, arrays, self.optimizer, **self.create_options)
-            except AlreadyExistsError:
-                model = self.client.model(self.name)
+        model = create_or_attach(self.client, self.name, arrays, self.optimizer, self.create_options)[0]
         self.worker = model.worker(self.worker_id)
         self.worker.pull()  # the step the first push is computed against
         return RemoteState(step=model.last_step)

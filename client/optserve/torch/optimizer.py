@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from optserve.client import AlreadyExistsError, Client
+from optserve.client import Client
+from optserve.client.attach import create_or_attach
 from optserve.client.worker import Worker
 from optserve.torch.buffers import HostMirror, numpy_view, synchronize
 
@@ -105,16 +106,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.pull()
 
     def _open(self, optimizer: Any, create_options: dict[str, Any]) -> Any:
-        if optimizer is None:
-            return self.client.model(self.name)
         initial = {}
-        for n, t in zip(self.names, self.tensors, strict=True):
-            view = numpy_view(t)
-            initial[n] = view if view is not None else t.detach().cpu().numpy()
-        try:
-            return self.client.create_model(self.name, initial, optimizer, **create_options)
-        except AlreadyExistsError:  # another worker created it: train the server's parameters
-            return self.client.model(self.name)
+        if optimizer is not None:
+            for n, t in zip(self.names, self.tensors, strict=True):
+                view = numpy_view(t)
+                initial[n] = view if view is not None else t.detach().cpu().numpy()
+        # exists already (another worker created it): the tensors take the server's parameters
+        return create_or_attach(self.client, self.name, initial, optimizer, create_options)[0]
 
     def __repr__(self) -> str:
         return f"RemoteOptimizer(model={self.name!r} at {self.client.target}, {len(self.tensors)} parameters)"
