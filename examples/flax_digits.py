@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def build() -> tuple:
     return graphdef, params, loss_and_grads, predict
 
 
-def worker(rank: int, args: argparse.Namespace, target: str) -> None:
+def worker(rank: int, args: argparse.Namespace, target: str, ready: Any) -> None:
     import optax
 
     import optserve.jax
@@ -90,6 +91,7 @@ def worker(rank: int, args: argparse.Namespace, target: str) -> None:
     with Client(target, timeout=60.0) as client:
         tx = optserve.jax.remote(client, MODEL, optim.adam(args.lr), **sync)  # was: optax.adam(args.lr)
         state = tx.init(params)
+        ready.wait(timeout=args.timeout)  # sync: see examples/torch_digits.py
         rng = np.random.default_rng(rank)
         start = time.perf_counter()
         for step in range(1, args.steps + 1):
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 client.delete_model(MODEL)
             start = time.perf_counter()
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=worker, args=(r, args, target)) for r in range(args.workers)]
+            ready = ctx.Barrier(args.workers)  # every worker attached before the first step
+            procs = [ctx.Process(target=worker, args=(r, args, target, ready)) for r in range(args.workers)]
             failed = run_workers(procs, args.timeout)
             elapsed = time.perf_counter() - start
             if failed:

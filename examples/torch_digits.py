@@ -20,6 +20,7 @@ import multiprocessing.connection
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def accuracy(net: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def worker(rank: int, args: argparse.Namespace, target: str) -> None:
+def worker(rank: int, args: argparse.Namespace, target: str, ready: Any) -> None:
     torch.set_num_threads(1)  # the workers share the machine's cores
     x_train, y_train, _, _ = load_digits()
     x, y = x_train[rank :: args.workers], y_train[rank :: args.workers]  # this worker's shard
@@ -71,6 +72,9 @@ def worker(rank: int, args: argparse.Namespace, target: str) -> None:
     sync = {"mode": "sync", "workers": args.workers, "sync_timeout": 30.0} if args.mode == "sync" else {}
     with Client(target, timeout=60.0) as client:
         opt = RemoteOptimizer(net.named_parameters(), client, MODEL, optim.adam(args.lr), **sync)
+        # sync: a round closes when every worker pushed (or at sync_timeout): a worker still starting
+        # would make the first rounds wait for it and close without it, out of step with the others
+        ready.wait(timeout=args.timeout)
         rng = np.random.default_rng(rank)
         start = time.perf_counter()
         for step in range(1, args.steps + 1):
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 client.delete_model(MODEL)
             start = time.perf_counter()
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=worker, args=(r, args, target)) for r in range(args.workers)]
+            ready = ctx.Barrier(args.workers)  # every worker attached before the first step
+            procs = [ctx.Process(target=worker, args=(r, args, target, ready)) for r in range(args.workers)]
             failed = run_workers(procs, args.timeout)
             elapsed = time.perf_counter() - start
             if failed:
