@@ -141,7 +141,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def pull(self) -> None:
         """Overwrites the parameters with the server's (the constructor does it once)."""
-        self.worker.pull(out=self._out(), wire_dtype=self.wire_dtype)
+        out = self._out()
+        if self._staged:  # a copy of the last pull from the staging buffers may still be running
+            synchronize(self.tensors)
+        self.worker.pull(out=out, wire_dtype=self.wire_dtype)
         self.last_step = self.model.last_step
         self._written_back()
 
