@@ -56,6 +56,28 @@ def test_adam_matches_torch_optim_adam_on_fixed_batches(client, model_name):
         np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "torch_optimizer, spec",
+    [
+        # the README's table ("PyTorch"): how to match torch's other rules
+        (
+            lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+            optim.chain(optim.add_decayed_weights(0.1), optim.adam(1e-2)),
+        ),
+        (lambda p: torch.optim.AdamW(p, lr=1e-2), optim.adamw(1e-2, weight_decay=0.01)),
+        (lambda p: torch.optim.RMSprop(p, lr=1e-2), optim.rmsprop(1e-2, decay=0.99, eps=1e-8, eps_in_sqrt=False)),
+    ],
+    ids=["adam-l2", "adamw", "rmsprop"],
+)
+def test_the_readme_spec_matches_each_torch_rule(client, model_name, torch_optimizer, spec):
+    local, remote = _net(), _net()
+    batches = _batches(6)
+    _train(local, torch_optimizer(local.parameters()), batches)
+    _train(remote, RemoteOptimizer(remote.named_parameters(), client, model_name, spec), batches)
+    for (name, a), b in zip(local.named_parameters(), remote.parameters(), strict=True):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_step_writes_into_the_same_tensors_and_hooks_see_them(client, model_name):
     net = _net()
     before = {n: (p, p.data_ptr()) for n, p in net.named_parameters()}
