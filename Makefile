@@ -1,5 +1,6 @@
 # The two commands of the quick start (demo, test), and lint, fmt, proto, bench.
-# Each creates .venv and installs what it needs.
+# Each creates .venv and installs what it needs: the extras the tests use included (the torch and jax
+# drop-ins; torch's CPU wheels when their index is reachable, else PyPI's).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,demo,test]'
+	$(BIN)/python -m pip install -q --timeout 15 --retries 1 --index-url $(TORCH_CPU_INDEX) torch \
+		|| $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e '.[server,demo,test,torch,jax]'
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)

@@ -69,8 +69,11 @@ def optserve_server(*extra: str) -> tuple[subprocess.Popen, str]:
     )
 
 
-def raw_server() -> tuple[subprocess.Popen, str]:
-    return start_process([sys.executable, os.path.join(ROOT, "bench", "raw_grpc.py")])
+def raw_server(unix_socket: str | None = None) -> tuple[subprocess.Popen, str]:
+    """bench/raw_grpc.py on 127.0.0.1 (its address returned) and on `unix_socket` if given."""
+    return start_process(
+        [sys.executable, os.path.join(ROOT, "bench", "raw_grpc.py"), *([unix_socket] if unix_socket else [])]
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:

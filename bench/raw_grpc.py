@@ -1,6 +1,7 @@
 """The baseline: raw grpcio byte streaming with no framing, validation or optimizer.
 
-Run as its own process, like optserve's server. Methods (bytes in, bytes out, no protobuf):
+Run as its own process, like optserve's server, on 127.0.0.1 and, given a path as its argument, on
+that Unix domain socket too. Methods (bytes in, bytes out, no protobuf):
 - /raw/Sink    client streaming: consumes chunks, replies with the byte count;
 - /raw/SinkCopy the same, copying each chunk into one buffer of the size given in the call's
                `x-total-bytes` metadata (allocated once per size and reused, so the figure is the
@@ -75,6 +76,8 @@ def main() -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("raw", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
+    if len(sys.argv) > 1:  # the same methods over a Unix socket (bench/roundtrip.py compares over both)
+        server.add_insecure_port(f"unix:{sys.argv[1]}")
     server.start()
     print(f"raw grpc listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()

@@ -1,11 +1,16 @@
 """push_pull round trips: a 10M-parameter model against raw push + raw pull + an in-process step,
 and a 1K-parameter model's p50 latency against a raw grpcio unary echo of the same bytes, with the
-pull alone, the push alone and a call that does no work, to show where the small round trip goes.
+pull alone, the push alone and a call that does no work, to show where the small round trip goes;
+then the small round trip over a Unix domain socket, as the byte stream and through shared memory,
+against the raw echo over the same socket (issue 15, scope 5).
 
     python bench/roundtrip.py
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import grpc
 import numpy as np
@@ -101,8 +106,68 @@ def measure(n_large: int = 10_000_000, n_small: int = 1000, chunk: int = 4 << 20
     return rows
 
 
+def measure_unix(n_small: int = 1000) -> list[dict]:
+    """The 1K push_pull p50 over a Unix socket, through the byte stream and through shared memory
+    (forced below its 256 KiB threshold), each against bench/raw_grpc.py's echo over a Unix socket,
+    interleaved with the same two over TCP."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_sock, our_sock = os.path.join(tmp, "raw.sock"), os.path.join(tmp, "optserve.sock")
+        raw_proc, raw_addr = raw_server(raw_sock)
+        srv_proc, srv_addr = optserve_server("--unix-socket", our_sock, "--shared-memory")
+        try:
+            tcp_channel = grpc.insecure_channel(raw_addr, options=CHANNEL_OPTIONS)
+            unix_channel = grpc.insecure_channel(f"unix://{raw_sock}", options=CHANNEL_OPTIONS)
+            clients = {
+                "tcp": Client(srv_addr, timeout=600, shared_memory=False),
+                "unix": Client(f"unix://{our_sock}", timeout=600, shared_memory=False),
+                "unix + shared memory": Client(f"unix://{our_sock}", timeout=600, shared_memory_min_bytes=0),
+            }
+            g = {"w": np.full(n_small, 1e-3, np.float32)}
+            clients["tcp"].create_model("small", {"w": np.zeros(n_small, np.float32)}, optim.adam(1e-3))
+            models = {k: c.model("small") for k, c in clients.items()}
+            payload = g["w"].tobytes()
+            echoes = {
+                "tcp": tcp_channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x),
+                "unix": unix_channel.unary_unary("/raw/Echo", lambda x: x, lambda x: x),
+            }
+            names = list(models)
+            times = interleaved_medians(
+                tuple(lambda m=models[k]: m.push_pull(g) for k in names)
+                + tuple(lambda e=e: e(payload) for e in echoes.values()),
+                500,
+                warmup=20,
+            )
+            shm = clients["unix + shared memory"].shared_memory
+            if shm is None or shm.unavailable:
+                raise SystemExit(f"shared memory not used: {shm and shm.unavailable}")
+            ours, echo = (
+                dict(zip(names, times[: len(names)], strict=True)),
+                dict(zip(echoes, times[len(names) :], strict=True)),
+            )
+            rows = []
+            for k in names:
+                over = "tcp" if k == "tcp" else "unix"
+                rows.append(
+                    {
+                        "measure": f"push_pull p50 over {k}, {n_small} float32 params (adam)",
+                        "optserve": f"{ours[k] * 1e3:.2f} ms",
+                        "baseline": f"{echo[over] * 1e3:.2f} ms (raw unary echo over {over})",
+                        "ratio": f"{ours[k] / echo[over]:.2f}x",
+                        "target": "<= 1.5x",
+                    }
+                )
+            for c in clients.values():
+                c.close()
+            tcp_channel.close()
+            unix_channel.close()
+        finally:
+            stop(srv_proc)
+            stop(raw_proc)
+    return rows
+
+
 COLUMNS = ["measure", "optserve", "baseline", "ratio", "target"]
 
 if __name__ == "__main__":
     print(f"# roundtrip: {machine()}")
-    print(table(measure(), COLUMNS))
+    print(table(measure() + measure_unix(), COLUMNS))

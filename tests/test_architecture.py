@@ -19,7 +19,10 @@ The rules (docs/design.md, "Layers"):
   the entry points (cli, server, demo, logs) sit above api;
 - the client side (`optserve.client`, `optserve.wire`, `optserve.v1`) never imports the server, and
   below its entry points the server imports nothing of the client but `optserve.wire`;
-- a function-level import of a module of this package is declared in DEFERRED_IMPORTS, with why.
+- a function-level import of a module of this package is declared in DEFERRED_IMPORTS, with why;
+- on the client side the frameworks (torch, jax, flax, optax) are imported only by their drop-ins,
+  `optserve.torch` and `optserve.jax`, which the light client never imports; `optserve.client`
+  converts a torch or jax leaf it was handed with function-level imports in pytree.py only.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
         "optserve.server.cli",
         "optserve.server.checkpoint.resharding",
     ): "jax and the spec compiler, only for `optserve reshard`",
+    ("optserve.server.cli", "optserve.server.top"): "rich, only for `optserve top`",
     # `optserve demo` checks for scikit-learn before it loads jax and starts anything.
     ("optserve.server.demo", "optserve.server.server"): "jax and the server, after the scikit-learn check",
     ("optserve.server.demo", "optserve.client.optim"): "loaded with the server, after the scikit-learn check",
@@ -86,6 +90,13 @@ TRANSPORT_IMPORTERS = (
 # The server's modules that may use the client: Server.client(), the admin commands, the demo.
 CLIENT_USERS = ("optserve.server.server", "optserve.server.cli", "optserve.server.demo", "optserve.server.demo_worker")
 WIRE_DEPENDENCIES = ("numpy", "ml_dtypes")
+# The drop-ins (README.md, "PyTorch", "JAX and optax"): the only client-side packages that import a
+# framework, each its own ones.
+CLIENT_SIDE = ("optserve.client", "optserve.wire", "optserve.v1", "optserve.torch", "optserve.jax")
+FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax")
+FRAMEWORKS_OF_DROPIN = {"optserve.torch": ("torch",), "optserve.jax": ("jax", "flax", "optax")}
+# ...and the light client's converters of leaves the caller handed in, inside functions only.
+LAZY_FRAMEWORK_IMPORTERS = ("optserve.client.pytree",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,11 +438,39 @@ def test_the_client_side_never_imports_the_server(graph: ImportGraph):
     problems = [
         f"{importer} imports {imported} ({imp.where()})"
         for importer, targets in graph.edges().items()
-        if within(importer, ("optserve.client", "optserve.wire", "optserve.v1"))
+        if within(importer, CLIENT_SIDE)
         for imported, imp in targets.items()
         if within(imported, (SERVER,))
     ]
     assert not problems, report(problems, "imports of the server by the client side")
+
+
+def test_only_the_drop_ins_import_the_frameworks(graph: ImportGraph):
+    problems = []
+    for imp in graph.imports:
+        if not within(imp.importer, CLIENT_SIDE):
+            continue
+        if imp.internal:
+            dropins = tuple(FRAMEWORKS_OF_DROPIN)
+            if within(imp.imported, dropins) and not within(imp.importer, dropins):
+                problems.append(f"{imp.importer} imports the drop-in {imp.imported} ({imp.where()})")
+            continue
+        top = imp.imported.split(".")[0]
+        if top not in FRAMEWORKS:
+            continue
+        own = [d for d in FRAMEWORKS_OF_DROPIN if within(imp.importer, (d,))]
+        if own and top in FRAMEWORKS_OF_DROPIN[own[0]]:
+            continue
+        if within(imp.importer, LAZY_FRAMEWORK_IMPORTERS) and imp.kind == "function" and top in ("torch", "jax"):
+            continue
+        problems.append(f"{imp.importer} imports {imp.imported} ({imp.where()})")
+    assert not problems, report(
+        problems,
+        "imports of torch, jax, flax or optax on the client side outside their drop-ins (optserve.torch, "
+        "optserve.jax) and pytree.py's function-level converters",
+    )
+    importers = {imp.importer for imp in graph.imports if not imp.internal and imp.imported.split(".")[0] == "torch"}
+    assert "optserve.torch.optimizer" in importers, "the check above saw no import of torch by optserve.torch"
 
 
 def test_the_server_shares_only_the_wire_with_the_client(graph: ImportGraph):

@@ -182,6 +182,36 @@ def test_no_usable_checkpoint_moves_the_directory_aside_and_the_name_starts_clea
         assert [x["path"] for x in c.model("m").info()["schema"]] == ["other"]
 
 
+def test_directories_without_checkpoints_are_left_alone(tmp_path, monkeypatch):
+    """A checkpoint directory pointed at a project: its folders are not models' and nothing in them
+    is moved, archived or removed (seen once: every folder of a repository moved to .archive)."""
+    root = tmp_path / "project"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    (root / "src" / "notes.tmp-1").write_text("a file whose name has the incomplete mark\n")
+    (root / "step_1").mkdir()  # a checkpoint's name at the root is a model named step_1, empty
+    (root / "empty").mkdir()
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    with Server(port=0, checkpoint_dir=str(root)) as srv, srv.client(timeout=60.0) as c:
+        assert c.list_models() == []
+        c.create_model("m", {"w": np.zeros(4, np.float32)}, optimizer=TUNABLE).save()
+        # a model named like one of the folders saves beside its files, moving none of them
+        assert c.create_model("src", {"w": np.zeros(4, np.float32)}, optimizer=TUNABLE).save() == 0
+    after = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if not p.is_relative_to(root / "m") and not p.is_relative_to(root / "src" / "step_0")
+    )
+    assert after == before
+    everything = sorted(root.rglob("*"))
+    # '' is no checkpoint directory at all (as `optserve serve --checkpoint-dir ''`), not the cwd
+    monkeypatch.chdir(root)
+    with Server(port=0, checkpoint_dir="") as srv, srv.client(timeout=60.0) as c:
+        assert srv.checkpoints is None
+        c.create_model("n", {"w": np.zeros(4, np.float32)}, optimizer=TUNABLE)
+    assert sorted(root.rglob("*")) == everything
+
+
 def test_a_model_created_over_checkpoints_left_by_an_unrestored_one_does_not_mix_with_them(tmp_path):
     root = tmp_path / "ck"
     with Server(port=0, checkpoint_dir=str(root)) as srv, srv.client(timeout=60.0) as c:

@@ -4,6 +4,7 @@ optserve serve [--host 127.0.0.1] [--port 8470] [--unix-socket PATH [--no-tcp]] 
 optserve demo [--workers 4] [--steps 300] [--mode sync|async]
 optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
     [--target HOST:PORT | unix:///PATH] [--token-file F] [--tls-ca F]
+optserve top [--url http://HOST:STATUS_PORT] [--token-file F] [--once]
 optserve reshard --model NAME --from DIR [DIR ...] --to DIR [DIR ...] [--targets HOST:PORT,...] [--step N]
 """
 
@@ -228,6 +229,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--metrics-host", metavar="ADDRESS", default=None, help="address for the metrics endpoint (default: --host)"
     )
     p.add_argument(
+        "--status-port",
+        metavar="N",
+        type=port,
+        default=None,
+        help="serve the status page there: /status (HTML, reloads itself) and /status.json; tokens apply as to "
+        "the RPCs (Authorization: Bearer, or ?token=); the same port as --metrics-port serves both; 0 picks a "
+        "free one (default: not served)",
+    )
+    p.add_argument(
+        "--status-host",
+        metavar="ADDRESS",
+        default=None,
+        help="address for the status page (default: --metrics-host when it shares the metrics port, else --host)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         metavar="S",
         type=_seconds,
@@ -337,6 +353,20 @@ def _check_serve_args(args: argparse.Namespace) -> dict[str, Any]:
         same_host = (args.metrics_host or args.host) == args.host
         if args.metrics_port and not args.no_tcp and args.metrics_port == args.port and same_host:
             raise ConfigError(f"--metrics-port {args.metrics_port}: the same as --port; give another (0: a free one)")
+    if args.status_port is not None:
+        shared = bool(args.status_port) and args.status_port == args.metrics_port
+        status_host = args.status_host or (args.metrics_host if shared else None) or args.host
+        if shared and status_host != (args.metrics_host or args.host):
+            raise ConfigError(
+                f"--status-host {status_host}: the status page shares --metrics-port {args.metrics_port}, which "
+                f"listens on {args.metrics_host or args.host}; give the same address, or another --status-port"
+            )
+        if not shared:
+            _check_listen(
+                "--status-host" if args.status_host else "--host", status_host, "--status-port", args.status_port
+            )
+        if args.status_port and not args.no_tcp and args.status_port == args.port and status_host == args.host:
+            raise ConfigError(f"--status-port {args.status_port}: the same as --port; give another (0: a free one)")
     from optserve.server.api import auth as security  # imports the client (numpy, ml_dtypes): after the cheap checks
 
     return security.server_options(args)
@@ -380,6 +410,8 @@ def serve(args: argparse.Namespace) -> int:
             },
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            status_port=args.status_port,
+            status_host=args.status_host,
             compile_cache=compile_cache,
             shared_memory=args.shared_memory,
             **options,
@@ -394,6 +426,10 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.metrics_port is not None:
         print(f"optserve metrics on {args.metrics_host or args.host}:{server.metrics.port}", flush=True)
+    if args.status_port is not None:
+        shared = bool(args.status_port) and args.status_port == args.metrics_port
+        host = args.status_host or (args.metrics_host if shared else None) or args.host
+        print(f"optserve status on http://{host}:{server.status_port}/status", flush=True)
     if not args.no_tcp:
         print(f"optserve listening on {args.host}:{server.port}", flush=True)
     if args.unix_socket:
@@ -539,6 +575,21 @@ def admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_top(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "top", help="watch a server's models and workers in the terminal, refreshed in place (needs --status-port)"
+    )
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:9480",
+        help="the server's status page: http://HOST:PORT of its --status-port (default: %(default)s)",
+    )
+    p.add_argument("--token-file", default=None, help="file whose first token is sent (Authorization: Bearer)")
+    p.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--model", default=None, help="whose workers to list (default: the first model)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (scripts, pipes)")
+
+
 def _targets(text: str) -> list[str]:
     targets = [t.strip() for t in text.split(",")]
     for t in targets:
@@ -655,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_parser(sub)
     _add_admin(sub)
+    _add_top(sub)
     reshard_parser = _add_reshard(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -663,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         return reshard(args, reshard_parser)
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "top":
+        from optserve.server import top  # rich: loaded only for `optserve top`
+
+        return top.run(args)
     return admin(args)
 
 

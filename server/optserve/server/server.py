@@ -36,6 +36,8 @@ from optserve.server.core.errors import ConfigError
 from optserve.server.core.placement import Placement
 from optserve.server.core.store import ModelStore
 from optserve.server.shared_memory_socket import SharedMemorySocket
+from optserve.server.status_page.page import History, StatusPage
+from optserve.server.status_page.report import Sources
 from optserve.server.unix_socket import UnixSocket
 from optserve.wire.channel import SERVER_OPTIONS, SERVICE
 from optserve.wire.chunks import DEFAULT_CHUNK_BYTES
@@ -150,7 +152,7 @@ class Server:
     socket). unix_socket: also (or only) listen on a Unix domain socket at this path, owner-only,
     a stale one replaced, another server's refused, removed at stop (unix_socket.py); tokens, TLS
     and limits apply to it as to TCP. checkpoint_dir: where models
-    are checkpointed and restored from (None: no checkpoints). device: JAX device for the models;
+    are checkpointed and restored from (None or '': no checkpoints). device: JAX device for the models;
     devices: or several, which hold every model sharded over a 1-D mesh (`resolve_devices`;
     docs/design.md, "Devices and meshes"); not both.
     max_workers: threads serving RPCs (each stream holds one while it runs; calls waiting for a step
@@ -160,6 +162,9 @@ class Server:
     server interceptors, after the token check.
     metrics_port: serve Prometheus metrics over HTTP there (0: a free port, see `.metrics.port`;
     None: not served, though `.metrics.registry` is still kept). metrics_host defaults to `host`.
+    status_port: serve the status page (/status, /status.json; status_page/) there (0: a free port,
+    see `.status_port`; None: not served); the same port as metrics_port (not 0) serves both on one
+    listener. status_host defaults to metrics_host when the port is shared, else to `host`.
     compile_cache: the directory of JAX's persistent compilation cache ('' : none), so that a
     restarted server does not compile its models' steps again (core/compilation.py); JAX's setting is
     the process's, so the last server started in a process decides it. None: left as it is.
@@ -190,6 +195,8 @@ class Server:
         checkpoint_options: dict[str, Any] | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        status_port: int | None = None,
+        status_host: str | None = None,
         compile_cache: str | None = None,
         packed: bool = True,
         shared_memory: bool = False,
@@ -212,8 +219,11 @@ class Server:
         )
         self.metrics = ServerMetrics(self.store)  # its own registry: several servers may share a process
         checkpoints = None
-        if checkpoint_dir is not None:  # reports periodic, explicit and final saves alike to the metrics
+        # '' is no checkpoints, as `serve --checkpoint-dir ''` (not the working directory). The manager
+        # reports periodic, explicit and final saves alike to the metrics.
+        if checkpoint_dir:
             checkpoints = CheckpointManager(checkpoint_dir, metrics=self.metrics, **(checkpoint_options or {}))
+            self.metrics.watch_checkpoints(checkpoints)
         self.checkpoints = checkpoints
         # Same-host clients' memfd regions (docs/design.md, "Shared memory"): off unless asked for.
         self.shared_memory = SharedMemorySocket(tokens) if shared_memory else None
@@ -229,6 +239,20 @@ class Server:
             shared=self.shared_memory.regions if self.shared_memory is not None else None,
             shared_memory_socket=self.shared_memory.name if self.shared_memory is not None else "",
         )
+        # the status page's history is sampled only when the page is served
+        self.status: StatusPage | None = None
+        self.status_port: int | None = None
+        shared_port = status_port is not None and bool(status_port) and status_port == metrics_port
+        if status_port is not None:
+            sources = Sources(
+                self.store,
+                self.metrics,
+                History(self.store.models),
+                checkpoints,
+                self.service.started_unix,
+                self.service.incarnation,
+            )
+            self.status = StatusPage(sources, tokens, self.metrics.registry if shared_port else None)
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(
@@ -258,14 +282,21 @@ class Server:
             if checkpoints is not None:
                 checkpoints.start(self.store)  # restores every model before we report SERVING
                 self.service.ready.set()
-            if metrics_port is not None:
+            if metrics_port is not None and not shared_port:
                 self.metrics.start_http(metrics_port, metrics_host or host)
+            if self.status is not None and status_port is not None:
+                self.status_port = self.status.start(status_port, status_host or metrics_host or host)
+                if shared_port:
+                    self.metrics.port = self.status_port
         except BaseException:
             self._grpc.stop(None)
             if self.unix_socket is not None:  # no socket file outlives a server that did not start
                 self.unix_socket.remove()
             if self.shared_memory is not None:
                 self.shared_memory.stop()
+            if self.status is not None:
+                self.status.stop()
+            self.metrics.stop_http()
             raise
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -323,6 +354,8 @@ class Server:
         failures = self.checkpoints.shutdown(self.store) if self.checkpoints is not None else []
         compilation.finish_warm_ups()  # nothing pushes any more; no compilation may outlive the process
         self.metrics.stop_http()
+        if self.status is not None:
+            self.status.stop()
         if failures:
             log.error(
                 "optserve stopped; final checkpoints failed for %d model(s), acknowledged work is lost: %s",

@@ -176,6 +176,7 @@ class DataPlane:
         outcome = "duplicate" if duplicate else "applied" if reply.applied else "accepted"
         staleness = None if base_step is None else max(step_before - base_step, 0)
         self.metrics.pushed(model.name, outcome, received, time.perf_counter() - started, staleness)
+        model.activity.pushed(h.worker_id, duplicate=duplicate, staleness=staleness)
         response = messages.push_response(model.name, reply, duplicate=duplicate, incarnation=self.incarnation)
         return Pushed(model, h, response, receiver.dropped_check())
 

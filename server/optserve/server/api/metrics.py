@@ -22,6 +22,10 @@ Series (all prefixed `optserve_`):
     waiting_calls, waiting_calls_limit   calls waiting for a step now, and how many may (beyond that
                                          they are refused with RESOURCE_EXHAUSTED)
     checkpoint_seconds{model}, checkpoint_bytes{model}, checkpoint_failures_total{model}
+    last_checkpoint_timestamp_seconds{model}, last_checkpoint_step{model}
+                                         the model's newest checkpoint (written or restored): when it
+                                         was committed (unix time; its age is time() minus this) and
+                                         its step; only for models that have one
     models, model_step{model}, model_bytes{model,kind=params|state}
     device_bytes{device}                 bytes of all models held on each device ("cpu:0", "gpu:3"; one
                                          series per device of --devices)
@@ -69,6 +73,7 @@ class _StateCollector(Collector):
 
     def __init__(self, store: Any):
         self.store = store
+        self.checkpoints: Any = None  # the CheckpointManager, once the server has one (watch_checkpoints)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         models = self.store.models()
@@ -81,6 +86,22 @@ class _StateCollector(Collector):
             size.add_metric([m.name, "state"], m.state_bytes)
         yield step
         yield size
+        when = GaugeMetricFamily(
+            "optserve_last_checkpoint_timestamp_seconds",
+            "When the model's newest checkpoint was committed (unix time)",
+            labels=["model"],
+        )
+        which = GaugeMetricFamily(
+            "optserve_last_checkpoint_step", "Step of the model's newest checkpoint", labels=["model"]
+        )
+        if self.checkpoints is not None:
+            for m in models:
+                status = self.checkpoints.describe(m.name)
+                if status.last_unix:
+                    when.add_metric([m.name], status.last_unix)
+                    which.add_metric([m.name], status.last_step)
+        yield when
+        yield which
         held = GaugeMetricFamily("optserve_device_bytes", "Bytes of all models held on each device", labels=["device"])
         for device, nbytes in zip(self.store.placement.devices, self.store.device_bytes(), strict=True):
             held.add_metric([f"{device.platform}:{device.id}"], nbytes)
@@ -173,7 +194,8 @@ class ServerMetrics:
         )
         self.waiting_calls = Gauge("optserve_waiting_calls", "Calls waiting for a step", registry=r)
         self.waiting_limit = Gauge("optserve_waiting_calls_limit", "Calls that may wait for a step at once", registry=r)
-        r.register(_StateCollector(store))
+        self._state = _StateCollector(store)
+        r.register(self._state)
         r.register(_CompileCollector())
         compilation.install_listeners()
         ProcessCollector(registry=r)
@@ -194,6 +216,10 @@ class ServerMetrics:
         # Only existing models become labels: a stream of requests for random names must not grow
         # the number of series without bound.
         return model if model and model in self.store.names() else ""
+
+    def watch_checkpoints(self, checkpoints: Any) -> None:
+        """Reports the newest checkpoint of each model (its time and step) from this CheckpointManager."""
+        self._state.checkpoints = checkpoints
 
     # -- hooks called by the service, once per request -----------------------------------------
 

@@ -13,7 +13,15 @@ import secrets
 import shutil
 import time
 
-from optserve.server.checkpoint.files import ARCHIVE_DIR, CORRUPT_MARK, TMP_MARK, Checkpoint, fsync_dir, move_aside
+from optserve.server.checkpoint.files import (
+    ARCHIVE_DIR,
+    CORRUPT_MARK,
+    TMP_MARK,
+    Checkpoint,
+    fsync_dir,
+    made_by_checkpoints,
+    move_aside,
+)
 from optserve.server.checkpoint.track import Track
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.model import Model
@@ -70,7 +78,8 @@ class CheckpointRoot:
         if track.owned_by(model):
             return
         model_dir = self.model_dir(model.name)
-        if os.path.isdir(model_dir) and os.listdir(model_dir):
+        # Other files (not a checkpoint's) are not archived: they are not ours to move.
+        if os.path.isdir(model_dir) and any(made_by_checkpoints(n) for n in os.listdir(model_dir)):
             target = self.archive_locked(model.name, "replaced")
             log.warning(
                 "model %r: %s held checkpoints of an earlier model of that name (not restored); moved to %s so "
@@ -85,6 +94,6 @@ class CheckpointRoot:
 def remove_leftovers(model_dir: str) -> None:
     """Removes the incomplete checkpoints (`*.tmp-*`) an interrupted save or prune left behind."""
     for n in os.listdir(model_dir):
-        if TMP_MARK in n:
+        if TMP_MARK in n and made_by_checkpoints(n):
             log.info("removing incomplete checkpoint %s", os.path.join(model_dir, n))
             shutil.rmtree(os.path.join(model_dir, n), ignore_errors=True)

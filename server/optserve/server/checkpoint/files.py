@@ -99,6 +99,15 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
 
 
+def made_by_checkpoints(name: str) -> bool:
+    """Whether an entry of a model directory is one the checkpoint code makes: a committed
+    checkpoint (`step_<n>[.<k>]`), or one marked incomplete, corrupt or superseded. A directory
+    holding none of them is not a model's (someone else's files under the checkpoint directory)."""
+    for mark in (TMP_MARK, CORRUPT_MARK, SUPERSEDED_MARK):
+        name = name.split(mark, 1)[0]
+    return parse_name(name) is not None
+
+
 def check_step(step: int, model: str) -> int:
     if not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise InvalidArgument(f"model {model!r}: checkpoint step {step!r} must be an integer in [0, 2**53 - 1]")

@@ -66,6 +66,7 @@ class CheckpointStatus:
 
     last_step: int  # step of its newest checkpoint, written or restored (0: none)
     last_error: str  # why its latest save failed ("": it did not)
+    last_unix: float = 0.0  # when the newest checkpoint was committed (its directory's mtime; 0: none)
 
 
 class SaveMetrics(Protocol):
@@ -306,7 +307,13 @@ class CheckpointManager:
     def describe(self, name: str) -> CheckpointStatus:
         """The model's newest checkpoint step and latest save error."""
         track = self._track(name)
-        return CheckpointStatus(last_step=track.committed_step, last_error=track.error)
+        saved, when = track.saved, 0.0
+        if saved is not None:
+            try:
+                when = os.stat(saved.path).st_mtime
+            except OSError:  # pruned or moved aside meanwhile: no age to tell
+                when = 0.0
+        return CheckpointStatus(last_step=track.committed_step, last_error=track.error, last_unix=when)
 
     def restore(self, store: ModelStore, name: str, step: int, tag: str = "") -> Model:
         """RestoreCheckpoint: the newest checkpoint of `step` (0: of any step) that verifies

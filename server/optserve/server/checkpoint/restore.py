@@ -4,7 +4,9 @@ Restore rule (at start and for RestoreCheckpoint): a checkpoint is used only if 
 every file verify and the state it describes installs (the model builds from it); otherwise it is
 moved aside to `<name>.corrupt-<hex>` with a warning naming it and the reason, and the previous one
 is tried. A model is never dropped while one good checkpoint exists; when none is good, its whole
-directory is moved to `.archive/`, so that a model re-created under that name starts clean.
+directory is moved to `.archive/`, so that a model re-created under that name starts clean. A
+directory with no checkpoint in it (not even a corrupt or incomplete one) is not a model's and is
+left as it is: the checkpoint directory may hold other files.
 Failures that say nothing against the checkpoints (the server's limits, memory) leave them where
 they are, for the next start.
 
@@ -32,6 +34,7 @@ from optserve.server.checkpoint.files import (
     CheckpointFailed,
     check_step,
     committed,
+    made_by_checkpoints,
     move_aside,
     read_checkpoint,
 )
@@ -66,6 +69,12 @@ def restore_all(root: CheckpointRoot, store: ModelStore, track_for: Callable[[st
         except InvalidArgument:
             log.warning("checkpoint directory %s: %r is not a model name; ignored", root.path, entry)
             continue
+        if not any(made_by_checkpoints(n) for n in os.listdir(path)):
+            # Not a model's directory (nothing in it is a checkpoint's): someone else's files, e.g. a
+            # checkpoint directory pointed at a project. Never removed, moved or archived.
+            if os.listdir(path):
+                log.warning("checkpoint directory %s: %r holds no checkpoint; left alone", root.path, entry)
+            continue
         remove_leftovers(path)
         try:
             _restore_at_start(root, store, entry, track_for(entry))
@@ -93,7 +102,7 @@ def _restore_at_start(root: CheckpointRoot, store: ModelStore, name: str, track:
             log.info("model %r: restored from %s (step %d)", name, checkpoint.path, state.step)
             return
         if not os.listdir(model_dir):
-            os.rmdir(model_dir)  # nothing to keep
+            os.rmdir(model_dir)  # only incomplete checkpoints were there: nothing to keep
             return
         try:
             target = root.archive_locked(name, "unrestorable")

@@ -56,6 +56,7 @@ from optserve.server.core.step import (
     own_buffers,
 )
 from optserve.server.core.sync import SyncAggregator
+from optserve.server.core.worker_activity import WorkerActivity
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
 from optserve.server.spec.laziness import lazy_leaves
@@ -178,6 +179,8 @@ class Model:
         self._state_version = 0
         self._workers: dict[str, WorkerRecord] = {}
         self._counters = CounterSet()
+        # what people see of each worker (the status page); counted by the API after each push
+        self.activity = WorkerActivity()
         self.created_unix = time.time()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # waits for a step
