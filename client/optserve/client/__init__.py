@@ -20,6 +20,7 @@ from optserve.client.errors import (
     UnavailableError,
 )
 from optserve.client.model import Model
+from optserve.client.tables import Init, Rows
 
 __version__ = "0.1.0"
 
@@ -29,12 +30,14 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "Init",
     "InvalidArgumentError",
     "Model",
     "NotFoundError",
     "OptserveError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "Rows",
     "UnauthenticatedError",
     "UnavailableError",
     "optim",

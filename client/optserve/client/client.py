@@ -26,6 +26,7 @@ from optserve.client.fanout import Fanout
 from optserve.client.messages import schema_of, settings_from_json, settings_message
 from optserve.client.model import Model
 from optserve.client.sharded import ShardedModel
+from optserve.client.tables import Init, Rows
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import resharding
@@ -40,6 +41,19 @@ def _rows(array: Any, piece: Piece) -> Any:
     if array.ndim == 0 or (piece.start == 0 and piece.stop == array.shape[0]):
         return array
     return array[piece.start : piece.stop]
+
+
+def _schema(leaves: Sequence[tuple[str, Any]]) -> list[pb.LeafSpec]:
+    """The schema of parameters some of whose leaves are `Init` declarations."""
+    return [a.spec(p) if isinstance(a, Init) else schema_of([(p, a)])[0] for p, a in leaves]
+
+
+def _declared(path: str, leaf: Init, piece: Piece | None = None) -> tuple[pb.LeafSpec, pb.LeafInit]:
+    """The schema entry and the declaration of an `Init` leaf (of its piece's rows on a shard)."""
+    spec = leaf.spec(path)
+    if piece is not None and leaf.shape:
+        spec.shape[0] = piece.stop - piece.start
+    return spec, leaf.message(path)
 
 
 def _upload_messages(name: str, size: int, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
@@ -132,6 +146,10 @@ class Client(Connection):
             (PlanShards), leaves larger than `split_bytes` (default 4 MiB) split by rows.
         """
         leaves, structure = pytree.flatten(params)
+        as_any: list[tuple[str, Any]] = list(leaves)  # Init leaves among the arrays (tables.py)
+        for path, a in as_any:
+            if isinstance(a, Rows):
+                raise TypeError(f"leaf {path!r}: Rows is a gradient; parameters are arrays or Init declarations")
         settings = settings_message(
             mode=mode,
             workers=workers,
@@ -147,10 +165,12 @@ class Client(Connection):
         if not 1 <= shards <= len(self.targets):
             raise ValueError(f"shards must be between 1 and the {len(self.targets)} targets, got {shards}")
         header = pb.CreateModelHeader(
-            name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=schema_of(leaves)
+            name=name, optimizer_json=json.dumps(optimizer), settings=settings, schema=_schema(leaves)
         )
         if shards == 1:
-            msgs = chunk_messages(pb.CreateModelRequest(header=header), leaves, self.chunk_bytes)
+            header.init.extend(_declared(p, a)[1] for p, a in as_any if isinstance(a, Init))
+            sent = [(p, a) for p, a in leaves if not isinstance(a, Init)]
+            msgs = chunk_messages(pb.CreateModelRequest(header=header), sent, self.chunk_bytes)
             return Model(self, name, structure, self.call(self._create, msgs))
         plan = pb.PlanShardsRequest(
             name=name,
@@ -177,9 +197,17 @@ class Client(Connection):
             h.CopyFrom(header)
             part = [(leaf.spec.path, p) for leaf, p in shard_map.pieces_of(i)]
             del h.schema[:]
-            h.schema.extend(schema_of([(path, _rows(leaves[path], leaf_piece)) for path, leaf_piece in part]))
+            arrays = []
+            for path, leaf_piece in part:
+                leaf = leaves[path]
+                if isinstance(leaf, Init):  # drawn by the shard: its rows of the whole table
+                    spec, declared = _declared(path, leaf, leaf_piece)
+                    h.schema.append(spec)
+                    h.init.append(declared)
+                    continue
+                arrays.append((path, _rows(leaf, leaf_piece)))
+                h.schema.extend(schema_of(arrays[-1:]))
             h.shard.CopyFrom(pb.ShardOf(map=shard_map_msg, index=i))
-            arrays = [(path, _rows(leaves[path], leaf_piece)) for path, leaf_piece in part]
             msgs = chunk_messages(pb.CreateModelRequest(header=h), arrays, conns[i].chunk_bytes)
             return conns[i].call(conns[i]._create, msgs)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
+
+import numpy as np
 
 from optserve.client import pytree
 from optserve.client import shared_memory as shared
@@ -17,10 +19,12 @@ from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
 from optserve.client.pulls import PullReader
+from optserve.client.tables import Init, Rows, read_rows, row_selections
 from optserve.client.transport import Connection
 from optserve.client.worker import Worker
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import WireLeaf, chunk_messages
+from optserve.wire.dtypes import DTYPES
 from optserve.wire.errors import WireError
 from optserve.wire.framing import parse_message
 
@@ -79,10 +83,11 @@ class Model:
         """The gradient as the wire carries it (`_wire_grads`; a push that sends it names the layout)."""
         return self._wire_grads(grads, wire_dtype)[0]
 
-    def _wire_grads(self, grads: Any, wire_dtype: str | None) -> tuple[Sequence[WireLeaf], str]:
+    def _wire_grads(self, grads: Any, wire_dtype: str | None, rows: Any = None) -> tuple[Sequence[WireLeaf], str]:
         """The gradient as the wire carries it, and the layout id its packs come from ("" when it
         sends none): with `packed` and a layout with packs, each pack as one tensor
-        (`layout.Plan.wire_leaves`), else leaf by leaf. A gradient of the structure seen before is
+        (`layout.Plan.wire_leaves`), else leaf by leaf; with `Rows` leaves, leaf by leaf, their ids
+        appended to `rows` (PushHeader.rows: `_row_sparse`). A gradient of the structure seen before is
         flattened without rebuilding its paths (`pytree.flatten_as`)."""
         structure = self._structure
         arrays = pytree.flatten_as(grads, structure) if structure is not None else None
@@ -92,12 +97,40 @@ class Model:
                 self._structure = structure
             arrays = [a for _, a in leaves]
         layout = self._layout
+        if any(type(a) is Init for a in arrays):
+            path = next(p for p, a in zip(structure.paths, arrays, strict=True) if type(a) is Init)
+            raise TypeError(f"leaf {path!r}: Init declares a parameter; a gradient is an array or Rows")
+        if any(type(a) is Rows for a in arrays):
+            return self._row_sparse(structure.paths, arrays, wire_dtype, rows)
         if self.packed and layout is not None and layout.packs:
             plan = layout.plan(structure)
             wire = plan.wire_leaves(arrays, wire_dtype) if plan is not None else None
             if wire is not None:
                 return wire, layout.layout_id
         return to_wire(list(zip(structure.paths, arrays, strict=True)), wire_dtype), ""
+
+    def _row_sparse(
+        self, paths: Sequence[str], arrays: Sequence[Any], wire_dtype: str | None, rows: Any
+    ) -> tuple[Sequence[WireLeaf], str]:
+        """A gradient with `Rows` leaves, leaf by leaf: each Rows as its values under its path, its
+        ids appended to `rows` (PushHeader.rows; None: a caller that only wants the leaves); a Rows
+        on a leaf the server holds in a packed tensor (a small leaf) is sent dense, as the server
+        takes only loose leaves sparse."""
+        layout = self._layout
+        packed = {p for pack in layout.packs for p in pack.leaves} if layout is not None else set()
+        leaves: list[tuple[str, Any]] = []
+        for path, a in zip(paths, arrays, strict=True):
+            if type(a) is Rows:
+                if path in packed:
+                    assert layout is not None
+                    spec = layout.schema[path]
+                    a = a.densify(spec.shape, DTYPES[spec.dtype])
+                else:
+                    if rows is not None:
+                        rows.append(pb.RowSparseGradient(path=path, ids=a.ids))
+                    a = a.values
+            leaves.append((path, a))
+        return to_wire(leaves, wire_dtype), ""
 
     def _send_grads(
         self, grads: Any, wire_dtype: str | None, header: pb.PushHeader, send: Callable[[Sequence[WireLeaf]], T]
@@ -107,13 +140,15 @@ class Model:
         created again with another layout) is sent again once if the model's packing changed
         meanwhile: a refused push applied nothing."""
         layout = self._layout
+        del header.rows[:]
         try:
-            leaves, header.layout_id = self._wire_grads(grads, wire_dtype)
+            leaves, header.layout_id = self._wire_grads(grads, wire_dtype, header.rows)
             return send(leaves)
         except InvalidArgumentError:
             if not (self.packed and layout is not None and layout.packs) or not self._refresh_layout(layout):
                 raise
-        leaves, header.layout_id = self._wire_grads(grads, wire_dtype)
+        del header.rows[:]
+        leaves, header.layout_id = self._wire_grads(grads, wire_dtype, header.rows)
         return send(leaves)
 
     def _refresh_layout(self, old: Layout) -> bool:
@@ -248,15 +283,58 @@ class Model:
         like: Any = None,
         out: Any = None,
         global_norm_sq: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
-        """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull)."""
+        """Pushes a gradient and returns the updated parameters in one round trip (`out`: see pull).
+        rows: return only these rows ({path: ids}, as `pull_rows`), e.g. those of the next batch."""
         header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
+        if rows is not None:
+            header.pull.CopyFrom(self.rows_pull(rows, wire_dtype))
+
+            return self._send_grads(
+                grads, wire_dtype, header, lambda leaves: self.push_pull_rows_raw(header, leaves)[1]
+            )
         header.pull.CopyFrom(
             self._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
         )
         return self._send_grads(
             grads, wire_dtype, header, lambda leaves: self.push_pull_raw(header, leaves, like, out=out)
         )[1]
+
+    def pull_rows(
+        self,
+        rows: Mapping[str, Any],
+        *,
+        min_step: int | None = None,
+        timeout: float | None = None,
+        ema: bool = False,
+        wire_dtype: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Some rows of some leaves: `pull_rows({"embed": ids})` -> {"embed": array [k, *row_shape]},
+        row i of each being row ids[i] (PullRequest.rows). Leaves by path ("a/b" for {"a": {"b": ...}})."""
+        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=None)
+        req.packed, req.layout_id = False, ""
+        req.rows.extend(row_selections(rows))
+        deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
+        step, got = read_rows(self.client.stream(self.client._pull, req, timeout=deadline), self.name)
+        self.last_step = step
+        return got
+
+    def rows_pull(self, rows: Mapping[str, Any], wire_dtype: str | None) -> pb.PullRequest:
+        """PushHeader.pull of a push_pull that returns rows (PullRequest.rows)."""
+        req = pb.PullRequest(wire_dtype=wire_dtype or "", rows=row_selections(rows))
+        req.max_message_bytes = self.client.max_receive_bytes
+        return req
+
+    def push_pull_rows_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> tuple[pb.PushResponse, dict[str, np.ndarray]]:
+        """A PushPull whose pull asks for rows (header.pull.rows): (the push's reply, the rows)."""
+        msgs = chunk_messages(pb.PushRequest(header=header), leaves, self.client.chunk_bytes)
+        box: list[pb.PushResponse] = []
+        step, got = read_rows(self.client.stream(self.client._push_pull, msgs, timeout=timeout), self.name, box)
+        self.last_step = step
+        return box[0], got
 
     def push_pull_raw(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from optserve.client import treecode
+from optserve.client.tables import TABLE_LEAVES
 
 
 def escape_key(key: Any) -> str:
@@ -42,9 +43,12 @@ def _module_of(x: Any) -> str:
 
 
 def leaf_kind(x: Any) -> str | None:
-    """'numpy', 'npscalar', 'python', 'jax', 'torch', or None if x is not a leaf."""
+    """'numpy', 'npscalar', 'python', 'jax', 'torch', 'table' (an `Init` or `Rows`: kept as it is
+    for the caller that sends it), or None if x is not a leaf."""
     if isinstance(x, np.ndarray):
         return "numpy"
+    if isinstance(x, TABLE_LEAVES):
+        return "table"
     if isinstance(x, np.generic):
         return "npscalar"
     if isinstance(x, (bool, int, float)):
@@ -70,6 +74,8 @@ def to_numpy(x: Any, kind: str) -> np.ndarray:
         return t.numpy()
     if kind == "python":
         return np.asarray(x, dtype=np.float32 if isinstance(x, float) else None)
+    if kind == "table":
+        return x  # type: ignore[no-any-return]  # the sender reads it (client.py, model.py)
     return np.asarray(x)
 
 

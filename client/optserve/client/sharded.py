@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,8 +36,9 @@ from optserve.client.fanout import CONCURRENT_CALLERS, CONSISTENT_PULL_ATTEMPTS,
 from optserve.client.model import Model
 from optserve.client.rounds import decides_rounds, relay
 from optserve.client.sharded_worker import ShardedWorker
+from optserve.client.tables import Rows, merge_rows
 from optserve.wire import resharding
-from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES
+from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.shards import ShardMap, row_slices
 
@@ -115,6 +116,9 @@ class ShardedModel:
             a = leaves.get(path)
             if a is None:
                 raise InvalidArgumentError(f"{where}: missing leaf {path!r}")
+            if isinstance(a, Rows):
+                _check_rows(where, path, a, leaf.spec)
+                continue
             if tuple(a.shape) != leaf.spec.shape:
                 raise InvalidArgumentError(
                     f"{where}: leaf {path!r}: shape {list(a.shape)}, the model's is {list(leaf.spec.shape)}"
@@ -132,6 +136,11 @@ class ShardedModel:
             if leaf.spec.dtype not in FLOAT_DTYPES:
                 continue
             a = leaves[path]
+            if isinstance(a, Rows):  # the norm of the dense gradient it stands for: summed rows
+                uniq, inverse = np.unique(a.ids, return_inverse=True)
+                summed = np.zeros((len(uniq), *a.values.shape[1:]), np.float32)
+                np.add.at(summed, inverse, a.values.astype(np.float32))
+                a = summed
             if wire_dtype:
                 a = a.astype(DTYPES[wire_dtype])
             total += float(np.square(a, dtype=np.float64).sum())
@@ -141,9 +150,32 @@ class ShardedModel:
         """Each shard's part of a tree given by path: nested dicts of its leaves and row ranges
         (views, never copies)."""
         return [
-            pytree.nested_dicts([(path, leaves[path] if rows is None else leaves[path][rows]) for path, rows in part])
-            for part in self._parts
+            pytree.nested_dicts([(path, _piece(leaves[path], rows)) for path, rows in part]) for part in self._parts
         ]
+
+    def pull_rows(self, rows: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
+        """`Model.pull_rows` over the shards: each id asked of the shard that holds its row (each
+        shard's rows at that shard's current step)."""
+        asked, where = self._route_rows(rows)
+        wanted = [i for i in range(len(self.shards)) if asked[i]]
+        got = self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted)
+        return merge_rows(rows, where, dict(zip(wanted, got, strict=True)))
+
+    def _route_rows(self, rows: Mapping[str, Any]) -> tuple[list[dict[str, np.ndarray]], dict]:
+        """Each shard's ids of a pull of rows (counted from its piece's start), and where each
+        shard's answer goes: {path: [(shard, mask over the asked ids)]}."""
+        asked: list[dict[str, np.ndarray]] = [{} for _ in self.shards]
+        where: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for path, ids in rows.items():
+            leaf = self._schema.get(path)
+            if leaf is None:
+                raise InvalidArgumentError(f"model {self.name!r}: pull of rows: no leaf {path!r} in the schema")
+            ids = np.asarray(ids, np.int64)
+            for piece in leaf.pieces:
+                mask = (ids >= piece.start) & (ids < piece.stop) if leaf.split else np.ones(len(ids), bool)
+                asked[piece.shard][path] = ids[mask] - (piece.start if leaf.split else 0)
+                where.setdefault(path, []).append((piece.shard, mask))
+        return asked, where
 
     def _targets(self, out: Any, wire_dtype: str | None) -> tuple[dict[str, np.ndarray], list[dict]]:
         """Where a pull writes: `out`'s arrays when given (pytree.writable_leaves), else new arrays of
@@ -262,11 +294,35 @@ class ShardedModel:
         wire_dtype: str | None = None,
         like: Any = None,
         out: Any = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
-        """Pushes a gradient and returns the parameters of one step of every shard after it."""
+        """Pushes a gradient and returns the parameters of one step of every shard after it; with
+        `rows` ({path: ids}), only those rows, each from its shard after that shard's update."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
         grad_parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
+        if rows is not None:
+            asked, where = self._route_rows(rows)
+
+            def with_rows(i: int) -> dict[str, np.ndarray]:
+                m = self.shards[i]
+                if not asked[i]:
+                    m.push(
+                        grad_parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq
+                    )
+                    return {}
+                return m.push_pull(  # type: ignore[no-any-return]  # with rows: a dict of arrays
+                    grad_parts[i],
+                    base_step=base_step,
+                    weight=weight,
+                    wire_dtype=wire_dtype,
+                    rows=asked[i],
+                    global_norm_sq=norm_sq,
+                )
+
+            got = self.fanout.run(with_rows)
+            self._note()
+            return merge_rows(rows, where, dict(enumerate(got)))
         arrays, parts = self._targets(out, wire_dtype)
 
         def one(i: int) -> int:
@@ -422,3 +478,26 @@ class ShardedModel:
 
     def close(self) -> None:
         self.fanout.close()
+
+
+def _piece(a: Any, rows: slice | None) -> Any:
+    """A leaf's part on one shard: its rows `rows` (None: all of it); for `Rows`, the ids in that
+    range, counted from its start (a shard's ids are its own rows: proto RowSparseGradient)."""
+    if rows is None:
+        return a
+    if isinstance(a, Rows):
+        mask = (a.ids >= rows.start) & (a.ids < rows.stop)
+        return Rows(a.ids[mask] - rows.start, a.values[mask])
+    return a[rows]
+
+
+def _check_rows(where: str, path: str, a: Rows, spec: LeafSpec) -> None:
+    """A `Rows` gradient refused before any shard sees it, as a shard would refuse its part."""
+    if not spec.shape or tuple(a.values.shape[1:]) != tuple(spec.shape[1:]):
+        raise InvalidArgumentError(
+            f"{where}: leaf {path!r}: rows of shape {list(a.values.shape[1:])}, the model's are {list(spec.shape[1:])}"
+        )
+    if a.ids.size and (int(a.ids.min()) < 0 or int(a.ids.max()) >= spec.shape[0]):
+        raise InvalidArgumentError(f"{where}: leaf {path!r}: an id is outside the leaf's rows [0, {spec.shape[0]})")
+    if a.values.dtype.kind == "f" and not np.isfinite(a.values).all():
+        raise InvalidArgumentError(f"{where}: leaf {path!r}: non-finite gradient (NaN or Inf)")

@@ -16,6 +16,7 @@ import numpy as np
 from optserve.client.errors import FailedPreconditionError, OptserveError, UnavailableError
 from optserve.client.fanout import LAGGING_SHARD_WAIT, REPLAY_WINDOW, Fanout, pull_exactly
 from optserve.client.rounds import KEPT_ROUNDS, Relays
+from optserve.client.tables import merge_rows
 from optserve.client.worker import ServerMovedError, Worker
 
 
@@ -41,6 +42,8 @@ class ShardedModelView(Protocol):
     def _norm_sq(self, leaves: dict[str, np.ndarray], wire_dtype: str | None) -> float | None: ...
 
     def _split(self, leaves: dict[str, np.ndarray]) -> list[dict]: ...
+
+    def _route_rows(self, rows: Any) -> tuple[list[dict[str, np.ndarray]], dict]: ...
 
     def _targets(self, out: Any, wire_dtype: str | None) -> tuple[dict[str, np.ndarray], list[dict]]: ...
 
@@ -167,6 +170,26 @@ class ShardedWorker:
             )
         return max(steps)
 
+    def _push_pull_rows(
+        self, grad_parts: list[dict], norm_sq: float | None, weight: float | None, wire_dtype: str | None, rows: Any
+    ) -> dict[str, np.ndarray]:
+        asked, where = self.model._route_rows(rows)
+        self._relay_round()
+
+        def one(i: int) -> dict[str, np.ndarray]:
+            w = self.workers[i]
+            if not asked[i]:  # no rows of this shard asked: its part is only pushed
+                w.push(grad_parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
+                return {}
+            got: dict[str, np.ndarray] = w.push_pull(
+                grad_parts[i], weight=weight, wire_dtype=wire_dtype, rows=asked[i], global_norm_sq=norm_sq
+            )
+            return got
+
+        with self._realigning():
+            got = self.fanout.run(one)
+        return merge_rows(rows, where, dict(enumerate(got)))
+
     def push_pull(
         self,
         grads: Any,
@@ -175,11 +198,16 @@ class ShardedWorker:
         wire_dtype: str | None = None,
         like: Any = None,
         out: Any = None,
+        rows: Any = None,
     ) -> Any:
+        """`rows` ({path: ids}): only those rows, each from its shard after that shard's update
+        (`ShardedModel.push_pull`)."""
         m = self.model
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
         grad_parts, norm_sq = m._split(leaves), m._norm_sq(leaves, wire_dtype)
+        if rows is not None:
+            return self._push_pull_rows(grad_parts, norm_sq, weight, wire_dtype, rows)
         arrays, parts = m._targets(out, wire_dtype)
         self._relay_round()
 

@@ -104,6 +104,12 @@ class WorkerModel(Protocol):
         out: Any = None,
     ) -> tuple[pb.PushResponse, Any]: ...
 
+    def rows_pull(self, rows: Any, wire_dtype: str | None) -> pb.PullRequest: ...
+
+    def push_pull_rows_raw(
+        self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
+    ) -> tuple[pb.PushResponse, Any]: ...
+
 
 class Worker:
     """push / pull / push_pull for one worker of a model.
@@ -289,16 +295,28 @@ class Worker:
         like: Any = None,
         out: Any = None,
         global_norm_sq: float | None = None,
+        rows: Any = None,
     ) -> Any:
-        """Pushes a gradient and returns the parameters after its step, in one round trip."""
+        """Pushes a gradient and returns the parameters after its step, in one round trip; `rows`
+        ({path: ids}): only those rows, as `Model.pull_rows` returns them (the next batch's)."""
         self.seq += 1
         header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq, global_norm_sq)
-        header.pull.CopyFrom(
-            self.model._pull_request(min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None)
-        )
+        if rows is not None:
+            header.pull.CopyFrom(self.model.rows_pull(rows, wire_dtype))
+        else:
+            header.pull.CopyFrom(
+                self.model._pull_request(
+                    min_step=None, timeout=None, ema=False, wire_dtype=wire_dtype, if_newer_than=None
+                )
+            )
+
+        def exchange(leaves: Sequence[WireLeaf]) -> tuple[pb.PushResponse, Any]:
+            if rows is not None:
+                return self.model.push_pull_rows_raw(header, leaves)
+            return self.model.push_pull_raw(header, leaves, like, out=out)
 
         def send(leaves: Sequence[WireLeaf]) -> tuple[pb.PushResponse, Any]:
-            reply, params = self._retrying(lambda: self.model.push_pull_raw(header, leaves, like, out=out), header)
+            reply, params = self._retrying(lambda: exchange(leaves), header)
             self.replays.record(header, leaves, reply.step)
             return reply, params
 

@@ -229,18 +229,40 @@ class BufferPlacement(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sharding: _Optional[str] = ..., param_bytes_per_device: _Optional[int] = ..., state_bytes_per_device: _Optional[int] = ..., padding: _Optional[int] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
-    __slots__ = ("name", "optimizer_json", "settings", "schema", "shard")
+    __slots__ = ("name", "optimizer_json", "settings", "schema", "shard", "init")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     optimizer_json: str
     settings: ModelSettings
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
     shard: ShardOf
-    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
+    init: _containers.RepeatedCompositeFieldContainer[LeafInit]
+    def __init__(self, name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., init: _Optional[_Iterable[_Union[LeafInit, _Mapping]]] = ...) -> None: ...
+
+class LeafInit(_message.Message):
+    __slots__ = ("path", "initializer", "value", "mean", "stddev", "minval", "maxval", "seed")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STDDEV_FIELD_NUMBER: _ClassVar[int]
+    MINVAL_FIELD_NUMBER: _ClassVar[int]
+    MAXVAL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    initializer: str
+    value: float
+    mean: float
+    stddev: float
+    minval: float
+    maxval: float
+    seed: int
+    def __init__(self, path: _Optional[str] = ..., initializer: _Optional[str] = ..., value: _Optional[float] = ..., mean: _Optional[float] = ..., stddev: _Optional[float] = ..., minval: _Optional[float] = ..., maxval: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")
@@ -303,7 +325,7 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory", "rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +335,7 @@ class PushHeader(_message.Message):
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
@@ -322,7 +345,16 @@ class PushHeader(_message.Message):
     layout_id: str
     global_norm_sq: float
     shared_memory: SharedMemorySpan
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowSparseGradient]
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSparseGradient, _Mapping]]] = ...) -> None: ...
+
+class RowSparseGradient(_message.Message):
+    __slots__ = ("path", "ids")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "slices", "payload")
@@ -349,7 +381,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory", "rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +394,7 @@ class PullRequest(_message.Message):
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     EXACT_STEP_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -374,7 +407,16 @@ class PullRequest(_message.Message):
     layout_id: str
     exact_step: int
     shared_memory: SharedMemorySpan
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ...) -> None: ...
+
+class RowSelection(_message.Message):
+    __slots__ = ("path", "ids")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id", "shared_memory")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import numpy as np
+
 from optserve.server.api import messages, shared_spans
 from optserve.server.api import requests as requests_
 from optserve.server.api.call_context import CallContext
@@ -30,10 +32,12 @@ from optserve.server.core.errors import (
     Unavailable,
 )
 from optserve.server.core.model import ExpectedStep, Model
+from optserve.server.core.rows import check_row_pull
 from optserve.server.core.shared_memory import SharedRegions
 from optserve.server.core.store import ModelStore
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import chunk_messages
+from optserve.wire.dtypes import LeafSpec
 
 WAIT_SLICE_SECONDS = 0.25  # how often a waiting pull checks whether its client is still there
 
@@ -154,6 +158,7 @@ class DataPlane:
             weight=h.weight,
             packs=bool(h.layout_id),
             global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,
+            rows=[(r.path, np.array(r.ids, np.int64)) for r in h.rows],
         )
         try:
             if prepare is not None:
@@ -186,7 +191,23 @@ class DataPlane:
         pulls.check_wire_dtype(req.wire_dtype, model.name)
         if req.ema and model.settings.ema_decay is None:
             raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
-        if req.HasField("shared_memory"):  # one message of slices, the tensors in the span
+        if req.rows:
+            if req.packed or req.HasField("shared_memory"):
+                raise InvalidArgument(
+                    f"model {model.name!r}: a pull of rows (PullRequest.rows) is neither packed nor shared"
+                )
+            rows = self._pulled_rows(model, req)
+            if single:
+                header = len(self._first_pull_response(model, False, "").SerializeToString()) + len(model.name) + 128
+                parts = [
+                    LeafSpec(p, model.schema_map[p].dtype, (len(i), *model.schema_map[p].shape[1:])) for p, i in rows
+                ]
+                requests_.check_single_reply(
+                    model.name,
+                    pulls.single_reply_bytes(parts, req.wire_dtype, header),
+                    requests_.pull_message_bytes(req.max_message_bytes),
+                )
+        elif req.HasField("shared_memory"):  # one message of slices, the tensors in the span
             shared_spans.check_pull(self.shared, model, req)
         elif single:
             requests_.check_single_reply(
@@ -194,6 +215,11 @@ class DataPlane:
                 self._single_reply_bound(model, req.wire_dtype),
                 requests_.pull_message_bytes(req.max_message_bytes),
             )
+
+    @staticmethod
+    def _pulled_rows(model: Model, req: pb.PullRequest) -> list[tuple[str, np.ndarray]]:
+        """PullRequest.rows, validated (core/rows.py)."""
+        return check_row_pull(model.label, [(r.path, np.array(r.ids, np.int64)) for r in req.rows], model.schema_map)
 
     def _single_reply_bound(self, model: Model, wire_dtype: str) -> int:
         """Upper bound of a one-message pull reply of `model`: header (with a push reply) and tensors."""
@@ -289,7 +315,10 @@ class DataPlane:
         with model.snapshot(ema=req.ema) if exact is None else model.snapshot_of(exact) as snap:
             first.header.step = snap.step
             self._mark_applied(first, push)
-            leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)
+            if req.rows:
+                leaves: list = pulls.row_leaves(model, snap.arrays, self._pulled_rows(model, req), req.wire_dtype)
+            else:
+                leaves = pulls.host_leaves(model, snap.arrays, req.wire_dtype, packed=req.packed)
             if req.HasField("shared_memory"):
                 raw = shared_spans.pull_reply(self.shared, model, req, first, leaves)
                 model.count_sent(len(raw))

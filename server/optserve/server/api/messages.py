@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from optserve.server.checkpoint.files import CheckpointInfo
 from optserve.server.checkpoint.manager import CheckpointStatus
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.initializers import LeafInit
 from optserve.server.core.layout import Layout
 from optserve.server.core.model import Model
 from optserve.server.core.schema import MAX_LEAVES, check_leaf_count, check_schema
@@ -62,6 +63,11 @@ def schema_from_proto(
     """Validates a schema sent by a client (core/schema.py, check_schema)."""
     check_leaf_count(model, len(leaves), max_leaves)  # before touching a million of them
     return check_schema(model, [(leaf.path, leaf.dtype, leaf.shape) for leaf in leaves], max_leaves=max_leaves)
+
+
+def leaf_init_from_proto(m: pb.LeafInit) -> LeafInit:
+    """A CreateModelHeader.init entry (validated by core/initializers.py, check_inits)."""
+    return LeafInit(m.path, m.initializer, m.value, m.mean, m.stddev, m.minval, m.maxval, m.seed)
 
 
 def schema_to_proto(schema: Iterable[LeafSpec]) -> list[pb.LeafSpec]:

@@ -30,7 +30,7 @@ from optserve.server.api.call_context import CallContext, allowed_models
 from optserve.server.api.data_plane import DataPlane
 from optserve.server.api.metrics import ServerMetrics
 from optserve.server.checkpoint.manager import CheckpointManager
-from optserve.server.core import admission, sharding
+from optserve.server.core import admission, initializers, sharding
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from optserve.server.core.model import Model
 from optserve.server.core.sharding import Shard
@@ -262,11 +262,16 @@ class OptserveService:
         shard = None
         if h.HasField("shard"):
             shard = Shard(messages.shard_map_from_proto(name, h.shard.map), h.shard.index)
+        inits = initializers.check_inits(name, schema, (messages.leaf_init_from_proto(i) for i in h.init))
         with admission.admit(self.store, name, schema, spec, settings, shard=shard) as admitted:
             assembler = TensorAssembler(
-                {leaf.path: leaf for leaf in admitted.schema}, what=f"model {name!r}", max_bytes=admitted.param_bytes
+                {leaf.path: leaf for leaf in admitted.schema if leaf.path not in inits},
+                what=f"model {name!r}",
+                max_bytes=admitted.param_bytes,
             )
             params = requests_.receive_tensors(first, payload, requests, pb.CreateModelRequest, assembler)
+            starts = {} if shard is None else {leaf.spec.path: p.start for leaf, p in shard.map.pieces_of(shard.index)}
+            params.update(initializers.materialize_all(inits, admitted.schema, starts))
             model = admitted.create(params)
         if self.checkpoints is not None:  # checkpoints left under its name are not its own
             self.checkpoints.adopt(model)

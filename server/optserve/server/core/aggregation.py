@@ -65,9 +65,10 @@ class LockedModel(Protocol):
         """FAILED_PRECONDITION when an update from `step` would take the model past MAX_STEP."""
         ...
 
-    def apply(self, grads: Mapping[str, Any], scale: float) -> int:
+    def apply(self, grads: Mapping[str, Any], scale: float, row_ids: Mapping[str, Any] | None = None) -> int:
         """One update with `grads` (by trainable buffer, on the device) times `scale`; returns the new
-        step. NonFiniteUpdate when settings.reject_nonfinite_updates refuses it (state unchanged)."""
+        step. NonFiniteUpdate when settings.reject_nonfinite_updates refuses it (state unchanged).
+        row_ids: for buffers whose grads are the padded rows of a lazy rule, their ids (core/rows.py)."""
         ...
 
     def clip_factor(self, global_norm_sq: float | None) -> float:

@@ -91,7 +91,7 @@ class AsyncAggregator:
         factor = model.clip_factor(receiver.global_norm_sq)
         if factor != 1.0:  # a shard's part of a gradient clipped by its whole norm
             grads = _scaled(grads, np.float32(factor))
-        step = model.apply(grads, scale)
+        step = model.apply(grads, scale, receiver.assembler.row_ids())
         reply = PushReply(step, applied=True)
         model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply)
         return reply, False

@@ -43,14 +43,23 @@ from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, plan_packing
 from optserve.server.core.placement import BufferInfo, Placement
+from optserve.server.core.rows import check_rows
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.shard_rounds import Decision, ShardRounds, decides_rounds
 from optserve.server.core.sharding import Shard
-from optserve.server.core.step import MAX_STEP, StepShardings, make_step, nonfinite_leaf_name, own_buffers
+from optserve.server.core.step import (
+    MAX_STEP,
+    StepShardings,
+    make_row_step,
+    make_step,
+    nonfinite_leaf_name,
+    own_buffers,
+)
 from optserve.server.core.sync import SyncAggregator
 from optserve.server.core.worker_activity import WorkerActivity
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
+from optserve.server.spec.laziness import lazy_leaves
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 
@@ -155,6 +164,14 @@ class Model:
             donate: make_step(optimizer, self.trainable, donate, settings, self.step_shardings)
             for donate in (True, False)
         }
+        # Row-sparse pushes (core/rows.py): the leaves held loose, and those of them whose rule is lazy
+        # and so updated row by row (async, one device: sync rounds and meshes take them densely).
+        self.packed_leaves = {leaf: pack.name for pack in self.layout.packs for leaf in pack.leaves}
+        row_wise = settings.mode == "async" and not self.placement.sharded
+        self.lazy_leaves = lazy_leaves(optimizer) & frozenset(self.layout.loose) if row_wise else frozenset()
+        self._row_steps = {
+            donate: make_row_step(optimizer, self.trainable, donate, settings) for donate in (True, False)
+        }
         self._step = 0
         # Bumped (under the lock) by every change a checkpoint must hold: an update, a worker record, a
         # hyperparameter change, an installed checkpoint. Checkpoints compare it, not the step, to tell
@@ -242,12 +259,14 @@ class Model:
         weight: float,
         packs: bool = False,
         global_norm_sq: float | None = None,
+        rows: Sequence[tuple[str, np.ndarray]] = (),
     ) -> Receiver:
         """A receiver for one push stream; its assembler collects the chunks, `commit_push` counts it.
         A push already known to be refused (sync: stale) is refused here, before its bytes. packs: the
         push may send packs of the model's layout (it named the layout; core/receiving.py).
         global_norm_sq: the whole gradient's squared norm, which a shard whose spec starts with
-        clip_by_global_norm requires (core/sharding.py); ignored by other models."""
+        clip_by_global_norm requires (core/sharding.py); ignored by other models. rows: the leaves
+        sent row-sparse and their ids (PushHeader.rows), validated here (core/rows.py)."""
         clip = self.shard.clip if self.shard is not None else None
         if clip is not None and (global_norm_sq is None or not (math.isfinite(global_norm_sq) and global_norm_sq >= 0)):
             got = "none" if global_norm_sq is None else repr(global_norm_sq)
@@ -255,10 +274,13 @@ class Model:
                 f"{self.label}: global_norm_sq must be the whole gradient's squared norm (finite, >= 0), got {got}: "
                 f"the spec starts with {clip.rule!r}, which scales by the norm over every shard's leaves"
             )
+        sparse = check_rows(self.label, rows, self.schema_map, self.packed_leaves, self.lazy_leaves) if rows else {}
         release_host_buffers()  # finished updates' inputs go before this push allocates its own
         receiver = self._aggregator.open_push(
             base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs
         )
+        if sparse:
+            receiver.assembler.take_rows(sparse)  # type: ignore[attr-defined]  # a GradientAssembler
         if clip is not None:
             receiver.global_norm_sq = global_norm_sq  # type: ignore[attr-defined]  # async only (sharding.py)
         if self._aggregator.screens_pushes and base_step is not None:
@@ -269,7 +291,8 @@ class Model:
     def commit_push(self, receiver: Receiver, grads: Mapping[str, np.ndarray]) -> tuple[PushReply, bool]:
         """Counts a completely received push (`grads`: what its assembler returned): applied (async)
         or added to the current round (sync). Returns (reply, duplicate)."""
-        self.gradient_buffers.keep(grads)
+        rows = receiver.assembler.rows  # type: ignore[attr-defined]  # a GradientAssembler
+        self.gradient_buffers.keep({k: v for k, v in grads.items() if k not in rows} if rows else grads)
         self._ready(True)  # outside the lock: pulls go on while the step compiles
         with self._lock:
             try:
@@ -337,7 +360,9 @@ class Model:
 
     # -- what the aggregator does through its view (_Locked), the lock held ------------------------
 
-    def _apply_locked(self, grads: Mapping[str, jax.Array], scale: float) -> int:
+    def _apply_locked(
+        self, grads: Mapping[str, jax.Array], scale: float, row_ids: Mapping[str, Any] | None = None
+    ) -> int:
         """Applies one update; the caller holds the lock and has validated everything.
 
         With settings.reject_nonfinite_updates, raises NonFiniteUpdate (FAILED_PRECONDITION) when the
@@ -348,7 +373,12 @@ class Model:
         self._ready(donate)
         # np.float32, not jnp.float32: jit's C++ fast path takes a numpy scalar in microseconds, while
         # building a jax scalar first costs ~60 us, a third of a small model's whole update.
-        out = self._steps[donate](self._params, self._opt_state, self._ema_state, dict(grads), np.float32(scale))
+        if row_ids:  # lazy rules on the touched rows only (core/step.py, make_row_step)
+            out = self._row_steps[donate](
+                self._params, self._opt_state, self._ema_state, dict(grads), dict(row_ids), np.float32(scale)
+            )
+        else:
+            out = self._steps[donate](self._params, self._opt_state, self._ema_state, dict(grads), np.float32(scale))
         self._params, self._opt_state, self._ema_state = out[:3]
         if self.param_bytes >= REAP_MIN_BYTES:  # then the gradient's host buffers can go (host_memory)
             host_buffer_reaper.after(self._params)
@@ -686,8 +716,8 @@ class _Locked:
         model = self._model
         return shard.clip.factor(global_norm_sq, lambda: model.compiled.hyperparams(model._opt_state))
 
-    def apply(self, grads: Mapping[str, Any], scale: float) -> int:
-        return self._model._apply_locked(grads, scale)
+    def apply(self, grads: Mapping[str, Any], scale: float, row_ids: Mapping[str, Any] | None = None) -> int:
+        return self._model._apply_locked(grads, scale, row_ids)
 
     def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
         self._model._record_worker_locked(worker_id, seq, base_step, reply)

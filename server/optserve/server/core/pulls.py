@@ -3,13 +3,14 @@ bound of a one-message reply."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.model import Model
+from optserve.server.core.rows import bucket
 from optserve.wire.chunks import Cast, slice_wire_bytes
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, leaf_nbytes
 from optserve.wire.framing import PAYLOAD_FIELD_BYTES
@@ -94,3 +95,34 @@ def host_leaves(
         else:
             by_leaf.update(p.views(host))
     return [(leaf.path, by_leaf[leaf.path]) for leaf in model.schema]
+
+
+@jax.jit
+def _gather_rows(x: jax.Array, ids: jax.Array) -> jax.Array:
+    return x[ids]
+
+
+def row_leaves(
+    model: Model, arrays: Mapping[str, jax.Array], rows: Sequence[tuple[str, np.ndarray]], wire_dtype: str
+) -> list[tuple[str, np.ndarray]]:
+    """A pull of rows (PullRequest.rows, validated: core/rows.py, `check_row_pull`): per entry the
+    leaf's rows `ids` as a [k, *row_shape] host array in the wire dtype. A loose leaf's rows are
+    gathered on the device (ids padded to a bucket: one compilation per bucket, not per k), so only
+    they cross to the host; a packed leaf (small) is read from its pack's host view."""
+    check_wire_dtype(wire_dtype, model.name)
+    target = DTYPES.get(wire_dtype) if wire_dtype else None
+    layout = model.layout
+    out: list[tuple[str, np.ndarray]] = []
+    for path, ids in rows:
+        slot = layout.pack_of.get(path)
+        if slot is None:
+            padded = np.zeros(bucket(len(ids)), np.int32)
+            padded[: len(ids)] = ids
+            got = np.asarray(_gather_rows(arrays[path], padded))[: len(ids)]
+        else:
+            pack = slot[0]
+            got = pack.views(model.placement.host(pack.name, np.asarray(arrays[pack.name])))[path][ids]
+        if target is not None and path in model.float_leaves and got.dtype != target:
+            got = got.astype(target)
+        out.append((path, np.ascontiguousarray(got)))
+    return out

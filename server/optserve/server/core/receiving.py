@@ -20,6 +20,7 @@ import numpy as np
 
 from optserve.server.core.layout import Layout, unpacked
 from optserve.server.core.placement import ModelPlacement
+from optserve.server.core.rows import RowGradient
 from optserve.wire.assembler import Leaf, TensorAssembler, aligned_empty, buffer_of
 from optserve.wire.dtypes import DTYPES, FLOAT_DTYPES, LeafSpec, all_finite
 from optserve.wire.errors import WireError
@@ -97,6 +98,20 @@ class GradientAssembler(TensorAssembler):
         self._buffers = buffers or {}
         self._check_whole: set[str] = set()  # float leaves a slice split an element of: checked once complete
         self._by_leaf: dict[str, _PackBuffer] = {}  # packs received leaf by leaf, by pack name
+        self.rows: dict[str, RowGradient] = {}  # leaves sent row-sparse (core/rows.py)
+        self._row_arrays: dict[str, np.ndarray] = {}  # what each of them became once complete
+
+    def take_rows(self, rows: Mapping[str, RowGradient]) -> None:
+        """Receives these (loose) leaves row-sparse: as [k, *row_shape] values, turned into what the
+        update takes (`RowGradient.receive`) once complete. Before any slice is added."""
+        if not rows:
+            return
+        assert self._expected is not None
+        expected = dict(self._expected)  # the model's push_schema is shared: never changed
+        for path, r in rows.items():
+            expected[path] = LeafSpec(path, r.leaf.dtype, r.wire_shape)
+        self._expected = expected
+        self.rows = dict(rows)
 
     def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
         slot = self._layout.pack_of.get(path)
@@ -149,7 +164,11 @@ class GradientAssembler(TensorAssembler):
             raise self._nonfinite(leaf, 0, leaf.buffer)
         slot = self._layout.pack_of.get(leaf.path)
         if slot is None:
-            self._done(leaf.path, leaf.array())
+            sparse = self.rows.get(leaf.path)
+            array = leaf.array() if sparse is None else sparse.receive(leaf.array())
+            if sparse is not None:
+                self._row_arrays[leaf.path] = array
+            self._done(leaf.path, array)
             return
         pack, i = slot
         into = self._by_leaf[pack.name]
@@ -179,8 +198,13 @@ class GradientAssembler(TensorAssembler):
         for pack in self._layout.packs:
             whole = opened.get(pack.name)
             out[pack.name] = whole.array() if whole is not None else self._by_leaf[pack.name].array
-        out.update((k, opened[k].array()) for k in self._layout.loose)
+        out.update((k, self._row_arrays[k] if k in self._row_arrays else opened[k].array()) for k in self._layout.loose)
         return out
+
+    def row_ids(self) -> dict[str, np.ndarray]:
+        """The padded ids of the leaves received row-sparse under a lazy rule, by path (what the
+        update gathers and scatters: core/step.py, `make_row_step`); empty when there are none."""
+        return {k: r.padded_ids for k, r in self.rows.items() if r.padded_ids is not None}
 
     def _nonfinite(self, leaf: Leaf, start: int, block: np.ndarray) -> WireError:
         """The refusal naming the leaf at fault: inside a pack sent whole, the one holding the first

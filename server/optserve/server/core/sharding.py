@@ -32,6 +32,7 @@ from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer
 from optserve.server.spec import packing as spec_packing
 from optserve.server.spec.compiler import ComboNode, RuleNode, Slot
+from optserve.server.spec.laziness import lazy_leaves
 from optserve.server.spec.schedules import ScheduleValue
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 from optserve.wire.errors import WireError
@@ -104,8 +105,10 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
 
 def kept_whole(compiled: CompiledOptimizer) -> set[str]:
     """Leaves that placement must not split: those a rule needs whole (a per-leaf norm or mean;
-    spec/packing.py, LEAF)."""
-    return {leaf for leaf, sig in spec_packing.signatures(compiled).items() if sig is None}
+    spec/packing.py, LEAF). A table under a lazy rule alone (spec/lazy.py) is row-local, so it may
+    be split by rows although it is never packed."""
+    rowwise = lazy_leaves(compiled)
+    return {leaf for leaf, sig in spec_packing.signatures(compiled).items() if sig is None and leaf not in rowwise}
 
 
 def plan(

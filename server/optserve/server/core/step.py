@@ -123,6 +123,77 @@ def make_step(
     )
 
 
+def _rows_of(tree: Any, row_ids: dict, rows: dict[str, int], fn: Any, *others: Any) -> Any:
+    """Maps fn(leaf, ids, *other leaves) over the leaves of an optimizer state that hold per-row
+    values of a row-sparse buffer (under its key, first dimension its row count: moments,
+    accumulators, traces); every other leaf (counts, hyperparameters, other buffers' state) is the
+    last tree's: the state itself, or with `others` the new state."""
+
+    def one(path: tuple, x: Any, *rest: Any) -> Any:
+        for entry in path:
+            key = getattr(entry, "key", None)
+            if isinstance(key, str) and key in row_ids and getattr(x, "ndim", 0) >= 1 and x.shape[0] == rows[key]:
+                return fn(x, row_ids[key], *rest)
+        return rest[-1] if rest else x
+
+    return jax.tree_util.tree_map_with_path(one, tree, *others)
+
+
+def make_row_step(
+    compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings
+):
+    """The jitted update of a push some of whose buffers are the padded rows of a lazy rule
+    (core/rows.py): (params, opt_state, ema_state, grads, row_ids, scale) -> as `make_step`.
+
+    For each buffer in row_ids, its touched rows of the parameters and of its per-row optimizer
+    state are gathered (ids past the end read zeros), the rule runs on those rows and the other
+    buffers as `make_step` would, and the new rows are scattered back (ids past the end dropped):
+    untouched rows keep parameters and state bitwise, and the cost follows the rows, not the table.
+    Lazy rules are row-local (spec/lazy.py), so this equals their dense update on the touched rows.
+    jit compiles one program per set of bucket sizes (core/rows.py, `bucket`). The EMA and the
+    non-finite check, when the model keeps them, run over whole buffers as in `make_step`.
+    """
+    decay = settings.ema_decay
+    check = settings.reject_nonfinite_updates
+
+    # The name contains make_step's, so core/compilation.py counts its compilations as update steps.
+    def model_update_step_rows(
+        params: dict, opt_state: Any, ema_state: Any, grads: dict, row_ids: dict, scale: jax.Array
+    ):
+        rows = {k: params[k].shape[0] for k in row_ids}
+
+        def gather(x: jax.Array, ids: jax.Array) -> jax.Array:
+            return x.at[ids].get(mode="fill", fill_value=0)
+
+        def scatter(x: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
+            return x.at[ids].set(new.astype(x.dtype), mode="drop")
+
+        train = {k: gather(params[k], row_ids[k]) if k in row_ids else params[k] for k in trainable}
+        state = _rows_of(opt_state, row_ids, rows, gather)
+        g = {k: grads[k].astype(train[k].dtype) for k in trainable}
+        updates, new_state = compiled.update(g, state, train)
+        new_train = _apply_updates(train, updates, scale)
+        new_params = dict(params)
+        for k in trainable:
+            new_params[k] = scatter(params[k], row_ids[k], new_train[k]) if k in row_ids else new_train[k]
+        new_opt_state = _rows_of(opt_state, row_ids, rows, scatter, new_state)
+        new_ema = ema_state
+        if ema_state is not None:
+            assert decay is not None
+            new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
+        if not check:
+            return new_params, new_opt_state, new_ema
+        flags, firsts = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
+        ok = jnp.all(flags)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
+
+    return jax.jit(model_update_step_rows, donate_argnums=(0, 1, 2) if donate_params else (1,))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
     """The shardings of a model's step on a mesh: parameters by buffer key, optimizer and EMA state

@@ -73,6 +73,20 @@ given:
 Leaves share a buffer only when they have one dtype, at least one dimension, fewer than 1 MiB, the
 same partition group and the same value of every mask on their way, and every rule they pass
 through is elementwise or global.
+
+## Row-sparse gradients (embedding tables)
+
+A push may send the gradient of a leaf as some of its rows (`optserve.client.Rows(ids, values)`,
+proto `RowSparseGradient`); rows named more than once are summed first. Under a *lazy* rule,
+`lazy_adam`, `rowwise_adagrad` or `sparse_sgd` (alone, or as the rule of the leaf's `partition`
+group, without a mask), only the named rows change: the server gathers them and their optimizer
+state, applies the rule to them and scatters them back, so the cost follows the rows touched, not
+the table, and every other row's parameters and state stay bitwise as they were. Under **any other
+rule** (and in sync mode, where the round's gradients are averaged densely, or on a model split over
+several devices) the rows are applied exactly as the dense gradient with the summed rows and zeros
+elsewhere: correct, bit for bit the same as pushing that dense gradient, at the cost of a dense
+update (an adam table's untouched rows still decay their moments). A dense gradient under a lazy
+rule touches every row. Lazy rules never pack their leaves (packing: leaf below).
 """
 
 SECTIONS = [

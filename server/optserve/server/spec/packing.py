@@ -42,6 +42,10 @@ _PER_LEAF = frozenset(
         "clip_by_leaf_norm",
         "centralize",
         "noisy_sgd",
+        # lazy rules (spec/lazy.py): a table must keep its rows to be updated row by row
+        "lazy_adam",
+        "rowwise_adagrad",
+        "sparse_sgd",
         "add_noise",
         "flux:clipnorm",
         "objax:lars",
