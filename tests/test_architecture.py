@@ -11,7 +11,7 @@ only what a statement names.
 The rules (docs/design.md, "Layers"):
 - no import cycle anywhere in the package;
 - grpc, grpc_* and protobuf, and the generated `optserve.v1`, are imported only by the server's
-  API layer (`optserve.server.api`), its entry points `cli.py` and `server.py`, and the client
+  API layer (`optserve.server.api`), its entry points `cli/` and `server.py`, and the client
   package `optserve.client` (its transport);
 - `optserve.wire`, the one package the client and the server share, imports only numpy, ml_dtypes,
   the standard library and itself;
@@ -51,14 +51,14 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     # imported on first access (module __getattr__).
     ("optserve.server", "optserve.server.server"): "jax on first use of Server",
     # `optserve --help` and the admin commands answer without loading jax or the server.
-    ("optserve.server.cli", "optserve.server.server"): "jax and the server: only `optserve serve` needs them",
-    ("optserve.server.cli", "optserve.server.api.auth"): "grpc and the client, after the cheap option checks",
-    ("optserve.server.cli", "optserve.server.logs"): "logging setup, only for `optserve serve`",
-    ("optserve.server.cli", "optserve.client"): "the client, only for the admin commands",
-    ("optserve.server.cli", "optserve.server.spec"): "the spec compiler (jax, optax), only for `optserve rules`",
+    ("optserve.server.cli.serve", "optserve.server.server"): "jax and the server: only `optserve serve` needs them",
+    ("optserve.server.cli.serve", "optserve.server.api.auth"): "grpc and the client, after the cheap option checks",
+    ("optserve.server.cli.serve", "optserve.server.logs"): "logging setup, only for `optserve serve`",
+    ("optserve.server.cli.admin", "optserve.client"): "the client, only for the admin commands",
+    ("optserve.server.cli.admin", "optserve.server.spec"): "the spec compiler (jax, optax), only for `optserve rules`",
     ("optserve.server.cli", "optserve.server.demo"): "the demo (scikit-learn), only for `optserve demo`",
     (
-        "optserve.server.cli",
+        "optserve.server.cli.reshard",
         "optserve.server.checkpoint.resharding",
     ): "jax and the spec compiler, only for `optserve reshard`",
     ("optserve.server.cli", "optserve.server.top"): "rich, only for `optserve top`",
@@ -380,7 +380,7 @@ def test_the_graph_covers_the_package(graph: ImportGraph):
     kinds = {imp.kind for imp in graph.imports if imp.internal}
     assert "module" in kinds and "function" in kinds, kinds
     edges = graph.edges()
-    assert "optserve.server.server" in edges["optserve.server.cli"]  # a function-level import
+    assert "optserve.server.server" in edges["optserve.server.cli.serve"]  # a function-level import
     assert any(m.startswith("optserve.wire") for m in edges["optserve.client.model"])
     assert not graph.unresolved, report(graph.unresolved, "imports of modules that do not exist")
 
@@ -402,7 +402,7 @@ def test_only_the_api_layer_the_entry_points_and_the_client_talk_grpc(graph: Imp
     ]
     assert not problems, report(
         problems,
-        "imports of grpc, protobuf or optserve.v1 outside optserve.server.api, cli.py, server.py and optserve.client",
+        "imports of grpc, protobuf or optserve.v1 outside optserve.server.api, cli/, server.py and optserve.client",
     )
 
 

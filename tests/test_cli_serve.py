@@ -260,7 +260,7 @@ def _serve_parser():
     import argparse
 
     sub = argparse.ArgumentParser(prog="optserve").add_subparsers(dest="command")
-    cli._add_serve(sub)
+    cli.serve.add_parser(sub)
     return sub.choices["serve"]
 
 

@@ -128,7 +128,7 @@ def test_the_flag_off_and_its_default(flag, expected, tmp_path):
     from optserve.server import cli
 
     default = str(tmp_path / "ckpt" / ".compile-cache")
-    got = cli._compile_cache(argparse.Namespace(compile_cache=flag), default)
+    got = cli.serve.compile_cache_dir(argparse.Namespace(compile_cache=flag), default)
     assert got == (default if expected == "DEFAULT" else expected)
     assert os.path.isdir(default) == (expected == "DEFAULT")  # created only when used
 

@@ -30,7 +30,7 @@ DEPLOY = os.path.join(ROOT, "deploy")
 def serve_args(args: list[str]) -> argparse.Namespace:
     """Parses arguments exactly as `optserve serve` does (unknown flags or bad values fail)."""
     parser = argparse.ArgumentParser(prog="optserve", exit_on_error=False)
-    cli._add_serve(parser.add_subparsers(dest="command"))
+    cli.serve.add_parser(parser.add_subparsers(dest="command"))
     try:
         return parser.parse_args(["serve", *args])
     except SystemExit as e:  # argparse exits on unknown flags even with exit_on_error=False
@@ -160,7 +160,7 @@ GRPC_PROBE_MIN_TIMEOUT = 5
 def health_args(args: list[str]) -> argparse.Namespace:
     """Parses `optserve health` arguments exactly as the CLI does (bad flags fail)."""
     parser = argparse.ArgumentParser(prog="optserve", exit_on_error=False)
-    cli._add_admin(parser.add_subparsers(dest="command"))
+    cli.admin.add_parsers(parser.add_subparsers(dest="command"))
     try:
         return parser.parse_args(["health", *args])
     except SystemExit as e:
