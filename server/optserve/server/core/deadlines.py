@@ -1,4 +1,5 @@
-"""The thread that applies an aggregator's pending work when its time is up (sync_timeout)."""
+"""The thread that does a model's timed work when its time is up: a sync round's sync_timeout, the
+expiry of a member's lease (core/membership.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import contextlib
 import logging
 import threading
 import time
-
-from optserve.server.core.aggregation import Aggregator
+from typing import Protocol
 
 log = logging.getLogger("optserve.aggregation")
 
@@ -16,13 +16,25 @@ log = logging.getLogger("optserve.aggregation")
 IDLE_EXIT_SECONDS = 5.0
 
 
+class Deadlines(Protocol):
+    """What the timer watches (an aggregator, or a model's aggregator and membership together)."""
+
+    def time_left(self) -> float | None:
+        """Seconds until something must be done (<= 0: now), or None."""
+        ...
+
+    def expire(self) -> None:
+        """Does what is due; never raises."""
+        ...
+
+
 class DeadlineTimer:
     """Watches one model's aggregator. `wakeup` is a condition of the model's lock: the timer holds
     that lock whenever it looks at the aggregator, as the model does, and every method here is called
     with it held. The timer holds no reference to the model itself (so that a model nobody refers
     to is freed at once)."""
 
-    def __init__(self, wakeup: threading.Condition, aggregator: Aggregator, name: str):
+    def __init__(self, wakeup: threading.Condition, aggregator: Deadlines, name: str):
         self._wakeup = wakeup
         self._aggregator = aggregator
         self._name = name
