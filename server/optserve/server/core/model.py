@@ -522,11 +522,11 @@ class Model:
     ) -> None:
         if not worker_id:
             return
+        live = self.membership.session_of(worker_id)
+        if live is not None and live != session:
+            return  # a replaced session's push, applied after its successor started: not its record
         record = self._workers.get(worker_id)
         if record is None or record.session != session:
-            live = self.membership.session_of(worker_id)
-            if record is not None and live is not None and live != session:
-                return  # a replaced session's push, applied after its successor started: not its record
             record = self._workers[worker_id] = WorkerRecord(session=session)  # a new session: seqs from 1
         record.remember(seq, self._step - 1 if base_step is None else base_step, reply)
         self._state_version += 1
