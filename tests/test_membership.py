@@ -186,7 +186,7 @@ def test_checkpoints_carry_the_membership_and_restored_leases_expire_unless_rene
 
 
 @pytest.mark.parametrize(
-    ("settings", "field"),
+    "settings, field",
     [
         (ModelSettings(heartbeat_seconds=-1.0), "settings.heartbeat_seconds"),
         (ModelSettings(heartbeat_seconds=math.nan), "settings.heartbeat_seconds"),
