@@ -12,7 +12,9 @@ Sessions: a worker process picks a random session id when it starts (client/work
 pull of the same worker_id with another session is a new session of that worker: it replaces the
 old one, whose id is retired (the last RETIRED_KEPT of them are remembered), and a call of a retired
 session is refused, so a late retry of a dead process is never taken for the new process's push.
-Session 0 is what clients that know no sessions send; it is a session like any other.
+Session 0 is what clients that know no sessions send: no session. Its calls renew the member's
+lease whatever its session, never start a new one, and count their seqs in the worker's record
+whatever its session (core/model.py), exactly as before sessions existed.
 
 Time comes from `time.monotonic` (the module's `time`, which tests replace by a clock they move:
 tests/conftest.py, ManualClock); the model's timer thread calls `expire` when `time_left` says so
@@ -99,7 +101,7 @@ class Membership:
     def check_session(self, label: str, worker_id: str, session: int) -> None:
         """FAILED_PRECONDITION for a call of a retired session of the worker (a process that was
         replaced by a newer one of the same worker_id)."""
-        if session in self._retired.get(worker_id, ()):
+        if session and session in self._retired.get(worker_id, ()):
             current = self.session_of(worker_id)
             raise FailedPrecondition(
                 f"{label}: worker {worker_id!r} session {session} was replaced by a newer session"
@@ -114,7 +116,7 @@ class Membership:
         now = time.monotonic()
         expires = now + self.lease_seconds if self.lease_seconds > 0 else math.inf
         lease = self._members.get(worker_id)
-        if lease is not None and lease.session == session:
+        if lease is not None and (lease.session == session or session == 0):
             lease.expires, lease.renewed = expires, now
             return "renewed"
         self.epoch += 1

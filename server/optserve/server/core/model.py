@@ -505,8 +505,8 @@ class Model:
         if not worker_id:
             return None
         record = self._workers.get(worker_id)
-        if record is None or record.session != session or seq > record.last_seq:
-            return None  # a new push (in a new session its seqs start again)
+        if record is None or (session and record.session != session) or seq > record.last_seq:
+            return None  # a new push (in a new session its seqs start again; session 0: any session)
         self._count("duplicates")
         if seq in record.replies:
             return record.replies[seq]
@@ -522,11 +522,13 @@ class Model:
     ) -> None:
         if not worker_id:
             return
-        live = self.membership.session_of(worker_id)
-        if live is not None and live != session:
-            return  # a replaced session's push, applied after its successor started: not its record
         record = self._workers.get(worker_id)
-        if record is None or record.session != session:
+        live = self.membership.session_of(worker_id)
+        if not session:  # a client without sessions: its seqs continue the worker's record
+            record = record or self._workers.setdefault(worker_id, WorkerRecord())
+        elif live is not None and live not in (0, session):
+            return  # a replaced session's push, applied after its successor started: not its record
+        elif record is None or record.session != session:
             record = self._workers[worker_id] = WorkerRecord(session=session)  # a new session: seqs from 1
         record.remember(seq, self._step - 1 if base_step is None else base_step, reply)
         self._state_version += 1
@@ -815,7 +817,7 @@ class _Locked:
 
     def last_applied_seq(self, worker_id: str, session: int) -> int:
         record = self._model._workers.get(worker_id)
-        return 0 if record is None or record.session != session else record.last_seq
+        return 0 if record is None or (session and record.session != session) else record.last_seq
 
     def check_step_room(self, step: int) -> None:
         self._model._check_step_room(step)

@@ -145,7 +145,7 @@ class ShardRounds:
 
     def _is_retry(self, worker_id: str, seq: int, session: int) -> bool:
         staged = self._current().staged.get(worker_id)
-        if staged is not None and staged.session == session and seq <= staged.seq:
+        if staged is not None and (not session or staged.session == session) and seq <= staged.seq:
             return True
         return seq <= self.model.last_applied_seq(worker_id, session)
 
@@ -170,7 +170,8 @@ class ShardRounds:
         model = self.model
         rnd = self._current()
         pending = rnd.staged.get(push.worker_id)
-        if pending is not None and pending.session == push.session and push.seq == pending.seq:
+        same_session = not push.session or (pending is not None and pending.session == push.session)
+        if pending is not None and same_session and push.seq == pending.seq:
             model.count("duplicates")
             return pending.reply, True
         applied = model.applied_reply(push.worker_id, push.seq, push.session)

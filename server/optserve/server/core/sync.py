@@ -230,7 +230,7 @@ class SyncAggregator:
         if not worker_id:
             return False
         pending = self._current_round().contributors.get(worker_id)
-        if pending is not None and pending.session == session and seq <= pending.seq:
+        if pending is not None and (not session or pending.session == session) and seq <= pending.seq:
             return True
         return seq <= self.model.last_applied_seq(worker_id, session)
 
@@ -326,8 +326,8 @@ class SyncAggregator:
         if not worker_id:
             return None
         pending = rnd.contributors.get(worker_id)
-        if pending is not None and pending.session != session:
-            pending = None  # another session's: this push is not its retry
+        if pending is not None and session and pending.session != session:
+            pending = None  # another session's: this push is not its retry (0: no session, any)
         if pending is not None and seq == pending.seq:
             self.model.count("duplicates")
             return pending.reply
