@@ -217,3 +217,18 @@ def test_bad_fields_over_the_wire_name_the_model_and_field(client, model_name):
         assert info["membership_epoch"] == 1 and info["live_workers"] == 1
         assert info["members"]["w"]["session"] == worker.session and info["members"]["w"]["joined_epoch"] == 1
         assert 0 < info["members"]["w"]["lease_seconds_left"] <= 10.0
+
+
+def test_session_zero_is_no_session_and_continues_the_workers_seqs():
+    """A client that knows no sessions (a hand-written one, an older one) sends 0: its seqs count in
+    whatever session the worker has, and its retries are answered from it, as before sessions."""
+    model = make_model()
+    push(model, grad(1.0), worker_id="w", seq=1, session=5)
+    assert push(model, grad(1.0), worker_id="w", seq=1) == (PushReply(1, applied=True), True)
+    assert push(model, grad(1.0), worker_id="w", seq=2)[1] is False
+    model.renew_lease("w", 0)
+    assert model.membership_info()[0] == 1 and model.worker_sessions() == {"w": 5}
+    assert model.worker_states() == [("w", 2, 1)]
+    push(model, grad(1.0), worker_id="w", seq=3, session=5)  # the session's own seqs go on after it
+    assert model.step == 3
+    model.mark_deleted()
