@@ -9,6 +9,9 @@ import threading
 import time
 from typing import Protocol
 
+from optserve.server.core.aggregation import Aggregator, LockedModel
+from optserve.server.core.membership import Membership
+
 log = logging.getLogger("optserve.aggregation")
 
 # A timer thread with nothing to watch waits this long, then exits (a new one starts with the next
@@ -81,3 +84,37 @@ class DeadlineTimer:
                 self._aggregator.expire()
                 continue
             self._wakeup.wait(left)
+
+
+class TimedWork:
+    """What a model's DeadlineTimer watches: the expiry of its members' leases,
+    then the aggregator's own deadline. Holds the aggregator, the membership and the view, never the
+    model (the view refers to it weakly)."""
+
+    def __init__(self, aggregator: Aggregator, membership: Membership, view: LockedModel):
+        self._aggregator, self._membership, self._view = aggregator, membership, view
+
+    def time_left(self) -> float | None:
+        lefts = [t for t in (self._membership.time_left(), self._aggregator.time_left()) if t is not None]
+        return min(lefts) if lefts else None
+
+    def expire(self) -> None:
+        left = self._membership.time_left()
+        if left is not None and left <= 0:
+            gone = self._membership.expire()
+            for e in gone:
+                log.info(
+                    "model %r: worker %r left (lease expired); membership epoch %d",
+                    self._view.name,
+                    e.worker_id,
+                    e.epoch,
+                )
+            if gone:
+                try:
+                    self._aggregator.membership_changed()
+                except Exception:  # never kill the model's timer silently
+                    log.exception("model %r: closing a round after a lease expired failed", self._view.name)
+                self._view.notify_waiters()
+        left = self._aggregator.time_left()
+        if left is not None and left <= 0:
+            self._aggregator.expire()

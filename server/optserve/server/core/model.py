@@ -24,7 +24,6 @@ aggregator's view (`LockedModel`) to code that drives updates itself (benchmarks
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import threading
 import time
@@ -40,7 +39,7 @@ from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
 from optserve.server.core.compilation import model_alive, step_grad_avals, warm_up_steps
 from optserve.server.core.counters import Counters, CounterSet
-from optserve.server.core.deadlines import DeadlineTimer
+from optserve.server.core.deadlines import DeadlineTimer, TimedWork
 from optserve.server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -71,8 +70,6 @@ from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
 from optserve.server.spec.laziness import lazy_leaves
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
-
-log = logging.getLogger("optserve.aggregation")
 
 
 class ExpectedStep:
@@ -214,7 +211,7 @@ class Model:
         self._view = _Locked(self)
         self._aggregator: Aggregator = _aggregator_of(self._view, settings, shard)
         # applies the aggregator's pending work when its time is up (sync_timeout) and expires leases
-        self._timed = _TimedWork(self._aggregator, self.membership, self._view)
+        self._timed = TimedWork(self._aggregator, self.membership, self._view)
         self._timer = DeadlineTimer(threading.Condition(self._lock), self._timed, f"optserve-sync-timeout-{name}")
         self._warm_ups = self._warm_up()
 
@@ -840,37 +837,3 @@ class _Locked:
 
     def notify_waiters(self) -> None:
         self._model._changed.notify_all()
-
-
-class _TimedWork:
-    """What the model's timer thread watches (core/deadlines.py): the expiry of members' leases,
-    then the aggregator's own deadline. Holds the aggregator, the membership and the view, never the
-    model (the view refers to it weakly)."""
-
-    def __init__(self, aggregator: Aggregator, membership: Membership, view: LockedModel):
-        self._aggregator, self._membership, self._view = aggregator, membership, view
-
-    def time_left(self) -> float | None:
-        lefts = [t for t in (self._membership.time_left(), self._aggregator.time_left()) if t is not None]
-        return min(lefts) if lefts else None
-
-    def expire(self) -> None:
-        left = self._membership.time_left()
-        if left is not None and left <= 0:
-            gone = self._membership.expire()
-            for e in gone:
-                log.info(
-                    "model %r: worker %r left (lease expired); membership epoch %d",
-                    self._view.name,
-                    e.worker_id,
-                    e.epoch,
-                )
-            if gone:
-                try:
-                    self._aggregator.membership_changed()
-                except Exception:  # never kill the model's timer silently
-                    log.exception("model %r: closing a round after a lease expired failed", self._view.name)
-                self._view.notify_waiters()
-        left = self._aggregator.time_left()
-        if left is not None and left <= 0:
-            self._aggregator.expire()
