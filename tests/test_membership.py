@@ -232,3 +232,16 @@ def test_session_zero_is_no_session_and_continues_the_workers_seqs():
     push(model, grad(1.0), worker_id="w", seq=3, session=5)  # the session's own seqs go on after it
     assert model.step == 3
     model.mark_deleted()
+
+
+def test_a_round_whose_members_all_left_expects_the_workers_that_come(manual_clock):
+    clock = manual_clock(membership)
+    model = make_model(_elastic(workers=2))
+    push(model, grad(1.0), base_step=0, worker_id="a", seq=1)
+    push(model, grad(1.0), base_step=0, worker_id="b", seq=1)
+    clock.advance(2.5)
+    model.check_deadlines()
+    assert model.membership_info() == (4, [])
+    model.renew_lease("c", 0)  # nobody the open round expected is left: c is counted in it
+    assert push(model, grad(1.0), base_step=1, worker_id="c", seq=1)[0] == PushReply(2, applied=True)
+    model.mark_deleted()

@@ -207,9 +207,12 @@ class SyncAggregator:
         rnd = self._current_round()
         if not self.elastic:
             return
-        joiners = sorted(self.model.membership.live() - rnd.members)
+        live = self.model.membership.live()
+        joiners = sorted(live - rnd.members)
         while joiners and rnd.slots > 0:  # a worker that joins fills a slot the round holds open
             rnd.members, rnd.slots = rnd.members | {joiners.pop(0)}, rnd.slots - 1
+        if rnd.count == 0 and rnd.slots == 0 and not rnd.members & live:
+            rnd.members = live  # every member it expected left before contributing: it expects who is here
         if rnd.count and rnd.count >= self.needed(rnd):
             with contextlib.suppress(NonFiniteUpdate):  # dropped and logged by _apply
                 self._apply(rnd, closed_by="membership")
