@@ -245,3 +245,25 @@ def test_a_round_whose_members_all_left_expects_the_workers_that_come(manual_clo
     model.renew_lease("c", 0)  # nobody the open round expected is left: c is counted in it
     assert push(model, grad(1.0), base_step=1, worker_id="c", seq=1)[0] == PushReply(2, applied=True)
     model.mark_deleted()
+
+
+def test_leases_over_several_shards_are_refused_naming_the_setting():
+    from optserve.server.core.sharding import check_shardable
+    from optserve.server.spec import compile_spec
+
+    compiled = compile_spec({"sgd": {"learning_rate": 0.1}}, ["w"])
+    with pytest.raises(InvalidArgument, match=r"model 'm': a model over 2 shards: settings.heartbeat_seconds"):
+        check_shardable("m", compiled, _elastic(workers=2), 2)
+    check_shardable("m", compiled, ModelSettings(mode="sync", workers=2, sync_timeout=1.0), 2)  # fixed: fine
+
+
+def test_a_bad_worker_session_in_a_file_is_refused_naming_the_field():
+    model = make_model()
+    push(model, grad(1.0), worker_id="a", seq=1, session=5)
+    host = model_state.capture(model).to_host()
+    saved = json.loads(json.dumps(manifest.to_manifest(host)))
+    for bad in (-1, "5", 2**64, True):
+        saved["workers"]["a"]["session"] = bad
+        with pytest.raises(model_state.StateError, match=r"workers\['a'\]\.session"):
+            manifest.from_manifest(saved, host.tensor_groups(), "file")
+    model.mark_deleted()
