@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import Protocol
@@ -43,14 +44,22 @@ class DeadlineTimer:
         self._name = name
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # when the running thread wakes by itself (time.monotonic); it is woken earlier only for an
+        # earlier deadline: a renewed lease, every push of a model with leases, moves the deadline
+        # later, and waking the thread for each would cost every push a thread switch
+        self._wakes_at = math.inf
 
     def watch_locked(self) -> None:
         """The aggregator's deadline may have changed: starts the thread when there is one, or
-        wakes the running thread to look again."""
-        if self._stopped or self._aggregator.time_left() is None:
+        wakes the running thread to look again if it is earlier than the one it waits for."""
+        if self._stopped:
+            return
+        left = self._aggregator.time_left()
+        if left is None:
             return
         if self._thread is not None and self._thread.is_alive():
-            self._wakeup.notify_all()
+            if time.monotonic() + left < self._wakes_at:
+                self._wakeup.notify_all()
             return
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
@@ -77,13 +86,20 @@ class DeadlineTimer:
                 idle_since = idle_since or now
                 if now - idle_since >= IDLE_EXIT_SECONDS:
                     return
-                self._wakeup.wait(IDLE_EXIT_SECONDS)
+                self._wait(IDLE_EXIT_SECONDS)
                 continue
             idle_since = None
             if left <= 0:
                 self._aggregator.expire()
                 continue
-            self._wakeup.wait(left)
+            self._wait(left)
+
+    def _wait(self, seconds: float) -> None:
+        self._wakes_at = time.monotonic() + seconds
+        try:
+            self._wakeup.wait(seconds)
+        finally:
+            self._wakes_at = -math.inf  # awake: every change is looked at by the loop itself
 
 
 class TimedWork:
