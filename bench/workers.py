@@ -4,9 +4,11 @@ Each worker pulls, then runs `--pushes` PushPull round trips (a fixed gradient o
 no compute, so the server's path is what is measured); all workers start together. Reported per
 mode and worker count: steps/s, pushes/s, aggregate gradient bytes/s pushed, and sync's throughput
 relative to async at the same worker count (pushes/s ratio: a sync step takes one push of every
-worker). Median of `--repeat` runs.
+worker). Median of `--repeat` runs. `--modes` may add "elastic": sync with membership leases
+(`heartbeat=2.0`: every push and pull renews the worker's lease, docs/design.md, "Membership and
+leases"), reported against fixed-membership sync at the same worker count ("elastic / sync").
 
-    python bench/workers.py [--floats 1000000] [--pushes 40] [--counts 1,2,4,8] [--repeat 3]
+    python bench/workers.py [--floats 1000000] [--pushes 40] [--counts 1,2,4,8] [--repeat 3] [--modes async,sync]
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 WARMUP = 3  # round trips per worker before timing (not counted)
-COLUMNS = ["mode", "workers", "gradient", "steps/s", "pushes/s", "grad MB/s", "sync / async"]
+COLUMNS = ["mode", "workers", "gradient", "steps/s", "pushes/s", "grad MB/s", "sync / async", "elastic / sync"]
+MODES = {
+    "async": lambda n: {},
+    "sync": lambda n: {"mode": "sync", "workers": n},
+    "elastic": lambda n: {"mode": "sync", "workers": n, "heartbeat": 2.0},
+}
 
 
 def worker_main(target: str, model: str, index: int, pushes: int, floats: int) -> None:
@@ -56,7 +63,7 @@ def run_one(target: str, mode: str, n: int, floats: int, pushes: int) -> dict:
     from optserve.client import Client, optim
 
     name = f"bench-{mode}-{n}-{floats}"
-    settings = {"mode": "sync", "workers": n} if mode == "sync" else {}
+    settings = MODES[mode](n)
     with Client(target, timeout=300) as client:
         model = client.create_model(name, {"w": np.zeros(floats, np.float32)}, optimizer=optim.adam(1e-3), **settings)
         procs = [
@@ -105,29 +112,34 @@ def main() -> None:
     ap.add_argument("--pushes", type=int, default=40, help="PushPull round trips per worker")
     ap.add_argument("--counts", default="1,2,4,8")
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is reported")
+    ap.add_argument("--modes", default="async,sync", help=f"of {','.join(MODES)}")
     args = ap.parse_args()
+    modes = args.modes.split(",")
     counts = [int(c) for c in args.counts.split(",")]
     proc, target = optserve_server()
     rows = []
     try:
         for n in counts:
             by_mode = {}
-            for mode in ("async", "sync"):
+            for mode in modes:
                 runs = sorted(
                     (run_one(target, mode, n, args.floats, args.pushes) for _ in range(args.repeat)),
                     key=lambda r: r["_pushes_per_s"],
                 )
                 by_mode[mode] = runs[len(runs) // 2]
-            ratio = by_mode["sync"]["_pushes_per_s"] / by_mode["async"]["_pushes_per_s"]
-            by_mode["sync"]["sync / async"] = f"{ratio:.2f}x"
-            rows += [by_mode["async"], by_mode["sync"]]
+            rate = {m: r["_pushes_per_s"] for m, r in by_mode.items()}
+            if "sync" in rate and "async" in rate:
+                by_mode["sync"]["sync / async"] = f"{rate['sync'] / rate['async']:.2f}x"
+            if "elastic" in rate and "sync" in rate:
+                by_mode["elastic"]["elastic / sync"] = f"{rate['elastic'] / rate['sync']:.2f}x"
+            rows += [by_mode[m] for m in modes]
             print(f"  {n} workers done", file=sys.stderr, flush=True)
     finally:
         stop(proc)
     print(f"machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}")
     print(
         f"command: python bench/workers.py --floats {args.floats} --pushes {args.pushes} --counts {args.counts} "
-        f"--repeat {args.repeat}"
+        f"--repeat {args.repeat} --modes {args.modes}"
     )
     print(table(rows, COLUMNS))
 

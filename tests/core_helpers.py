@@ -59,10 +59,16 @@ def receive(
     seq: int = 0,
     weight: float = 0.0,
     global_norm_sq: float | None = None,
+    session: int = 0,
 ):
     """A push's receiver that has received all of `grads` (what the service does with a stream)."""
     receiver = model.open_push(
-        base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, global_norm_sq=global_norm_sq
+        base_step=base_step,
+        worker_id=worker_id,
+        seq=seq,
+        weight=weight,
+        global_norm_sq=global_norm_sq,
+        session=session,
     )
     for slices, parts in plan_chunks(list(grads.items())):
         receiver.assembler.add(slices, memoryview(b"".join(bytes(p) for p in parts)))

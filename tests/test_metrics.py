@@ -152,3 +152,16 @@ def test_logs_one_json_line_per_rejection_none_per_push(msrv, capsys):
     line = json.loads(logs.JsonFormatter().format(records[0]))
     assert line["event"] == "rejected" and line["rpc"] == "PushOne" and line["model"] == "quiet"
     assert line["code"] == "INVALID_ARGUMENT" and "'w'" in line["message"] and line["level"] == "info"
+
+
+def test_membership_gauges_follow_joins(msrv):
+    with msrv.client(timeout=30) as c:
+        m = c.create_model("members", W, optim.sgd(0.1), heartbeat=30.0)
+        assert value(scrape(msrv), "optserve_membership_epoch", model="members") == 0
+        with m.worker("a") as a, m.worker("b") as b:
+            a.pull()
+            b.push(G)
+            samples = scrape(msrv)
+        assert value(samples, "optserve_membership_epoch", model="members") == 2
+        assert value(samples, "optserve_live_workers", model="members") == 2
+        c.delete_model("members")

@@ -111,7 +111,7 @@ def trained(servers, targets, whole_client, tmp_path_factory):
         sm = c.create_model("src", _params(), ADAM, split_bytes=SPLIT, ema=0.9)
         wm = whole_client.create_model("src", _params(), ADAM, ema=0.9)
         for model in (sm, wm):
-            worker = model.worker("w0")
+            worker = model.worker("w0", session=1)  # files hold the worker's session: the twin's is the same
             worker.push(_grads(1))
             model.set_hyperparams(learning_rate=0.05)
             worker.push(_grads(2))
@@ -228,7 +228,7 @@ def test_offline_reshard_3_to_2_to_5_restores_bit_identical_shards(whole_client,
         sm = c.create_model("cli", _params(), ADAM, split_bytes=SPLIT, ema=0.9)
         twin = whole_client.create_model("cli", _params(), ADAM, ema=0.9)
         for model in (sm, twin):
-            model.worker("w0").push(_grads(1))
+            model.worker("w0", session=1).push(_grads(1))  # the files hold the session: the same for both
             model.push(_grads(2))
         sm.save()
     for s in srvs:

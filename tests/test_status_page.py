@@ -73,11 +73,12 @@ def test_the_json_reports_the_server_models_and_workers(srv):
     assert (alpha["name"], beta["name"]) == ("alpha", "beta")
     assert alpha["step"] == 4 and alpha["pushes"] == 4 and alpha["counters"]["pulls"] == 1
     assert alpha["spec"] == {"sgd": {"learning_rate": 0.1}} and beta["settings"]["workers"] == 2
-    assert alpha["membership"] is None, "leases are issue 18's scope 1: absent until the model keeps them"
+    # two joins (w-1's first push, <w-2>'s); alpha.pull() names no worker
+    assert alpha["membership"] == {"epoch": 2, "live": {"w-1": True, "<w-2>": True}}
     workers = {w["id"]: w for w in alpha["workers"]}
     assert set(workers) == {"w-1", "<w-2>"}
     assert workers["w-1"]["pushes"] == 3 and workers["w-1"]["last_seq"] == 3 and workers["w-1"]["duplicates"] == 0
-    assert workers["w-1"]["last_push_age_s"] >= 0 and workers["w-1"]["live"] is None
+    assert workers["w-1"]["last_push_age_s"] >= 0 and workers["w-1"]["live"] is True
     # samples were taken before and after the pushes (and maybe by the sampler's thread between them)
     points = alpha["history"]
     assert any(x > 0 for x in points["steps_per_s"]) and any(x > 0 for x in points["bytes_in_per_s"])
@@ -88,8 +89,10 @@ def test_the_json_reports_the_server_models_and_workers(srv):
 def test_a_retried_push_counts_as_a_duplicate_of_its_worker(srv):
     with srv.client(token="admin-secret", timeout=60) as c:
         m = c.model("beta")
-        m.worker("dup").push(G)
-        m.worker("dup").push(G)  # a second Worker of that id sends seq 1 again: answered from the round
+        m.worker("dup", session=5).push(G)
+        # a second Worker of that id and session sends seq 1 again: answered from the round (a Worker
+        # of another session would be a restarted process, whose seq 1 is a new push)
+        m.worker("dup", session=5).push(G)
     workers = {w["id"]: w for w in report(srv)["models"][1]["workers"]}
     assert workers["dup"]["pushes"] == 2 and workers["dup"]["duplicates"] == 1
 
@@ -107,7 +110,7 @@ def test_the_page_shows_every_model_its_step_charts_and_workers(srv):
     assert 'data-worker="&lt;w-2&gt;"' in text and "<w-2>" not in text  # escaped, never markup
     assert "<svg" in text and "<polyline" in text  # the charts of steps/s and bytes/s
     assert "<script" not in text  # rendered on the server: nothing for the browser to run
-    assert "leases: not tracked" in text
+    assert "membership epoch 2" in text
 
 
 def test_refresh_and_the_root_redirect(srv):
@@ -276,13 +279,13 @@ def test_a_shard_reports_the_shard_map():
             assert '<table class="shard-map">' in r.read().decode()
 
 
-def test_membership_slots_in_when_a_model_keeps_it(srv, monkeypatch):
-    """Issue 18's scope 1 (leases) is built elsewhere: once a model exposes `membership`, the report
-    and the page show the epoch and each worker's live/expired without other changes here."""
+def test_membership_shows_live_and_expired_workers(srv, monkeypatch):
+    """The report and the page show the membership epoch and each worker's live/expired
+    (Model.membership_info; a worker that is no member any more is expired)."""
     model = srv.store.get("alpha")
-    monkeypatch.setattr(model, "membership", lambda: {"epoch": 3, "live": {"w-1": True, "<w-2>": False}}, raising=False)
+    monkeypatch.setattr(model, "membership_info", lambda: (3, [("w-1", None, 1.0)]))
     alpha = report(srv)["models"][0]
-    assert alpha["membership"] == {"epoch": 3, "live": {"w-1": True, "<w-2>": False}}
+    assert alpha["membership"] == {"epoch": 3, "live": {"w-1": True}}
     assert {w["id"]: w["live"] for w in alpha["workers"]} == {"w-1": True, "<w-2>": False}
     text = get(srv, "/status")[2].decode()
     assert "membership epoch 3" in text and '<span class="bad">expired</span>' in text

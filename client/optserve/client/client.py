@@ -126,13 +126,14 @@ class Client(Connection):
         *,
         mode: str = "async",
         workers: int | None = None,
-        quorum: int | None = None,
+        quorum: int | float | None = None,
         max_staleness: int | None = None,
         sync_timeout: float | None = None,
         staleness_scaling: str | None = None,
         ema: float | None = None,
         ema_debias: bool = False,
         reject_nonfinite: bool = False,
+        heartbeat: float | None = None,
         shards: int | None = None,
         split_bytes: int | None = None,
     ) -> Any:
@@ -140,6 +141,9 @@ class Client(Connection):
 
         reject_nonfinite: refuse (FailedPreconditionError, state unchanged) any update that would make
         parameters, optimizer state or EMA non-finite; each push then waits for its update to run.
+        quorum: sync: a count of contributions, or a float (0, 1]: a fraction of the members a round expects.
+        heartbeat: seconds between the heartbeats of idle workers; a worker's lease lasts two of them
+            (docs/design.md, "Membership and leases"). None: leases never expire (a fixed membership).
         shards: spread the model over this client's first `shards` targets (default: all of them);
             1 (or a client of one target): an ordinary `Model` on the first. Over several, a
             `ShardedModel` (docs/design.md, "Shards"): the first server places the leaves
@@ -160,6 +164,7 @@ class Client(Connection):
             ema=ema,
             ema_debias=ema_debias,
             reject_nonfinite=reject_nonfinite,
+            heartbeat=heartbeat,
         )
         shards = len(self.targets) if shards is None else shards
         if not 1 <= shards <= len(self.targets):

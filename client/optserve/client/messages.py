@@ -34,13 +34,14 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
     settings = {
         "mode": s.mode or "async",
         "workers": s.workers or None,
-        "quorum": s.quorum or None,
+        "quorum": s.quorum or s.quorum_fraction or None,
         "max_staleness": s.max_staleness if s.HasField("max_staleness") else None,
         "sync_timeout": s.sync_timeout_seconds or None,
         "staleness_scaling": s.staleness_scaling or "none",
         "ema": s.ema_decay if s.HasField("ema_decay") else None,
         "ema_debias": s.ema_debias,
         "reject_nonfinite": s.reject_nonfinite_updates,
+        "heartbeat": s.heartbeat_seconds or None,
     }
     c = info.counters
     return {
@@ -50,7 +51,36 @@ def info_to_dict(info: pb.ModelInfo) -> dict:
         "spec": json.loads(info.optimizer_json) if info.optimizer_json else None,
         "settings": settings,
         "hyperparams": {h.name: h.value for h in info.hyperparams},
-        "workers": {w.worker_id: {"last_seq": w.last_seq, "last_base_step": w.last_base_step} for w in info.workers},
+        # workers with applied (or pending) pushes
+        "workers": {
+            w.worker_id: {"last_seq": w.last_seq, "last_base_step": w.last_base_step}
+            for w in info.workers
+            if w.last_seq or w.last_base_step >= 0
+        },
+        # docs/design.md, "Membership and leases": the live members, the epoch, the last sync rounds
+        "members": {
+            w.worker_id: {
+                "session": w.session,
+                "joined_epoch": w.joined_epoch,
+                "lease_seconds_left": w.lease_seconds_left if w.HasField("lease_seconds_left") else None,
+            }
+            for w in info.workers
+            if w.live
+        },
+        "membership_epoch": info.membership_epoch,
+        "live_workers": info.live_workers,
+        "recent_rounds": [
+            {
+                "step": r.step,
+                "contributors": [(c.worker_id, c.seq) for c in r.contributors],
+                "anonymous": r.anonymous,
+                "expected": r.expected,
+                "opened_epoch": r.opened_epoch,
+                "epoch": r.epoch,
+                "closed_by": pb.RoundClose.Name(r.closed_by).removeprefix("ROUND_CLOSE_").lower(),
+            }
+            for r in info.recent_rounds
+        ],
         "pending_contributions": info.pending_contributions,
         "counters": {f.name: getattr(c, f.name) for f in c.DESCRIPTOR.fields},
         "param_bytes": info.param_bytes,
@@ -90,19 +120,24 @@ def settings_message(
     *,
     mode: str,
     workers: int | None,
-    quorum: int | None,
+    quorum: int | float | None,
     max_staleness: int | None,
     sync_timeout: float | None,
     staleness_scaling: str | None,
     ema: float | None,
     ema_debias: bool,
     reject_nonfinite: bool = False,
+    heartbeat: float | None = None,
 ) -> pb.ModelSettings:
+    """quorum: a count, or a float in (0, 1) (or 1.0): a fraction of the members a round expects."""
+    fraction = isinstance(quorum, float)
     s = pb.ModelSettings(
         reject_nonfinite_updates=reject_nonfinite,
         mode=mode,
         workers=workers or 0,
-        quorum=quorum or 0,
+        quorum=0 if fraction else int(quorum or 0),
+        quorum_fraction=float(quorum or 0.0) if fraction else 0.0,
+        heartbeat_seconds=heartbeat or 0.0,
         sync_timeout_seconds=sync_timeout or 0.0,
         staleness_scaling=staleness_scaling or "",
         ema_debias=ema_debias,
@@ -120,11 +155,12 @@ def settings_from_json(settings: dict) -> pb.ModelSettings:
     return settings_message(
         mode=settings.get("mode", "async"),
         workers=settings.get("workers"),
-        quorum=settings.get("quorum"),
+        quorum=settings.get("quorum_fraction") or settings.get("quorum"),
         max_staleness=settings.get("max_staleness"),
         sync_timeout=settings.get("sync_timeout"),
         staleness_scaling=settings.get("staleness_scaling"),
         ema=settings.get("ema_decay"),
         ema_debias=settings.get("ema_debias", True),
         reject_nonfinite=settings.get("reject_nonfinite_updates", False),
+        heartbeat=settings.get("heartbeat_seconds"),
     )

@@ -47,6 +47,7 @@ class Model:
         self._reader = PullReader(name)
         self.last_step = -1
         self.last_incarnation = ""
+        self.heartbeat_seconds = 0.0  # the model's, as the last pull's header said (a Worker's heartbeat)
         # The layout pushes use: the ModelInfo's, then that of every packed pull's reply.
         self._layout: Layout | None = self._layout_of(info) if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
@@ -71,8 +72,9 @@ class Model:
         worker_id: str = "",
         seq: int = 0,
         global_norm_sq: float | None = None,
+        session: int = 0,
     ) -> pb.PushHeader:
-        h = pb.PushHeader(model=self.name, worker_id=worker_id, seq=seq, weight=weight or 0.0)
+        h = pb.PushHeader(model=self.name, worker_id=worker_id, seq=seq, weight=weight or 0.0, session=session)
         if base_step is not None:
             h.base_step = base_step
         if global_norm_sq is not None:
@@ -201,6 +203,7 @@ class Model:
         wire_dtype: str | None,
         if_newer_than: int | None,
         exact_step: int | None = None,
+        member: tuple[str, int] | None = None,
     ) -> pb.PullRequest:
         req = pb.PullRequest(
             model=self.name,
@@ -219,6 +222,8 @@ class Model:
             req.if_newer_than = if_newer_than
         if exact_step is not None:
             req.exact_step = exact_step
+        if member is not None:  # the pulling worker and its session: the pull renews its lease
+            req.worker_id, req.session = member
         return req
 
     def pull(
@@ -232,6 +237,7 @@ class Model:
         if_newer_than: int | None = None,
         out: Any = None,
         exact_step: int | None = None,
+        member: tuple[str, int] | None = None,
     ) -> Any:
         """Fetches the parameters as a pytree (the structure of `like`, of the create/push, or nested dicts).
 
@@ -246,6 +252,7 @@ class Model:
             The leaves of a packed tensor that a pull returns are views of one buffer per pack; an
             `out` of exactly those arrays receives each pack straight into its buffer (no copy),
             any other `out` is written leaf by leaf.
+        member: (worker_id, session) of the pulling worker, whose lease the pull renews (a Worker's pulls).
         """
         if out is not None and like is not None:
             raise ValueError("pass `like` or `out`, not both")
@@ -256,6 +263,7 @@ class Model:
             wire_dtype=wire_dtype,
             if_newer_than=if_newer_than,
             exact_step=exact_step,
+            member=member,
         )
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)
         used, params = shared.pull(
@@ -409,6 +417,7 @@ class Model:
             shared=shared_view,
         )
         self.last_step, self.last_incarnation = pulled.step, pulled.incarnation
+        self.heartbeat_seconds = pulled.heartbeat_seconds
         if packed and pulled.layout is not None:
             self._layout = pulled.layout  # the model's packing now (a re-created model may have another)
         return pulled.params
@@ -433,6 +442,14 @@ class Model:
             model=self.name, values=[pb.Hyperparam(name=k, value=float(v)) for k, v in values.items()]
         )
         return info_to_dict(self.client.call(self.client._stub.SetHyperparams, req))["hyperparams"]
+
+    def heartbeat(self, worker_id: str, session: int, timeout: float | None = None) -> int:
+        """Renews a worker's lease (a header-only PullOne naming it; PullRequest.worker_id) without
+        touching what this handle remembers of its pulls; returns the membership epoch."""
+        req = pb.PullRequest(model=self.name, if_newer_than=2**62, worker_id=worker_id, session=session)
+        raw = self.client.call(self.client._pull_one, req, timeout=timeout)
+        msg, _ = parse_message(raw, pb.PullResponse)
+        return msg.header.membership_epoch
 
     def worker(self, worker_id: str, **kwargs: Any) -> Worker:
         """A Worker: push/pull/push_pull that track base_step and a retry-safe sequence number."""

@@ -55,7 +55,7 @@ class LayoutCache:
     def of_header(self, header: pb.PullHeader, packed: bool, known: Layout | None = None) -> Layout:
         """The Layout `header` describes (`packed`: the header of a packed pull, which describes the
         model's packing; a plain pull's lists no packs, and is not the layout its id names). Clears
-        its step and incarnation (read them first). `known`: the layout the request named.
+        its step, incarnation and membership epoch (read them first). `known`: the layout the request named.
         """
         if not header.schema and header.layout_id:
             if known is None or known.layout_id != header.layout_id:
@@ -67,6 +67,7 @@ class LayoutCache:
             return known
         header.ClearField("step")
         header.ClearField("incarnation")
+        header.ClearField("membership_epoch")
         return self._get(header.SerializeToString(), header.schema, header.packing, header.layout_id if packed else "")
 
     def of_info(self, info: pb.ModelInfo) -> Layout:
@@ -101,6 +102,7 @@ class Pulled(NamedTuple):
     incarnation: str
     layout: Layout | None
     params: Any
+    heartbeat_seconds: float = 0.0  # the model's (ModelSettings.heartbeat_seconds)
 
 
 class PullReader:
@@ -129,7 +131,7 @@ class PullReader:
         the request's PullRequest.shared_memory, where a reply that says so has its tensors."""
         assembler: _IntoArrays | None = None
         finish_out: Any = None
-        step, incarnation, layout = -1, "", None
+        step, incarnation, layout, heartbeat = -1, "", None, 0.0
         for raw in replies:
             msg, payload = parse_message(raw, pb.PullResponse)
             if msg.HasField("header") and msg.header.shared_memory:
@@ -141,8 +143,9 @@ class PullReader:
                 if push_reply is not None and msg.HasField("push"):
                     push_reply.append(msg.push)
                 step, incarnation = msg.header.step, msg.header.incarnation
+                heartbeat = msg.header.heartbeat_seconds
                 if msg.header.not_modified:
-                    return Pulled(step, incarnation, None, None)
+                    return Pulled(step, incarnation, None, None, heartbeat)
                 try:
                     layout = self.layouts.of_header(msg.header, packed, known)
                 except WireError as e:
@@ -160,7 +163,7 @@ class PullReader:
         arrays = assembler.finish()
         if finish_out is not None:
             finish_out(arrays)
-            return Pulled(step, incarnation, layout, out)
+            return Pulled(step, incarnation, layout, out, heartbeat)
         for path, a in arrays.items():  # undo a narrower wire dtype, once per pack or leaf
             want = layout.wire_schema[path].dtype
             if dtypes.dtype_name(a.dtype) != want:
@@ -172,7 +175,8 @@ class PullReader:
         plan = layout.plan(structure)
         if plan is None:
             raise self._mismatch(layout, structure)
-        return Pulled(step, incarnation, layout, pytree.unflatten(structure, plan.leaves(arrays, self.handed_out)))
+        params = pytree.unflatten(structure, plan.leaves(arrays, self.handed_out))
+        return Pulled(step, incarnation, layout, params, heartbeat)
 
     def _mismatch(self, layout: Layout, structure: pytree.Structure) -> InvalidArgumentError:
         missing = [p for p in structure.paths if p not in layout.schema]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -63,7 +64,11 @@ class ShardedWorker:
         # it lost (replay.py); only when that cannot be done does every shard go back to one
         # checkpointed step (ShardedModel.realign), and the caller pulls again
         kwargs.setdefault("replay_window", REPLAY_WINDOW)
+        # one session for every shard (as one seq): the shards' worker records agree, and a gathered
+        # or resharded state holds the session the worker goes on with
+        kwargs.setdefault("session", secrets.randbits(63) or 1)
         self.workers = [Worker(m, worker_id, follow_restarts=False, **kwargs) for m in model.shards]
+        self.session = self.workers[0].session
         self.realigned = 0
         self.fanout = Fanout(f"{model.name}-{worker_id}", model.fanout.targets)
         # where shard 0 decides the sync rounds, each push relays its round's decision (rounds.py)

@@ -8,6 +8,15 @@ backoff with full jitter, and can never apply a gradient twice.
 The worker also tracks `base_step`, the step of the parameters it last pulled, which the server
 uses for staleness checks (async) and for assigning the gradient to a round (sync).
 
+Sessions and leases (docs/design.md, "Membership and leases"): a Worker picks a random session id
+when it is made, sent with every push and pull, so that a process that restarts and reuses its
+worker_id is a new session of that worker (its seqs start at 1 again) and never taken for a retry of
+the old process. Its pushes and pulls renew its lease on the model; when the model's leases expire
+(ModelSettings.heartbeat_seconds > 0, learned from the first pull's header), a daemon thread sends a
+heartbeat (a header-only pull naming the worker) whenever no call has started for one interval,
+also while a call waits for its sync round. `close()` (or the end of a `with` block) stops it; a
+process that dies stops renewing, and its lease expires after two intervals.
+
 Server restarts: every server start has a new incarnation id (in push replies and pull headers).
 When a call fails and the server that answers afterwards is a new incarnation, the worker first
 learns the restored step (a header-only pull) and only then resends, its gradient's base_step
@@ -16,7 +25,10 @@ capped at that step: the state was restored from a checkpoint, possibly older th
 
 from __future__ import annotations
 
+import logging
 import random
+import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -28,6 +40,8 @@ from optserve.client.replay import ReplayLog
 from optserve.client.transport import Connection
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import WireLeaf
+
+log = logging.getLogger("optserve.client")
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -61,6 +75,7 @@ class WorkerModel(Protocol):
         if_newer_than: int | None = ...,
         out: Any = ...,
         exact_step: int | None = ...,
+        member: tuple[str, int] | None = ...,
     ) -> Any: ...
 
     def _push_header(
@@ -70,6 +85,7 @@ class WorkerModel(Protocol):
         worker_id: str = "",
         seq: int = 0,
         global_norm_sq: float | None = None,
+        session: int = 0,
     ) -> pb.PushHeader: ...
 
     packed: bool
@@ -116,6 +132,9 @@ class Worker:
 
     retry_for: give up retrying after this many seconds (then the last error is raised).
     backoff / max_backoff: first and largest retry delay in seconds (doubling, full jitter).
+    session: this worker's session (PushHeader.session); None: a random one (a new session per Worker).
+    heartbeat: seconds between heartbeats while idle; None: the model's heartbeat_seconds (none when
+        its leases never expire); 0: none.
     """
 
     def __init__(
@@ -130,6 +149,8 @@ class Worker:
         follow_restarts: bool = True,
         replay_window: int = 0,
         catch_up_wait: float = 30.0,
+        session: int | None = None,
+        heartbeat: float | None = None,
     ):
         if not worker_id:
             raise ValueError("worker_id must be a non-empty string")
@@ -155,6 +176,54 @@ class Worker:
         # while catching it up, for what the server needs besides the replays to get there (the
         # decisions of sync rounds that shard 0 takes: client/rounds.py)
         self.on_catch_up: Callable[[int], None] | None = None
+        self.session = (secrets.randbits(63) or 1) if session is None else session
+        self.heartbeat = heartbeat
+        self.heartbeats = 0  # sent so far
+        self._last_call = time.monotonic()  # when the last call that renews the lease started
+        self._heartbeat_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the heartbeat: the lease expires unless the worker's calls renew it."""
+        self._closed.set()
+        thread = self._heartbeat_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+    def _renewing(self) -> None:
+        """A call that renews the lease starts; starts the heartbeat once the interval is known."""
+        self._last_call = time.monotonic()
+        if self._heartbeat_thread is not None or self._closed.is_set():
+            return
+        interval = self.heartbeat if self.heartbeat is not None else getattr(self.model, "heartbeat_seconds", 0.0)
+        if interval and interval > 0:
+            self._heartbeat_thread = threading.Thread(
+                target=self._beat, args=(float(interval),), name=f"optserve-heartbeat-{self.worker_id}", daemon=True
+            )
+            self._heartbeat_thread.start()
+
+    def _beat(self, interval: float) -> None:
+        heartbeat = getattr(self.model, "heartbeat", None)
+        if heartbeat is None:
+            return
+        while not self._closed.wait(max(0.01, interval - (time.monotonic() - self._last_call))):
+            if time.monotonic() - self._last_call < interval:
+                continue
+            self._last_call = time.monotonic()
+            try:
+                heartbeat(self.worker_id, self.session, timeout=interval)
+                self.heartbeats += 1
+            except FailedPreconditionError as e:  # this session was replaced: stop renewing it
+                log.warning("worker %r: heartbeat refused, stopping: %s", self.worker_id, e.message)
+                return
+            except OptserveError as e:  # the server away or busy: the next beat tries again
+                log.debug("worker %r: heartbeat failed: %s", self.worker_id, e)
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"
@@ -260,7 +329,10 @@ class Worker:
 
     def pull(self, **kwargs: Any) -> Any:
         """Pulls the parameters and remembers their step as the base of the next push."""
-        params = self._retrying(lambda: self.model.pull(**kwargs))
+        self._renewing()
+        member = (self.worker_id, self.session)
+        params = self._retrying(lambda: self.model.pull(member=member, **kwargs))
+        self._renewing()
         self.base_step = self.model.last_step
         self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
         return params
@@ -275,7 +347,10 @@ class Worker:
     ) -> int:
         """Pushes a gradient computed against the last pulled parameters; returns the server's step."""
         self.seq += 1
-        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq, global_norm_sq)
+        self._renewing()
+        header = self.model._push_header(
+            self.base_step, weight, self.worker_id, self.seq, global_norm_sq, session=self.session
+        )
 
         def send(leaves: Sequence[WireLeaf]) -> pb.PushResponse:
             reply = self._retrying(lambda: self.model.push_raw(header, leaves), header)
@@ -300,7 +375,10 @@ class Worker:
         """Pushes a gradient and returns the parameters after its step, in one round trip; `rows`
         ({path: ids}): only those rows, as `Model.pull_rows` returns them (the next batch's)."""
         self.seq += 1
-        header = self.model._push_header(self.base_step, weight, self.worker_id, self.seq, global_norm_sq)
+        self._renewing()
+        header = self.model._push_header(
+            self.base_step, weight, self.worker_id, self.seq, global_norm_sq, session=self.session
+        )
         if rows is not None:
             header.pull.CopyFrom(self.model.rows_pull(rows, wire_dtype))
         else:

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoundClose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_CLOSE_UNSPECIFIED: _ClassVar[RoundClose]
+    ROUND_CLOSE_QUORUM: _ClassVar[RoundClose]
+    ROUND_CLOSE_TIMEOUT: _ClassVar[RoundClose]
+    ROUND_CLOSE_MEMBERSHIP: _ClassVar[RoundClose]
+ROUND_CLOSE_UNSPECIFIED: RoundClose
+ROUND_CLOSE_QUORUM: RoundClose
+ROUND_CLOSE_TIMEOUT: RoundClose
+ROUND_CLOSE_MEMBERSHIP: RoundClose
 
 class LeafSpec(_message.Message):
     __slots__ = ("path", "dtype", "shape")
@@ -43,7 +55,7 @@ class TensorSlice(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ModelSettings(_message.Message):
-    __slots__ = ("mode", "workers", "quorum", "max_staleness", "sync_timeout_seconds", "staleness_scaling", "ema_decay", "ema_debias", "reject_nonfinite_updates")
+    __slots__ = ("mode", "workers", "quorum", "max_staleness", "sync_timeout_seconds", "staleness_scaling", "ema_decay", "ema_debias", "reject_nonfinite_updates", "heartbeat_seconds", "quorum_fraction")
     MODE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +65,8 @@ class ModelSettings(_message.Message):
     EMA_DECAY_FIELD_NUMBER: _ClassVar[int]
     EMA_DEBIAS_FIELD_NUMBER: _ClassVar[int]
     REJECT_NONFINITE_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FRACTION_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     quorum: int
@@ -62,7 +76,9 @@ class ModelSettings(_message.Message):
     ema_decay: float
     ema_debias: bool
     reject_nonfinite_updates: bool
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., quorum: _Optional[int] = ..., max_staleness: _Optional[int] = ..., sync_timeout_seconds: _Optional[float] = ..., staleness_scaling: _Optional[str] = ..., ema_decay: _Optional[float] = ..., ema_debias: _Optional[bool] = ..., reject_nonfinite_updates: _Optional[bool] = ...) -> None: ...
+    heartbeat_seconds: float
+    quorum_fraction: float
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., quorum: _Optional[int] = ..., max_staleness: _Optional[int] = ..., sync_timeout_seconds: _Optional[float] = ..., staleness_scaling: _Optional[str] = ..., ema_decay: _Optional[float] = ..., ema_debias: _Optional[bool] = ..., reject_nonfinite_updates: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., quorum_fraction: _Optional[float] = ...) -> None: ...
 
 class Hyperparam(_message.Message):
     __slots__ = ("name", "value")
@@ -73,14 +89,40 @@ class Hyperparam(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker_id", "last_seq", "last_base_step")
+    __slots__ = ("worker_id", "last_seq", "last_base_step", "session", "live", "joined_epoch", "lease_seconds_left")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     LAST_BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    JOINED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     last_seq: int
     last_base_step: int
-    def __init__(self, worker_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., last_base_step: _Optional[int] = ...) -> None: ...
+    session: int
+    live: bool
+    joined_epoch: int
+    lease_seconds_left: float
+    def __init__(self, worker_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., last_base_step: _Optional[int] = ..., session: _Optional[int] = ..., live: _Optional[bool] = ..., joined_epoch: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ...) -> None: ...
+
+class SyncRound(_message.Message):
+    __slots__ = ("step", "contributors", "anonymous", "expected", "opened_epoch", "epoch", "closed_by")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    OPENED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    contributors: _containers.RepeatedCompositeFieldContainer[RoundContributor]
+    anonymous: int
+    expected: int
+    opened_epoch: int
+    epoch: int
+    closed_by: RoundClose
+    def __init__(self, step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., anonymous: _Optional[int] = ..., expected: _Optional[int] = ..., opened_epoch: _Optional[int] = ..., epoch: _Optional[int] = ..., closed_by: _Optional[_Union[RoundClose, str]] = ...) -> None: ...
 
 class ModelCounters(_message.Message):
     __slots__ = ("pushes_applied", "stale_rejected", "duplicates", "sync_timeouts", "pulls", "bytes_in", "bytes_out", "nonfinite_rejected")
@@ -115,7 +157,7 @@ class PackedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., leaves: _Optional[_Iterable[str]] = ..., elements: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id", "placement", "device_bytes", "shard")
+    __slots__ = ("name", "step", "schema", "optimizer_json", "settings", "hyperparams", "workers", "pending_contributions", "counters", "param_bytes", "state_bytes", "last_checkpoint_step", "last_checkpoint_error", "incarnation", "packing", "layout_id", "placement", "device_bytes", "shard", "membership_epoch", "live_workers", "recent_rounds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +177,9 @@ class ModelInfo(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
     schema: _containers.RepeatedCompositeFieldContainer[LeafSpec]
@@ -154,7 +199,10 @@ class ModelInfo(_message.Message):
     placement: _containers.RepeatedCompositeFieldContainer[BufferPlacement]
     device_bytes: _containers.RepeatedScalarFieldContainer[int]
     shard: ShardOf
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
+    membership_epoch: int
+    live_workers: int
+    recent_rounds: _containers.RepeatedCompositeFieldContainer[SyncRound]
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., hyperparams: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., pending_contributions: _Optional[int] = ..., counters: _Optional[_Union[ModelCounters, _Mapping]] = ..., param_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[BufferPlacement, _Mapping]]] = ..., device_bytes: _Optional[_Iterable[int]] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., membership_epoch: _Optional[int] = ..., live_workers: _Optional[int] = ..., recent_rounds: _Optional[_Iterable[_Union[SyncRound, _Mapping]]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
     __slots__ = ("model_id", "version", "targets", "split_bytes", "leaves", "global_norm")
@@ -325,7 +373,7 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory", "rows")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory", "rows", "session")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +384,7 @@ class PushHeader(_message.Message):
     GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
@@ -346,7 +395,8 @@ class PushHeader(_message.Message):
     global_norm_sq: float
     shared_memory: SharedMemorySpan
     rows: _containers.RepeatedCompositeFieldContainer[RowSparseGradient]
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSparseGradient, _Mapping]]] = ...) -> None: ...
+    session: int
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSparseGradient, _Mapping]]] = ..., session: _Optional[int] = ...) -> None: ...
 
 class RowSparseGradient(_message.Message):
     __slots__ = ("path", "ids")
@@ -381,7 +431,7 @@ class PushResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory", "rows")
+    __slots__ = ("model", "min_step", "timeout_seconds", "if_newer_than", "ema", "wire_dtype", "chunk_bytes", "max_message_bytes", "packed", "layout_id", "exact_step", "shared_memory", "rows", "worker_id", "session")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +445,8 @@ class PullRequest(_message.Message):
     EXACT_STEP_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_step: int
     timeout_seconds: float
@@ -408,7 +460,9 @@ class PullRequest(_message.Message):
     exact_step: int
     shared_memory: SharedMemorySpan
     rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
-    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ...) -> None: ...
+    worker_id: str
+    session: int
+    def __init__(self, model: _Optional[str] = ..., min_step: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., if_newer_than: _Optional[int] = ..., ema: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., packed: _Optional[bool] = ..., layout_id: _Optional[str] = ..., exact_step: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., worker_id: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
 
 class RowSelection(_message.Message):
     __slots__ = ("path", "ids")
@@ -419,7 +473,7 @@ class RowSelection(_message.Message):
     def __init__(self, path: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id", "shared_memory")
+    __slots__ = ("model", "step", "not_modified", "schema", "incarnation", "packing", "layout_id", "shared_memory", "heartbeat_seconds", "membership_epoch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +482,8 @@ class PullHeader(_message.Message):
     PACKING_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     not_modified: bool
@@ -436,7 +492,9 @@ class PullHeader(_message.Message):
     packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
     layout_id: str
     shared_memory: bool
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    heartbeat_seconds: float
+    membership_epoch: int
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[LeafSpec, _Mapping]]] = ..., incarnation: _Optional[str] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ..., layout_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., membership_epoch: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "push", "slices", "payload")

@@ -144,6 +144,8 @@ class DataPlane:
         base_step = h.base_step if h.HasField("base_step") else None
         if h.worker_id and h.seq < 1:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
+        if h.session and not h.worker_id:
+            raise InvalidArgument(f"model {model.name!r}: session {h.session} given without a worker_id")
         if h.HasField("shared_memory"):  # validated before anything is opened
             payload = shared_spans.push_payload(self.shared, h.shared_memory, first, payload, model)
         if h.layout_id and h.layout_id != messages.layout_id(model):
@@ -159,6 +161,7 @@ class DataPlane:
             packs=bool(h.layout_id),
             global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,
             rows=[(r.path, np.array(r.ids, np.int64)) for r in h.rows],
+            session=h.session,
         )
         try:
             if prepare is not None:
@@ -189,6 +192,8 @@ class DataPlane:
                 f"model {model.name!r}: timeout_seconds must be a finite number >= 0, got {req.timeout_seconds}"
             )
         pulls.check_wire_dtype(req.wire_dtype, model.name)
+        if req.session and not req.worker_id:
+            raise InvalidArgument(f"model {model.name!r}: pull session {req.session} given without a worker_id")
         if req.ema and model.settings.ema_decay is None:
             raise FailedPrecondition(f"model {model.name!r} keeps no parameter EMA (create it with ema=<decay>)")
         if req.rows:
@@ -269,6 +274,7 @@ class DataPlane:
         was not); slot_held: the caller already holds a waiting slot (PushPull takes it before its push).
         """
         self.check_pull(model, req, single)
+        model.renew_lease(req.worker_id, req.session)  # a pull (or heartbeat) naming a worker renews its lease
         exact = model.expect_step(req.exact_step, ema=req.ema) if req.HasField("exact_step") else None
         try:
             yield from self._pull_messages(model, req, call, push, single, round_dropped, slot_held, exact)
@@ -347,7 +353,12 @@ class DataPlane:
         it in microseconds)."""
         cached = self._pull_headers.get(model)
         if cached is None:
-            header = pb.PullHeader(model=model.name, incarnation=self.incarnation, layout_id=messages.layout_id(model))
+            header = pb.PullHeader(
+                model=model.name,
+                incarnation=self.incarnation,
+                layout_id=messages.layout_id(model),
+                heartbeat_seconds=model.settings.heartbeat_seconds,
+            )
             short = pb.PullResponse(header=header).SerializeToString()
             header.schema.extend(messages.schema_to_proto(model.schema))
             plain = pb.PullResponse(header=header).SerializeToString()
@@ -356,8 +367,11 @@ class DataPlane:
             cached = self._pull_headers[model] = (plain, full, short)
         plain, full, short = cached
         if not packed:
-            return pb.PullResponse.FromString(plain)
-        return pb.PullResponse.FromString(short if known_layout == messages.layout_id(model) else full)
+            first = pb.PullResponse.FromString(plain)
+        else:
+            first = pb.PullResponse.FromString(short if known_layout == messages.layout_id(model) else full)
+        first.header.membership_epoch = model.membership.epoch  # one read: no lock
+        return first
 
     def _wait_for_step(
         self, model: Model, req: pb.PullRequest, call: CallContext, round_dropped: Callable[[], str] | None = None

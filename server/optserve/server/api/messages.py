@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -37,6 +38,8 @@ def settings_from_proto(s: pb.ModelSettings, model: str) -> ModelSettings:
         ema_decay=s.ema_decay if s.HasField("ema_decay") else None,
         ema_debias=s.ema_debias,
         reject_nonfinite_updates=s.reject_nonfinite_updates,
+        heartbeat_seconds=s.heartbeat_seconds,
+        quorum_fraction=s.quorum_fraction,
     ).validated(model)
 
 
@@ -49,6 +52,8 @@ def settings_to_proto(settings: ModelSettings) -> pb.ModelSettings:
         staleness_scaling=settings.staleness_scaling,
         ema_debias=settings.ema_debias,
         reject_nonfinite_updates=settings.reject_nonfinite_updates,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        quorum_fraction=settings.quorum_fraction,
     )
     if settings.max_staleness is not None:
         s.max_staleness = settings.max_staleness
@@ -101,9 +106,7 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
         optimizer_json=json.dumps(model.compiled.spec),
         settings=settings_to_proto(model.settings),
         hyperparams=[pb.Hyperparam(name=k, value=v) for k, v in model.hyperparams().items()],
-        workers=[
-            pb.WorkerState(worker_id=w, last_seq=seq, last_base_step=base) for w, seq, base in model.worker_states()
-        ],
+        workers=worker_states(model),
         pending_contributions=model.pending_contributions(),
         counters=pb.ModelCounters(**vars(model.counters())),
         param_bytes=model.param_bytes,
@@ -128,7 +131,47 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
         info.last_checkpoint_step, info.last_checkpoint_error = checkpoints.last_step, checkpoints.last_error
     if model.shard is not None:
         info.shard.CopyFrom(shard_to_proto(model.shard))
+    epoch, members = model.membership_info()
+    info.membership_epoch, info.live_workers = epoch, len(members)
+    info.recent_rounds.extend(
+        pb.SyncRound(
+            step=r.step,
+            contributors=[pb.RoundContributor(worker_id=w, seq=s) for w, s in r.contributors],
+            anonymous=r.anonymous,
+            expected=r.expected,
+            opened_epoch=r.opened_epoch,
+            epoch=r.epoch,
+            closed_by=_ROUND_CLOSE[r.closed_by],
+        )
+        for r in model.closed_rounds()
+    )
     return info
+
+
+_ROUND_CLOSE = {
+    "quorum": pb.ROUND_CLOSE_QUORUM,
+    "timeout": pb.ROUND_CLOSE_TIMEOUT,
+    "membership": pb.ROUND_CLOSE_MEMBERSHIP,
+}
+
+
+def worker_states(model: Model) -> list[pb.WorkerState]:
+    """ModelInfo.workers: every worker with a record or a lease, by id."""
+    _, members = model.membership_info()
+    leases = {w: (lease, left) for w, lease, left in members}
+    records = {w: (seq, base) for w, seq, base in model.worker_states()}
+    sessions = model.worker_sessions()
+    out = []
+    for w in sorted(records.keys() | leases.keys()):
+        seq, base = records.get(w, (0, -1))
+        state = pb.WorkerState(worker_id=w, last_seq=seq, last_base_step=base, session=sessions.get(w, 0))
+        if w in leases:
+            lease, left = leases[w]
+            state.live, state.joined_epoch = True, lease.joined_epoch
+            if math.isfinite(left):
+                state.lease_seconds_left = left
+        out.append(state)
+    return out
 
 
 def shard_map_from_proto(model: str, m: pb.ShardMap) -> ShardMap:

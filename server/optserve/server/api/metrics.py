@@ -80,10 +80,19 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("optserve_models", "Models held by the server", value=len(models))
         step = GaugeMetricFamily("optserve_model_step", "Updates applied to the model", labels=["model"])
         size = GaugeMetricFamily("optserve_model_bytes", "Bytes held for the model", labels=["model", "kind"])
+        epoch = GaugeMetricFamily(
+            "optserve_membership_epoch",
+            "The model's membership epoch (joins, new sessions, expiries)",
+            labels=["model"],
+        )
+        live = GaugeMetricFamily("optserve_live_workers", "Workers whose lease is live", labels=["model"])
         for m in models:
             step.add_metric([m.name], m.step)
             size.add_metric([m.name, "params"], m.param_bytes)
             size.add_metric([m.name, "state"], m.state_bytes)
+            members_epoch, members = m.membership_info()
+            epoch.add_metric([m.name], members_epoch)
+            live.add_metric([m.name], len(members))
         yield step
         yield size
         when = GaugeMetricFamily(
@@ -102,6 +111,8 @@ class _StateCollector(Collector):
                     which.add_metric([m.name], status.last_step)
         yield when
         yield which
+        yield epoch
+        yield live
         held = GaugeMetricFamily("optserve_device_bytes", "Bytes of all models held on each device", labels=["device"])
         for device, nbytes in zip(self.store.placement.devices, self.store.device_bytes(), strict=True):
             held.add_metric([f"{device.platform}:{device.id}"], nbytes)

@@ -23,6 +23,7 @@ import jax
 
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.layout import Layout
+from optserve.server.core.membership import Membership
 from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.workers import PushReply
@@ -51,14 +52,17 @@ class LockedModel(Protocol):
     @property
     def deleted(self) -> bool: ...
 
-    def applied_reply(self, worker_id: str, seq: int) -> PushReply | None:
-        """The original reply if (worker_id, seq) is one of the worker's last applied pushes whose
-        reply is kept (counted as a duplicate); None for a seq above its highest applied one;
-        FAILED_PRECONDITION for any other seq."""
+    membership: Membership  # its members and epoch (core/membership.py)
+
+    def applied_reply(self, worker_id: str, seq: int, session: int) -> PushReply | None:
+        """The original reply if (worker_id, seq) is one of the worker's last applied pushes of that
+        session whose reply is kept (counted as a duplicate); None for a seq above its highest
+        applied one or a session whose seqs the model holds none of; FAILED_PRECONDITION for any
+        other seq."""
         ...
 
-    def last_applied_seq(self, worker_id: str) -> int:
-        """The worker's highest applied seq (0: none)."""
+    def last_applied_seq(self, worker_id: str, session: int) -> int:
+        """The worker's highest applied seq in that session (0: none)."""
         ...
 
     def check_step_room(self, step: int) -> None:
@@ -76,8 +80,9 @@ class LockedModel(Protocol):
         the whole gradient's squared norm (core/sharding.py, GlobalClip); 1.0 for any other model."""
         ...
 
-    def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
-        """Remembers an applied push of a worker ('' : anonymous, nothing to remember)."""
+    def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply, session: int) -> None:
+        """Remembers an applied push of a worker ('' : anonymous, nothing to remember); a push of a
+        session that the worker has since replaced is not remembered (its calls are refused)."""
         ...
 
     def count(self, counter: str, n: int = 1) -> None:
@@ -91,6 +96,10 @@ class LockedModel(Protocol):
 
 class Receiver(Protocol):
     """One push stream being received: its assembler collects the chunks into private buffers."""
+
+    worker_id: str
+    seq: int
+    session: int
 
     @property
     def assembler(self) -> TensorAssembler: ...
@@ -118,10 +127,18 @@ class Aggregator(Protocol):
     screens_pushes: bool
 
     def open_push(
-        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+        self,
+        *,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool = False,
+        session: int = 0,
     ) -> Receiver:
         """A receiver for one push stream; INVALID_ARGUMENT for arguments no state can make valid.
-        packs: the push may send the packs of the model's layout in place of their leaves."""
+        packs: the push may send the packs of the model's layout in place of their leaves.
+        session: the worker's session (core/membership.py) its seq counts in."""
         ...
 
     def screen(self, receiver: Receiver) -> None:
@@ -157,4 +174,9 @@ class Aggregator(Protocol):
 
     def reset(self) -> None:
         """Drops the pending work: the model's state was replaced (a checkpoint restore)."""
+        ...
+
+    def membership_changed(self) -> None:
+        """The model's membership changed (a join, a new session, an expiry): a sync round whose
+        expected members left may now be complete and is applied."""
         ...

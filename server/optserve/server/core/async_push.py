@@ -30,8 +30,10 @@ def _scaled(grads: dict[str, jax.Array], factor: jax.Array) -> dict[str, jax.Arr
 class AsyncPush:
     """One push in async mode: assembled in its own buffers, applied at commit (all or nothing)."""
 
-    def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, packs: bool = False):
-        self.base_step, self.worker_id, self.seq = base_step, worker_id, seq
+    def __init__(
+        self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, packs: bool = False, session: int = 0
+    ):
+        self.base_step, self.worker_id, self.seq, self.session = base_step, worker_id, seq, session
         # a shard's: the whole gradient's squared norm (PushHeader.global_norm_sq; core/sharding.py)
         self.global_norm_sq: float | None = None
         self.on_device: dict[str, jax.Array] = {}
@@ -63,9 +65,16 @@ class AsyncAggregator:
         self.model = model
 
     def open_push(
-        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+        self,
+        *,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool = False,
+        session: int = 0,
     ) -> AsyncPush:
-        return AsyncPush(self.model, base_step, worker_id, seq, packs)
+        return AsyncPush(self.model, base_step, worker_id, seq, packs, session)
 
     def screen(self, receiver: Receiver) -> None:
         """Nothing is known against an async push before it arrives."""
@@ -73,7 +82,7 @@ class AsyncAggregator:
     def commit(self, receiver: Receiver) -> tuple[PushReply, bool]:
         assert isinstance(receiver, AsyncPush)
         model = self.model
-        dup = model.applied_reply(receiver.worker_id, receiver.seq)
+        dup = model.applied_reply(receiver.worker_id, receiver.seq, receiver.session)
         if dup is not None:
             return dup, True
         model.check_step_room(model.step)
@@ -93,7 +102,7 @@ class AsyncAggregator:
             grads = _scaled(grads, np.float32(factor))
         step = model.apply(grads, scale, receiver.assembler.row_ids())
         reply = PushReply(step, applied=True)
-        model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply)
+        model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply, receiver.session)
         return reply, False
 
     def _staleness(self, base_step: int | None) -> int:
@@ -125,3 +134,6 @@ class AsyncAggregator:
 
     def reset(self) -> None:
         """Nothing pending in async mode."""
+
+    def membership_changed(self) -> None:
+        """Async mode records the membership; its pushes do not depend on it."""

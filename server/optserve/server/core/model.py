@@ -10,7 +10,9 @@ Concurrency (docs/design.md, "Concurrency" and "Life of a pull"):
 
 The API, each call taking the lock itself:
 - pushes: `open_push`, `commit_push`; what is pending: `pending_contributions`, `worker_states`,
-  `dropped_rounds` (lock-free);
+  `dropped_rounds` (lock-free), `closed_rounds`;
+- membership (core/membership.py): `renew_lease` (pulls, heartbeats; pushes renew at commit),
+  `membership_info`, `wait_for_epoch`, `check_deadlines`;
 - pulls: `snapshot`, `wait_for_step`, `notify_waiters`;
 - hyperparameters: `hyperparams`, `set_hyperparams`;
 - persistence: `capture_state`, `replace_state`;
@@ -37,11 +39,18 @@ from optserve.server.core.aggregation import Aggregator, LockedModel, Receiver
 from optserve.server.core.async_push import AsyncAggregator
 from optserve.server.core.compilation import model_alive, step_grad_avals, warm_up_steps
 from optserve.server.core.counters import Counters, CounterSet
-from optserve.server.core.deadlines import DeadlineTimer
-from optserve.server.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NonFiniteUpdate
+from optserve.server.core.deadlines import DeadlineTimer, TimedWork
+from optserve.server.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NonFiniteUpdate,
+    ResourceExhausted,
+)
 from optserve.server.core.gradient_buffers import GradientBuffers
 from optserve.server.core.host_memory import REAP_MIN_BYTES, host_buffer_reaper, release_host_buffers
 from optserve.server.core.layout import Packing, plan_packing
+from optserve.server.core.membership import Lease, Membership, MembershipState
 from optserve.server.core.placement import BufferInfo, Placement
 from optserve.server.core.rows import check_rows
 from optserve.server.core.settings import ModelSettings
@@ -55,7 +64,7 @@ from optserve.server.core.step import (
     nonfinite_leaf_name,
     own_buffers,
 )
-from optserve.server.core.sync import SyncAggregator
+from optserve.server.core.sync import ClosedRound, SyncAggregator
 from optserve.server.core.worker_activity import WorkerActivity
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
@@ -94,6 +103,7 @@ class ModelState:
     opt_state: Any
     ema_state: Any  # None: the model keeps no parameter EMA
     workers: dict[str, WorkerRecord]
+    membership: MembershipState | None = None  # None: files written before memberships (none)
 
 
 class Model:
@@ -178,6 +188,7 @@ class Model:
         # "unchanged since the last save": a change at the same step must still be saved.
         self._state_version = 0
         self._workers: dict[str, WorkerRecord] = {}
+        self.membership = Membership(settings.lease_seconds)  # behind the lock (core/membership.py)
         self._counters = CounterSet()
         # what people see of each worker (the status page); counted by the API after each push
         self.activity = WorkerActivity()
@@ -199,8 +210,9 @@ class Model:
         self.gradient_buffers = GradientBuffers(self.layout.storage_schema(schema))
         self._view = _Locked(self)
         self._aggregator: Aggregator = _aggregator_of(self._view, settings, shard)
-        # applies the aggregator's pending work when its time is up (sync_timeout)
-        self._timer = DeadlineTimer(threading.Condition(self._lock), self._aggregator, f"optserve-sync-timeout-{name}")
+        # applies the aggregator's pending work when its time is up (sync_timeout) and expires leases
+        self._timed = TimedWork(self._aggregator, self.membership, self._view)
+        self._timer = DeadlineTimer(threading.Condition(self._lock), self._timed, f"optserve-sync-timeout-{name}")
         self._warm_ups = self._warm_up()
 
     def _warm_up(self) -> dict:
@@ -260,13 +272,15 @@ class Model:
         packs: bool = False,
         global_norm_sq: float | None = None,
         rows: Sequence[tuple[str, np.ndarray]] = (),
+        session: int = 0,
     ) -> Receiver:
         """A receiver for one push stream; its assembler collects the chunks, `commit_push` counts it.
         A push already known to be refused (sync: stale) is refused here, before its bytes. packs: the
         push may send packs of the model's layout (it named the layout; core/receiving.py).
         global_norm_sq: the whole gradient's squared norm, which a shard whose spec starts with
         clip_by_global_norm requires (core/sharding.py); ignored by other models. rows: the leaves
-        sent row-sparse and their ids (PushHeader.rows), validated here (core/rows.py)."""
+        sent row-sparse and their ids (PushHeader.rows), validated here (core/rows.py). session: the
+        worker's session (core/membership.py), in which its seq counts."""
         clip = self.shard.clip if self.shard is not None else None
         if clip is not None and (global_norm_sq is None or not (math.isfinite(global_norm_sq) and global_norm_sq >= 0)):
             got = "none" if global_norm_sq is None else repr(global_norm_sq)
@@ -277,7 +291,7 @@ class Model:
         sparse = check_rows(self.label, rows, self.schema_map, self.packed_leaves, self.lazy_leaves) if rows else {}
         release_host_buffers()  # finished updates' inputs go before this push allocates its own
         receiver = self._aggregator.open_push(
-            base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs
+            base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs, session=session
         )
         if sparse:
             receiver.assembler.take_rows(sparse)  # type: ignore[attr-defined]  # a GradientAssembler
@@ -296,9 +310,83 @@ class Model:
         self._ready(True)  # outside the lock: pulls go on while the step compiles
         with self._lock:
             try:
+                self._admit_member_locked(receiver)
                 return self._aggregator.commit(receiver)
             finally:
                 self._timer.watch_locked()
+
+    # -- membership (core/membership.py) ------------------------------------------------------------
+
+    def _elastic_sync(self) -> bool:
+        return self.settings.mode == "sync" and self.settings.heartbeat_seconds > 0
+
+    def _admit_member_locked(self, receiver: Receiver) -> None:
+        """A push renews its worker's lease, joining it first (or starting its new session): refused
+        for a retired session, and (sync with leases) for a join beyond `workers` live members,
+        unless it is a retry of a push already applied."""
+        worker_id, session = receiver.worker_id, receiver.session
+        if not worker_id:
+            return
+        members = self.membership
+        members.check_session(self.label, worker_id, session)
+        if not members.is_member(worker_id) and self._elastic_sync():
+            record = self._workers.get(worker_id)
+            retry = record is not None and record.session == session and receiver.seq <= record.last_seq
+            if not retry and len(members.live()) >= self.settings.workers:
+                raise ResourceExhausted(
+                    f"model {self.name!r}: worker {worker_id!r} cannot join: the membership is full "
+                    f"({self.settings.workers} live members, settings.workers); it may join once a lease expires"
+                )
+        if members.renew(worker_id, session) != "renewed":
+            self._membership_changed_locked()
+
+    def _membership_changed_locked(self) -> None:
+        self._aggregator.membership_changed()
+        self._changed.notify_all()  # wait_for_epoch
+
+    def renew_lease(self, worker_id: str, session: int) -> None:
+        """A pull or heartbeat of a worker: renews its lease, joining it (or starting its new
+        session) first; a join beyond `workers` live members (sync with leases) is not made, the
+        pull goes on. FAILED_PRECONDITION for a retired session."""
+        if not worker_id:
+            return
+        with self._lock:
+            members = self.membership
+            members.check_session(self.label, worker_id, session)
+            if (
+                not members.is_member(worker_id)
+                and self._elastic_sync()
+                and len(members.live()) >= self.settings.workers
+            ):
+                return
+            try:
+                if members.renew(worker_id, session) != "renewed":
+                    self._membership_changed_locked()
+            finally:
+                self._timer.watch_locked()
+
+    def membership_info(self) -> tuple[int, list[tuple[str, Lease, float]]]:
+        """(epoch, [(worker_id, lease, seconds left)]) of the live members."""
+        with self._lock:
+            members = self.membership
+            return members.epoch, [(w, lease, members.seconds_left(lease)) for w, lease in members.members()]
+
+    def closed_rounds(self) -> list[ClosedRound]:
+        """sync: the last closed rounds, oldest first (core/sync.py, HISTORY); [] otherwise."""
+        with self._lock:
+            return self._aggregator.closed_rounds() if isinstance(self._aggregator, SyncAggregator) else []
+
+    def wait_for_epoch(self, epoch: int, timeout: float) -> bool:
+        """Blocks until the membership epoch is at least `epoch` (True) or `timeout` seconds pass."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self.membership.epoch >= epoch, timeout)
+
+    def check_deadlines(self) -> None:
+        """Does the timed work that is due now (expired leases, a sync round past its timeout), as the
+        timer thread would: for tests that move the clock themselves (tests/conftest.py, ManualClock)."""
+        with self._lock:
+            self._timed.expire()
+            self._timer.watch_locked()
 
     def pending_contributions(self) -> int:
         """sync: contributions received for the current step and not applied yet (async: 0)."""
@@ -312,6 +400,13 @@ class Model:
             states = {w: (r.last_seq, r.last_base_step) for w, r in self._workers.items()}
             states.update(self._aggregator.pending_workers())
         return [(w, seq, base) for w, (seq, base) in sorted(states.items())]
+
+    def worker_sessions(self) -> dict[str, int]:
+        """worker_id -> the session of its record (its live session when it is a member)."""
+        with self._lock:
+            sessions = {w: r.session for w, r in self._workers.items()}
+            sessions.update({w: lease.session for w, lease in self.membership.members()})
+            return sessions
 
     def decide_round(
         self, step: int, contributors: Sequence[tuple[str, int]], global_norm_sq: float | None, timeout: float | None
@@ -400,15 +495,15 @@ class Model:
         self._changed.notify_all()
         return self._step
 
-    def _applied_reply_locked(self, worker_id: str, seq: int) -> PushReply | None:
+    def _applied_reply_locked(self, worker_id: str, seq: int, session: int) -> PushReply | None:
         """The original reply if (worker_id, seq) is one of the worker's last REPLY_WINDOW applied
         pushes; None for a seq above its highest applied one (a new push); FAILED_PRECONDITION for
         any other seq (applied too long ago for its reply to be kept, or never pushed)."""
         if not worker_id:
             return None
         record = self._workers.get(worker_id)
-        if record is None or seq > record.last_seq:
-            return None
+        if record is None or (session and record.session != session) or seq > record.last_seq:
+            return None  # a new push (in a new session its seqs start again; session 0: any session)
         self._count("duplicates")
         if seq in record.replies:
             return record.replies[seq]
@@ -419,11 +514,21 @@ class Model:
             f"{REPLY_WINDOW} applied pushes only (kept: {kept}); push new gradients with seq > {record.last_seq}"
         )
 
-    def _record_worker_locked(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
-        if worker_id:
-            record = self._workers.setdefault(worker_id, WorkerRecord())
-            record.remember(seq, self._step - 1 if base_step is None else base_step, reply)
-            self._state_version += 1
+    def _record_worker_locked(
+        self, worker_id: str, seq: int, base_step: int | None, reply: PushReply, session: int
+    ) -> None:
+        if not worker_id:
+            return
+        record = self._workers.get(worker_id)
+        live = self.membership.session_of(worker_id)
+        if not session:  # a client without sessions: its seqs continue the worker's record
+            record = record or self._workers.setdefault(worker_id, WorkerRecord())
+        elif live is not None and live not in (0, session):
+            return  # a replaced session's push, applied after its successor started: not its record
+        elif record is None or record.session != session:
+            record = self._workers[worker_id] = WorkerRecord(session=session)  # a new session: seqs from 1
+        record.remember(seq, self._step - 1 if base_step is None else base_step, reply)
+        self._state_version += 1
 
     def _check_step_room(self, step: int) -> None:
         """Refuses an update from `step` that would take the model past MAX_STEP (steps stay exact in
@@ -571,7 +676,8 @@ class Model:
     def _capture_locked(self) -> tuple[ModelState, int]:
         params, opt_state, ema_state = jax.device_put((self._params, self._opt_state, self._ema_state), may_alias=False)
         workers = {w: r.copy() for w, r in self._workers.items()}
-        return ModelState(self._step, params, opt_state, ema_state, workers), self._state_version
+        state = ModelState(self._step, params, opt_state, ema_state, workers, self.membership.state())
+        return state, self._state_version
 
     def _capture_leaving_locked(self) -> None:
         """Before an update moves the model past its step: captures that step's state if a save
@@ -638,8 +744,11 @@ class Model:
             if state.ema_state is not None:
                 self._ema_state = state.ema_state
             self._workers = {w: r.copy() for w, r in state.workers.items()}
-            self._counters.reset()  # counters count since creation or restore
+            self.membership.restore(
+                state.membership or MembershipState()
+            )  # leases expire unless renewed  # counters count since creation or restore
             self._captured.clear()  # states of the history this one replaces
+            self._counters.reset()
             self._aggregator.reset()
             self._state_version += 1
             self._changed.notify_all()
@@ -690,6 +799,7 @@ class _Locked:
         self.layout = model.layout
         self.trainable = model.trainable
         self.gradient_buffers = model.gradient_buffers
+        self.membership = model.membership
 
     @property
     def step(self) -> int:
@@ -699,12 +809,12 @@ class _Locked:
     def deleted(self) -> bool:
         return self._model._deleted
 
-    def applied_reply(self, worker_id: str, seq: int) -> PushReply | None:
-        return self._model._applied_reply_locked(worker_id, seq)
+    def applied_reply(self, worker_id: str, seq: int, session: int) -> PushReply | None:
+        return self._model._applied_reply_locked(worker_id, seq, session)
 
-    def last_applied_seq(self, worker_id: str) -> int:
+    def last_applied_seq(self, worker_id: str, session: int) -> int:
         record = self._model._workers.get(worker_id)
-        return 0 if record is None else record.last_seq
+        return 0 if record is None or (session and record.session != session) else record.last_seq
 
     def check_step_room(self, step: int) -> None:
         self._model._check_step_room(step)
@@ -719,8 +829,8 @@ class _Locked:
     def apply(self, grads: Mapping[str, Any], scale: float, row_ids: Mapping[str, Any] | None = None) -> int:
         return self._model._apply_locked(grads, scale, row_ids)
 
-    def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply) -> None:
-        self._model._record_worker_locked(worker_id, seq, base_step, reply)
+    def record_worker(self, worker_id: str, seq: int, base_step: int | None, reply: PushReply, session: int) -> None:
+        self._model._record_worker_locked(worker_id, seq, base_step, reply, session)
 
     def count(self, counter: str, n: int = 1) -> None:
         self._model._count(counter, n)

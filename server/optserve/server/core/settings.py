@@ -27,7 +27,7 @@ _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (boo
 class ModelSettings:
     mode: str = "async"
     workers: int = 0  # sync: N
-    quorum: int = 0  # sync: k <= N (resolved to N when 0)
+    quorum: int = 0  # sync: k <= N (resolved to N when 0 and no quorum_fraction)
     max_staleness: int | None = None  # async
     sync_timeout: float = 0.0  # sync: seconds; 0 = wait for the quorum
     staleness_scaling: str = "none"  # async: "none" | "inverse"
@@ -36,6 +36,12 @@ class ModelSettings:
     # refuse an update that makes parameters, optimizer state or EMA non-finite (model.make_step);
     # off by default: compatible with existing clients and checkpoints, and free of its device sync
     reject_nonfinite_updates: bool = False
+    # membership (core/membership.py): members renew their lease at least this often (pushes,
+    # pulls, the client's heartbeat); a lease lasts two intervals. 0: leases never expire (a fixed
+    # membership: sync rounds expect `workers` contributors, as before leases existed)
+    heartbeat_seconds: float = 0.0
+    # sync: the quorum as a fraction of the round's expected members, in (0, 1]; 0: `quorum`
+    quorum_fraction: float = 0.0
 
     def validated(self, model: str) -> ModelSettings:
         """These settings checked as CreateModel checks them, with defaults resolved ("" mode:
@@ -54,14 +60,24 @@ class ModelSettings:
         for field, value in (("workers", workers), ("quorum", quorum)):
             if not 0 <= value <= _UINT32_MAX:
                 raise bad(field, f"must be in [0, {_UINT32_MAX}], got {value}")
+        fraction = self.quorum_fraction
+        if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 <= fraction <= 1):
+            raise bad("quorum_fraction", f"must be a number in (0, 1] (0: none), got {fraction}")
+        heartbeat = self.heartbeat_seconds
+        if not (isinstance(heartbeat, (int, float)) and math.isfinite(heartbeat) and 0 <= heartbeat <= 86400):
+            raise bad(
+                "heartbeat_seconds", f"must be a finite number in [0, 86400] (0: leases never expire), got {heartbeat}"
+            )
         if mode == "sync":
             if workers < 1:
                 raise bad("workers", "sync mode needs workers >= 1")
             if quorum > workers:
                 raise bad("quorum", f"quorum {quorum} exceeds workers {workers}")
-            quorum = quorum or workers
-        elif workers or quorum or self.sync_timeout:
-            raise bad("mode", "workers, quorum and sync_timeout apply to sync mode only")
+            if fraction and self.quorum:
+                raise bad("quorum_fraction", "give quorum (a count) or quorum_fraction, not both")
+            quorum = 0 if fraction else quorum or workers  # with a fraction, quorum stays 0
+        elif workers or quorum or self.sync_timeout or fraction:
+            raise bad("mode", "workers, quorum, quorum_fraction and sync_timeout apply to sync mode only")
         if self.max_staleness is not None and not 0 <= self.max_staleness <= _INT64_MAX:
             raise bad("max_staleness", f"must be in [0, {_INT64_MAX}], got {self.max_staleness}")
         if not (math.isfinite(self.sync_timeout) and self.sync_timeout >= 0):
@@ -79,7 +95,20 @@ class ModelSettings:
             ema_decay=None if ema is None else float(ema),
             ema_debias=bool(self.ema_debias),
             reject_nonfinite_updates=bool(self.reject_nonfinite_updates),
+            heartbeat_seconds=float(heartbeat),
+            quorum_fraction=float(fraction),
         )
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a member's lease lasts without renewal: two heartbeat intervals (0: forever)."""
+        return 2.0 * self.heartbeat_seconds
+
+    def needed(self, expected: int) -> int:
+        """sync: the contributions that complete a round expecting `expected` members (at least 1)."""
+        if self.quorum_fraction:
+            return max(1, math.ceil(self.quorum_fraction * expected - 1e-9))
+        return max(1, min(self.quorum or self.workers, expected))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

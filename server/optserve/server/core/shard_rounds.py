@@ -64,6 +64,7 @@ class Staged:
     reply: PushReply
     grads: dict[str, jax.Array]
     dropped: str = ""  # why it was left out of its round ("" while it may still count)
+    session: int = 0  # the worker's session (core/membership.py)
 
 
 @dataclasses.dataclass
@@ -109,7 +110,8 @@ class ShardRounds:
         self.model = model
         self.leader = leader  # shard 0: closes its rounds itself
         self.clips = clips  # the spec starts with clip_by_global_norm: apply once the total norm is known
-        self.quorum = model.settings.quorum or model.settings.workers
+        # a fixed membership: leases over several shards are refused (core/sharding.py)
+        self.quorum = model.settings.needed(model.settings.workers)
         self.timeout = model.settings.sync_timeout if leader else 0.0
         self._round = OpenRound(step=model.step)
         self._closed: OrderedDict[int, Decision] = OrderedDict()
@@ -117,24 +119,35 @@ class ShardRounds:
     # -- receiving ---------------------------------------------------------------------------------
 
     def open_push(
-        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+        self,
+        *,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool = False,
+        session: int = 0,
     ) -> ShardPush:
         if not worker_id:
             raise InvalidArgument(
                 f"{self.model.label}: a sync push to a model over several shards needs a worker_id (shard 0's "
                 "decision names each round's contributors by worker_id and seq)"
             )
-        return ShardPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
+        weight = check_weight(self.model.name, weight)
+        return ShardPush(self.model, base_step, worker_id, seq, weight, packs, session)
 
     def screen(self, receiver: Receiver) -> None:
         assert isinstance(receiver, ShardPush)
         base = receiver.base_step
-        if base is not None and base < self.model.step and not self._is_retry(receiver.worker_id, receiver.seq):
+        retry = self._is_retry(receiver.worker_id, receiver.seq, receiver.session)
+        if base is not None and base < self.model.step and not retry:
             raise self._stale(base, f"which was already applied; the current step is {self.model.step}")
 
-    def _is_retry(self, worker_id: str, seq: int) -> bool:
+    def _is_retry(self, worker_id: str, seq: int, session: int) -> bool:
         staged = self._current().staged.get(worker_id)
-        return (staged is not None and seq <= staged.seq) or seq <= self.model.last_applied_seq(worker_id)
+        if staged is not None and (not session or staged.session == session) and seq <= staged.seq:
+            return True
+        return seq <= self.model.last_applied_seq(worker_id, session)
 
     def _stale(self, base_step: int, why: str) -> FailedPrecondition:
         m = self.model
@@ -157,10 +170,11 @@ class ShardRounds:
         model = self.model
         rnd = self._current()
         pending = rnd.staged.get(push.worker_id)
-        if pending is not None and push.seq == pending.seq:
+        same_session = not push.session or (pending is not None and pending.session == push.session)
+        if pending is not None and same_session and push.seq == pending.seq:
             model.count("duplicates")
             return pending.reply, True
-        applied = model.applied_reply(push.worker_id, push.seq)
+        applied = model.applied_reply(push.worker_id, push.seq, push.session)
         if applied is not None:
             return applied, True
         base = rnd.step if push.base_step is None else push.base_step
@@ -185,7 +199,8 @@ class ShardRounds:
             raise ResourceExhausted(push.must_complete)
         grads = {k: push.on_device[k] for k in model.trainable}
         reply = PushReply(rnd.step + 1, applied=applies_now)
-        push.staged = rnd.staged[push.worker_id] = Staged(push.seq, base, push.weight, reply, grads)
+        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session)
+        push.staged = rnd.staged[push.worker_id] = staged
         if closes:
             self._decide_locally(rnd)
         else:
@@ -236,7 +251,7 @@ class ShardRounds:
         model.apply(grads, 1.0)
         for w, _ in rnd.decided:
             s = rnd.staged[w]
-            model.record_worker(w, s.seq, s.base_step, s.reply)
+            model.record_worker(w, s.seq, s.base_step, s.reply, s.session)
         if len(rnd.decided) < self.quorum:
             model.count("sync_timeouts")
         self._closed[rnd.step + 1] = Decision(rnd.step + 1, rnd.decided, rnd.partial_norm_sq, True, global_norm_sq)
@@ -341,7 +356,8 @@ class ShardRounds:
                     f"{model.label}: round for step {step}: decision names worker {w!r} seq {seq}, this shard holds "
                     f"its seq {staged.seq} for that round; nothing changed"
                 )
-            if staged is None and seq <= model.last_applied_seq(w):
+            session = model.membership.session_of(w) or 0
+            if staged is None and seq <= model.last_applied_seq(w, session):
                 raise FailedPrecondition(
                     f"{model.label}: round for step {step}: decision names worker {w!r} seq {seq}, which this shard "
                     "already applied in an earlier round; nothing changed"
@@ -373,6 +389,9 @@ class ShardRounds:
     def drops(self) -> tuple[int, str]:
         return 0, ""  # reject_nonfinite_updates is refused over several shards (core/sharding.py)
 
+    def membership_changed(self) -> None:
+        """A fixed membership: leases over several shards are refused (core/sharding.py)."""
+
     def reset(self) -> None:
         self._drop_all("the model's state was replaced")
         self._round = OpenRound(step=self.model.step)
@@ -389,5 +408,4 @@ def decides_rounds(settings: Any, shards: int, clips: bool) -> bool:
     clip the round's mean by a norm it cannot know alone."""
     if shards <= 1 or settings.mode != "sync":
         return False
-    quorum = settings.quorum or settings.workers
-    return quorum < settings.workers or settings.sync_timeout > 0 or clips
+    return settings.needed(settings.workers) < settings.workers or settings.sync_timeout > 0 or clips

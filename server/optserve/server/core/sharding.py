@@ -101,6 +101,11 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
         raise InvalidArgument(
             f"{why} cannot use reject_nonfinite_updates: one shard could refuse an update the others apply"
         )
+    if settings.mode == "sync" and settings.heartbeat_seconds > 0:
+        raise InvalidArgument(
+            f"{why}: settings.heartbeat_seconds: leases (an elastic membership) are not supported over several "
+            "shards yet: each shard would see its own joins and expiries (use 0, a fixed membership)"
+        )
 
 
 def kept_whole(compiled: CompiledOptimizer) -> set[str]:

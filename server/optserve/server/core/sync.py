@@ -32,6 +32,18 @@ recorded, the push that completed it gets FAILED_PRECONDITION, and so does every
 step beyond the current one (`drops()` changes; see api/data_plane.py, DataPlane._wait_for_step).
 Contributors push again against the same step.
 
+Membership (core/membership.py): a round expects the members that were live when it opened (the
+model reached its step), less those whose lease expired since, plus the `workers` slots that no
+worker has filled yet (a model starts expecting `workers` contributors, so its first rounds wait for
+the job to arrive); `ModelSettings.needed` turns that into the contributions that complete it (a
+quorum count, or a fraction of the expected members). With leases (settings.heartbeat_seconds > 0):
+an expiry that leaves the pending contributions enough closes the round at once
+(`membership_changed`), so a dead worker costs its lease, not sync_timeout; a worker that joins
+while a round is open is counted from the next round (its push to this one is refused, unless it
+fills a slot), and a join beyond `workers` live members is refused. Without leases the membership is
+fixed: every round expects `workers`, as before leases existed. The last HISTORY closed rounds are
+kept (`closed_rounds`: contributors in order, epoch, why it closed) for ModelInfo.
+
 Retries: a contribution's (worker_id, seq) and reply are kept in the round until it is applied,
 then move to the model's per-worker records (core/workers.py, which keep the replies of each
 worker's last `REPLY_WINDOW` applied pushes). A repeat of the pair returns the original reply
@@ -43,6 +55,7 @@ was lost with an unfinished round.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -96,6 +109,7 @@ class Contribution:
     base_step: int
     weight: float
     reply: PushReply
+    session: int = 0
 
 
 @dataclasses.dataclass
@@ -110,6 +124,25 @@ class Round:
     contributors: dict[str, Contribution] = dataclasses.field(default_factory=dict)
     deadline: float | None = None  # monotonic time at which a timeout applies it
     dropped: str = ""  # why the round was refused (reject_nonfinite_updates); "" while pending or applied
+    members: frozenset[str] = frozenset()  # the members it expects (live when it opened, or filling a slot)
+    slots: int = 0  # `workers` slots no worker had filled when it opened (a joiner fills one)
+    opened_epoch: int = 0  # the membership epoch when it opened
+
+
+HISTORY = 64  # closed rounds kept for ModelInfo.recent_rounds
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosedRound:
+    """How one sync round ended: ModelInfo.recent_rounds."""
+
+    step: int  # the step its update made
+    contributors: tuple[tuple[str, int], ...]  # (worker_id, seq) in the order they were summed
+    anonymous: int  # contributions without a worker_id
+    expected: int  # the members it expected when it closed
+    opened_epoch: int
+    epoch: int  # the membership epoch when it closed
+    closed_by: str  # "quorum", "timeout" or "membership" (an expiry left it complete)
 
 
 def check_weight(model_name: str, weight: float) -> float:
@@ -126,9 +159,11 @@ class SyncAggregator:
 
     def __init__(self, model: LockedModel):
         self.model = model
-        self.quorum = model.settings.quorum or model.settings.workers
+        self.quorum = model.settings.needed(model.settings.workers)  # with every member live
         self.timeout = model.settings.sync_timeout
-        self._round = Round(step=model.step)
+        self.elastic = model.settings.heartbeat_seconds > 0  # leases expire: the membership changes
+        self._closed: list[ClosedRound] = []
+        self._round = self._open_round()
         # (rounds refused by reject_nonfinite_updates, why the last one was), replaced as one tuple:
         # calls waiting for a step read it without the lock (from their wait's give_up) and compare
         # the count with the one they started with (api/data_plane.py, DataPlane._wait_for_step)
@@ -137,10 +172,50 @@ class SyncAggregator:
     # -- receiving ---------------------------------------------------------------------------------
 
     def open_push(
-        self, *, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool = False
+        self,
+        *,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool = False,
+        session: int = 0,
     ) -> SyncPush:
         """A receiver for one push stream (no lock held: touches nothing shared)."""
-        return SyncPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs)
+        return SyncPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs, session)
+
+    # -- membership --------------------------------------------------------------------------------
+
+    def _open_round(self) -> Round:
+        """A round for the model's current step, expecting the members live now."""
+        members = self.model.membership
+        slots = max(0, self.model.settings.workers - members.seen())
+        return Round(step=self.model.step, members=members.live(), slots=slots, opened_epoch=members.epoch)
+
+    def expected(self, rnd: Round) -> int:
+        """The members the round waits for: `workers` without leases; with them, its members still
+        live plus the slots nobody filled."""
+        workers = self.model.settings.workers
+        if not self.elastic:
+            return workers
+        return min(workers, len(rnd.members & self.model.membership.live()) + rnd.slots)
+
+    def needed(self, rnd: Round) -> int:
+        return self.model.settings.needed(self.expected(rnd))
+
+    def membership_changed(self) -> None:
+        rnd = self._current_round()
+        if not self.elastic:
+            return
+        live = self.model.membership.live()
+        joiners = sorted(live - rnd.members)
+        while joiners and rnd.slots > 0:  # a worker that joins fills a slot the round holds open
+            rnd.members, rnd.slots = rnd.members | {joiners.pop(0)}, rnd.slots - 1
+        if rnd.count == 0 and rnd.slots == 0 and not rnd.members & live:
+            rnd.members = live  # every member it expected left before contributing: it expects who is here
+        if rnd.count and rnd.count >= self.needed(rnd):
+            with contextlib.suppress(NonFiniteUpdate):  # dropped and logged by _apply
+                self._apply(rnd, closed_by="membership")
 
     def screen(self, receiver: Receiver) -> None:
         """A push already known to be stale is refused before its bytes (a retry must reach commit,
@@ -150,15 +225,17 @@ class SyncAggregator:
         if (
             base_step is not None
             and base_step < self.model.step
-            and not self._is_retry(receiver.worker_id, receiver.seq)
+            and not self._is_retry(receiver.worker_id, receiver.seq, receiver.session)
         ):
             raise self._stale(base_step)
 
-    def _is_retry(self, worker_id: str, seq: int) -> bool:
+    def _is_retry(self, worker_id: str, seq: int, session: int) -> bool:
         if not worker_id:
             return False
         pending = self._current_round().contributors.get(worker_id)
-        return (pending is not None and seq <= pending.seq) or seq <= self.model.last_applied_seq(worker_id)
+        if pending is not None and (not session or pending.session == session) and seq <= pending.seq:
+            return True
+        return seq <= self.model.last_applied_seq(worker_id, session)
 
     def _stale(self, base_step: int) -> FailedPrecondition:
         m = self.model
@@ -179,7 +256,7 @@ class SyncAggregator:
                     self._round.step,
                     self.model.step,
                 )
-            self._round = Round(step=self.model.step)
+            self._round = self._open_round()
         return self._round
 
     def commit(self, receiver: Receiver) -> tuple[PushReply, bool]:
@@ -199,7 +276,7 @@ class SyncAggregator:
         device_grads = {k: push.on_device[k] for k in model.trainable}
         weight = jnp.float32(push.weight)
         rnd = self._current_round()
-        dup = self._duplicate(rnd, push.worker_id, push.seq)
+        dup = self._duplicate(rnd, push.worker_id, push.seq, push.session)
         if dup is not None:
             return dup, True
         base_step = rnd.step if push.base_step is None else push.base_step
@@ -215,38 +292,49 @@ class SyncAggregator:
                 f"{rnd.contributors[push.worker_id].seq} to step {rnd.step + 1}; wait for step {rnd.step + 1}, "
                 "pull it and push against it"
             )
+        if self.elastic and push.worker_id and push.worker_id not in rnd.members:
+            lease = dict(model.membership.members()).get(push.worker_id)
+            joined = "" if lease is None else f" at membership epoch {lease.joined_epoch}"
+            raise FailedPrecondition(
+                f"model {model.name!r}: worker {push.worker_id!r} joined{joined}, after the round for step "
+                f"{rnd.step + 1} began (epoch {rnd.opened_epoch}); it is counted from the next round: pull step "
+                f"{rnd.step + 1} (min_step) and push against it"
+            )
         if model.deleted:
             raise FailedPrecondition(f"model {model.name!r} was deleted")
         model.check_step_room(rnd.step)
-        if push.must_complete and rnd.count + 1 < self.quorum:
+        needed = self.needed(rnd)
+        if push.must_complete and rnd.count + 1 < needed:
             raise ResourceExhausted(push.must_complete)
         push.round = rnd
         rnd.sums = _first(device_grads, weight) if rnd.sums is None else _fold_jit(rnd.sums, device_grads, weight)
         rnd.total_weight += push.weight
         rnd.count += 1
-        completes = rnd.count >= self.quorum
+        completes = rnd.count >= needed
         reply = PushReply(rnd.step + 1, applied=completes)
         if push.worker_id:
-            rnd.contributors[push.worker_id] = Contribution(push.seq, base_step, push.weight, reply)
+            rnd.contributors[push.worker_id] = Contribution(push.seq, base_step, push.weight, reply, push.session)
         else:
             rnd.anonymous += 1
         if completes:
-            self._apply(rnd, timed_out=False)
+            self._apply(rnd, closed_by="quorum")
         elif self.timeout > 0 and rnd.deadline is None:
             rnd.deadline = time.monotonic() + self.timeout
         return reply, False
 
-    def _duplicate(self, rnd: Round, worker_id: str, seq: int) -> PushReply | None:
+    def _duplicate(self, rnd: Round, worker_id: str, seq: int, session: int) -> PushReply | None:
         """The original reply of a repeated (worker_id, seq): pending in this round, or one of the
         worker's last applied pushes (LockedModel.applied_reply, which refuses older applied seqs);
         None for a new push."""
         if not worker_id:
             return None
         pending = rnd.contributors.get(worker_id)
+        if pending is not None and session and pending.session != session:
+            pending = None  # another session's: this push is not its retry (0: no session, any)
         if pending is not None and seq == pending.seq:
             self.model.count("duplicates")
             return pending.reply
-        reply = self.model.applied_reply(worker_id, seq)
+        reply = self.model.applied_reply(worker_id, seq, session)
         if reply is None and pending is not None and seq < pending.seq:  # above every applied seq: never seen
             self.model.count("duplicates")
             raise FailedPrecondition(
@@ -257,7 +345,7 @@ class SyncAggregator:
 
     # -- applying ----------------------------------------------------------------------------------
 
-    def _apply(self, rnd: Round, *, timed_out: bool) -> None:
+    def _apply(self, rnd: Round, *, closed_by: str) -> None:
         """One update with the round's weighted mean; the contributors become the workers' records.
         A refused update (NonFiniteUpdate) drops the round and wakes the waiting calls, then raises."""
         model = self.model
@@ -273,24 +361,36 @@ class SyncAggregator:
             self._drops = (self._drops[0] + 1, why)
             log.warning("%s", why)
             rnd.dropped = why
-            self._round = Round(step=model.step)
+            self._round = self._open_round()
             model.notify_waiters()  # waiting calls see drops() change
             raise NonFiniteUpdate(why) from None
         for worker_id, c in rnd.contributors.items():
-            model.record_worker(worker_id, c.seq, c.base_step, c.reply)
-        if timed_out:
+            model.record_worker(worker_id, c.seq, c.base_step, c.reply, c.session)
+        self._closed.append(
+            ClosedRound(
+                rnd.step + 1,
+                tuple((w, c.seq) for w, c in rnd.contributors.items()),
+                rnd.anonymous,
+                self.expected(rnd),
+                rnd.opened_epoch,
+                model.membership.epoch,
+                closed_by,
+            )
+        )
+        del self._closed[:-HISTORY]
+        if closed_by == "timeout":
             model.count("sync_timeouts")
             log.warning(
-                "model %r: sync step %d applied by timeout (%.3gs) with %d of %d contributions (quorum %d); "
+                "model %r: sync step %d applied by timeout (%.3gs) with %d of %d expected contributions (needed %d); "
                 "missing workers' late pushes will be stale",
                 model.name,
                 rnd.step + 1,
                 self.timeout,
                 rnd.count,
-                model.settings.workers,
-                self.quorum,
+                self.expected(rnd),
+                self.needed(rnd),
             )
-        self._round = Round(step=model.step)
+        self._round = self._open_round()
 
     def time_left(self) -> float | None:
         """Seconds until the round's sync_timeout applies it (None: no contribution, or no timeout)."""
@@ -305,12 +405,12 @@ class SyncAggregator:
         if rnd.deadline is None or rnd.count == 0 or time.monotonic() < rnd.deadline:
             return
         try:
-            self._apply(rnd, timed_out=True)
+            self._apply(rnd, closed_by="timeout")
         except NonFiniteUpdate:
             pass  # dropped and logged by _apply
         except Exception:  # never kill the model's timer silently; drop the round
             log.exception("model %r: applying sync step %d by timeout failed", self.model.name, rnd.step + 1)
-            self._round = Round(step=self.model.step)
+            self._round = self._open_round()
 
     # -- visibility and lifecycle ------------------------------------------------------------------
 
@@ -324,6 +424,10 @@ class SyncAggregator:
     def drops(self) -> tuple[int, str]:
         return self._drops
 
+    def closed_rounds(self) -> list[ClosedRound]:
+        """The last HISTORY closed rounds, oldest first."""
+        return list(self._closed)
+
     def reset(self) -> None:
         """Drops the pending round (the model's state was replaced, e.g. by a checkpoint restore)."""
         if self._round.count:
@@ -332,14 +436,24 @@ class SyncAggregator:
                 self.model.name,
                 self._round.count,
             )
-        self._round = Round(step=self.model.step)
+        self._round = self._open_round()
 
 
 class SyncPush:
     """One push stream in sync mode: staged privately, folded into the round only at commit."""
 
-    def __init__(self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, weight: float, packs: bool):
+    def __init__(
+        self,
+        model: LockedModel,
+        base_step: int | None,
+        worker_id: str,
+        seq: int,
+        weight: float,
+        packs: bool,
+        session: int = 0,
+    ):
         self.base_step, self.worker_id, self.seq, self.weight = base_step, worker_id, seq, weight
+        self.session = session
         self.on_device: dict[str, jax.Array] = {}
         # NaN/Inf is refused (INVALID_ARGUMENT naming the leaf) before anything is counted; each
         # complete trainable leaf starts its device transfer while later chunks arrive

@@ -28,6 +28,9 @@ class WorkerRecord:
     last_base_step: int = -1  # base_step of that push
     # seq -> reply, the last REPLY_WINDOW, oldest first
     replies: dict[int, PushReply] = dataclasses.field(default_factory=dict)
+    # the worker's session these seqs belong to (core/membership.py): a new session starts a new
+    # record, its seqs from 1 again
+    session: int = 0
 
     def remember(self, seq: int, base_step: int, reply: PushReply) -> None:
         """Records an applied push (seq > last_seq) and forgets replies beyond the window."""

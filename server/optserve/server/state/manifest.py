@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from optserve.server.core.errors import InvalidArgument
+from optserve.server.core.membership import MembershipState
 from optserve.server.core.schema import schema_from_json
 from optserve.server.core.settings import ModelSettings
 from optserve.server.core.sharding import Shard
@@ -48,7 +49,54 @@ def to_manifest(state: HostState) -> dict:
         "ema_keys": None if state.ema is None else list(state.ema),
         # absent for a whole model (files written before models could be sharded have none)
         **({} if state.shard is None else {"shard": {"index": state.shard.index, "map": state.shard.map.to_json()}}),
+        # absent in files written before memberships (core/membership.py)
+        **({} if state.membership is None else {"membership": _encode_membership(state.membership)}),
     }
+
+
+def _encode_membership(m: MembershipState) -> dict:
+    return {
+        "epoch": m.epoch,
+        "seen": list(m.seen),
+        "members": [{"worker_id": w, "session": s, "joined_epoch": j} for w, s, j in m.members],
+    }
+
+
+def _decode_membership(data: Any, where: str) -> MembershipState | None:
+    """The membership of a manifest (absent: None), strictly typed: epoch and joined_epoch integers in
+    [0, 2**63), sessions in [0, 2**64), worker ids non-empty strings."""
+    if data is None:
+        return None
+    here = f"{where}: membership"
+    if not (isinstance(data, dict) and set(data) == {"epoch", "seen", "members"}):
+        raise StateError(f'{here}: expected {{"epoch", "seen", "members"}}, got {show(data)}')
+    epoch, seen, members = data["epoch"], data["seen"], data["members"]
+    if not (is_int(epoch) and 0 <= epoch < 2**63):
+        raise StateError(f"{here}.epoch: expected an integer in [0, 2**63), got {show(epoch)}")
+    if not (isinstance(seen, list) and all(isinstance(w, str) and w and _utf8(w) for w in seen)):
+        raise StateError(f"{here}.seen: expected a list of worker ids, got {show(seen)}")
+    if not isinstance(members, list):
+        raise StateError(f"{here}.members: expected a list, got {show(members)}")
+    out = []
+    for i, m in enumerate(members):
+        ok = (
+            isinstance(m, dict)
+            and set(m) == {"worker_id", "session", "joined_epoch"}
+            and isinstance(m["worker_id"], str)
+            and bool(m["worker_id"])
+            and _utf8(m["worker_id"])
+            and is_int(m["session"])
+            and 0 <= m["session"] < 2**64
+            and is_int(m["joined_epoch"])
+            and 0 <= m["joined_epoch"] <= epoch
+        )
+        if not ok:
+            raise StateError(
+                f'{here}.members[{i}]: expected {{"worker_id": id, "session": integer, "joined_epoch": integer <= '
+                f"epoch}}, got {show(m)}"
+            )
+        out.append((m["worker_id"], m["session"], m["joined_epoch"]))
+    return MembershipState(epoch, tuple(seen), tuple(out))
 
 
 def _decode_workers(data: Any, where: str, step: int) -> dict[str, WorkerRecord]:
@@ -154,6 +202,7 @@ def from_manifest(
         hyperparams={k: float(v) for k, v in hyperparams.items()},
         workers=workers,
         shard=_decode_shard(manifest.get("shard"), where),
+        membership=_decode_membership(manifest.get("membership"), where),
     )
 
 

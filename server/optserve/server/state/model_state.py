@@ -32,6 +32,7 @@ import numpy as np
 from optserve.server.core import admission
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.layout import StateMap
+from optserve.server.core.membership import MembershipState
 from optserve.server.core.model import Model, ModelState
 from optserve.server.core.placement import ModelPlacement
 from optserve.server.core.settings import ModelSettings
@@ -60,6 +61,7 @@ class HostState:
     hyperparams: dict[str, float]
     workers: dict[str, WorkerRecord]  # worker_id -> its record (validated; JSON form: state/worker_records.py)
     shard: Shard | None = None  # which shard of a model over several servers (core/sharding.py)
+    membership: MembershipState | None = None  # epoch and members (core/membership.py); None: none saved
 
     def tensor_groups(self) -> dict[str, dict[str, np.ndarray]]:
         groups = {"params": self.params, "opt": self.opt}
@@ -99,6 +101,7 @@ class DeviceSnapshot:
     opt_state: Any
     ema: Any
     workers: dict[str, WorkerRecord]  # worker_id -> a copy of its record
+    membership: MembershipState | None = None
 
     def to_host(self) -> HostState:
         """Waits for the copies and views them as numpy (zero copy on CPU; a transfer on GPUs)."""
@@ -121,6 +124,7 @@ class DeviceSnapshot:
             hyperparams=m.compiled.hyperparams(self.opt_state),
             workers=self.workers,
             shard=m.shard,
+            membership=self.membership,
         )
 
 
@@ -138,7 +142,10 @@ def snapshot_of(model: Model, captured: tuple[ModelState, int]) -> tuple[DeviceS
     """A state the model captured (`Model.capture_state`, `capture_at`, `take_captured`) as a
     snapshot, with the `state_version` it holds."""
     state, version = captured
-    return DeviceSnapshot(model, state.step, state.params, state.opt_state, state.ema_state, state.workers), version
+    snap = DeviceSnapshot(
+        model, state.step, state.params, state.opt_state, state.ema_state, state.workers, state.membership
+    )
+    return snap, version
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +191,9 @@ def prepare(model: Model, state: HostState) -> ModelState:
     workers = {w: r.copy() for w, r in state.workers.items()}
     buffers = model.layout.pack_arrays(state.params)
     params = {k: model.placement.put(k, own(buffers[k])) for k in model.layout.keys}
-    return ModelState(step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers)
+    return ModelState(
+        step=state.step, params=params, opt_state=opt_state, ema_state=ema, workers=workers, membership=state.membership
+    )
 
 
 def _check_hyperparams_state(what: str, opt: Mapping[str, np.ndarray]) -> None:

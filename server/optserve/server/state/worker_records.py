@@ -1,7 +1,10 @@
 """Worker records (core/workers.py) <-> their JSON form in manifests and state files.
 
-    {"last_seq": int, "last_base_step": int, "replies": [{"seq": int, "reply": REPLY}, ...]}
+    {"last_seq": int, "last_base_step": int, "replies": [{"seq": int, "reply": REPLY}, ...], "session": int}
     REPLY = {"step": int, "applied": bool}
+
+"session" (core/membership.py) is written only when not 0, and absent in files written before
+sessions existed.
 
 Read as well, from files written by earlier versions:
 - REPLY = {"proto": "PushResponse", "b64": base64 of a serialized optserve.v1.PushResponse};
@@ -35,6 +38,7 @@ def encode_worker(record: WorkerRecord) -> dict:
         "last_seq": record.last_seq,
         "last_base_step": record.last_base_step,
         "replies": [{"seq": seq, "reply": _encode_reply(r)} for seq, r in record.replies.items()],
+        **({"session": record.session} if record.session else {}),
     }
 
 
@@ -118,14 +122,17 @@ def decode_worker(data: Any, where: str, step: int) -> WorkerRecord:
         raise StateError(f"{where}: expected an object, got {show(data)}")
     old_form = "last_reply" in data
     keys = {"last_seq", "last_base_step", "last_reply" if old_form else "replies"}
-    if set(data) != keys:
+    session = data.get("session", 0)
+    if not (is_int(session) and 0 <= session <= _UINT64_MAX):
+        raise StateError(f"{where}.session: expected an integer in [0, 2**64), got {show(session)}")
+    if set(data) - {"session"} != keys:
         raise StateError(f"{where}: expected the keys {sorted(keys)}, got {sorted(map(str, data))}")
     last_seq, base = data["last_seq"], data["last_base_step"]
     if not (is_int(last_seq) and 0 <= last_seq <= _UINT64_MAX):
         raise StateError(f"{where}.last_seq: expected an integer in [0, 2**64), got {show(last_seq)}")
     if not (is_int(base) and -1 <= base <= step):
         raise StateError(f"{where}.last_base_step: expected an integer in [-1, {step}] (the step), got {show(base)}")
-    record = WorkerRecord(last_seq, base)
+    record = WorkerRecord(last_seq, base, session=session)
     if old_form:
         if data["last_reply"] is not None:
             record.replies[last_seq] = _decode_reply(data["last_reply"], f"{where}.last_reply")

@@ -45,21 +45,11 @@ class Sources:
 
 
 def membership_of(model: Model) -> dict[str, Any] | None:
-    """Where issue 18's scope 1 (worker leases and the membership epoch) slots into the page.
-
-    A model that keeps membership exposes `membership` (a method or an attribute) giving
-    `{"epoch": int, "live": {worker_id: bool}}`, or an object with those attributes; the report then
-    carries it as is, each worker row's `live` is read from it, and the page and `optserve top` show
-    live/expired and the epoch. Until then this is None, `live` is null, and the page says that
-    leases are not tracked."""
-    membership = getattr(model, "membership", None)
-    if membership is None:
-        return None
-    found = membership() if callable(membership) else membership
-    if found is None:
-        return None
-    data = found if isinstance(found, dict) else dict(vars(found))
-    return {"epoch": data.get("epoch"), "live": dict(data.get("live") or {})}
+    """The model's membership (docs/design.md, "Membership and leases"): `{"epoch": int, "live":
+    {worker_id: True}}` for its live members; a worker row of a worker that is no member (its lease
+    expired) says `live` false, and the page and `optserve top` show live/expired and the epoch."""
+    epoch, members = model.membership_info()
+    return {"epoch": epoch, "live": {worker_id: True for worker_id, _, _ in members}}
 
 
 def _round(x: float) -> float:
@@ -116,13 +106,13 @@ def _workers(model: Model, now: float, membership: dict[str, Any] | None) -> lis
     records = {w: (seq, base) for w, seq, base in model.worker_states()}
     live = (membership or {}).get("live") or {}
     rows = []
-    for worker_id in sorted(set(seen) | set(records)):
+    for worker_id in sorted(set(seen) | set(records) | set(live)):
         activity = seen.get(worker_id)
         seq, base = records.get(worker_id, (0, -1))
         rows.append(
             {
                 "id": worker_id,
-                "live": live.get(worker_id),  # None: leases are not tracked (membership_of)
+                "live": live.get(worker_id, False) if membership is not None else None,  # False: expired
                 "last_seq": seq,
                 "last_base_step": base,
                 "pushes": activity.pushes if activity else 0,
