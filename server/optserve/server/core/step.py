@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,6 +28,33 @@ def _apply_updates(params: dict, updates: dict, scale: jax.Array) -> dict:
     # optax.apply_updates with an update scale (staleness scaling); x * 1.0 is exact, so an
     # unscaled step equals optax bit for bit.
     return {k: (p + scale * updates[k]).astype(p.dtype) if k in updates else p for k, p in params.items()}
+
+
+def _finish_step(
+    params: dict,
+    opt_state: Any,
+    ema_state: Any,
+    new_params: dict,
+    new_opt_state: Any,
+    trainable: Sequence[str],
+    decay: Any,
+    check: bool,
+) -> tuple:
+    """The end of every compiled step (traced): the EMA of the new trainable parameters, then, with
+    `check`, the NaN/Inf flags of the new state and the old state kept whole if any is not finite."""
+    new_ema = ema_state
+    if ema_state is not None:
+        assert decay is not None  # the model keeps an EMA state exactly when its settings set ema_decay
+        new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
+    if not check:
+        return new_params, new_opt_state, new_ema
+    flags, firsts = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
+    ok = jnp.all(flags)
+
+    def keep(new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
 
 
 def _finite_flags(trainable: dict, opt_state: Any, ema_state: Any) -> tuple[jax.Array, jax.Array]:
@@ -94,19 +122,7 @@ def make_step(
         new_params = _apply_updates(params, updates, scale)
         if shardings is not None:
             new_params = shardings.placement.zero_padding(new_params)
-        new_ema = ema_state
-        if ema_state is not None:
-            assert decay is not None  # the model keeps an EMA state exactly when its settings set ema_decay
-            new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
-        if not check:
-            return new_params, new_opt_state, new_ema
-        flags, firsts = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
-        ok = jnp.all(flags)
-
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
+        return _finish_step(params, opt_state, ema_state, new_params, new_opt_state, trainable, decay, check)
 
     donate = (0, 1, 2) if donate_params else (1,)
     if shardings is None:
@@ -177,19 +193,7 @@ def make_row_step(
         for k in trainable:
             new_params[k] = scatter(params[k], row_ids[k], new_train[k]) if k in row_ids else new_train[k]
         new_opt_state = _rows_of(opt_state, row_ids, rows, scatter, new_state)
-        new_ema = ema_state
-        if ema_state is not None:
-            assert decay is not None
-            new_ema = ema.ema_update(ema_state, {k: new_params[k] for k in trainable}, decay)
-        if not check:
-            return new_params, new_opt_state, new_ema
-        flags, firsts = _finite_flags({k: new_params[k] for k in trainable}, new_opt_state, new_ema)
-        ok = jnp.all(flags)
-
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_state), flags, firsts
+        return _finish_step(params, opt_state, ema_state, new_params, new_opt_state, trainable, decay, check)
 
     return jax.jit(model_update_step_rows, donate_argnums=(0, 1, 2) if donate_params else (1,))
 
