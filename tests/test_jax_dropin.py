@@ -81,3 +81,35 @@ def test_update_under_jit_is_a_clear_error(client, model_name):
     assert client.model(model_name).step == 0  # nothing was pushed
     with pytest.raises(ValueError, match="structure"):
         tx.update({"dense": _params()["dense"]}, state, params)
+
+
+def test_a_flax_linen_train_state_trains_as_with_optax_in_process(client, model_name):
+    """Linen's usual loop: TrainState.create(tx=...) and state.apply_gradients (outside jax.jit)."""
+    from flax import linen as nn
+    from flax.training import train_state
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(5)(x)))
+
+    net = Classifier()
+    params = net.init(jax.random.PRNGKey(2), jnp.zeros((1, 6)))["params"]
+
+    @jax.jit
+    def grads_of(p, x, y):
+        return jax.grad(
+            lambda q: optax.softmax_cross_entropy_with_integer_labels(net.apply({"params": q}, x), y).mean()
+        )(p)
+
+    states = [
+        train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
+        for tx in (optax.adam(1e-2), optserve.jax.remote(client, model_name, optim.adam(1e-2)))
+    ]
+    for x, y in _batches():
+        states = [s.apply_gradients(grads=grads_of(s.params, x, y)) for s in states]
+    local, remote = states
+    assert remote.step == STEPS and client.model(model_name).step == STEPS
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), local.params, remote.params
+    )
