@@ -136,17 +136,3 @@ def test_rows_on_a_packed_leaf_are_sent_dense_by_the_client(client, model_name):
     sparse.push({"a": rows, **zeros})
     dense.push({"a": rows.densify((6, 2), np.float32), **zeros})
     np.testing.assert_array_equal(sparse.pull()["a"], dense.pull()["a"])
-
-
-def test_sync_mode_takes_rows_densely_even_under_a_lazy_rule(client, model_name):
-    """A sync round averages dense gradients: rows are densified on arrival (docs/optimizers.md,
-    "Row-sparse gradients (embedding tables)"), so a lazy rule then sees every row as touched."""
-    params = {"table": np.ones((8, 2), np.float32)}
-    sparse = client.create_model(model_name + "-s", params, LAZY, mode="sync", workers=1)
-    dense = client.create_model(model_name + "-d", params, LAZY, mode="sync", workers=1)
-    rows = Rows([2, 2, 5], np.arange(6, dtype=np.float32).reshape(3, 2))
-    sparse.push({"table": rows})
-    dense.push({"table": rows.densify((8, 2), np.float32)})
-    np.testing.assert_array_equal(
-        sparse.pull(min_step=1, timeout=30)["table"], dense.pull(min_step=1, timeout=30)["table"]
-    )
