@@ -115,6 +115,8 @@ def test_padded_row_counts_compile_a_bounded_number_of_times(client, model_name)
         model_name, {"table": np.zeros((600, 2), np.float32)}, {"rowwise_adagrad": {"learning_rate": 0.1}}
     )
     model.push({"table": Rows([0], np.ones((1, 2), np.float32))})  # the dense step's warm-up is over
+    # background warm-ups (this model's and earlier ones') would count inside the window: ended first
+    compilation.finish_warm_ups()
     before = compilation.stats().compilations["update_step"]
     sizes = rng.integers(0, 500, 200)
     for k in sizes:
@@ -136,17 +138,3 @@ def test_rows_on_a_packed_leaf_are_sent_dense_by_the_client(client, model_name):
     sparse.push({"a": rows, **zeros})
     dense.push({"a": rows.densify((6, 2), np.float32), **zeros})
     np.testing.assert_array_equal(sparse.pull()["a"], dense.pull()["a"])
-
-
-def test_sync_mode_takes_rows_densely_even_under_a_lazy_rule(client, model_name):
-    """A sync round averages dense gradients: rows are densified on arrival (docs/optimizers.md,
-    "Row-sparse gradients (embedding tables)"), so a lazy rule then sees every row as touched."""
-    params = {"table": np.ones((8, 2), np.float32)}
-    sparse = client.create_model(model_name + "-s", params, LAZY, mode="sync", workers=1)
-    dense = client.create_model(model_name + "-d", params, LAZY, mode="sync", workers=1)
-    rows = Rows([2, 2, 5], np.arange(6, dtype=np.float32).reshape(3, 2))
-    sparse.push({"table": rows})
-    dense.push({"table": rows.densify((8, 2), np.float32)})
-    np.testing.assert_array_equal(
-        sparse.pull(min_step=1, timeout=30)["table"], dense.pull(min_step=1, timeout=30)["table"]
-    )

@@ -4,6 +4,8 @@ initialized table's checkpoint restores bitwise."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,50 @@ def test_sharded_worker_push_pull_of_rows(servers, model_name):
         assert not np.array_equal(got["table"][0], before[199])
         np.testing.assert_array_equal(got["table"][1], before[50])  # untouched under lazy_adam
         np.testing.assert_array_equal(got["table"], sharded.pull()["table"][[199, 50]])
+
+
+ROUND_IDS = {"w0": [[0, 5, 5, 150], [1, 150], [7]], "w1": [[5, 199], [180], [199, 0, 0]]}
+
+
+def _rows_grad(worker_id: str, seq: int) -> dict:
+    ids = ROUND_IDS[worker_id][seq - 1]
+    values = np.random.default_rng([seq, int(worker_id[1:])]).standard_normal((len(ids), 4)).astype(np.float32)
+    return {"table": Rows(ids, values), "w": np.full(3, 0.5 * seq, np.float32)}
+
+
+def test_sync_rounds_that_shard_0_decides_apply_lazy_rows_like_the_whole_model(servers, model_name):
+    """core/shard_rounds.py: every shard applies a lazy table's round mean only at the rows the decided
+    contributions touched, as the whole model's round does (rows of a round's other workers stay)."""
+    settings = {"mode": "sync", "workers": 3, "quorum": 2}
+    with Client([s.address for s in servers], timeout=60) as both, Client(servers[0].address, timeout=60) as one:
+        sharded = both.create_model(model_name, _params(), SPEC, split_bytes=1024, **settings)
+        whole = one.create_model(model_name + "-whole", _params(), SPEC, **settings)
+        assert sharded.decides_rounds
+        initial = sharded.pull()["table"]
+        errors: list[BaseException] = []
+
+        def train(worker_id: str) -> None:
+            try:
+                w = sharded.worker(worker_id)
+                w.pull()
+                for seq in range(1, len(ROUND_IDS[worker_id]) + 1):
+                    w.push_pull(_rows_grad(worker_id, seq))
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=train, args=(wid,)) for wid in ROUND_IDS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        rounds = [sharded.shards[0].decide_round(step)["contributors"] for step in (1, 2, 3)]
+        for step, contributors in enumerate(rounds):
+            assert sorted(w for w, _ in contributors) == ["w0", "w1"], rounds
+            for wid, seq in contributors:
+                whole.push(_rows_grad(wid, seq), base_step=step)
+        got, want = sharded.pull(min_step=3, timeout=30), whole.pull(min_step=3, timeout=30)
+        # (rows 5 and 150, touched in rounds 1 and 2 only, would have moved again in a dense round 3)
+        np.testing.assert_allclose(got["table"], want["table"], rtol=1e-6, atol=1e-7)
+        never = np.setdiff1d(np.arange(200), np.concatenate([np.concatenate(v) for v in ROUND_IDS.values()]))
+        np.testing.assert_array_equal(got["table"][never], initial[never])

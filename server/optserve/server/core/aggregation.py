@@ -42,6 +42,7 @@ class LockedModel(Protocol):
     push_schema: Mapping[str, LeafSpec]  # every leaf, and every pack of `layout` in place of its leaves
     layout: Layout
     trainable: tuple[str, ...]  # the buffers the update rule sees (layout.trainable)
+    lazy_leaves: frozenset[str]  # loose leaves under a lazy rule, updated row by row (core/rows.py)
     device: jax.Device  # the first of its devices (the only one without a mesh)
     placement: ModelPlacement  # where its buffers live (core/placement.py)
     gradient_buffers: GradientBuffers

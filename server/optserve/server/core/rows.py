@@ -9,8 +9,10 @@ read; `RowGradient.receive` turns the received values into what the update takes
   bucket of `bucket(k)` rows (powers of two) with ids past the table's end, which the update's
   gather fills with zeros and its scatter drops, so the jitted step compiles once per bucket,
   not once per k (core/step.py, `make_row_step`);
-- under any other rule: the dense gradient, the summed rows and zeros elsewhere, exactly what a
-  client that densified it the same way would have sent.
+- under any other rule, and in sync mode: the dense gradient, the summed rows and zeros elsewhere,
+  exactly what a client that densified it the same way would have sent. A sync round under a lazy
+  rule remembers the rows its contributions touched (`touched_rows`, `union_rows`) and applies the
+  mean at their union only (core/sync.py, `row_means`), padded as above.
 """
 
 from __future__ import annotations
@@ -82,13 +84,39 @@ class RowGradient:
             dense = np.zeros(tuple(self.leaf.shape), np.float32)
             dense[uniq] = summed
             return dense
-        size = bucket(len(uniq))
-        padded = np.zeros((size, *row_shape), np.float32)
+        self.padded_ids = padded_ids(uniq, self.leaf.shape[0])
+        padded = np.zeros((len(self.padded_ids), *row_shape), np.float32)
         padded[: len(uniq)] = summed
-        ids = np.full(size, self.leaf.shape[0], np.int32)  # past the end: filled on gather, dropped on scatter
-        ids[: len(uniq)] = uniq
-        self.padded_ids = ids
         return padded
+
+
+def padded_ids(ids: np.ndarray, rows: int) -> np.ndarray:
+    """Distinct ids as the row step takes them: int32, padded to `bucket(len(ids))` with `rows` (past
+    the table's end: filled with zeros on gather, dropped on scatter)."""
+    out = np.full(bucket(len(ids)), rows, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+# What a push or round touched of one lazy leaf: its distinct ids (ascending), or ALL_ROWS where a
+# dense gradient touched every row.
+Touched = np.ndarray | None
+ALL_ROWS: Touched = None
+
+
+def touched_rows(rows: Mapping[str, RowGradient], leaves: frozenset[str]) -> dict[str, Touched]:
+    """Per leaf of `leaves` (a model's lazy leaves): the distinct ids one push sent row-sparse, or
+    ALL_ROWS where it sent the leaf dense."""
+    return {k: np.unique(rows[k].ids) if k in rows else ALL_ROWS for k in leaves}
+
+
+def union_rows(a: Mapping[str, Touched], b: Mapping[str, Touched]) -> dict[str, Touched]:
+    """What two pushes touched together, leaf by leaf (ALL_ROWS absorbs anything)."""
+    out: dict[str, Touched] = {}
+    for k, ids in a.items():
+        more = b[k]
+        out[k] = ALL_ROWS if ids is None or more is None else np.union1d(ids, more)
+    return out
 
 
 def check_rows(

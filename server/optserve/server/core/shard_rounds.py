@@ -41,7 +41,8 @@ import numpy as np
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.async_push import _scaled
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from optserve.server.core.sync import SyncPush, _first, _fold_jit, _mean_jit, check_weight
+from optserve.server.core.rows import Touched, touched_rows, union_rows
+from optserve.server.core.sync import SyncPush, _first, _fold_jit, _mean_jit, check_weight, lazy_rows
 from optserve.server.core.workers import PushReply
 
 log = logging.getLogger("optserve.aggregation")
@@ -65,6 +66,7 @@ class Staged:
     grads: dict[str, jax.Array]
     dropped: str = ""  # why it was left out of its round ("" while it may still count)
     session: int = 0  # the worker's session (core/membership.py)
+    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # per lazy leaf (core/sync.py)
 
 
 @dataclasses.dataclass
@@ -73,6 +75,7 @@ class OpenRound:
     staged: dict[str, Staged] = dataclasses.field(default_factory=dict)  # in order of arrival
     decided: tuple[tuple[str, int], ...] | None = None  # the contributors (worker_id, seq), in order
     mean: dict[str, jax.Array] | None = None  # once every decided contribution is summed
+    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # the decided ones' union
     partial_norm_sq: float | None = None  # of this shard's part of `mean` (head clip only)
     deadline: float | None = None  # shard 0 with sync_timeout: when it closes the round
 
@@ -199,7 +202,8 @@ class ShardRounds:
             raise ResourceExhausted(push.must_complete)
         grads = {k: push.on_device[k] for k in model.trainable}
         reply = PushReply(rnd.step + 1, applied=applies_now)
-        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session)
+        touched = touched_rows(push.assembler.rows, model.lazy_leaves)
+        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session, touched=touched)
         push.staged = rnd.staged[push.worker_id] = staged
         if closes:
             self._decide_locally(rnd)
@@ -231,6 +235,7 @@ class ShardRounds:
         for w, _ in rnd.decided:
             s = rnd.staged[w]
             weight = jnp.float32(s.weight)
+            rnd.touched = s.touched if sums is None else union_rows(rnd.touched, s.touched)
             sums = _first(s.grads, weight) if sums is None else _fold_jit(sums, s.grads, weight)
             total += s.weight
             s.grads = {}
@@ -248,7 +253,9 @@ class ShardRounds:
             factor = model.clip_factor(global_norm_sq)
             if factor != 1.0:
                 grads = _scaled(grads, np.float32(factor))
-        model.apply(grads, 1.0)
+        # a lazy leaf's mean at the rows the decided contributions touched, as core/sync.py applies it
+        grads, row_ids = lazy_rows(grads, rnd.touched, model.schema_map)
+        model.apply(grads, 1.0, row_ids)
         for w, _ in rnd.decided:
             s = rnd.staged[w]
             model.record_worker(w, s.seq, s.base_step, s.reply, s.session)

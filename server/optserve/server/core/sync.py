@@ -32,6 +32,14 @@ recorded, the push that completed it gets FAILED_PRECONDITION, and so does every
 step beyond the current one (`drops()` changes; see api/data_plane.py, DataPlane._wait_for_step).
 Contributors push again against the same step.
 
+Lazy rules (spec/lazy.py; docs/optimizers.md, "Row-sparse gradients (embedding tables)"): rows
+pushed row-sparse are densified on arrival and summed like any gradient, but the round also keeps,
+per lazy leaf, the union of the row ids its contributions touched (core/rows.py, `touched_rows`; a
+contribution that sent the leaf dense touches every row). The update then takes, for each lazy leaf
+with such a union, only the mean's rows at those ids, padded as an async push's are (`lazy_rows`),
+so rows no contributor touched keep their parameters and optimizer state bitwise, as in async mode.
+The sums themselves stay dense: a round costs the table's size whatever rows it touched.
+
 Membership (core/membership.py): a round expects the members that were live when it opened (the
 model reached its step), less those whose lease expired since, plus the `workers` slots that no
 worker has filled yet (a model starts expecting `workers` contributors, so its first rounds wait for
@@ -60,16 +68,19 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
 from optserve.server.core.receiving import GradientAssembler, device_putter
+from optserve.server.core.rows import Touched, padded_ids, touched_rows, union_rows
 from optserve.server.core.workers import PushReply
+from optserve.wire.dtypes import LeafSpec
 
 log = logging.getLogger("optserve.aggregation")
 
@@ -101,6 +112,25 @@ def _mean(sums: dict, total: jax.Array) -> dict:
 _mean_jit = jax.jit(_mean, donate_argnums=(0,))
 
 
+@jax.jit
+def _gather_rows(mean: dict, row_ids: dict) -> dict:
+    # ids past the end (padding) read zeros, which the row step's scatter drops (core/step.py)
+    return {k: m.at[row_ids[k]].get(mode="fill", fill_value=0) if k in row_ids else m for k, m in mean.items()}
+
+
+def lazy_rows(
+    mean: dict[str, jax.Array], touched: Mapping[str, Touched], schema: Mapping[str, LeafSpec]
+) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
+    """(the update's gradients, its row ids) for a round's mean: each lazy leaf whose contributions
+    touched only some rows (`touched`: ids, or ALL_ROWS) as its mean at those ids, ascending, padded
+    to a bucket like an async push's (core/rows.py), so the step compiles once per bucket; every
+    other leaf dense. No row ids: the dense step, as for any model."""
+    row_ids = {k: padded_ids(ids, schema[k].shape[0]) for k, ids in touched.items() if ids is not None}
+    if not row_ids:
+        return mean, {}
+    return _gather_rows(mean, row_ids), row_ids
+
+
 @dataclasses.dataclass
 class Contribution:
     """What a round remembers of one accepted push: enough to answer its retry."""
@@ -118,6 +148,7 @@ class Round:
 
     step: int  # the model step the gradients were computed against; applying it makes step + 1
     sums: dict[str, jax.Array] | None = None
+    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # per lazy leaf, its rows touched
     total_weight: float = 0.0
     count: int = 0
     anonymous: int = 0  # contributions without a worker_id (no dedup possible)
@@ -307,6 +338,8 @@ class SyncAggregator:
         if push.must_complete and rnd.count + 1 < needed:
             raise ResourceExhausted(push.must_complete)
         push.round = rnd
+        touched = touched_rows(push.assembler.rows, model.lazy_leaves)
+        rnd.touched = touched if rnd.sums is None else union_rows(rnd.touched, touched)
         rnd.sums = _first(device_grads, weight) if rnd.sums is None else _fold_jit(rnd.sums, device_grads, weight)
         rnd.total_weight += push.weight
         rnd.count += 1
@@ -349,10 +382,10 @@ class SyncAggregator:
         """One update with the round's weighted mean; the contributors become the workers' records.
         A refused update (NonFiniteUpdate) drops the round and wakes the waiting calls, then raises."""
         model = self.model
-        mean = _mean_jit(rnd.sums, jnp.float32(rnd.total_weight))
+        mean, row_ids = lazy_rows(_mean_jit(rnd.sums, jnp.float32(rnd.total_weight)), rnd.touched, model.schema_map)
         rnd.sums = None
         try:
-            model.apply(mean, 1.0)
+            model.apply(mean, 1.0, row_ids)
         except NonFiniteUpdate as e:
             why = (
                 f"{e.message}; the sync round for step {rnd.step + 1} ({rnd.count} contributions) was dropped: "

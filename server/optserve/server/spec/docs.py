@@ -81,12 +81,15 @@ proto `RowSparseGradient`); rows named more than once are summed first. Under a 
 `lazy_adam`, `rowwise_adagrad` or `sparse_sgd` (alone, or as the rule of the leaf's `partition`
 group, without a mask), only the named rows change: the server gathers them and their optimizer
 state, applies the rule to them and scatters them back, so the cost follows the rows touched, not
-the table, and every other row's parameters and state stay bitwise as they were. Under **any other
-rule** (and in sync mode, where the round's gradients are averaged densely, or on a model split over
-several devices) the rows are applied exactly as the dense gradient with the summed rows and zeros
-elsewhere: correct, bit for bit the same as pushing that dense gradient, at the cost of a dense
-update (an adam table's untouched rows still decay their moments). A dense gradient under a lazy
-rule touches every row. Lazy rules never pack their leaves (packing: leaf below).
+the table, and every other row's parameters and state stay bitwise as they were. In sync mode a
+round does the same with its weighted mean over the union of the rows its contributions named: rows
+no contributor touched keep parameters and state bitwise (the round's sums themselves stay dense,
+so a round costs the table's size); a contribution that sends the table dense makes the round touch
+every row. Under **any other rule** (and on a model split over several devices) the rows are applied
+exactly as the dense gradient with the summed rows and zeros elsewhere: correct, bit for bit the
+same as pushing that dense gradient, at the cost of a dense update (an adam table's untouched rows
+still decay their moments). A dense gradient under a lazy rule touches every row. Lazy rules never
+pack their leaves (packing: leaf below).
 """
 
 SECTIONS = [
