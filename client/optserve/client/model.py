@@ -317,10 +317,19 @@ class Model:
         timeout: float | None = None,
         ema: bool = False,
         wire_dtype: str | None = None,
+        exact_step: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Some rows of some leaves: `pull_rows({"embed": ids})` -> {"embed": array [k, *row_shape]},
-        row i of each being row ids[i] (PullRequest.rows). Leaves by path ("a/b" for {"a": {"b": ...}})."""
-        req = self._pull_request(min_step=min_step, timeout=timeout, ema=ema, wire_dtype=wire_dtype, if_newer_than=None)
+        row i of each being row ids[i] (PullRequest.rows). Leaves by path ("a/b" for {"a": {"b": ...}}).
+        min_step, exact_step, timeout: as `pull`."""
+        req = self._pull_request(
+            min_step=min_step,
+            timeout=timeout,
+            ema=ema,
+            wire_dtype=wire_dtype,
+            if_newer_than=None,
+            exact_step=exact_step,
+        )
         req.packed, req.layout_id = False, ""
         req.rows.extend(row_selections(rows))
         deadline = None if timeout is None else timeout + (self.client.timeout or 30.0)

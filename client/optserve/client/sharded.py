@@ -154,12 +154,46 @@ class ShardedModel:
         ]
 
     def pull_rows(self, rows: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
-        """`Model.pull_rows` over the shards: each id asked of the shard that holds its row (each
-        shard's rows at that shard's current step)."""
+        """`Model.pull_rows` over the shards: each id asked of the shard that holds its row, every
+        shard's rows of one step (`_rows_of_one_step`: the newest step the shards asked answered with)."""
         asked, where = self._route_rows(rows)
         wanted = [i for i in range(len(self.shards)) if asked[i]]
-        got = self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted)
-        return merge_rows(rows, where, dict(zip(wanted, got, strict=True)))
+        answers = self.fanout.run(lambda i: self.shards[i].pull_rows(asked[i], **kwargs), wanted)
+        got = dict(zip(wanted, answers, strict=True))
+        rest = {k: v for k, v in kwargs.items() if k not in ("min_step", "exact_step")}
+        self.last_step = self._rows_of_one_step(
+            asked,
+            got,
+            {i: self.shards[i].last_step for i in wanted},
+            lambda i, exact, least: self.shards[i].pull_rows(asked[i], exact_step=exact, min_step=least, **rest),
+        )
+        return merge_rows(rows, where, got)
+
+    def _rows_of_one_step(
+        self,
+        asked: list[dict[str, np.ndarray]],
+        got: dict[int, dict[str, np.ndarray]],
+        steps: dict[int, int],
+        pull: Callable[[int, int | None, int | None], dict[str, np.ndarray]],
+        fanout: Fanout | None = None,
+    ) -> int:
+        """Brings the rows the shards answered with (`got` by shard, of the steps `steps`) to one
+        step as `_consistent` does a pull's parts: a shard whose rows are of another step is asked
+        for them again (`pull(shard, exact_step, min_step)`, into `got`). A shard in `steps` asked
+        for no rows (a push_pull's shard that only pushed) counts for the step only. Returns it."""
+        shards = sorted(steps)
+
+        def again(j: int, step: int) -> int:
+            i = shards[j]
+            if not asked[i]:  # none of its rows returned: nothing to pull again
+                return step
+
+            def pull_at(exact: int | None, least: int | None) -> None:
+                got[i] = pull(i, exact, least)
+
+            return pull_exactly(pull_at, self.shards[i], step)
+
+        return self._consistent([steps[i] for i in shards], again, fanout)
 
     def _route_rows(self, rows: Mapping[str, Any]) -> tuple[list[dict[str, np.ndarray]], dict]:
         """Each shard's ids of a pull of rows (counted from its piece's start), and where each
@@ -297,21 +331,21 @@ class ShardedModel:
         rows: Mapping[str, Any] | None = None,
     ) -> Any:
         """Pushes a gradient and returns the parameters of one step of every shard after it; with
-        `rows` ({path: ids}), only those rows, each from its shard after that shard's update."""
+        `rows` ({path: ids}), only those rows, of that step on every shard (`_rows_of_one_step`)."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
         grad_parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
         if rows is not None:
             asked, where = self._route_rows(rows)
 
-            def with_rows(i: int) -> dict[str, np.ndarray]:
+            def with_rows(i: int) -> tuple[dict[str, np.ndarray], int]:
                 m = self.shards[i]
-                if not asked[i]:
-                    m.push(
+                if not asked[i]:  # no rows of this shard asked: its part is only pushed
+                    step = m.push(
                         grad_parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq
                     )
-                    return {}
-                return m.push_pull(  # type: ignore[no-any-return]  # with rows: a dict of arrays
+                    return {}, step
+                got = m.push_pull(
                     grad_parts[i],
                     base_step=base_step,
                     weight=weight,
@@ -319,10 +353,21 @@ class ShardedModel:
                     rows=asked[i],
                     global_norm_sq=norm_sq,
                 )
+                return got, m.last_step
 
-            got = self.fanout.run(with_rows)
+            answers = self.fanout.run(with_rows)
+            got = {i: a[0] for i, a in enumerate(answers)}
+            step = self._rows_of_one_step(
+                asked,
+                got,
+                {i: a[1] for i, a in enumerate(answers)},
+                lambda i, exact, least: self.shards[i].pull_rows(
+                    asked[i], exact_step=exact, min_step=least, wire_dtype=wire_dtype
+                ),
+            )
             self._note()
-            return merge_rows(rows, where, dict(enumerate(got)))
+            self.last_step = step
+            return merge_rows(rows, where, got)
         arrays, parts = self._targets(out, wire_dtype)
 
         def one(i: int) -> int:

@@ -52,6 +52,15 @@ class ShardedModelView(Protocol):
 
     def _consistent(self, steps: list[int], pull: Callable[[int, int], int], fanout: Fanout | None = None) -> int: ...
 
+    def _rows_of_one_step(
+        self,
+        asked: list[dict[str, np.ndarray]],
+        got: dict[int, dict[str, np.ndarray]],
+        steps: dict[int, int],
+        pull: Callable[[int, int | None, int | None], dict[str, np.ndarray]],
+        fanout: Fanout | None = None,
+    ) -> int: ...
+
 
 class ShardedWorker:
     """`Worker` for a sharded model: one Worker per shard under the same worker_id, their seqs in
@@ -178,22 +187,45 @@ class ShardedWorker:
     def _push_pull_rows(
         self, grad_parts: list[dict], norm_sq: float | None, weight: float | None, wire_dtype: str | None, rows: Any
     ) -> dict[str, np.ndarray]:
-        asked, where = self.model._route_rows(rows)
+        m = self.model
+        asked, where = m._route_rows(rows)
         self._relay_round()
 
-        def one(i: int) -> dict[str, np.ndarray]:
+        def one(i: int) -> tuple[dict[str, np.ndarray], int]:
             w = self.workers[i]
             if not asked[i]:  # no rows of this shard asked: its part is only pushed
-                w.push(grad_parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
-                return {}
+                return {}, w.push(grad_parts[i], weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq)
             got: dict[str, np.ndarray] = w.push_pull(
                 grad_parts[i], weight=weight, wire_dtype=wire_dtype, rows=asked[i], global_norm_sq=norm_sq
             )
-            return got
+            return got, w.model.last_step
+
+        def pull_rows(i: int, exact: int | None, least: int | None) -> dict[str, np.ndarray]:
+            # as _pull_part: a shard that does not get there soon may have restarted behind
+            return self.workers[i].pull_rows(  # type: ignore[no-any-return]
+                asked[i], exact_step=exact, min_step=least, timeout=LAGGING_SHARD_WAIT, wire_dtype=wire_dtype
+            )
 
         with self._realigning():
-            got = self.fanout.run(one)
-        return merge_rows(rows, where, dict(enumerate(got)))
+            answers = self.fanout.run(one)
+            got = {i: a[0] for i, a in enumerate(answers)}
+            with self._applied_everywhere():
+                m.last_step = m._rows_of_one_step(
+                    asked, got, {i: a[1] for i, a in enumerate(answers)}, pull_rows, fanout=self.fanout
+                )
+        return merge_rows(rows, where, got)
+
+    @contextlib.contextmanager
+    def _applied_everywhere(self) -> Iterator[None]:
+        """Around bringing a push_pull's reply to one step: its push stands on every shard, so that
+        a failure to do so must not make the caller push it again."""
+        try:
+            yield
+        except UnavailableError as e:
+            raise FailedPreconditionError(
+                f"{e.message}; the push (worker {self.worker_id!r}, seq {self.seq}) was applied on every shard: "
+                "pull the parameters, do not push it again"
+            ) from None
 
     def push_pull(
         self,
@@ -205,8 +237,8 @@ class ShardedWorker:
         out: Any = None,
         rows: Any = None,
     ) -> Any:
-        """`rows` ({path: ids}): only those rows, each from its shard after that shard's update
-        (`ShardedModel.push_pull`)."""
+        """`rows` ({path: ids}): only those rows, of one step on every shard, the step the push's
+        parameters are at (`ShardedModel.push_pull`)."""
         m = self.model
         leaves = m._leaves(grads, "gradient")
         m._check_grads(leaves)
@@ -224,13 +256,8 @@ class ShardedWorker:
 
         with self._realigning():
             steps = self.fanout.run(one)
-            try:
+            with self._applied_everywhere():
                 m.last_step = m._consistent(
                     steps, fanout=self.fanout, pull=lambda i, step: self._pull_part(i, step, wire_dtype, parts[i])
                 )
-            except UnavailableError as e:  # the push stands on every shard: it must not be sent again
-                raise FailedPreconditionError(
-                    f"{e.message}; the push (worker {self.worker_id!r}, seq {self.seq}) was applied on every shard: "
-                    "pull the parameters, do not push it again"
-                ) from None
         return m._result(arrays, like, out)

@@ -122,6 +122,17 @@ class WorkerModel(Protocol):
 
     def rows_pull(self, rows: Any, wire_dtype: str | None) -> pb.PullRequest: ...
 
+    def pull_rows(
+        self,
+        rows: Any,
+        *,
+        min_step: int | None = ...,
+        timeout: float | None = ...,
+        ema: bool = ...,
+        wire_dtype: str | None = ...,
+        exact_step: int | None = ...,
+    ) -> Any: ...
+
     def push_pull_rows_raw(
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> tuple[pb.PushResponse, Any]: ...
@@ -336,6 +347,12 @@ class Worker:
         self.base_step = self.model.last_step
         self.incarnation = getattr(self.model, "last_incarnation", None) or self.incarnation
         return params
+
+    def pull_rows(self, rows: Any, **kwargs: Any) -> Any:
+        """Some rows (`Model.pull_rows`), retried as a pull is; their step is the base of the next push."""
+        got = self._retrying(lambda: self.model.pull_rows(rows, **kwargs))
+        self.base_step = self.model.last_step
+        return got
 
     def push(
         self,
