@@ -3,8 +3,10 @@ own registry; logs: one structured line per rejected request and none per push."
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import threading
 import time
 import urllib.request
@@ -165,3 +167,23 @@ def test_membership_gauges_follow_joins(msrv):
         assert value(samples, "optserve_membership_epoch", model="members") == 2
         assert value(samples, "optserve_live_workers", model="members") == 2
         c.delete_model("members")
+
+
+def test_the_log_handler_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """`optserve serve` run in process sets logging up under pytest's captured stderr, closed after
+    that test: records of later tests' server threads went to the closed stream ('--- Logging
+    error ---' on the next test's stderr)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        at_setup = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", at_setup)
+        logs.setup("INFO")
+        at_setup.close()
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        logging.getLogger("optserve.test").info("still heard")
+        assert now.getvalue().endswith("INFO optserve.test: still heard\n")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,8 +32,22 @@ class JsonFormatter(logging.Formatter):
 QUIET_LIBRARIES = ("jax", "jaxlib", "absl")
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record is written, not the one at setup:
+    `optserve serve` run in process (tests) sets logging up under a swapped stderr (pytest's
+    capture) that is closed later, while the server threads of other tests go on logging."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
