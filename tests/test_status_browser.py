@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, optim
-from tests.conftest import stop_server_process
+from tests.conftest import stop_server_process, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -39,16 +38,17 @@ MAX_RELOADS = 60  # a bound on the page's own reloads the test looks at, not a w
 def wait_for_line(path: Any, pattern: str, what: str, proc: subprocess.Popen, timeout: float = 120.0) -> re.Match:
     """The first line of the file a process writes to that matches `pattern` (polled, bounded: the
     process's output goes to a file, so that nothing it writes later can fill a pipe and block it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    found: list[re.Match] = []
+
+    def said() -> bool:
         with open(path, errors="replace") as f:
-            for line in f:
-                if m := re.search(pattern, line):
-                    return m
-        if proc.poll() is not None:
+            found.extend(m for line in f if (m := re.search(pattern, line)))
+        if not found and proc.poll() is not None:
             raise AssertionError(f"{what}: the process exited ({proc.returncode}) before saying it")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+        return bool(found)
+
+    wait_until(said, what, timeout)
+    return found[0]
 
 
 @pytest.fixture(scope="module")
