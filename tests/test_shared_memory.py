@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import pytest
 
-from optserve.client import Client, optim
+from optserve.client import Client, Init, Rows, optim
 from optserve.client.errors import InvalidArgumentError, OptserveError, PermissionDeniedError
 from optserve.server import Server
 from optserve.server.api.auth import Token
@@ -106,6 +106,32 @@ def test_results_equal_the_byte_stream(srv, shm, plain, model_name, mode):
     wa, wb = a.worker("w0"), b.worker("w0")
     assert_same_tree(wa.push_pull(_grads(5)), wb.push_pull(_grads(5)))
     assert a.info()["step"] == b.info()["step"] == 7
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_row_sparse_pushes_and_row_pulls_equal_the_byte_stream(srv, shm, plain, model_name, mode):
+    """An embedding table under lazy_adam: Rows pushes (ids in the header, the rows in the region)
+    and row pulls give what the byte stream gives, bit for bit."""
+    table = {"embed": Init((4096, 16), "float32", "normal", stddev=0.1, seed=3), "b": np.zeros(16, np.float32)}
+    spec = {
+        "partition": [
+            {"params": ["embed"], "optimizer": {"lazy_adam": {"learning_rate": 0.01}}},
+            {"params": "**", "optimizer": {"adam": {"learning_rate": 0.01}}},
+        ]
+    }
+    sync = {"mode": mode, "workers": 1} if mode == "sync" else {}
+    a = shm.create_model(f"{model_name}-shm", table, spec, **sync)
+    b = plain.create_model(f"{model_name}-tcp", table, spec, **sync)
+    used = _used(srv)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ids = rng.integers(0, 4096, 600).astype(np.int64)  # repeats among them
+        grads = {"embed": Rows(ids, rng.normal(size=(600, 16)).astype(np.float32)), "b": np.ones(16, np.float32)}
+        assert a.push(grads) == b.push(grads)
+        want = {"embed": ids[:300]}
+        assert_same_tree(a.pull_rows(want), b.pull_rows(want))
+    assert _used(srv) > used  # the rows went through the region
+    assert_same_tree(a.pull(), b.pull())
 
 
 def test_a_retried_push_is_a_duplicate(shm, model_name):
