@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from optserve.client import Client
+from optserve.client import Client, Rows
 from optserve.server import Server
 from tests.conftest import assert_same_tree, start_server_process
 from tests.reference.cases import CASES, EMA_CASES
@@ -179,6 +179,70 @@ def test_a_one_device_download_uploads_into_four_devices_and_back(servers, tmp_p
     moved.download(tmp_path / "four.safetensors")
     back = one.upload(tmp_path / "four.safetensors", "back")
     assert_same_tree(back.pull(), source.pull())
+
+
+LAZY_SPEC = {
+    "partition": [
+        {"params": ["split"], "optimizer": {"lazy_adam": {"learning_rate": 0.01}}},
+        {"params": ["whole"], "optimizer": {"sparse_sgd": {"learning_rate": 0.1, "momentum": 0.9}}},
+        {"params": ["rowwise"], "optimizer": {"rowwise_adagrad": {"learning_rate": 0.1}}},
+        {"params": "**", "optimizer": {"adam": {"learning_rate": 0.01}}},
+    ]
+}
+# rows of each push, duplicates and an empty push among them
+ROW_PUSHES = [[0, 1, 2, 0], [63, 5, 5], [], [1, 2, 48, 9]]
+
+
+def _lazy_params() -> dict:
+    rng = np.random.default_rng(7)
+    return {
+        "split": rng.normal(size=(64, 8)).astype(np.float32),  # split along axis 0 over 4
+        "whole": rng.normal(size=(49, 3)).astype(np.float32),  # no axis divisible by 4: replicated
+        "rowwise": rng.normal(size=(64, 4)).astype(np.float32),
+        "dense": rng.normal(size=13).astype(np.float32),
+    }
+
+
+def _row_grads(k: int, shift: int = 0) -> dict:
+    """Push k's gradient: Rows of ROW_PUSHES[k] (moved by `shift`) for each table, the dense leaf dense."""
+    rng = np.random.default_rng(200 + 10 * shift + k)
+    ids = np.array(ROW_PUSHES[k], np.int64) + shift
+    out = {
+        path: Rows(ids % rows, rng.normal(size=(len(ids), width)).astype(np.float32))
+        for path, rows, width in (("split", 64, 8), ("whole", 49, 3), ("rowwise", 64, 4))
+    }
+    out["dense"] = rng.normal(size=13).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_lazy_rules_update_rows_on_four_devices_as_on_one(servers, mode):
+    """Row-sparse pushes under lazy rules on a mesh take the row step as on one device: the same
+    parameters bit for bit, and rows no push touched keep their values (a dense update of
+    lazy_adam would move them by their decaying moments). Sync: two workers' rows a round."""
+    four, one, _ = servers
+    sync = {"mode": "sync", "workers": 2} if mode == "sync" else {}
+    shifts = (0, 10) if mode == "sync" else (0,)
+    models = [c.create_model(f"lazy-{mode}", _lazy_params(), LAZY_SPEC, **sync) for c in (four, one)]
+    placement = {b["name"]: b["sharding"] for b in models[0].info()["placement"]}
+    assert placement["split"] == "split axis 0 over 4" and placement["whole"] == "replicated"
+    start = models[0].pull()
+    for m in models:
+        workers = [m.worker(f"w{i}") for i in range(len(shifts))]
+        for k in range(len(ROW_PUSHES)):
+            for w, shift in zip(workers, shifts, strict=True):
+                w.push(_row_grads(k, shift))
+        assert m.pull(min_step=len(ROW_PUSHES), timeout=60)["dense"].shape == (13,)
+    got = models[0].pull()
+    assert_same_tree(got, models[1].pull())
+    touched = np.unique([i + s for ids in ROW_PUSHES for i in ids for s in shifts])
+    for path in ("split", "rowwise"):
+        untouched = np.setdiff1d(np.arange(64), touched % 64)
+        assert len(untouched) > 40
+        np.testing.assert_array_equal(got[path][untouched], start[path][untouched])
+        assert not np.array_equal(got[path][touched % 64], start[path][touched % 64])
+    for c in (four, one):
+        c.delete_model(f"lazy-{mode}")
 
 
 @pytest.mark.parametrize("part", range(3))

@@ -175,14 +175,14 @@ class Model:
             for donate in (True, False)
         }
         # Row-sparse pushes (core/rows.py): the leaves held loose, and those of them whose rule is lazy
-        # and so updated row by row (one device: a mesh takes them densely). An async push is received
-        # as its padded rows; a sync push densely, its rows remembered by the round (core/sync.py).
+        # and so updated row by row (on one device or a mesh alike). An async push is received as its
+        # padded rows; a sync push densely, its rows remembered by the round (core/sync.py).
         self.packed_leaves = {leaf: pack.name for pack in self.layout.packs for leaf in pack.leaves}
-        row_wise = not self.placement.sharded
-        self.lazy_leaves = lazy_leaves(optimizer) & frozenset(self.layout.loose) if row_wise else frozenset()
+        self.lazy_leaves = lazy_leaves(optimizer) & frozenset(self.layout.loose)
         self._received_as_rows = self.lazy_leaves if settings.mode == "async" else frozenset()
         self._row_steps = {
-            donate: make_row_step(optimizer, self.trainable, donate, settings) for donate in (True, False)
+            donate: make_row_step(optimizer, self.trainable, donate, settings, self.step_shardings)
+            for donate in (True, False)
         }
         self._step = 0
         # Bumped (under the lock) by every change a checkpoint must hold: an update, a worker record, a

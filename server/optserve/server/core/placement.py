@@ -140,10 +140,17 @@ class ModelPlacement:
     # -- parameters and gradients, by buffer key ---------------------------------------------------
 
     def put(self, key: str, array: np.ndarray, *, may_alias: bool | None = None) -> jax.Array:
-        """A host array of buffer `key` (a pack unpadded) on its devices (padded there)."""
+        """A host array of buffer `key` (a pack unpadded) on its devices (padded there).
+
+        A loose leaf is never padded, so an array of another shape under its key can only be the
+        padded rows of a row-sparse push under a lazy rule ([bucket, *row_shape], core/rows.py):
+        those go replicated, since every device gathers and scatters the rows its slice holds
+        (core/step.py, `make_row_step`)."""
         if not self.sharded:
             return jax.device_put(array, self.placement.device, may_alias=may_alias)
         b = self.buffers[key]
+        if b.elements is None and tuple(array.shape) != b.shape:
+            return jax.device_put(array, self.placement.replicated())
         return _put_sharded(array, b.shape, b.sharding)
 
     def host(self, key: str, array: np.ndarray) -> np.ndarray:

@@ -156,7 +156,11 @@ def _rows_of(tree: Any, row_ids: dict, rows: dict[str, int], fn: Any, *others: A
 
 
 def make_row_step(
-    compiled: CompiledOptimizer, trainable: tuple[str, ...], donate_params: bool, settings: ModelSettings
+    compiled: CompiledOptimizer,
+    trainable: tuple[str, ...],
+    donate_params: bool,
+    settings: ModelSettings,
+    shardings: StepShardings | None = None,
 ):
     """The jitted update of a push some of whose buffers are the padded rows of a lazy rule
     (core/rows.py): (params, opt_state, ema_state, grads, row_ids, scale) -> as `make_step`.
@@ -168,6 +172,10 @@ def make_row_step(
     Lazy rules are row-local (spec/lazy.py), so this equals their dense update on the touched rows.
     jit compiles one program per set of bucket sizes (core/rows.py, `bucket`). The EMA and the
     non-finite check, when the model keeps them, run over whole buffers as in `make_step`.
+
+    shardings: on a mesh, the outputs keep the model's shardings (as `make_step`'s); the inputs are
+    taken as they come (the padded rows and their ids replicated, every other buffer with its
+    sharding: core/placement.py, `put`), since which buffers come as rows changes from push to push.
     """
     decay = settings.ema_decay
     check = settings.reject_nonfinite_updates
@@ -192,10 +200,18 @@ def make_row_step(
         new_params = dict(params)
         for k in trainable:
             new_params[k] = scatter(params[k], row_ids[k], new_train[k]) if k in row_ids else new_train[k]
+        if shardings is not None:
+            new_params = shardings.placement.zero_padding(new_params)
         new_opt_state = _rows_of(opt_state, row_ids, rows, scatter, new_state)
         return _finish_step(params, opt_state, ema_state, new_params, new_opt_state, trainable, decay, check)
 
-    return jax.jit(model_update_step_rows, donate_argnums=(0, 1, 2) if donate_params else (1,))
+    donate = (0, 1, 2) if donate_params else (1,)
+    if shardings is None:
+        return jax.jit(model_update_step_rows, donate_argnums=donate)
+    s = shardings
+    scalar = s.placement.placement.replicated()
+    out = (s.params, s.opt_state, s.ema_state) + ((scalar, scalar) if check else ())
+    return jax.jit(model_update_step_rows, donate_argnums=donate, out_shardings=out)
 
 
 @dataclasses.dataclass(frozen=True)
