@@ -11,20 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument
 from optserve.server.core.receiving import GradientAssembler, device_putter
+from optserve.server.core.round_sums import scaled
 from optserve.server.core.workers import PushReply
-
-
-@jax.jit
-def _scaled(grads: dict[str, jax.Array], factor: jax.Array) -> dict[str, jax.Array]:
-    # in float32 (a bfloat16 gradient too: the update would widen it anyway, and the unsharded model
-    # clips the widened values)
-    return {k: g.astype(jnp.promote_types(g.dtype, jnp.float32)) * factor for k, g in grads.items()}
 
 
 class AsyncPush:
@@ -99,7 +92,7 @@ class AsyncAggregator:
         grads = {k: receiver.on_device[k] for k in model.trainable}
         factor = model.clip_factor(receiver.global_norm_sq)
         if factor != 1.0:  # a shard's part of a gradient clipped by its whole norm
-            grads = _scaled(grads, np.float32(factor))
+            grads = scaled(grads, np.float32(factor))
         step = model.apply(grads, scale, receiver.assembler.row_ids())
         reply = PushReply(step, applied=True)
         model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply, receiver.session)

@@ -175,11 +175,10 @@ class Model:
             for donate in (True, False)
         }
         # Row-sparse pushes (core/rows.py): the leaves held loose, and those of them whose rule is lazy
-        # and so updated row by row (on one device or a mesh alike). An async push is received as its
-        # padded rows; a sync push densely, its rows remembered by the round (core/sync.py).
+        # and so updated row by row (on one device or a mesh alike), received as their padded rows (a
+        # sync round sums them at the union of their ids: core/round_sums.py).
         self.packed_leaves = {leaf: pack.name for pack in self.layout.packs for leaf in pack.leaves}
         self.lazy_leaves = lazy_leaves(optimizer) & frozenset(self.layout.loose)
-        self._received_as_rows = self.lazy_leaves if settings.mode == "async" else frozenset()
         self._row_steps = {
             donate: make_row_step(optimizer, self.trainable, donate, settings, self.step_shardings)
             for donate in (True, False)
@@ -290,9 +289,7 @@ class Model:
                 f"{self.label}: global_norm_sq must be the whole gradient's squared norm (finite, >= 0), got {got}: "
                 f"the spec starts with {clip.rule!r}, which scales by the norm over every shard's leaves"
             )
-        sparse = (
-            check_rows(self.label, rows, self.schema_map, self.packed_leaves, self._received_as_rows) if rows else {}
-        )
+        sparse = check_rows(self.label, rows, self.schema_map, self.packed_leaves, self.lazy_leaves) if rows else {}
         release_host_buffers()  # finished updates' inputs go before this push allocates its own
         receiver = self._aggregator.open_push(
             base_step=base_step, worker_id=worker_id, seq=seq, weight=weight, packs=packs, session=session

@@ -206,6 +206,15 @@ class GradientAssembler(TensorAssembler):
         update gathers and scatters: core/step.py, `make_row_step`); empty when there are none."""
         return {k: r.padded_ids for k, r in self.rows.items() if r.padded_ids is not None}
 
+    def row_sums(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The leaves received row-sparse under a lazy rule, by path: (their distinct ids ascending,
+        the summed rows of those ids), unpadded (what a sync round sums: core/round_sums.py)."""
+        out = {}
+        for k, r in self.rows.items():
+            if r.distinct is not None:
+                out[k] = (r.distinct, self._row_arrays[k][: len(r.distinct)])
+        return out
+
     def _nonfinite(self, leaf: Leaf, start: int, block: np.ndarray) -> WireError:
         """The refusal naming the leaf at fault: inside a pack sent whole, the one holding the first
         NaN or Inf of `block` (whole elements from byte `start` of the pack)."""

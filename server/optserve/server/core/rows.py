@@ -9,10 +9,11 @@ read; `RowGradient.receive` turns the received values into what the update takes
   bucket of `bucket(k)` rows (powers of two) with ids past the table's end, which the update's
   gather fills with zeros and its scatter drops, so the jitted step compiles once per bucket,
   not once per k (core/step.py, `make_row_step`);
-- under any other rule, and in sync mode: the dense gradient, the summed rows and zeros elsewhere,
-  exactly what a client that densified it the same way would have sent. A sync round under a lazy
-  rule remembers the rows its contributions touched (`touched_rows`, `union_rows`) and applies the
-  mean at their union only (core/sync.py, `row_means`), padded as above.
+- under any other rule: the dense gradient, the summed rows and zeros elsewhere, exactly what a
+  client that densified it the same way would have sent.
+
+A sync round sums a lazy leaf's rows at the union of the ids its contributions sent
+(core/round_sums.py, `row_sums` of the assembler) and applies the mean at those rows, padded as above.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class RowGradient:
     ids: np.ndarray  # int64 [k], each in [0, rows)
     lazy: bool
     padded_ids: np.ndarray | None = None  # lazy: int32 [bucket], set by `receive`
+    distinct: np.ndarray | None = None  # lazy: the distinct ids, ascending (padded_ids' first ones)
 
     @property
     def wire_shape(self) -> tuple[int, ...]:
@@ -84,6 +86,7 @@ class RowGradient:
             dense = np.zeros(tuple(self.leaf.shape), np.float32)
             dense[uniq] = summed
             return dense
+        self.distinct = uniq
         self.padded_ids = padded_ids(uniq, self.leaf.shape[0])
         padded = np.zeros((len(self.padded_ids), *row_shape), np.float32)
         padded[: len(uniq)] = summed
@@ -95,27 +98,6 @@ def padded_ids(ids: np.ndarray, rows: int) -> np.ndarray:
     the table's end: filled with zeros on gather, dropped on scatter)."""
     out = np.full(bucket(len(ids)), rows, np.int32)
     out[: len(ids)] = ids
-    return out
-
-
-# What a push or round touched of one lazy leaf: its distinct ids (ascending), or ALL_ROWS where a
-# dense gradient touched every row.
-Touched = np.ndarray | None
-ALL_ROWS: Touched = None
-
-
-def touched_rows(rows: Mapping[str, RowGradient], leaves: frozenset[str]) -> dict[str, Touched]:
-    """Per leaf of `leaves` (a model's lazy leaves): the distinct ids one push sent row-sparse, or
-    ALL_ROWS where it sent the leaf dense."""
-    return {k: np.unique(rows[k].ids) if k in rows else ALL_ROWS for k in leaves}
-
-
-def union_rows(a: Mapping[str, Touched], b: Mapping[str, Touched]) -> dict[str, Touched]:
-    """What two pushes touched together, leaf by leaf (ALL_ROWS absorbs anything)."""
-    out: dict[str, Touched] = {}
-    for k, ids in a.items():
-        more = b[k]
-        out[k] = ALL_ROWS if ids is None or more is None else np.union1d(ids, more)
     return out
 
 

@@ -35,24 +35,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from optserve.server.core.aggregation import LockedModel, Receiver
-from optserve.server.core.async_push import _scaled
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from optserve.server.core.rows import Touched, touched_rows, union_rows
-from optserve.server.core.sync import SyncPush, _first, _fold_jit, _mean_jit, check_weight, lazy_rows
+from optserve.server.core.round_sums import RoundMean, RoundSum, Rows
+from optserve.server.core.sync import SyncPush, check_weight
 from optserve.server.core.workers import PushReply
 
 log = logging.getLogger("optserve.aggregation")
 
 HISTORY = 64  # closed rounds whose decision a shard keeps, to answer a decision relayed late
-
-
-@jax.jit
-def _sum_sq(grads: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: jnp.sum(jnp.square(g.astype(jnp.float32))) for k, g in grads.items()}
 
 
 @dataclasses.dataclass
@@ -66,7 +58,7 @@ class Staged:
     grads: dict[str, jax.Array]
     dropped: str = ""  # why it was left out of its round ("" while it may still count)
     session: int = 0  # the worker's session (core/membership.py)
-    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # per lazy leaf (core/sync.py)
+    rows: dict[str, Rows] = dataclasses.field(default_factory=dict)  # lazy leaves sent as rows (core/round_sums.py)
 
 
 @dataclasses.dataclass
@@ -74,8 +66,7 @@ class OpenRound:
     step: int  # the model step the gradients were computed against; the round makes step + 1
     staged: dict[str, Staged] = dataclasses.field(default_factory=dict)  # in order of arrival
     decided: tuple[tuple[str, int], ...] | None = None  # the contributors (worker_id, seq), in order
-    mean: dict[str, jax.Array] | None = None  # once every decided contribution is summed
-    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # the decided ones' union
+    mean: RoundMean | None = None  # once every decided contribution is summed
     partial_norm_sq: float | None = None  # of this shard's part of `mean` (head clip only)
     deadline: float | None = None  # shard 0 with sync_timeout: when it closes the round
 
@@ -202,8 +193,8 @@ class ShardRounds:
             raise ResourceExhausted(push.must_complete)
         grads = {k: push.on_device[k] for k in model.trainable}
         reply = PushReply(rnd.step + 1, applied=applies_now)
-        touched = touched_rows(push.assembler.rows, model.lazy_leaves)
-        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session, touched=touched)
+        rows = push.assembler.row_sums()
+        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session, rows=rows)
         push.staged = rnd.staged[push.worker_id] = staged
         if closes:
             self._decide_locally(rnd)
@@ -231,30 +222,27 @@ class ShardRounds:
             return
         for w in [w for w in rnd.staged if w not in dict(rnd.decided)]:
             self._drop(rnd.staged.pop(w), f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
-        sums, total = None, 0.0
+        sums = RoundSum(self.model.schema_map, self.model.placement)
         for w, _ in rnd.decided:
             s = rnd.staged[w]
-            weight = jnp.float32(s.weight)
-            rnd.touched = s.touched if sums is None else union_rows(rnd.touched, s.touched)
-            sums = _first(s.grads, weight) if sums is None else _fold_jit(sums, s.grads, weight)
-            total += s.weight
-            s.grads = {}
-        rnd.mean = _mean_jit(sums, jnp.float32(total))
+            sums.add(s.grads, s.rows, s.weight)
+            s.grads, s.rows = {}, {}
+        rnd.mean = sums.mean()
         if not self.clips:
             self._apply(rnd, None)
         else:
-            rnd.partial_norm_sq = float(sum(np.float64(v) for v in jax.device_get(_sum_sq(rnd.mean)).values()))
+            rnd.partial_norm_sq = rnd.mean.squared_norm()
 
     def _apply(self, rnd: OpenRound, global_norm_sq: float | None) -> None:
         model = self.model
         assert rnd.mean is not None and rnd.decided is not None
-        grads = rnd.mean
+        mean = rnd.mean
         if global_norm_sq is not None:
             factor = model.clip_factor(global_norm_sq)
             if factor != 1.0:
-                grads = _scaled(grads, np.float32(factor))
-        # a lazy leaf's mean at the rows the decided contributions touched, as core/sync.py applies it
-        grads, row_ids = lazy_rows(grads, rnd.touched, model.schema_map)
+                mean = mean.scaled(factor)
+        # lazy leaves' mean rows at the rows the decided contributions touched, as core/sync.py applies them
+        grads, row_ids = mean.update_inputs(model.schema_map, model.placement)
         model.apply(grads, 1.0, row_ids)
         for w, _ in rnd.decided:
             s = rnd.staged[w]

@@ -32,13 +32,12 @@ recorded, the push that completed it gets FAILED_PRECONDITION, and so does every
 step beyond the current one (`drops()` changes; see api/data_plane.py, DataPlane._wait_for_step).
 Contributors push again against the same step.
 
-Lazy rules (spec/lazy.py; docs/optimizers.md, "Row-sparse gradients (embedding tables)"): rows
-pushed row-sparse are densified on arrival and summed like any gradient, but the round also keeps,
-per lazy leaf, the union of the row ids its contributions touched (core/rows.py, `touched_rows`; a
-contribution that sent the leaf dense touches every row). The update then takes, for each lazy leaf
-with such a union, only the mean's rows at those ids, padded as an async push's are (`lazy_rows`),
-so rows no contributor touched keep their parameters and optimizer state bitwise, as in async mode.
-The sums themselves stay dense: a round costs the table's size whatever rows it touched.
+Lazy rules (spec/lazy.py; docs/optimizers.md, "Row-sparse gradients (embedding tables)"): a lazy
+leaf pushed as rows is summed at the union of the ids the round's contributions sent, on the host
+(core/round_sums.py), and the update takes the mean of those rows only, padded as an async push's
+are, so rows no contributor touched keep their parameters and optimizer state bitwise, and a round
+costs the rows it touched, not the table. A contribution that sends the leaf dense makes it dense
+for the rest of the round (it touched every row).
 
 Membership (core/membership.py): a round expects the members that were live when it opened (the
 model reached its step), less those whose lease expired since, plus the `workers` slots that no
@@ -68,67 +67,17 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
 from optserve.server.core.receiving import GradientAssembler, device_putter
-from optserve.server.core.rows import Touched, padded_ids, touched_rows, union_rows
+from optserve.server.core.round_sums import RoundSum
 from optserve.server.core.workers import PushReply
-from optserve.wire.dtypes import LeafSpec
 
 log = logging.getLogger("optserve.aggregation")
-
-
-def _accumulation_dtype(dtype: Any) -> Any:
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
-@jax.jit
-def _first(grads: dict, weight: jax.Array) -> dict:
-    out = {}
-    for k, g in grads.items():
-        acc = _accumulation_dtype(g.dtype)
-        out[k] = weight.astype(acc) * g.astype(acc)
-    return out
-
-
-def _fold(sums: dict, grads: dict, weight: jax.Array) -> dict:
-    return {k: s + weight.astype(s.dtype) * grads[k].astype(s.dtype) for k, s in sums.items()}
-
-
-_fold_jit = jax.jit(_fold, donate_argnums=(0,))
-
-
-def _mean(sums: dict, total: jax.Array) -> dict:
-    return {k: s / total.astype(s.dtype) for k, s in sums.items()}
-
-
-_mean_jit = jax.jit(_mean, donate_argnums=(0,))
-
-
-@jax.jit
-def _gather_rows(mean: dict, row_ids: dict) -> dict:
-    # ids past the end (padding) read zeros, which the row step's scatter drops (core/step.py)
-    return {k: m.at[row_ids[k]].get(mode="fill", fill_value=0) if k in row_ids else m for k, m in mean.items()}
-
-
-def lazy_rows(
-    mean: dict[str, jax.Array], touched: Mapping[str, Touched], schema: Mapping[str, LeafSpec]
-) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
-    """(the update's gradients, its row ids) for a round's mean: each lazy leaf whose contributions
-    touched only some rows (`touched`: ids, or ALL_ROWS) as its mean at those ids, ascending, padded
-    to a bucket like an async push's (core/rows.py), so the step compiles once per bucket; every
-    other leaf dense. No row ids: the dense step, as for any model."""
-    row_ids = {k: padded_ids(ids, schema[k].shape[0]) for k, ids in touched.items() if ids is not None}
-    if not row_ids:
-        return mean, {}
-    return _gather_rows(mean, row_ids), row_ids
 
 
 @dataclasses.dataclass
@@ -147,8 +96,7 @@ class Round:
     """The contributions for one step (the model's current step)."""
 
     step: int  # the model step the gradients were computed against; applying it makes step + 1
-    sums: dict[str, jax.Array] | None = None
-    touched: dict[str, Touched] = dataclasses.field(default_factory=dict)  # per lazy leaf, its rows touched
+    sums: RoundSum | None = None  # the weighted sum of its contributions (core/round_sums.py)
     total_weight: float = 0.0
     count: int = 0
     anonymous: int = 0  # contributions without a worker_id (no dedup possible)
@@ -305,7 +253,6 @@ class SyncAggregator:
         model = self.model
         # on the device already (moved leaf by leaf as each completed) and checked finite by the assembler
         device_grads = {k: push.on_device[k] for k in model.trainable}
-        weight = jnp.float32(push.weight)
         rnd = self._current_round()
         dup = self._duplicate(rnd, push.worker_id, push.seq, push.session)
         if dup is not None:
@@ -338,9 +285,9 @@ class SyncAggregator:
         if push.must_complete and rnd.count + 1 < needed:
             raise ResourceExhausted(push.must_complete)
         push.round = rnd
-        touched = touched_rows(push.assembler.rows, model.lazy_leaves)
-        rnd.touched = touched if rnd.sums is None else union_rows(rnd.touched, touched)
-        rnd.sums = _first(device_grads, weight) if rnd.sums is None else _fold_jit(rnd.sums, device_grads, weight)
+        if rnd.sums is None:
+            rnd.sums = RoundSum(model.schema_map, model.placement)
+        rnd.sums.add(device_grads, push.assembler.row_sums(), push.weight)
         rnd.total_weight += push.weight
         rnd.count += 1
         completes = rnd.count >= needed
@@ -382,10 +329,11 @@ class SyncAggregator:
         """One update with the round's weighted mean; the contributors become the workers' records.
         A refused update (NonFiniteUpdate) drops the round and wakes the waiting calls, then raises."""
         model = self.model
-        mean, row_ids = lazy_rows(_mean_jit(rnd.sums, jnp.float32(rnd.total_weight)), rnd.touched, model.schema_map)
+        assert rnd.sums is not None  # a round is applied once it has a contribution
+        grads, row_ids = rnd.sums.mean().update_inputs(model.schema_map, model.placement)
         rnd.sums = None
         try:
-            model.apply(mean, 1.0, row_ids)
+            model.apply(grads, 1.0, row_ids)
         except NonFiniteUpdate as e:
             why = (
                 f"{e.message}; the sync round for step {rnd.step + 1} ({rnd.count} contributions) was dropped: "

@@ -83,9 +83,10 @@ group, without a mask), only the named rows change: the server gathers them and 
 state, applies the rule to them and scatters them back, so the cost follows the rows touched, not
 the table, and every other row's parameters and state stay bitwise as they were. In sync mode a
 round does the same with its weighted mean over the union of the rows its contributions named: rows
-no contributor touched keep parameters and state bitwise (the round's sums themselves stay dense,
-so a round costs the table's size); a contribution that sends the table dense makes the round touch
-every row. Under **any other rule** (and on a model split over several devices) the rows are applied
+no contributor touched keep parameters and state bitwise, and the round sums only the rows sent,
+so it too costs the rows touched; a contribution that sends the table dense makes the round touch
+every row. A model over several devices does the same, each device updating the touched rows it
+holds. Under **any other rule** the rows are applied
 exactly as the dense gradient with the summed rows and zeros elsewhere: correct, bit for bit the
 same as pushing that dense gradient, at the cost of a dense update (an adam table's untouched rows
 still decay their moments). A dense gradient under a lazy rule touches every row. Lazy rules never
