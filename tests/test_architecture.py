@@ -55,6 +55,7 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     ("optserve.server.cli.serve", "optserve.server.api.auth"): "grpc and the client, after the cheap option checks",
     ("optserve.server.cli.serve", "optserve.server.logs"): "logging setup, only for `optserve serve`",
     ("optserve.server.cli.admin", "optserve.client"): "the client, only for the admin commands",
+    ("optserve.server.cli.transfer", "optserve.client"): "the client, only for download and upload",
     ("optserve.server.cli.admin", "optserve.server.spec"): "the spec compiler (jax, optax), only for `optserve rules`",
     ("optserve.server.cli", "optserve.server.demo"): "the demo (scikit-learn), only for `optserve demo`",
     (

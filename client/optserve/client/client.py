@@ -25,6 +25,7 @@ from optserve.client.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.client.fanout import Fanout
 from optserve.client.messages import schema_of, settings_from_json, settings_message
 from optserve.client.model import Model
+from optserve.client.progress import PartsProgress, Progress
 from optserve.client.sharded import ShardedModel
 from optserve.client.tables import Init, Rows
 from optserve.client.transport import Connection
@@ -56,13 +57,18 @@ def _declared(path: str, leaf: Init, piece: Piece | None = None) -> tuple[pb.Lea
     return spec, leaf.message(path)
 
 
-def _upload_messages(name: str, size: int, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-    """An Upload stream: the header, then the file's bytes chunk by chunk with their offsets."""
+def _upload_messages(
+    name: str, size: int, chunks: Iterable[bytes | memoryview], progress: Progress | None = None
+) -> Iterator[bytes]:
+    """An Upload stream: the header, then the file's bytes chunk by chunk with their offsets.
+    progress: told (bytes handed to the stream, size) after each chunk."""
     yield pb.UploadRequest(header=pb.UploadHeader(name=name, total_bytes=size)).SerializeToString()
     offset = 0
     for chunk in chunks:
         yield frame(pb.UploadRequest(offset=offset).SerializeToString(), [chunk])
         offset += len(chunk)
+        if progress is not None:
+            progress(offset, size)
 
 
 def _shard_file_message(path: str | os.PathLike, manifest: dict) -> str:
@@ -312,6 +318,7 @@ class Client(Connection):
         *,
         shards: int | None = None,
         split_bytes: int | None = None,
+        progress: Progress | None = None,
     ) -> Any:
         """Creates a model from a file written by `Model.download` or `ShardedModel.download`; it
         continues exactly where the downloaded model was, whatever the shard counts of both
@@ -324,7 +331,9 @@ class Client(Connection):
             `ShardedModel`. 1, or a client of one target: the file is sent as it is to the first
             target; returns a `Model`.
         A file of one shard (a shard's own `Model.download`) is not a whole model and is refused
-        (InvalidArgumentError): download the sharded model with `ShardedModel.download` instead."""
+        (InvalidArgumentError): download the sharded model with `ShardedModel.download` instead.
+        progress: called with (bytes sent, bytes to send) as the file or its parts go out
+        (client/progress.py)."""
         shards = len(self.targets) if shards is None else shards
         if not 1 <= shards <= len(self.targets):
             raise ValueError(f"shards must be between 1 and the {len(self.targets)} targets, got {shards}")
@@ -334,14 +343,18 @@ class Client(Connection):
         if shards == 1:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
-                info = self.call(
-                    self._upload, _upload_messages(name or "", size, iter(lambda: f.read(self.chunk_bytes), b""))
-                )
+                chunks = iter(lambda: f.read(self.chunk_bytes), b"")
+                info = self.call(self._upload, _upload_messages(name or "", size, chunks, progress))
             return Model(self, info.name, None, info)
-        return self._upload_shards(path, name, shards, split_bytes)
+        return self._upload_shards(path, name, shards, split_bytes, progress)
 
     def _upload_shards(
-        self, path: str | os.PathLike, name: str | None, shards: int, split_bytes: int | None
+        self,
+        path: str | os.PathLike,
+        name: str | None,
+        shards: int,
+        split_bytes: int | None,
+        progress: Progress | None,
     ) -> ShardedModel:
         state = state_file.read_state(path)
         manifest = state[1]
@@ -367,12 +380,14 @@ class Client(Connection):
             raise InvalidArgumentError(f"{os.fspath(path)}: {e}") from None
         conns = [self.connection(t) for t in shard_map.targets]
         fanout = Fanout(name, shard_map.targets)
+        reports = None if progress is None else PartsProgress(progress, len(parts))
 
         def upload(i: int) -> pb.ModelInfo:
             data = memoryview(state_file.encode_state(parts[i]))
             step = conns[i].chunk_bytes
             chunks = (data[at : at + step] for at in range(0, len(data), step))
-            return conns[i].call(conns[i]._upload, _upload_messages(name, len(data), chunks))
+            messages = _upload_messages(name, len(data), chunks, None if reports is None else reports.part(i))
+            return conns[i].call(conns[i]._upload, messages)
 
         try:
             infos = fanout.run(upload)

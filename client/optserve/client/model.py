@@ -18,6 +18,7 @@ from optserve.client import shared_memory as shared
 from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
+from optserve.client.progress import Progress
 from optserve.client.pulls import PullReader
 from optserve.client.tables import Init, Rows, read_rows, row_selections
 from optserve.client.transport import Connection
@@ -511,8 +512,9 @@ class Model:
         req = pb.RestoreCheckpointRequest(model=self.name, step=step, tag=tag)
         return self.client.call(self.client._stub.RestoreCheckpoint, req).step
 
-    def download(self, path: str | os.PathLike) -> int:
-        """Writes the model's complete state into one safetensors file; returns its size in bytes."""
+    def download(self, path: str | os.PathLike, *, progress: Progress | None = None) -> int:
+        """Writes the model's complete state into one safetensors file; returns its size in bytes.
+        progress: called with (bytes written, the file's size) after every chunk (client/progress.py)."""
         tmp = f"{os.fspath(path)}.part"
         size = 0
         with open(tmp, "wb") as f:
@@ -524,6 +526,8 @@ class Model:
                     )
                 f.write(data)
                 size += len(data)
+                if progress is not None:
+                    progress(size, msg.total_bytes)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

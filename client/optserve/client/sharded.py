@@ -34,6 +34,7 @@ from optserve.client.errors import (
 )
 from optserve.client.fanout import CONCURRENT_CALLERS, CONSISTENT_PULL_ATTEMPTS, Fanout, pull_exactly, swap
 from optserve.client.model import Model
+from optserve.client.progress import PartsProgress, Progress
 from optserve.client.rounds import decides_rounds, relay
 from optserve.client.sharded_worker import ShardedWorker
 from optserve.client.tables import Rows, merge_rows
@@ -504,16 +505,20 @@ class ShardedModel:
         incarnations = fanout.run(lambda i: self.shards[i].client.server_info()["incarnation"])
         return self.restore(0, tag="realign:" + ",".join(incarnations), fanout=fanout)
 
-    def download(self, path: str | os.PathLike) -> int:
+    def download(self, path: str | os.PathLike, *, progress: Progress | None = None) -> int:
         """Writes the whole model's state into one file, as `Model.download` does for an unsharded
         model (no "shard" in it; README.md, "Sharded models"); returns its size in bytes. Every
         shard's file is downloaded at once and gathered (`optserve.wire.resharding.gather`).
         FailedPreconditionError naming the tensor or field and the shards when they do not hold one
-        state (at different steps: download while no push is in flight, e.g. between sync rounds)."""
+        state (at different steps: download while no push is in flight, e.g. between sync rounds).
+        progress: called with (bytes received, the shards' files' sizes) as they arrive."""
         where = os.path.dirname(os.path.abspath(path))
+        parts = None if progress is None else PartsProgress(progress, len(self.shards))
         with tempfile.TemporaryDirectory(prefix=".optserve-download-", dir=where) as tmp:
             files = [os.path.join(tmp, f"shard-{i}.safetensors") for i in range(len(self.shards))]
-            self.fanout.run(lambda i: self.shards[i].download(files[i]))
+            self.fanout.run(
+                lambda i: self.shards[i].download(files[i], progress=None if parts is None else parts.part(i))
+            )
             states = [state_file.read_state(f) for f in files]
         try:
             whole = resharding.gather(states, self.fanout.targets)

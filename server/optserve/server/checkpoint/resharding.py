@@ -23,10 +23,11 @@ M others, offline, with the servers stopped (README.md, "Sharded models"; docs/d
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -96,10 +97,18 @@ def reshard(
     *,
     step: int | None = None,
     split_bytes: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Resharded:
     """Moves `model` from the checkpoint roots `sources` (any order) to `dests`, shard i of the new
     placement into dests[i], answering at targets[i] (module docstring). ReshardError: nothing was
-    written."""
+    written. progress: called with (checkpoints read and written so far, all of them) after each."""
+    steps = len(sources) + len(dests)
+    done = itertools.count(1)
+
+    def advance() -> None:
+        if progress is not None:
+            progress(next(done), steps)
+
     try:
         check_model_name(model)
     except InvalidArgument as e:
@@ -107,7 +116,7 @@ def reshard(
     if len(dests) > 1 and len(targets) != len(dests):
         raise ReshardUsageError(f"{len(dests)} target roots need {len(dests)} targets, got {len(targets)}")
     try:
-        chosen, read = _read_sources(model, sources, step)
+        chosen, read = _read_sources(model, sources, step, advance)
     except OSError as e:
         raise ReshardError(f"cannot read the source checkpoints: {e}") from None
     labels = [path for path, _ in read]
@@ -127,12 +136,14 @@ def reshard(
         ]
     for part in parts:
         _check_installs(part)
-    written = _write(model, dests, parts)
+    written = _write(model, dests, parts, advance)
     return Resharded(chosen, [p for p, _ in by_index], shard_map, written)
 
 
-def _read_sources(model: str, sources: Sequence[str], step: int | None) -> tuple[int, list[tuple[str, HostState]]]:
-    """(the step, [(checkpoint directory, its verified state)] per source root)."""
+def _read_sources(
+    model: str, sources: Sequence[str], step: int | None, advance: Callable[[], None]
+) -> tuple[int, list[tuple[str, HostState]]]:
+    """(the step, [(checkpoint directory, its verified state)] per source root); `advance` after each read."""
     found = []
     for root in sources:
         try:
@@ -156,6 +167,7 @@ def _read_sources(model: str, sources: Sequence[str], step: int | None) -> tuple
             read.append((checkpoint.path, read_checkpoint(checkpoint.path, model)))
         except StateError as e:
             raise ReshardError(f"{root}: checkpoint {checkpoint.name} does not verify: {e}") from None
+        advance()
     return chosen, read
 
 
@@ -213,8 +225,9 @@ def _check_installs(state: HostState) -> None:
         raise ReshardError(f"{where}: {wrong}")
 
 
-def _write(model: str, dests: Sequence[str], parts: Sequence[HostState]) -> list[Written]:
-    """Stages every part's checkpoint, then moves each in (module docstring, step 4)."""
+def _write(model: str, dests: Sequence[str], parts: Sequence[HostState], advance: Callable[[], None]) -> list[Written]:
+    """Stages every part's checkpoint, then moves each in (module docstring, step 4); `advance`
+    after each one staged."""
     roots = [CheckpointRoot(d) for d in dests]
     staged: list[str] = []
     try:
@@ -224,6 +237,7 @@ def _write(model: str, dests: Sequence[str], parts: Sequence[HostState]) -> list
             os.mkdir(stage)
             staged.append(stage)
             write_checkpoint(stage, part)
+            advance()
     except BaseException as e:
         for stage in staged:
             shutil.rmtree(stage, ignore_errors=True)

@@ -4,10 +4,12 @@ optserve serve [--host 127.0.0.1] [--port 8470] [--unix-socket PATH [--no-tcp]] 
 optserve demo [--workers 4] [--steps 300] [--mode sync|async]
 optserve ls | info MODEL | save MODEL | restore MODEL [--step N] | delete MODEL | rules | health
     [--target HOST:PORT | unix:///PATH] [--token-file F] [--tls-ca F]
+optserve download MODEL FILE | upload FILE [--model NAME] [--targets HOST:PORT,...]  (same server flags)
 optserve top [--url http://HOST:STATUS_PORT] [--token-file F] [--once]
 optserve reshard --model NAME --from DIR [DIR ...] --to DIR [DIR ...] [--targets HOST:PORT,...] [--step N]
 
-One module per command (serve.py, admin.py, reshard.py; flags.py for what they share); each loads
+One module per command (serve.py, admin.py, transfer.py, reshard.py; flags.py for what they share,
+progress.py for the bars of the long ones on a terminal); each loads
 what only it needs (jax, the client, rich) inside the function that runs it, so that
 `optserve --help` and the admin commands start fast.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from optserve.server.cli import admin, reshard, serve
+from optserve.server.cli import admin, reshard, serve, transfer
 from optserve.server.cli.flags import OneLineErrors, seconds
 
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_parser(sub)
     admin.add_parsers(sub)
+    transfer_parsers = transfer.add_parsers(sub)
     add_top_parser(sub)
     reshard_parser = reshard.add_parser(sub)
     args = parser.parse_args(argv)
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve.run(args)
     if args.command == "reshard":
         return reshard.run(args, reshard_parser)
+    if args.command in transfer_parsers:
+        return transfer.run(args, transfer_parsers[args.command])
     if args.command == "demo":
         return demo.run(args)
     if args.command == "top":

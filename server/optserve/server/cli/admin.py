@@ -9,22 +9,25 @@ import sys
 from typing import Any
 
 from optserve.server.cli.flags import DEFAULT_PORT, seconds
+from optserve.server.cli.progress import activity
 from optserve.wire.channel import tls_options
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--target",
-            default=f"127.0.0.1:{DEFAULT_PORT}",
-            help="server HOST:PORT, or unix:///PATH of its --unix-socket",
-        )
-        p.add_argument("--token-file", default=None, help="file whose first token is sent")
-        p.add_argument("--tls-ca", default=None, help="CA file: connect with TLS")
-        p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
-        p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
-        return p
+def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of a command that talks to a server (here and in cli/transfer.py)."""
+    p.add_argument(
+        "--target",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help="server HOST:PORT, or unix:///PATH of its --unix-socket",
+    )
+    p.add_argument("--token-file", default=None, help="file whose first token is sent")
+    p.add_argument("--tls-ca", default=None, help="CA file: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    return p
 
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     target(sub.add_parser("ls", help="list models"))
     p = target(sub.add_parser("health", help="exit 0 if the server reports SERVING (for container health checks)"))
     p.add_argument("--service", default="", help="service name to check ('' : the whole server)")
@@ -48,7 +51,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def connect(args: argparse.Namespace) -> Any:
+def connect(args: argparse.Namespace, targets: list[str] | None = None) -> Any:
+    """A client of the server `--target` names (or of `targets`, the servers of a sharded model),
+    with the token and TLS flags."""
     from optserve.client import Client
 
     token = None
@@ -58,7 +63,7 @@ def connect(args: argparse.Namespace) -> Any:
     tls = None
     if args.tls_ca or args.tls_cert:
         tls = {k: v for k, v in {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}.items() if v}
-    return Client(args.target, token=token, tls=tls, timeout=60.0)
+    return Client(targets or args.target, token=token, tls=tls, timeout=60.0)
 
 
 def print_rules(rules: list[dict], as_json: bool) -> None:
@@ -125,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
             elif args.command == "save":
                 print(f"saved {args.model} at step {client.model(args.model).save()}")
             elif args.command == "restore":
-                print(f"restored {args.model} to step {client.model(args.model).restore(args.step)}")
+                model = client.model(args.model)
+                with activity(f"restoring {args.model}"):
+                    step = model.restore(args.step)
+                print(f"restored {args.model} to step {step}")
             elif args.command == "delete":
                 client.delete_model(args.model, delete_checkpoints=args.checkpoints)
                 print(f"deleted {args.model}")

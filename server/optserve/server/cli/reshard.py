@@ -8,6 +8,7 @@ import os
 import sys
 
 from optserve.server.cli.flags import int_at_least
+from optserve.server.cli.progress import progress_bar
 
 
 def targets(text: str) -> list[str]:
@@ -93,14 +94,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from optserve.server.checkpoint import resharding
 
     try:
-        done = resharding.reshard(
-            args.model,
-            args.sources,
-            args.dests,
-            args.targets or (),
-            step=args.step,
-            split_bytes=args.split_bytes or 0,
-        )
+        with progress_bar(f"resharding {args.model}", unit="checkpoints") as report:
+            done = resharding.reshard(
+                args.model,
+                args.sources,
+                args.dests,
+                args.targets or (),
+                step=args.step,
+                split_bytes=args.split_bytes or 0,
+                progress=report,
+            )
     except resharding.ReshardUsageError as e:
         parser.error(str(e))
     except resharding.ReshardError as e:
