@@ -72,3 +72,21 @@ def check_writable_dir(flag: str, path: str, fix: str) -> None:
 def usage_error(message: str) -> int:
     print(f"optserve serve: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     return 2
+
+
+def targets(text: str) -> list[str]:
+    """HOST:PORT,... (a sharded model's servers, shard 0 first), each distinct."""
+    found = [t.strip() for t in text.split(",")]
+    for t in found:
+        host, _, port = t.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"{t!r} is not HOST:PORT (give them comma-separated, e.g. a:8470,b:8470)")
+    if len(set(found)) != len(found):
+        raise argparse.ArgumentTypeError(f"the addresses must be distinct, got {text!r}")
+    return found
+
+
+def add_placement_flags(p: argparse.ArgumentParser, targets_help: str, split_help: str) -> None:
+    """--targets and --split-bytes: where a model is placed and which leaves are split (reshard, upload)."""
+    p.add_argument("--targets", metavar="HOST:PORT,...", type=targets, default=None, help=targets_help)
+    p.add_argument("--split-bytes", metavar="BYTES", type=int_at_least(1), default=None, help=split_help)

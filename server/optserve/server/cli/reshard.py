@@ -7,19 +7,8 @@ import argparse
 import os
 import sys
 
-from optserve.server.cli.flags import int_at_least
+from optserve.server.cli.flags import add_placement_flags, int_at_least
 from optserve.server.cli.progress import progress_bar
-
-
-def targets(text: str) -> list[str]:
-    targets = [t.strip() for t in text.split(",")]
-    for t in targets:
-        host, _, port = t.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise argparse.ArgumentTypeError(f"{t!r} is not HOST:PORT (give them comma-separated, e.g. a:8470,b:8470)")
-    if len(set(targets)) != len(targets):
-        raise argparse.ArgumentTypeError(f"the addresses must be distinct, got {text!r}")
-    return targets
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,26 +41,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "they may be --from directories",
     )
     p.add_argument(
-        "--targets",
-        metavar="HOST:PORT,...",
-        type=targets,
-        default=None,
-        help="the new shards' addresses as clients reach them, comma-separated in --to's order "
-        "(needed for more than one --to directory)",
-    )
-    p.add_argument(
         "--step",
         metavar="N",
         type=int_at_least(0),
         default=None,
         help="the step to reshard (default: the newest committed in every --from directory)",
     )
-    p.add_argument(
-        "--split-bytes",
-        metavar="BYTES",
-        type=int_at_least(1),
-        default=None,
-        help="split leaves larger than this by rows over the shards (default: 4194304, as create_model)",
+    add_placement_flags(
+        p,
+        targets_help="the new shards' addresses as clients reach them, comma-separated in --to's order "
+        "(needed for more than one --to directory)",
+        split_help="split leaves larger than this by rows over the shards (default: 4194304, as create_model)",
     )
     return p
 

@@ -9,9 +9,8 @@ import os
 import sys
 
 from optserve.server.cli import admin
-from optserve.server.cli.flags import int_at_least
+from optserve.server.cli.flags import add_placement_flags
 from optserve.server.cli.progress import progress_bar
-from optserve.server.cli.reshard import targets
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> dict[str, argparse.ArgumentParser]:
@@ -37,19 +36,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict[str, argparse.ArgumentP
     )
     upload.add_argument("file")
     upload.add_argument("--model", metavar="NAME", default="", help="the new model's name (default: the file's)")
-    upload.add_argument(
-        "--targets",
-        metavar="HOST:PORT,...",
-        type=targets,
-        default=None,
-        help="place the model over these servers, comma-separated, shard 0 first (default: --target alone)",
-    )
-    upload.add_argument(
-        "--split-bytes",
-        metavar="BYTES",
-        type=int_at_least(1),
-        default=None,
-        help="with --targets: split leaves larger than this by rows over the shards (default: 4194304)",
+    add_placement_flags(
+        upload,
+        targets_help="place the model over these servers, comma-separated, shard 0 first (default: --target alone)",
+        split_help="with --targets: split leaves larger than this by rows over the shards (default: 4194304)",
     )
     return {"download": download, "upload": upload}
 
