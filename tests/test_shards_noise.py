@@ -155,7 +155,7 @@ def test_sync_rounds_with_noise_equal_the_whole_model(sharded_client, whole_clie
     _assert_same_bits(sm.pull(min_step=STEPS, timeout=30), wm.pull(min_step=STEPS, timeout=30))
 
 
-def test_a_noisy_model_resharded_from_three_servers_to_two_continues_as_the_whole_model(
+def test_a_noisy_model_checkpointed_and_resharded_from_three_servers_to_two_continues_as_the_whole_model(
     sharded_client, whole_client, targets, model_name, tmp_path
 ):
     sm = sharded_client.create_model(model_name, _params(), NOISY_SGD, split_bytes=SPLIT)
@@ -163,6 +163,10 @@ def test_a_noisy_model_resharded_from_three_servers_to_two_continues_as_the_whol
     for seed in range(2):
         sm.push(_grads(_params(), seed))
         wm.push(_grads(_params(), seed))
+    # a checkpoint of every shard brings back the rule's key with the rest
+    assert sm.save() == 2
+    sm.push(_grads(_params(), 9))
+    assert sm.restore() == 2
     # the shards' states gather into the whole model's file: its key (replicated, equal on every
     # shard) included
     sm.download(tmp_path / "sharded.safetensors")

@@ -18,7 +18,9 @@ noise is drawn on each shard holding a piece of it, and sliced: the cost of that
 noise, not of the model's), and the rule's state (count, key: no per-leaf state) advances as the
 unsharded model's does, so it is equal bit for bit on every shard (wire/resharding.py requires it
 of replicated tensors). A scalar stands in for a leaf another shard holds because a leaf's noise
-depends on its key and its own shape only.
+depends on its key and its own shape only. The rule runs between optimization barriers, sharded or
+not (spec/rng.py), and its whole output is kept whole until the rows are taken, so XLA compiles the
+same computation over the same shapes on a shard as on the unsharded model: bit for bit.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ pulled but not checkpointed, downloaded or resharded (its state is saved as nump
 state/model_state.py). `key_data_state` keeps the key's data instead (uint32, `jax.random.key_data`)
 and wraps it back into a key for each update: the same key, so the same noise bit for bit, and a
 state tensor like any other (`.../rng_key`, equal on every shard of a sharded model).
+
+The rule also runs between two optimization barriers, so that XLA fuses nothing before or after it
+into its computation: a shard runs the rule over the whole model's shapes and then takes its rows
+of a split leaf (core/shard_noise.py), and what XLA fused across that boundary on the unsharded
+model rounded some of those rows differently (an ulp). With the barriers, both compute the rule's
+output alike, bit for bit, at the cost of one pass over the rule's updates.
 """
 
 from __future__ import annotations
