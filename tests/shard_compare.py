@@ -1,8 +1,9 @@
 """A model over several shards against the same model whole, in this process, for every conformance
 case (tests/test_shards_conformance.py): the shards are admitted as servers admit them
 (core/admission.py with a `Shard`), each fed its part of the same pushes; their states, put side by
-side, must equal the whole model's (bit for bit, or to float32 rounding where a rule reduces).
-Rules a sharded model refuses (core/sharding.py) must be refused at placement."""
+side, must equal the whole model's (bit for bit, or to float32 rounding where a rule reduces; noise
+rules bit for bit, split leaves included). Rules a sharded model refuses (core/sharding.py) must be
+refused at placement."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ SPLIT_BYTES = 40  # "conv" (48 bytes), "table" and "rows/odd" split; the others 
 STEPS = 3
 PACKED = True  # the stores pack leaves as servers do
 REDUCING = ("clip_by_global_norm", "lamb", "lars", "norm", "centralize", "trust_ratio", "fromage")
+# noise rules: every shard splits the key over the whole model's leaves and draws a split leaf's noise
+# whole (core/shard_noise.py), inside a fusion of its own (spec/rng.py): bit for bit, split leaves too
+NOISE = ("add_noise", "noisy_sgd")
 CPU = jax.devices("cpu")[0]
 
 
@@ -103,8 +107,11 @@ def _rows_of(shard_map: ShardMap, shard: int, key: str, shape: tuple) -> slice |
     return None
 
 
-def differences(shard_map: ShardMap, shards: list[HostState], whole: HostState, exact: bool) -> str:
-    """What differs between the shards' states, side by side, and the whole model's ("": nothing)."""
+def differences(
+    shard_map: ShardMap, shards: list[HostState], whole: HostState, exact: bool, bitwise: bool = False
+) -> str:
+    """What differs between the shards' states, side by side, and the whole model's ("": nothing);
+    `bitwise`: every bit, `exact`: but for the last bit, else to float32 rounding."""
     for group in ("params", "opt", "ema"):
         want = getattr(whole, group)
         seen: set[str] = set()
@@ -120,6 +127,10 @@ def differences(shard_map: ShardMap, shards: list[HostState], whole: HostState, 
                 seen.add(key)
                 if a.dtype != b.dtype or a.shape != b.shape:
                     return f"shard {i} {group} {key}: {a.dtype}{a.shape} against {b.dtype}{b.shape}"
+                if bitwise:
+                    if a.tobytes() != b.tobytes():
+                        return f"shard {i} {group} {key}: not bit for bit the whole model's"
+                    continue
                 try:
                     if exact:
                         # bit for bit but for the last bit: XLA's CPU code for a leaf of another size
@@ -146,4 +157,5 @@ def compare(case, shards: int = 3) -> dict:
     except InvalidArgument as e:
         return {"id": case.id, "refused": e.message, "diff": ""}
     exact = not any(word in spec for word in REDUCING)
-    return {"id": case.id, "refused": "", "diff": differences(shard_map, states, run_whole(case), exact)}
+    bitwise = exact and any(word in spec for word in NOISE)
+    return {"id": case.id, "refused": "", "diff": differences(shard_map, states, run_whole(case), exact, bitwise)}

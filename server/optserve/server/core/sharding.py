@@ -8,13 +8,15 @@ shard's leaves, so each shard applies exactly what the unsharded model applies t
 That holds for every rule that works leaf by leaf or element by element. clip_by_global_norm at
 the head of the chain of an async model works too (`GlobalClip`): the client, which holds the
 whole gradient, sends its squared norm with every push (PushHeader.global_norm_sq), and each shard
-scales its part by the factor the rule would apply. What would need the shards to exchange values
-before they apply is refused at placement and at creation, with the reason (`check_shardable`):
-any other reduction over every leaf, a random key split over the leaves in order, a custom
-transform the server cannot inspect, and reject_nonfinite_updates (one shard could refuse an update
-the others apply). Sync rounds that each shard could close with other contributors (quorum below
-workers, a sync_timeout), or whose mean gradient a head clip_by_global_norm clips, are decided by
-shard 0 and relayed by the clients (core/shard_rounds.py).
+scales its part by the factor the rule would apply. Noise rules, which split one random key over
+the leaves in order, are run on each shard over the whole model's leaves (core/shard_noise.py), so
+each leaf, and each row of a split one, gets the noise it gets unsharded. What would need the shards
+to exchange values before they apply is refused at placement and at creation, with the reason
+(`check_shardable`): any other reduction over every leaf, a custom transform the server cannot
+inspect, and reject_nonfinite_updates (one shard could refuse an update the others apply). Sync
+rounds that each shard could close with other contributors (quorum below workers, a sync_timeout),
+or whose mean gradient a head clip_by_global_norm clips, are decided by shard 0 and relayed by the
+clients (core/shard_rounds.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import optax
 
+from optserve.server.core import shard_noise
 from optserve.server.core.errors import InvalidArgument
 from optserve.server.core.settings import ModelSettings
 from optserve.server.spec import CompiledOptimizer
@@ -94,9 +97,11 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
                 "tunable max_norm (each push then carries its whole gradient's norm); here it reduces over values "
                 "the shards would have to exchange (use one server for this spec)"
             )
-        if spec_packing.depends_on_leaf_order(rule):
-            what = "a custom transform" if rule.kind == "custom" else "it splits one random key over the leaves"
-            raise InvalidArgument(f"{why} cannot use {rule.name!r}: {what} (use one server for this spec)")
+        if rule.kind == "custom":
+            raise InvalidArgument(
+                f"{why} cannot use {rule.name!r}: a custom transform, which may compute across leaves "
+                "(use one server for this spec)"
+            )
     if settings.reject_nonfinite_updates:
         raise InvalidArgument(
             f"{why} cannot use reject_nonfinite_updates: one shard could refuse an update the others apply"
@@ -110,10 +115,10 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
 
 def kept_whole(compiled: CompiledOptimizer) -> set[str]:
     """Leaves that placement must not split: those a rule needs whole (a per-leaf norm or mean;
-    spec/packing.py, LEAF). A table under a lazy rule alone (spec/lazy.py) is row-local, so it may
-    be split by rows although it is never packed."""
-    rowwise = lazy_leaves(compiled)
-    return {leaf for leaf, sig in spec_packing.signatures(compiled).items() if sig is None and leaf not in rowwise}
+    spec/packing.py, `needs_whole`). A table under a lazy rule alone (spec/lazy.py) is row-local,
+    and a leaf's noise is row by row that of the whole leaf (core/shard_noise.py), so those may be
+    split by rows although they are never packed."""
+    return spec_packing.needs_whole(compiled) - lazy_leaves(compiled)
 
 
 def plan(
@@ -203,8 +208,9 @@ def for_shard(
     name: str, compiled: CompiledOptimizer, settings: ModelSettings, shard: Shard
 ) -> tuple[CompiledOptimizer, Shard]:
     """The spec compiled over the whole model, restricted to the leaves of `shard` (a head
-    clip_by_global_norm made a `GlobalClip`, returned in the shard), once the spec and settings
-    allow the placement (`check_shardable`, and no split leaf that a rule needs whole)."""
+    clip_by_global_norm made a `GlobalClip`, returned in the shard; noise rules keyed over the
+    whole model's leaves, core/shard_noise.py), once the spec and settings allow the placement
+    (`check_shardable`, and no split leaf that a rule needs whole)."""
     check_shardable(name, compiled, settings, shard.map.shards)
     whole = kept_whole(compiled)
     for leaf in shard.map.leaves:
@@ -212,10 +218,13 @@ def for_shard(
             raise InvalidArgument(
                 f"model {name!r}: shard map splits leaf {leaf.spec.path!r}, but its update rule needs the whole leaf"
             )
-    mine = [leaf.spec.path for leaf, _ in shard.map.pieces_of(shard.index) if leaf.spec.dtype in FLOAT_DTYPES]
-    restricted = spec_packing.for_buffers(compiled, {path: [path] for path in mine})
+    pieces = shard.map.pieces_of(shard.index)
+    mine = [leaf.spec.path for leaf, _ in pieces if leaf.spec.dtype in FLOAT_DTYPES]
     if shard.map.shards == 1:
-        return restricted, shard
+        return spec_packing.for_buffers(compiled, {path: [path] for path in mine}), shard
+    starts = {leaf.spec.path: piece.start for leaf, piece in pieces if leaf.split}
+    compiled = shard_noise.for_shard(compiled, shard.map.schema(), starts)
+    restricted = spec_packing.for_buffers(compiled, {path: [path] for path in mine})
     restricted, clip = _clip_of(restricted)
     if (clip is not None) != shard.map.global_norm:
         raise InvalidArgument(

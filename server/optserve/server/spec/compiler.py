@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optserve.server.spec import catalog, masks
+from optserve.server.spec import catalog, masks, rng
 from optserve.server.spec.errors import SpecError, join, show, suggest
 from optserve.server.spec.hyperparams import HP, Globs, is_number
 from optserve.server.spec.registry import Rule
@@ -62,6 +62,8 @@ class RuleNode:
         if self.mask is not None and self.rule.mask is not None and self.rule.mask != "wrap":
             kwargs[self.rule.mask] = self.mask
         tx = self.rule.builder(self.unsigned)(**kwargs)
+        if self.rule.name in rng.KEY_PER_LEAF:  # its key as key data: a state numpy can hold (spec/rng.py)
+            tx = rng.key_data_state(tx)
         if self.mask is not None and self.rule.mask == "wrap":
             tx = optax.masked(tx, self.mask)
         return tx

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 from optserve.server.spec.compiler import ComboNode, CompiledOptimizer, Node, RuleNode
 from optserve.server.spec.registry import Rule
+from optserve.server.spec.rng import KEY_PER_LEAF
 
 ELEMENTWISE, GLOBAL, LEAF = "elementwise", "global", "leaf"
 
@@ -55,13 +56,6 @@ _PER_LEAF = frozenset(
 )
 
 
-# Rules whose result for a leaf depends on the other leaves of the tree it is given, not only on
-# statistics of them: a per-leaf random key split from one key in leaf order.
-_LEAF_ORDER = frozenset(
-    {"noisy_sgd", "add_noise", *(f"{lib}:{name}" for lib in ("axon", "polaris") for name in ("noisy_sgd", "add_noise"))}
-)
-
-
 def rules_of(compiled: CompiledOptimizer) -> list[Rule]:
     """Every rule of the spec, in spec order (inside chains and partitions)."""
     out: list[Rule] = []
@@ -80,10 +74,24 @@ def rules_of(compiled: CompiledOptimizer) -> list[Rule]:
     return out
 
 
-def depends_on_leaf_order(rule: Rule) -> bool:
-    """Whether `rule` gives a leaf a result that depends on which other leaves it is given and in
-    what order (a random key split once per leaf), or may (a custom transform)."""
-    return rule.kind == "custom" or rule.name in _LEAF_ORDER
+def splits_key_over_leaves(rule: Rule) -> bool:
+    """Whether `rule` splits one random key over the leaves it is given, in their order (noise)."""
+    return rule.kind != "custom" and rule.name in KEY_PER_LEAF
+
+
+def needs_whole(compiled: CompiledOptimizer) -> set[str]:
+    """Leaves that pass through a LEAF rule needing the leaf whole: a per-leaf norm or mean, a
+    lazy rule, a custom transform. A noise rule alone does not: its noise for rows start..stop of a
+    leaf is those rows of the whole leaf's noise (core/shard_noise.py)."""
+
+    def passes(node: Node, leaf: str) -> bool:
+        if isinstance(node, RuleNode):
+            return packing_of(node.rule) == LEAF and not splits_key_over_leaves(node.rule)
+        if isinstance(node, ComboNode):
+            return any(passes(child, leaf) for child in node.children)
+        return passes(node.groups[int(node.labels[leaf])][1], leaf)
+
+    return {leaf for leaf in compiled.leaf_paths if passes(compiled.root, leaf)}
 
 
 def packing_of(rule: Rule) -> str:
