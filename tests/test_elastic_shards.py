@@ -126,3 +126,25 @@ def test_a_worker_that_stops_heartbeating_leaves_every_shards_rounds_alike(serve
     twin = _twin([rounds[0][s] for s in range(1, 5)])
     for k in PARAMS:
         np.testing.assert_allclose(final[k], twin[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_shard_other_than_0_refuses_no_join_for_its_own_membership(servers):
+    """Each shard keeps its own leases, which may differ (here two workers only shard 1 ever saw
+    fill its `workers`); only shard 0's membership gates joins and rounds, so the workers that
+    shard 0 takes are taken everywhere."""
+    with Client([s.address for s in servers], timeout=60) as client:
+        sm = client.create_model("ghosts", PARAMS, {"sgd": {"learning_rate": LR}}, mode="sync", workers=2)
+        for i, ghost in enumerate(("ghost-a", "ghost-b"), start=1):
+            sm.shards[1].heartbeat(ghost, i)  # a header-only pull naming a worker: joins shard 1 only
+        workers = [sm.worker(f"w{i}") for i in range(2)]
+        try:
+            for w in workers:
+                w.pull()
+            assert _round(workers) == []
+            infos = [sh.info() for sh in sm.shards]
+        finally:
+            for w in workers:
+                w.close()
+        client.delete_model("ghosts")
+    assert [i["live_workers"] for i in infos] == [2, 4] and [i["step"] for i in infos] == [1, 1]
+    assert infos[0]["recent_rounds"][0]["contributors"] == infos[1]["recent_rounds"][0]["contributors"]
