@@ -29,7 +29,7 @@ WARMUP = 3  # round trips per worker before timing (not counted)
 COLUMNS = ["mode", "workers", "gradient", "steps/s", "pushes/s", "grad MB/s", "sync / async", "elastic / sync"]
 MODES = {
     "async": lambda n: {},
-    "sync": lambda n: {"mode": "sync", "workers": n},
+    "sync": lambda n: {"mode": "sync", "workers": n, "heartbeat": 0},  # a fixed membership: the baseline
     "elastic": lambda n: {"mode": "sync", "workers": n, "heartbeat": 2.0},
 }
 

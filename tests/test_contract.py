@@ -120,11 +120,13 @@ def test_waiting_pulls_are_bounded_and_never_starve_the_server():
 
 def test_sync_push_pull_beyond_the_waiting_bound_applies_nothing_unless_it_completes_the_round():
     """4 RPC threads: 2 calls may wait. Two PushPulls wait for their round; a third, which would
-    wait too, is refused before it is counted; the push that completes the round needs no wait."""
+    wait too, is refused before it is counted; the push that completes the round needs no wait. The
+    raw PushPulls send no heartbeats: a fixed membership (heartbeat 0), so that no lease expires under
+    them however slow the machine."""
     with Server(port=0, max_workers=4) as srv, srv.client(timeout=60) as client:
         assert srv.service.waiting.limit == 2
         model = client.create_model(
-            "bounded-sync", {"w": np.zeros(4, np.float32)}, optim.sgd(1.0), mode="sync", workers=4
+            "bounded-sync", {"w": np.zeros(4, np.float32)}, optim.sgd(1.0), mode="sync", workers=4, heartbeat=0
         )
         results: queue.Queue = queue.Queue()
 

@@ -22,6 +22,9 @@ W0 = params()["w"]
 
 
 def _sync(workers: int = 3, quorum: int = 0, **kwargs) -> ModelSettings:
+    # a fixed membership: these rounds' pushes send no heartbeats, and a lease expiring on the real
+    # clock between two of them would close a round early (leases: tests/test_membership.py)
+    kwargs.setdefault("heartbeat_seconds", 0.0)
     return ModelSettings(mode="sync", workers=workers, quorum=quorum, **kwargs)
 
 

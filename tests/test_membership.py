@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import select
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from optserve.client.errors import InvalidArgumentError
+from optserve.client.messages import settings_from_json, settings_message
 from optserve.server.core import membership
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from optserve.server.core.settings import ModelSettings
+from optserve.server.core.settings import DEFAULT_HEARTBEAT_SECONDS, ModelSettings
 from optserve.server.core.workers import PushReply
 from optserve.server.state import manifest, model_state
 from optserve.v1 import optserve_pb2 as pb
@@ -55,9 +61,42 @@ def test_joins_new_sessions_and_expiries_advance_the_epoch(manual_clock):
     model.mark_deleted()
 
 
-def test_leases_never_expire_without_a_heartbeat_setting(manual_clock):
+def test_new_models_have_leases_of_two_default_heartbeats(manual_clock):
     clock = manual_clock(membership)
-    model = make_model(ModelSettings(mode="sync", workers=2))
+    settings = ModelSettings(mode="sync", workers=2).validated("m")
+    assert settings.heartbeat_seconds == DEFAULT_HEARTBEAT_SECONDS == 5.0 and settings.lease_seconds == 10.0
+    model = make_model(settings)
+    push(model, grad(1.0), base_step=0, worker_id="a", seq=1)
+    clock.advance(9.9)
+    model.check_deadlines()
+    assert model.membership_info()[0] == 1
+    clock.advance(0.2)
+    model.check_deadlines()
+    assert model.membership_info() == (2, [])
+    model.mark_deleted()
+
+
+def test_files_written_before_leases_keep_a_fixed_membership():
+    """A manifest without heartbeat_seconds is a model of before leases: 0, not the new default."""
+    old = {k: v for k, v in ModelSettings(mode="sync", workers=2).to_json().items() if k != "heartbeat_seconds"}
+    assert ModelSettings.from_json(old, "m").heartbeat_seconds == 0.0
+    assert ModelSettings.from_json({**old, "heartbeat_seconds": 2.5}, "m").heartbeat_seconds == 2.5
+    assert settings_from_json(old).HasField("heartbeat_seconds") and settings_from_json(old).heartbeat_seconds == 0
+    assert not settings_message(
+        mode="sync",
+        workers=2,
+        quorum=None,
+        max_staleness=None,
+        sync_timeout=None,
+        staleness_scaling=None,
+        ema=None,
+        ema_debias=False,
+    ).HasField("heartbeat_seconds")  # not said: the server's default
+
+
+def test_leases_never_expire_with_heartbeat_zero(manual_clock):
+    clock = manual_clock(membership)
+    model = make_model(ModelSettings(mode="sync", workers=2, heartbeat_seconds=0.0))
     push(model, grad(1.0), base_step=0, worker_id="a", seq=1)
     clock.advance(1e6)
     model.check_deadlines()
@@ -247,14 +286,25 @@ def test_a_round_whose_members_all_left_expects_the_workers_that_come(manual_clo
     model.mark_deleted()
 
 
-def test_leases_over_several_shards_are_refused_naming_the_setting():
+def test_leases_over_several_shards_are_decided_by_shard_0():
+    """A sync model over shards with leases is admitted; shard 0 decides its rounds (each shard's
+    own leases would let them close a round with different contributors); without leases and with
+    quorum == workers the shards close their rounds alone, as before."""
+    from optserve.client.rounds import decides_rounds as client_decides
+    from optserve.server.core.shard_rounds import decides_rounds
     from optserve.server.core.sharding import check_shardable
     from optserve.server.spec import compile_spec
 
     compiled = compile_spec({"sgd": {"learning_rate": 0.1}}, ["w"])
-    with pytest.raises(InvalidArgument, match=r"model 'm': a model over 2 shards: settings.heartbeat_seconds"):
-        check_shardable("m", compiled, _elastic(workers=2), 2)
-    check_shardable("m", compiled, ModelSettings(mode="sync", workers=2, sync_timeout=1.0), 2)  # fixed: fine
+    leased, fixed = (
+        ModelSettings(mode="sync", workers=2).validated("m"),
+        ModelSettings(mode="sync", workers=2, heartbeat_seconds=0.0).validated("m"),
+    )
+    check_shardable("m", compiled, leased, 2)
+    assert decides_rounds(leased, 2, False) and not decides_rounds(fixed, 2, False)
+    assert not decides_rounds(leased, 1, False)
+    assert client_decides({"mode": "sync", "workers": 2, "quorum": 2, "heartbeat": 5.0}, 2, False)
+    assert not client_decides({"mode": "sync", "workers": 2, "quorum": 2, "heartbeat": None}, 2, False)
 
 
 def test_a_bad_worker_session_in_a_file_is_refused_naming_the_field():
@@ -267,3 +317,41 @@ def test_a_bad_worker_session_in_a_file_is_refused_naming_the_field():
         with pytest.raises(model_state.StateError, match=r"workers\['a'\]\.session"):
             manifest.from_manifest(saved, host.tensor_groups(), "file")
     model.mark_deleted()
+
+
+_DOOMED_WORKER = """
+import sys, time
+from optserve.client import Client
+with Client(sys.argv[1], timeout=60) as client:
+    worker = client.model(sys.argv[2]).worker("doomed")
+    worker.pull()
+    print("READY", flush=True)
+    time.sleep(600)  # heartbeats go on until the test kills this process
+"""
+
+
+def test_a_model_created_without_a_heartbeat_setting_has_leases_that_a_killed_worker_loses(client, server, model_name):
+    """No heartbeat given: the server's default (5 s, leases of 10 s). A worker process killed with
+    SIGKILL stops renewing its lease and leaves: the test waits for the epoch to move (the event the
+    model exposes), bounded only as a safety net."""
+    model = client.create_model(model_name, {"w": W0}, {"sgd": {"learning_rate": 0.1}}, mode="sync", workers=2)
+    assert model.info()["settings"]["heartbeat"] == DEFAULT_HEARTBEAT_SECONDS
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DOOMED_WORKER, server.address, model_name], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 120)[0], "the worker said nothing in 120 s"
+        assert proc.stdout.readline().strip() == "READY"
+        info = model.info()
+        left = info["members"]["doomed"]["lease_seconds_left"]
+        assert info["membership_epoch"] == 1 and left is not None and 0 < left <= 2 * DEFAULT_HEARTBEAT_SECONDS
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        assert server.store.get(model_name).wait_for_epoch(2, timeout=120), "the killed worker's lease never expired"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    info = model.info()
+    assert info["membership_epoch"] == 2 and info["members"] == {} and info["live_workers"] == 0

@@ -125,8 +125,14 @@ CLIP_ADAM = {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, ADAM]}
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("spec", [ADAM, CLIP_ADAM], ids=["adam", "decided_by_shard_0"])
-def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_path, spec):
+@pytest.mark.parametrize(
+    "spec, heartbeat",
+    # heartbeat 0: a fixed membership, whose shards close their rounds alone; the default (leases)
+    # with a head clip: shard 0 decides each round by its membership
+    [(ADAM, 0.0), (CLIP_ADAM, None)],
+    ids=["adam", "decided_by_shard_0"],
+)
+def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_path, spec, heartbeat):
     from optserve.client import Client
     from tests.conftest import start_server_process, stop_server_process, wait_until
 
@@ -143,9 +149,10 @@ def test_a_shard_killed_mid_training_rejoins_and_the_model_matches_its_twin(tmp_
     workers: list[subprocess.Popen] = []
     try:
         with Client(targets, timeout=60) as c, Client(twin_target, timeout=60) as t:
-            sm = c.create_model("m", params, spec, mode="sync", workers=2, split_bytes=SPLIT)
+            sm = c.create_model("m", params, spec, mode="sync", workers=2, split_bytes=SPLIT, heartbeat=heartbeat)
             assert any(leaf.split for leaf in sm.shard_map.leaves)
-            t.create_model("m", params, spec, mode="sync", workers=2)
+            assert sm.decides_rounds == (heartbeat is None)
+            t.create_model("m", params, spec, mode="sync", workers=2, heartbeat=heartbeat)
             workers = _workers(targets, "m") + _workers([twin_target], "m")
             _go(workers)
             # kill once the shard has committed a checkpoint past the start (it then restarts from it)

@@ -28,7 +28,8 @@ TOKENS = [Token(b"admin-secret", None), Token(b"team-a-secret", frozenset({"alph
 def srv(tmp_path_factory):
     s = Server(port=0, status_port=0, tokens=TOKENS, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")))
     with s.client(token="admin-secret", timeout=60) as c:
-        alpha = c.create_model("alpha", W, optim.sgd(0.1))
+        # a fixed membership: the report's epoch and live workers below hold however long the module runs
+        alpha = c.create_model("alpha", W, optim.sgd(0.1), heartbeat=0)
         c.create_model("beta", W, optim.adam(1e-3), mode="sync", workers=2)
         w1, w2 = alpha.worker("w-1"), alpha.worker("<w-2>")  # an id that must be escaped in HTML
         s.status.history.chart_every = 1  # a chart point per sample: the two below make one

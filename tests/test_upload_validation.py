@@ -710,7 +710,8 @@ def test_retry_of_any_recent_seq_gets_its_original_reply(client, tmp_path, mode)
 
 
 def test_sync_retry_of_an_applied_seq_while_a_newer_one_is_pending(client):
-    m = client.create_model("window-pending", PARAMS, optimizer=SPEC, mode="sync", workers=2)
+    # raw pushes, without heartbeats: a fixed membership, so that no lease expires between them
+    m = client.create_model("window-pending", PARAMS, optimizer=SPEC, mode="sync", workers=2, heartbeat=0)
     leaves = m._grad_leaves(GRADS, None)
     first = _push(m, 1)  # worker w joins step 1; v completes it
     assert m.push_raw(m._push_header(None, None, "v", 1), leaves).applied

@@ -103,7 +103,8 @@ def test_push_without_base_step_joins_the_current_step(client, model_name):
 
 
 def test_repeated_seq_is_answered_once_pending_and_after_apply(client, model_name):
-    model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=2)
+    # "a" pushes raw, without heartbeats: a fixed membership, so that no lease of it expires meanwhile
+    model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=2, heartbeat=0)
     p = model.pull()
     a, b = model.worker("a"), model.worker("b")
     a.base_step = b.base_step = 0
@@ -176,8 +177,9 @@ def test_sync_timeout_applies_what_has_arrived_logged_and_counted(client, model_
 
 def test_cancelled_push_pull_after_contribution_then_retry_counts_once(client, model_name):
     """The reply is lost because the client cancels its call after the server took the gradient;
-    resending the same (worker_id, seq) is answered as a duplicate, and the step averages it once."""
-    model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=2)
+    resending the same (worker_id, seq) is answered as a duplicate, and the step averages it once. "a"
+    pushes raw, without heartbeats: a fixed membership, so that no lease of it expires meanwhile."""
+    model = client.create_model(model_name, _params(), optimizer=optim.sgd(0.5), mode="sync", workers=2, heartbeat=0)
     p = model.pull()
     ga, gb = _grad(p, 0, 0), _grad(p, 1, 0)
     header = model._push_header(0, None, "a", 1)

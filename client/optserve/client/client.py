@@ -149,7 +149,8 @@ class Client(Connection):
         parameters, optimizer state or EMA non-finite; each push then waits for its update to run.
         quorum: sync: a count of contributions, or a float (0, 1]: a fraction of the members a round expects.
         heartbeat: seconds between the heartbeats of idle workers; a worker's lease lasts two of them
-            (docs/design.md, "Membership and leases"). None: leases never expire (a fixed membership).
+            (docs/design.md, "Membership and leases"). None: the server's default, 5 s (a dead
+            worker leaves a sync round within 10 s). 0: leases never expire (a fixed membership).
         shards: spread the model over this client's first `shards` targets (default: all of them);
             1 (or a client of one target): an ordinary `Model` on the first. Over several, a
             `ShardedModel` (docs/design.md, "Shards"): the first server places the leaves

@@ -137,11 +137,12 @@ def settings_message(
         workers=workers or 0,
         quorum=0 if fraction else int(quorum or 0),
         quorum_fraction=float(quorum or 0.0) if fraction else 0.0,
-        heartbeat_seconds=heartbeat or 0.0,
         sync_timeout_seconds=sync_timeout or 0.0,
         staleness_scaling=staleness_scaling or "",
         ema_debias=ema_debias,
     )
+    if heartbeat is not None:  # None: the server's default for new models (5 s)
+        s.heartbeat_seconds = heartbeat
     if max_staleness is not None:
         s.max_staleness = max_staleness
     if ema is not None:
@@ -151,7 +152,7 @@ def settings_message(
 
 def settings_from_json(settings: dict) -> pb.ModelSettings:
     """The settings of a state file's manifest (the server's `ModelSettings.to_json`; a field a file
-    lacks takes its default) as the contract's message."""
+    lacks takes its default, but heartbeat_seconds: 0) as the contract's message."""
     return settings_message(
         mode=settings.get("mode", "async"),
         workers=settings.get("workers"),
@@ -162,5 +163,7 @@ def settings_from_json(settings: dict) -> pb.ModelSettings:
         ema=settings.get("ema_decay"),
         ema_debias=settings.get("ema_debias", True),
         reject_nonfinite=settings.get("reject_nonfinite_updates", False),
-        heartbeat=settings.get("heartbeat_seconds"),
+        # a manifest without it was written before leases: its model keeps a fixed membership, as
+        # the server reads such a file (core/settings.py, ModelSettings.from_json)
+        heartbeat=settings.get("heartbeat_seconds", 0.0),
     )

@@ -48,7 +48,8 @@ class Model:
         self._reader = PullReader(name)
         self.last_step = -1
         self.last_incarnation = ""
-        self.heartbeat_seconds = 0.0  # the model's, as the last pull's header said (a Worker's heartbeat)
+        # the model's, as its info and then the last pull's header said (a Worker's heartbeat interval)
+        self.heartbeat_seconds = info.settings.heartbeat_seconds if info is not None else 0.0
         # The layout pushes use: the ModelInfo's, then that of every packed pull's reply.
         self._layout: Layout | None = self._layout_of(info) if info is not None else None
         # Parameters that fit in one chunk come back through the unary twins (PullOne, PushPullOne).
@@ -472,11 +473,14 @@ class Model:
         *,
         global_norm_sq: float | None = None,
         timeout: float = 60.0,
+        closed_by: int = 0,
     ) -> dict:
         """DecideRound on this shard (client/rounds.py): asks (no contributors; shard 0) or relays the
-        contributors of the sync round that makes `step`, waiting up to `timeout` seconds. Returns
-        {"step", "contributors": [(worker_id, seq)], "partial_norm_sq" (or None), "applied"}."""
+        contributors of the sync round that makes `step`, waiting up to `timeout` seconds; closed_by:
+        why shard 0 closed it (a RoundClose value, as shard 0's outcome said). Returns {"step",
+        "contributors": [(worker_id, seq)], "partial_norm_sq" (or None), "applied", "closed_by"}."""
         req = pb.RoundDecision(model=self.name, step=step, timeout_seconds=timeout)
+        req.closed_by = pb.RoundClose.ValueType(closed_by)
         req.contributors.extend(pb.RoundContributor(worker_id=w, seq=s) for w, s in contributors)
         if global_norm_sq is not None:
             req.global_norm_sq = global_norm_sq
@@ -486,6 +490,7 @@ class Model:
             "contributors": [(c.worker_id, c.seq) for c in out.contributors],
             "partial_norm_sq": out.partial_norm_sq if out.HasField("partial_norm_sq") else None,
             "applied": out.applied,
+            "closed_by": out.closed_by,
         }
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 "Sync rounds"; the server's side is core/shard_rounds.py).
 
 Where shards could close a sync round with different contributors (quorum below workers, a
-sync_timeout) or must clip the round's mean by the whole model's norm (a head clip_by_global_norm),
-shard 0 alone decides each round and the other shards wait to be told. Nothing but the clients
-tells them: every worker that pushed to a round relays its decision (`relay`), so one dead worker
-does not hold up the others, and a decision is idempotent on every shard (the first one counts, an
-identical one again is a no-op). With a head clip, the relaying client also adds up the shards'
-partial squared norms of the round's mean (in shard order, so every relayer sends the same total)
-and sends the total back, upon which each shard applies.
+sync_timeout, leases: each shard sees its own joins and expiries) or must clip the round's mean by
+the whole model's norm (a head clip_by_global_norm), shard 0 alone decides each round and the other
+shards wait to be told. Nothing but the clients tells them: every worker that pushed to a round
+relays its decision (`relay`), so one dead worker does not hold up the others, and a decision is
+idempotent on every shard (the first one counts, an identical one again is a no-op). With a head
+clip, the relaying client also adds up the shards' partial squared norms of the round's mean (in
+shard order, so every relayer sends the same total) and sends the total back, upon which each shard
+applies.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def decides_rounds(settings: dict, shards: int, global_norm: bool) -> bool:
         return False
     workers = settings.get("workers") or 0
     quorum = settings.get("quorum") or workers
-    return quorum < workers or bool(settings.get("sync_timeout")) or global_norm
+    leases = bool(settings.get("heartbeat"))  # info's settings: heartbeat_seconds, None for 0
+    return quorum < workers or bool(settings.get("sync_timeout")) or leases or global_norm
 
 
 def relay(
@@ -62,10 +64,14 @@ def relay(
     deadline = time.monotonic() + RELAY_FOR
     first = _persisting(lambda: shards[0].decide_round(step, timeout=timeout), shards[0], step, deadline)
     contributors = [tuple(c) for c in first["contributors"]]
+    closed_by = first.get("closed_by", 0)  # why shard 0 closed it: each shard records it
     others = list(range(1, len(shards)))
     outs = run(
         lambda i: _persisting(
-            lambda: shards[i].decide_round(step, contributors, timeout=timeout), shards[i], step, deadline
+            lambda: shards[i].decide_round(step, contributors, timeout=timeout, closed_by=closed_by),
+            shards[i],
+            step,
+            deadline,
         ),
         others,
     )
@@ -78,7 +84,9 @@ def relay(
             total += p
         run(
             lambda i: _persisting(
-                lambda: shards[i].decide_round(step, contributors, global_norm_sq=total, timeout=timeout),
+                lambda: shards[i].decide_round(
+                    step, contributors, global_norm_sq=total, timeout=timeout, closed_by=closed_by
+                ),
                 shards[i],
                 step,
                 deadline,

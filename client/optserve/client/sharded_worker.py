@@ -117,6 +117,18 @@ class ShardedWorker:
     def __repr__(self) -> str:
         return f"ShardedWorker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq})"
 
+    def __enter__(self) -> ShardedWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops every shard's heartbeat: each lease then expires unless the worker's calls renew it
+        (Worker.close)."""
+        for w in self.workers:
+            w.close()
+
     @property
     def seq(self) -> int:
         return self.workers[0].seq

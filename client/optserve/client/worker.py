@@ -235,6 +235,9 @@ class Worker:
                 return
             except OptserveError as e:  # the server away or busy: the next beat tries again
                 log.debug("worker %r: heartbeat failed: %s", self.worker_id, e)
+            except ValueError as e:  # grpc: the client's channel was closed under the worker: nothing to renew with
+                log.debug("worker %r: heartbeat stopped: %s", self.worker_id, e)
+                return
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, model={self.model.name!r}, seq={self.seq}, base_step={self.base_step})"

@@ -224,5 +224,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self.client.delete_model(self.name)
                 self.model = self.client.upload(path, self.name)
                 # the uploaded state remembers this worker's seqs up to the download's: go on after ours
+                # (the old Worker's heartbeat stops: it renewed a model that is gone)
+                self.worker.close()
                 self.worker = self.model.worker(self.worker.worker_id, first_seq=self.worker.seq + 1)
         self.pull()

@@ -517,32 +517,36 @@ class RoundContributor(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RoundDecision(_message.Message):
-    __slots__ = ("model", "step", "contributors", "global_norm_sq", "timeout_seconds")
+    __slots__ = ("model", "step", "contributors", "global_norm_sq", "timeout_seconds", "closed_by")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     contributors: _containers.RepeatedCompositeFieldContainer[RoundContributor]
     global_norm_sq: float
     timeout_seconds: float
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., global_norm_sq: _Optional[float] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    closed_by: RoundClose
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., global_norm_sq: _Optional[float] = ..., timeout_seconds: _Optional[float] = ..., closed_by: _Optional[_Union[RoundClose, str]] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("model", "step", "contributors", "partial_norm_sq", "applied")
+    __slots__ = ("model", "step", "contributors", "partial_norm_sq", "applied", "closed_by")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     contributors: _containers.RepeatedCompositeFieldContainer[RoundContributor]
     partial_norm_sq: float
     applied: bool
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., partial_norm_sq: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
+    closed_by: RoundClose
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[RoundContributor, _Mapping]]] = ..., partial_norm_sq: _Optional[float] = ..., applied: _Optional[bool] = ..., closed_by: _Optional[_Union[RoundClose, str]] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("model", "step", "timeout_seconds")

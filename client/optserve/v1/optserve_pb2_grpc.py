@@ -291,16 +291,16 @@ class OptserveServicer:
     def DecideRound(self, request, context):
         """The contributors of one sync round of a model over several shards, so that every shard
         averages the same workers' gradients (docs/design.md, "Shards", "Sync rounds"). Shard 0 closes
-        each round itself (quorum or sync_timeout); the other shards keep each contribution apart until
+        each round itself (quorum, sync_timeout, or a lease expiry); the other shards keep each contribution apart until
         a client relays shard 0's decision to them with this call. Asked of shard 0 without
         contributors: waits (timeout_seconds) until that round is closed and returns its contributors.
         Sent with contributors: records them (the first decision of a step; an identical one again is
         a no-op, a different one FAILED_PRECONDITION, nothing changed), waits for the named
         contributions the shard has not received yet, and applies the round (or, for a spec starting
         with clip_by_global_norm, returns this shard's partial_norm_sq and applies once it is sent the
-        total in global_norm_sq). Only models over several shards in sync mode with quorum below
-        workers, a sync_timeout or a head clip_by_global_norm take decisions (FAILED_PRECONDITION
-        otherwise).
+        total in global_norm_sq). Only models over several shards in sync mode with leases
+        (heartbeat_seconds > 0, the default), quorum below workers, a sync_timeout or a head
+        clip_by_global_norm take decisions (FAILED_PRECONDITION otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -16,7 +16,7 @@ from optserve.server.core.initializers import LeafInit
 from optserve.server.core.layout import Layout
 from optserve.server.core.model import Model
 from optserve.server.core.schema import MAX_LEAVES, check_leaf_count, check_schema
-from optserve.server.core.settings import ModelSettings
+from optserve.server.core.settings import DEFAULT_HEARTBEAT_SECONDS, ModelSettings
 from optserve.server.core.shard_rounds import Decision
 from optserve.server.core.sharding import Shard
 from optserve.server.core.workers import PushReply
@@ -38,7 +38,8 @@ def settings_from_proto(s: pb.ModelSettings, model: str) -> ModelSettings:
         ema_decay=s.ema_decay if s.HasField("ema_decay") else None,
         ema_debias=s.ema_debias,
         reject_nonfinite_updates=s.reject_nonfinite_updates,
-        heartbeat_seconds=s.heartbeat_seconds,
+        # absent: the default of new models (a client that does not say gets leases)
+        heartbeat_seconds=s.heartbeat_seconds if s.HasField("heartbeat_seconds") else DEFAULT_HEARTBEAT_SECONDS,
         quorum_fraction=s.quorum_fraction,
     ).validated(model)
 
@@ -149,6 +150,7 @@ def model_info(model: Model, incarnation: str, checkpoints: CheckpointStatus | N
 
 
 _ROUND_CLOSE = {
+    "": pb.ROUND_CLOSE_UNSPECIFIED,
     "quorum": pb.ROUND_CLOSE_QUORUM,
     "timeout": pb.ROUND_CLOSE_TIMEOUT,
     "membership": pb.ROUND_CLOSE_MEMBERSHIP,
@@ -249,8 +251,13 @@ def rule_info(rule: dict) -> pb.RuleInfo:
     )
 
 
+ROUND_CLOSED_BY = {v: k for k, v in _ROUND_CLOSE.items()}  # RoundDecision.closed_by -> core's name
+
+
 def round_outcome(model: str, decision: Decision) -> pb.RoundOutcome:
-    out = pb.RoundOutcome(model=model, step=decision.step, applied=decision.applied)
+    out = pb.RoundOutcome(
+        model=model, step=decision.step, applied=decision.applied, closed_by=_ROUND_CLOSE[decision.closed_by]
+    )
     out.contributors.extend(pb.RoundContributor(worker_id=w, seq=s) for w, s in decision.contributors)
     if decision.partial_norm_sq is not None:
         out.partial_norm_sq = decision.partial_norm_sq

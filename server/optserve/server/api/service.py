@@ -307,7 +307,8 @@ class OptserveService:
         norm_sq = request.global_norm_sq if request.HasField("global_norm_sq") else None
         # a decision may wait (for shard 0's close, or for a contribution): it holds a waiting slot
         with self.data.waiting_slot(model, f"this DecideRound may wait for the round of step {request.step}"):
-            decision = model.decide_round(request.step, contributors, norm_sq, limit)
+            closed_by = messages.ROUND_CLOSED_BY.get(request.closed_by, "")  # an unknown value: not told
+            decision = model.decide_round(request.step, contributors, norm_sq, limit, closed_by)
         return messages.round_outcome(model.name, decision)
 
     @_handler

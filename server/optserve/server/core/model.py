@@ -319,7 +319,11 @@ class Model:
     # -- membership (core/membership.py) ------------------------------------------------------------
 
     def _elastic_sync(self) -> bool:
-        return self.settings.mode == "sync" and self.settings.heartbeat_seconds > 0
+        """Sync with leases, its membership deciding its rounds: not a shard whose rounds shard 0
+        decides (core/shard_rounds.py), which refuses no push or join for its own membership."""
+        rounds = self._aggregator
+        follower = isinstance(rounds, ShardRounds) and not rounds.leader
+        return self.settings.mode == "sync" and self.settings.heartbeat_seconds > 0 and not follower
 
     def _admit_member_locked(self, receiver: Receiver) -> None:
         """A push renews its worker's lease, joining it first (or starting its new session): refused
@@ -375,7 +379,8 @@ class Model:
     def closed_rounds(self) -> list[ClosedRound]:
         """sync: the last closed rounds, oldest first (core/sync.py, HISTORY); [] otherwise."""
         with self._lock:
-            return self._aggregator.closed_rounds() if isinstance(self._aggregator, SyncAggregator) else []
+            rounds = self._aggregator
+            return rounds.closed_rounds() if isinstance(rounds, (SyncAggregator, ShardRounds)) else []
 
     def wait_for_epoch(self, epoch: int, timeout: float) -> bool:
         """Blocks until the membership epoch is at least `epoch` (True) or `timeout` seconds pass."""
@@ -410,7 +415,12 @@ class Model:
             return sessions
 
     def decide_round(
-        self, step: int, contributors: Sequence[tuple[str, int]], global_norm_sq: float | None, timeout: float | None
+        self,
+        step: int,
+        contributors: Sequence[tuple[str, int]],
+        global_norm_sq: float | None,
+        timeout: float | None,
+        closed_by: str = "",
     ) -> Decision:
         """DecideRound: the round that makes `step`, asked about (shard 0) or decided (core/shard_rounds.py),
         waiting up to `timeout` seconds (None: unbounded) for shard 0 to close it or for the named
@@ -419,13 +429,13 @@ class Model:
         if not isinstance(rounds, ShardRounds):
             raise FailedPrecondition(
                 f"{self.label}: takes no round decisions (only the shards of a sync model over several servers with "
-                "quorum below workers, a sync_timeout or a head clip_by_global_norm do)"
+                "leases, quorum below workers, a sync_timeout or a head clip_by_global_norm do)"
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
                 try:
-                    decision = rounds.decide(step, contributors, global_norm_sq)
+                    decision = rounds.decide(step, contributors, global_norm_sq, closed_by)
                 finally:
                     self._timer.watch_locked()
                 if decision is not None:

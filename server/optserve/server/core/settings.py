@@ -21,6 +21,14 @@ _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
 # JSON types of the fields as the annotations name them ("int | None": an int or null).
 _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+# Seconds between the heartbeats of idle workers for a model created without the setting: a lease
+# lasts two of them, so a dead worker leaves the rounds within 10 s (docs/design.md, "Membership
+# and leases"); short enough not to stall a job, long enough that a live worker's heartbeat has 5 s
+# of slack on a busy machine.
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+# A file whose settings lack heartbeat_seconds was written before leases existed: its model had a
+# fixed membership, and keeps it (`from_json`).
+PRE_LEASE_HEARTBEAT_SECONDS = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +47,7 @@ class ModelSettings:
     # membership (core/membership.py): members renew their lease at least this often (pushes,
     # pulls, the client's heartbeat); a lease lasts two intervals. 0: leases never expire (a fixed
     # membership: sync rounds expect `workers` contributors, as before leases existed)
-    heartbeat_seconds: float = 0.0
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     # sync: the quorum as a fraction of the round's expected members, in (0, 1]; 0: `quorum`
     quorum_fraction: float = 0.0
 
@@ -116,8 +124,10 @@ class ModelSettings:
     @classmethod
     def from_json(cls, data: Any, model: str) -> ModelSettings:
         """Settings read from a file (`to_json`'s form), strictly typed, then `validated` like a
-        client's. A field the file lacks takes its default (files written before it existed);
-        an unknown field is refused."""
+        client's. A field the file lacks takes its default (files written before it existed), but
+        heartbeat_seconds: a file without it was written before leases, by a model whose membership
+        was fixed, and its model keeps a fixed membership (0), not the default of new models. An
+        unknown field is refused."""
         if not isinstance(data, dict):
             raise InvalidArgument(f"model {model!r}: settings: expected an object, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -133,4 +143,4 @@ class ModelSettings:
             if not ok:
                 want = kind + (" or null" if none else "")
                 raise InvalidArgument(f"model {model!r}: settings.{name}: expected {want}, got {value!r}")
-        return cls(**data).validated(model)
+        return cls(**{"heartbeat_seconds": PRE_LEASE_HEARTBEAT_SECONDS, **data}).validated(model)

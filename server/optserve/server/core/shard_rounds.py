@@ -17,6 +17,14 @@ its squares (`partial_norm_sq`) and waits; a client adds up every shard's and se
 with the decision, and each shard scales its part by the rule's factor and applies. Shard 0 then
 waits for the total as well, so that no shard applies what another might not.
 
+Leases (settings.heartbeat_seconds > 0): shard 0's membership alone decides who a round expects,
+as core/sync.py does for an unsharded model (the live members when the round opened, the `workers`
+slots nobody filled; a joiner counted from the next round; an expiry that leaves the round complete
+closes it, "membership"). Each shard keeps its own leases (for info and metrics), but a follower
+refuses no push for its membership: its rounds are whatever shard 0 decides, so the shards never
+disagree however their leases happen to expire. Each shard keeps its closed rounds (ModelInfo.
+recent_rounds) with why shard 0 closed them (the decision carries it).
+
 Decisions are idempotent: the first one a shard receives for a step is kept (with those of the last
 `HISTORY` closed rounds), an identical one again is answered from it, a different one is refused
 (FAILED_PRECONDITION) and changes nothing. Anonymous pushes (no worker_id) cannot be named in a
@@ -39,7 +47,7 @@ import jax
 from optserve.server.core.aggregation import LockedModel, Receiver
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from optserve.server.core.round_sums import RoundMean, RoundSum, Rows
-from optserve.server.core.sync import SyncPush, check_weight
+from optserve.server.core.sync import ClosedRound, SyncPush, check_weight
 from optserve.server.core.workers import PushReply
 
 log = logging.getLogger("optserve.aggregation")
@@ -69,6 +77,10 @@ class OpenRound:
     mean: RoundMean | None = None  # once every decided contribution is summed
     partial_norm_sq: float | None = None  # of this shard's part of `mean` (head clip only)
     deadline: float | None = None  # shard 0 with sync_timeout: when it closes the round
+    closed_by: str = ""  # why shard 0 closed it: "quorum", "timeout", "membership" ("" while open)
+    members: frozenset[str] = frozenset()  # shard 0 with leases: the members it expects (core/sync.py)
+    slots: int = 0  # shard 0 with leases: `workers` slots nobody had filled when it opened
+    opened_epoch: int = 0  # this shard's membership epoch when it opened
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +92,7 @@ class Decision:
     partial_norm_sq: float | None
     applied: bool
     global_norm_sq: float | None = None  # the total it was applied with (head clip only)
+    closed_by: str = ""  # why shard 0 closed it ("" while it is open there, or when not told)
 
 
 class ShardPush(SyncPush):
@@ -104,11 +117,29 @@ class ShardRounds:
         self.model = model
         self.leader = leader  # shard 0: closes its rounds itself
         self.clips = clips  # the spec starts with clip_by_global_norm: apply once the total norm is known
-        # a fixed membership: leases over several shards are refused (core/sharding.py)
-        self.quorum = model.settings.needed(model.settings.workers)
+        # with leases, shard 0's membership decides who its rounds expect; a follower's never does
+        self.elastic = leader and model.settings.heartbeat_seconds > 0
         self.timeout = model.settings.sync_timeout if leader else 0.0
-        self._round = OpenRound(step=model.step)
         self._closed: OrderedDict[int, Decision] = OrderedDict()
+        self._records: list[ClosedRound] = []  # the last HISTORY closed rounds (ModelInfo.recent_rounds)
+        self._round = self._open_round()
+
+    def _open_round(self) -> OpenRound:
+        """A round for the model's current step, expecting (shard 0 with leases) the members live now."""
+        members = self.model.membership
+        slots = max(0, self.model.settings.workers - members.seen())
+        return OpenRound(step=self.model.step, members=members.live(), slots=slots, opened_epoch=members.epoch)
+
+    def expected(self, rnd: OpenRound) -> int:
+        """The members the round waits for (shard 0): `workers` without leases; with them, its
+        members still live plus the slots nobody filled (core/sync.py, SyncAggregator.expected)."""
+        workers = self.model.settings.workers
+        if not self.elastic:
+            return workers
+        return min(workers, len(rnd.members & self.model.membership.live()) + rnd.slots)
+
+    def needed(self, rnd: OpenRound) -> int:
+        return self.model.settings.needed(self.expected(rnd))
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -155,7 +186,7 @@ class ShardRounds:
         """The round for the model's current step (one left behind by a restore is dropped)."""
         if self._round.step != self.model.step:
             self._drop_all("the model's state was replaced")
-            self._round = OpenRound(step=self.model.step)
+            self._round = self._open_round()
         return self._round
 
     def commit(self, receiver: Receiver) -> tuple[PushReply, bool]:
@@ -184,10 +215,18 @@ class ShardRounds:
         named = dict(rnd.decided) if rnd.decided is not None else None
         if named is not None and named.get(push.worker_id) != push.seq:
             raise self._stale(base, f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
+        if self.elastic and push.worker_id not in rnd.members:
+            lease = dict(model.membership.members()).get(push.worker_id)
+            joined = "" if lease is None else f" at membership epoch {lease.joined_epoch}"
+            raise FailedPrecondition(
+                f"{model.label}: worker {push.worker_id!r} joined{joined}, after the round for step {rnd.step + 1} "
+                f"began (epoch {rnd.opened_epoch}); it is counted from the next round: pull step {rnd.step + 1} "
+                "(min_step) and push against it"
+            )
         if model.deleted:
             raise FailedPrecondition(f"{model.label} was deleted")
         model.check_step_room(rnd.step)
-        closes = self.leader and named is None and len(rnd.staged) + 1 >= self.quorum
+        closes = self.leader and named is None and len(rnd.staged) + 1 >= self.needed(rnd)
         applies_now = closes and not self.clips
         if push.must_complete and not applies_now:
             raise ResourceExhausted(push.must_complete)
@@ -197,7 +236,7 @@ class ShardRounds:
         staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session, rows=rows)
         push.staged = rnd.staged[push.worker_id] = staged
         if closes:
-            self._decide_locally(rnd)
+            self._decide_locally(rnd, "quorum")
         else:
             if self.timeout > 0 and rnd.deadline is None and self.leader:
                 rnd.deadline = time.monotonic() + self.timeout
@@ -207,9 +246,10 @@ class ShardRounds:
 
     # -- closing -----------------------------------------------------------------------------------
 
-    def _decide_locally(self, rnd: OpenRound) -> None:
+    def _decide_locally(self, rnd: OpenRound, closed_by: str) -> None:
         """Shard 0 closes its round with what it has staged, in order of arrival."""
         rnd.decided = tuple((w, s.seq) for w, s in rnd.staged.items())
+        rnd.closed_by = closed_by
         self._try_close(rnd)
         self.model.notify_waiters()
 
@@ -247,12 +287,22 @@ class ShardRounds:
         for w, _ in rnd.decided:
             s = rnd.staged[w]
             model.record_worker(w, s.seq, s.base_step, s.reply, s.session)
-        if len(rnd.decided) < self.quorum:
+        # a decision relayed without its reason (an older client): short of the quorum is a timeout
+        if rnd.closed_by == "timeout" or (not rnd.closed_by and len(rnd.decided) < self.needed(rnd)):
             model.count("sync_timeouts")
-        self._closed[rnd.step + 1] = Decision(rnd.step + 1, rnd.decided, rnd.partial_norm_sq, True, global_norm_sq)
+        self._closed[rnd.step + 1] = Decision(
+            rnd.step + 1, rnd.decided, rnd.partial_norm_sq, True, global_norm_sq, rnd.closed_by
+        )
         while len(self._closed) > HISTORY:
             self._closed.popitem(last=False)
-        self._round = OpenRound(step=model.step)
+        epoch = model.membership.epoch
+        # a follower does not know whom shard 0's round expected: 0 (shard 0's record says it)
+        expected = self.expected(rnd) if self.leader else 0
+        self._records.append(
+            ClosedRound(rnd.step + 1, rnd.decided, 0, expected, rnd.opened_epoch, epoch, rnd.closed_by)
+        )
+        del self._records[:-HISTORY]
+        self._round = self._open_round()
 
     def _drop(self, staged: Staged, why: str) -> None:
         self.model.count("stale_rejected")
@@ -269,11 +319,16 @@ class ShardRounds:
     # -- decisions (DecideRound) -------------------------------------------------------------------
 
     def decide(
-        self, step: int, contributors: Sequence[tuple[str, int]], global_norm_sq: float | None
+        self,
+        step: int,
+        contributors: Sequence[tuple[str, int]],
+        global_norm_sq: float | None,
+        closed_by: str = "",
     ) -> Decision | None:
         """A decision for the round that makes `step`, or a question about it (shard 0, no
         contributors). Returns where this shard stands, or None while it must wait (shard 0 has not
-        closed the round; a named contribution has not arrived). Bad input changes nothing."""
+        closed the round; a named contribution has not arrived). closed_by: why shard 0 closed it
+        (recorded by a follower; informational). Bad input changes nothing."""
         model = self.model
         named = tuple((str(w), int(s)) for w, s in contributors)
         if global_norm_sq is not None and not (math.isfinite(global_norm_sq) and global_norm_sq >= 0):
@@ -305,7 +360,7 @@ class ShardRounds:
                     f"{model.label}: round for step {step} is still open on shard 0, which decides its contributors"
                 )
             self._check_contributors(step, named)
-            rnd.decided = named
+            rnd.decided, rnd.closed_by = named, closed_by
             for w in [w for w in rnd.staged if w not in dict(named)]:
                 self._drop(rnd.staged.pop(w), f"whose round (step {step}) shard 0 closed without this push")
             model.notify_waiters()
@@ -316,11 +371,11 @@ class ShardRounds:
         if done is not None:
             return done
         if rnd.mean is None:
-            return None if named else Decision(step, rnd.decided, None, False)
+            return None if named else Decision(step, rnd.decided, None, False, closed_by=rnd.closed_by)
         if global_norm_sq is not None and self.clips:
             self._apply(rnd, global_norm_sq)
             return self._closed[step]
-        return Decision(step, rnd.decided, rnd.partial_norm_sq, False)
+        return Decision(step, rnd.decided, rnd.partial_norm_sq, False, closed_by=rnd.closed_by)
 
     def missing(self, step: int) -> list[tuple[str, int]]:
         """The decided contributions of the open round not received yet (for a wait's message)."""
@@ -371,7 +426,7 @@ class ShardRounds:
         if rnd.deadline is None or rnd.decided is not None or not rnd.staged or time.monotonic() < rnd.deadline:
             return
         try:
-            self._decide_locally(rnd)
+            self._decide_locally(rnd, "timeout")
         except Exception:  # never kill the model's timer silently; the round stays decided, unapplied
             log.exception("%s: closing the sync round for step %d by timeout failed", self.model.label, rnd.step + 1)
 
@@ -384,12 +439,30 @@ class ShardRounds:
     def drops(self) -> tuple[int, str]:
         return 0, ""  # reject_nonfinite_updates is refused over several shards (core/sharding.py)
 
+    def closed_rounds(self) -> list[ClosedRound]:
+        """The last HISTORY closed rounds, oldest first."""
+        return list(self._records)
+
     def membership_changed(self) -> None:
-        """A fixed membership: leases over several shards are refused (core/sharding.py)."""
+        """Shard 0 with leases, as core/sync.py: a joiner fills a slot the round holds open; a round
+        whose expected members all left before contributing expects who is here; an expiry that
+        leaves what has arrived enough closes the round ("membership"). A follower's membership
+        changes nothing: shard 0 decides its rounds."""
+        rnd = self._current()
+        if not self.elastic or rnd.decided is not None:
+            return
+        live = self.model.membership.live()
+        joiners = sorted(live - rnd.members)
+        while joiners and rnd.slots > 0:
+            rnd.members, rnd.slots = rnd.members | {joiners.pop(0)}, rnd.slots - 1
+        if not rnd.staged and rnd.slots == 0 and not rnd.members & live:
+            rnd.members = live
+        if rnd.staged and len(rnd.staged) >= self.needed(rnd):
+            self._decide_locally(rnd, "membership")
 
     def reset(self) -> None:
         self._drop_all("the model's state was replaced")
-        self._round = OpenRound(step=self.model.step)
+        self._round = self._open_round()
         self._closed.clear()
 
 
@@ -399,8 +472,14 @@ def _names(contributors: Sequence[tuple[str, int]]) -> str:
 
 def decides_rounds(settings: Any, shards: int, clips: bool) -> bool:
     """Whether a shard's sync rounds are decided by shard 0: only where a shard left to itself could
-    close a round with other contributors than another (quorum below workers, a sync_timeout), or
-    clip the round's mean by a norm it cannot know alone."""
+    close a round with other contributors than another (quorum below workers, a sync_timeout,
+    leases: each shard would see its own joins and expiries), or clip the round's mean by a norm it
+    cannot know alone."""
     if shards <= 1 or settings.mode != "sync":
         return False
-    return settings.needed(settings.workers) < settings.workers or settings.sync_timeout > 0 or clips
+    return (
+        settings.needed(settings.workers) < settings.workers
+        or settings.sync_timeout > 0
+        or settings.heartbeat_seconds > 0
+        or clips
+    )

@@ -14,9 +14,9 @@ each leaf, and each row of a split one, gets the noise it gets unsharded. What w
 to exchange values before they apply is refused at placement and at creation, with the reason
 (`check_shardable`): any other reduction over every leaf, a custom transform the server cannot
 inspect, and reject_nonfinite_updates (one shard could refuse an update the others apply). Sync
-rounds that each shard could close with other contributors (quorum below workers, a sync_timeout),
-or whose mean gradient a head clip_by_global_norm clips, are decided by shard 0 and relayed by the
-clients (core/shard_rounds.py).
+rounds that each shard could close with other contributors (quorum below workers, a sync_timeout,
+leases: each shard would see its own joins and expiries), or whose mean gradient a head
+clip_by_global_norm clips, are decided by shard 0 and relayed by the clients (core/shard_rounds.py).
 """
 
 from __future__ import annotations
@@ -105,11 +105,6 @@ def check_shardable(name: str, compiled: CompiledOptimizer, settings: ModelSetti
     if settings.reject_nonfinite_updates:
         raise InvalidArgument(
             f"{why} cannot use reject_nonfinite_updates: one shard could refuse an update the others apply"
-        )
-    if settings.mode == "sync" and settings.heartbeat_seconds > 0:
-        raise InvalidArgument(
-            f"{why}: settings.heartbeat_seconds: leases (an elastic membership) are not supported over several "
-            "shards yet: each shard would see its own joins and expiries (use 0, a fixed membership)"
         )
 
 
