@@ -320,13 +320,13 @@ def test_a_bad_worker_session_in_a_file_is_refused_naming_the_field():
 
 
 _DOOMED_WORKER = """
-import sys, time
+import sys
 from optserve.client import Client
 with Client(sys.argv[1], timeout=60) as client:
     worker = client.model(sys.argv[2]).worker("doomed")
     worker.pull()
     print("READY", flush=True)
-    time.sleep(600)  # heartbeats go on until the test kills this process
+    sys.stdin.read()  # parked (heartbeats go on) until the test kills this process or closes stdin
 """
 
 
@@ -337,7 +337,10 @@ def test_a_model_created_without_a_heartbeat_setting_has_leases_that_a_killed_wo
     model = client.create_model(model_name, {"w": W0}, {"sgd": {"learning_rate": 0.1}}, mode="sync", workers=2)
     assert model.info()["settings"]["heartbeat"] == DEFAULT_HEARTBEAT_SECONDS
     proc = subprocess.Popen(
-        [sys.executable, "-c", _DOOMED_WORKER, server.address, model_name], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _DOOMED_WORKER, server.address, model_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
