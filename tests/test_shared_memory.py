@@ -676,3 +676,25 @@ def test_the_region_goes_when_its_arrays_go_and_comes_back_after_a_restart(srv, 
         gc.collect()
         a.pull()  # any shared-memory call releases regions no array views
         assert shm._dedicated == []
+
+
+def test_more_region_backed_arrays_than_the_server_maps_are_plain_memory(srv, model_name):
+    """A session holds at most MAX_REGIONS_PER_SESSION regions: arrays beyond that are plain memory
+    (their calls copy), and the connection keeps shared memory for everything else."""
+    from optserve.server.core.shared_memory import MAX_REGIONS_PER_SESSION
+
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, P, optim.sgd(0.1))
+        kept = [a.shared_arrays() for _ in range(MAX_REGIONS_PER_SESSION + 1)]
+        shm = c.shared_memory
+        assert shm is not None and len(shm._dedicated) == MAX_REGIONS_PER_SESSION and not shm.unavailable
+        grads, params = kept[-1]
+        assert not any(r.holds(params["big"]) for r in shm._dedicated)
+        _fill(grads, _p_grads(0))
+        assert a.push_pull(grads, out=params) is params
+        assert_same_tree(params, a.pull())
+        del kept, grads, params
+        gc.collect()
+        used = _used(srv)
+        a.push(_p_grads(1))  # releases the dedicated regions, then uses the connection's region
+        assert _used(srv) == used + 1 and shm._dedicated == [] and shm._region is not None

@@ -199,14 +199,15 @@ class Region:
     server that restarted), a lock (one call at a time) and `slots`: where it holds what
     (client/shared_arrays.py, `Slots`)."""
 
-    def __init__(self, session: str, rid: int, size: int, mapping: mmap.mmap, fd: int = -1):
+    def __init__(self, session: str, rid: int, size: int, mapping: mmap.mmap, *, dedicated: bool = False):
+        self.dedicated = dedicated
         self.session = session
         self.id = rid
         self.size = size
         self._map = mapping
         self.array = np.frombuffer(mapping, dtype=np.uint8)
         self.start = address(self.array)
-        self.fd = fd
+        self.fd = -1
         self.lock = threading.Lock()
         self.slots: Any = None
 
@@ -401,7 +402,7 @@ class SharedMemory:
             return None
         try:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            region = Region(self._session, 0, size, mapping)
+            region = Region(self._session, 0, size, mapping, dedicated=keep_fd)
             if not self._send_region(region, fd):
                 region.close()
                 return None
@@ -413,7 +414,9 @@ class SharedMemory:
                 os.close(fd)
 
     def _send_region(self, region: Region, fd: int) -> bool:
-        """Registers `region` (`fd`, its memfd) with the current session; under `_side`."""
+        """Registers `region` (`fd`, its memfd) with the current session; under `_side`. A refusal
+        ends shared memory for the connection, unless dedicated regions are involved (too many, too
+        large: a dedicated region's arrays are then plain memory, and calls copy)."""
         assert self._sock is not None
         try:
             send_message(self._sock, {"op": "register", "size": region.size}, [fd])
@@ -423,7 +426,10 @@ class SharedMemory:
             self._why_not(f"the side socket failed: {e}", final=False)
             return False
         if not answer or not answer.get("ok"):
-            self._why_not(f"region refused: {(answer or {}).get('error', 'connection closed')}", final=True)
+            why = f"region refused: {(answer or {}).get('error', 'connection closed')}"
+            # a dedicated region's refusal, or one while dedicated regions hold the session's places,
+            # leaves the connection's shared memory to its other calls
+            self._why_not(why, final=not region.dedicated and not self._dedicated)
             return False
         region.session, region.id = self._session, int(answer["region"])
         return True
