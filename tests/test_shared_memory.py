@@ -698,3 +698,21 @@ def test_more_region_backed_arrays_than_the_server_maps_are_plain_memory(srv, mo
         used = _used(srv)
         a.push(_p_grads(1))  # releases the dedicated regions, then uses the connection's region
         assert _used(srv) == used + 1 and shm._dedicated == [] and shm._region is not None
+
+
+def test_a_reply_laid_out_otherwise_than_the_slots_is_read_aside(srv, model_name):
+    """Defence in depth: should the region's slots ever disagree with where a reply puts the leaves
+    (here forced by swapping two slots), the reader copies the span aside before filling `out`, so
+    that no leaf is overwritten before it is read."""
+    two = {"x": np.arange(70_000, dtype=np.float32), "y": -np.arange(70_000, dtype=np.float32)}
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, two, optim.sgd(0.1))
+        _, params = a.shared_arrays()
+        shm = c.shared_memory
+        assert shm is not None
+        slots = shm._dedicated[0].slots
+        slots.params["x"], slots.params["y"] = slots.params["y"], slots.params["x"]
+        swapped = {"x": params["y"], "y": params["x"]}
+        assert slots.holds_out(swapped, slots.pull_bytes, slots.packed)
+        assert a.pull(out=swapped) is swapped
+        assert_same_tree(swapped, two)
