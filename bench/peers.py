@@ -2,7 +2,7 @@
 
     make bench-peers PEERS_ARGS="..."     # creates .venv-bench (ray, torch, optserve) and runs this
     python bench/peers.py [--params 10000000] [--leaves 4] [--workers 1,4] [--rounds 7] [--runs 3]
-                          [--targets ray,torch,tcp,tcp-bf16,unix,shm] [--warmup 2]
+                          [--targets ray,torch,tcp,tcp-bf16,unix,shm,shm-out,shm-inplace] [--warmup 2]
 
 Every target holds `--params` float32 parameters in `--leaves` leaves with Adam (lr 1e-3); each of
 `--workers` worker processes pushes a full gradient and gets the full parameters back per round:
@@ -25,7 +25,16 @@ Every target holds `--params` float32 parameters in `--leaves` leaves with Adam 
   the wire both ways) or the Unix socket, with shared memory off in the client.
 - shm, shm-bf16: the same server (it runs with `--shared-memory`), workers connected over TCP with
   shared memory on: each worker's gradient is written into its memfd region and the parameters come
-  back through it (docs/design.md, "Shared memory"); bf16: converted on the way in and out.
+  back through it (docs/design.md, "Shared memory"); bf16: converted on the way in and out. The
+  client copies both ways: the gradient into its region, the parameters out of it into `out=`.
+- shm-out: as shm, with `out=` the region-backed parameters of `Worker.shared_arrays()`: the server
+  writes the parameters straight into them, and the client copies nothing back (the gradient is
+  still copied into the region every round, as a worker whose framework computes its gradient in
+  memory of its own must).
+- shm-inplace: as shm-out, the gradient living in the region-backed gradient arrays of
+  `Worker.shared_arrays()` too (the form of a worker that computes its gradient into them; here it
+  is written there once, as the other targets' workers compute theirs once): the client copies
+  nothing either way. The server still copies the gradient out of the region with its NaN/Inf check.
 
 A round is every worker's push + pull started at once; its time is the slowest worker's, measured
 in the worker. Rounds alternate between the targets (the order rotating every round), so that a
@@ -55,8 +64,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, optserve_server, stop, table
 
-TARGETS = ("ray", "torch", "tcp", "tcp-bf16", "unix", "unix-bf16", "shm", "shm-bf16")
-DEFAULT_TARGETS = "ray,torch,tcp,tcp-bf16,unix,shm"
+TARGETS = ("ray", "torch", "tcp", "tcp-bf16", "unix", "unix-bf16", "shm", "shm-bf16", "shm-out", "shm-inplace")
+DEFAULT_TARGETS = "ray,torch,tcp,tcp-bf16,unix,shm,shm-out,shm-inplace"
 LEARNING_RATE = 1e-3
 # FUSED: Ray's and torch's servers use torch's fused CPU Adam, its fastest (10M parameters on the 2-core
 # VM: 9 ms a step, against 24-50 ms for the default for-loop and 57 ms for foreach; optserve's jitted
@@ -101,7 +110,16 @@ def optserve_worker(config: dict) -> None:
     with Client(config["target"], timeout=600, shared_memory=config["shared_memory"]) as client:
         worker = client.model(config["model"]).worker(f"peer-{config['index']}")
         grads = {f"leaf{i}": g for i, g in enumerate(gradients(config["shapes"], config["index"]))}
-        params = worker.pull(wire_dtype=wire)
+        shared = config.get("shared_arrays")
+        if shared:  # Worker.shared_arrays(): see shm-out and shm-inplace in the module docstring
+            region_grads, params = worker.shared_arrays()
+            params = worker.pull(wire_dtype=wire, out=params)
+            if shared == "inplace":
+                for k, g in grads.items():
+                    region_grads[k][...] = g
+                grads = region_grads
+        else:
+            params = worker.pull(wire_dtype=wire)
         holder = [params]
 
         def one_round() -> None:
@@ -352,7 +370,8 @@ def open_target(name: str, shapes, workers: int, server: dict, log) -> object:
         return ProcessTarget(trainers, [ps])
     from optserve.client import Client, optim
 
-    transport, _, wire = name.partition("-")
+    transport, _, variant = name.partition("-")
+    wire = variant == "bf16"
     target = server["unix"] if transport == "unix" else server["tcp"]
     model = f"peers-{name}-{workers}"
     with Client(server["tcp"], timeout=600) as client:
@@ -364,6 +383,7 @@ def open_target(name: str, shapes, workers: int, server: dict, log) -> object:
         "shapes": shapes,
         "wire_dtype": "bfloat16" if wire else None,
         "shared_memory": transport == "shm",
+        "shared_arrays": variant if variant in ("out", "inplace") else None,
     }
     return ProcessTarget([Child("optserve", {**config, "index": i}, log) for i in range(workers)])
 

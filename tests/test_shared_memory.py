@@ -519,3 +519,200 @@ def test_a_model_over_several_devices(model_name):
             assert c.shared_memory is not None and c.shared_memory._region is not None
     finally:
         stop_server_process(proc)
+
+
+# -- region-backed arrays (Worker.shared_arrays; client/shared_arrays.py) ---------------------------
+
+# A large leaf sent alone, small ones the server packs (docs/design.md, "Packed layouts"), an int leaf.
+P = {
+    "big": RNG.normal(size=(300, 256)).astype(np.float32),
+    "small": [RNG.normal(size=16).astype(np.float32) for _ in range(6)],
+    "steps": np.arange(4, dtype=np.int32),
+}
+
+
+def _p_grads(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "big": rng.normal(size=(300, 256)).astype(np.float32),
+        "small": [rng.normal(size=16).astype(np.float32) for _ in range(6)],
+        "steps": np.zeros(4, np.int32),
+    }
+
+
+def _fill(into: dict, values: dict) -> None:
+    into["big"][...] = values["big"]
+    for a, v in zip(into["small"], values["small"], strict=True):
+        a[...] = v
+    into["steps"][...] = values["steps"]
+
+
+def _leaves(tree: dict) -> list[np.ndarray]:
+    return [tree["big"], *tree["small"], tree["steps"]]
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_region_backed_arrays_equal_the_byte_stream_and_are_not_copied_by_the_client(srv, plain, model_name, mode):
+    """A pull and push_pull `out=` the region-backed params is written by the server where they lie,
+    the gradient filled in place into the region-backed grads is sent from there; the parameters
+    equal the byte stream's bit for bit, and the connection's own region is never needed."""
+    sync = {"mode": mode, "workers": 1 if mode == "sync" else None}
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(f"{model_name}-shm", P, optim.adam(0.01), **sync)
+        b = plain.create_model(f"{model_name}-tcp", P, optim.adam(0.01), **sync)
+        assert a.info()["packing"], "the small leaves should be packed"
+        wa, wb = a.worker("w0"), b.worker("w0")
+        grads, params = wa.shared_arrays()
+        before = [x.copy() for x in _leaves(params)]
+        assert wa.pull(out=params) is params
+        assert_same_tree(params, wb.pull())
+        assert not all(np.array_equal(x, y) for x, y in zip(before, _leaves(params), strict=True))
+        shm = c.shared_memory
+        assert shm is not None and len(shm._dedicated) == 1
+        region = shm._dedicated[0]
+        assert all(region.holds(x) for x in _leaves(grads) + _leaves(params))
+        for seed in range(3):
+            _fill(grads, _p_grads(seed))
+            used = _used(srv)
+            assert wa.push_pull(grads, out=params) is params
+            assert _used(srv) > used  # through shared memory
+            assert_same_tree(params, wb.push_pull(_p_grads(seed)))
+        _fill(grads, _p_grads(7))
+        assert wa.push(grads) == wb.push(_p_grads(7))
+        assert_same_tree(wa.pull(out=params), wb.pull())
+        assert shm._region is None  # every call above went through the dedicated region alone
+        assert a.info()["step"] == b.info()["step"] == 4
+
+
+def test_a_gradient_changed_after_it_was_announced_is_not_what_is_applied(srv, plain, model_name, monkeypatch):
+    """The server copies the gradient out of the region (checking it) before anything counts it: a
+    client that writes its region after the push was sent (here: NaN, at the last moment before
+    the update, from the server's own thread) cannot change what is applied."""
+    from optserve.server.core.model import Model as ServerModel
+
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(f"{model_name}-shm", P, optim.adam(0.01))
+        b = plain.create_model(f"{model_name}-tcp", P, optim.adam(0.01))
+        grads, params = a.shared_arrays()
+        _fill(grads, _p_grads(1))
+        commit = ServerModel.commit_push
+        scribbled = []
+
+        def scribble_then_commit(self, receiver, received):
+            if self.name == a.name:
+                for x in _leaves(grads):
+                    x[...] = np.nan if x.dtype.kind == "f" else 7
+                scribbled.append(True)
+            return commit(self, receiver, received)
+
+        monkeypatch.setattr(ServerModel, "commit_push", scribble_then_commit)
+        assert a.push_pull(grads, out=params) is params
+        assert scribbled and np.isnan(grads["big"]).all()
+        assert np.isfinite(params["big"]).all()
+        assert_same_tree(params, b.push_pull(_p_grads(1)))
+
+
+def test_region_backed_arrays_work_without_shared_memory(srv, plain, model_name):
+    """Without shared memory they are plain arrays of the same shapes; region-backed arrays given to
+    a connection that does not use shared memory go over the byte stream; results are the same."""
+    a = plain.create_model(f"{model_name}-a", P, optim.sgd(0.1))
+    grads, params = a.worker("w0").shared_arrays()
+    assert plain.shared_memory is None and isinstance(grads["big"], np.ndarray)
+    _fill(grads, _p_grads(3))
+    assert a.push_pull(grads, out=params) is params
+    assert_same_tree(params, a.pull())
+    with Client(srv.address, timeout=60) as c, Server(port=0) as no_shm, Client(no_shm.address, timeout=60) as d:
+        b = c.create_model(f"{model_name}-b", P, optim.sgd(0.1))
+        shared_grads, shared_params = b.shared_arrays()  # region-backed, given to another connection's model
+        _fill(shared_grads, _p_grads(3))
+        a2 = plain.create_model(f"{model_name}-a2", P, optim.sgd(0.1))
+        assert a2.push_pull(shared_grads, out=shared_params) is shared_params  # the byte stream, into them
+        assert_same_tree(shared_params, params)
+        e = d.create_model(f"{model_name}-e", P, optim.sgd(0.1))  # a server without shared memory
+        g2, p2 = e.shared_arrays()
+        _fill(g2, _p_grads(3))
+        assert e.push_pull(g2, out=p2) is p2
+        assert d.shared_memory is not None and d.shared_memory.unavailable
+        assert_same_tree(p2, params)
+
+
+def test_other_arrays_never_touch_the_region_backed_ones(srv, model_name):
+    """Only `out=` the region-backed params writes them; a pull without out, a push of other arrays,
+    another structure or a narrower wire dtype go through the connection's region (or convert)."""
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, P, optim.sgd(0.1))
+        grads, params = a.shared_arrays()
+        a.pull(out=params)
+        kept = [x.copy() for x in _leaves(params)]
+        _fill(grads, _p_grads(4))
+        a.push(_p_grads(5))  # not the region's arrays
+        fresh = a.pull()
+        assert not np.array_equal(fresh["big"], kept[0])
+        assert all(np.array_equal(x, y) for x, y in zip(kept, _leaves(params), strict=True))
+        bf16 = a.pull(wire_dtype="bfloat16", out=params)  # narrower on the wire: converted into them
+        assert bf16 is params and np.allclose(params["big"], fresh["big"], rtol=1e-2)
+        swapped = {"big": params["big"], "small": params["small"][::-1], "steps": params["steps"]}
+        assert a.pull(out=swapped) is swapped  # arrays of the region, not at their places: still right
+        assert_same_tree(swapped, fresh)  # each leaf by its path, wherever its array lies
+        assert np.array_equal(grads["big"], _p_grads(4)["big"])  # the gradient arrays only read
+
+
+def test_the_region_goes_when_its_arrays_go_and_comes_back_after_a_restart(srv, model_name):
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, P, optim.sgd(0.1))
+        shm = c.shared_memory
+        grads, params = a.shared_arrays()
+        assert shm is not None and len(shm._dedicated) == 1
+        key = shm._dedicated[0].session
+        regions = srv.shared_memory.regions
+        regions.close_session(regions._sessions[key])  # as if the server had restarted under the client
+        _fill(grads, _p_grads(0))
+        a.push(grads)  # PERMISSION_DENIED before anything was applied: resent over the byte stream
+        used = _used(srv)
+        assert a.push_pull(grads, out=params) is params  # a new session, the region registered again
+        assert _used(srv) > used and shm._dedicated[0].session not in ("", key)
+        assert a.info()["step"] == 2
+        del grads, params
+        gc.collect()
+        a.pull()  # any shared-memory call releases regions no array views
+        assert shm._dedicated == []
+
+
+def test_more_region_backed_arrays_than_the_server_maps_are_plain_memory(srv, model_name):
+    """A session holds at most MAX_REGIONS_PER_SESSION regions: arrays beyond that are plain memory
+    (their calls copy), and the connection keeps shared memory for everything else."""
+    from optserve.server.core.shared_memory import MAX_REGIONS_PER_SESSION
+
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, P, optim.sgd(0.1))
+        kept = [a.shared_arrays() for _ in range(MAX_REGIONS_PER_SESSION + 1)]
+        shm = c.shared_memory
+        assert shm is not None and len(shm._dedicated) == MAX_REGIONS_PER_SESSION and not shm.unavailable
+        grads, params = kept[-1]
+        assert not any(r.holds(params["big"]) for r in shm._dedicated)
+        _fill(grads, _p_grads(0))
+        assert a.push_pull(grads, out=params) is params
+        assert_same_tree(params, a.pull())
+        del kept, grads, params
+        gc.collect()
+        used = _used(srv)
+        a.push(_p_grads(1))  # releases the dedicated regions, then uses the connection's region
+        assert _used(srv) == used + 1 and shm._dedicated == [] and shm._region is not None
+
+
+def test_a_reply_laid_out_otherwise_than_the_slots_is_read_aside(srv, model_name):
+    """Defence in depth: should the region's slots ever disagree with where a reply puts the leaves
+    (here forced by swapping two slots), the reader copies the span aside before filling `out`, so
+    that no leaf is overwritten before it is read."""
+    two = {"x": np.arange(70_000, dtype=np.float32), "y": -np.arange(70_000, dtype=np.float32)}
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, two, optim.sgd(0.1))
+        _, params = a.shared_arrays()
+        shm = c.shared_memory
+        assert shm is not None
+        slots = shm._dedicated[0].slots
+        slots.params["x"], slots.params["y"] = slots.params["y"], slots.params["x"]
+        swapped = {"x": params["y"], "y": params["x"]}
+        assert slots.holds_out(swapped, slots.pull_bytes, slots.packed)
+        assert a.pull(out=swapped) is swapped
+        assert_same_tree(swapped, two)

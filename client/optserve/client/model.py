@@ -13,13 +13,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from optserve.client import pytree
+from optserve.client import pytree, shared_arrays
 from optserve.client import shared_memory as shared
 from optserve.client.errors import InvalidArgumentError
 from optserve.client.layout import Layout
 from optserve.client.messages import info_to_dict, to_wire
 from optserve.client.progress import Progress
 from optserve.client.pulls import PullReader
+from optserve.client.shared_arrays import SharedArrays
 from optserve.client.tables import Init, Rows, read_rows, row_selections
 from optserve.client.transport import Connection
 from optserve.client.worker import Worker
@@ -274,6 +275,7 @@ class Model:
             self._pull_bytes(wire_dtype),
             deadline,
             lambda reply, view: self._read((reply,), like, out=out, packed=req.packed, shared_view=view),
+            out=out,
         )
         if used:
             return params
@@ -376,6 +378,7 @@ class Model:
             lambda reply, view: self._read(
                 (reply,), like, push_reply=box, out=out, packed=header.pull.packed, shared_view=view
             ),
+            out=out,
         )
         if used:
             return box[0], params
@@ -393,6 +396,31 @@ class Model:
         """Assembles a PullResponse stream into (step, pytree or None when not modified)."""
         params = self._read(replies, like, push_reply=push_reply, out=out)
         return self.last_step, params
+
+    def shared_arrays(self, *, like: Any = None) -> SharedArrays:
+        """(grads, params): pytrees of numpy arrays of the model's leaves (the structure of `like`, of
+        the create/push, or nested dicts) living where the server reads a push's gradient and writes
+        a pull's parameters: a push of `grads` is sent from where it lies, a pull (or push_pull)
+        `out=params` is written there by the server; neither is copied on this side. Plain arrays
+        when shared memory is not available; the rules: client/shared_arrays.py."""
+        layout = self._layout
+        if layout is None:
+            layout = self._layout = self._layout_of(self._get_info())
+            if layout is None:
+                raise InvalidArgumentError(f"model {self.name!r}: its packing does not fit its schema")
+        if like is not None:
+            structure = pytree.flatten(like)[1]
+        else:
+            structure = self._structure if self._structure is not None else layout.default_structure
+        return shared_arrays.allocate(
+            self.client.shared_memory if self._pull_bytes(None) else None,
+            layout,
+            structure,
+            lambda tree: self._wire_grads(tree, None)[0],
+            self.packed,
+            self._reader,
+            f"model {self.name!r}",
+        )
 
     def _pull_bytes(self, wire_dtype: str | None) -> int:
         """The bytes of a pull's tensors in `wire_dtype`; 0 without shared memory, or while the

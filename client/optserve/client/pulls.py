@@ -19,7 +19,7 @@ from optserve.client.errors import InvalidArgumentError, OptserveError
 from optserve.client.layout import HandedOut, Layout, pack_views
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import dtypes
-from optserve.wire.assembler import TensorAssembler, buffer_of
+from optserve.wire.assembler import Leaf, TensorAssembler, buffer_of
 from optserve.wire.dtypes import LeafSpec
 from optserve.wire.errors import WireError
 from optserve.wire.framing import parse_message
@@ -37,6 +37,10 @@ class _IntoArrays(TensorAssembler):
     def allocate(self, path: str, dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
         given = buffer_of(self._targets.get(path), dtype, shape)
         return given if given is not None else super().allocate(path, dtype, shape, nbytes)
+
+    def copy(self, leaf: Leaf, start: int, source: np.ndarray) -> None:
+        if _address(leaf.buffer) + start != _address(source):  # a region-backed `out`: already there
+            leaf.buffer[start : start + len(source)] = source
 
 
 class LayoutCache:
@@ -130,6 +134,7 @@ class PullReader:
         a packed pull; `known`: the layout it named (PullRequest.layout_id); `shared`: the span of
         the request's PullRequest.shared_memory, where a reply that says so has its tensors."""
         assembler: _IntoArrays | None = None
+        targets: dict[str, np.ndarray] | None = None
         finish_out: Any = None
         step, incarnation, layout, heartbeat = -1, "", None, 0.0
         for raw in replies:
@@ -157,6 +162,8 @@ class PullReader:
             if assembler is None:
                 raise InvalidArgumentError(f"model {self.name!r}: pull stream did not start with a header")
             if msg.slices:
+                if shared is not None and targets:
+                    payload = _apart(payload, msg.slices, targets)
                 assembler.add(msg.slices, payload)
         if assembler is None or layout is None:
             raise OptserveError(f"model {self.name!r}: empty pull stream")
@@ -259,6 +266,24 @@ class PullReader:
 
 def _address(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
+
+
+def _apart(payload: memoryview, slices: Any, targets: dict[str, np.ndarray]) -> memoryview:
+    """A shared-memory reply's bytes, first copied aside when an `out=` target lies in the span other
+    than exactly where the reply put its leaf (a region-backed `out` laid out for another layout):
+    receiving into it would overwrite bytes not read yet. Otherwise the span itself (a target that
+    is exactly there is not copied at all: `_IntoArrays.copy`)."""
+    lo = _address(np.frombuffer(payload, dtype=np.uint8))
+    hi = lo + len(payload)
+    pos = 0
+    for s in slices:
+        t = targets.get(s.path)
+        if t is not None:
+            at = _address(t)
+            if at < hi and at + t.nbytes > lo and at + int(s.offset) != lo + pos:
+                return memoryview(bytes(payload))
+        pos += int(s.length)
+    return payload
 
 
 def _copy_received(arrays: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> None:

@@ -12,6 +12,12 @@ time; a call that finds it busy uses the byte stream.
 No names: the memfd has none and the side socket is abstract, so a killed client or server leaves
 nothing behind. When the server goes away (its side connection hangs up) the region is unmapped and
 the session negotiated again on the next call.
+
+Besides that region, a connection may hold dedicated regions (`SharedMemory.dedicated`): each the
+home of one model's region-backed gradient and parameter arrays (client/shared_arrays.py). A call
+whose gradient lies there at its slots sends it where it is (no write), and one whose `out=` lies
+there has the server write the parameters straight into it (no read); anything else goes through
+the connection's region as above.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import mmap
 import os
 import select
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from contextlib import ExitStack, contextmanager
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -72,8 +79,9 @@ def wire_bytes(leaves: Sequence[WireLeaf]) -> int:
 
 def push_message(header: pb.PushHeader, leaves: Sequence[WireLeaf], region: Region, what: str) -> bytes:
     """The one PushRequest of a push whose gradient is written into the start of `region` (converted
-    to its wire dtypes on the way); sets header.shared_memory (the caller clears it after the call,
-    so that a byte-stream retry of the same header carries none)."""
+    to its wire dtypes on the way; a leaf already there, a region-backed gradient's, is not copied);
+    sets header.shared_memory (the caller clears it after the call, so that a byte-stream retry of
+    the same header carries none)."""
     slices = write_leaves(leaves, region.array, what)
     n = sum(s.length for s in slices)
     header.shared_memory.CopyFrom(pb.SharedMemorySpan(session=region.session, region=region.id, offset=0, length=n))
@@ -93,46 +101,61 @@ def pull_span(req: pb.PullRequest, region: Region, offset: int, length: int) -> 
     )
 
 
-# -- the calls (`Model` hands them its connection; each returns "not used" when the region is not
-# available, and the caller goes on with the byte stream) ------------------------------------------
+class Spans(NamedTuple):
+    """Where one call's tensors go: the push's region (its gradient from byte 0) and the pull's region
+    and offset; None for a part the call does not have."""
+
+    push: Region | None
+    pull: Region | None
+    pull_at: int
+
+
+# -- the calls (`Model` hands them its connection; each returns "not used" when no region is
+# available, and the caller goes on with the byte stream) -------------------------------------------
 
 
 def push(conn: Any, header: pb.PushHeader, leaves: Sequence[WireLeaf], what: str, timeout: float | None) -> Any:
-    """PushOne through `conn`'s region (a `transport.Connection`); None when not used."""
+    """PushOne through a region of `conn` (a `transport.Connection`); None when not used."""
     shm: SharedMemory | None = conn.shared_memory
     if shm is None or shm.unavailable:
         return None
-    with shm.region(wire_bytes(leaves)) as region:
-        if region is None:
+    with shm.spans(leaves) as spans:
+        if spans is None or spans.push is None:
             return None
         try:
-            return conn.call(conn._push_one, push_message(header, leaves, region, what), timeout=timeout)
+            return conn.call(conn._push_one, push_message(header, leaves, spans.push, what), timeout=timeout)
         except PermissionDeniedError as e:
-            shm.forget(e)
+            shm.forget(e, spans)
             return None
         finally:  # a retry of the same header over the byte stream must carry no span
             header.ClearField("shared_memory")
 
 
 def pull(
-    conn: Any, req: pb.PullRequest, size: int, timeout: float | None, read: Callable[[bytes, np.ndarray], T]
+    conn: Any,
+    req: pb.PullRequest,
+    size: int,
+    timeout: float | None,
+    read: Callable[[bytes, np.ndarray], T],
+    out: Any = None,
 ) -> tuple[bool, T | None]:
-    """PullOne into `conn`'s region, `size` bytes of tensors; (used, read(reply, view)). The reply is
-    read while the region is still this call's."""
+    """PullOne into a region of `conn`, `size` bytes of tensors (where `out` lies when it is a
+    region-backed pytree of this request's layout); (used, read(reply, view)). The reply is read
+    while the region is still this call's."""
     shm: SharedMemory | None = conn.shared_memory
     if shm is None or not size:
         return False, None
-    with shm.region(size) as region:
-        if region is None:
+    with shm.spans(None, size, out, req.packed) as spans:
+        if spans is None or spans.pull is None:
             return False, None
-        pull_span(req, region, 0, size)
+        pull_span(req, spans.pull, spans.pull_at, size)
         try:
             reply = conn.call(conn._pull_one, req, timeout=timeout)
         except PermissionDeniedError as e:
-            shm.forget(e)
+            shm.forget(e, spans)
             req.ClearField("shared_memory")
             return False, None
-        return True, read(reply, region.view(0, size))
+        return True, read(reply, spans.pull.view(spans.pull_at, size))
 
 
 def push_pull(
@@ -143,44 +166,71 @@ def push_pull(
     what: str,
     timeout: float | None,
     read: Callable[[bytes, np.ndarray], T],
+    out: Any = None,
 ) -> tuple[bool, T | None]:
-    """PushPullOne: the gradient at the start of the region, the parameters (`size` bytes) after it."""
+    """PushPullOne: the gradient at the start of its region, the parameters (`size` bytes) after it,
+    or each where a region-backed gradient and `out` lie."""
     shm: SharedMemory | None = conn.shared_memory
     if shm is None or not size:
         return False, None
-    at = align(wire_bytes(leaves))
-    with shm.region(at + size) as region:
-        if region is None:
+    with shm.spans(leaves, size, out, header.pull.packed) as spans:
+        if spans is None or spans.push is None or spans.pull is None:
             return False, None
         try:
-            pull_span(header.pull, region, at, size)
-            reply = conn.call(conn._push_pull_one, push_message(header, leaves, region, what), timeout=timeout)
+            pull_span(header.pull, spans.pull, spans.pull_at, size)
+            reply = conn.call(conn._push_pull_one, push_message(header, leaves, spans.push, what), timeout=timeout)
         except PermissionDeniedError as e:
-            shm.forget(e)
+            shm.forget(e, spans)
             return False, None
         finally:
             header.ClearField("shared_memory")
             header.pull.ClearField("shared_memory")
-        return True, read(reply, region.view(at, size))
+        return True, read(reply, spans.pull.view(spans.pull_at, size))
+
+
+def address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
 
 
 class Region:
-    """One registered region: its id, size and a flat uint8 view of this process's mapping."""
+    """One registered region: its id, size and a flat uint8 view of this process's mapping.
 
-    def __init__(self, session: str, rid: int, size: int, mapping: mmap.mmap):
+    A dedicated region (`SharedMemory.dedicated`) also keeps its fd (it is registered again with a
+    server that restarted), a lock (one call at a time) and `slots`: where it holds what
+    (client/shared_arrays.py, `Slots`)."""
+
+    def __init__(self, session: str, rid: int, size: int, mapping: mmap.mmap, *, dedicated: bool = False):
+        self.dedicated = dedicated
         self.session = session
         self.id = rid
         self.size = size
         self._map = mapping
         self.array = np.frombuffer(mapping, dtype=np.uint8)
+        self.start = address(self.array)
+        self.fd = -1
+        self.lock = threading.Lock()
+        self.slots: Any = None
 
     def view(self, offset: int, length: int) -> np.ndarray:
         return self.array[offset : offset + length]
+
+    def holds(self, a: np.ndarray) -> bool:
+        """Whether any byte of `a` lies in this region."""
+        at = address(a)
+        return at < self.start + self.size and at + max(a.nbytes, 1) > self.start
+
+    def in_use(self) -> bool:
+        """Whether an array of the caller's still views the region (each numpy view of it refers to
+        `array`: only this attribute and getrefcount's own argument left means none)."""
+        return sys.getrefcount(self.array) > 2
 
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)
         with contextlib.suppress(BufferError):  # a view is still held: the mapping ends with it
             self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class SharedMemory:
@@ -197,23 +247,68 @@ class SharedMemory:
         self.min_bytes = min_bytes
         self._server_info = server_info
         self._token = token or ""
-        self._lock = threading.Lock()  # one call at a time uses the region
+        self._lock = threading.Lock()  # one call at a time uses the connection's region
+        self._side = threading.RLock()  # the side socket, the session and the registrations
         self._sock: socket.socket | None = None
         self._session = ""
         self._region: Region | None = None
+        self._dedicated: list[Region] = []  # homes of region-backed arrays (client/shared_arrays.py)
         self.unavailable = ""  # why not, once decided for good (logged once)
         self._said: set[str] = set()
 
     @contextmanager
-    def region(self, nbytes: int) -> Iterator[Region | None]:
-        """The region, at least `nbytes` large, for the duration of one call; None: use the byte stream."""
-        if nbytes < self.min_bytes or self.unavailable or not self._lock.acquire(blocking=False):
+    def region(self, nbytes: int, *, small: bool = False) -> Iterator[Region | None]:
+        """The connection's region, at least `nbytes` large, for the duration of one call; None: use
+        the byte stream. small: also below `min_bytes` (the rest of the call is in a dedicated region)."""
+        if (nbytes < self.min_bytes and not small) or self.unavailable or not self._lock.acquire(blocking=False):
             yield None
             return
         try:
             yield self._ensure(nbytes)
         finally:
             self._lock.release()
+
+    @contextmanager
+    def spans(
+        self, leaves: Sequence[WireLeaf] | None, pull_size: int = 0, out: Any = None, packed: bool = False
+    ) -> Iterator[Spans | None]:
+        """The regions of one call: a gradient (`leaves`) that lies at its slots of a dedicated region
+        is sent from there, an `out` that does receives the pull there (`pull_size` bytes, a packed
+        pull or not), anything else goes through the connection's region; None: use the byte stream."""
+        with ExitStack() as stack:
+            push_in = pull_in = None
+            if self._dedicated and not self.unavailable:
+                dedicated = [r for r in self._dedicated if r.slots is not None]  # a copy: others may register
+                if leaves is not None:
+                    found = next((r for r in dedicated if r.slots.holds_gradient(leaves)), None)
+                    push_in = self._claim(stack, found)
+                if out is not None and pull_size:
+                    found = next((r for r in dedicated if r.slots.holds_out(out, pull_size, packed)), None)
+                    pull_in = found if found is not None and found is push_in else self._claim(stack, found)
+            push_bytes = 0 if leaves is None or push_in is not None else align(wire_bytes(leaves))
+            need = push_bytes + (0 if pull_in is not None else pull_size)
+            general = None
+            if need:
+                general = stack.enter_context(self.region(need, small=push_in is not None or pull_in is not None))
+                if general is None:
+                    yield None
+                    return
+            pull = pull_in if pull_in is not None else general if pull_size else None
+            pull_at = pull_in.slots.pull_at if pull_in is not None else push_bytes
+            yield Spans(push_in if push_in is not None else general if leaves is not None else None, pull, pull_at)
+
+    def _claim(self, stack: ExitStack, region: Region | None) -> Region | None:
+        """`region` for this call (its lock held until the call ends), registered with the current
+        session; None when it is busy or cannot be registered."""
+        if region is None or not region.lock.acquire(blocking=False):
+            return None
+        stack.callback(region.lock.release)
+        with self._side:
+            if not self._session_ready():
+                return None
+            if region.session != self._session and not self._send_region(region, region.fd):
+                return None
+        return region
 
     def _why_not(self, why: str, *, final: bool) -> None:
         if why not in self._said:
@@ -222,17 +317,28 @@ class SharedMemory:
         if final:
             self.unavailable = why
 
-    def _ensure(self, nbytes: int) -> Region | None:
+    def _session_ready(self) -> bool:
+        """A live side connection (a new one if the server went away); under `_side`."""
         if self._sock is not None and not self._alive():
-            self._drop()  # the server went away: negotiate again (its replacement may offer it)
-        if self._sock is None and not self._connect():
-            return None
-        region = self._region
-        if region is None or region.size < nbytes:
-            if region is not None:
-                self._release(region)
-            self._region = region = self._register(align(nbytes, GROWTH_GRANULE))
-        return region
+            self._drop_session()  # the server went away: negotiate again (its replacement may offer it)
+        return self._sock is not None or self._connect()
+
+    def _ensure(self, nbytes: int) -> Region | None:
+        with self._side:
+            ready = self._session_ready()
+            region = self._region
+            if region is not None and region.session != self._session:  # registered with a server gone
+                self._region = None
+                region.close()
+                region = None
+            if not ready:
+                return None
+            self._sweep()
+            if region is None or region.size < nbytes:
+                if region is not None:
+                    self._release(region)
+                self._region = region = self._register(align(nbytes, GROWTH_GRANULE))
+            return region
 
     def _alive(self) -> bool:
         """The server never speaks first: anything readable on the side socket is its hang-up."""
@@ -273,62 +379,126 @@ class SharedMemory:
         self._sock, self._session = sock, str(answer["session"])
         return True
 
-    def _register(self, size: int) -> Region | None:
-        assert self._sock is not None
+    def _new_memfd(self, size: int) -> int | None:
+        """A sealed memfd of `size` bytes, every page allocated (so that a short /dev/shm or cgroup
+        fails here, not with SIGBUS later); None when there is no room."""
         fd = os.memfd_create("optserve-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            try:  # every page now, so that a short /dev/shm or cgroup fails here, not with SIGBUS later
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                self._why_not(f"no room for a {size}-byte region: {e.strerror}", final=False)
-                return None
+            os.posix_fallocate(fd, 0, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+        except OSError as e:
+            os.close(fd)
+            self._why_not(f"no room for a {size}-byte region: {e.strerror}", final=False)
+            return None
+        return fd
+
+    def _register(self, size: int, *, keep_fd: bool = False) -> Region | None:
+        """A new region of `size` bytes registered with the session; under `_side`. keep_fd: the
+        region keeps its fd (a dedicated one: registered again after a restart), else it is closed
+        (the mapping keeps the memory, with the duplicate fd Python's mmap holds)."""
+        fd = self._new_memfd(size)
+        if fd is None:
+            return None
+        try:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            try:
-                send_message(self._sock, {"op": "register", "size": size}, [fd])
-                answer, _ = receive_message(self._sock)
-            except (OSError, WireError) as e:
-                mapping.close()
-                self._drop()
-                self._why_not(f"the side socket failed: {e}", final=False)
+            region = Region(self._session, 0, size, mapping, dedicated=keep_fd)
+            if not self._send_region(region, fd):
+                region.close()
                 return None
-            if not answer or not answer.get("ok"):
-                mapping.close()
-                self._why_not(f"region refused: {(answer or {}).get('error', 'connection closed')}", final=True)
-                return None
-            return Region(self._session, int(answer["region"]), size, mapping)
+            if keep_fd:
+                region.fd, fd = fd, -1
+            return region
         finally:
-            os.close(fd)  # the mappings keep the memory (each with the duplicate fd Python's mmap holds)
+            if fd >= 0:
+                os.close(fd)
+
+    def _send_region(self, region: Region, fd: int) -> bool:
+        """Registers `region` (`fd`, its memfd) with the current session; under `_side`. A refusal
+        ends shared memory for the connection, unless dedicated regions are involved (too many, too
+        large: a dedicated region's arrays are then plain memory, and calls copy)."""
+        assert self._sock is not None
+        try:
+            send_message(self._sock, {"op": "register", "size": region.size}, [fd])
+            answer, _ = receive_message(self._sock)
+        except (OSError, WireError) as e:
+            self._drop_session()
+            self._why_not(f"the side socket failed: {e}", final=False)
+            return False
+        if not answer or not answer.get("ok"):
+            why = f"region refused: {(answer or {}).get('error', 'connection closed')}"
+            # a dedicated region's refusal, or one while dedicated regions hold the session's places,
+            # leaves the connection's shared memory to its other calls
+            self._why_not(why, final=not region.dedicated and not self._dedicated)
+            return False
+        region.session, region.id = self._session, int(answer["region"])
+        return True
+
+    def dedicated(self, nbytes: int) -> Region | None:
+        """A new region of its own (the home of region-backed arrays: client/shared_arrays.py), kept
+        registered while any array views it and the connection is open; None when shared memory is
+        not available (said once in the log). It comes with its lock held, so that no sweep releases
+        it before the caller's views of it exist: the caller releases it."""
+        if self.unavailable:
+            return None
+        with self._side:
+            if not self._session_ready():
+                return None
+            self._sweep()
+            region = self._register(align(max(nbytes, 1), GROWTH_GRANULE), keep_fd=True)
+            if region is not None:
+                region.lock.acquire()
+                self._dedicated.append(region)
+            return region
+
+    def _sweep(self) -> None:
+        """Releases the dedicated regions no array views any more; under `_side`."""
+        for region in [r for r in self._dedicated if not r.in_use() and not r.lock.locked()]:
+            self._dedicated.remove(region)
+            self._release(region)
 
     def _release(self, region: Region) -> None:
-        self._region = None
+        if region is self._region:
+            self._region = None
+        registered = region.session == self._session and self._sock is not None
         region.close()
+        if not registered:
+            return
         try:
             assert self._sock is not None
             send_message(self._sock, {"op": "release", "region": region.id})
             receive_message(self._sock)
         except (OSError, WireError):
-            self._drop()
+            self._drop_session()
 
-    def _drop(self) -> None:
-        if self._region is not None:
-            self._region.close()
-            self._region = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._session = ""
+    def _drop_session(self) -> None:
+        """Forgets the side connection and the session: the next call negotiates again, registering
+        its regions anew (the connection's region is replaced then, the dedicated ones sent again)."""
+        with self._side:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._session = ""
 
-    def forget(self, error: PermissionDeniedError) -> None:
+    def forget(self, error: PermissionDeniedError, spans: Spans) -> None:
         """After a call the server refused: a session it no longer knows (it restarted between this
         client's check of the side socket and the call) is dropped, so that the caller resends over
         the byte stream (the span is resolved before anything is applied, so nothing was) and the
-        next call negotiates again; any other refusal (the token's models) is the caller's."""
+        next call negotiates again; any other refusal (the token's models) is the caller's. The
+        connection's region, when the call (`spans`) holds it, is unmapped at once."""
         if "shared memory:" not in str(error):
             raise error
-        self._drop()
+        self._drop_session()
+        region = self._region
+        if region is not None and (region is spans.push or region is spans.pull):
+            self._region = None
+            region.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        with self._lock, self._side:
+            self._drop_session()
+            for region in [self._region, *self._dedicated]:
+                if region is not None:
+                    region.close()
+            self._region = None
+            self._dedicated.clear()

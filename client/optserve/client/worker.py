@@ -137,6 +137,8 @@ class WorkerModel(Protocol):
         self, header: pb.PushHeader, leaves: Sequence[WireLeaf], timeout: float | None = None
     ) -> tuple[pb.PushResponse, Any]: ...
 
+    def shared_arrays(self, *, like: Any = ...) -> Any: ...
+
 
 class Worker:
     """push / pull / push_pull for one worker of a model.
@@ -380,6 +382,11 @@ class Worker:
         reply = self.model._send_grads(grads, wire_dtype, header, send)
         self.incarnation = reply.incarnation or self.incarnation
         return reply.step
+
+    def shared_arrays(self, *, like: Any = None) -> Any:
+        """(grads, params) living in shared memory with the server: `push_pull(grads, out=params)`
+        copies neither on this side (`Model.shared_arrays`; the rules: client/shared_arrays.py)."""
+        return self.model.shared_arrays(like=like)
 
     def push_pull(
         self,

@@ -109,6 +109,7 @@ def leaf_bytes(leaf: WireLeaf) -> int:
 def write_leaves(leaves: Sequence[WireLeaf], span: np.ndarray, what: str) -> list[Slice]:
     """Writes `leaves` one after the other into `span` (flat uint8), each converted to its wire dtype
     on the way (one pass, no converted copy); returns their slices (offsets within each leaf, 0).
+    A leaf whose bytes already lie where it goes (a client's region-backed gradient) is not copied.
     A leaf that does not fit is a WireError naming `what` and the leaf, before anything is written."""
     total = 0
     for path, a in leaves:
@@ -126,11 +127,16 @@ def write_leaves(leaves: Sequence[WireLeaf], span: np.ndarray, what: str) -> lis
             np.copyto(span[pos : pos + n].view(a.dtype), a.array, casting="unsafe")
             slices.append(Slice(path, dtype_name(a.dtype), tuple(a.shape), 0, n))
         else:
-            if n:
-                span[pos : pos + n] = np.frombuffer(as_bytes(a), dtype=np.uint8)
+            source = np.frombuffer(as_bytes(a), dtype=np.uint8)
+            if n and _address(source) != _address(span) + pos:  # a leaf already in place is not copied
+                span[pos : pos + n] = source
             slices.append(Slice(path, dtype_name(a.dtype), tuple(a.shape), 0, n))
         pos += n
     return slices
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
 
 
 def slices_fit(slices: Sequence[Any], length: int, what: str) -> None:
