@@ -88,9 +88,8 @@ def worker(rank: int, args: argparse.Namespace, target: str, ready: Any) -> None
     x, y = x_train[rank :: args.workers], y_train[rank :: args.workers]  # this worker's shard
     _, params, loss_and_grads, _ = build()
     sync = {"mode": "sync", "workers": args.workers, "sync_timeout": 30.0} if args.mode == "sync" else {}
-    with Client(target, timeout=60.0) as client:
-        tx = optserve.jax.remote(client, MODEL, optim.adam(args.lr), **sync)  # was: optax.adam(args.lr)
-        state = tx.init(params)
+    with Client(target, timeout=60.0) as client, optserve.jax.remote(client, MODEL, optim.adam(args.lr), **sync) as tx:
+        state = tx.init(params)  # tx was: optax.adam(args.lr); `with` stops its heartbeat before the client closes
         ready.wait(timeout=args.timeout)  # sync: see examples/torch_digits.py
         rng = np.random.default_rng(rank)
         start = time.perf_counter()

@@ -70,8 +70,10 @@ def worker(rank: int, args: argparse.Namespace, target: str, ready: Any) -> None
     x, y = x_train[rank :: args.workers], y_train[rank :: args.workers]  # this worker's shard
     net = cnn()
     sync = {"mode": "sync", "workers": args.workers, "sync_timeout": 30.0} if args.mode == "sync" else {}
-    with Client(target, timeout=60.0) as client:
-        opt = RemoteOptimizer(net.named_parameters(), client, MODEL, optim.adam(args.lr), **sync)
+    with (
+        Client(target, timeout=60.0) as client,
+        RemoteOptimizer(net.named_parameters(), client, MODEL, optim.adam(args.lr), **sync) as opt,
+    ):  # `with` stops the worker's heartbeat before the client closes
         # sync: a round closes when every worker pushed (or at sync_timeout): a worker still starting
         # would make the first rounds wait for it and close without it, out of step with the others
         ready.wait(timeout=args.timeout)

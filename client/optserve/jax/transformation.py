@@ -129,6 +129,19 @@ class RemoteTransformation:
         """Pushes `grads`, returns the server's parameters after the update (exactly)."""
         return self._push_pull(grads, params)[0]
 
+    def close(self) -> None:
+        """Stops this process's worker heartbeat (Worker.close): its lease then expires unless it
+        pushes again. Call it (or use `with`) before closing the client, so that no heartbeat is in
+        flight on a channel being closed while the process exits."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def __enter__(self) -> RemoteTransformation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def remote(
     client: Client, name: str, optimizer: Any = None, *, worker_id: str | None = None, **create_options: Any

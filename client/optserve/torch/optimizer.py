@@ -184,6 +184,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     # -- state ------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stops this process's worker heartbeat (Worker.close): its lease then expires unless it
+        pushes again. Call it (or use `with`) before closing the client."""
+        self.worker.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def state_dict(self) -> dict[str, Any]:
         """A reference to the optimizer's state on the server, with `torch.save`-able values: with
         state="checkpoint" a checkpoint taken now (its step), with state="download" the model's
