@@ -53,6 +53,27 @@ def in_process_servers(checkpoint_dirs: Sequence[str | None]) -> Iterator[list]:
             s.stop(grace=1.0)
 
 
+# The shard tests' clients, over the module's own `servers` fixture (three shard servers and one
+# for the whole model: tests/test_shards.py, test_shards_sync.py, test_shards_noise.py).
+@pytest.fixture(scope="module")
+def targets(servers) -> list[str]:
+    return [s.address for s in servers[:3]]
+
+
+@pytest.fixture(scope="module")
+def sharded_client(targets) -> Iterator:
+    from optserve.client import Client
+
+    with Client(targets, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def whole_client(servers) -> Iterator:
+    with servers[3].client(timeout=60) as c:
+        yield c
+
+
 @pytest.fixture(scope="module")
 def client(server) -> Iterator:
     with server.client(timeout=60.0) as c:

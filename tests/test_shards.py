@@ -51,23 +51,6 @@ def servers(tmp_path_factory):
         yield srvs
 
 
-@pytest.fixture(scope="module")
-def targets(servers):
-    return [s.address for s in servers[:3]]
-
-
-@pytest.fixture(scope="module")
-def sharded_client(targets):
-    with Client(targets, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def whole_client(servers):
-    with servers[3].client(timeout=60) as c:
-        yield c
-
-
 def _pair(sharded_client, whole_client, name, spec=ADAM, **settings):
     sm = sharded_client.create_model(name, _params(), spec, split_bytes=SPLIT, **settings)
     wm = whole_client.create_model(name, _params(), spec, **settings)

@@ -85,23 +85,6 @@ def servers(tmp_path_factory):
         yield srvs
 
 
-@pytest.fixture(scope="module")
-def targets(servers):
-    return [s.address for s in servers[:3]]
-
-
-@pytest.fixture(scope="module")
-def sharded_client(targets):
-    with Client(targets, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def whole_client(servers):
-    with servers[3].client(timeout=60) as c:
-        yield c
-
-
 def _split_leaves(model) -> list[str]:
     return sorted(leaf.spec.path for leaf in model.shard_map.leaves if leaf.split)
 

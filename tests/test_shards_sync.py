@@ -15,7 +15,6 @@ import threading
 import numpy as np
 import pytest
 
-from optserve.client import Client
 from optserve.client.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.client.state_file import read_state
 from tests.conftest import in_process_servers
@@ -44,23 +43,6 @@ def servers():
     """Three shard servers and one for the whole model."""
     with in_process_servers([None] * 4) as srvs:
         yield srvs
-
-
-@pytest.fixture(scope="module")
-def targets(servers):
-    return [s.address for s in servers[:3]]
-
-
-@pytest.fixture(scope="module")
-def sharded_client(targets):
-    with Client(targets, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def whole_client(servers):
-    with servers[3].client(timeout=60) as c:
-        yield c
 
 
 def _train(model, worker_id: str, until: int, attempts: int = 40) -> None:
