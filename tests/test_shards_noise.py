@@ -16,20 +16,10 @@ import safetensors
 from optserve.client import Client
 from tests.conftest import in_process_servers
 from tests.reference.cases import NOISE_CASES
+from tests.test_shards import SPLIT, _params  # embed and out split by rows, the other leaves whole
 
-SPLIT = 1024  # bytes: "embed" and "out" are split by rows over the shards, the other leaves whole
 NOISY_SGD = {"noisy_sgd": {"learning_rate": 0.1, "eta": 0.02, "gamma": 0.55, "key": 7}}
 STEPS = 3
-
-
-def _params(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "embed": rng.normal(size=(100, 8)).astype(np.float32),
-        "block": {"w": rng.normal(size=(8, 8)).astype(np.float32), "b": np.zeros(8, np.float32)},
-        "out": rng.normal(size=(37, 9)).astype(np.float32),
-        "scale": np.array(1.5, np.float32),
-    }
 
 
 def _packable(seed: int = 0) -> dict:
