@@ -210,3 +210,65 @@ def test_bad_decisions_are_refused_naming_the_model_and_shard_and_change_nothing
     )
     with pytest.raises(FailedPreconditionError, match=r"model 'bad-decisions'.*takes no round decisions"):
         plain.decide_round(1, taken)
+
+
+def _anonymous_rounds(sm, last: int) -> list[int]:
+    """How many anonymous contributions each round up to step `last` took, the same on every shard."""
+    per_shard = [
+        {r["step"]: r["anonymous"] for r in sh.info()["recent_rounds"] if r["step"] <= last} for sh in sm.shards
+    ]
+    assert all(p == per_shard[0] for p in per_shard), per_shard
+    return [per_shard[0][step] for step in range(1, last + 1)]
+
+
+def test_anonymous_pushes_make_rounds_that_shard_0_decides_as_the_whole_model_does(
+    sharded_client, whole_client, tmp_path
+):
+    """`ShardedModel.push` and `push_pull` without a worker, on a sync model with leases (the
+    default: shard 0 decides its rounds): each push is named on every shard by its contribution
+    number, counts towards the quorum, and its round is relayed by the pushing handle itself."""
+    spec = {"adam": {"learning_rate": 0.01}}
+    sm = sharded_client.create_model("anonymous", params(), spec, split_bytes=SPLIT, mode="sync", workers=2)
+    wm = whole_client.create_model("anonymous", params(), spec, mode="sync", workers=2)
+    assert sm.decides_rounds
+    # round 1: two anonymous pushes (the second closes it on shard 0; the handle relays the decision)
+    for m in (sm, wm):
+        assert m.push(grads("w0", 1), weight=WEIGHTS["w0"]) == 1
+        assert m.push(grads("w1", 1), weight=WEIGHTS["w1"]) == 1
+    sm.pull(min_step=1, timeout=60)
+    # round 2: a worker's push beside an anonymous push_pull, which returns the round's parameters
+    w = sm.worker("w2")
+    w.pull()
+    w.push(grads("w2", 1), weight=WEIGHTS["w2"])  # staged; its round waits for one more
+    got = sm.push_pull(grads("w0", 2), weight=WEIGHTS["w0"])
+    assert sm.last_step == 2
+    wm.push(grads("w2", 1), weight=WEIGHTS["w2"])
+    want = wm.push_pull(grads("w0", 2), weight=WEIGHTS["w0"])
+    for key in ("embed", "out"):
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-6, atol=1e-6, err_msg=key)
+    rounds = _rounds(sm, 2)
+    assert [sorted(bool(wid) for wid, _ in r) for r in rounds] == [[False, False], [False, True]], rounds
+    assert _anonymous_rounds(sm, 2) == [2, 1]
+    _assert_same_state(sm, wm, tmp_path, rtol=2e-6)
+    w.close()
+
+
+def test_an_anonymous_push_without_its_contribution_number_is_refused_by_a_shard(sharded_client):
+    sm = sharded_client.create_model(
+        "anonymous-bad", params(), {"sgd": {"learning_rate": 0.1}}, split_bytes=SPLIT, mode="sync", workers=2
+    )
+    part = sm._split(sm._leaves(grads("w0", 1), "gradient"))[1]
+    before = sm.shards[1].info()
+    with pytest.raises(
+        InvalidArgumentError, match=r"\(shard 1 of 3\): an anonymous sync push .* needs PushHeader.contribution"
+    ):
+        sm.shards[1].push(part)  # as a client without contribution numbers sends it
+    header = sm.shards[1]._push_header(None, None, worker_id="w0", seq=1, contribution=7)
+    with pytest.raises(InvalidArgumentError, match=r"worker 'w0': contribution is for anonymous pushes only"):
+        sm.shards[1]._send_grads(part, None, header, lambda leaves: sm.shards[1].push_raw(header, leaves))
+    after = sm.shards[1].info()
+    assert (after["step"], after["pending_contributions"], after["counters"]) == (
+        before["step"],
+        before["pending_contributions"],
+        before["counters"],
+    )

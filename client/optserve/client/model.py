@@ -76,8 +76,16 @@ class Model:
         seq: int = 0,
         global_norm_sq: float | None = None,
         session: int = 0,
+        contribution: int = 0,
     ) -> pb.PushHeader:
-        h = pb.PushHeader(model=self.name, worker_id=worker_id, seq=seq, weight=weight or 0.0, session=session)
+        h = pb.PushHeader(
+            model=self.name,
+            worker_id=worker_id,
+            seq=seq,
+            weight=weight or 0.0,
+            session=session,
+            contribution=contribution,
+        )
         if base_step is not None:
             h.base_step = base_step
         if global_norm_sq is not None:
@@ -191,10 +199,11 @@ class Model:
         weight: float | None = None,
         wire_dtype: str | None = None,
         global_norm_sq: float | None = None,
+        contribution: int = 0,
     ) -> int:
         """Sends a gradient pytree. Returns (async) the step after the update, (sync) the step it joins.
-        global_norm_sq: PushHeader.global_norm_sq (a `ShardedModel` sends it to its shards)."""
-        header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq)
+        global_norm_sq, contribution: PushHeader's (a `ShardedModel` sends them to its shards)."""
+        header = self._push_header(base_step, weight, global_norm_sq=global_norm_sq, contribution=contribution)
         return self._send_grads(grads, wire_dtype, header, lambda leaves: self.push_raw(header, leaves)).step
 
     def _pull_request(

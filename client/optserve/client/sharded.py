@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -35,7 +37,7 @@ from optserve.client.errors import (
 from optserve.client.fanout import CONCURRENT_CALLERS, CONSISTENT_PULL_ATTEMPTS, Fanout, pull_exactly, swap
 from optserve.client.model import Model
 from optserve.client.progress import PartsProgress, Progress
-from optserve.client.rounds import decides_rounds, relay
+from optserve.client.rounds import Relays, decides_rounds, relay
 from optserve.client.sharded_worker import ShardedWorker
 from optserve.client.tables import Rows, merge_rows
 from optserve.wire import resharding
@@ -66,6 +68,8 @@ class ShardedModel:
         self.last_step = -1
         self.last_incarnation = ""
         self._decides_rounds: bool | None = None
+        self._lock = threading.Lock()
+        self._anonymous_relays: Relays | None = None
 
     def __repr__(self) -> str:
         return f"ShardedModel({self.name!r} on {len(self.shards)} shards: {', '.join(self.fanout.targets)})"
@@ -262,16 +266,36 @@ class ShardedModel:
         self, grads: Any, *, base_step: int | None = None, weight: float | None = None, wire_dtype: str | None = None
     ) -> int:
         """Sends a gradient pytree, each shard its part. Returns (async) the step after the update
-        (the largest of the shards'), (sync) the step it joins."""
+        (the largest of the shards'), (sync) the step it joins.
+
+        Where shard 0 decides the sync rounds (`decides_rounds`), the push is named on every shard by
+        a number drawn for it (PushHeader.contribution), and its round's decision is relayed in the
+        background, as a `ShardedWorker`'s are (client/rounds.py)."""
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
         parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
+        contribution = (secrets.randbits(63) or 1) if self.decides_rounds else 0
         steps = self.fanout.run(
             lambda i: self.shards[i].push(
-                parts[i], base_step=base_step, weight=weight, wire_dtype=wire_dtype, global_norm_sq=norm_sq
+                parts[i],
+                base_step=base_step,
+                weight=weight,
+                wire_dtype=wire_dtype,
+                global_norm_sq=norm_sq,
+                contribution=contribution,
             )
         )
-        return max(steps)
+        step = max(steps)
+        if contribution:
+            self._relays().start(lambda: self.relay(step), step)
+        return step
+
+    def _relays(self) -> Relays:
+        """The background relays of this handle's anonymous pushes (`push`), made at the first."""
+        with self._lock:
+            if self._anonymous_relays is None:
+                self._anonymous_relays = Relays(self.name)
+            return self._anonymous_relays
 
     def pull(
         self,
@@ -332,7 +356,14 @@ class ShardedModel:
         rows: Mapping[str, Any] | None = None,
     ) -> Any:
         """Pushes a gradient and returns the parameters of one step of every shard after it; with
-        `rows` ({path: ids}), only those rows, of that step on every shard (`_rows_of_one_step`)."""
+        `rows` ({path: ids}), only those rows, of that step on every shard (`_rows_of_one_step`).
+        Where shard 0 decides the sync rounds, a push (`push`, which relays its round) and then a
+        pull of the step it joins: the same result as the unsharded model's PushPull."""
+        if self.decides_rounds:
+            step = self.push(grads, base_step=base_step, weight=weight, wire_dtype=wire_dtype)
+            if rows is not None:
+                return self.pull_rows(rows, min_step=step, wire_dtype=wire_dtype)
+            return self.pull(like=like, out=out, min_step=step, wire_dtype=wire_dtype)
         leaves = self._leaves(grads, "gradient")
         self._check_grads(leaves)
         grad_parts, norm_sq = self._split(leaves), self._norm_sq(leaves, wire_dtype)
@@ -528,6 +559,8 @@ class ShardedModel:
 
     def close(self) -> None:
         self.fanout.close()
+        if self._anonymous_relays is not None:
+            self._anonymous_relays.close()
 
 
 def _piece(a: Any, rows: slice | None) -> Any:

@@ -373,7 +373,7 @@ class SetHyperparamsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Hyperparam, _Mapping]]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory", "rows", "session")
+    __slots__ = ("model", "base_step", "worker_id", "seq", "weight", "pull", "layout_id", "global_norm_sq", "shared_memory", "rows", "session", "contribution")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +385,7 @@ class PushHeader(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_step: int
     worker_id: str
@@ -396,7 +397,8 @@ class PushHeader(_message.Message):
     shared_memory: SharedMemorySpan
     rows: _containers.RepeatedCompositeFieldContainer[RowSparseGradient]
     session: int
-    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSparseGradient, _Mapping]]] = ..., session: _Optional[int] = ...) -> None: ...
+    contribution: int
+    def __init__(self, model: _Optional[str] = ..., base_step: _Optional[int] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., weight: _Optional[float] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., layout_id: _Optional[str] = ..., global_norm_sq: _Optional[float] = ..., shared_memory: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowSparseGradient, _Mapping]]] = ..., session: _Optional[int] = ..., contribution: _Optional[int] = ...) -> None: ...
 
 class RowSparseGradient(_message.Message):
     __slots__ = ("path", "ids")

@@ -146,6 +146,11 @@ class DataPlane:
             raise InvalidArgument(f"model {model.name!r}: worker {h.worker_id!r}: seq must be >= 1")
         if h.session and not h.worker_id:
             raise InvalidArgument(f"model {model.name!r}: session {h.session} given without a worker_id")
+        if h.contribution and h.worker_id:
+            raise InvalidArgument(
+                f"model {model.name!r}: worker {h.worker_id!r}: contribution is for anonymous pushes only (its seq "
+                "names its contribution)"
+            )
         if h.HasField("shared_memory"):  # validated before anything is opened
             payload = shared_spans.push_payload(self.shared, h.shared_memory, first, payload, model)
         if h.layout_id and h.layout_id != messages.layout_id(model):
@@ -156,7 +161,9 @@ class DataPlane:
         receiver = model.open_push(
             base_step=base_step,
             worker_id=h.worker_id,
-            seq=h.seq,
+            # an anonymous push's contribution number stands for its seq: only the rounds shard 0
+            # decides (core/shard_rounds.py) read it, to name the contribution; nothing records it
+            seq=h.seq if h.worker_id else h.contribution,
             weight=h.weight,
             packs=bool(h.layout_id),
             global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,

@@ -27,9 +27,11 @@ recent_rounds) with why shard 0 closed them (the decision carries it).
 
 Decisions are idempotent: the first one a shard receives for a step is kept (with those of the last
 `HISTORY` closed rounds), an identical one again is answered from it, a different one is refused
-(FAILED_PRECONDITION) and changes nothing. Anonymous pushes (no worker_id) cannot be named in a
-decision and are refused. Exactly once per (worker_id, seq) holds as in core/sync.py: a staged
-contribution answers its retries, and becomes the worker's record only when its round is applied.
+(FAILED_PRECONDITION) and changes nothing. Exactly once per (worker_id, seq) holds as in
+core/sync.py: a staged contribution answers its retries, and becomes the worker's record only when
+its round is applied. An anonymous push (no worker_id) is named by the number its client drew for
+it, the same on every shard (PushHeader.contribution, the contributor's seq with an empty
+worker_id); it counts towards the quorum and is never a member, as in core/sync.py.
 """
 
 from __future__ import annotations
@@ -67,12 +69,23 @@ class Staged:
     dropped: str = ""  # why it was left out of its round ("" while it may still count)
     session: int = 0  # the worker's session (core/membership.py)
     rows: dict[str, Rows] = dataclasses.field(default_factory=dict)  # lazy leaves sent as rows (core/round_sums.py)
+    worker_id: str = ""  # "" for an anonymous push, `seq` then its PushHeader.contribution
+
+
+# A contribution's key in a round: a worker's id (one contribution per worker and round), or for an
+# anonymous push ("", its contribution number).
+Key = str | tuple[str, int]
+
+
+def key(worker_id: str, seq: int) -> Key:
+    """The key of contribution (worker_id, seq) in a round's `staged` (`Key`)."""
+    return worker_id or (worker_id, seq)
 
 
 @dataclasses.dataclass
 class OpenRound:
     step: int  # the model step the gradients were computed against; the round makes step + 1
-    staged: dict[str, Staged] = dataclasses.field(default_factory=dict)  # in order of arrival
+    staged: dict[Key, Staged] = dataclasses.field(default_factory=dict)  # in order of arrival
     decided: tuple[tuple[str, int], ...] | None = None  # the contributors (worker_id, seq), in order
     mean: RoundMean | None = None  # once every decided contribution is summed
     partial_norm_sq: float | None = None  # of this shard's part of `mean` (head clip only)
@@ -153,10 +166,11 @@ class ShardRounds:
         packs: bool = False,
         session: int = 0,
     ) -> ShardPush:
-        if not worker_id:
+        if not worker_id and not seq:
             raise InvalidArgument(
-                f"{self.model.label}: a sync push to a model over several shards needs a worker_id (shard 0's "
-                "decision names each round's contributors by worker_id and seq)"
+                f"{self.model.label}: an anonymous sync push to a model over several shards needs "
+                "PushHeader.contribution (shard 0's decision names each round's contributions; a client of this "
+                "version sends one)"
             )
         weight = check_weight(self.model.name, weight)
         return ShardPush(self.model, base_step, worker_id, seq, weight, packs, session)
@@ -169,6 +183,8 @@ class ShardRounds:
             raise self._stale(base, f"which was already applied; the current step is {self.model.step}")
 
     def _is_retry(self, worker_id: str, seq: int, session: int) -> bool:
+        if not worker_id:  # an anonymous push is not retried; the same contribution twice is answered in commit
+            return False
         staged = self._current().staged.get(worker_id)
         if staged is not None and (not session or staged.session == session) and seq <= staged.seq:
             return True
@@ -194,7 +210,7 @@ class ShardRounds:
         assert isinstance(push, ShardPush)
         model = self.model
         rnd = self._current()
-        pending = rnd.staged.get(push.worker_id)
+        pending = rnd.staged.get(key(push.worker_id, push.seq))
         same_session = not push.session or (pending is not None and pending.session == push.session)
         if pending is not None and same_session and push.seq == pending.seq:
             model.count("duplicates")
@@ -212,10 +228,10 @@ class ShardRounds:
                 f"{model.label}: worker {push.worker_id!r} already contributed seq {pending.seq} to step "
                 f"{rnd.step + 1}; wait for step {rnd.step + 1}, pull it and push against it"
             )
-        named = dict(rnd.decided) if rnd.decided is not None else None
-        if named is not None and named.get(push.worker_id) != push.seq:
+        named = rnd.decided
+        if named is not None and (push.worker_id, push.seq) not in named:
             raise self._stale(base, f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
-        if self.elastic and push.worker_id not in rnd.members:
+        if self.elastic and push.worker_id and push.worker_id not in rnd.members:
             lease = dict(model.membership.members()).get(push.worker_id)
             joined = "" if lease is None else f" at membership epoch {lease.joined_epoch}"
             raise FailedPrecondition(
@@ -233,8 +249,10 @@ class ShardRounds:
         grads = {k: push.on_device[k] for k in model.trainable}
         reply = PushReply(rnd.step + 1, applied=applies_now)
         rows = push.assembler.row_sums()
-        staged = Staged(push.seq, base, push.weight, reply, grads, session=push.session, rows=rows)
-        push.staged = rnd.staged[push.worker_id] = staged
+        staged = Staged(
+            push.seq, base, push.weight, reply, grads, session=push.session, rows=rows, worker_id=push.worker_id
+        )
+        push.staged = rnd.staged[key(push.worker_id, push.seq)] = staged
         if closes:
             self._decide_locally(rnd, "quorum")
         else:
@@ -248,7 +266,7 @@ class ShardRounds:
 
     def _decide_locally(self, rnd: OpenRound, closed_by: str) -> None:
         """Shard 0 closes its round with what it has staged, in order of arrival."""
-        rnd.decided = tuple((w, s.seq) for w, s in rnd.staged.items())
+        rnd.decided = tuple((s.worker_id, s.seq) for s in rnd.staged.values())
         rnd.closed_by = closed_by
         self._try_close(rnd)
         self.model.notify_waiters()
@@ -258,13 +276,12 @@ class ShardRounds:
         applies (or, with a head clip, computes this shard's partial squared norm and waits)."""
         if rnd.decided is None or rnd.mean is not None:
             return
-        if any(w not in rnd.staged for w, _ in rnd.decided):
+        if any(key(w, seq) not in rnd.staged for w, seq in rnd.decided):
             return
-        for w in [w for w in rnd.staged if w not in dict(rnd.decided)]:
-            self._drop(rnd.staged.pop(w), f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
+        self._drop_undecided(rnd)
         sums = RoundSum(self.model.schema_map, self.model.placement)
-        for w, _ in rnd.decided:
-            s = rnd.staged[w]
+        for w, seq in rnd.decided:
+            s = rnd.staged[key(w, seq)]
             sums.add(s.grads, s.rows, s.weight)
             s.grads, s.rows = {}, {}
         rnd.mean = sums.mean()
@@ -284,9 +301,9 @@ class ShardRounds:
         # lazy leaves' mean rows at the rows the decided contributions touched, as core/sync.py applies them
         grads, row_ids = mean.update_inputs(model.schema_map, model.placement)
         model.apply(grads, 1.0, row_ids)
-        for w, _ in rnd.decided:
-            s = rnd.staged[w]
-            model.record_worker(w, s.seq, s.base_step, s.reply, s.session)
+        for w, seq in rnd.decided:
+            s = rnd.staged[key(w, seq)]
+            model.record_worker(w, s.seq, s.base_step, s.reply, s.session)  # nothing for an anonymous push
         # a decision relayed without its reason (an older client): short of the quorum is a timeout
         if rnd.closed_by == "timeout" or (not rnd.closed_by and len(rnd.decided) < self.needed(rnd)):
             model.count("sync_timeouts")
@@ -298,11 +315,21 @@ class ShardRounds:
         epoch = model.membership.epoch
         # a follower does not know whom shard 0's round expected: 0 (shard 0's record says it)
         expected = self.expected(rnd) if self.leader else 0
+        # as core/sync.py records a round: its workers' contributions, and how many anonymous ones
+        workers = tuple((w, seq) for w, seq in rnd.decided if w)
+        anonymous = len(rnd.decided) - len(workers)
         self._records.append(
-            ClosedRound(rnd.step + 1, rnd.decided, 0, expected, rnd.opened_epoch, epoch, rnd.closed_by)
+            ClosedRound(rnd.step + 1, workers, anonymous, expected, rnd.opened_epoch, epoch, rnd.closed_by)
         )
         del self._records[:-HISTORY]
         self._round = self._open_round()
+
+    def _drop_undecided(self, rnd: OpenRound) -> None:
+        """Drops the staged contributions that the round's decision leaves out."""
+        assert rnd.decided is not None
+        decided = {key(w, seq) for w, seq in rnd.decided}
+        for k in [k for k in rnd.staged if k not in decided]:
+            self._drop(rnd.staged.pop(k), f"whose round (step {rnd.step + 1}) shard 0 closed without this push")
 
     def _drop(self, staged: Staged, why: str) -> None:
         self.model.count("stale_rejected")
@@ -361,8 +388,7 @@ class ShardRounds:
                 )
             self._check_contributors(step, named)
             rnd.decided, rnd.closed_by = named, closed_by
-            for w in [w for w in rnd.staged if w not in dict(named)]:
-                self._drop(rnd.staged.pop(w), f"whose round (step {step}) shard 0 closed without this push")
+            self._drop_undecided(rnd)
             model.notify_waiters()
         else:
             self._check_same(step, rnd.decided, named)
@@ -382,7 +408,7 @@ class ShardRounds:
         rnd = self._round
         if rnd.decided is None or rnd.step + 1 != step:
             return []
-        return [(w, s) for w, s in rnd.decided if w not in rnd.staged]
+        return [(w, s) for w, s in rnd.decided if key(w, s) not in rnd.staged]
 
     def _check_same(self, step: int, have: tuple[tuple[str, int], ...], named: tuple[tuple[str, int], ...]) -> None:
         if named and named != have:
@@ -393,13 +419,20 @@ class ShardRounds:
 
     def _check_contributors(self, step: int, named: tuple[tuple[str, int], ...]) -> None:
         model = self.model
-        ids = [w for w, _ in named]
-        if any(not w for w in ids) or len(set(ids)) != len(ids) or len(ids) > (model.settings.workers or len(ids)):
+        keys = [key(w, seq) for w, seq in named]
+        if (
+            any(not w and seq < 1 for w, seq in named)
+            or len(set(keys)) != len(keys)
+            or len(keys) > (model.settings.workers or len(keys))
+        ):
             raise InvalidArgument(
-                f"{model.label}: round for step {step}: contributors must be distinct, non-empty worker ids, at most "
-                f"{model.settings.workers}; got {_names(named)}"
+                f"{model.label}: round for step {step}: contributors must be distinct worker ids (or anonymous "
+                f"contributions, an empty worker id with a seq >= 1), at most {model.settings.workers}; got "
+                f"{_names(named)}"
             )
         for w, seq in named:
+            if not w:
+                continue  # an anonymous contribution: nothing of it is recorded before its round applies
             staged = self._round.staged.get(w)
             if staged is not None and staged.seq != seq:
                 raise FailedPrecondition(
@@ -434,7 +467,7 @@ class ShardRounds:
         return len(self._current().staged)
 
     def pending_workers(self) -> dict[str, tuple[int, int]]:
-        return {w: (s.seq, s.base_step) for w, s in self._current().staged.items()}
+        return {s.worker_id: (s.seq, s.base_step) for s in self._current().staged.values() if s.worker_id}
 
     def drops(self) -> tuple[int, str]:
         return 0, ""  # reject_nonfinite_updates is refused over several shards (core/sharding.py)
@@ -467,7 +500,7 @@ class ShardRounds:
 
 
 def _names(contributors: Sequence[tuple[str, int]]) -> str:
-    return "[" + ", ".join(f"{w}#{s}" for w, s in contributors) + "]"
+    return "[" + ", ".join(f"{w}#{s}" if w else f"anonymous#{s}" for w, s in contributors) + "]"
 
 
 def decides_rounds(settings: Any, shards: int, clips: bool) -> bool:
