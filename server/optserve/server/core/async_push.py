@@ -53,8 +53,9 @@ class AsyncPush:
         """Nothing to undo: the push's buffers were private."""
 
     def finish_reading(self) -> None:
-        finish_reading(self.assembler, self.on_device)
-        self.on_device = {}
+        if self.assembler.in_place:
+            finish_reading(self.assembler, self.on_device)
+            self.on_device = {}  # its device arrays alias the region: dropped with the reply
 
 
 class AsyncAggregator:

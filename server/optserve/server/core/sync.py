@@ -473,5 +473,6 @@ class SyncPush:
         self.on_device = {}
 
     def finish_reading(self) -> None:
-        finish_reading(self.assembler, self.on_device)
-        self.on_device = {}
+        if self.assembler.in_place:
+            finish_reading(self.assembler, self.on_device)
+            self.on_device = {}  # its device arrays alias the region: dropped with the reply
