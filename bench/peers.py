@@ -34,7 +34,8 @@ Every target holds `--params` float32 parameters in `--leaves` leaves with Adam 
 - shm-inplace: as shm-out, the gradient living in the region-backed gradient arrays of
   `Worker.shared_arrays()` too (the form of a worker that computes its gradient into them; here it
   is written there once, as the other targets' workers compute theirs once): the client copies
-  nothing either way. The server still copies the gradient out of the region with its NaN/Inf check.
+  nothing either way, and the server checks the gradient where it lies and hands it to the update
+  without a copy (docs/design.md, "Shared memory").
 
 A round is every worker's push + pull started at once; its time is the slowest worker's, measured
 in the worker. Rounds alternate between the targets (the order rotating every round), so that a

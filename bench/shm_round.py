@@ -18,9 +18,11 @@ hits each alike; each run reports every path's median round and its ratio to cop
 
 --phases: the server runs in this process instead (`Server(shared_memory=True)`), and timers around
 the functions a round goes through say where its time goes, per path (medians over the rounds): the
-client's write of the gradient, the server's copy-out with the NaN/Inf check, the move of the
-checked leaves to the device, the update's dispatch, the wait for it (the pull's host view of the
-new parameters), the server's write of them into the region, and the client's read into `out=`.
+client's write of the gradient, the server's NaN/Inf check (in place in the region: nothing is
+copied out), the move of the checked leaves to the device, the push's commit (the update, which it
+waits for when the gradient was read in place from the region), the wait for the update at the
+pull (the host view of the new parameters), the server's write of them into the region, and the
+client's read into `out=`.
 """
 
 from __future__ import annotations
@@ -119,10 +121,10 @@ def phase_timers() -> Iterator[Phases]:
     phases = Phases()
     targets: list[tuple[Any, str, str]] = [
         (client_shm, "push_message", "client: gradient into the region"),
-        (receiving.GradientAssembler, "copy", "server: copy-out + NaN/Inf check"),
+        (receiving.GradientAssembler, "copy", "server: NaN/Inf check (in place)"),
         (receiving.GradientAssembler, "completed", "server: leaves to the device"),
         (requests, "receive_tensors", "server: whole receive"),
-        (model.Model, "commit_push", "server: update dispatched"),
+        (model.Model, "commit_push", "server: commit (update, waited for)"),
         (pulls, "host_leaves", "server: wait for the update"),
         (shared_spans, "pull_reply", "server: parameters into the region"),
         (client_pulls.PullReader, "read", "client: parameters into out="),

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -584,32 +585,121 @@ def test_region_backed_arrays_equal_the_byte_stream_and_are_not_copied_by_the_cl
         assert a.info()["step"] == b.info()["step"] == 4
 
 
-def test_a_gradient_changed_after_it_was_announced_is_not_what_is_applied(srv, plain, model_name, monkeypatch):
-    """The server copies the gradient out of the region (checking it) before anything counts it: a
-    client that writes its region after the push was sent (here: NaN, at the last moment before
-    the update, from the server's own thread) cannot change what is applied."""
+def _in_regions(srv: Server, address: int) -> bool:
+    """Whether `address` lies in a region some session of `srv` has mapped."""
+    assert srv.shared_memory is not None
+    regions = srv.shared_memory.regions
+    with regions._lock:
+        spans = [(r.array.ctypes.data, r.size) for s in regions._sessions.values() for r in s.regions.values()]
+    return any(base <= address < base + size for base, size in spans)
+
+
+# One leaf of exactly EARLY_DEVICE_PUT_BYTES (core/receiving.py): put on the device by itself.
+Z = {"big": np.zeros((512, 512), np.float32), "b": np.zeros(16, np.float32)}
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_the_update_reads_the_gradient_where_it_lies_in_the_region(srv, plain, model_name, monkeypatch, mode):
+    """The server copies nothing out of the region: the gradient's leaves reach the update as the
+    region's own memory (jax on CPU aliases it: the device buffer's pointer is in the region), and
+    its buffer pool never keeps them; results equal the byte stream's."""
+    from optserve.server.core.model import Model as ServerModel
+    from optserve.server.core.round_sums import RoundSum
+
+    sync = {"mode": mode, "workers": 1 if mode == "sync" else None}
+    seen: list[dict] = []
+    if mode == "async":
+        apply = ServerModel._apply_locked
+
+        def record(self, grads, scale, row_ids=None):
+            seen.append(dict(grads))
+            return apply(self, grads, scale, row_ids)
+
+        monkeypatch.setattr(ServerModel, "_apply_locked", record)
+    else:  # the round's sum reads the gradient; the update reads the sum
+        add = RoundSum.add
+
+        def record(self, grads, rows, weight):
+            seen.append(dict(grads))
+            return add(self, grads, rows, weight)
+
+        monkeypatch.setattr(RoundSum, "add", record)
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(f"{model_name}-shm", Z, optim.adam(0.01), **sync)
+        b = plain.create_model(f"{model_name}-tcp", Z, optim.adam(0.01), **sync)
+        rng = np.random.default_rng(5)
+        g = {"big": rng.normal(size=(512, 512)).astype(np.float32), "b": rng.normal(size=16).astype(np.float32)}
+        grads, params = a.shared_arrays()
+        grads["big"][...], grads["b"][...] = g["big"], g["b"]
+        assert a.push_pull(grads, out=params) is params
+        assert_same_tree(params, b.push_pull(g))
+
+        def read_in_place() -> int:  # the updates (sums) whose "big" was the region's memory
+            return sum(
+                isinstance(x["big"], jax.Array) and _in_regions(srv, x["big"].unsafe_buffer_pointer()) for x in seen
+            )
+
+        assert read_in_place() == 1
+        assert a.push(g) == b.push(g)  # through the connection's region: its leaves are aligned too
+        assert read_in_place() == 2
+        assert_same_tree(a.pull(), b.pull())
+        held = srv.store.get(a.name).gradient_buffers
+        assert held.held_bytes() == 0  # no region view kept in the pool
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_region_written_after_the_reply_changes_nothing(srv, plain, model_name, monkeypatch, mode):
+    """The server owns a pushed gradient's span until its reply, and has finished reading it then:
+    when push and push_pull return, the update that read it has run (its outputs are ready: async)
+    or the round's sum holds it (sync), so a client that overwrites its region at once changes
+    nothing; the state equals the byte stream's with the original gradient."""
     from optserve.server.core.model import Model as ServerModel
 
+    sync = {"mode": mode, "workers": 1 if mode == "sync" else None}
+    commit = ServerModel.commit_push
+    ready: list[bool] = []
+
+    def check_ready(self, receiver, received):
+        out = commit(self, receiver, received)
+        if receiver.assembler.in_place and mode == "async":  # the step that read the region has run
+            ready.append(all(x.is_ready() for x in jax.tree_util.tree_leaves(self._params)))
+        return out
+
+    monkeypatch.setattr(ServerModel, "commit_push", check_ready)
     with Client(srv.address, timeout=60) as c:
-        a = c.create_model(f"{model_name}-shm", P, optim.adam(0.01))
-        b = plain.create_model(f"{model_name}-tcp", P, optim.adam(0.01))
+        a = c.create_model(f"{model_name}-shm", P, optim.adam(0.01), **sync)
+        b = plain.create_model(f"{model_name}-tcp", P, optim.adam(0.01), **sync)
         grads, params = a.shared_arrays()
-        _fill(grads, _p_grads(1))
-        commit = ServerModel.commit_push
-        scribbled = []
+        for seed, call in enumerate(("push_pull", "push")):
+            _fill(grads, _p_grads(seed))
+            if call == "push":
+                assert a.push(grads) == b.push(_p_grads(seed))
+            else:
+                assert a.push_pull(grads, out=params) is params
+                assert_same_tree(params, b.push_pull(_p_grads(seed)))
+            for x in _leaves(grads):  # scribbled over as soon as the call returns
+                x[...] = np.nan if x.dtype.kind == "f" else 7
+            assert_same_tree(a.pull(), b.pull())
+        assert a.info()["step"] == b.info()["step"] == 2
+        assert ready == ([True, True] if mode == "async" else [])
 
-        def scribble_then_commit(self, receiver, received):
-            if self.name == a.name:
-                for x in _leaves(grads):
-                    x[...] = np.nan if x.dtype.kind == "f" else 7
-                scribbled.append(True)
-            return commit(self, receiver, received)
 
-        monkeypatch.setattr(ServerModel, "commit_push", scribble_then_commit)
-        assert a.push_pull(grads, out=params) is params
-        assert scribbled and np.isnan(grads["big"]).all()
-        assert np.isfinite(params["big"]).all()
-        assert_same_tree(params, b.push_pull(_p_grads(1)))
+def test_nan_in_the_region_is_refused_naming_the_leaf(srv, model_name):
+    """Checked where it lies: NaN or Inf in a region-backed gradient is INVALID_ARGUMENT naming the
+    leaf (one sent alone, one inside a pack), and nothing is applied."""
+    with Client(srv.address, timeout=60) as c:
+        a = c.create_model(model_name, P, optim.adam(0.01))
+        grads, params = a.shared_arrays()
+        before = a.pull()
+        for leaf, path in ((lambda g: g["big"], "big"), (lambda g: g["small"][3], "small/3")):
+            _fill(grads, _p_grads(1))
+            leaf(grads)[-1] = np.inf if path == "big" else np.nan
+            used = _used(srv)
+            with pytest.raises(InvalidArgumentError, match=f"leaf '{path}': gradient has NaN or Inf"):
+                a.push_pull(grads, out=params)
+            assert _used(srv) > used
+        assert a.info()["step"] == 0
+        assert_same_tree(a.pull(), before)
 
 
 def test_region_backed_arrays_work_without_shared_memory(srv, plain, model_name):

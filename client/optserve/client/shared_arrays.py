@@ -11,9 +11,9 @@ push of the gradient and a pull of the parameters put their bytes (`Slots`). So
         fill(grads, params, batch)                # the gradient computed into `grads` in place
         params = worker.push_pull(grads, out=params)
 
-sends the gradient from where it lies (the client writes nothing; the server still copies it out
-with its NaN/Inf check before anything counts it: the update never reads memory the client can
-still write) and has the server write the parameters straight into `params` (the client reads
+sends the gradient from where it lies (the client writes nothing; the server checks it for
+NaN/Inf where it lies and its update reads it from there, finished before the call returns) and has
+the server write the parameters straight into `params` (the client reads
 nothing). That saves two of the round's four passes over the model's bytes.
 
 Rules, all of them those of any `out=` array:

@@ -9,7 +9,10 @@ by overriding three methods, each documented below:
 - `copy(leaf, start, source)`: puts one slice's bytes into the leaf's buffer (default: a plain
   copy; e.g. a copy that checks the values block by block while they are in cache);
 - `completed(leaf)`: the leaf's last byte has arrived (default: nothing; e.g. start moving it to a
-  device while later chunks are still in flight).
+  device while later chunks are still in flight);
+- `adopt(path, dtype, shape, source)`: a leaf whose bytes all arrive in one slice may be received
+  where they lie instead of into a buffer (default: never; e.g. a payload in shared memory that the
+  receiver owns for the call).
 
 A hook rejects the stream by raising `self.error(...)` (a WireError naming what it is told).
 """
@@ -127,6 +130,15 @@ class TensorAssembler:
         work per block but must not do per-element Python work. Default: a plain copy."""
         leaf.buffer[start : start + len(source)] = source
 
+    adopting = False  # whether `adopt` may say yes (the byte stream's path skips asking)
+
+    def adopt(self, path: str, dtype: np.dtype, shape: tuple[int, ...], source: np.ndarray) -> bool:
+        """Whether leaf `path`, whose whole bytes are `source` (one slice of the payload, uint8),
+        is received where they lie: its buffer is then `source` itself and `copy` is called with
+        the same memory as source and destination. Called once per leaf, in place of `allocate`,
+        only when its first slice holds all of it. Default: False (a copy)."""
+        return False
+
     def completed(self, leaf: Leaf) -> None:
         """Leaf `leaf` has all its bytes: called once per leaf, at its last byte (a zero-size leaf at
         `finish`), so a receiver can start using it while later chunks are in flight. Default:
@@ -147,7 +159,7 @@ class TensorAssembler:
     def received_bytes(self) -> int:
         return sum(leaf.received for leaf in self._leaves.values())
 
-    def _open(self, path: str, dtype_name: str, shape: tuple[int, ...]) -> Leaf:
+    def _open(self, path: str, dtype_name: str, shape: tuple[int, ...], whole: np.ndarray | None = None) -> Leaf:
         if not isinstance(path, str) or not path:
             raise self.error("a slice has an empty leaf path")
         try:
@@ -172,7 +184,11 @@ class TensorAssembler:
             raise self.error(
                 f"leaf {path!r}: declared tensors total {self._declared} bytes, over the limit of {self._max_bytes}"
             )
-        leaf = Leaf(path, dtype_name, dtype, shape, nbytes, self.allocate(path, dtype, shape, nbytes))
+        if whole is not None and len(whole) == nbytes and self.adopt(path, dtype, shape, whole):
+            buffer = whole
+        else:
+            buffer = self.allocate(path, dtype, shape, nbytes)
+        leaf = Leaf(path, dtype_name, dtype, shape, nbytes, buffer)
         self._leaves[path] = leaf
         return leaf
 
@@ -183,11 +199,15 @@ class TensorAssembler:
         for s in slices:
             path, shape = s.path, tuple(s.shape)
             leaf = self._leaves.get(path)
+            start, length = int(s.offset), int(s.length)
             if leaf is None:
-                leaf = self._open(path, s.dtype, shape)
+                # a first slice that holds the whole leaf may be adopted in place (`adopt`)
+                whole = None
+                if self.adopting and start == 0 and length and pos + length <= total:
+                    whole = np.frombuffer(payload, dtype=np.uint8, count=length, offset=pos)
+                leaf = self._open(path, s.dtype, shape, whole)
             elif s.dtype != leaf.dtype_name or shape != leaf.shape:
                 raise self.error(f"leaf {path!r}: slices disagree on dtype or shape")
-            start, length = int(s.offset), int(s.length)
             end = start + length
             if end > leaf.nbytes:
                 raise self.error(f"leaf {path!r}: byte range [{start}, {end}) is outside its {leaf.nbytes} bytes")

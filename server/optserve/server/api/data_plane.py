@@ -169,19 +169,25 @@ class DataPlane:
             global_norm_sq=h.global_norm_sq if h.HasField("global_norm_sq") else None,
             rows=[(r.path, np.array(r.ids, np.int64)) for r in h.rows],
             session=h.session,
+            in_region=h.HasField("shared_memory"),
         )
         try:
-            if prepare is not None:
-                prepare(model, h, receiver)
-            grads = requests_.receive_tensors(first, payload, requests, pb.PushRequest, receiver.assembler)
-        except BaseException:
-            receiver.abort()
-            raise
-        received = receiver.assembler.received_bytes
-        model.count_received(received)
-        started = time.perf_counter()
-        step_before = model.step
-        reply, duplicate = model.commit_push(receiver, grads)
+            try:
+                if prepare is not None:
+                    prepare(model, h, receiver)
+                grads = requests_.receive_tensors(first, payload, requests, pb.PushRequest, receiver.assembler)
+            except BaseException:
+                receiver.abort()
+                raise
+            received = receiver.assembler.received_bytes
+            model.count_received(received)
+            started = time.perf_counter()
+            step_before = model.step
+            reply, duplicate = model.commit_push(receiver, grads)
+        finally:
+            # A gradient read in place from the client's region is the server's until this reply:
+            # nothing may read it after (docs/design.md, "Shared memory")
+            receiver.finish_reading()
         call.pushed = True  # a later failure of PushPull is its pull's
         outcome = "duplicate" if duplicate else "applied" if reply.applied else "accepted"
         staleness = None if base_step is None else max(step_before - base_step, 0)

@@ -33,9 +33,9 @@ def resolve(shared: SharedRegions | None, span: pb.SharedMemorySpan, model: Mode
 def push_payload(
     shared: SharedRegions | None, span: pb.SharedMemorySpan, first: pb.PushRequest, payload: memoryview, model: Model
 ) -> memoryview:
-    """The push's bytes in its region, in place of the first message's (empty) payload. The receiver
-    copies them out, checking NaN and Inf as it copies, before the reply: the update never reads
-    memory the client can still write."""
+    """The push's bytes in its region, in place of the first message's (empty) payload. The push owns
+    them until its reply: the receiver checks NaN and Inf where they lie and the update reads them
+    in place (core/receiving.py, read_in_place), finished before the reply."""
     if len(payload):
         raise InvalidArgument(f"model {model.name!r}: a push with shared_memory must carry no payload")
     view = resolve(shared, span, model)

@@ -94,6 +94,10 @@ class LockedModel(Protocol):
         """Wakes the calls waiting for a step, so that they look again (e.g. a round was dropped)."""
         ...
 
+    def wait_for_update(self) -> None:
+        """Blocks until the last update applied has run (its outputs are ready)."""
+        ...
+
 
 class Receiver(Protocol):
     """One push stream being received: its assembler collects the chunks into private buffers."""
@@ -118,6 +122,22 @@ class Receiver(Protocol):
     def abort(self) -> None:
         """The stream failed: nothing of it may count."""
         ...
+
+    def finish_reading(self) -> None:
+        """The push is answered (committed, refused or aborted): after this nothing of the server
+        reads or holds its received gradient's memory (which may be a client's shared-memory
+        region: core/receiving.py, read_in_place). Waits for transfers still reading it."""
+        ...
+
+
+def finish_reading(assembler: TensorAssembler, on_device: Mapping[str, Any]) -> None:
+    """Receiver.finish_reading for receivers whose device copies are in `on_device`: when the push
+    was read in place from a region, waits for their host-to-device transfers (an accelerator's
+    are asynchronous; jax on CPU aliases the memory and has none), so that a push refused after its
+    leaves were moved cannot leave a transfer reading the client's memory after the reply. The
+    update that reads the gradient was already waited for in commit (or never ran)."""
+    if getattr(assembler, "in_place", None):
+        jax.block_until_ready(dict(on_device))
 
 
 class Aggregator(Protocol):

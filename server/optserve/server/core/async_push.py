@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from optserve.server.core.aggregation import LockedModel, Receiver
+from optserve.server.core.aggregation import LockedModel, Receiver, finish_reading
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument
 from optserve.server.core.receiving import GradientAssembler, device_putter
 from optserve.server.core.round_sums import scaled
@@ -22,6 +22,10 @@ from optserve.server.core.workers import PushReply
 
 class AsyncPush:
     """One push in async mode: assembled in its own buffers, applied at commit (all or nothing)."""
+
+    # Whether its gradient may be read in place from a shared-memory region (core/receiving.py,
+    # read_in_place): set by the aggregators that have read it completely when commit returns.
+    reads_in_place = False
 
     def __init__(
         self, model: LockedModel, base_step: int | None, worker_id: str, seq: int, packs: bool = False, session: int = 0
@@ -48,6 +52,11 @@ class AsyncPush:
     def abort(self) -> None:
         """Nothing to undo: the push's buffers were private."""
 
+    def finish_reading(self) -> None:
+        if self.assembler.in_place:
+            finish_reading(self.assembler, self.on_device)
+            self.on_device = {}  # its device arrays alias the region: dropped with the reply
+
 
 class AsyncAggregator:
     """Applies each push at commit. Stateless beyond the model's worker records."""
@@ -67,7 +76,9 @@ class AsyncAggregator:
         packs: bool = False,
         session: int = 0,
     ) -> AsyncPush:
-        return AsyncPush(self.model, base_step, worker_id, seq, packs, session)
+        push = AsyncPush(self.model, base_step, worker_id, seq, packs, session)
+        push.reads_in_place = True  # commit waits for the update when the gradient lies in a region
+        return push
 
     def screen(self, receiver: Receiver) -> None:
         """Nothing is known against an async push before it arrives."""
@@ -94,6 +105,8 @@ class AsyncAggregator:
         if factor != 1.0:  # a shard's part of a gradient clipped by its whole norm
             grads = scaled(grads, np.float32(factor))
         step = model.apply(grads, scale, receiver.assembler.row_ids())
+        if receiver.assembler.in_place:  # the update reads the client's region: done before the reply
+            model.wait_for_update()
         reply = PushReply(step, applied=True)
         model.record_worker(receiver.worker_id, receiver.seq, receiver.base_step, reply, receiver.session)
         return reply, False

@@ -12,6 +12,10 @@ reference to the array that owns its memory, so "no reference but ours" means no
 writes it (jax's zero-copy device arrays keep the numpy array they alias alive too). And they are
 given back after IDLE_SECONDS without pushes: an idle server holds no gradients (the memory at
 rest that `host_memory.release_host_buffers` exists for).
+
+Only memory numpy allocated is kept: a gradient read in place from a client's shared-memory region
+(core/receiving.py, read_in_place) is a view of memory numpy does not own, and must never outlive its
+push, let alone receive another push.
 """
 
 from __future__ import annotations
@@ -83,8 +87,10 @@ class GradientBuffers:
                 a = arrays.get(path)
                 if a is None:
                     continue
-                kept = self._kept.setdefault(path, [])
                 entry = _Kept(a)
+                if not entry.owner.flags.owndata:  # not numpy's memory (a region): never kept
+                    continue
+                kept = self._kept.setdefault(path, [])
                 if not any(k.owner is entry.owner for k in kept):
                     kept.append(entry)
                     del kept[:-PER_LEAF]

@@ -69,6 +69,7 @@ from optserve.server.core.worker_activity import WorkerActivity
 from optserve.server.core.workers import REPLY_WINDOW, PushReply, WorkerRecord
 from optserve.server.spec import CompiledOptimizer, ema
 from optserve.server.spec.laziness import lazy_leaves
+from optserve.wire.assembler import ALIGNMENT
 from optserve.wire.dtypes import FLOAT_DTYPES, LeafSpec
 
 
@@ -274,6 +275,7 @@ class Model:
         global_norm_sq: float | None = None,
         rows: Sequence[tuple[str, np.ndarray]] = (),
         session: int = 0,
+        in_region: bool = False,
     ) -> Receiver:
         """A receiver for one push stream; its assembler collects the chunks, `commit_push` counts it.
         A push already known to be refused (sync: stale) is refused here, before its bytes. packs: the
@@ -281,7 +283,10 @@ class Model:
         global_norm_sq: the whole gradient's squared norm, which a shard whose spec starts with
         clip_by_global_norm requires (core/sharding.py); ignored by other models. rows: the leaves
         sent row-sparse and their ids (PushHeader.rows), validated here (core/rows.py). session: the
-        worker's session (core/membership.py), in which its seq counts."""
+        worker's session (core/membership.py), in which its seq counts. in_region: the push's bytes
+        lie in a client's shared-memory region, owned by this push until its reply: read them in
+        place where the aggregator allows it (core/receiving.py, read_in_place); the caller calls
+        `receiver.finish_reading()` before replying."""
         clip = self.shard.clip if self.shard is not None else None
         if clip is not None and (global_norm_sq is None or not (math.isfinite(global_norm_sq) and global_norm_sq >= 0)):
             got = "none" if global_norm_sq is None else repr(global_norm_sq)
@@ -296,6 +301,11 @@ class Model:
         )
         if sparse:
             receiver.assembler.take_rows(sparse)  # type: ignore[attr-defined]  # a GradientAssembler
+        if in_region and getattr(receiver, "reads_in_place", False):
+            # jax on CPU aliases host memory 64-byte aligned (wire/assembler.py, ALIGNMENT); an
+            # accelerator copies it to the device once, from wherever it lies
+            alignment = ALIGNMENT if self.device.platform == "cpu" else 1
+            receiver.assembler.read_in_place(alignment)  # type: ignore[attr-defined]  # a GradientAssembler
         if clip is not None:
             receiver.global_norm_sq = global_norm_sq  # type: ignore[attr-defined]  # async only (sharding.py)
         if self._aggregator.screens_pushes and base_step is not None:
@@ -849,3 +859,7 @@ class _Locked:
 
     def notify_waiters(self) -> None:
         self._model._changed.notify_all()
+
+    def wait_for_update(self) -> None:
+        model = self._model
+        jax.block_until_ready((model._params, model._opt_state, model._ema_state))

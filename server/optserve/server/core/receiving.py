@@ -9,6 +9,10 @@
 - A model's packs (core/layout.py) arrive whole, as one tensor under the pack's name, or leaf by
   leaf straight into the pack's buffer; either way the update receives one array per buffer
   (docs/design.md, "Packed layouts").
+- A push whose bytes lie in a client's shared-memory region (`read_in_place`) is checked where it
+  lies and handed to the device from there, not copied (docs/design.md, "Shared memory"): the
+  receiver owns that memory until its push's reply, and must finish reading it before then
+  (`Receiver.finish_reading`, core/aggregation.py).
 """
 
 from __future__ import annotations
@@ -100,6 +104,26 @@ class GradientAssembler(TensorAssembler):
         self._by_leaf: dict[str, _PackBuffer] = {}  # packs received leaf by leaf, by pack name
         self.rows: dict[str, RowGradient] = {}  # leaves sent row-sparse (core/rows.py)
         self._row_arrays: dict[str, np.ndarray] = {}  # what each of them became once complete
+        self._alignment = 0  # read_in_place: the alignment a leaf's bytes need to be adopted (0: never)
+        self.in_place: set[str] = set()  # leaves (or packs sent whole) received where they lie
+
+    def read_in_place(self, alignment: int) -> None:
+        """Receives every leaf, or pack sent whole, that the payload holds in one slice where it lies
+        (checked there, never copied) when its address is a multiple of `alignment` (what the device
+        needs to alias it: 64 bytes for jax on CPU; 1 where a host-to-device copy is made anyway).
+        Only for a payload in memory this push owns until its reply (a shared-memory region);
+        the caller then waits for what reads it (`Receiver.finish_reading`) before replying. Leaves
+        of a pack sent leaf by leaf, and leaves sent row-sparse, are still copied."""
+        self._alignment = alignment
+        self.adopting = alignment > 0
+
+    def adopt(self, path: str, dtype: np.dtype, shape: tuple[int, ...], source: np.ndarray) -> bool:
+        if path in self._layout.pack_of or path in self.rows:
+            return False
+        if source.__array_interface__["data"][0] % self._alignment:
+            return False  # the device would copy it anyway: the fused copy-and-check costs less
+        self.in_place.add(path)
+        return True
 
     def take_rows(self, rows: Mapping[str, RowGradient]) -> None:
         """Receives these (loose) leaves row-sparse: as [k, *row_shape] values, turned into what the
@@ -147,6 +171,13 @@ class GradientAssembler(TensorAssembler):
         still in cache: a separate pass over a 4 MiB chunk would read it from memory again
         (measured: the check costs 5 ms per 160 MB this way, 13 ms as a second pass). A slice that
         splits an element is copied as is; its leaf is checked whole once complete."""
+        if leaf.path in self.in_place:  # the source is the buffer: check it where it lies
+            if leaf.dtype_name in FLOAT_DTYPES:
+                for a in range(0, len(source), CHECK_BLOCK_BYTES):
+                    block = source[a : a + CHECK_BLOCK_BYTES]
+                    if not all_finite(block, leaf.dtype_name):
+                        raise self._nonfinite(leaf, start + a, block)
+            return
         size = leaf.dtype.itemsize
         if leaf.dtype_name not in FLOAT_DTYPES or start % size or len(source) % size:
             leaf.buffer[start : start + len(source)] = source

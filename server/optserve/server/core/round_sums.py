@@ -117,6 +117,11 @@ class RoundSum:
         self.total_weight = 0.0
         self.count = 0
 
+    def wait(self) -> None:
+        """Blocks until the dense sums are computed: what a contribution read from a client's
+        shared-memory region needs before its reply (core/receiving.py, read_in_place)."""
+        jax.block_until_ready(self._dense)
+
     def add(self, grads: Mapping[str, jax.Array], rows: Mapping[str, Rows], weight: float) -> None:
         """One contribution: `grads`, its buffers on the device by key (every trainable one; for the
         leaves in `rows` ignored), and `rows`, its lazy leaves sent as rows."""

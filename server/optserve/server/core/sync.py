@@ -71,7 +71,7 @@ from collections.abc import Callable
 
 import jax
 
-from optserve.server.core.aggregation import LockedModel, Receiver
+from optserve.server.core.aggregation import LockedModel, Receiver, finish_reading
 from optserve.server.core.errors import FailedPrecondition, InvalidArgument, NonFiniteUpdate, ResourceExhausted
 from optserve.server.core.receiving import GradientAssembler, device_putter
 from optserve.server.core.round_sums import RoundSum
@@ -161,7 +161,9 @@ class SyncAggregator:
         session: int = 0,
     ) -> SyncPush:
         """A receiver for one push stream (no lock held: touches nothing shared)."""
-        return SyncPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs, session)
+        push = SyncPush(self.model, base_step, worker_id, seq, check_weight(self.model.name, weight), packs, session)
+        push.reads_in_place = True  # commit materializes the round's sum when the gradient lies in a region
+        return push
 
     # -- membership --------------------------------------------------------------------------------
 
@@ -288,6 +290,8 @@ class SyncAggregator:
         if rnd.sums is None:
             rnd.sums = RoundSum(model.schema_map, model.placement)
         rnd.sums.add(device_grads, push.assembler.row_sums(), push.weight)
+        if push.assembler.in_place:  # the sum read the client's region: done before the reply
+            rnd.sums.wait()
         rnd.total_weight += push.weight
         rnd.count += 1
         completes = rnd.count >= needed
@@ -423,6 +427,11 @@ class SyncAggregator:
 class SyncPush:
     """One push stream in sync mode: staged privately, folded into the round only at commit."""
 
+    # Whether its gradient may be read in place from a shared-memory region (core/receiving.py,
+    # read_in_place): SyncAggregator's pushes only, whose commit leaves nothing reading it (a
+    # subclass that stages gradients beyond its commit keeps copying them).
+    reads_in_place = False
+
     def __init__(
         self,
         model: LockedModel,
@@ -462,3 +471,8 @@ class SyncPush:
     def abort(self) -> None:
         """Nothing to undo: the round's sum is only touched at commit; the staging buffers are dropped."""
         self.on_device = {}
+
+    def finish_reading(self) -> None:
+        if self.assembler.in_place:
+            finish_reading(self.assembler, self.on_device)
+            self.on_device = {}  # its device arrays alias the region: dropped with the reply
