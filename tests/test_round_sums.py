@@ -95,3 +95,16 @@ def test_scaling_and_the_squared_norm_count_the_rows():
     half = mean.scaled(0.5)
     np.testing.assert_array_equal(half.rows["table"][1], mean.rows["table"][1] * np.float32(0.5))
     np.testing.assert_array_equal(np.asarray(half.dense["w"]), np.asarray(mean.dense["w"]) * np.float32(0.5))
+
+
+def test_the_mean_of_numpy_gradients_is_committed_to_the_device():
+    """Small gradients reach the sum as numpy arrays (core/receiving.py); the mean the step takes
+    must still be committed to the model's device, as the step's warm-up compiled it
+    (core/compilation.py, step_grad_avals): an uncommitted mean compiled the step a second time."""
+    sums = _sum()
+    rng = np.random.default_rng(0)
+    for weight in (1.0, 2.0):
+        sums.add({"w": rng.standard_normal(5).astype(np.float32)}, {}, weight)
+    mean = sums.mean()
+    assert mean.dense["w"].committed and mean.dense["w"].devices() == {jax.devices()[0]}
+    assert mean.scaled(0.5).dense["w"].committed

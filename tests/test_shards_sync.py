@@ -25,15 +25,10 @@ SPLIT = 1024  # bytes: "embed" and "out" split over the shards (unless a rule ne
 STEPS = 4  # rounds each scenario trains for
 
 _BY_ID = {c.id: c.spec for c in CASES}
+# every conformance case is compared so, from one thread, in tests/test_shards_sync_conformance.py;
+# these two run three worker threads at once, whose pushes race to each round
 CASES_SYNC = [
-    ("sgd_momentum", _BY_ID["sgd_momentum"], {}),
     ("adam_ema", _BY_ID["adam"], {"ema": 0.9}),
-    ("rmsprop_centered", _BY_ID["rmsprop_centered"], {}),
-    ("adagrad", _BY_ID["adagrad"], {}),
-    ("yogi", _BY_ID["yogi"], {}),
-    ("lamb", _BY_ID["lamb"], {}),
-    ("schedule_inverse_time_decay", _BY_ID["schedule_inverse_time_decay"], {}),
-    ("clip_lamb", {"chain": [{"clip_by_global_norm": {"max_norm": 1.0}}, {"lamb": {"learning_rate": 0.01}}]}, {}),
     ("clip_adam", {"chain": [{"clip_by_global_norm": {"max_norm": 2.0}}, {"adam": {"learning_rate": 0.01}}]}, {}),
 ]
 

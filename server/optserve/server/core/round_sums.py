@@ -128,6 +128,12 @@ class RoundSum:
         w = jnp.float32(weight)
         if self.count == 0:
             self._rows = {k: RowSum.first(r, weight, self._row_dtype(k)) for k, r in rows.items()}
+            if not self._placement.sharded:
+                # the weight on the model's device, so that the sums and the mean the step takes are
+                # committed to it even when every gradient came as a numpy array (small ones do:
+                # core/receiving.py), as the step's warm-up compiled it (core/compilation.py,
+                # step_grad_avals); an uncommitted mean made the first round compile the step again
+                w = jax.device_put(w, self._placement.placement.device)
             self._dense = _first({k: g for k, g in grads.items() if k not in rows}, w)
         else:
             for k in [k for k in self._rows if k not in rows]:  # sent dense now: it touched every row
