@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -150,3 +150,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def gbps(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f}"
+
+
+def ratio_range(runs: Sequence[float], baselines: Sequence[float]) -> str:
+    """Each run's time against its baseline measured in the same run: "median x (min-max)"."""
+    ratios = [t / b for t, b in zip(runs, baselines, strict=True)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"

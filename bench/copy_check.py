@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, table
+from common import machine, ratio_range, table
 
 from optserve.wire.assembler import aligned_empty
 
@@ -109,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             medians[k].append(statistics.median(times[k]))
     rows = []
     for name, runs in medians.items():
-        ratios = [t / b for t, b in zip(runs, medians["today"], strict=True)]
         rows.append(
             {
                 "variant": name,
                 "ms (runs)": ", ".join(f"{t * 1e3:.2f}" for t in runs),
                 "GB/s (last run)": f"{n / runs[-1] / 1e9:.1f}",
-                "vs today": f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+                "vs today": ratio_range(runs, medians["today"]),
             }
         )
     print(f"# copy + NaN/Inf check of {n / 1e6:.0f} MB float32 out of a mapped memfd; {machine()}")

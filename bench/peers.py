@@ -63,7 +63,7 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, optserve_server, stop, table
+from common import machine, optserve_server, ratio_range, stop, table
 
 TARGETS = ("ray", "torch", "tcp", "tcp-bf16", "unix", "unix-bf16", "shm", "shm-bf16", "shm-out", "shm-inplace")
 DEFAULT_TARGETS = "ray,torch,tcp,tcp-bf16,unix,shm,shm-out,shm-inplace"
@@ -427,8 +427,7 @@ def report(results: dict[int, dict[str, list]], baseline: str | None) -> str:
             row["updates/s"] = f"{workers / runs[-1]:.1f}"
             row["runs, ms"] = ", ".join(f"{t * 1e3:.1f}" for t in runs)
             if baseline and name != baseline:
-                ratios = [t / b for t, b in zip(runs, medians[baseline], strict=True)]
-                row[f"vs {baseline}"] = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                row[f"vs {baseline}"] = ratio_range(runs, medians[baseline])
             rows.append(row)
     columns = ["workers", "target", "round ms (last run)", "updates/s", "runs, ms"] + (
         [f"vs {baseline}"] if baseline else []

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, optserve_server, stop, table
+from common import machine, optserve_server, ratio_range, stop, table
 
 from optserve.client import Client, optim
 
@@ -200,12 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         stop(proc)
     rows = []
     for name, runs in medians.items():
-        ratios = [t / c for t, c in zip(runs, medians["copy"], strict=True)]
         rows.append(
             {
                 "path": name,
                 "round ms (runs)": ", ".join(f"{t * 1e3:.1f}" for t in runs),
-                "vs copy": f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+                "vs copy": ratio_range(runs, medians["copy"]),
             }
         )
     print(f"# shared-memory push_pull(out=) of {what}")
